@@ -1,0 +1,1 @@
+pub use containerd_shim_protos as containerd;

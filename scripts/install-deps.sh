@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Installs everything stasis needs on a fresh Debian bookworm machine. Idempotent.
+# Facts behind the choices are in ../shared/design.md §3: bookworm's CRIU is too old for this
+# kernel, so CRIU/runc/crun/runsc/checkpointctl come from trixie and containerd 2.x from sid,
+# both added with a low pin so nothing else is upgraded by accident.
+set -euo pipefail
+
+if [ "$(id -u)" != 0 ]; then
+  echo "install-deps: must run as root" >&2
+  exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+
+# Reuse the mirror URI of the machine's own Debian sources.
+mirror=""
+for f in /etc/apt/sources.list.d/debian.sources /etc/apt/sources.list.d/*.sources /etc/apt/sources.list; do
+  [ -f "$f" ] || continue
+  # Only live lines: a commented snapshot URI must not win.
+  mirror=$(grep -Ev '^\s*#' "$f" | grep -Eo 'https?://[^ ]+/debian/?( |$)' | grep -v security | head -n1 | tr -d ' ' || true)
+  [ -n "$mirror" ] && break
+done
+mirror=${mirror:-http://deb.debian.org/debian}
+mirror=${mirror%/}
+
+list=/etc/apt/sources.list.d/stasis-newer.sources
+if [ ! -f "$list" ] || ! grep -q "URIs: $mirror$" "$list"; then
+  cat >"$list" <<SRC
+Types: deb
+URIs: $mirror
+Suites: trixie sid
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  cat >/etc/apt/preferences.d/stasis-newer <<PIN
+Package: *
+Pin: release n=trixie
+Pin-Priority: 100
+
+Package: *
+Pin: release n=sid
+Pin-Priority: 50
+PIN
+fi
+
+need() { ! dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+missing=()
+for p in criu runc crun runsc checkpointctl; do need "$p" && missing+=("$p"); done
+base=()
+for p in iptables busybox-static containernetworking-plugins protobuf-compiler socat iproute2 procps jq; do need "$p" && base+=("$p"); done
+ctd_ok=1
+if ! command -v containerd >/dev/null || ! containerd --version | grep -Eq ' v?2\.'; then ctd_ok=0; fi
+
+if [ ${#missing[@]} -gt 0 ] || [ ${#base[@]} -gt 0 ] || [ $ctd_ok = 0 ]; then
+  apt-get update -q
+  [ ${#base[@]} -gt 0 ] && apt-get install -y -q "${base[@]}"
+  [ ${#missing[@]} -gt 0 ] && apt-get install -y -q -t trixie "${missing[@]}"
+  [ $ctd_ok = 0 ] && apt-get install -y -q -t sid containerd
+fi
+
+# The Debian containerd package starts a system containerd; stasis never uses it (tests run a
+# private one), so leave it alone but make sure it doesn't hold NRI's socket for our instances.
+for b in containerd ctr runc criu iptables-restore busybox; do
+  command -v "$b" >/dev/null || { echo "install-deps: $b still missing after install" >&2; exit 1; }
+done
+command -v runsc >/dev/null || echo "install-deps: note: runsc not installed" >&2
+criu --version | head -n1
+runc --version | head -n1
+containerd --version

@@ -1,0 +1,224 @@
+//! containerd's shim start protocol: `start` finds or launches the group's shim and answers
+//! with its address; `delete` cleans up after a shim that is gone; `serve` is the shim itself.
+
+use std::{
+    io::{Read, Write},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::Arc,
+};
+
+use containerd_shim::Flags;
+use containerd_shim_protos::{api::DeleteResponse, protobuf::Message};
+use log::{error, info};
+
+use crate::{
+    events::EventSink,
+    reaper,
+    runtime::{OciRuntime, Runc},
+    task::{timestamp, TaskService, Tasks},
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub const USAGE: &str = "\
+usage: containerd-shim-stasis-v2 -namespace NS -id ID -address ADDR [-publish-binary BIN] [-debug] start|delete
+       containerd-shim-stasis-v2 -info | -version
+
+A containerd 2.x runtime shim (runtime_type \"io.containerd.stasis.v2\"). containerd runs it;
+it is not meant to be started by hand. `start` prints the bootstrap answer for the shim that
+serves the container's group (one per pod), `delete` removes a container whose shim is gone.";
+
+/// Annotations that put several containers under one shim (a CRI pod, or runc's grouping).
+const GROUP_ANNOTATIONS: [&str; 2] = ["io.kubernetes.cri.sandbox-id", "io.containerd.runc.v2.group"];
+
+/// The fd on which a freshly spawned shim finds its listening socket.
+const LISTENER_FD: i32 = 3;
+
+fn group_id(bundle: &Path, id: &str) -> String {
+    let spec = std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    if let Some(annotations) = spec.as_ref().and_then(|s| s.get("annotations")) {
+        for key in GROUP_ANNOTATIONS {
+            if let Some(g) = annotations.get(key).and_then(|v| v.as_str()) {
+                if !g.is_empty() {
+                    return g.to_string();
+                }
+            }
+        }
+    }
+    id.to_string()
+}
+
+fn socket_path(address: &str) -> &str {
+    address.strip_prefix("unix://").unwrap_or(address)
+}
+
+fn bootstrap_answer(address: &str) -> String {
+    serde_json::json!({"version": 3, "address": address, "protocol": "ttrpc"}).to_string()
+}
+
+/// containerd may pass runtime options on stdin; drain it so it never blocks on us.
+fn drain_stdin() {
+    // SAFETY: isatty only inspects fd 0.
+    if unsafe { libc::isatty(0) } == 1 {
+        return;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut buf);
+        let _ = tx.send(buf);
+    });
+    let _ = rx.recv_timeout(std::time::Duration::from_secs(1));
+}
+
+pub fn start(flags: &Flags) -> Result<(), BoxError> {
+    if flags.id.is_empty() || flags.namespace.is_empty() || flags.address.is_empty() {
+        return Err("start needs -id, -namespace and -address".into());
+    }
+    drain_stdin();
+    let bundle = std::env::current_dir()?;
+    let group = group_id(&bundle, &flags.id);
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &group);
+    let path = PathBuf::from(socket_path(&address));
+
+    // The group's shim already runs: containerd should talk to it.
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        std::fs::write(bundle.join("address"), &address)?;
+        print!("{}", bootstrap_answer(&address));
+        std::io::stdout().flush()?;
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(&path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(&path)
+        .map_err(|e| format!("bind shim socket {}: {e}", path.display()))?;
+
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.current_dir(&bundle)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .args(["-namespace", &flags.namespace, "-id", &group])
+        .args(["-address", &flags.address]);
+    if !flags.publish_binary.is_empty() {
+        cmd.args(["-publish-binary", &flags.publish_binary]);
+    }
+    if flags.debug {
+        cmd.arg("-debug");
+    }
+    cmd.arg("serve");
+    let fd = listener.as_raw_fd();
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::dup2(fd, LISTENER_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| format!("spawn shim: {e}"))?;
+    drop(listener);
+    // The server is detached (setsid); it is reparented once we exit.
+    std::mem::forget(child);
+    std::fs::write(bundle.join("address"), &address)?;
+    print!("{}", bootstrap_answer(&address));
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+pub fn serve(flags: &Flags) -> Result<(), BoxError> {
+    // SAFETY: fd 3 was set up by `start` as our listening socket; nothing else owns it.
+    let listener = unsafe {
+        <std::os::unix::net::UnixListener as std::os::fd::FromRawFd>::from_raw_fd(LISTENER_FD)
+    };
+    let socket = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    // containerd gives every shim a log fifo in its bundle; without it (by hand), log to stderr.
+    if containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id).is_err() {
+        eprintln!("containerd-shim-stasis-v2: no log fifo, logging disabled");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async move {
+        reaper::start()?;
+        let runtime: Arc<dyn OciRuntime> =
+            Arc::new(Runc::new("runc", crate::runtime_root(&flags.namespace)));
+        let ttrpc_address = std::env::var("TTRPC_ADDRESS").ok();
+        let events = EventSink::connect(ttrpc_address.as_deref(), &flags.namespace).await;
+        let tasks = Tasks::new(runtime, events);
+        listener.set_nonblocking(true)?;
+        let mut server = crate::server::build(listener, TaskService { tasks: tasks.clone() })?;
+        server.start().await?;
+        info!("shim {} serving (pid {})", flags.id, std::process::id());
+
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tasks.shutdown.cancelled() => {}
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+        }
+        // Let the reply to Shutdown leave before the socket goes away.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let _ = server.shutdown().await;
+        Ok::<_, BoxError>(())
+    });
+    if let Some(path) = socket {
+        let _ = std::fs::remove_file(path);
+    }
+    if let Err(e) = &result {
+        error!("shim failed: {e}");
+    }
+    result
+}
+
+/// Called by containerd after the shim is gone (or after a restart, per container): remove
+/// what is left of `-id` only, and say how it ended. Safe to call twice.
+pub fn delete(flags: &Flags) -> Result<(), BoxError> {
+    let bundle = if flags.bundle.is_empty() {
+        std::env::current_dir()?
+    } else {
+        PathBuf::from(&flags.bundle)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        reaper::start()?;
+        let runc = Runc::new("runc", crate::runtime_root(&flags.namespace));
+        if let Err(e) = runc.delete(&flags.id, true).await {
+            eprintln!("containerd-shim-stasis-v2: delete {}: {e}", flags.id);
+        }
+        Ok::<_, BoxError>(())
+    })?;
+    crate::task::unmount(&bundle.join("rootfs"));
+    let resp = DeleteResponse {
+        exit_status: 128 + libc::SIGKILL as u32,
+        exited_at: protobuf::MessageField::some(timestamp(time::OffsetDateTime::now_utc())),
+        ..Default::default()
+    };
+    std::io::stdout().write_all(&resp.write_to_bytes()?)?;
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+pub fn info() -> Result<(), BoxError> {
+    let info = containerd_shim_protos::types::introspection::RuntimeInfo {
+        name: "io.containerd.stasis.v2".to_string(),
+        ..Default::default()
+    };
+    std::io::stdout().write_all(&info.write_to_bytes()?)?;
+    Ok(())
+}

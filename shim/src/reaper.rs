@@ -1,0 +1,197 @@
+//! The shim is a child subreaper: every container process ends up as its child. One task reaps
+//! them all on SIGCHLD and hands each exit to whoever waits for that pid. Helper commands
+//! (runc, criu) are waited for through the same table, so no second `waitpid` races it.
+
+use std::{
+    collections::HashMap,
+    process::{Command, Stdio},
+    sync::{Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use log::{debug, warn};
+use nix::{
+    errno::Errno,
+    sys::wait::{waitpid, WaitPidFlag, WaitStatus},
+    unistd::Pid,
+};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::oneshot,
+};
+
+/// How long an exit nobody has asked for yet is kept: long enough for a caller that learns a
+/// pid from a pid file after the process already died.
+const UNCLAIMED_TTL: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone, Copy)]
+pub struct Exit {
+    pub pid: i32,
+    /// Exit code, or 128 + signal for a process killed by a signal (as shells and containerd do).
+    pub status: i32,
+    pub at: time::OffsetDateTime,
+}
+
+#[derive(Default)]
+struct Table {
+    waiters: HashMap<i32, Vec<oneshot::Sender<Exit>>>,
+    unclaimed: HashMap<i32, (Exit, Instant)>,
+}
+
+static TABLE: OnceLock<Mutex<Table>> = OnceLock::new();
+
+fn table() -> &'static Mutex<Table> {
+    TABLE.get_or_init(Default::default)
+}
+
+/// Makes the shim a subreaper and starts the reaping task. Call once, inside the runtime.
+pub fn start() -> std::io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(std::io::Error::from)?;
+    let mut sigchld = signal(SignalKind::child())?;
+    tokio::spawn(async move {
+        loop {
+            reap_all();
+            if sigchld.recv().await.is_none() {
+                break;
+            }
+        }
+    });
+    Ok(())
+}
+
+fn reap_all() {
+    loop {
+        let exit = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => Exit {
+                pid: pid.as_raw(),
+                status: code,
+                at: time::OffsetDateTime::now_utc(),
+            },
+            Ok(WaitStatus::Signaled(pid, sig, _)) => Exit {
+                pid: pid.as_raw(),
+                status: 128 + sig as i32,
+                at: time::OffsetDateTime::now_utc(),
+            },
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+            Ok(_) => continue,
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                warn!("waitpid failed: {e}");
+                return;
+            }
+        };
+        debug!("reaped pid {} status {}", exit.pid, exit.status);
+        deliver(exit);
+    }
+}
+
+fn deliver(exit: Exit) {
+    let mut t = table().lock().unwrap();
+    if let Some(waiters) = t.waiters.remove(&exit.pid) {
+        for w in waiters {
+            let _ = w.send(exit);
+        }
+        return;
+    }
+    let now = Instant::now();
+    t.unclaimed
+        .retain(|_, (_, seen)| now.duration_since(*seen) < UNCLAIMED_TTL);
+    t.unclaimed.insert(exit.pid, (exit, now));
+}
+
+/// Waits for `pid` (a child or adopted process) to exit, even if it already has.
+pub async fn wait(pid: i32) -> Exit {
+    let rx = {
+        let mut t = table().lock().unwrap();
+        if let Some((exit, _)) = t.unclaimed.remove(&pid) {
+            return exit;
+        }
+        let (tx, rx) = oneshot::channel();
+        t.waiters.entry(pid).or_default().push(tx);
+        rx
+    };
+    // The sender lives in the static table, so it is never dropped unanswered.
+    rx.await.expect("reaper table dropped a waiter")
+}
+
+/// What a helper command left behind.
+#[derive(Debug)]
+pub struct Output {
+    pub status: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.status == 0
+    }
+}
+
+/// Runs `cmd` with its stdout and stderr captured (stdin from /dev/null unless set), waiting
+/// for it through the reaper.
+pub async fn run(mut cmd: Command) -> std::io::Result<Output> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    run_with_stdio(cmd, true).await
+}
+
+/// Runs `cmd` with whatever stdio it was given; `capture` says stdout/stderr are pipes to read.
+pub async fn run_with_stdio(mut cmd: Command, capture: bool) -> std::io::Result<Output> {
+    let mut child = cmd.spawn()?;
+    let pid = child.id() as i32;
+    let (stdout, stderr) = if capture {
+        let out = child.stdout.take();
+        let err = child.stderr.take();
+        let read = |p: Option<Box<dyn std::io::Read + Send>>| {
+            tokio::task::spawn_blocking(move || {
+                let mut buf = Vec::new();
+                if let Some(mut p) = p {
+                    let _ = p.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let o = read(out.map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+        let e = read(err.map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+        (o.await.unwrap_or_default(), e.await.unwrap_or_default())
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    // `child` is dropped without wait(): std never reaps on drop, the reaper does.
+    drop(child);
+    let exit = wait(pid).await;
+    Ok(Output {
+        status: exit.status,
+        stdout,
+        stderr,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn runs_commands_and_reports_exit_codes() {
+        start().unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo out; echo err >&2; exit 3"]);
+        let out = run(cmd).await.unwrap();
+        assert_eq!(out.status, 3);
+        assert_eq!(out.stdout, b"out\n");
+        assert_eq!(out.stderr, b"err\n");
+
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "kill -9 $$"]);
+        assert_eq!(run(cmd).await.unwrap().status, 128 + 9);
+    }
+
+    #[tokio::test]
+    async fn an_exit_before_the_wait_is_kept() {
+        start().unwrap();
+        let child = Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(wait(pid).await.status, 0);
+    }
+}

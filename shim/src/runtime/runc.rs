@@ -1,0 +1,245 @@
+//! runc (and runc-compatible CLIs) driven by its command line.
+
+use std::{
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use async_trait::async_trait;
+use log::debug;
+
+use super::{OciRuntime, ProcessStdio, RuntimeState};
+use crate::{
+    error::{Error, Result},
+    reaper,
+};
+
+pub struct Runc {
+    binary: PathBuf,
+    root: PathBuf,
+}
+
+impl Runc {
+    /// `root` holds runc's state; it must outlive the shim so a new shim process (or the
+    /// `delete` subcommand) finds the containers again.
+    pub fn new(binary: impl Into<PathBuf>, root: impl Into<PathBuf>) -> Self {
+        Runc {
+            binary: binary.into(),
+            root: root.into(),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--root").arg(&self.root);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    fn log_path(&self, id: &str, step: &str) -> PathBuf {
+        self.root.join(format!("{id}.{step}.log"))
+    }
+
+    /// Runs a command whose output we can read, turning a failure into an error that carries
+    /// runc's own words.
+    async fn run(&self, id: &str, step: &str, mut cmd: Command) -> Result<Vec<u8>> {
+        debug!("{}: {step}: {:?}", id, cmd);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let out = reaper::run(cmd)
+            .await
+            .map_err(|e| Error::io(id, format!("{step}: spawn {}", self.binary.display()), e))?;
+        if !out.success() {
+            return Err(Error::Runtime {
+                id: id.to_string(),
+                step: format!("runc {step}"),
+                message: clean_message(&out.stderr, &out.stdout),
+            });
+        }
+        Ok(out.stdout)
+    }
+
+    /// Runs a command whose stdio belongs to the container; errors come from runc's log file.
+    async fn run_with_process_stdio(
+        &self,
+        id: &str,
+        step: &str,
+        cmd: Command,
+        stdio: ProcessStdio,
+    ) -> Result<()> {
+        let log = self.log_path(id, step);
+        let _ = std::fs::remove_file(&log);
+        // --log must come before the subcommand; rebuild the command with it in front.
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let mut full = Command::new(&self.binary);
+        full.arg("--log").arg(&log).arg("--log-format").arg("json");
+        full.args(args);
+        let io = |fd: Option<OwnedFd>| fd.map(Stdio::from).unwrap_or_else(Stdio::null);
+        full.stdin(io(stdio.stdin));
+        full.stdout(io(stdio.stdout));
+        full.stderr(io(stdio.stderr));
+        drop(cmd);
+        debug!("{}: {step}: {:?}", id, full);
+        let out = reaper::run_with_stdio(full, false)
+            .await
+            .map_err(|e| Error::io(id, format!("{step}: spawn {}", self.binary.display()), e))?;
+        let result = if out.success() {
+            Ok(())
+        } else {
+            Err(Error::Runtime {
+                id: id.to_string(),
+                step: format!("runc {step}"),
+                message: last_log_error(&log)
+                    .unwrap_or_else(|| format!("exit status {}", out.status)),
+            })
+        };
+        let _ = std::fs::remove_file(&log);
+        result
+    }
+}
+
+/// runc's stderr, trimmed to its message (it prefixes "time=… level=error msg=…" at times).
+fn clean_message(stderr: &[u8], stdout: &[u8]) -> String {
+    let text = String::from_utf8_lossy(if stderr.is_empty() { stdout } else { stderr });
+    let text = text.trim();
+    if let Some(i) = text.rfind("msg=") {
+        return text[i + 4..].trim_matches('"').to_string();
+    }
+    text.to_string()
+}
+
+/// The last error-level message of a runc JSON log.
+fn last_log_error(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["level"] == "error" || v["level"] == "fatal")
+        .and_then(|v| v["msg"].as_str().map(str::to_string))
+}
+
+#[async_trait]
+impl OciRuntime for Runc {
+    fn name(&self) -> &str {
+        "runc"
+    }
+
+    async fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        stdio: ProcessStdio,
+        pid_file: &Path,
+    ) -> Result<()> {
+        std::fs::create_dir_all(&self.root)
+            .map_err(|e| Error::io(id, format!("create {}", self.root.display()), e))?;
+        let mut cmd = self.command();
+        cmd.arg("create").arg("--bundle").arg(bundle);
+        cmd.arg("--pid-file").arg(pid_file);
+        if let Some(sock) = &stdio.console_socket {
+            cmd.arg("--console-socket").arg(sock);
+        }
+        cmd.arg(id);
+        self.run_with_process_stdio(id, "create", cmd, stdio).await
+    }
+
+    async fn start(&self, id: &str) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.args(["start", id]);
+        self.run(id, "start", cmd).await.map(drop)
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        process_json: &Path,
+        stdio: ProcessStdio,
+        pid_file: &Path,
+    ) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.arg("exec").arg("--detach");
+        cmd.arg("--process").arg(process_json);
+        cmd.arg("--pid-file").arg(pid_file);
+        if let Some(sock) = &stdio.console_socket {
+            cmd.arg("--console-socket").arg(sock);
+        }
+        cmd.arg(id);
+        self.run_with_process_stdio(id, "exec", cmd, stdio).await
+    }
+
+    async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.arg("kill");
+        if all {
+            cmd.arg("--all");
+        }
+        cmd.arg(id).arg(signal.to_string());
+        self.run(id, "kill", cmd).await.map(drop)
+    }
+
+    async fn delete(&self, id: &str, force: bool) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.arg("delete");
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.arg(id);
+        match self.run(id, "delete", cmd).await {
+            Err(Error::Runtime { message, .. }) if is_not_exist(&message) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    async fn pause(&self, id: &str) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.args(["pause", id]);
+        self.run(id, "pause", cmd).await.map(drop)
+    }
+
+    async fn resume(&self, id: &str) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.args(["resume", id]);
+        self.run(id, "resume", cmd).await.map(drop)
+    }
+
+    async fn pids(&self, id: &str) -> Result<Vec<u32>> {
+        let mut cmd = self.command();
+        cmd.args(["ps", "--format", "json", id]);
+        let out = self.run(id, "ps", cmd).await?;
+        serde_json::from_slice::<Option<Vec<u32>>>(&out)
+            .map(Option::unwrap_or_default)
+            .map_err(|e| Error::other(id, "parse runc ps", e))
+    }
+
+    async fn state(&self, id: &str) -> Result<RuntimeState> {
+        let mut cmd = self.command();
+        cmd.args(["state", id]);
+        let out = match self.run(id, "state", cmd).await {
+            Err(Error::Runtime { message, .. }) if is_not_exist(&message) => {
+                return Err(Error::not_found("container", id))
+            }
+            other => other?,
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&out).map_err(|e| Error::other(id, "parse runc state", e))?;
+        Ok(RuntimeState {
+            status: v["status"].as_str().unwrap_or_default().to_string(),
+            pid: v["pid"].as_i64().unwrap_or_default() as i32,
+        })
+    }
+
+    async fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
+        let path = self.root.join(format!("{id}.resources.json"));
+        std::fs::write(&path, resources_json)
+            .map_err(|e| Error::io(id, "write resources for runc update", e))?;
+        let mut cmd = self.command();
+        cmd.arg("update").arg("--resources").arg(&path).arg(id);
+        let result = self.run(id, "update", cmd).await.map(drop);
+        let _ = std::fs::remove_file(&path);
+        result
+    }
+}
+
+fn is_not_exist(message: &str) -> bool {
+    message.contains("does not exist") || message.contains("not exist")
+}

@@ -1,0 +1,192 @@
+//! A process's stdio: pipes (or a terminal) between the OCI runtime and containerd's fifos.
+
+use std::{
+    fs::File,
+    os::fd::{AsRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use containerd_shim::asynchronous::io::{IoTasks, Pty, Stdio};
+use nix::{fcntl::OFlag, unistd::pipe2};
+use tokio::net::unix::pipe;
+
+use crate::{
+    error::{Error, Result},
+    runtime::ProcessStdio,
+};
+
+/// The shim's side of a process's stdio once it runs.
+#[derive(Clone, Default)]
+pub struct ProcessIo {
+    pub copies: IoTasks,
+    pub pty: Option<Pty>,
+}
+
+/// Built before the runtime is called: the runtime's ends and the shim's pending side.
+pub struct PreparedIo {
+    pub runtime: ProcessStdio,
+    pub io: ProcessIo,
+    console: Option<ConsoleSocket>,
+    stdio: Stdio,
+}
+
+struct ConsoleSocket {
+    path: PathBuf,
+    listener: std::os::unix::net::UnixListener,
+}
+
+impl Drop for ConsoleSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn cloexec_pipe(id: &str) -> Result<(OwnedFd, OwnedFd)> {
+    pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::io(id, "create stdio pipe", e.into()))
+}
+
+fn console_socket_path() -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    // Short on purpose: unix socket paths are limited to 108 bytes.
+    std::env::temp_dir().join(format!(
+        "stasis-pty-{}-{}.sock",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Prepares pipes (or a console socket) for a process with containerd's `stdio`.
+pub fn prepare(id: &str, stdio: &Stdio) -> Result<PreparedIo> {
+    let mut runtime = ProcessStdio::default();
+    let io = ProcessIo::default();
+    let mut console = None;
+    if stdio.terminal {
+        let path = console_socket_path();
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path)
+            .map_err(|e| Error::io(id, format!("bind console socket {}", path.display()), e))?;
+        runtime.console_socket = Some(path.clone());
+        console = Some(ConsoleSocket { path, listener });
+    } else {
+        if !stdio.stdin.is_empty() {
+            let (r, w) = cloexec_pipe(id)?;
+            runtime.stdin = Some(r);
+            let sender = pipe::Sender::from_owned_fd(w)
+                .map_err(|e| Error::io(id, "register stdin pipe", e))?;
+            io.copies
+                .copy_from_fifo(&stdio.stdin, sender)
+                .map_err(|e| Error::other(id, "open stdin fifo", e))?;
+        }
+        for (path, slot) in [
+            (&stdio.stdout, &mut runtime.stdout),
+            (&stdio.stderr, &mut runtime.stderr),
+        ] {
+            if path.is_empty() {
+                continue;
+            }
+            let (r, w) = cloexec_pipe(id)?;
+            *slot = Some(w);
+            let receiver = pipe::Receiver::from_owned_fd(r)
+                .map_err(|e| Error::io(id, "register output pipe", e))?;
+            io.copies
+                .copy_to_fifo(receiver, path)
+                .map_err(|e| Error::other(id, format!("open fifo {path}"), e))?;
+        }
+    }
+    Ok(PreparedIo {
+        runtime: std::mem::take(&mut runtime),
+        io,
+        console,
+        stdio: stdio.clone(),
+    })
+}
+
+impl PreparedIo {
+    /// The runtime's ends, to hand to it; the shim keeps its own side.
+    pub fn take_runtime(&mut self) -> ProcessStdio {
+        std::mem::take(&mut self.runtime)
+    }
+
+    /// After the runtime created the process: receive the terminal, if any, and start copying.
+    pub async fn finish(self, id: &str) -> Result<ProcessIo> {
+        let Some(console) = self.console else {
+            return Ok(self.io);
+        };
+        let id_owned = id.to_string();
+        let master = tokio::task::spawn_blocking(move || receive_console(&id_owned, &console))
+            .await
+            .map_err(|e| Error::other(id, "receive console", e))??;
+        let pty = Pty::new(master).map_err(|e| Error::other(id, "register console", e))?;
+        let mut io = self.io;
+        if !self.stdio.stdin.is_empty() {
+            io.copies
+                .copy_from_fifo(&self.stdio.stdin, pty.clone())
+                .map_err(|e| Error::other(id, "open stdin fifo", e))?;
+        }
+        if !self.stdio.stdout.is_empty() {
+            io.copies
+                .copy_to_fifo(pty.clone(), &self.stdio.stdout)
+                .map_err(|e| Error::other(id, "open stdout fifo", e))?;
+        }
+        io.pty = Some(pty);
+        Ok(io)
+    }
+}
+
+/// The runtime connected to the console socket during create and sent the pty master.
+fn receive_console(id: &str, console: &ConsoleSocket) -> Result<File> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    console
+        .listener
+        .set_nonblocking(false)
+        .map_err(|e| Error::io(id, "console socket", e))?;
+    let (stream, _) = console
+        .listener
+        .accept()
+        .map_err(|e| Error::io(id, "accept console connection", e))?;
+    let mut buf = [0u8; 4096];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| Error::io(id, "receive console fd", e.into()))?;
+    for c in msg.cmsgs().map_err(|e| Error::io(id, "console cmsg", e.into()))? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            if let Some(fd) = fds.first() {
+                // SAFETY: the kernel just gave us this descriptor; nobody else owns it.
+                return Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(*fd) });
+            }
+        }
+    }
+    Err(Error::other(id, "receive console", "no terminal fd received"))
+}
+
+/// Sets the terminal size of a process's pty.
+pub fn resize(pty: &Pty, width: u32, height: u32) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    let ws = libc::winsize {
+        ws_row: height as u16,
+        ws_col: width as u16,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize from the pointer we pass.
+    let rc = unsafe { libc::ioctl(pty.as_fd().as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn read_pid(id: &str, path: &Path) -> Result<i32> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(id, format!("read pid file {}", path.display()), e))?;
+    text.trim()
+        .parse()
+        .map_err(|e| Error::other(id, format!("parse pid file {}", path.display()), e))
+}

@@ -31,7 +31,10 @@ it is not meant to be started by hand. `start` prints the bootstrap answer for t
 serves the container's group (one per pod), `delete` removes a container whose shim is gone.";
 
 /// Annotations that put several containers under one shim (a CRI pod, or runc's grouping).
-const GROUP_ANNOTATIONS: [&str; 2] = ["io.kubernetes.cri.sandbox-id", "io.containerd.runc.v2.group"];
+const GROUP_ANNOTATIONS: [&str; 2] = [
+    "io.kubernetes.cri.sandbox-id",
+    "io.containerd.runc.v2.group",
+];
 
 /// The fd on which a freshly spawned shim finds its listening socket.
 const LISTENER_FD: i32 = 3;
@@ -120,7 +123,13 @@ pub fn start(flags: &Flags) -> Result<(), BoxError> {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if libc::dup2(fd, LISTENER_FD) < 0 {
+            // dup2 onto itself would keep FD_CLOEXEC, so clear it by hand in that case.
+            let rc = if fd == LISTENER_FD {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, LISTENER_FD)
+            };
+            if rc < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -161,7 +170,12 @@ pub fn serve(flags: &Flags) -> Result<(), BoxError> {
         let events = EventSink::connect(ttrpc_address.as_deref(), &flags.namespace).await;
         let tasks = Tasks::new(runtime, events);
         listener.set_nonblocking(true)?;
-        let mut server = crate::server::build(listener, TaskService { tasks: tasks.clone() })?;
+        let mut server = crate::server::build(
+            listener,
+            TaskService {
+                tasks: tasks.clone(),
+            },
+        )?;
         server.start().await?;
         info!("shim {} serving (pid {})", flags.id, std::process::id());
 

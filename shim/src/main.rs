@@ -26,7 +26,11 @@ fn main() {
                 eprintln!("{}", stasis_shim::bootstrap::USAGE);
                 Ok(())
             }
-            other => Err(format!("unknown action {other:?}\n{}", stasis_shim::bootstrap::USAGE).into()),
+            other => Err(format!(
+                "unknown action {other:?}\n{}",
+                stasis_shim::bootstrap::USAGE
+            )
+            .into()),
         }
     };
     if let Err(e) = result {

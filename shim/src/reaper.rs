@@ -189,6 +189,7 @@ mod tests {
     #[tokio::test]
     async fn an_exit_before_the_wait_is_kept() {
         start().unwrap();
+        #[allow(clippy::zombie_processes)] // reaped by the reaper, which is what this tests
         let child = Command::new("true").spawn().unwrap();
         let pid = child.id() as i32;
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -14,12 +14,20 @@ fn task_services(task: TaskService) -> Vec<HashMap<String, Service>> {
     let v3 = create_task(Arc::new(task.clone()));
     let v2 = create_task(Arc::new(task))
         .into_iter()
-        .map(|(name, svc)| (name.replace("containerd.task.v3.", "containerd.task.v2."), svc))
+        .map(|(name, svc)| {
+            (
+                name.replace("containerd.task.v3.", "containerd.task.v2."),
+                svc,
+            )
+        })
         .collect();
     vec![v3, v2]
 }
 
-pub fn build(listener: std::os::unix::net::UnixListener, task: TaskService) -> std::io::Result<Server> {
+pub fn build(
+    listener: std::os::unix::net::UnixListener,
+    task: TaskService,
+) -> std::io::Result<Server> {
     let listener = Listener::try_from(listener)?;
     let mut server = Server::new().add_listener(listener);
     for svc in task_services(task) {

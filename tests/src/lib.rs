@@ -1,0 +1,416 @@
+//! The end-to-end harness: a private containerd (own root, state, sockets and namespace under
+//! a temp dir) with the freshly built stasis shim first on its PATH, images built from busybox,
+//! and a teardown that leaves nothing behind even when a test panics.
+
+pub mod image;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+pub const STASIS_RUNTIME: &str = "io.containerd.stasis.v2";
+pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
+pub const SHIM_BINARY: &str = "containerd-shim-stasis-v2";
+
+/// Fails (never skips) when something the end-to-end tests need is missing.
+pub fn require_prerequisites() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("end-to-end tests must run as root (containerd, runc and mounts need it)");
+    }
+    for tool in ["containerd", "ctr", "runc"] {
+        if which(tool).is_none() {
+            bail!("{tool} not found on PATH: run scripts/install-deps.sh");
+        }
+    }
+    Ok(())
+}
+
+pub fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(tool))
+            .find(|p| p.is_file())
+    })
+}
+
+/// The workspace's target dir, where `cargo build` put the shim.
+pub fn target_dir() -> PathBuf {
+    if let Ok(t) = std::env::var("CARGO_TARGET_DIR") {
+        return PathBuf::from(t);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target")
+}
+
+/// The shim binary under test: $STASIS_SHIM, else the workspace's newest build.
+pub fn shim_binary() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("STASIS_SHIM") {
+        return Ok(PathBuf::from(p));
+    }
+    let candidates = ["debug", "release"].map(|p| target_dir().join(p).join(SHIM_BINARY));
+    candidates
+        .iter()
+        .filter(|p| p.exists())
+        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .cloned()
+        .with_context(|| {
+            format!("{SHIM_BINARY} not built: run `cargo build --workspace` first (looked in {candidates:?})")
+        })
+}
+
+pub struct Containerd {
+    pub dir: PathBuf,
+    pub namespace: String,
+    child: Option<Child>,
+    shim_dir: PathBuf,
+}
+
+impl Containerd {
+    /// Starts a private containerd for the test `name`.
+    pub fn start(name: &str) -> Result<Self> {
+        require_prerequisites()?;
+        let dir = PathBuf::from(format!("/tmp/stasis-e2e/{name}-{}", std::process::id()));
+        if dir.exists() {
+            cleanup_dir(&dir);
+        }
+        std::fs::create_dir_all(&dir)?;
+        let shim_dir = dir.join("bin");
+        std::fs::create_dir_all(&shim_dir)?;
+        std::fs::copy(shim_binary()?, shim_dir.join(SHIM_BINARY))
+            .context("copy the shim into the private PATH")?;
+        let mut c = Containerd {
+            namespace: format!("e2e-{name}"),
+            child: None,
+            shim_dir,
+            dir,
+        };
+        c.write_config()?;
+        c.spawn()?;
+        Ok(c)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
+    fn write_config(&self) -> Result<()> {
+        let d = self.dir.display();
+        let config = format!(
+            r#"version = 3
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.nri.v1.nri"]
+
+[grpc]
+  address = "{d}/containerd.sock"
+
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+
+[debug]
+  address = "{d}/debug.sock"
+  level = "debug"
+
+[plugins.'io.containerd.cri.v1.runtime']
+  restrict_oom_score_adj = true
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ["/usr/lib/cni"]
+    conf_dir = "{d}/cni"
+"#
+        );
+        std::fs::create_dir_all(self.dir.join("cni"))?;
+        std::fs::write(self.dir.join("config.toml"), config)?;
+        Ok(())
+    }
+
+    fn path_env(&self) -> String {
+        format!(
+            "{}:{}",
+            self.shim_dir.display(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+        )
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("containerd.log"))?;
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(self.dir.join("config.toml"))
+            .env("PATH", self.path_env())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start containerd")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.socket().exists()
+                && self
+                    .ctr(&["version"])
+                    .map(|o| o.status.success())
+                    .unwrap_or(false)
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "containerd did not come up in 30 s; log:\n{}",
+            self.log_tail(40)
+        )
+    }
+
+    /// Stops containerd (not its shims, which must survive) and starts it again.
+    pub fn restart(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(self.socket());
+        self.spawn()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
+        let all: Vec<_> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// `ctr` against this containerd, in the test namespace.
+    pub fn ctr_command(&self) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(self.socket())
+            .arg("--namespace")
+            .arg(&self.namespace)
+            .env("PATH", self.path_env());
+        cmd
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Result<Output> {
+        let out = self
+            .ctr_command()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("run ctr")?;
+        Ok(out)
+    }
+
+    /// Runs `ctr`, failing with its stderr unless it succeeds; returns stdout.
+    pub fn ctr_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.ctr(args)?;
+        if !out.status.success() {
+            bail!(
+                "ctr {} failed ({}): {}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Builds the busybox image and imports it; returns its reference.
+    pub fn import_busybox(&self) -> Result<&'static str> {
+        let archive = self.dir.join("busybox.oci.tar");
+        image::write_busybox_archive(&archive, image::BUSYBOX_REF)?;
+        self.ctr_ok(&["images", "import", archive.to_str().unwrap()])?;
+        Ok(image::BUSYBOX_REF)
+    }
+
+    /// Status column of `ctr t ls` for a task, if listed.
+    pub fn task_status(&self, id: &str) -> Result<Option<String>> {
+        let out = self.ctr_ok(&["tasks", "ls"])?;
+        Ok(out.lines().skip(1).find_map(|l| {
+            let cols: Vec<_> = l.split_whitespace().collect();
+            (cols.first() == Some(&id)).then(|| cols.last().unwrap_or(&"").to_string())
+        }))
+    }
+
+    /// Waits until `f` holds, for up to `timeout`.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if f()? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {timeout:?} waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Pids of stasis shims serving this containerd.
+    pub fn shim_pids(&self) -> Vec<i32> {
+        processes_matching(&[SHIM_BINARY, &self.socket().display().to_string()])
+    }
+}
+
+/// Pids whose command line contains all `needles`.
+pub fn processes_matching(needles: &[&str]) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if needles.iter().all(|n| cmdline.contains(n)) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Mount points at or below `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let prefix = dir.display().to_string();
+    text.lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|m| m.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+fn cleanup_dir(dir: &Path) {
+    let mut mounts = mounts_under(dir);
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mounts {
+        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Tasks first, through containerd, so shims clean up after themselves.
+        if self.child.is_some() {
+            if let Ok(out) = self.ctr_ok(&["tasks", "ls", "-q"]) {
+                for id in out.lines() {
+                    let _ = self.ctr(&["tasks", "kill", "-s", "KILL", id]);
+                    let _ = self.ctr(&["tasks", "delete", "-f", id]);
+                }
+            }
+            if let Ok(out) = self.ctr_ok(&["containers", "ls", "-q"]) {
+                for id in out.lines() {
+                    let _ = self.ctr(&["containers", "delete", id]);
+                }
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+        for pid in self.shim_pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if std::env::var_os("STASIS_KEEP").is_none() {
+            cleanup_dir(&self.dir);
+        }
+    }
+}
+
+/// A direct ttrpc client to the shim serving container `id`, bypassing containerd: for the
+/// cases containerd itself would refuse before the shim sees them.
+pub fn shim_task_client(c: &Containerd, id: &str) -> Result<containerd_shim_protos::TaskClient> {
+    let bundle = c
+        .dir
+        .join("state/io.containerd.runtime.v2.task")
+        .join(&c.namespace)
+        .join(id);
+    let address = std::fs::read_to_string(bundle.join("address"))
+        .with_context(|| format!("read shim address of {id}"))?;
+    let client = containerd_shim_protos::ttrpc::Client::connect(address.trim())
+        .with_context(|| format!("connect to shim at {address}"))?;
+    Ok(containerd_shim_protos::TaskClient::new(client))
+}
+
+/// Runs `cmd` on a new pseudo-terminal (as a controlling terminal), writes `input` to it,
+/// and returns everything printed and the exit status.
+pub fn run_on_pty(mut cmd: Command, input: &[u8], timeout: Duration) -> Result<(String, i32)> {
+    use std::{
+        io::{Read, Write},
+        os::{fd::AsRawFd, unix::process::CommandExt},
+    };
+    let pty = nix::pty::openpty(None, None)?;
+    let slave = pty.slave;
+    let slave_fd = slave.as_raw_fd();
+    cmd.stdin(Stdio::from(slave.try_clone()?))
+        .stdout(Stdio::from(slave.try_clone()?))
+        .stderr(Stdio::from(slave.try_clone()?));
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 || libc::ioctl(slave_fd, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    // Every copy of the slave must close, or reading the master never ends.
+    drop(cmd);
+    drop(slave);
+    let mut master = std::fs::File::from(pty.master);
+    let mut reader = master.try_clone()?;
+    let collector = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    master.write_all(input)?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("command on pty did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(master);
+    let out = collector.join().unwrap_or_default();
+    Ok((
+        String::from_utf8_lossy(&out).into_owned(),
+        status.code().unwrap_or(-1),
+    ))
+}

@@ -119,10 +119,9 @@ impl Tasks {
         let created = self
             .create_init(&id, &bundle, &stdio)
             .await
-            .and_then(|(pid, io)| {
+            .map(|(pid, io)| {
                 init.pid = pid;
                 init.io = io;
-                Ok(())
             });
         if let Err(e) = created {
             warn!("{id}: create failed, cleaning up: {e}");
@@ -185,11 +184,7 @@ impl Tasks {
         let mut prepared = stdio::prepare(id, stdio)?;
         let pid_file = bundle.join("init.pid");
         let runtime_io = prepared.take_runtime();
-        if let Err(e) = self
-            .runtime
-            .create(id, bundle, runtime_io, &pid_file)
-            .await
-        {
+        if let Err(e) = self.runtime.create(id, bundle, runtime_io, &pid_file).await {
             prepared.io.copies.abort().await;
             return Err(e);
         }
@@ -424,14 +419,20 @@ impl Tasks {
         let c = container.lock().await;
         if req.exec_id.is_empty() {
             if c.init.status == Status::STOPPED && !req.all {
-                return Err(Error::not_found("process", format!("{} (already finished)", req.id)));
+                return Err(Error::not_found(
+                    "process",
+                    format!("{} (already finished)", req.id),
+                ));
             }
             return match self.runtime.kill(&req.id, req.signal, req.all).await {
                 // The process ended between our look and runc's: nothing left to signal.
                 Err(Error::Runtime { message, .. })
                     if message.contains("not running") || message.contains("no such process") =>
                 {
-                    Err(Error::not_found("process", format!("{} (already finished)", req.id)))
+                    Err(Error::not_found(
+                        "process",
+                        format!("{} (already finished)", req.id),
+                    ))
                 }
                 other => other,
             };
@@ -658,7 +659,8 @@ impl Tasks {
 
 fn read_spec(id: &str, bundle: &Path) -> Result<serde_json::Value> {
     let path = bundle.join("config.json");
-    let text = std::fs::read(&path).map_err(|e| Error::io(id, format!("read {}", path.display()), e))?;
+    let text =
+        std::fs::read(&path).map_err(|e| Error::io(id, format!("read {}", path.display()), e))?;
     let spec: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| Error::invalid(id, format!("{} is not valid JSON: {e}", path.display())))?;
     if !spec.is_object() || spec.get("process").is_none() || spec.get("root").is_none() {
@@ -686,8 +688,7 @@ fn mount_rootfs(
     for m in mounts {
         let fs_type = (!m.type_.is_empty()).then_some(m.type_.as_str());
         let source = (!m.source.is_empty()).then_some(m.source.as_str());
-        if let Err(e) = containerd_shim::mount::mount_rootfs(fs_type, source, &m.options, &target)
-        {
+        if let Err(e) = containerd_shim::mount::mount_rootfs(fs_type, source, &m.options, &target) {
             unmount(&target);
             return Err(Error::other(id, format!("mount rootfs {}", m.type_), e));
         }
@@ -780,7 +781,10 @@ impl Task for TaskService {
         self.tasks.get(&req.id)?;
         Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
             ttrpc::Code::UNIMPLEMENTED,
-            format!("{}: task checkpoint is not implemented by stasis yet", req.id),
+            format!(
+                "{}: task checkpoint is not implemented by stasis yet",
+                req.id
+            ),
         )))
     }
 

@@ -155,7 +155,10 @@ fn receive_console(id: &str, console: &ConsoleSocket) -> Result<File> {
         MsgFlags::MSG_CMSG_CLOEXEC,
     )
     .map_err(|e| Error::io(id, "receive console fd", e.into()))?;
-    for c in msg.cmsgs().map_err(|e| Error::io(id, "console cmsg", e.into()))? {
+    for c in msg
+        .cmsgs()
+        .map_err(|e| Error::io(id, "console cmsg", e.into()))?
+    {
         if let ControlMessageOwned::ScmRights(fds) = c {
             if let Some(fd) = fds.first() {
                 // SAFETY: the kernel just gave us this descriptor; nobody else owns it.
@@ -163,7 +166,11 @@ fn receive_console(id: &str, console: &ConsoleSocket) -> Result<File> {
             }
         }
     }
-    Err(Error::other(id, "receive console", "no terminal fd received"))
+    Err(Error::other(
+        id,
+        "receive console",
+        "no terminal fd received",
+    ))
 }
 
 /// Sets the terminal size of a process's pty.

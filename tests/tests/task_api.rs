@@ -441,3 +441,62 @@ fn bad_input_gets_clear_errors() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn events_reach_containerd_including_oom() -> Result<()> {
+    use std::io::Read;
+    let c = Containerd::start("events")?;
+    let image = c.import_busybox()?;
+    let mut events = c
+        .ctr_command()
+        .arg("events")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    // 16 MiB limit, a 64 MiB buffer: the OOM killer must act.
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        STASIS_RUNTIME,
+        "--memory-limit",
+        "16777216",
+        image,
+        "oom1",
+        "dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        "bs=64M",
+        "count=1",
+    ])?;
+    ensure!(
+        out.status.code() == Some(137),
+        "OOM-killed task should exit 137: {out:?}"
+    );
+    c.ctr_ok(&run_args(image, "ev1", &["true"], false))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = events.kill();
+    let mut text = String::new();
+    events
+        .stdout
+        .take()
+        .context("events stdout")?
+        .read_to_string(&mut text)?;
+    let _ = events.wait();
+    for topic in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exit",
+        "/tasks/delete",
+        "/tasks/oom",
+    ] {
+        ensure!(text.contains(topic), "no {topic} event in:\n{text}");
+    }
+    ensure!(
+        text.lines()
+            .any(|l| l.contains("/tasks/oom") && l.contains("oom1")),
+        "OOM event does not name oom1:\n{text}"
+    );
+    Ok(())
+}

@@ -30,3 +30,45 @@ pub fn metrics(id: &str, path: &str) -> Result<Any> {
         ..Default::default()
     })
 }
+
+/// Calls `on_oom` each time the kernel's OOM killer acts in the memory cgroup at `path`
+/// (cgroup v1: an eventfd registered on `memory.oom_control`). Ends when the cgroup goes away.
+/// On cgroup v2 or without a memory cgroup this does nothing.
+pub fn watch_oom(id: &str, path: &str, on_oom: impl Fn() + Send + 'static) -> Result<()> {
+    use std::{io::Read, os::fd::AsRawFd};
+    let dir = std::path::Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'));
+    let control = dir.join("memory.oom_control");
+    if path.is_empty() || !control.exists() {
+        return Ok(());
+    }
+    let oom =
+        std::fs::File::open(&control).map_err(|e| Error::io(id, "open memory.oom_control", e))?;
+    let efd = nix::sys::eventfd::EventFd::from_value_and_flags(
+        0,
+        nix::sys::eventfd::EfdFlags::EFD_CLOEXEC,
+    )
+    .map_err(|e| Error::io(id, "create eventfd", e.into()))?;
+    std::fs::write(
+        dir.join("cgroup.event_control"),
+        format!("{} {}", efd.as_raw_fd(), oom.as_raw_fd()),
+    )
+    .map_err(|e| Error::io(id, "register OOM notification", e))?;
+    let id = id.to_string();
+    std::thread::Builder::new()
+        .name(format!("oom-{id}"))
+        .spawn(move || {
+            let _oom = oom;
+            let mut file = std::fs::File::from(std::os::fd::OwnedFd::from(efd));
+            let mut buf = [0u8; 8];
+            // The eventfd also fires when the cgroup is removed: only report while it exists.
+            while file.read_exact(&mut buf).is_ok() {
+                if !control.exists() {
+                    break;
+                }
+                log::info!("{id}: OOM event");
+                on_oom();
+            }
+        })
+        .map_err(|e| Error::io("oom watcher", "spawn thread", e))?;
+    Ok(())
+}

@@ -14,8 +14,8 @@ use containerd_shim::asynchronous::io::Stdio;
 use containerd_shim_protos::{
     api::{self, Status},
     events::task::{
-        TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
-        TaskResumed, TaskStart,
+        TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM,
+        TaskPaused, TaskResumed, TaskStart,
     },
     protobuf::{well_known_types::empty::Empty, MessageField},
     shim_async::Task,
@@ -134,6 +134,7 @@ impl Tasks {
         }
 
         let pid = init.pid;
+        self.watch_oom(&id, &cgroup_path);
         let container = Arc::new(Mutex::new(Container {
             id: id.clone(),
             bundle: bundle.clone(),
@@ -191,6 +192,30 @@ impl Tasks {
         let io = prepared.finish(id).await?;
         let pid = stdio::read_pid(id, &pid_file)?;
         Ok((pid, io))
+    }
+
+    fn watch_oom(&self, id: &str, cgroup_path: &str) {
+        let events = self.events.clone();
+        let handle = tokio::runtime::Handle::current();
+        let container_id = id.to_string();
+        let watched = cgroup::watch_oom(id, cgroup_path, move || {
+            let events = events.clone();
+            let container_id = container_id.clone();
+            handle.spawn(async move {
+                events
+                    .publish(
+                        topics::TASK_OOM_EVENT_TOPIC,
+                        Box::new(TaskOOM {
+                            container_id,
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
+            });
+        });
+        if let Err(e) = watched {
+            warn!("{id}: no OOM events: {e}");
+        }
     }
 
     /// Waits for a process to exit, then records it, drains its output and tells containerd.

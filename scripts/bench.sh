@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs a benchmark against a private containerd with a release build of the shim.
+#   sudo scripts/bench.sh runtime [--runs N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
+which="${1:-runtime}"; shift || true
+bash scripts/install-deps.sh >/dev/null
+cargo build -q --workspace --release --bins
+STASIS_SHIM="$PWD/target/release/containerd-shim-stasis-v2" exec "target/release/bench_$which" "$@"

@@ -101,7 +101,9 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let _ = c.ctr(&["tasks", "delete", "counter"]);
     c.ctr_ok(&["containers", "delete", "counter"])?;
-    c.wait_for("the shim to exit", Duration::from_secs(10), || Ok(c.shim_pids().is_empty()))?;
+    c.wait_for("the shim to exit", Duration::from_secs(10), || {
+        Ok(c.shim_pids().is_empty())
+    })?;
     println!("done: the container is gone and its shim has exited");
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod error;
 pub mod events;
 pub mod reaper;
 pub mod runtime;
+pub mod sandbox;
 pub mod server;
 pub mod task;
 

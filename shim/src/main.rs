@@ -2,6 +2,10 @@
 
 fn main() {
     let args: Vec<_> = std::env::args_os().collect();
+    // The pod's pause process: must fork before anything else starts a thread.
+    if args.get(1).is_some_and(|a| a == "pause") {
+        stasis_shim::sandbox::pause::main();
+    }
     let flags = match containerd_shim::parse(&args[1..]) {
         Ok(f) => f,
         Err(e) => {

@@ -3,11 +3,12 @@
 use std::{collections::HashMap, sync::Arc};
 
 use containerd_shim_protos::{
+    sandbox_async::create_sandbox,
     shim_async::create_task,
     ttrpc::r#async::{transport::Listener, Server, Service},
 };
 
-use crate::task::TaskService;
+use crate::{sandbox::SandboxService, task::TaskService};
 
 /// containerd 2.x speaks Task v3; older clients and tools still ask for v2. Same handler.
 fn task_services(task: TaskService) -> Vec<HashMap<String, Service>> {
@@ -30,6 +31,10 @@ pub fn build(
 ) -> std::io::Result<Server> {
     let listener = Listener::try_from(listener)?;
     let mut server = Server::new().add_listener(listener);
+    let sandbox = SandboxService {
+        tasks: task.tasks.clone(),
+    };
+    server = server.register_service(create_sandbox(Arc::new(sandbox)));
     for svc in task_services(task) {
         server = server.register_service(svc);
     }

@@ -2,6 +2,7 @@
 //! a temp dir) with the freshly built stasis shim first on its PATH, images built from busybox,
 //! and a teardown that leaves nothing behind even when a test panics.
 
+pub mod cri;
 pub mod image;
 
 use std::{
@@ -119,11 +120,63 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
   [plugins.'io.containerd.cri.v1.runtime'.cni]
     bin_dirs = ["/usr/lib/cni"]
     conf_dir = "{d}/cni"
+  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.stasis]
+    runtime_type = "io.containerd.stasis.v2"
+    sandboxer = "shim"
 "#
         );
         std::fs::create_dir_all(self.dir.join("cni"))?;
+        let (bridge, subnet) = self.network();
+        let cni = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": bridge,
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": bridge,
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": subnet}]],
+                        "dataDir": self.dir.join("cni-ipam").display().to_string()
+                    }
+                },
+                {"type": "loopback"}
+            ]
+        });
+        std::fs::write(self.dir.join("cni/10-stasis.conflist"), serde_json::to_vec_pretty(&cni)?)?;
         std::fs::write(self.dir.join("config.toml"), config)?;
         Ok(())
+    }
+
+    /// This containerd's private CNI bridge name and subnet, derived from its directory so that
+    /// concurrent test containerds never share one.
+    pub fn network(&self) -> (String, String) {
+        use sha2::{Digest, Sha256};
+        let h = Sha256::digest(self.dir.display().to_string());
+        (format!("stb{:02x}{:02x}{:02x}", h[0], h[1], h[2]), format!("10.{}.{}.0/24", 200 + h[3] % 50, h[4]))
+    }
+
+    /// A CRI client on this containerd's socket.
+    pub async fn cri(&self) -> Result<cri::CriClient> {
+        cri::CriClient::connect(&self.socket()).await
+    }
+
+    /// Builds the busybox image and imports it where CRI finds images (namespace k8s.io).
+    pub fn import_busybox_for_cri(&self) -> Result<&'static str> {
+        let archive = self.dir.join("busybox.oci.tar");
+        image::write_busybox_archive(&archive, image::BUSYBOX_REF)?;
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", "k8s.io", "images", "import"])
+            .arg(&archive)
+            .output()?;
+        if !out.status.success() {
+            bail!("import into k8s.io: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(image::BUSYBOX_REF)
     }
 
     fn path_env(&self) -> String {
@@ -305,6 +358,34 @@ fn cleanup_dir(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+impl Containerd {
+    /// Stops and removes every CRI pod (best effort, for teardown).
+    fn remove_cri_pods(&self) {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        let socket = self.socket();
+        let _ = std::thread::spawn(move || {
+            rt.block_on(async {
+                let Ok(mut c) = cri::CriClient::connect(&socket).await else {
+                    return;
+                };
+                let Ok(pods) = c
+                    .runtime
+                    .list_pod_sandbox(cri::cri::ListPodSandboxRequest::default())
+                    .await
+                else {
+                    return;
+                };
+                for p in pods.into_inner().items {
+                    let _ = c.stop_and_remove_pod(&p.id).await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
         // Tasks first, through containerd, so shims clean up after themselves.
@@ -321,6 +402,9 @@ impl Drop for Containerd {
                 }
             }
         }
+        if self.child.is_some() {
+            self.remove_cri_pods();
+        }
         if let Some(mut child) = self.child.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.id() as i32),
@@ -328,6 +412,10 @@ impl Drop for Containerd {
             );
             let _ = child.wait();
         }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.network().0])
+            .stderr(Stdio::null())
+            .status();
         for pid in self.shim_pids() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),

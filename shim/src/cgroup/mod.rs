@@ -72,3 +72,24 @@ pub fn watch_oom(id: &str, path: &str, on_oom: impl Fn() + Send + 'static) -> Re
         .map_err(|e| Error::io("oom watcher", "spawn thread", e))?;
     Ok(())
 }
+
+/// Creates the cgroup at `path` in every hierarchy (the pod cgroup).
+pub fn create(id: &str, path: &str) -> Result<()> {
+    cgroups_rs::fs::Cgroup::new(hierarchies::auto(), path.trim_start_matches('/'))
+        .map(drop)
+        .map_err(|e| Error::other(id, format!("create cgroup {path}"), e))
+}
+
+/// Moves process `pid` into the cgroup at `path`.
+pub fn add_process(id: &str, path: &str, pid: i32) -> Result<()> {
+    let cg = Cgroup::load(hierarchies::auto(), path.trim_start_matches('/'));
+    cg.add_task_by_tgid(cgroups_rs::CgroupPid::from(pid as u64))
+        .map_err(|e| Error::other(id, format!("move pid {pid} into cgroup {path}"), e))
+}
+
+/// Removes the cgroup at `path` (its children must be gone already).
+pub fn remove(id: &str, path: &str) -> Result<()> {
+    let cg = Cgroup::load(hierarchies::auto(), path.trim_start_matches('/'));
+    cg.delete()
+        .map_err(|e| Error::other(id, format!("remove cgroup {path}"), e))
+}

@@ -29,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use container::{timestamp, Container, Process};
 
+use crate::sandbox::{Pod, SANDBOX_ID_ANNOTATION};
+
 use crate::{
     cgroup,
     error::{Error, Result},
@@ -42,6 +44,8 @@ type Shared<T> = Arc<Mutex<T>>;
 /// The state behind the Task service, shared with the Sandbox and Checkpoint services.
 pub struct Tasks {
     containers: std::sync::Mutex<HashMap<String, Shared<Container>>>,
+    /// The pod this shim serves, once containerd created it through the Sandbox API.
+    pod: std::sync::Mutex<Option<Arc<Pod>>>,
     pub runtime: Arc<dyn OciRuntime>,
     pub events: EventSink,
     /// Cancelled when the shim should exit.
@@ -52,6 +56,7 @@ impl Tasks {
     pub fn new(runtime: Arc<dyn OciRuntime>, events: EventSink) -> Arc<Self> {
         Arc::new(Tasks {
             containers: Default::default(),
+            pod: Default::default(),
             runtime,
             events,
             shutdown: CancellationToken::new(),
@@ -65,6 +70,46 @@ impl Tasks {
             .get(id)
             .cloned()
             .ok_or_else(|| Error::not_found("container", id))
+    }
+
+    pub fn pod(&self) -> Option<Arc<Pod>> {
+        self.pod.lock().unwrap().clone()
+    }
+
+    pub fn set_pod(&self, pod: Arc<Pod>) {
+        *self.pod.lock().unwrap() = Some(pod);
+    }
+
+    /// The pod, if `id` is its sandbox id.
+    fn pod_named(&self, id: &str) -> Option<Arc<Pod>> {
+        self.pod().filter(|p| p.id == id)
+    }
+
+    /// Kills every container's processes and waits up to `timeout` for their inits to exit.
+    pub async fn kill_all(&self, timeout: std::time::Duration) {
+        let containers: Vec<_> = self.containers.lock().unwrap().values().cloned().collect();
+        let mut waits = Vec::new();
+        for container in containers {
+            let c = container.lock().await;
+            if c.init.exit().is_some() || c.init.pid == 0 {
+                continue;
+            }
+            if c.init.status == Status::PAUSED {
+                let _ = self.runtime.resume(&c.id).await;
+            }
+            if let Err(e) = self.runtime.kill(&c.id, libc::SIGKILL as u32, true).await {
+                warn!("{}: kill: {e}", c.id);
+            }
+            waits.push(c.init.exited.subscribe());
+        }
+        let all = async {
+            for mut rx in waits {
+                let _ = rx.wait_for(|e| e.is_some()).await;
+            }
+        };
+        if tokio::time::timeout(timeout, all).await.is_err() {
+            warn!("containers did not all exit within {timeout:?}");
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -93,7 +138,8 @@ impl Tasks {
             ));
         }
         let bundle = PathBuf::from(&req.bundle);
-        let spec = read_spec(&id, &bundle)?;
+        let mut spec = read_spec(&id, &bundle)?;
+        self.place_in_pod(&id, &bundle, &mut spec)?;
         let cgroup_path = spec
             .pointer("/linux/cgroupsPath")
             .and_then(|v| v.as_str())
@@ -174,6 +220,30 @@ impl Tasks {
             pid: pid as u32,
             ..Default::default()
         })
+    }
+
+    /// A container of this shim's pod goes below the pod cgroup, whatever path CRI chose.
+    fn place_in_pod(&self, id: &str, bundle: &Path, spec: &mut serde_json::Value) -> Result<()> {
+        let Some(pod) = self.pod() else {
+            return Ok(());
+        };
+        let sandbox = spec
+            .pointer(&format!("/annotations/{}", SANDBOX_ID_ANNOTATION.replace('/', "~1")))
+            .and_then(|v| v.as_str());
+        if sandbox != Some(pod.id.as_str()) {
+            return Ok(());
+        }
+        let wanted = pod.container_cgroup(id);
+        let current = spec.pointer("/linux/cgroupsPath").and_then(|v| v.as_str());
+        if current.is_some_and(|c| c.starts_with(&format!("{}/", pod.cgroup.trim_end_matches('/')))) {
+            return Ok(());
+        }
+        if let Some(linux) = spec.get_mut("linux").and_then(|l| l.as_object_mut()) {
+            linux.insert("cgroupsPath".into(), serde_json::Value::String(wanted));
+        }
+        let text = serde_json::to_vec_pretty(spec).map_err(|e| Error::other(id, "encode config.json", e))?;
+        std::fs::write(bundle.join("config.json"), text)
+            .map_err(|e| Error::io(id, "rewrite config.json with the pod cgroup", e))
     }
 
     async fn create_init(
@@ -347,6 +417,18 @@ impl Tasks {
     }
 
     async fn state(&self, req: api::StateRequest) -> Result<api::StateResponse> {
+        if let Some(pod) = self.pod_named(&req.id) {
+            let exit = pod.exit();
+            return Ok(api::StateResponse {
+                id: req.id.clone(),
+                bundle: pod.bundle.display().to_string(),
+                pid: pod.pid().await as u32,
+                status: if exit.is_some() { Status::STOPPED } else { Status::RUNNING }.into(),
+                exit_status: exit.map(|e| e.status as u32).unwrap_or_default(),
+                exited_at: exit.map(|e| timestamp(e.at)).into(),
+                ..Default::default()
+            });
+        }
         let container = self.get(&req.id)?;
         let c = container.lock().await;
         let p = c
@@ -572,6 +654,15 @@ impl Tasks {
     }
 
     async fn pids(&self, id: &str) -> Result<api::PidsResponse> {
+        if let Some(pod) = self.pod_named(id) {
+            return Ok(api::PidsResponse {
+                processes: vec![api::ProcessInfo {
+                    pid: pod.pid().await as u32,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        }
         let container = self.get(id)?;
         let exec_pids: HashMap<u32, String> = {
             let c = container.lock().await;
@@ -607,6 +698,19 @@ impl Tasks {
     }
 
     async fn wait(&self, req: api::WaitRequest) -> Result<api::WaitResponse> {
+        if let Some(pod) = self.pod_named(&req.id) {
+            let mut rx = pod.wait_exit();
+            let exit = rx
+                .wait_for(|e| e.is_some())
+                .await
+                .map(|e| e.expect("waited for Some"))
+                .map_err(|_| Error::not_found("sandbox", &req.id))?;
+            return Ok(api::WaitResponse {
+                exit_status: exit.status as u32,
+                exited_at: MessageField::some(timestamp(exit.at)),
+                ..Default::default()
+            });
+        }
         let mut rx = {
             let container = self.get(&req.id)?;
             let c = container.lock().await;
@@ -676,8 +780,11 @@ impl Tasks {
         Ok(())
     }
 
-    /// The pid of a container's init, for Connect.
+    /// The pid of a container's init (or of the pod's pause process), for Connect.
     pub async fn init_pid(&self, id: &str) -> Result<u32> {
+        if let Some(pod) = self.pod_named(id) {
+            return Ok(pod.pid().await as u32);
+        }
         Ok(self.get(id)?.lock().await.init.pid as u32)
     }
 }
@@ -885,7 +992,7 @@ impl Task for TaskService {
         _req: api::ShutdownRequest,
     ) -> ttrpc::Result<Empty> {
         // One shim serves a whole group: it ends only once its last container is gone.
-        if self.tasks.is_empty() {
+        if self.tasks.is_empty() && self.tasks.pod().is_none() {
             info!("last container gone, shim shutting down");
             self.tasks.shutdown.cancel();
         }

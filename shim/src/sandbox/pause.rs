@@ -1,0 +1,119 @@
+//! The pod's pause process: the first process of the pod's PID namespace, holding the pod's
+//! IPC, UTS, PID and network namespaces for its containers. It is this binary re-executed with
+//! the `pause` action, so a pod needs no image.
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use nix::{
+    sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal},
+    sys::wait::{waitpid, WaitPidFlag, WaitStatus},
+    unistd::{fork, ForkResult, Pid},
+};
+
+use crate::error::{Error, Result};
+
+const HOSTNAME_ENV: &str = "STASIS_POD_HOSTNAME";
+
+/// Starts the pause process in new IPC, UTS and PID namespaces joined to `netns` (if any),
+/// with `hostname`; returns its pid (as seen from the shim).
+pub fn spawn(pod: &str, netns: &str, hostname: &str) -> Result<i32> {
+    let netns_file = if netns.is_empty() {
+        None
+    } else {
+        Some(File::open(netns).map_err(|e| Error::io(pod, format!("open netns {netns}"), e))?)
+    };
+    let exe = std::env::current_exe().map_err(|e| Error::io(pod, "find own binary", e))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("pause")
+        .env(HOSTNAME_ENV, hostname)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let netns_fd = netns_file.as_ref().map(|f| f.as_raw_fd());
+    // SAFETY: only async-signal-safe calls (setns, unshare) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(fd) = netns_fd {
+                if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWPID) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::io(pod, "start pause process", e))?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped stdout");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| Error::io(pod, "read pause pid", e))?;
+    // The launcher exits right away; the reaper collects it.
+    drop(child);
+    line.trim()
+        .parse()
+        .map_err(|_| Error::other(pod, "start pause process", format!("bad pid {line:?}")))
+}
+
+static TERMINATE: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    TERMINATE.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_child(_: libc::c_int) {}
+
+/// `containerd-shim-stasis-v2 pause`: runs in the new namespaces set up by [`spawn`]. Forks
+/// the real pause (PID 1 of the new PID namespace), prints its pid and exits.
+pub fn main() -> ! {
+    // SAFETY: single-threaded here (called first thing from main).
+    match unsafe { fork() } {
+        Ok(ForkResult::Parent { child }) => {
+            println!("{child}");
+            std::process::exit(0);
+        }
+        Ok(ForkResult::Child) => {}
+        Err(e) => {
+            eprintln!("pause: fork: {e}");
+            std::process::exit(1);
+        }
+    }
+    let _ = nix::unistd::setsid();
+    if let Ok(h) = std::env::var(HOSTNAME_ENV) {
+        if !h.is_empty() {
+            let _ = nix::unistd::sethostname(&h);
+        }
+    }
+    // PID 1 only receives signals it has handlers for.
+    let term = SigAction::new(SigHandler::Handler(on_terminate), SaFlags::empty(), SigSet::empty());
+    let chld = SigAction::new(SigHandler::Handler(on_child), SaFlags::SA_NOCLDSTOP, SigSet::empty());
+    // SAFETY: the handlers only touch an atomic.
+    unsafe {
+        let _ = sigaction(Signal::SIGTERM, &term);
+        let _ = sigaction(Signal::SIGINT, &term);
+        let _ = sigaction(Signal::SIGCHLD, &chld);
+    }
+    // Containers' processes may be reparented here: reap them.
+    loop {
+        if TERMINATE.load(Ordering::SeqCst) {
+            std::process::exit(0);
+        }
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+        nix::unistd::pause();
+    }
+}

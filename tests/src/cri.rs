@@ -1,0 +1,205 @@
+//! A small CRI client over containerd's socket (the `k8s-cri` types through tonic), and
+//! builders for the pod and container configs the tests use.
+
+use std::{collections::HashMap, path::Path};
+
+use anyhow::{Context, Result};
+use hyper_util::rt::TokioIo;
+pub use k8s_cri::v1 as cri;
+use k8s_cri::v1::{
+    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The runtime handler the harness configures for stasis.
+pub const STASIS_HANDLER: &str = "stasis";
+
+#[derive(Clone)]
+pub struct CriClient {
+    pub runtime: RuntimeServiceClient<Channel>,
+    pub image: ImageServiceClient<Channel>,
+}
+
+impl CriClient {
+    pub async fn connect(socket: &Path) -> Result<Self> {
+        let path = socket.to_path_buf();
+        let channel = Endpoint::try_from("http://[::]:50051")?
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+                }
+            }))
+            .await
+            .context("connect to CRI")?;
+        Ok(CriClient {
+            runtime: RuntimeServiceClient::new(channel.clone()),
+            image: ImageServiceClient::new(channel),
+        })
+    }
+
+    /// RunPodSandbox with the stasis handler; returns the pod id.
+    pub async fn run_pod(&mut self, config: &cri::PodSandboxConfig) -> Result<String> {
+        let resp = self
+            .runtime
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: STASIS_HANDLER.to_string(),
+            })
+            .await
+            .context("RunPodSandbox")?;
+        Ok(resp.into_inner().pod_sandbox_id)
+    }
+
+    /// CreateContainer + StartContainer; returns the container id.
+    pub async fn run_container(
+        &mut self,
+        pod_id: &str,
+        pod: &cri::PodSandboxConfig,
+        config: cri::ContainerConfig,
+    ) -> Result<String> {
+        let name = config.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+        let id = self
+            .runtime
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod_id.to_string(),
+                config: Some(config),
+                sandbox_config: Some(pod.clone()),
+            })
+            .await
+            .with_context(|| format!("CreateContainer {name}"))?
+            .into_inner()
+            .container_id;
+        self.runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .with_context(|| format!("StartContainer {name}"))?;
+        Ok(id)
+    }
+
+    /// ExecSync: (exit code, stdout, stderr).
+    pub async fn exec(&mut self, container_id: &str, cmd: &[&str]) -> Result<(i32, String, String)> {
+        let r = self
+            .runtime
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: container_id.to_string(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout: 20,
+            })
+            .await
+            .with_context(|| format!("ExecSync {cmd:?} in {container_id}"))?
+            .into_inner();
+        Ok((
+            r.exit_code,
+            String::from_utf8_lossy(&r.stdout).into_owned(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+        ))
+    }
+
+    /// ExecSync that must succeed; returns trimmed stdout.
+    pub async fn exec_ok(&mut self, container_id: &str, cmd: &[&str]) -> Result<String> {
+        let (code, out, err) = self.exec(container_id, cmd).await?;
+        anyhow::ensure!(code == 0, "{cmd:?} in {container_id} exited {code}: {err}{out}");
+        Ok(out.trim().to_string())
+    }
+
+    pub async fn pod_state(&mut self, pod_id: &str) -> Result<(i32, HashMap<String, String>)> {
+        let r = self
+            .runtime
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod_id.to_string(),
+                verbose: true,
+            })
+            .await
+            .context("PodSandboxStatus")?
+            .into_inner();
+        Ok((r.status.map(|s| s.state).unwrap_or(-1), r.info))
+    }
+
+    pub async fn container_status(&mut self, id: &str) -> Result<cri::ContainerStatus> {
+        self.runtime
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.to_string(),
+                verbose: false,
+            })
+            .await
+            .context("ContainerStatus")?
+            .into_inner()
+            .status
+            .context("no status")
+    }
+
+    pub async fn stop_and_remove_pod(&mut self, pod_id: &str) -> Result<()> {
+        self.runtime
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod_id.to_string(),
+            })
+            .await
+            .context("StopPodSandbox")?;
+        self.runtime
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod_id.to_string(),
+            })
+            .await
+            .context("RemovePodSandbox")?;
+        Ok(())
+    }
+}
+
+/// A pod with its own network (CNI), sharing PID/IPC/UTS namespaces among its containers.
+pub fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.to_string(),
+            uid: format!("uid-{name}-{}", std::process::id()),
+            namespace: "default".to_string(),
+            attempt: 0,
+        }),
+        hostname: format!("{name}-host"),
+        log_directory: log_dir.join(name).display().to_string(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Pod as i32,
+                    pid: cri::NamespaceMode::Pod as i32,
+                    ipc: cri::NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A busybox container running `cmd`.
+pub fn container_config(name: &str, image: &str, cmd: &[&str]) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.to_string(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.to_string(),
+            ..Default::default()
+        }),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        linux: Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Pod as i32,
+                    pid: cri::NamespaceMode::Pod as i32,
+                    ipc: cri::NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

@@ -27,7 +27,9 @@ impl CriClient {
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let path = path.clone();
                 async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
                 }
             }))
             .await
@@ -58,7 +60,11 @@ impl CriClient {
         pod: &cri::PodSandboxConfig,
         config: cri::ContainerConfig,
     ) -> Result<String> {
-        let name = config.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
         let id = self
             .runtime
             .create_container(cri::CreateContainerRequest {
@@ -80,7 +86,11 @@ impl CriClient {
     }
 
     /// ExecSync: (exit code, stdout, stderr).
-    pub async fn exec(&mut self, container_id: &str, cmd: &[&str]) -> Result<(i32, String, String)> {
+    pub async fn exec(
+        &mut self,
+        container_id: &str,
+        cmd: &[&str],
+    ) -> Result<(i32, String, String)> {
         let r = self
             .runtime
             .exec_sync(cri::ExecSyncRequest {
@@ -101,7 +111,10 @@ impl CriClient {
     /// ExecSync that must succeed; returns trimmed stdout.
     pub async fn exec_ok(&mut self, container_id: &str, cmd: &[&str]) -> Result<String> {
         let (code, out, err) = self.exec(container_id, cmd).await?;
-        anyhow::ensure!(code == 0, "{cmd:?} in {container_id} exited {code}: {err}{out}");
+        anyhow::ensure!(
+            code == 0,
+            "{cmd:?} in {container_id} exited {code}: {err}{out}"
+        );
         Ok(out.trim().to_string())
     }
 

@@ -145,7 +145,10 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
                 {"type": "loopback"}
             ]
         });
-        std::fs::write(self.dir.join("cni/10-stasis.conflist"), serde_json::to_vec_pretty(&cni)?)?;
+        std::fs::write(
+            self.dir.join("cni/10-stasis.conflist"),
+            serde_json::to_vec_pretty(&cni)?,
+        )?;
         std::fs::write(self.dir.join("config.toml"), config)?;
         Ok(())
     }
@@ -155,7 +158,10 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
     pub fn network(&self) -> (String, String) {
         use sha2::{Digest, Sha256};
         let h = Sha256::digest(self.dir.display().to_string());
-        (format!("stb{:02x}{:02x}{:02x}", h[0], h[1], h[2]), format!("10.{}.{}.0/24", 200 + h[3] % 50, h[4]))
+        (
+            format!("stb{:02x}{:02x}{:02x}", h[0], h[1], h[2]),
+            format!("10.{}.{}.0/24", 200 + h[3] % 50, h[4]),
+        )
     }
 
     /// A CRI client on this containerd's socket.
@@ -174,7 +180,10 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
             .arg(&archive)
             .output()?;
         if !out.status.success() {
-            bail!("import into k8s.io: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "import into k8s.io: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(image::BUSYBOX_REF)
     }
@@ -361,7 +370,10 @@ fn cleanup_dir(dir: &Path) {
 impl Containerd {
     /// Stops and removes every CRI pod (best effort, for teardown).
     fn remove_cri_pods(&self) {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
             return;
         };
         let socket = self.socket();

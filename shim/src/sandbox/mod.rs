@@ -88,14 +88,20 @@ impl Pod {
     }
 }
 
-fn decode_config(id: &str, options: Option<&protobuf::well_known_types::any::Any>) -> Result<(Vec<u8>, PodSandboxConfig)> {
+fn decode_config(
+    id: &str,
+    options: Option<&protobuf::well_known_types::any::Any>,
+) -> Result<(Vec<u8>, PodSandboxConfig)> {
     let Some(any) = options else {
         return Ok((Vec::new(), PodSandboxConfig::default()));
     };
     if !any.type_url.ends_with("PodSandboxConfig") {
         return Err(Error::invalid(
             id,
-            format!("sandbox options are {:?}, expected a CRI PodSandboxConfig", any.type_url),
+            format!(
+                "sandbox options are {:?}, expected a CRI PodSandboxConfig",
+                any.type_url
+            ),
         ));
     }
     let config = PodSandboxConfig::decode(any.value.as_slice())
@@ -122,7 +128,10 @@ impl SandboxService {
             return if p.id == id {
                 Ok(())
             } else {
-                Err(Error::precondition(&id, format!("this shim already serves pod {}", p.id)))
+                Err(Error::precondition(
+                    &id,
+                    format!("this shim already serves pod {}", p.id),
+                ))
             };
         }
         let (config_bytes, config) = decode_config(&id, req.options.as_ref())?;
@@ -151,7 +160,11 @@ impl SandboxService {
         };
         info!(
             "pod {id}: created (name {:?}, netns {:?}, cgroup {})",
-            pod.config.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or(""),
+            pod.config
+                .metadata
+                .as_ref()
+                .map(|m| m.name.as_str())
+                .unwrap_or(""),
             pod.netns,
             pod.cgroup
         );
@@ -171,7 +184,10 @@ impl SandboxService {
         st.shm = shm;
         let pid = pause::spawn(id, &pod.netns, &pod.config.hostname)?;
         if let Err(e) = cgroup::add_process(id, &pod.cgroup, pid) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             return Err(e);
         }
         st.pid = pid;
@@ -195,11 +211,18 @@ impl SandboxService {
 
     async fn stop(&self, id: &str, timeout_secs: u32) -> Result<()> {
         let pod = self.pod(id)?;
-        let timeout = std::time::Duration::from_secs(if timeout_secs == 0 { 10 } else { timeout_secs as u64 });
+        let timeout = std::time::Duration::from_secs(if timeout_secs == 0 {
+            10
+        } else {
+            timeout_secs as u64
+        });
         self.tasks.kill_all(timeout).await;
         let pid = pod.pid().await;
         if pid > 0 && pod.exit().is_none() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             let mut rx = pod.wait_exit();
             let _ = tokio::time::timeout(timeout, rx.wait_for(|e| e.is_some())).await;
         }
@@ -211,7 +234,11 @@ impl SandboxService {
         let pod = self.pod(id)?;
         let st = pod.state.lock().await;
         let exit = pod.exit();
-        let state = if st.started && exit.is_none() { READY } else { NOT_READY };
+        let state = if st.started && exit.is_none() {
+            READY
+        } else {
+            NOT_READY
+        };
         let mut resp = sb::SandboxStatusResponse {
             sandbox_id: id.to_string(),
             pid: st.pid as u32,
@@ -264,7 +291,9 @@ fn write_pod_files(pod: &Pod) -> Result<(Vec<PathBuf>, Option<PathBuf>)> {
     let (state, root) = pod.containerd_dirs();
     let mut files = Vec::new();
     if let Some(root) = root {
-        let dir = root.join("io.containerd.grpc.v1.cri/sandboxes").join(&pod.id);
+        let dir = root
+            .join("io.containerd.grpc.v1.cri/sandboxes")
+            .join(&pod.id);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&pod.id, "create pod files dir", e))?;
         let hostname = format!("{}\n", pod.config.hostname);
         let hosts = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n".to_string();
@@ -284,15 +313,23 @@ fn write_pod_files(pod: &Pod) -> Result<(Vec<PathBuf>, Option<PathBuf>)> {
             }
             _ => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
         };
-        for (name, text) in [("hostname", hostname), ("hosts", hosts), ("resolv.conf", resolv)] {
+        for (name, text) in [
+            ("hostname", hostname),
+            ("hosts", hosts),
+            ("resolv.conf", resolv),
+        ] {
             let path = dir.join(name);
-            std::fs::write(&path, text).map_err(|e| Error::io(&pod.id, format!("write {name}"), e))?;
+            std::fs::write(&path, text)
+                .map_err(|e| Error::io(&pod.id, format!("write {name}"), e))?;
             files.push(path);
         }
     }
     let shm = match state {
         Some(state) => {
-            let shm = state.join("io.containerd.grpc.v1.cri/sandboxes").join(&pod.id).join("shm");
+            let shm = state
+                .join("io.containerd.grpc.v1.cri/sandboxes")
+                .join(&pod.id)
+                .join("shm");
             std::fs::create_dir_all(&shm).map_err(|e| Error::io(&pod.id, "create shm dir", e))?;
             use nix::mount::{mount, MsFlags};
             mount(
@@ -344,7 +381,9 @@ impl Sandbox for SandboxService {
         Ok(sb::PlatformResponse {
             platform: MessageField::some(Platform {
                 os: "linux".into(),
-                architecture: std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"),
+                architecture: std::env::consts::ARCH
+                    .replace("x86_64", "amd64")
+                    .replace("aarch64", "arm64"),
                 ..Default::default()
             }),
             ..Default::default()
@@ -356,7 +395,10 @@ impl Sandbox for SandboxService {
         _ctx: &TtrpcContext,
         req: sb::StopSandboxRequest,
     ) -> ttrpc::Result<sb::StopSandboxResponse> {
-        rpc(self.stop(&req.sandbox_id, req.timeout_secs).await.map(|_| Default::default()))
+        rpc(self
+            .stop(&req.sandbox_id, req.timeout_secs)
+            .await
+            .map(|_| Default::default()))
     }
 
     async fn wait_sandbox(
@@ -400,7 +442,10 @@ impl Sandbox for SandboxService {
         _ctx: &TtrpcContext,
         req: sb::ShutdownSandboxRequest,
     ) -> ttrpc::Result<sb::ShutdownSandboxResponse> {
-        rpc(self.shutdown(&req.sandbox_id).await.map(|_| Default::default()))
+        rpc(self
+            .shutdown(&req.sandbox_id)
+            .await
+            .map(|_| Default::default()))
     }
 
     async fn sandbox_metrics(

@@ -95,8 +95,16 @@ pub fn main() -> ! {
         }
     }
     // PID 1 only receives signals it has handlers for.
-    let term = SigAction::new(SigHandler::Handler(on_terminate), SaFlags::empty(), SigSet::empty());
-    let chld = SigAction::new(SigHandler::Handler(on_child), SaFlags::SA_NOCLDSTOP, SigSet::empty());
+    let term = SigAction::new(
+        SigHandler::Handler(on_terminate),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    let chld = SigAction::new(
+        SigHandler::Handler(on_child),
+        SaFlags::SA_NOCLDSTOP,
+        SigSet::empty(),
+    );
     // SAFETY: the handlers only touch an atomic.
     unsafe {
         let _ = sigaction(Signal::SIGTERM, &term);

@@ -228,20 +228,25 @@ impl Tasks {
             return Ok(());
         };
         let sandbox = spec
-            .pointer(&format!("/annotations/{}", SANDBOX_ID_ANNOTATION.replace('/', "~1")))
+            .pointer(&format!(
+                "/annotations/{}",
+                SANDBOX_ID_ANNOTATION.replace('/', "~1")
+            ))
             .and_then(|v| v.as_str());
         if sandbox != Some(pod.id.as_str()) {
             return Ok(());
         }
         let wanted = pod.container_cgroup(id);
         let current = spec.pointer("/linux/cgroupsPath").and_then(|v| v.as_str());
-        if current.is_some_and(|c| c.starts_with(&format!("{}/", pod.cgroup.trim_end_matches('/')))) {
+        if current.is_some_and(|c| c.starts_with(&format!("{}/", pod.cgroup.trim_end_matches('/'))))
+        {
             return Ok(());
         }
         if let Some(linux) = spec.get_mut("linux").and_then(|l| l.as_object_mut()) {
             linux.insert("cgroupsPath".into(), serde_json::Value::String(wanted));
         }
-        let text = serde_json::to_vec_pretty(spec).map_err(|e| Error::other(id, "encode config.json", e))?;
+        let text = serde_json::to_vec_pretty(spec)
+            .map_err(|e| Error::other(id, "encode config.json", e))?;
         std::fs::write(bundle.join("config.json"), text)
             .map_err(|e| Error::io(id, "rewrite config.json with the pod cgroup", e))
     }
@@ -423,7 +428,12 @@ impl Tasks {
                 id: req.id.clone(),
                 bundle: pod.bundle.display().to_string(),
                 pid: pod.pid().await as u32,
-                status: if exit.is_some() { Status::STOPPED } else { Status::RUNNING }.into(),
+                status: if exit.is_some() {
+                    Status::STOPPED
+                } else {
+                    Status::RUNNING
+                }
+                .into(),
                 exit_status: exit.map(|e| e.status as u32).unwrap_or_default(),
                 exited_at: exit.map(|e| timestamp(e.at)).into(),
                 ..Default::default()

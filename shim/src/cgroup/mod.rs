@@ -1,4 +1,6 @@
-//! Cgroup access for the shim: container and pod statistics (and, later, the freezer).
+//! Cgroup access for the shim: the freezer, statistics, OOM events and the pod cgroup.
+
+pub mod freezer;
 
 use cgroups_rs::fs::{hierarchies, Cgroup};
 use protobuf::{well_known_types::any::Any, Message};

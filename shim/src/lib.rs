@@ -3,6 +3,7 @@
 
 pub mod bootstrap;
 pub mod cgroup;
+pub mod checkpoint;
 pub mod error;
 pub mod events;
 pub mod reaper;

@@ -31,14 +31,20 @@ pub trait Freezer: Send + Sync {
 /// hierarchy is mounted, else v2 under `/sys/fs/cgroup`.
 pub fn for_cgroup(id: &str, cgroup_path: &str) -> Result<Box<dyn Freezer>> {
     if cgroup_path.is_empty() {
-        return Err(Error::precondition(id, "container has no cgroup path to freeze"));
+        return Err(Error::precondition(
+            id,
+            "container has no cgroup path to freeze",
+        ));
     }
     let rel = cgroup_path.trim_start_matches('/');
     let v1 = Path::new("/sys/fs/cgroup/freezer");
     if v1.join("freezer.state").exists() || v1.join("tasks").exists() {
         return Ok(Box::new(V1Freezer::new(id, v1.join(rel))));
     }
-    Ok(Box::new(V2Freezer::new(id, Path::new("/sys/fs/cgroup").join(rel))))
+    Ok(Box::new(V2Freezer::new(
+        id,
+        Path::new("/sys/fs/cgroup").join(rel),
+    )))
 }
 
 fn read(id: &str, path: &Path) -> Result<String> {
@@ -48,7 +54,8 @@ fn read(id: &str, path: &Path) -> Result<String> {
 }
 
 fn write(id: &str, path: &Path, value: &str) -> Result<()> {
-    std::fs::write(path, value).map_err(|e| Error::io(id, format!("write {value} to {}", path.display()), e))
+    std::fs::write(path, value)
+        .map_err(|e| Error::io(id, format!("write {value} to {}", path.display()), e))
 }
 
 pub struct V1Freezer {
@@ -58,7 +65,10 @@ pub struct V1Freezer {
 
 impl V1Freezer {
     pub fn new(id: &str, dir: PathBuf) -> Self {
-        V1Freezer { id: id.to_string(), dir }
+        V1Freezer {
+            id: id.to_string(),
+            dir,
+        }
     }
 }
 
@@ -74,7 +84,14 @@ impl Freezer for V1Freezer {
             }
             if Instant::now() > deadline {
                 let _ = self.thaw();
-                return Err(Error::other(&self.id, "freeze", format!("{} did not freeze within {FREEZE_TIMEOUT:?}", self.dir.display())));
+                return Err(Error::other(
+                    &self.id,
+                    "freeze",
+                    format!(
+                        "{} did not freeze within {FREEZE_TIMEOUT:?}",
+                        self.dir.display()
+                    ),
+                ));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -85,11 +102,13 @@ impl Freezer for V1Freezer {
     }
 
     fn state(&self) -> Result<FreezerState> {
-        Ok(match read(&self.id, &self.dir.join("freezer.state"))?.as_str() {
-            "FROZEN" => FreezerState::Frozen,
-            "FREEZING" => FreezerState::Freezing,
-            _ => FreezerState::Thawed,
-        })
+        Ok(
+            match read(&self.id, &self.dir.join("freezer.state"))?.as_str() {
+                "FROZEN" => FreezerState::Frozen,
+                "FREEZING" => FreezerState::Freezing,
+                _ => FreezerState::Thawed,
+            },
+        )
     }
 
     fn path(&self) -> &Path {
@@ -104,7 +123,10 @@ pub struct V2Freezer {
 
 impl V2Freezer {
     pub fn new(id: &str, dir: PathBuf) -> Self {
-        V2Freezer { id: id.to_string(), dir }
+        V2Freezer {
+            id: id.to_string(),
+            dir,
+        }
     }
 
     fn frozen_event(&self) -> Result<bool> {
@@ -121,7 +143,14 @@ impl Freezer for V2Freezer {
         while !self.frozen_event()? {
             if Instant::now() > deadline {
                 let _ = self.thaw();
-                return Err(Error::other(&self.id, "freeze", format!("{} did not freeze within {FREEZE_TIMEOUT:?}", self.dir.display())));
+                return Err(Error::other(
+                    &self.id,
+                    "freeze",
+                    format!(
+                        "{} did not freeze within {FREEZE_TIMEOUT:?}",
+                        self.dir.display()
+                    ),
+                ));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -166,10 +195,14 @@ mod tests {
             }
             let cgroup = root.join(format!("stasis-freezer-test-{name}-{}", std::process::id()));
             std::fs::create_dir_all(&cgroup).ok()?;
-            let out = std::env::temp_dir().join(format!("stasis-ticker-{name}-{}", std::process::id()));
+            let out =
+                std::env::temp_dir().join(format!("stasis-ticker-{name}-{}", std::process::id()));
             let child = Command::new("sh")
                 .arg("-c")
-                .arg(format!("while true; do echo x >> {}; sleep 0.01; done", out.display()))
+                .arg(format!(
+                    "while true; do echo x >> {}; sleep 0.01; done",
+                    out.display()
+                ))
                 .spawn()
                 .ok()?;
             std::fs::write(cgroup.join("cgroup.procs"), child.id().to_string()).ok()?;
@@ -177,7 +210,9 @@ mod tests {
         }
 
         fn ticks(&self) -> usize {
-            std::fs::read_to_string(&self.out).map(|s| s.lines().count()).unwrap_or(0)
+            std::fs::read_to_string(&self.out)
+                .map(|s| s.lines().count())
+                .unwrap_or(0)
         }
     }
 
@@ -222,10 +257,13 @@ mod tests {
     /// at /sys/fs/cgroup.
     #[test]
     fn v2_freezer_stops_and_resumes_a_process() {
-        let root = [Path::new("/sys/fs/cgroup/unified"), Path::new("/sys/fs/cgroup")]
-            .into_iter()
-            .find(|p| p.join("cgroup.controllers").exists())
-            .expect("no cgroup v2 hierarchy mounted");
+        let root = [
+            Path::new("/sys/fs/cgroup/unified"),
+            Path::new("/sys/fs/cgroup"),
+        ]
+        .into_iter()
+        .find(|p| p.join("cgroup.controllers").exists())
+        .expect("no cgroup v2 hierarchy mounted");
         let t = Ticker::start(root, "v2").expect("create a v2 cgroup (needs root)");
         let f = V2Freezer::new("test", t.cgroup.clone());
         exercise(&f, &t);

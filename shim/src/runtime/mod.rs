@@ -28,6 +28,21 @@ pub struct RuntimeState {
     pub pid: i32,
 }
 
+/// How to dump (or restore) a container with CRIU through the runtime.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointOpts {
+    pub image_path: std::path::PathBuf,
+    pub work_path: std::path::PathBuf,
+    /// Keep the container running after the dump (else CRIU stops it).
+    pub leave_running: bool,
+    pub tcp_established: bool,
+    pub ext_unix_sk: bool,
+    pub shell_job: bool,
+    pub file_locks: bool,
+    pub empty_ns: Vec<String>,
+    pub cgroups_mode: String,
+}
+
 #[async_trait]
 pub trait OciRuntime: Send + Sync {
     /// Short name for logs and errors ("runc").
@@ -61,4 +76,18 @@ pub trait OciRuntime: Send + Sync {
     async fn state(&self, id: &str) -> Result<RuntimeState>;
     /// Applies runtime-spec LinuxResources (JSON) to a running container.
     async fn update(&self, id: &str, resources_json: &[u8]) -> Result<()>;
+
+    /// Dumps the container's processes into `opts.image_path`. A failure carries CRIU's reason.
+    async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()>;
+
+    /// Recreates container `id` from `bundle` with its processes restored from
+    /// `opts.image_path`, detached, writing the init pid to `pid_file`.
+    async fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        opts: &CheckpointOpts,
+        stdio: ProcessStdio,
+        pid_file: &Path,
+    ) -> Result<()>;
 }

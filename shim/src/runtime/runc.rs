@@ -9,7 +9,7 @@ use std::{
 use async_trait::async_trait;
 use log::debug;
 
-use super::{OciRuntime, ProcessStdio, RuntimeState};
+use super::{CheckpointOpts, OciRuntime, ProcessStdio, RuntimeState};
 use crate::{
     error::{Error, Result},
     reaper,
@@ -237,6 +237,103 @@ impl OciRuntime for Runc {
         let result = self.run(id, "update", cmd).await.map(drop);
         let _ = std::fs::remove_file(&path);
         result
+    }
+
+    async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.arg("checkpoint");
+        criu_args(&mut cmd, opts);
+        if opts.leave_running {
+            cmd.arg("--leave-running");
+        }
+        cmd.arg(id);
+        self.run(id, "checkpoint", cmd)
+            .await
+            .map(drop)
+            .map_err(|e| match e {
+                Error::Runtime { id, step, message } => Error::Runtime {
+                    id,
+                    step,
+                    message: match criu_errors(&opts.work_path.join("dump.log")) {
+                        Some(criu) => format!("CRIU: {criu} (runc: {message})"),
+                        None => message,
+                    },
+                },
+                other => other,
+            })
+    }
+
+    async fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        opts: &CheckpointOpts,
+        stdio: ProcessStdio,
+        pid_file: &Path,
+    ) -> Result<()> {
+        std::fs::create_dir_all(&self.root)
+            .map_err(|e| Error::io(id, format!("create {}", self.root.display()), e))?;
+        let mut cmd = self.command();
+        cmd.arg("restore")
+            .arg("--detach")
+            .arg("--bundle")
+            .arg(bundle);
+        cmd.arg("--pid-file").arg(pid_file);
+        criu_args(&mut cmd, opts);
+        if let Some(sock) = &stdio.console_socket {
+            cmd.arg("--console-socket").arg(sock);
+        }
+        cmd.arg(id);
+        self.run_with_process_stdio(id, "restore", cmd, stdio)
+            .await
+            .map_err(|e| match e {
+                Error::Runtime { id, step, message } => Error::Runtime {
+                    id,
+                    step,
+                    message: match criu_errors(&opts.work_path.join("restore.log")) {
+                        Some(criu) => format!("CRIU: {criu} (runc: {message})"),
+                        None => message,
+                    },
+                },
+                other => other,
+            })
+    }
+}
+
+/// CRIU's own error lines from a dump.log or restore.log, the last few of them.
+pub fn criu_errors(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error (") || l.contains("Error:"))
+        .map(str::trim)
+        .collect();
+    if errors.is_empty() {
+        return None;
+    }
+    Some(errors[errors.len().saturating_sub(3)..].join(" | "))
+}
+
+fn criu_args(cmd: &mut Command, opts: &CheckpointOpts) {
+    cmd.arg("--image-path").arg(&opts.image_path);
+    cmd.arg("--work-path").arg(&opts.work_path);
+    if opts.tcp_established {
+        cmd.arg("--tcp-established");
+    }
+    if opts.ext_unix_sk {
+        cmd.arg("--ext-unix-sk");
+    }
+    if opts.shell_job {
+        cmd.arg("--shell-job");
+    }
+    if opts.file_locks {
+        cmd.arg("--file-locks");
+    }
+    for ns in &opts.empty_ns {
+        cmd.arg("--empty-ns").arg(ns);
+    }
+    if !opts.cgroups_mode.is_empty() {
+        cmd.arg("--manage-cgroups-mode").arg(&opts.cgroups_mode);
     }
 }
 

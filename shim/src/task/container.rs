@@ -64,6 +64,10 @@ pub struct Container {
     pub cgroup_path: String,
     pub init: Process,
     pub execs: HashMap<String, Process>,
+    /// The runtime spec (config.json) as the container was created.
+    pub spec: serde_json::Value,
+    /// Set when the task was created from a checkpoint: Start restores from these images.
+    pub restore_from: Option<PathBuf>,
 }
 
 impl Container {

@@ -14,10 +14,11 @@ use containerd_shim::asynchronous::io::Stdio;
 use containerd_shim_protos::{
     api::{self, Status},
     events::task::{
-        TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM,
-        TaskPaused, TaskResumed, TaskStart,
+        TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO,
+        TaskOOM, TaskPaused, TaskResumed, TaskStart,
     },
-    protobuf::{well_known_types::empty::Empty, MessageField},
+    protobuf::{well_known_types::empty::Empty, Message as _, MessageField},
+    shim::oci::CheckpointOptions,
     shim_async::Task,
     topics, ttrpc,
     ttrpc::r#async::TtrpcContext,
@@ -32,10 +33,11 @@ pub use container::{timestamp, Container, Process};
 use crate::sandbox::{Pod, SANDBOX_ID_ANNOTATION};
 
 use crate::{
-    cgroup,
+    cgroup, checkpoint,
     error::{Error, Result},
     events::EventSink,
     reaper,
+    runtime::CheckpointOpts,
     runtime::OciRuntime,
 };
 
@@ -131,12 +133,6 @@ impl Tasks {
                 id,
             });
         }
-        if !req.checkpoint.is_empty() {
-            return Err(Error::precondition(
-                &id,
-                "restoring a task from a checkpoint is not supported by this shim yet",
-            ));
-        }
         let bundle = PathBuf::from(&req.bundle);
         let mut spec = read_spec(&id, &bundle)?;
         self.place_in_pod(&id, &bundle, &mut spec)?;
@@ -159,16 +155,32 @@ impl Tasks {
             ));
         }
 
+        let restore_from = (!req.checkpoint.is_empty()).then(|| PathBuf::from(&req.checkpoint));
+        if let Some(image) = &restore_from {
+            if !image.join("inventory.img").exists() {
+                return Err(Error::invalid(
+                    &id,
+                    format!(
+                        "{} holds no CRIU images (no inventory.img)",
+                        image.display()
+                    ),
+                ));
+            }
+        }
         let rootfs_mount = mount_rootfs(&id, &bundle, &req.rootfs)?;
         let stdio = Stdio::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         let mut init = Process::new("", stdio.clone());
-        let created = self
-            .create_init(&id, &bundle, &stdio)
-            .await
-            .map(|(pid, io)| {
-                init.pid = pid;
-                init.io = io;
-            });
+        // A restored task's processes come back at Start, from the images.
+        let created = if restore_from.is_some() {
+            Ok(())
+        } else {
+            self.create_init(&id, &bundle, &stdio)
+                .await
+                .map(|(pid, io)| {
+                    init.pid = pid;
+                    init.io = io;
+                })
+        };
         if let Err(e) = created {
             warn!("{id}: create failed, cleaning up: {e}");
             let _ = self.runtime.delete(&id, true).await;
@@ -180,7 +192,10 @@ impl Tasks {
         }
 
         let pid = init.pid;
-        self.watch_oom(&id, &cgroup_path);
+        let restoring = restore_from.is_some();
+        if !restoring {
+            self.watch_oom(&id, &cgroup_path);
+        }
         let container = Arc::new(Mutex::new(Container {
             id: id.clone(),
             bundle: bundle.clone(),
@@ -188,12 +203,16 @@ impl Tasks {
             cgroup_path,
             init,
             execs: HashMap::new(),
+            spec,
+            restore_from,
         }));
         self.containers
             .lock()
             .unwrap()
             .insert(id.clone(), container.clone());
-        self.watch_exit(container, id.clone(), String::new(), pid);
+        if !restoring {
+            self.watch_exit(container, id.clone(), String::new(), pid);
+        }
 
         self.events
             .publish(
@@ -220,6 +239,117 @@ impl Tasks {
             pid: pid as u32,
             ..Default::default()
         })
+    }
+
+    /// Brings a task created from a checkpoint back: its volumes, then its processes.
+    async fn restore_init(
+        &self,
+        container: &Shared<Container>,
+        c: &mut Container,
+        image: &Path,
+    ) -> Result<()> {
+        let id = c.id.clone();
+        let start = std::time::Instant::now();
+        let recorded = checkpoint::DumpRecord::read(image);
+        checkpoint::volumes::restore(&id, &c.spec, image)?;
+        let opts = CheckpointOpts {
+            image_path: image.to_path_buf(),
+            work_path: c.bundle.join("criu-restore-work"),
+            shell_job: c.init.stdio.terminal,
+            tcp_established: recorded.tcp_established,
+            ext_unix_sk: recorded.ext_unix_sk,
+            file_locks: recorded.file_locks,
+            ..Default::default()
+        };
+        std::fs::create_dir_all(&opts.work_path)
+            .map_err(|e| Error::io(&id, "create restore work dir", e))?;
+        let mut prepared = stdio::prepare(&id, &c.init.stdio)?;
+        let pid_file = c.bundle.join("init.pid");
+        let runtime_io = prepared.take_runtime();
+        if let Err(e) = self
+            .runtime
+            .restore(&id, &c.bundle, &opts, runtime_io, &pid_file)
+            .await
+        {
+            prepared.io.copies.abort().await;
+            let _ = self.runtime.delete(&id, true).await;
+            return Err(e);
+        }
+        let io = prepared.finish(&id).await?;
+        let pid = stdio::read_pid(&id, &pid_file)?;
+        c.init.pid = pid;
+        c.init.io = io;
+        c.restore_from = None;
+        self.watch_oom(&id, &c.cgroup_path);
+        self.watch_exit(container.clone(), id.clone(), String::new(), pid);
+        info!(
+            "{id}: restored from {} in {:?}, pid {pid}",
+            image.display(),
+            start.elapsed()
+        );
+        Ok(())
+    }
+
+    async fn checkpoint(&self, req: api::CheckpointTaskRequest) -> Result<()> {
+        let container = self.get(&req.id)?;
+        let c = container.lock().await;
+        if !matches!(c.init.status, Status::RUNNING | Status::PAUSED) {
+            return Err(Error::precondition(
+                &req.id,
+                format!("cannot checkpoint a container that is {:?}", c.init.status),
+            ));
+        }
+        let mut o = CheckpointOptions::default();
+        if let Some(any) = req.options.as_ref() {
+            if any.type_url.ends_with("CheckpointOptions") {
+                o = CheckpointOptions::parse_from_bytes(&any.value)
+                    .map_err(|e| Error::invalid(&req.id, format!("checkpoint options: {e}")))?;
+            }
+        }
+        let image_path = if o.image_path.is_empty() {
+            req.path.clone()
+        } else {
+            o.image_path.clone()
+        };
+        if image_path.is_empty() {
+            return Err(Error::invalid(&req.id, "checkpoint without an image path"));
+        }
+        let work_path = if o.work_path.is_empty() {
+            c.bundle.join("criu-work")
+        } else {
+            PathBuf::from(&o.work_path)
+        };
+        let opts = CheckpointOpts {
+            image_path: PathBuf::from(&image_path),
+            work_path,
+            leave_running: !o.exit,
+            tcp_established: o.open_tcp,
+            ext_unix_sk: o.external_unix_sockets,
+            shell_job: o.terminal || c.init.stdio.terminal,
+            file_locks: o.file_locks,
+            empty_ns: o.empty_namespaces.clone(),
+            cgroups_mode: o.cgroups_mode.clone(),
+        };
+        let target = checkpoint::Target {
+            id: &req.id,
+            cgroup_path: &c.cgroup_path,
+            spec: &c.spec,
+            paused: c.init.status == Status::PAUSED,
+        };
+        checkpoint::checkpoint_container(self.runtime.as_ref(), target, &opts).await?;
+        checkpoint::DumpRecord::from(&opts).write(&opts.image_path);
+        drop(c);
+        self.events
+            .publish(
+                topics::TASK_CHECKPOINTED_EVENT_TOPIC,
+                Box::new(TaskCheckpointed {
+                    container_id: req.id.clone(),
+                    checkpoint: image_path,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        Ok(())
     }
 
     /// A container of this shim's pod goes below the pod cgroup, whatever path CRI chose.
@@ -343,7 +473,11 @@ impl Tasks {
                     format!("cannot start a container in state {:?}", c.init.status),
                 ));
             }
-            self.runtime.start(&req.id).await?;
+            if let Some(image) = c.restore_from.clone() {
+                self.restore_init(&container, &mut c, &image).await?;
+            } else {
+                self.runtime.start(&req.id).await?;
+            }
             if c.init.exit().is_none() {
                 c.init.status = Status::RUNNING;
             }
@@ -920,14 +1054,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::CheckpointTaskRequest,
     ) -> ttrpc::Result<Empty> {
-        self.tasks.get(&req.id)?;
-        Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
-            ttrpc::Code::UNIMPLEMENTED,
-            format!(
-                "{}: task checkpoint is not implemented by stasis yet",
-                req.id
-            ),
-        )))
+        rpc(self.tasks.checkpoint(req).await.map(|_| Empty::new()))
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> ttrpc::Result<Empty> {

@@ -1,0 +1,298 @@
+//! Consistent live checkpoint and restore of single containers through the standard Task API
+//! (`ctr`, and CRI's CheckpointContainer), with real CRIU.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{ensure, Context, Result};
+use stasis_e2e::{Containerd, STASIS_RUNTIME};
+
+/// The loop after Podman's regression test: a counter in memory; on every step the file must
+/// not be ahead of memory (else a violation is recorded on the root file system), then the
+/// counter is incremented and written.
+fn counter_loop(file: &str) -> String {
+    format!(
+        "i=0; while true; do v=$(cat {file} 2>/dev/null || echo 0); \
+         if [ \"$v\" -gt \"$i\" ]; then echo \"file=$v memory=$i\" >> /violations; fi; \
+         i=$((i+1)); echo $i > {file}; sleep 0.01; done"
+    )
+}
+
+fn read_counter(c: &Containerd, id: &str, file: &str, n: usize) -> Result<u64> {
+    // The loop rewrites the file (truncate, then write): retry a read that fell in between.
+    let mut last = String::new();
+    for attempt in 0..20 {
+        let out = c.ctr_ok(&[
+            "tasks",
+            "exec",
+            "--exec-id",
+            &format!("read{n}-{attempt}"),
+            id,
+            "cat",
+            file,
+        ])?;
+        if let Ok(v) = out.trim().parse() {
+            return Ok(v);
+        }
+        last = out;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    anyhow::bail!("counter {file} in {id} unreadable: {last:?}")
+}
+
+fn violations(c: &Containerd, id: &str, n: usize) -> Result<String> {
+    let out = c.ctr(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        &format!("viol{n}"),
+        id,
+        "cat",
+        "/violations",
+    ])?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn remove(c: &Containerd, id: &str) -> Result<()> {
+    let _ = c.ctr(&["tasks", "kill", "-s", "KILL", id]);
+    c.wait_for(&format!("{id} stopped"), Duration::from_secs(10), || {
+        Ok(matches!(
+            c.task_status(id)?.as_deref(),
+            None | Some("STOPPED")
+        ))
+    })?;
+    let _ = c.ctr(&["tasks", "delete", id]);
+    c.ctr_ok(&["containers", "delete", id])?;
+    Ok(())
+}
+
+/// Runs the chain: checkpoint live, remove the original, restore into a fresh container, check
+/// the counter continued and no violation was recorded; `rounds` times.
+fn checkpoint_chain(
+    c: &Containerd,
+    name: &str,
+    extra: &[&str],
+    file: &str,
+    rounds: usize,
+) -> Result<()> {
+    let image = c.import_busybox()?;
+    let mut cur = format!("{name}0");
+    let script = counter_loop(file);
+    let mut args = vec!["run", "-d", "--runtime", STASIS_RUNTIME];
+    args.extend(extra);
+    args.extend([image, cur.as_str(), "sh", "-c", script.as_str()]);
+    c.ctr_ok(&args)?;
+    std::thread::sleep(Duration::from_millis(500));
+    for round in 0..rounds {
+        let before = read_counter(c, &cur, file, round)?;
+        let ck = format!("{name}-ck{round}");
+        c.ctr_ok(&["containers", "checkpoint", "--task", "--rw", &cur, &ck])
+            .with_context(|| format!("round {round}: checkpoint"))?;
+        ensure!(
+            c.task_status(&cur)?.as_deref() == Some("RUNNING"),
+            "round {round}: original not running after a live checkpoint"
+        );
+        remove(c, &cur)?;
+        let next = format!("{name}{}", round + 1);
+        c.ctr_ok(&["containers", "restore", "--live", "--rw", &next, &ck])
+            .with_context(|| format!("round {round}: restore"))?;
+        c.wait_for(&format!("{next} running"), Duration::from_secs(10), || {
+            Ok(c.task_status(&next)?.as_deref() == Some("RUNNING"))
+        })?;
+        std::thread::sleep(Duration::from_millis(100));
+        let after = read_counter(c, &next, file, round)?;
+        ensure!(
+            after >= before,
+            "round {round}: counter went back from {before} to {after}: memory not restored"
+        );
+        let v = violations(c, &next, round)?;
+        ensure!(
+            v.trim().is_empty(),
+            "round {round}: consistency violations: {v}"
+        );
+        let _ = c.ctr(&["images", "rm", &ck]);
+        cur = next;
+    }
+    remove(c, &cur)
+}
+
+#[test]
+fn checkpoint_restore_continues_from_memory_and_files() -> Result<()> {
+    let c = Containerd::start("ck-basic")?;
+    let image = c.import_busybox()?;
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        STASIS_RUNTIME,
+        image,
+        "c1",
+        "sh",
+        "-c",
+        "echo kept > /marker; i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.02; done",
+    ])?;
+    std::thread::sleep(Duration::from_millis(800));
+    let before = read_counter(&c, "c1", "/count", 0)?;
+    ensure!(before > 5, "counter barely moved: {before}");
+    c.ctr_ok(&["containers", "checkpoint", "--task", "--rw", "c1", "ck1"])?;
+    remove(&c, "c1")?;
+    c.ctr_ok(&["containers", "restore", "--live", "--rw", "c1", "ck1"])?;
+    // `ctr c restore --live` creates and starts the task; `ctr t start` then finds it running.
+    let _ = c.ctr(&["tasks", "start", "-d", "c1"]);
+    c.wait_for("c1 running", Duration::from_secs(10), || {
+        Ok(c.task_status("c1")?.as_deref() == Some("RUNNING"))
+    })?;
+    let after = read_counter(&c, "c1", "/count", 1)?;
+    ensure!(after >= before, "counter restarted: {after} < {before}");
+    let marker = c.ctr_ok(&["tasks", "exec", "--exec-id", "m", "c1", "cat", "/marker"])?;
+    ensure!(marker.trim() == "kept", "rootfs file lost: {marker:?}");
+    remove(&c, "c1")
+}
+
+#[test]
+fn thirty_live_checkpoints_are_consistent_on_the_rootfs() -> Result<()> {
+    let c = Containerd::start("ck-consist")?;
+    checkpoint_chain(&c, "rf", &[], "/counter", 30)
+}
+
+#[test]
+fn thirty_live_checkpoints_are_consistent_on_a_volume() -> Result<()> {
+    let c = Containerd::start("ck-volume")?;
+    let vol = c.dir.join("volume");
+    std::fs::create_dir_all(&vol)?;
+    let mount = format!(
+        "type=bind,src={},dst=/state,options=rbind:rw",
+        vol.display()
+    );
+    let extra = [
+        "--mount",
+        mount.as_str(),
+        "--annotation",
+        "io.stasis.checkpoint.volumes=/state",
+    ];
+    checkpoint_chain(&c, "vol", &extra, "/state/counter", 30)?;
+    ensure!(vol.join("counter").exists(), "the volume was not used");
+    Ok(())
+}
+
+#[test]
+fn paused_stays_paused_and_running_stays_running() -> Result<()> {
+    let c = Containerd::start("ck-paused")?;
+    let image = c.import_busybox()?;
+    let freezer = |id: &str| {
+        std::fs::read_to_string(
+            Path::new("/sys/fs/cgroup/freezer")
+                .join(&c.namespace)
+                .join(id)
+                .join("freezer.state"),
+        )
+        .unwrap_or_default()
+    };
+    for id in ["p1", "r1"] {
+        c.ctr_ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            STASIS_RUNTIME,
+            image,
+            id,
+            "sleep",
+            "100000",
+        ])?;
+    }
+    c.ctr_ok(&["tasks", "pause", "p1"])?;
+    c.ctr_ok(&[
+        "tasks",
+        "checkpoint",
+        "--image-path",
+        c.dir.join("img-p1").to_str().unwrap(),
+        "p1",
+    ])?;
+    std::thread::sleep(Duration::from_millis(1100)); // checkpoint refs are named by the second
+    c.ctr_ok(&[
+        "tasks",
+        "checkpoint",
+        "--image-path",
+        c.dir.join("img-r1").to_str().unwrap(),
+        "r1",
+    ])?;
+    ensure!(
+        c.task_status("p1")?.as_deref() == Some("PAUSED"),
+        "paused container not paused after checkpoint"
+    );
+    ensure!(
+        freezer("p1").trim() == "FROZEN",
+        "p1 cgroup: {}",
+        freezer("p1")
+    );
+    ensure!(
+        c.task_status("r1")?.as_deref() == Some("RUNNING"),
+        "running container not running after checkpoint"
+    );
+    ensure!(
+        freezer("r1").trim() == "THAWED",
+        "r1 cgroup: {}",
+        freezer("r1")
+    );
+    for img in ["img-p1", "img-r1"] {
+        ensure!(
+            c.dir.join(img).join("inventory.img").exists(),
+            "{img}: no CRIU images"
+        );
+        ensure!(
+            c.dir.join(img).join("dump.log").exists(),
+            "{img}: no dump.log beside the images"
+        );
+    }
+    c.ctr_ok(&["tasks", "resume", "p1"])?;
+    remove(&c, "p1")?;
+    remove(&c, "r1")
+}
+
+#[test]
+fn failed_dump_reports_criu_reason_and_leaves_nothing() -> Result<()> {
+    let c = Containerd::start("ck-fail")?;
+    let image = c.import_busybox()?;
+    // An established TCP connection inside the container, which CRIU refuses without open_tcp.
+    c.ctr_ok(&["run", "-d", "--runtime", STASIS_RUNTIME, image, "tcp1", "sh", "-c",
+        "nc -ll -p 9000 -e cat & sleep 0.5; (while true; do echo hi; sleep 1; done) | nc 127.0.0.1 9000"])?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let dest = c.dir.join("img-tcp");
+    let out = c.ctr(&[
+        "tasks",
+        "checkpoint",
+        "--image-path",
+        dest.to_str().unwrap(),
+        "tcp1",
+    ])?;
+    ensure!(
+        !out.status.success(),
+        "dump with an established TCP connection should fail"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        err.contains("tcp1"),
+        "error does not name the container: {err}"
+    );
+    ensure!(
+        err.contains("CRIU:") && err.to_lowercase().contains("tcp"),
+        "error lacks CRIU's reason: {err}"
+    );
+    ensure!(
+        c.task_status("tcp1")?.as_deref() == Some("RUNNING"),
+        "container not running after a failed dump"
+    );
+    let state = std::fs::read_to_string(
+        Path::new("/sys/fs/cgroup/freezer")
+            .join(&c.namespace)
+            .join("tcp1/freezer.state"),
+    )?;
+    ensure!(state.trim() == "THAWED", "container left {state}");
+    let left: Vec<_> = std::fs::read_dir(&dest)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    ensure!(
+        left.is_empty(),
+        "half-written images left at the destination: {left:?}"
+    );
+    remove(&c, "tcp1")
+}

@@ -296,3 +296,69 @@ fn failed_dump_reports_criu_reason_and_leaves_nothing() -> Result<()> {
     );
     remove(&c, "tcp1")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_checkpoint_container_is_readable_by_checkpointctl() -> Result<()> {
+    use stasis_e2e::cri::{container_config, cri, pod_config};
+    let c = Containerd::start("ck-cri")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut client = c.cri().await?;
+    let pod = pod_config("ckpod", &c.dir.join("logs"));
+    let pod_id = client.run_pod(&pod).await?;
+    let id = client
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("counter", image, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let archive = c.dir.join("counter-checkpoint.tar");
+    client
+        .runtime
+        .checkpoint_container(cri::CheckpointContainerRequest {
+            container_id: id.clone(),
+            location: archive.display().to_string(),
+            timeout: 60,
+        })
+        .await
+        .context("CRI CheckpointContainer")?;
+    ensure!(archive.exists(), "no archive at {}", archive.display());
+    let show = std::process::Command::new("checkpointctl")
+        .arg("show")
+        .arg(&archive)
+        .output()?;
+    let text = String::from_utf8_lossy(&show.stdout);
+    ensure!(
+        show.status.success(),
+        "checkpointctl show failed: {}{}",
+        text,
+        String::from_utf8_lossy(&show.stderr)
+    );
+    ensure!(
+        text.contains("counter") || text.contains(&id[..12]),
+        "checkpointctl show does not list the container:\n{text}"
+    );
+    let tree = std::process::Command::new("checkpointctl")
+        .args(["inspect", "--ps-tree"])
+        .arg(&archive)
+        .output()?;
+    let tree_text = String::from_utf8_lossy(&tree.stdout);
+    ensure!(
+        tree.status.success(),
+        "checkpointctl inspect --ps-tree failed: {}{}",
+        tree_text,
+        String::from_utf8_lossy(&tree.stderr)
+    );
+    ensure!(
+        tree_text.contains("sh"),
+        "process tree lacks the shell:\n{tree_text}"
+    );
+    let st = client.container_status(&id).await?;
+    ensure!(
+        st.state == cri::ContainerState::ContainerRunning as i32,
+        "container not running after CRI checkpoint"
+    );
+    client.stop_and_remove_pod(&pod_id).await?;
+    Ok(())
+}

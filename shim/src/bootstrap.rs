@@ -88,6 +88,17 @@ pub fn start(flags: &Flags) -> Result<(), BoxError> {
     let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &group);
     let path = PathBuf::from(socket_path(&address));
 
+    // A shim of the same id that is still shutting down (its task was just deleted) must not
+    // be reused: wait for it to go before starting a fresh one.
+    if group == flags.id {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            if std::time::Instant::now() > deadline {
+                return Err(format!("a shim for {} is still running at {}", flags.id, path.display()).into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
     // The group's shim already runs: containerd should talk to it.
     if std::os::unix::net::UnixStream::connect(&path).is_ok() {
         std::fs::write(bundle.join("address"), &address)?;
@@ -154,6 +165,12 @@ pub fn serve(flags: &Flags) -> Result<(), BoxError> {
         .local_addr()
         .ok()
         .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    // Remember which socket file is ours: a successor may have bound the same path by the
+    // time we exit, and its socket must survive us.
+    let socket_ino = socket
+        .as_ref()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
     // containerd gives every shim a log fifo in its bundle; without it (by hand), log to stderr.
     if containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id).is_err() {
         eprintln!("containerd-shim-stasis-v2: no log fifo, logging disabled");
@@ -190,7 +207,12 @@ pub fn serve(flags: &Flags) -> Result<(), BoxError> {
         Ok::<_, BoxError>(())
     });
     if let Some(path) = socket {
-        let _ = std::fs::remove_file(path);
+        let current = std::fs::metadata(&path)
+            .ok()
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        if current.is_some() && current == socket_ino {
+            let _ = std::fs::remove_file(path);
+        }
     }
     if let Err(e) = &result {
         error!("shim failed: {e}");

@@ -2,6 +2,7 @@
 //! a temp dir) with the freshly built stasis shim first on its PATH, images built from busybox,
 //! and a teardown that leaves nothing behind even when a test panics.
 
+pub mod api;
 pub mod cri;
 pub mod image;
 

@@ -362,3 +362,39 @@ async fn cri_checkpoint_container_is_readable_by_checkpointctl() -> Result<()> {
     client.stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_with_exit_stops_the_task_and_restores() -> Result<()> {
+    let c = Containerd::start("ck-exit")?;
+    let image = c.import_busybox()?;
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        STASIS_RUNTIME,
+        image,
+        "x1",
+        "sh",
+        "-c",
+        "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.02; done",
+    ])?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before = read_counter(&c, "x1", "/count", 0)?;
+    let reference = c
+        .ctr_ok(&["tasks", "checkpoint", "--exit", "x1"])?
+        .trim()
+        .to_string();
+    ensure!(
+        c.task_status("x1")?.as_deref() == Some("STOPPED"),
+        "task not stopped by checkpoint --exit"
+    );
+    c.ctr_ok(&["tasks", "delete", "x1"])?;
+    stasis_e2e::api::restore_task_from_checkpoint(&c.socket(), &c.namespace, "x1", &reference)
+        .await?;
+    c.wait_for("x1 running", Duration::from_secs(10), || {
+        Ok(c.task_status("x1")?.as_deref() == Some("RUNNING"))
+    })?;
+    let after = read_counter(&c, "x1", "/count", 1)?;
+    ensure!(after >= before, "restored counter {after} < {before}");
+    remove(&c, "x1")
+}

@@ -94,7 +94,12 @@ pub fn start(flags: &Flags) -> Result<(), BoxError> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while std::os::unix::net::UnixStream::connect(&path).is_ok() {
             if std::time::Instant::now() > deadline {
-                return Err(format!("a shim for {} is still running at {}", flags.id, path.display()).into());
+                return Err(format!(
+                    "a shim for {} is still running at {}",
+                    flags.id,
+                    path.display()
+                )
+                .into());
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }

@@ -45,6 +45,15 @@ pub struct DumpRecord {
     pub tcp_established: bool,
     pub ext_unix_sk: bool,
     pub file_locks: bool,
+    /// How long the container was frozen, and each step, in milliseconds.
+    #[serde(default)]
+    pub frozen_ms: f64,
+    #[serde(default)]
+    pub dump_ms: f64,
+    #[serde(default)]
+    pub files_ms: f64,
+    #[serde(default)]
+    pub total_ms: f64,
 }
 
 impl DumpRecord {
@@ -64,12 +73,17 @@ impl DumpRecord {
     }
 }
 
-impl From<&CheckpointOpts> for DumpRecord {
-    fn from(o: &CheckpointOpts) -> Self {
+impl DumpRecord {
+    pub fn new(o: &CheckpointOpts, t: &Timings) -> Self {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         DumpRecord {
             tcp_established: o.tcp_established,
             ext_unix_sk: o.ext_unix_sk,
             file_locks: o.file_locks,
+            frozen_ms: ms(t.frozen),
+            dump_ms: ms(t.dump),
+            files_ms: ms(t.files),
+            total_ms: ms(t.total),
         }
     }
 }

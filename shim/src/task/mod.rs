@@ -336,8 +336,9 @@ impl Tasks {
             spec: &c.spec,
             paused: c.init.status == Status::PAUSED,
         };
-        checkpoint::checkpoint_container(self.runtime.as_ref(), target, &opts).await?;
-        checkpoint::DumpRecord::from(&opts).write(&opts.image_path);
+        let timings =
+            checkpoint::checkpoint_container(self.runtime.as_ref(), target, &opts).await?;
+        checkpoint::DumpRecord::new(&opts, &timings).write(&opts.image_path);
         drop(c);
         self.events
             .publish(

@@ -92,6 +92,12 @@ fn stasis_frozen_window(c: &Containerd, id: &str, dir: &Path) -> Result<f64> {
     client.checkpoint(ttrpc::context::with_timeout(600_000_000_000), &req)?;
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("images/stasis-dump.json"))?)?;
+    let size: u64 = std::fs::read_dir(dir.join("images"))?
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    eprintln!("  stasis {id}: {record} images {} MiB", size >> 20);
     let _ = std::fs::remove_dir_all(dir);
     record["frozen_ms"].as_f64().context("frozen_ms")
 }

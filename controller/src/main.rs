@@ -1,1 +1,199 @@
-fn main() {}
+//! stasisctl: checkpoint, restore, migrate and inspect whole pods.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use stasis_controller::{
+    archive::{self, human, Compression},
+    pod::{self, CheckpointArgs, RestoreArgs, Target},
+};
+
+/// Checkpoint and restore whole Kubernetes pods: every container captured at one instant.
+///
+/// stasisctl talks to containerd's CRI and to the Checkpoint service of the pod's shim
+/// (containerd-shim-stasis-v2, or any runtime serving the same service). It never runs CRIU
+/// itself.
+#[derive(Parser)]
+#[command(name = "stasisctl", version)]
+struct Cli {
+    /// containerd's socket.
+    #[arg(long, global = true, default_value = "/run/containerd/containerd.sock")]
+    address: String,
+    /// containerd namespace of the pods (CRI uses k8s.io).
+    #[arg(long, global = true, default_value = "k8s.io")]
+    namespace: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pods and their containers.
+    Pod {
+        #[command(subcommand)]
+        command: PodCommand,
+    },
+    /// Show what a pod checkpoint archive holds.
+    Inspect {
+        archive: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum PodCommand {
+    /// List pods with their runtime, state and containers.
+    Ls,
+    /// Checkpoint every (or the given) running container of POD at one instant into an archive.
+    Checkpoint {
+        /// Pod id, unique id prefix, or pod name.
+        pod: String,
+        /// Archive to write (must not exist). Nothing is left there if the checkpoint fails.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Keep the pod running afterwards (else its containers are stopped).
+        #[arg(long)]
+        leave_running: bool,
+        #[arg(long, value_enum, default_value = "none")]
+        compress: CompressArg,
+        /// Only these containers (id, id prefix or name); repeat for several.
+        #[arg(long = "container")]
+        containers: Vec<String>,
+        /// Checkpoint established TCP connections.
+        #[arg(long)]
+        tcp_established: bool,
+        /// Checkpoint file locks.
+        #[arg(long)]
+        file_locks: bool,
+        /// Give up after this many seconds (the pod is thawed); 0 = no limit.
+        #[arg(long, default_value_t = 0)]
+        timeout: u32,
+    },
+    /// Restore a pod archive as a new running pod; prints the new pod id.
+    Restore {
+        archive: PathBuf,
+        /// Name of the new pod (default: the checkpointed pod's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// CRI runtime handler for the new pod.
+        #[arg(long, default_value = "stasis")]
+        runtime_handler: String,
+        /// Where the archive is unpacked while restoring (removed afterwards).
+        #[arg(long, default_value = "/var/lib/stasis/restore")]
+        work_dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CompressArg {
+    None,
+    Gzip,
+    Zstd,
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("stasisctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let target = Target {
+        address: cli.address,
+        namespace: cli.namespace,
+    };
+    match cli.command {
+        Command::Pod { command } => match command {
+            PodCommand::Ls => pod::ls(&target).await,
+            PodCommand::Checkpoint {
+                pod,
+                output,
+                leave_running,
+                compress,
+                containers,
+                tcp_established,
+                file_locks,
+                timeout,
+            } => {
+                let compress = match compress {
+                    CompressArg::None => Compression::None,
+                    CompressArg::Gzip => Compression::Gzip,
+                    CompressArg::Zstd => Compression::Zstd,
+                };
+                pod::checkpoint(
+                    &target,
+                    CheckpointArgs {
+                        pod,
+                        output,
+                        leave_running,
+                        compress,
+                        containers,
+                        tcp_established,
+                        file_locks,
+                        timeout,
+                    },
+                )
+                .await
+            }
+            PodCommand::Restore {
+                archive,
+                name,
+                runtime_handler,
+                work_dir,
+            } => {
+                let id = pod::restore(
+                    &target,
+                    RestoreArgs {
+                        archive,
+                        name,
+                        runtime_handler,
+                        work_dir,
+                    },
+                )
+                .await?;
+                println!("{id}");
+                Ok(())
+            }
+        },
+        Command::Inspect { archive, format } => {
+            let s = archive::inspect(&archive)?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+                Format::Table => {
+                    println!("archive   {} ({})", s.archive, human(s.archive_bytes));
+                    println!("pod       {} (namespace {})", s.pod_name, s.pod_namespace);
+                    println!("engine    {}", s.engine);
+                    println!(
+                        "{:<16} {:<14} {:<32} {:>12} {:>12} {:>10}  CHECKPOINTED",
+                        "CONTAINER", "ID", "IMAGE", "CHECKPOINT", "ROOTFS DIFF", "FROZEN"
+                    );
+                    for c in &s.containers {
+                        println!(
+                            "{:<16} {:<14} {:<32} {:>12} {:>12} {:>8.0}ms  {}{}",
+                            c.name,
+                            &c.id[..c.id.len().min(13)],
+                            c.image,
+                            human(c.checkpoint_bytes),
+                            human(c.rootfs_diff_bytes),
+                            c.frozen_ms,
+                            c.checkpointed,
+                            if c.was_paused { " (paused)" } else { "" }
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}

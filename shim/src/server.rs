@@ -8,7 +8,7 @@ use containerd_shim_protos::{
     ttrpc::r#async::{transport::Listener, Server, Service},
 };
 
-use crate::{sandbox::SandboxService, task::TaskService};
+use crate::{checkpoint::pod::PodCheckpointService, sandbox::SandboxService, task::TaskService};
 
 /// containerd 2.x speaks Task v3; older clients and tools still ask for v2. Same handler.
 fn task_services(task: TaskService) -> Vec<HashMap<String, Service>> {
@@ -35,6 +35,10 @@ pub fn build(
         tasks: task.tasks.clone(),
     };
     server = server.register_service(create_sandbox(Arc::new(sandbox)));
+    let checkpoint = PodCheckpointService::new(task.tasks.clone());
+    server = server.register_service(stasis_api::checkpoint_ttrpc::create_checkpoint(Arc::new(
+        checkpoint,
+    )));
     for svc in task_services(task) {
         server = server.register_service(svc);
     }

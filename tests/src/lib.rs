@@ -124,6 +124,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
   [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.stasis]
     runtime_type = "io.containerd.stasis.v2"
     sandboxer = "shim"
+    container_annotations = ["io.stasis.*"]
 "#
         );
         std::fs::create_dir_all(self.dir.join("cni"))?;
@@ -324,6 +325,44 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
     /// Pids of stasis shims serving this containerd.
     pub fn shim_pids(&self) -> Vec<i32> {
         processes_matching(&[SHIM_BINARY, &self.socket().display().to_string()])
+    }
+}
+
+impl Containerd {
+    /// `stasisctl` (the workspace's build) against this containerd's CRI namespace.
+    pub fn stasisctl(&self, args: &[&str]) -> Result<Output> {
+        let bin = self
+            .shim_dir
+            .parent()
+            .map(|_| target_dir())
+            .unwrap_or_default();
+        let exe = ["debug", "release"]
+            .iter()
+            .map(|p| bin.join(p).join("stasisctl"))
+            .filter(|p| p.exists())
+            .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .context("stasisctl not built: run `cargo build --workspace`")?;
+        let out = Command::new(exe)
+            .arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()?;
+        Ok(out)
+    }
+
+    /// `stasisctl` that must succeed; returns stdout.
+    pub fn stasisctl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.stasisctl(args)?;
+        if !out.status.success() {
+            bail!(
+                "stasisctl {} failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
 

@@ -2,6 +2,8 @@
 //! capture the files that must match the memory → thaw. Only the frozen window needs to be
 //! consistent; everything slow that can wait (packaging, metadata) happens after the thaw.
 
+pub mod pod;
+pub mod rootfs;
 pub mod volumes;
 
 use std::{

@@ -64,6 +64,8 @@ pub struct Container {
     pub cgroup_path: String,
     pub init: Process,
     pub execs: HashMap<String, Process>,
+    /// The overlay upper directory of the rootfs: the container's writable layer.
+    pub rootfs_upper: Option<PathBuf>,
     /// The runtime spec (config.json) as the container was created.
     pub spec: serde_json::Value,
     /// Set when the task was created from a checkpoint: Start restores from these images.

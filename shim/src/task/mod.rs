@@ -155,7 +155,21 @@ impl Tasks {
             ));
         }
 
-        let restore_from = (!req.checkpoint.is_empty()).then(|| PathBuf::from(&req.checkpoint));
+        // A restore comes either from containerd (Task API: `checkpoint` holds CRIU images) or
+        // from a pod checkpoint (CRI: an annotation names the container's checkpoint dir).
+        let pod_restore_dir = spec
+            .pointer("/annotations")
+            .and_then(|a| a.get(stasis_api::RESTORE_ANNOTATION))
+            .and_then(|v| v.as_str())
+            .map(PathBuf::from);
+        if let Some(dir) = &pod_restore_dir {
+            checkpoint::pod::check_restore_dir(&id, dir, self.runtime.name())?;
+        }
+        let restore_from = if !req.checkpoint.is_empty() {
+            Some(PathBuf::from(&req.checkpoint))
+        } else {
+            pod_restore_dir.as_ref().map(|d| d.join("checkpoint"))
+        };
         if let Some(image) = &restore_from {
             if !image.join("inventory.img").exists() {
                 return Err(Error::invalid(
@@ -168,6 +182,17 @@ impl Tasks {
             }
         }
         let rootfs_mount = mount_rootfs(&id, &bundle, &req.rootfs)?;
+        let rootfs_upper = req.rootfs.iter().find_map(|m| {
+            m.options
+                .iter()
+                .find_map(|o| o.strip_prefix("upperdir=").map(PathBuf::from))
+        });
+        if let (Some(dir), Some(rootfs)) = (&pod_restore_dir, &rootfs_mount) {
+            if let Err(e) = checkpoint::rootfs::apply(&id, dir, rootfs) {
+                unmount(rootfs);
+                return Err(e);
+            }
+        }
         let stdio = Stdio::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         let mut init = Process::new("", stdio.clone());
         // A restored task's processes come back at Start, from the images.
@@ -203,6 +228,7 @@ impl Tasks {
             cgroup_path,
             init,
             execs: HashMap::new(),
+            rootfs_upper,
             spec,
             restore_from,
         }));

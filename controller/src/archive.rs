@@ -1,0 +1,328 @@
+//! The pod checkpoint archive: a tar (optionally zstd or gzip compressed) of the directory the
+//! shim's Checkpoint service wrote. Layout (see docs/archive-format.md):
+//!
+//! ```text
+//! pod.options                 {"version":1,"containers":{name: dir},"annotations":{…}}
+//! pod.dump                    the CRI PodSandboxConfig (JSON)
+//! <id>-<name>/                one per container, the layout checkpointctl reads
+//!   checkpoint/               CRIU images (+ volumes/ and volumes.json when captured)
+//!   config.dump spec.dump status.dump rootfs-diff.tar deleted.files dump.log [stats-dump]
+//!   container-config.json     the CRI ContainerConfig, for the restore
+//!   stasis.json               engine, timings, sizes
+//! ```
+//!
+//! Reading is defensive: only regular files and directories, only paths that stay inside the
+//! target, and the pod.options must name directories that exist.
+
+use std::{
+    fs::File,
+    io::{BufReader, Read, Write},
+    path::{Component, Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// Writes `dir` as an archive at `dest`: first to a temporary name beside it, renamed into
+/// place only when complete, so a failure never leaves a partial archive at `dest`.
+pub fn write(dir: &Path, dest: &Path, compression: Compression) -> Result<u64> {
+    let partial = dest.with_extension(format!("partial-{}", std::process::id()));
+    let result = (|| -> Result<()> {
+        let file =
+            File::create(&partial).with_context(|| format!("create {}", partial.display()))?;
+        let writer: Box<dyn Write> = match compression {
+            Compression::None => Box::new(std::io::BufWriter::new(file)),
+            Compression::Gzip => Box::new(flate2::write::GzEncoder::new(
+                file,
+                flate2::Compression::fast(),
+            )),
+            Compression::Zstd => Box::new(zstd::Encoder::new(file, 3)?.auto_finish()),
+        };
+        let mut tar = tar::Builder::new(writer);
+        tar.follow_symlinks(false);
+        tar.mode(tar::HeaderMode::Deterministic);
+        // Directory entries first (checkpointctl wants one for checkpoint/).
+        tar.append_dir_all(".", dir)?;
+        tar.into_inner()?.flush()?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    std::fs::rename(&partial, dest)
+        .with_context(|| format!("move archive to {}", dest.display()))?;
+    Ok(std::fs::metadata(dest)?.len())
+}
+
+fn open(path: &Path) -> Result<Box<dyn Read>> {
+    let mut file = File::open(path).with_context(|| format!("open archive {}", path.display()))?;
+    let mut magic = [0u8; 4];
+    let n = file.read(&mut magic)?;
+    drop(file);
+    let file = BufReader::new(File::open(path)?);
+    Ok(match &magic[..n.min(4)] {
+        [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(file)),
+        [0x28, 0xb5, 0x2f, 0xfd] => Box::new(zstd::Decoder::with_buffer(file)?),
+        _ => Box::new(file),
+    })
+}
+
+/// The entry's path inside the archive, if it is one we accept.
+fn safe_path(entry: &tar::Entry<impl Read>) -> Result<PathBuf> {
+    let raw = entry
+        .path()
+        .context("archive entry with an unreadable path")?
+        .into_owned();
+    let shown = raw.display().to_string();
+    let mut clean = PathBuf::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(p) => clean.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => bail!("hostile archive: entry {shown:?} climbs out with '..'"),
+            Component::RootDir | Component::Prefix(_) => {
+                bail!("hostile archive: entry {shown:?} is an absolute path")
+            }
+        }
+    }
+    match entry.header().entry_type() {
+        tar::EntryType::Regular | tar::EntryType::Directory | tar::EntryType::Continuous => {
+            Ok(clean)
+        }
+        tar::EntryType::Symlink | tar::EntryType::Link => {
+            let target = entry
+                .link_name()
+                .ok()
+                .flatten()
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            bail!("hostile archive: entry {shown:?} is a link (to {target:?}); a pod checkpoint has none")
+        }
+        tar::EntryType::Char | tar::EntryType::Block => {
+            bail!("hostile archive: entry {shown:?} is a device node")
+        }
+        other => bail!("unsupported archive entry {shown:?} of type {other:?}"),
+    }
+}
+
+/// Extracts `archive` into `dest` (created; must not exist), checking every entry first.
+/// On any error `dest` is removed again: nothing is left anywhere.
+pub fn extract(archive: &Path, dest: &Path) -> Result<PodOptions> {
+    if dest.exists() {
+        bail!("{} already exists", dest.display());
+    }
+    std::fs::create_dir_all(dest)?;
+    let result = (|| -> Result<PodOptions> {
+        let mut tar = tar::Archive::new(open(archive)?);
+        tar.set_preserve_permissions(true);
+        tar.set_unpack_xattrs(false);
+        for entry in tar.entries().context("read archive")? {
+            let mut entry =
+                entry.map_err(|e| anyhow::anyhow!("archive is truncated or corrupt: {e}"))?;
+            let path = safe_path(&entry)?;
+            if path.as_os_str().is_empty() {
+                continue;
+            }
+            let inside = entry.unpack_in(dest).map_err(|e| {
+                anyhow::anyhow!("archive is truncated or corrupt at {}: {e}", path.display())
+            })?;
+            if !inside {
+                bail!(
+                    "hostile archive: entry {} would land outside the target",
+                    path.display()
+                );
+            }
+        }
+        let options = PodOptions::read(dest)?;
+        for (name, dir) in &options.containers {
+            let d = dest.join(dir);
+            if Path::new(dir).components().count() != 1 || !d.is_dir() {
+                bail!("pod.options names container {name:?} in directory {dir:?}, which the archive does not contain");
+            }
+            if !d.join("checkpoint/inventory.img").is_file() {
+                bail!("container {name:?} ({dir}) has no CRIU images (checkpoint/inventory.img)");
+            }
+        }
+        if !dest.join("pod.dump").is_file() {
+            bail!("archive has no pod.dump");
+        }
+        Ok(options)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(dest);
+    }
+    result
+}
+
+#[derive(Debug, Clone, serde::Deserialize, Serialize)]
+pub struct PodOptions {
+    pub version: u32,
+    /// Container name → directory.
+    pub containers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+impl PodOptions {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let text = std::fs::read(dir.join("pod.options")).context("archive has no pod.options")?;
+        let o: PodOptions = serde_json::from_slice(&text).context("pod.options is not valid")?;
+        if o.version != 1 {
+            bail!("pod.options version {} is not supported", o.version);
+        }
+        Ok(o)
+    }
+
+    pub fn engine(&self) -> &str {
+        self.annotations
+            .get("io.stasis.engine")
+            .map(String::as_str)
+            .unwrap_or("unknown")
+    }
+}
+
+/// What `stasisctl inspect` shows of one container.
+#[derive(Debug, Serialize)]
+pub struct ContainerSummary {
+    pub name: String,
+    pub directory: String,
+    pub id: String,
+    pub image: String,
+    pub engine: String,
+    pub checkpointed: String,
+    pub frozen_ms: f64,
+    pub checkpoint_bytes: u64,
+    pub rootfs_diff_bytes: u64,
+    pub was_paused: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub archive: String,
+    pub archive_bytes: u64,
+    pub pod_name: String,
+    pub pod_namespace: String,
+    pub engine: String,
+    pub containers: Vec<ContainerSummary>,
+}
+
+/// Reads the metadata of an archive without unpacking the images.
+pub fn inspect(path: &Path) -> Result<Summary> {
+    let mut files: std::collections::HashMap<String, Vec<u8>> = Default::default();
+    let mut sizes: std::collections::HashMap<String, u64> = Default::default();
+    let mut tar = tar::Archive::new(open(path)?);
+    for entry in tar.entries().context("read archive")? {
+        let mut entry =
+            entry.map_err(|e| anyhow::anyhow!("archive is truncated or corrupt: {e}"))?;
+        let p = safe_path(&entry)?;
+        let key = p.display().to_string();
+        let top = p
+            .components()
+            .next()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if p.components()
+            .nth(1)
+            .map(|c| c.as_os_str() == "checkpoint")
+            .unwrap_or(false)
+        {
+            *sizes.entry(top).or_default() += entry.size();
+        }
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if matches!(
+            name.as_str(),
+            "pod.options" | "pod.dump" | "config.dump" | "stasis.json"
+        ) && entry.size() < 16 << 20
+        {
+            let mut buf = Vec::new();
+            entry.read_to_end(&mut buf)?;
+            files.insert(key, buf);
+        }
+    }
+    let options: PodOptions = serde_json::from_slice(
+        files
+            .get("pod.options")
+            .context("archive has no pod.options")?,
+    )
+    .context("pod.options is not valid")?;
+    let pod: serde_json::Value = files
+        .get("pod.dump")
+        .and_then(|b| serde_json::from_slice(b).ok())
+        .unwrap_or_default();
+    let mut containers = Vec::new();
+    for (name, dir) in &options.containers {
+        let config: serde_json::Value = files
+            .get(&format!("{dir}/config.dump"))
+            .and_then(|b| serde_json::from_slice(b).ok())
+            .unwrap_or_default();
+        let meta: serde_json::Value = files
+            .get(&format!("{dir}/stasis.json"))
+            .and_then(|b| serde_json::from_slice(b).ok())
+            .unwrap_or_default();
+        containers.push(ContainerSummary {
+            name: name.clone(),
+            directory: dir.clone(),
+            id: config["id"].as_str().unwrap_or_default().to_string(),
+            image: config["rootfsImageName"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            engine: meta["engine"]
+                .as_str()
+                .unwrap_or(options.engine())
+                .to_string(),
+            checkpointed: config["checkpointedTime"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            frozen_ms: meta["frozen_ms"].as_f64().unwrap_or_default(),
+            checkpoint_bytes: meta["checkpoint_bytes"]
+                .as_u64()
+                .unwrap_or_else(|| sizes.get(dir).copied().unwrap_or(0)),
+            rootfs_diff_bytes: meta["rootfs_diff_bytes"].as_u64().unwrap_or_default(),
+            was_paused: meta["was_paused"].as_bool().unwrap_or(false),
+        });
+    }
+    Ok(Summary {
+        archive: path.display().to_string(),
+        archive_bytes: std::fs::metadata(path)?.len(),
+        pod_name: pod
+            .pointer("/metadata/name")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string(),
+        pod_namespace: pod
+            .pointer("/metadata/namespace")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string(),
+        engine: options.engine().to_string(),
+        containers,
+    })
+}
+
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

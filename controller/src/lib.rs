@@ -1,0 +1,8 @@
+//! The runtime-agnostic side of stasis: what a CRI implementation would do for pod
+//! checkpoint/restore. It talks to containerd (CRI) and to the pod shim's Checkpoint service;
+//! it never runs CRIU or touches cgroups.
+
+pub mod archive;
+pub mod cri;
+pub mod pod;
+pub mod shim;

@@ -1,0 +1,461 @@
+//! `stasisctl pod …`: list, checkpoint and restore pods.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+use stasis_api::{
+    checkpoint::{CheckpointOptions, CheckpointPodRequest, ContainerInfo, ValidateRestoreRequest},
+    RESTORE_ANNOTATION,
+};
+
+use crate::{
+    archive::{self, human, Compression},
+    cri::{self, api},
+    shim,
+};
+
+/// Where stasisctl talks to containerd.
+pub struct Target {
+    pub address: String,
+    pub namespace: String,
+}
+
+fn ttrpc_ctx(secs: u64) -> ttrpc::context::Context {
+    ttrpc::context::with_timeout((secs as i64) * 1_000_000_000)
+}
+
+pub async fn ls(t: &Target) -> Result<()> {
+    let mut rt = cri::connect(Path::new(&t.address)).await?;
+    let pods = rt
+        .list_pod_sandbox(api::ListPodSandboxRequest::default())
+        .await?
+        .into_inner()
+        .items;
+    println!(
+        "{:<14} {:<20} {:<12} {:<10} {:<14} CONTAINERS",
+        "POD ID", "NAME", "NAMESPACE", "STATE", "RUNTIME"
+    );
+    for p in pods {
+        let containers = cri::pod_containers(&mut rt, &p.id).await?;
+        let list: Vec<String> = containers
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}({})",
+                    c.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or("?"),
+                    cri::state_name(c.state)
+                )
+            })
+            .collect();
+        let md = p.metadata.clone().unwrap_or_default();
+        let state = if p.state == api::PodSandboxState::SandboxReady as i32 {
+            "READY"
+        } else {
+            "NOTREADY"
+        };
+        println!(
+            "{:<14} {:<20} {:<12} {:<10} {:<14} {}",
+            &p.id[..p.id.len().min(13)],
+            md.name,
+            md.namespace,
+            state,
+            if p.runtime_handler.is_empty() {
+                "(default)"
+            } else {
+                &p.runtime_handler
+            },
+            list.join(", ")
+        );
+    }
+    Ok(())
+}
+
+pub struct CheckpointArgs {
+    pub pod: String,
+    pub output: PathBuf,
+    pub leave_running: bool,
+    pub compress: Compression,
+    pub containers: Vec<String>,
+    pub tcp_established: bool,
+    pub file_locks: bool,
+    pub timeout: u32,
+}
+
+/// What CRI knows of a container, as the Checkpoint service wants it.
+async fn container_info(rt: &mut cri::Runtime, c: &api::Container) -> Result<ContainerInfo> {
+    let resp = rt
+        .container_status(api::ContainerStatusRequest {
+            container_id: c.id.clone(),
+            verbose: true,
+        })
+        .await
+        .with_context(|| format!("status of container {}", c.id))?
+        .into_inner();
+    let status = resp.status.clone().unwrap_or_default();
+    let info: serde_json::Value = resp
+        .info
+        .get("info")
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default();
+    // containerd's verbose info carries the CRI ContainerConfig it was created with.
+    let config_json = match info.get("config") {
+        Some(cfg) if serde_json::from_value::<api::ContainerConfig>(cfg.clone()).is_ok() => {
+            cfg.to_string()
+        }
+        _ => serde_json::to_string(&config_from_status(&status, &info))?,
+    };
+    let created = status.created_at;
+    Ok(ContainerInfo {
+        id: c.id.clone(),
+        name: status
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default(),
+        config_json,
+        status_json: serde_json::to_string(&status)?,
+        image: status
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .unwrap_or_default(),
+        image_ref: status.image_ref.clone(),
+        created_at: format_unix_nanos(created),
+        ..Default::default()
+    })
+}
+
+/// A ContainerConfig rebuilt from the status and the runtime spec, when containerd's verbose
+/// info has no usable config.
+fn config_from_status(
+    status: &api::ContainerStatus,
+    info: &serde_json::Value,
+) -> api::ContainerConfig {
+    let spec = &info["runtimeSpec"];
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    api::ContainerConfig {
+        metadata: status.metadata.clone(),
+        image: status.image.clone(),
+        command: strings(&spec["process"]["args"]),
+        working_dir: spec["process"]["cwd"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        envs: strings(&spec["process"]["env"])
+            .into_iter()
+            .filter_map(|kv| {
+                kv.split_once('=').map(|(k, v)| api::KeyValue {
+                    key: k.into(),
+                    value: v.into(),
+                })
+            })
+            .collect(),
+        mounts: status.mounts.clone(),
+        labels: status.labels.clone(),
+        annotations: status.annotations.clone(),
+        log_path: Path::new(&status.log_path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+fn format_unix_nanos(nanos: i64) -> String {
+    let secs = nanos / 1_000_000_000;
+    // RFC 3339 in UTC without pulling a date crate: civil-from-days.
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+pub async fn checkpoint(t: &Target, a: CheckpointArgs) -> Result<()> {
+    let started = Instant::now();
+    let mut rt = cri::connect(Path::new(&t.address)).await?;
+    let pod = cri::find_pod(&mut rt, &a.pod).await?;
+    let name = pod
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    if a.output.exists() {
+        bail!("{} already exists; choose a new file", a.output.display());
+    }
+    let parent = a
+        .output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        bail!("directory {} does not exist", parent.display());
+    }
+    let mut containers = Vec::new();
+    for c in cri::pod_containers(&mut rt, &pod.id).await? {
+        let cname = c
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        let chosen = a.containers.is_empty()
+            || a.containers.iter().any(|x| {
+                *x == c.id || *x == cname || (x.len() >= 6 && c.id.starts_with(x.as_str()))
+            });
+        if chosen && c.state == api::ContainerState::ContainerRunning as i32 {
+            containers.push(container_info(&mut rt, &c).await?);
+        }
+    }
+    for wanted in &a.containers {
+        if !containers
+            .iter()
+            .any(|c| c.id == *wanted || c.name == *wanted || c.id.starts_with(wanted.as_str()))
+        {
+            bail!("pod {name}: no running container {wanted:?}");
+        }
+    }
+    if containers.is_empty() {
+        bail!(
+            "pod {name} ({}) has no running container to checkpoint",
+            pod.id
+        );
+    }
+    let client =
+        shim::checkpoint_client(&t.address, &t.namespace, &pod.id, &pod.runtime_handler).await?;
+    let staging = parent.join(format!(
+        ".{}.stasis-{}",
+        a.output.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&staging).with_context(|| format!("create {}", staging.display()))?;
+    let staging = staging.canonicalize()?;
+    eprintln!(
+        "checkpointing pod {name} ({}) with {} container(s){}…",
+        &pod.id[..12],
+        containers.len(),
+        if a.leave_running {
+            ", leaving it running"
+        } else {
+            ""
+        }
+    );
+    let req = CheckpointPodRequest {
+        sandbox_id: pod.id.clone(),
+        output_path: staging.display().to_string(),
+        containers,
+        options: Some(CheckpointOptions {
+            leave_running: a.leave_running,
+            tcp_established: a.tcp_established,
+            file_locks: a.file_locks,
+            timeout_secs: a.timeout,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    let secs = if a.timeout > 0 {
+        a.timeout as u64 + 30
+    } else {
+        3600
+    };
+    let resp = match client.checkpoint_pod(ttrpc_ctx(secs), &req).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(shim::explain(e, &pod.id, &pod.runtime_handler)
+                .context(format!("checkpoint of pod {name} failed")));
+        }
+    };
+    let t_pack = Instant::now();
+    let written = archive::write(&staging, &a.output, a.compress);
+    let _ = std::fs::remove_dir_all(&staging);
+    let size = written?;
+    let timings = resp.timings.clone().unwrap_or_default();
+    println!(
+        "pod {name} ({}) checkpointed to {} ({}, engine {})",
+        pod.id,
+        a.output.display(),
+        human(size),
+        resp.engine
+    );
+    println!(
+        "{:<16} {:<14} {:>12} {:>12} {:>10} {:>10}",
+        "CONTAINER", "ID", "CHECKPOINT", "ROOTFS DIFF", "DUMP", "ROOTFS"
+    );
+    for c in &resp.containers {
+        let ct = c.timings.clone().unwrap_or_default();
+        println!(
+            "{:<16} {:<14} {:>12} {:>12} {:>8.0}ms {:>8.0}ms{}",
+            c.name,
+            &c.id[..c.id.len().min(13)],
+            human(c.checkpoint_bytes),
+            human(c.rootfs_diff_bytes),
+            ct.dump_ms,
+            ct.rootfs_ms,
+            if c.was_paused {
+                " (was paused, still paused)"
+            } else {
+                ""
+            }
+        );
+    }
+    println!(
+        "frozen window {:.0} ms (all containers at one instant); checkpoint {:.0} ms, packaging {:.0} ms, total {:.0} ms",
+        timings.frozen_ms,
+        timings.total_ms,
+        t_pack.elapsed().as_secs_f64() * 1000.0,
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+pub struct RestoreArgs {
+    pub archive: PathBuf,
+    pub name: Option<String>,
+    pub runtime_handler: String,
+    pub work_dir: PathBuf,
+}
+
+pub async fn restore(t: &Target, a: RestoreArgs) -> Result<String> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&a.work_dir)
+        .with_context(|| format!("create {}", a.work_dir.display()))?;
+    let dir = a.work_dir.join(format!(
+        "restore-{}-{}",
+        std::process::id(),
+        started.elapsed().as_nanos()
+    ));
+    // Everything about the archive is checked before anything is created.
+    let options = archive::extract(&a.archive, &dir)
+        .with_context(|| format!("cannot restore {}", a.archive.display()))?;
+    let result = restore_extracted(t, &a, &dir, &options).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let pod_id = result?;
+    eprintln!(
+        "restored in {:.0} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(pod_id)
+}
+
+async fn restore_extracted(
+    t: &Target,
+    a: &RestoreArgs,
+    dir: &Path,
+    options: &archive::PodOptions,
+) -> Result<String> {
+    let dir = dir.canonicalize()?;
+    let mut pod: api::PodSandboxConfig =
+        serde_json::from_slice(&std::fs::read(dir.join("pod.dump"))?)
+            .context("pod.dump is not a CRI PodSandboxConfig")?;
+    let mut configs = Vec::new();
+    for (name, cdir) in &options.containers {
+        let path = dir.join(cdir).join("container-config.json");
+        let text = std::fs::read(&path)
+            .with_context(|| format!("container {name}: no container-config.json"))?;
+        let mut config: api::ContainerConfig =
+            serde_json::from_slice(&text).with_context(|| {
+                format!("container {name}: container-config.json is not a CRI ContainerConfig")
+            })?;
+        config.annotations.insert(
+            RESTORE_ANNOTATION.to_string(),
+            dir.join(cdir).display().to_string(),
+        );
+        configs.push((name.clone(), config));
+    }
+    let md = pod.metadata.get_or_insert_with(Default::default);
+    if let Some(n) = &a.name {
+        md.name = n.clone();
+    }
+    md.uid = format!("{}-restored-{}", md.uid, std::process::id());
+    md.attempt = 0;
+    let pod_name = md.name.clone();
+    let mut rt = cri::connect(Path::new(&t.address)).await?;
+    let pod_id = rt
+        .run_pod_sandbox(api::RunPodSandboxRequest {
+            config: Some(pod.clone()),
+            runtime_handler: a.runtime_handler.clone(),
+        })
+        .await
+        .with_context(|| format!("create pod {pod_name} (handler {})", a.runtime_handler))?
+        .into_inner()
+        .pod_sandbox_id;
+    let outcome = async {
+        let client =
+            shim::checkpoint_client(&t.address, &t.namespace, &pod_id, &a.runtime_handler).await?;
+        let v = client
+            .validate_restore(
+                ttrpc_ctx(60),
+                &ValidateRestoreRequest {
+                    checkpoint_path: dir.display().to_string(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| shim::explain(e, &pod_id, &a.runtime_handler))
+            .with_context(|| format!("archive written by the {} backend", options.engine()))?;
+        if options.engine() != "unknown" && v.engine != options.engine() {
+            bail!(
+                "archive was written by the {} backend; runtime handler {:?} uses {}",
+                options.engine(),
+                a.runtime_handler,
+                v.engine
+            );
+        }
+        for (name, config) in configs {
+            let id = rt
+                .create_container(api::CreateContainerRequest {
+                    pod_sandbox_id: pod_id.clone(),
+                    config: Some(config),
+                    sandbox_config: Some(pod.clone()),
+                })
+                .await
+                .with_context(|| format!("create container {name}"))?
+                .into_inner()
+                .container_id;
+            rt.start_container(api::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .with_context(|| format!("restore container {name} ({id})"))?;
+            eprintln!("restored container {name} ({})", &id[..12]);
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = outcome {
+        let _ = rt
+            .stop_pod_sandbox(api::StopPodSandboxRequest {
+                pod_sandbox_id: pod_id.clone(),
+            })
+            .await;
+        let _ = rt
+            .remove_pod_sandbox(api::RemovePodSandboxRequest {
+                pod_sandbox_id: pod_id.clone(),
+            })
+            .await;
+        return Err(e.context(format!(
+            "restore of pod {pod_name} failed; the new pod was removed"
+        )));
+    }
+    Ok(pod_id)
+}

@@ -1,0 +1,257 @@
+//! A container's writable layer: captured from the overlay upper directory as the
+//! checkpointctl/Podman/CRI-O layout has it (`rootfs-diff.tar` for what changed,
+//! `deleted.files` for what was removed), and applied to a fresh rootfs on restore.
+
+use std::{
+    os::unix::fs::{FileTypeExt, MetadataExt},
+    path::{Component, Path, PathBuf},
+};
+
+use crate::error::{Error, Result};
+
+pub const DIFF_TAR: &str = "rootfs-diff.tar";
+pub const DELETED: &str = "deleted.files";
+
+fn is_whiteout(meta: &std::fs::Metadata) -> bool {
+    meta.file_type().is_char_device() && meta.rdev() == 0
+}
+
+fn is_opaque(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap_or_default();
+    let name = c"trusted.overlay.opaque";
+    let mut buf = [0u8; 4];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let n = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    n == 1 && buf[0] == b'y'
+}
+
+/// Writes `<dest>/rootfs-diff.tar` and `<dest>/deleted.files` from the overlay upper dir.
+/// Returns the size of the tar.
+pub fn capture(id: &str, upper: &Path, dest: &Path) -> Result<u64> {
+    let tar_path = dest.join(DIFF_TAR);
+    let file =
+        std::fs::File::create(&tar_path).map_err(|e| Error::io(id, "create rootfs-diff.tar", e))?;
+    let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
+    tar.follow_symlinks(false);
+    let mut deleted: Vec<String> = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = upper.join(&rel);
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(id, format!("read {}", dir.display()), e))?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        names.sort();
+        for name in names {
+            let rel_path = rel.join(&name);
+            let full = upper.join(&rel_path);
+            let meta = std::fs::symlink_metadata(&full)
+                .map_err(|e| Error::io(id, format!("stat {}", full.display()), e))?;
+            let shown = format!("/{}", rel_path.display());
+            if is_whiteout(&meta) {
+                deleted.push(shown);
+                continue;
+            }
+            let ft = meta.file_type();
+            if ft.is_dir() {
+                if is_opaque(&full) {
+                    // Everything below it in the image is gone; the tar brings back what is left.
+                    deleted.push(shown.clone());
+                }
+                tar.append_path_with_name(&full, &rel_path)
+                    .map_err(|e| Error::io(id, format!("add {shown} to rootfs diff"), e))?;
+                stack.push(rel_path);
+            } else if ft.is_file() || ft.is_symlink() {
+                tar.append_path_with_name(&full, &rel_path)
+                    .map_err(|e| Error::io(id, format!("add {shown} to rootfs diff"), e))?;
+            }
+            // Sockets, fifos and devices in the upper dir are left out: they do not survive a
+            // restore meaningfully and a restore refuses devices.
+        }
+    }
+    tar.into_inner()
+        .and_then(|mut w| std::io::Write::flush(&mut w))
+        .map_err(|e| Error::io(id, "finish rootfs-diff.tar", e))?;
+    let list =
+        serde_json::to_vec(&deleted).map_err(|e| Error::other(id, "encode deleted.files", e))?;
+    std::fs::write(dest.join(DELETED), list)
+        .map_err(|e| Error::io(id, "write deleted.files", e))?;
+    Ok(std::fs::metadata(&tar_path).map(|m| m.len()).unwrap_or(0))
+}
+
+/// `rel` (an absolute-in-container or relative path) as a path below `root`, refusing `..`
+/// and any symlink on the way (a hostile diff must not reach outside the rootfs).
+fn inside(id: &str, root: &Path, rel: &str) -> Result<PathBuf> {
+    let mut out = root.to_path_buf();
+    let parts: Vec<_> = Path::new(rel.trim_start_matches('/'))
+        .components()
+        .collect();
+    for (i, c) in parts.iter().enumerate() {
+        match c {
+            Component::Normal(p) => {
+                out.push(p);
+                let last = i + 1 == parts.len();
+                if !last && out.is_symlink() {
+                    return Err(Error::invalid(
+                        id,
+                        format!("path {rel:?} goes through a symlink"),
+                    ));
+                }
+            }
+            Component::CurDir => {}
+            _ => {
+                return Err(Error::invalid(
+                    id,
+                    format!("path {rel:?} leaves the root file system"),
+                ))
+            }
+        }
+    }
+    if out == root {
+        return Err(Error::invalid(
+            id,
+            format!("path {rel:?} names the root itself"),
+        ));
+    }
+    Ok(out)
+}
+
+/// Checks `rootfs-diff.tar` and `deleted.files` in `dir` without touching anything.
+pub fn validate(id: &str, dir: &Path) -> Result<()> {
+    let scratch = Path::new("/nonexistent-stasis-root");
+    if let Ok(text) = std::fs::read(dir.join(DELETED)) {
+        let list: Vec<String> = serde_json::from_slice(&text)
+            .map_err(|e| Error::invalid(id, format!("deleted.files: {e}")))?;
+        for p in list {
+            inside(id, scratch, &p)?;
+        }
+    }
+    let tar_path = dir.join(DIFF_TAR);
+    if !tar_path.exists() {
+        return Ok(());
+    }
+    let file =
+        std::fs::File::open(&tar_path).map_err(|e| Error::io(id, "open rootfs-diff.tar", e))?;
+    let mut archive = tar::Archive::new(file);
+    for entry in archive
+        .entries()
+        .map_err(|e| Error::invalid(id, format!("rootfs-diff.tar: {e}")))?
+    {
+        let entry = entry.map_err(|e| Error::invalid(id, format!("rootfs-diff.tar: {e}")))?;
+        check_entry(id, &entry)?;
+    }
+    Ok(())
+}
+
+fn check_entry<R: std::io::Read>(id: &str, entry: &tar::Entry<R>) -> Result<PathBuf> {
+    let path = entry
+        .path()
+        .map_err(|e| Error::invalid(id, format!("rootfs-diff.tar: {e}")))?
+        .into_owned();
+    let name = path.display().to_string();
+    if path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(Error::invalid(
+            id,
+            format!("rootfs-diff.tar entry {name:?} leaves the root file system"),
+        ));
+    }
+    match entry.header().entry_type() {
+        tar::EntryType::Regular
+        | tar::EntryType::Directory
+        | tar::EntryType::Symlink
+        | tar::EntryType::Continuous => {}
+        tar::EntryType::Link => {
+            let target = entry
+                .link_name()
+                .ok()
+                .flatten()
+                .map(|t| t.into_owned())
+                .unwrap_or_default();
+            if target.is_absolute()
+                || target
+                    .components()
+                    .any(|c| matches!(c, Component::ParentDir))
+            {
+                return Err(Error::invalid(
+                    id,
+                    format!("rootfs-diff.tar hard link {name:?} points outside"),
+                ));
+            }
+        }
+        other => {
+            return Err(Error::invalid(
+                id,
+                format!("rootfs-diff.tar entry {name:?} is a {other:?}, which a restore refuses"),
+            ))
+        }
+    }
+    Ok(path)
+}
+
+/// Applies deletions, then the diff, to the mounted rootfs of the restored container.
+pub fn apply(id: &str, dir: &Path, rootfs: &Path) -> Result<()> {
+    validate(id, dir)?;
+    if let Ok(text) = std::fs::read(dir.join(DELETED)) {
+        let list: Vec<String> = serde_json::from_slice(&text).unwrap_or_default();
+        for p in list {
+            let target = inside(id, rootfs, &p)?;
+            let _ = if target.is_dir() && !target.is_symlink() {
+                std::fs::remove_dir_all(&target)
+            } else {
+                std::fs::remove_file(&target)
+            };
+        }
+    }
+    let tar_path = dir.join(DIFF_TAR);
+    if !tar_path.exists() {
+        return Ok(());
+    }
+    let file =
+        std::fs::File::open(&tar_path).map_err(|e| Error::io(id, "open rootfs-diff.tar", e))?;
+    let mut archive = tar::Archive::new(file);
+    archive.set_preserve_permissions(true);
+    archive.set_overwrite(true);
+    archive.set_unpack_xattrs(false);
+    for entry in archive
+        .entries()
+        .map_err(|e| Error::invalid(id, format!("rootfs-diff.tar: {e}")))?
+    {
+        let mut entry = entry.map_err(|e| Error::invalid(id, format!("rootfs-diff.tar: {e}")))?;
+        let path = check_entry(id, &entry)?;
+        // A file that replaces a directory (or the reverse) must go first.
+        let target = inside(id, rootfs, &path.display().to_string())?;
+        if let Ok(meta) = std::fs::symlink_metadata(&target) {
+            let is_dir_entry = entry.header().entry_type() == tar::EntryType::Directory;
+            if meta.is_dir() != is_dir_entry || meta.file_type().is_symlink() {
+                let _ = if meta.is_dir() {
+                    std::fs::remove_dir_all(&target)
+                } else {
+                    std::fs::remove_file(&target)
+                };
+            }
+        }
+        // unpack_in also refuses anything resolving outside `rootfs` through symlinks.
+        let ok = entry
+            .unpack_in(rootfs)
+            .map_err(|e| Error::io(id, format!("restore {} into the rootfs", path.display()), e))?;
+        if !ok {
+            return Err(Error::invalid(
+                id,
+                format!(
+                    "rootfs-diff.tar entry {:?} leaves the root file system",
+                    path
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

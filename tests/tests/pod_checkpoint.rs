@@ -135,3 +135,370 @@ async fn two_container_pod_checkpoint_and_restore() -> Result<()> {
     cri.stop_and_remove_pod(&new_pod).await?;
     Ok(())
 }
+
+fn shared_mount(host: &std::path::Path) -> cri::Mount {
+    cri::Mount {
+        container_path: "/shared".into(),
+        host_path: host.display().to_string(),
+        ..Default::default()
+    }
+}
+
+/// A container config that keeps `/shared` (a pod volume) in its checkpoints.
+fn with_volume(mut cfg: cri::ContainerConfig, host: &std::path::Path) -> cri::ContainerConfig {
+    cfg.mounts.push(shared_mount(host));
+    cfg.annotations
+        .insert("io.stasis.checkpoint.volumes".into(), "/shared".into());
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_live_pod_checkpoints_restore_consistently() -> Result<()> {
+    let c = Containerd::start("podck-twenty")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let vol = c.dir.join("shared-volume");
+    std::fs::create_dir_all(&vol)?;
+    let pod = pod_config("chain", &c.dir.join("logs"));
+    let mut pod_id = cri.run_pod(&pod).await?;
+    cri.run_container(
+        &pod_id,
+        &pod,
+        container_config("rootfs", image, &["sh", "-c", &counter_loop("/counter")]),
+    )
+    .await?;
+    cri.run_container(
+        &pod_id,
+        &pod,
+        with_volume(
+            container_config(
+                "volume",
+                image,
+                &["sh", "-c", &counter_loop("/shared/counter")],
+            ),
+            &vol,
+        ),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for round in 0..20 {
+        let names = containers_by_name(&mut cri, &pod_id).await?;
+        let mut before = std::collections::HashMap::new();
+        for (name, id, _) in &names {
+            let file = if name == "volume" {
+                "/shared/counter"
+            } else {
+                "/counter"
+            };
+            before.insert(name.clone(), read_counter(&mut cri, id, file).await?);
+        }
+        let archive = c.dir.join(format!("chain-{round}.tar"));
+        c.stasisctl_ok(&[
+            "pod",
+            "checkpoint",
+            &pod_id,
+            "--leave-running",
+            "--output",
+            archive.to_str().unwrap(),
+        ])?;
+        cri.stop_and_remove_pod(&pod_id).await?;
+        pod_id = c
+            .stasisctl_ok(&["pod", "restore", archive.to_str().unwrap()])?
+            .trim()
+            .to_string();
+        std::fs::remove_file(&archive)?;
+        let restored = containers_by_name(&mut cri, &pod_id).await?;
+        ensure!(restored.len() == 2, "round {round}: restored {restored:?}");
+        for (name, id, state) in &restored {
+            ensure!(
+                *state == cri::ContainerState::ContainerRunning as i32,
+                "round {round}: {name} not running"
+            );
+            let file = if name == "volume" {
+                "/shared/counter"
+            } else {
+                "/counter"
+            };
+            let now = read_counter(&mut cri, id, file).await?;
+            ensure!(
+                now >= before[name],
+                "round {round}: {name} counter {now} < {}",
+                before[name]
+            );
+            let (_, v, _) = cri.exec(id, &["cat", "/violations"]).await?;
+            ensure!(v.trim().is_empty(), "round {round}: {name} violations: {v}");
+        }
+    }
+    cri.stop_and_remove_pod(&pod_id).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instant_for_the_whole_pod() -> Result<()> {
+    let c = Containerd::start("podck-instant")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let vol = c.dir.join("shared");
+    std::fs::create_dir_all(&vol)?;
+    let pod = pod_config("instant", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    // A counts and publishes each value on the shared volume.
+    let a = "i=0; while true; do i=$((i+1)); echo $i > /shared/a; sleep 0.005; done";
+    // B copies what it reads into its own rootfs and notes any value going backwards.
+    let b = "last=0; while true; do v=$(cat /shared/a 2>/dev/null); \
+             if [ -n \"$v\" ]; then if [ \"$v\" -lt \"$last\" ]; then echo \"went back: $v < $last\" >> /violations; fi; \
+             last=$v; echo $v > /seen; fi; sleep 0.003; done";
+    cri.run_container(
+        &pod_id,
+        &pod,
+        with_volume(container_config("a", image, &["sh", "-c", a]), &vol),
+    )
+    .await?;
+    cri.run_container(
+        &pod_id,
+        &pod,
+        with_volume(container_config("b", image, &["sh", "-c", b]), &vol),
+    )
+    .await?;
+    for round in 0..5 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let archive = c.dir.join(format!("instant-{round}.tar"));
+        c.stasisctl_ok(&[
+            "pod",
+            "checkpoint",
+            "instant",
+            "--leave-running",
+            "--output",
+            archive.to_str().unwrap(),
+        ])?;
+        // Check the archive itself: B's copy on its rootfs never exceeds A's value on the volume.
+        let unpack = c.dir.join(format!("instant-{round}"));
+        std::fs::create_dir_all(&unpack)?;
+        tar::Archive::new(std::fs::File::open(&archive)?).unpack(&unpack)?;
+        let opts: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(unpack.join("pod.options"))?)?;
+        let dir_of = |n: &str| unpack.join(opts["containers"][n].as_str().unwrap_or_default());
+        let mut seen = String::new();
+        let mut diff = tar::Archive::new(std::fs::File::open(dir_of("b").join("rootfs-diff.tar"))?);
+        for e in diff.entries()? {
+            let mut e = e?;
+            if e.path()?.to_string_lossy() == "seen" {
+                std::io::Read::read_to_string(&mut e, &mut seen)?;
+            }
+        }
+        let mut a_value = String::new();
+        let mut vol_tar = tar::Archive::new(std::fs::File::open(
+            dir_of("a").join("checkpoint/volumes/0.tar"),
+        )?);
+        for e in vol_tar.entries()? {
+            let mut e = e?;
+            if e.path()?.to_string_lossy().trim_start_matches("./") == "a" {
+                std::io::Read::read_to_string(&mut e, &mut a_value)?;
+            }
+        }
+        let (seen, a_value): (u64, u64) = (
+            seen.trim().parse().unwrap_or(0),
+            a_value.trim().parse().unwrap_or(u64::MAX),
+        );
+        ensure!(
+            seen <= a_value,
+            "round {round}: B had copied {seen} but A's captured value is {a_value}"
+        );
+        std::fs::remove_dir_all(&unpack)?;
+        if round == 4 {
+            cri.stop_and_remove_pod(&pod_id).await?;
+            let new_pod = c
+                .stasisctl_ok(&["pod", "restore", archive.to_str().unwrap()])?
+                .trim()
+                .to_string();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            for (name, id, _) in containers_by_name(&mut cri, &new_pod).await? {
+                let (_, v, _) = cri.exec(&id, &["cat", "/violations"]).await?;
+                ensure!(v.trim().is_empty(), "{name} after restore: {v}");
+            }
+            cri.stop_and_remove_pod(&new_pod).await?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_checkpoint_and_paused_containers() -> Result<()> {
+    let c = Containerd::start("podck-stop")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config("stp", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let p = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("paused", image, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
+    let r = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("running", image, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // CRI has no pause; the Task API does (this is what `ctr t pause` sends to the shim).
+    let ctr = |args: &[&str]| {
+        std::process::Command::new("ctr")
+            .arg("--address")
+            .arg(c.socket())
+            .args(["-n", "k8s.io"])
+            .args(args)
+            .output()
+    };
+    ensure!(ctr(&["tasks", "pause", &p])?.status.success(), "pause");
+    let live = c.dir.join("live.tar");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "stp",
+        "--leave-running",
+        "--output",
+        live.to_str().unwrap(),
+    ])?;
+    let tasks = String::from_utf8_lossy(&ctr(&["tasks", "ls"])?.stdout).into_owned();
+    let status_of = |id: &str| {
+        tasks
+            .lines()
+            .find(|l| l.starts_with(id))
+            .and_then(|l| l.split_whitespace().last())
+            .unwrap_or("")
+            .to_string()
+    };
+    ensure!(
+        status_of(&p) == "PAUSED",
+        "paused container after live checkpoint: {}",
+        status_of(&p)
+    );
+    ensure!(
+        status_of(&r) == "RUNNING",
+        "running container after live checkpoint: {}",
+        status_of(&r)
+    );
+    ensure!(ctr(&["tasks", "resume", &p])?.status.success(), "resume");
+
+    // Without --leave-running the containers stop; the restore brings them back running.
+    let before = read_counter(&mut cri, &r, "/counter").await?;
+    let stopped = c.dir.join("stopped.tar");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "stp",
+        "--output",
+        stopped.to_str().unwrap(),
+    ])?;
+    let mut exited = false;
+    for _ in 0..50 {
+        let states: Vec<i32> = containers_by_name(&mut cri, &pod_id)
+            .await?
+            .into_iter()
+            .map(|x| x.2)
+            .collect();
+        if states
+            .iter()
+            .all(|s| *s == cri::ContainerState::ContainerExited as i32)
+        {
+            exited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        exited,
+        "containers still running after a stopping checkpoint"
+    );
+    cri.stop_and_remove_pod(&pod_id).await?;
+    let new_pod = c
+        .stasisctl_ok(&["pod", "restore", stopped.to_str().unwrap()])?
+        .trim()
+        .to_string();
+    for (name, id, state) in containers_by_name(&mut cri, &new_pod).await? {
+        ensure!(
+            state == cri::ContainerState::ContainerRunning as i32,
+            "{name} not running after restore"
+        );
+        if name == "running" {
+            let now = read_counter(&mut cri, &id, "/counter").await?;
+            ensure!(now >= before, "counter {now} < {before}");
+        }
+    }
+    cri.stop_and_remove_pod(&new_pod).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_dump_fails_the_pod_checkpoint_cleanly() -> Result<()> {
+    let c = Containerd::start("podck-fail")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config("fl", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let tcp = "nc -ll -p 9000 -e cat & sleep 0.5; (while true; do echo hi; sleep 1; done) | nc 127.0.0.1 9000";
+    let mut ids = Vec::new();
+    for (name, cmd) in [
+        ("one", counter_loop("/counter")),
+        ("tcp", tcp.to_string()),
+        ("three", counter_loop("/counter")),
+    ] {
+        ids.push(
+            cri.run_container(
+                &pod_id,
+                &pod,
+                container_config(name, image, &["sh", "-c", &cmd]),
+            )
+            .await?,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let archive = c.dir.join("fail.tar");
+    let out = c.stasisctl(&[
+        "pod",
+        "checkpoint",
+        "fl",
+        "--leave-running",
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "checkpoint should fail");
+    ensure!(
+        err.contains("tcp") && err.contains(&ids[1]),
+        "error does not name the failing container: {err}"
+    );
+    ensure!(err.contains("CRIU"), "error lacks CRIU's reason: {err}");
+    ensure!(!archive.exists(), "an archive was left at --output");
+    let leftovers: Vec<_> = std::fs::read_dir(&c.dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("fail.tar"))
+        .collect();
+    ensure!(leftovers.is_empty(), "partial files left: {leftovers:?}");
+    for id in &ids {
+        ensure!(
+            cri.container_status(id).await?.state == cri::ContainerState::ContainerRunning as i32,
+            "{id} not running"
+        );
+        let cg = std::path::Path::new("/sys/fs/cgroup/freezer/stasis")
+            .join(&pod_id)
+            .join(id)
+            .join("freezer.state");
+        let state = std::fs::read_to_string(&cg)?;
+        ensure!(state.trim() == "THAWED", "{id} left {state}");
+    }
+    // It still counts.
+    let a = read_counter(&mut cri, &ids[0], "/counter").await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ensure!(
+        read_counter(&mut cri, &ids[0], "/counter").await? > a,
+        "container one does not run"
+    );
+    cri.stop_and_remove_pod(&pod_id).await?;
+    Ok(())
+}

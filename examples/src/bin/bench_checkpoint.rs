@@ -158,7 +158,7 @@ fn main() -> Result<()> {
         "ratio (<=1.1)".into(),
     ]];
     for mib in sizes {
-        let reps = if mib >= 256 { runs.min(2).max(1) } else { runs };
+        let reps = if mib >= 256 { runs.clamp(1, 2) } else { runs };
         let mut ckpt = [Vec::new(), Vec::new()];
         let mut restore = [Vec::new(), Vec::new()];
         for (k, rt) in [RUNC_RUNTIME, STASIS_RUNTIME].into_iter().enumerate() {

@@ -197,7 +197,7 @@ impl PodCheckpointService {
         let start = Instant::now();
         let pod_freezer = freezer::for_cgroup(&pod.id, &pod.cgroup)?;
         let result = self
-            .capture(&pod_freezer, &selected, &containers, &opts, start)
+            .capture(pod_freezer.as_ref(), &selected, &containers, &opts, start)
             .await;
         let (frozen, per) = match result {
             Ok(r) => r,
@@ -251,7 +251,7 @@ impl PodCheckpointService {
     /// The frozen part: freeze, dump, capture files, thaw. Returns the frozen window.
     async fn capture(
         &self,
-        pod_freezer: &Box<dyn Freezer>,
+        pod_freezer: &dyn Freezer,
         selected: &[Selected],
         containers: &[&Container],
         opts: &stasis_api::checkpoint::CheckpointOptions,
@@ -298,7 +298,9 @@ impl PodCheckpointService {
             let copts = CheckpointOpts {
                 image_path: s.dir.join("checkpoint"),
                 work_path: work.join(&s.id),
-                leave_running: opts.leave_running,
+                // Always dumped live under our freeze; a stopping checkpoint kills them after
+                // the capture (runc would otherwise wait for frozen processes to die).
+                leave_running: true,
                 tcp_established: opts.tcp_established,
                 file_locks: opts.file_locks,
                 shell_job: c.init.stdio.terminal,
@@ -308,6 +310,11 @@ impl PodCheckpointService {
             let spec = c.spec.clone();
             let id = s.id.clone();
             let dir = s.dir.clone();
+            let who = if s.info.name.is_empty() {
+                s.id.clone()
+            } else {
+                format!("container {} ({})", s.info.name, s.id)
+            };
             async move {
                 let t = Instant::now();
                 std::fs::create_dir_all(&copts.image_path)
@@ -318,7 +325,7 @@ impl PodCheckpointService {
                     .checkpoint(&id, &copts)
                     .await
                     .map_err(|e| Error::Runtime {
-                        id: id.clone(),
+                        id: who.clone(),
                         step: "dump".into(),
                         message: e.to_string(),
                     })?;
@@ -360,6 +367,13 @@ impl PodCheckpointService {
         } else {
             joined.await
         };
+        if !opts.leave_running && outcome.iter().all(|r| r.is_ok()) {
+            for s in selected {
+                if let Err(e) = runtime.kill(&s.id, libc::SIGKILL as u32, true).await {
+                    warn!("{}: stop after checkpoint: {e}", s.id);
+                }
+            }
+        }
         // Thaw what we froze; a stopping dump also releases containers the user had paused,
         // as their processes are gone.
         for s in selected {

@@ -311,7 +311,14 @@ pub fn criu_errors(log: &Path) -> Option<String> {
     if errors.is_empty() {
         return None;
     }
-    Some(errors[errors.len().saturating_sub(3)..].join(" | "))
+    // The first error is usually the reason; the last says where the dump gave up.
+    let mut picked: Vec<&str> = errors.iter().take(2).copied().collect();
+    if let Some(last) = errors.last() {
+        if !picked.contains(last) {
+            picked.push(last);
+        }
+    }
+    Some(picked.join(" | "))
 }
 
 fn criu_args(cmd: &mut Command, opts: &CheckpointOpts) {

@@ -48,7 +48,7 @@ need() { ! dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok i
 missing=()
 for p in criu runc crun runsc checkpointctl; do need "$p" && missing+=("$p"); done
 base=()
-for p in iptables busybox-static containernetworking-plugins protobuf-compiler socat iproute2 procps jq; do need "$p" && base+=("$p"); done
+for p in iptables busybox-static containernetworking-plugins protobuf-compiler iproute2 procps zstd; do need "$p" && base+=("$p"); done
 ctd_ok=1
 if ! command -v containerd >/dev/null || ! containerd --version | grep -Eq ' v?2\.'; then ctd_ok=0; fi
 

@@ -1,6 +1,7 @@
 //! The stasis demo, on a private containerd it starts and removes itself: a two-container pod
-//! run through containerd's CRI with the `stasis` runtime handler (`sandboxer = "shim"`), so
-//! the stasis shim owns the pod: its cgroup, its pause process and its namespaces.
+//! run through containerd's CRI with the `stasis` runtime handler (`sandboxer = "shim"`),
+//! checkpointed live with `stasisctl`, removed, restored as a new pod, and shown continuing
+//! from its memory state.
 //!
 //!     sudo scripts/demo.sh
 
@@ -32,7 +33,7 @@ async fn main() -> Result<()> {
     let mut cri = c.cri().await?;
     step("RunPodSandbox with runtime handler \"stasis\"");
     let pod = pod_config("demo", &c.dir.join("logs"));
-    let pod_id = cri.run_pod(&pod).await?;
+    let mut pod_id = cri.run_pod(&pod).await?;
     let (_, info) = cri.pod_state(&pod_id).await?;
     let info: serde_json::Value = serde_json::from_str(info.get("info").context("verbose info")?)?;
     println!("pod {pod_id}");
@@ -90,6 +91,75 @@ async fn main() -> Result<()> {
         cri.exec_ok(&reader, &["sh", "-c", "ip -4 addr show eth0 | grep inet"])
             .await?
     );
+
+    step("stasisctl pod checkpoint demo --leave-running: every container frozen at one instant");
+    let archive = c.dir.join("demo-pod.tar.zst");
+    let before = cri.exec_ok(&counter, &["cat", "/tmp/count"]).await?;
+    let out = c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "demo",
+        "--leave-running",
+        "--compress",
+        "zstd",
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    print!("{out}");
+    println!("counter was at about {before} when checkpointed");
+
+    step("stasisctl inspect");
+    print!(
+        "{}",
+        c.stasisctl_ok(&["inspect", archive.to_str().unwrap()])?
+    );
+
+    step("removing the original pod");
+    cri.stop_and_remove_pod(&pod_id).await?;
+    println!("pod {} removed", &pod_id[..12]);
+
+    step("stasisctl pod restore: a new pod, its containers restored from memory");
+    let new_pod = c
+        .stasisctl_ok(&[
+            "pod",
+            "restore",
+            archive.to_str().unwrap(),
+            "--name",
+            "demo-restored",
+        ])?
+        .trim()
+        .to_string();
+    println!("new pod {new_pod}");
+    let list = cri
+        .runtime
+        .list_containers(stasis_e2e::cri::cri::ListContainersRequest {
+            filter: Some(stasis_e2e::cri::cri::ContainerFilter {
+                pod_sandbox_id: new_pod.clone(),
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner()
+        .containers;
+    for ctr in &list {
+        let name = ctr
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        let state = if ctr.state == 1 {
+            "RUNNING"
+        } else {
+            "not running"
+        };
+        println!("  {name:<8} {} {state}", &ctr.id[..12]);
+        if name == "counter" {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let after = cri.exec_ok(&ctr.id, &["cat", "/tmp/count"]).await?;
+            println!("  counter continues from its memory: {before} at checkpoint -> {after} now (a fresh start would be near 0)");
+        }
+    }
+    pod_id = new_pod;
 
     step("StopPodSandbox + RemovePodSandbox");
     cri.stop_and_remove_pod(&pod_id).await?;

@@ -36,3 +36,15 @@ pub fn print_table(rows: &[Vec<String>]) {
         }
     }
 }
+
+/// Bytes in KiB/MiB/GiB.
+pub fn human(bytes: u64) -> String {
+    let v = bytes as f64;
+    if v >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} GiB", v / (1024.0 * 1024.0 * 1024.0))
+    } else if v >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", v / (1024.0 * 1024.0))
+    } else {
+        format!("{:.1} KiB", v / 1024.0)
+    }
+}

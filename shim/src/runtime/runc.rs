@@ -250,17 +250,7 @@ impl OciRuntime for Runc {
         self.run(id, "checkpoint", cmd)
             .await
             .map(drop)
-            .map_err(|e| match e {
-                Error::Runtime { id, step, message } => Error::Runtime {
-                    id,
-                    step,
-                    message: match criu_errors(&opts.work_path.join("dump.log")) {
-                        Some(criu) => format!("CRIU: {criu} (runc: {message})"),
-                        None => message,
-                    },
-                },
-                other => other,
-            })
+            .map_err(|e| with_criu_reason(e, &opts.work_path.join("dump.log")))
     }
 
     async fn restore(
@@ -286,17 +276,7 @@ impl OciRuntime for Runc {
         cmd.arg(id);
         self.run_with_process_stdio(id, "restore", cmd, stdio)
             .await
-            .map_err(|e| match e {
-                Error::Runtime { id, step, message } => Error::Runtime {
-                    id,
-                    step,
-                    message: match criu_errors(&opts.work_path.join("restore.log")) {
-                        Some(criu) => format!("CRIU: {criu} (runc: {message})"),
-                        None => message,
-                    },
-                },
-                other => other,
-            })
+            .map_err(|e| with_criu_reason(e, &opts.work_path.join("restore.log")))
     }
 }
 
@@ -319,6 +299,21 @@ pub fn criu_errors(log: &Path) -> Option<String> {
         }
     }
     Some(picked.join(" | "))
+}
+
+/// Adds CRIU's own reason (from its log) to a failed runc checkpoint/restore.
+fn with_criu_reason(e: Error, log: &Path) -> Error {
+    match e {
+        Error::Runtime { id, step, message } => Error::Runtime {
+            id,
+            step,
+            message: match criu_errors(log) {
+                Some(criu) => format!("CRIU: {criu} (runc: {message})"),
+                None => message,
+            },
+        },
+        other => other,
+    }
 }
 
 fn criu_args(cmd: &mut Command, opts: &CheckpointOpts) {

@@ -3,7 +3,8 @@
 #   sudo scripts/bench.sh runtime [--runs N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="${HOME:-/root}/.cargo/bin:/root/.cargo/bin:$PATH"
+export HOME="${HOME:-/root}"
+export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
 which="${1:-runtime}"; shift || true
 bash scripts/install-deps.sh >/dev/null
 cargo build -q --workspace --release --bins

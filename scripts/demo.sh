@@ -6,7 +6,8 @@ if [ "$(id -u)" != 0 ]; then
   echo "demo.sh: run as root (sudo $0)" >&2
   exit 1
 fi
-export PATH="${HOME:-/root}/.cargo/bin:/root/.cargo/bin:$PATH"
+export HOME="${HOME:-/root}"
+export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
 bash scripts/install-deps.sh >/dev/null
 cargo build --workspace --release --bins
 STASIS_SHIM="$PWD/target/release/containerd-shim-stasis-v2" exec target/release/demo "$@"

@@ -8,7 +8,8 @@ if [ "$(id -u)" != 0 ]; then
   echo "test.sh: run as root (sudo $0): the end-to-end tests start containerd, runc and mounts" >&2
   exit 1
 fi
-export PATH="${HOME:-/root}/.cargo/bin:/root/.cargo/bin:$PATH"
+export HOME="${HOME:-/root}"
+export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
 command -v cargo >/dev/null || { echo "test.sh: cargo not found" >&2; exit 1; }
 
 bash scripts/install-deps.sh

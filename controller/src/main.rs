@@ -62,6 +62,7 @@ enum PodCommand {
         /// Keep the pod running afterwards (else its containers are stopped).
         #[arg(long)]
         leave_running: bool,
+        /// Compression of the archive (readers detect it).
         #[arg(long, value_enum, default_value = "none")]
         compress: CompressArg,
         /// Only these containers (id, id prefix or name); repeat for several.

@@ -133,6 +133,13 @@ impl Tasks {
                 id,
             });
         }
+        if let Some(o) = req.options.as_ref() {
+            debug!(
+                "{id}: runtime options {} ({} bytes)",
+                o.type_url,
+                o.value.len()
+            );
+        }
         let bundle = PathBuf::from(&req.bundle);
         let mut spec = read_spec(&id, &bundle)?;
         self.place_in_pod(&id, &bundle, &mut spec)?;

@@ -7,7 +7,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use stasis_api::{
-    checkpoint::{CheckpointOptions, CheckpointPodRequest, ContainerInfo, ValidateRestoreRequest},
+    checkpoint::{
+        CheckpointOptions, CheckpointPodRequest, ContainerInfo, FinishRestoreRequest,
+        ValidateRestoreRequest,
+    },
     RESTORE_ANNOTATION,
 };
 
@@ -437,8 +440,23 @@ async fn restore_extracted(
             })
             .await
             .with_context(|| format!("restore container {name} ({id})"))?;
-            eprintln!("restored container {name} ({})", &id[..12]);
+            eprintln!(
+                "restored container {name} ({}), stopped until the pod is complete",
+                &id[..12]
+            );
         }
+        // Every container is back: let them all run at one instant.
+        client
+            .finish_restore(
+                ttrpc_ctx(60),
+                &FinishRestoreRequest {
+                    sandbox_id: pod_id.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| shim::explain(e, &pod_id, &a.runtime_handler))
+            .context("resume the restored containers")?;
         Ok(())
     }
     .await;

@@ -131,6 +131,13 @@ async fn two_container_pod_checkpoint_and_restore() -> Result<()> {
         );
         let (_, v, _) = cri.exec(id, &["cat", "/violations"]).await?;
         ensure!(v.trim().is_empty(), "{name}: violations {v}");
+        // Held until the whole pod was restored, then released: it must run on.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let later = read_counter(&mut cri, id, "/counter").await?;
+        ensure!(
+            later > now,
+            "{name}: restored container does not run ({now} -> {later})"
+        );
     }
     cri.stop_and_remove_pod(&new_pod).await?;
     Ok(())

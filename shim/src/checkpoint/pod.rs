@@ -20,7 +20,8 @@ use log::{info, warn};
 use stasis_api::{
     checkpoint::{
         CheckpointPodRequest, CheckpointPodResponse, ContainerInfo, ContainerResult,
-        Timings as WireTimings, ValidateRestoreRequest, ValidateRestoreResponse,
+        FinishRestoreRequest, FinishRestoreResponse, Timings as WireTimings,
+        ValidateRestoreRequest, ValidateRestoreResponse,
     },
     checkpoint_ttrpc::Checkpoint,
 };
@@ -589,6 +590,21 @@ impl Checkpoint for PodCheckpointService {
         req: CheckpointPodRequest,
     ) -> ttrpc::Result<CheckpointPodResponse> {
         rpc(self.checkpoint(req).await)
+    }
+
+    async fn finish_restore(
+        &self,
+        _ctx: &TtrpcContext,
+        req: FinishRestoreRequest,
+    ) -> ttrpc::Result<FinishRestoreResponse> {
+        if !self.tasks.pod().is_some_and(|p| p.id == req.sandbox_id) {
+            return rpc(Err(Error::not_found("sandbox", &req.sandbox_id)));
+        }
+        let ids = rpc(self.tasks.finish_restore().await)?;
+        Ok(FinishRestoreResponse {
+            container_ids: ids,
+            ..Default::default()
+        })
     }
 
     async fn validate_restore(

@@ -70,6 +70,8 @@ pub struct Container {
     pub spec: serde_json::Value,
     /// Set when the task was created from a checkpoint: Start restores from these images.
     pub restore_from: Option<PathBuf>,
+    /// Restored from a pod checkpoint and held frozen until the pod's FinishRestore.
+    pub resume_pending: bool,
 }
 
 impl Container {

@@ -237,6 +237,7 @@ impl Tasks {
             execs: HashMap::new(),
             rootfs_upper,
             spec,
+            resume_pending: pod_restore_dir.is_some(),
             restore_from,
         }));
         self.containers
@@ -313,6 +314,16 @@ impl Tasks {
         c.init.pid = pid;
         c.init.io = io;
         c.restore_from = None;
+        if c.resume_pending {
+            // Hold it until the whole pod is restored: a container that ran now could change
+            // files another container of the pod has open, and CRIU would refuse that one.
+            if let Err(e) =
+                cgroup::freezer::for_cgroup(&id, &c.cgroup_path).and_then(|f| f.freeze())
+            {
+                warn!("{id}: cannot hold the restored container until the pod is complete: {e}");
+                c.resume_pending = false;
+            }
+        }
         self.watch_oom(&id, &c.cgroup_path);
         self.watch_exit(container.clone(), id.clone(), String::new(), pid);
         info!(
@@ -384,6 +395,24 @@ impl Tasks {
             )
             .await;
         Ok(())
+    }
+
+    /// Thaws every container restored from a pod checkpoint and held frozen until the pod was
+    /// complete. Returns their ids.
+    pub async fn finish_restore(&self) -> Result<Vec<String>> {
+        let containers: Vec<_> = self.containers.lock().unwrap().values().cloned().collect();
+        let mut resumed = Vec::new();
+        for container in containers {
+            let mut c = container.lock().await;
+            if !c.resume_pending || c.init.pid == 0 {
+                continue;
+            }
+            cgroup::freezer::for_cgroup(&c.id, &c.cgroup_path)?.thaw()?;
+            c.resume_pending = false;
+            resumed.push(c.id.clone());
+        }
+        info!("resumed restored containers {resumed:?}");
+        Ok(resumed)
     }
 
     /// A container of this shim's pod goes below the pod cgroup, whatever path CRI chose.

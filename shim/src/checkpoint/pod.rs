@@ -597,7 +597,7 @@ impl Checkpoint for PodCheckpointService {
         _ctx: &TtrpcContext,
         req: FinishRestoreRequest,
     ) -> ttrpc::Result<FinishRestoreResponse> {
-        if !self.tasks.pod().is_some_and(|p| p.id == req.sandbox_id) {
+        if self.tasks.pod().is_none_or(|p| p.id != req.sandbox_id) {
             return rpc(Err(Error::not_found("sandbox", &req.sandbox_id)));
         }
         let ids = rpc(self.tasks.finish_restore().await)?;

@@ -4,39 +4,21 @@
 use std::{collections::HashMap, path::Path};
 
 use anyhow::{Context, Result};
-use hyper_util::rt::TokioIo;
 pub use k8s_cri::v1 as cri;
-use k8s_cri::v1::{
-    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
-};
-use tonic::transport::{Channel, Endpoint, Uri};
 
 /// The runtime handler the harness configures for stasis.
 pub const STASIS_HANDLER: &str = "stasis";
 
 #[derive(Clone)]
 pub struct CriClient {
-    pub runtime: RuntimeServiceClient<Channel>,
-    pub image: ImageServiceClient<Channel>,
+    pub runtime: stasis_controller::cri::Runtime,
 }
 
 impl CriClient {
+    /// The same connection stasisctl uses.
     pub async fn connect(socket: &Path) -> Result<Self> {
-        let path = socket.to_path_buf();
-        let channel = Endpoint::try_from("http://[::]:50051")?
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .context("connect to CRI")?;
         Ok(CriClient {
-            runtime: RuntimeServiceClient::new(channel.clone()),
-            image: ImageServiceClient::new(channel),
+            runtime: stasis_controller::cri::connect(socket).await?,
         })
     }
 

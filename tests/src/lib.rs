@@ -47,20 +47,27 @@ pub fn target_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target")
 }
 
-/// The shim binary under test: $STASIS_SHIM, else the workspace's newest build.
-pub fn shim_binary() -> Result<PathBuf> {
-    if let Ok(p) = std::env::var("STASIS_SHIM") {
-        return Ok(PathBuf::from(p));
-    }
-    let candidates = ["debug", "release"].map(|p| target_dir().join(p).join(SHIM_BINARY));
+/// The newest workspace build of binary `name` (debug or release).
+pub fn built_binary(name: &str) -> Result<PathBuf> {
+    let candidates = ["debug", "release"].map(|p| target_dir().join(p).join(name));
     candidates
         .iter()
         .filter(|p| p.exists())
         .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
         .cloned()
         .with_context(|| {
-            format!("{SHIM_BINARY} not built: run `cargo build --workspace` first (looked in {candidates:?})")
+            format!(
+                "{name} not built: run `cargo build --workspace` first (looked in {candidates:?})"
+            )
         })
+}
+
+/// The shim binary under test: $STASIS_SHIM, else the workspace's newest build.
+pub fn shim_binary() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("STASIS_SHIM") {
+        return Ok(PathBuf::from(p));
+    }
+    built_binary(SHIM_BINARY)
 }
 
 pub struct Containerd {
@@ -331,17 +338,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
 impl Containerd {
     /// `stasisctl` (the workspace's build) against this containerd's CRI namespace.
     pub fn stasisctl(&self, args: &[&str]) -> Result<Output> {
-        let bin = self
-            .shim_dir
-            .parent()
-            .map(|_| target_dir())
-            .unwrap_or_default();
-        let exe = ["debug", "release"]
-            .iter()
-            .map(|p| bin.join(p).join("stasisctl"))
-            .filter(|p| p.exists())
-            .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-            .context("stasisctl not built: run `cargo build --workspace`")?;
+        let exe = built_binary("stasisctl")?;
         let out = Command::new(exe)
             .arg("--address")
             .arg(self.socket())

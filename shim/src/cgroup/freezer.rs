@@ -47,6 +47,28 @@ pub fn for_cgroup(id: &str, cgroup_path: &str) -> Result<Box<dyn Freezer>> {
     )))
 }
 
+/// Polls `frozen` every millisecond until it holds; past FREEZE_TIMEOUT, `thaw` and fail.
+fn wait_frozen(
+    id: &str,
+    dir: &Path,
+    mut frozen: impl FnMut() -> Result<bool>,
+    thaw: impl Fn(),
+) -> Result<()> {
+    let deadline = Instant::now() + FREEZE_TIMEOUT;
+    while !frozen()? {
+        if Instant::now() > deadline {
+            thaw();
+            return Err(Error::other(
+                id,
+                "freeze",
+                format!("{} did not freeze within {FREEZE_TIMEOUT:?}", dir.display()),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
 fn read(id: &str, path: &Path) -> Result<String> {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
@@ -75,26 +97,16 @@ impl V1Freezer {
 impl Freezer for V1Freezer {
     fn freeze(&self) -> Result<()> {
         let state = self.dir.join("freezer.state");
-        let deadline = Instant::now() + FREEZE_TIMEOUT;
-        loop {
-            // Writing FROZEN again nudges tasks that were forking while we froze.
-            write(&self.id, &state, "FROZEN")?;
-            if read(&self.id, &state)? == "FROZEN" {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = self.thaw();
-                return Err(Error::other(
-                    &self.id,
-                    "freeze",
-                    format!(
-                        "{} did not freeze within {FREEZE_TIMEOUT:?}",
-                        self.dir.display()
-                    ),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        // Writing FROZEN again nudges tasks that were forking while we froze.
+        wait_frozen(
+            &self.id,
+            &self.dir,
+            || {
+                write(&self.id, &state, "FROZEN")?;
+                Ok(read(&self.id, &state)? == "FROZEN")
+            },
+            || drop(self.thaw()),
+        )
     }
 
     fn thaw(&self) -> Result<()> {
@@ -139,22 +151,12 @@ impl Freezer for V2Freezer {
     fn freeze(&self) -> Result<()> {
         write(&self.id, &self.dir.join("cgroup.freeze"), "1")?;
         // cgroup.freeze only asks; cgroup.events says when every task has stopped.
-        let deadline = Instant::now() + FREEZE_TIMEOUT;
-        while !self.frozen_event()? {
-            if Instant::now() > deadline {
-                let _ = self.thaw();
-                return Err(Error::other(
-                    &self.id,
-                    "freeze",
-                    format!(
-                        "{} did not freeze within {FREEZE_TIMEOUT:?}",
-                        self.dir.display()
-                    ),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
+        wait_frozen(
+            &self.id,
+            &self.dir,
+            || self.frozen_event(),
+            || drop(self.thaw()),
+        )
     }
 
     fn thaw(&self) -> Result<()> {

@@ -173,9 +173,22 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
         )
     }
 
-    /// A CRI client on this containerd's socket.
+    /// A CRI client on this containerd's socket, once CRI answers (after a restart containerd
+    /// serves ctr before its CRI plugin has finished initialising).
     pub async fn cri(&self) -> Result<cri::CriClient> {
-        cri::CriClient::connect(&self.socket()).await
+        let mut client = cri::CriClient::connect(&self.socket()).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = client
+                .runtime
+                .status(cri::cri::StatusRequest { verbose: false })
+                .await;
+            match ready {
+                Ok(_) => return Ok(client),
+                Err(e) if Instant::now() > deadline => bail!("CRI not ready after 30 s: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     /// Builds the busybox image and imports it where CRI finds images (namespace k8s.io).

@@ -391,6 +391,11 @@ async fn restore_extracted(
     }
     md.uid = format!("{}-restored-{}", md.uid, std::process::id());
     md.attempt = 0;
+    // The pod itself names the checkpoint too: a runtime that restores whole sandboxes
+    // (gVisor) brings the pod back at its start, and every runtime refuses an archive of
+    // another backend before any container exists.
+    pod.annotations
+        .insert(RESTORE_ANNOTATION.to_string(), dir.display().to_string());
     let pod_name = md.name.clone();
     let mut rt = cri::connect(Path::new(&t.address)).await?;
     let pod_id = rt

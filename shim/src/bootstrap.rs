@@ -6,7 +6,6 @@ use std::{
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::Arc,
 };
 
 use containerd_shim::Flags;
@@ -16,7 +15,10 @@ use log::{error, info};
 use crate::{
     events::EventSink,
     reaper,
-    runtime::{OciRuntime, Runc},
+    runtime::{
+        self,
+        config::{BackendConfig, Engine},
+    },
     task::{timestamp, TaskService, Tasks},
 };
 
@@ -63,11 +65,12 @@ fn bootstrap_answer(address: &str) -> String {
     serde_json::json!({"version": 3, "address": address, "protocol": "ttrpc"}).to_string()
 }
 
-/// containerd may pass runtime options on stdin; drain it so it never blocks on us.
-fn drain_stdin() {
+/// containerd passes the handler's runtime options on stdin (a protobuf Any); read them, and
+/// never block on a stdin that stays open.
+fn drain_stdin() -> Vec<u8> {
     // SAFETY: isatty only inspects fd 0.
     if unsafe { libc::isatty(0) } == 1 {
-        return;
+        return Vec::new();
     }
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -75,14 +78,25 @@ fn drain_stdin() {
         let _ = std::io::stdin().read_to_end(&mut buf);
         let _ = tx.send(buf);
     });
-    let _ = rx.recv_timeout(std::time::Duration::from_secs(1));
+    rx.recv_timeout(std::time::Duration::from_secs(1))
+        .unwrap_or_default()
+}
+
+/// The backend the handler's options ask for.
+fn backend_from_stdin(id: &str, bytes: &[u8]) -> Result<BackendConfig, BoxError> {
+    if bytes.is_empty() {
+        return Ok(BackendConfig::default());
+    }
+    let any = protobuf::well_known_types::any::Any::parse_from_bytes(bytes)
+        .map_err(|e| format!("{id}: runtime options on stdin: {e}"))?;
+    Ok(BackendConfig::from_options(id, &any.type_url, &any.value)?)
 }
 
 pub fn start(flags: &Flags) -> Result<(), BoxError> {
     if flags.id.is_empty() || flags.namespace.is_empty() || flags.address.is_empty() {
         return Err("start needs -id, -namespace and -address".into());
     }
-    drain_stdin();
+    let options = drain_stdin();
     let bundle = std::env::current_dir()?;
     let group = group_id(&bundle, &flags.id);
     let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &group);
@@ -111,6 +125,9 @@ pub fn start(flags: &Flags) -> Result<(), BoxError> {
         std::io::stdout().flush()?;
         return Ok(());
     }
+    // A new shim: remember the handler's backend for it (the serving process reads it back).
+    let backend = backend_from_stdin(&flags.id, &options)?;
+    backend.save(&flags.id, &bundle)?;
     let _ = std::fs::remove_file(&path);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -186,8 +203,9 @@ pub fn serve(flags: &Flags) -> Result<(), BoxError> {
         .build()?;
     let result = rt.block_on(async move {
         reaper::start()?;
-        let runtime: Arc<dyn OciRuntime> =
-            Arc::new(Runc::new("runc", crate::runtime_root(&flags.namespace)));
+        let backend = BackendConfig::load(&flags.id, &std::env::current_dir()?)?;
+        info!("shim {}: backend {}", flags.id, backend.engine);
+        let runtime = runtime::build(&backend, &flags.namespace);
         let ttrpc_address = std::env::var("TTRPC_ADDRESS").ok();
         let events = EventSink::connect(ttrpc_address.as_deref(), &flags.namespace).await;
         let tasks = Tasks::new(runtime, events);
@@ -238,9 +256,23 @@ pub fn delete(flags: &Flags) -> Result<(), BoxError> {
         .build()?;
     rt.block_on(async {
         reaper::start()?;
-        let runc = Runc::new("runc", crate::runtime_root(&flags.namespace));
-        if let Err(e) = runc.delete(&flags.id, true).await {
-            eprintln!("containerd-shim-stasis-v2: delete {}: {e}", flags.id);
+        // A container's own bundle does not say which backend ran it: ask each one that
+        // keeps state in this namespace; deleting an unknown id is a no-op for all of them.
+        for engine in Engine::ALL {
+            let backend = BackendConfig {
+                engine,
+                ..Default::default()
+            };
+            if !runtime::root(engine, &flags.namespace).exists() {
+                continue;
+            }
+            let runtime = runtime::build(&backend, &flags.namespace);
+            if let Err(e) = runtime.delete(&flags.id, true).await {
+                eprintln!(
+                    "containerd-shim-stasis-v2: {engine} delete {}: {e}",
+                    flags.id
+                );
+            }
         }
         Ok::<_, BoxError>(())
     })?;

@@ -11,9 +11,3 @@ pub mod runtime;
 pub mod sandbox;
 pub mod server;
 pub mod task;
-
-/// Where runc keeps container state for a containerd namespace. Outside the bundle so that a
-/// `delete` for a grouped container still finds it.
-pub fn runtime_root(namespace: &str) -> std::path::PathBuf {
-    std::path::Path::new("/run/stasis/runc").join(namespace)
-}

@@ -28,6 +28,7 @@ use stasis_api::{
 use tokio::sync::Mutex;
 
 use super::{rootfs, volumes};
+use crate::runtime::OciRuntime;
 use crate::{
     cgroup::freezer::{self, Freezer},
     error::{Error, Result},
@@ -197,9 +198,13 @@ impl PodCheckpointService {
         let containers: Vec<&Container> = guards.iter().map(|g| &**g).collect();
         let start = Instant::now();
         let pod_freezer = freezer::for_cgroup(&pod.id, &pod.cgroup)?;
-        let result = self
-            .capture(pod_freezer.as_ref(), &selected, &containers, &opts, start)
-            .await;
+        let result = if self.tasks.runtime.checkpoints_whole_sandbox() {
+            self.capture_sandbox(&pod.id, &out, &selected, &containers, &opts)
+                .await
+        } else {
+            self.capture(pod_freezer.as_ref(), &selected, &containers, &opts, start)
+                .await
+        };
         let (frozen, per) = match result {
             Ok(r) => r,
             Err(e) => {
@@ -247,6 +252,92 @@ impl PodCheckpointService {
             engine: self.tasks.runtime.name().to_string(),
             ..Default::default()
         })
+    }
+
+    /// A runtime that checkpoints its whole sandbox (runsc) stops every container of the pod
+    /// at one instant by itself: one call, one image for the pod, no freezer, no CRIU. The
+    /// containers' writable layers live in the sandbox's memory and are in that image; what
+    /// the shim adds is each container's directory for the metadata.
+    async fn capture_sandbox(
+        &self,
+        pod_id: &str,
+        out: &Path,
+        selected: &[Selected],
+        containers: &[&Container],
+        opts: &stasis_api::checkpoint::CheckpointOptions,
+    ) -> Result<(Duration, Vec<super::Timings>)> {
+        let runtime = self.tasks.runtime.clone();
+        let all = self.tasks.ids();
+        if selected.len() != all.len() {
+            return Err(Error::precondition(
+                pod_id,
+                format!(
+                    "{} checkpoints the whole sandbox; select all {} containers of the pod or none",
+                    runtime.name(),
+                    all.len()
+                ),
+            ));
+        }
+        if opts.tcp_established || opts.file_locks {
+            return Err(Error::invalid(
+                pod_id,
+                format!(
+                    "{} has no --tcp-established or --file-locks: gVisor saves sockets and locks itself",
+                    runtime.name()
+                ),
+            ));
+        }
+        for s in selected {
+            std::fs::create_dir_all(&s.dir)
+                .map_err(|e| Error::io(&s.id, "create checkpoint dir", e))?;
+        }
+        let copts = CheckpointOpts {
+            image_path: out.join(crate::runtime::SANDBOX_IMAGE_DIR),
+            // Stopping is done after the capture, container by container, as for CRIU runtimes.
+            leave_running: true,
+            ..Default::default()
+        };
+        std::fs::create_dir_all(&copts.image_path)
+            .map_err(|e| Error::io(pod_id, "create sandbox image dir", e))?;
+        let t = Instant::now();
+        let dumped = runtime.checkpoint(pod_id, &copts);
+        let dumped = if opts.timeout_secs > 0 {
+            tokio::time::timeout(Duration::from_secs(opts.timeout_secs as u64), dumped)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::other(
+                        pod_id,
+                        "checkpoint",
+                        format!("timed out after {} s", opts.timeout_secs),
+                    ))
+                })
+        } else {
+            dumped.await
+        };
+        dumped.map_err(|e| Error::Runtime {
+            id: format!("pod {pod_id}"),
+            step: "sandbox checkpoint".into(),
+            message: e.to_string(),
+        })?;
+        let frozen = t.elapsed();
+        if !opts.leave_running {
+            for s in selected {
+                if let Err(e) = runtime.kill(&s.id, libc::SIGKILL as u32, true).await {
+                    warn!("{}: stop after checkpoint: {e}", s.id);
+                }
+            }
+        }
+        Ok((
+            frozen,
+            containers
+                .iter()
+                .map(|_| super::Timings {
+                    frozen,
+                    dump: frozen,
+                    ..Default::default()
+                })
+                .collect(),
+        ))
     }
 
     /// The frozen part: freeze, dump, capture files, thaw. Returns the frozen window.
@@ -550,27 +641,62 @@ fn write_pod_files(
     std::fs::write(out.join("pod.dump"), dump).map_err(|e| Error::io(&pod.id, "write pod.dump", e))
 }
 
-/// Checks a per-container checkpoint directory before a container is restored from it.
-pub fn check_restore_dir(id: &str, dir: &Path, engine: &str) -> Result<()> {
-    if !dir.join("checkpoint/inventory.img").exists() {
-        return Err(Error::invalid(
+fn engine_mismatch(id: &str, what: &str, written_by: &str, engine: &str) -> Error {
+    Error::precondition(
+        id,
+        format!(
+            "{what} was written by the {written_by} backend; this pod runs on the {engine} backend, which cannot restore it (restore it under a runtime handler that uses {written_by})"
+        ),
+    )
+}
+
+/// Checks a pod checkpoint before a pod is restored from it: that this backend wrote it.
+/// Returns the containers' directories named by `pod.options`.
+pub fn check_pod_dir(id: &str, dir: &Path, engine: &str) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read(dir.join("pod.options"))
+        .map_err(|e| Error::io(id, format!("read {}", dir.join("pod.options").display()), e))?;
+    let options: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| Error::invalid(id, format!("pod.options: {e}")))?;
+    let written_by = options
+        .pointer("/annotations/io.stasis.engine")
+        .and_then(|v| v.as_str())
+        .unwrap_or("runc");
+    if written_by != engine {
+        return Err(engine_mismatch(
             id,
-            format!(
-                "{} holds no CRIU images (checkpoint/inventory.img)",
-                dir.display()
-            ),
+            &format!("pod checkpoint {}", dir.display()),
+            written_by,
+            engine,
         ));
     }
+    Ok(options["containers"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .filter_map(|v| v.as_str())
+                .map(|d| dir.join(d))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Checks a per-container checkpoint directory before a container is restored from it.
+pub fn check_restore_dir(id: &str, dir: &Path, runtime: &dyn OciRuntime) -> Result<()> {
+    let engine = runtime.name();
     if let Ok(text) = std::fs::read(dir.join(STASIS_META)) {
         let meta: serde_json::Value = serde_json::from_slice(&text)
             .map_err(|e| Error::invalid(id, format!("{STASIS_META}: {e}")))?;
         let written_by = meta["engine"].as_str().unwrap_or("runc");
         if written_by != engine {
-            return Err(Error::precondition(
-                id,
-                format!("checkpoint was written by the {written_by} backend; this runtime uses {engine} and cannot restore it"),
-            ));
+            return Err(engine_mismatch(id, "the checkpoint", written_by, engine));
         }
+    }
+    let image = runtime.restore_image(dir);
+    if !runtime.has_image(&image) {
+        return Err(Error::invalid(
+            id,
+            format!("{} holds no {engine} checkpoint images", image.display()),
+        ));
     }
     rootfs::validate(id, dir)
 }
@@ -613,17 +739,11 @@ impl Checkpoint for PodCheckpointService {
         req: ValidateRestoreRequest,
     ) -> ttrpc::Result<ValidateRestoreResponse> {
         let path = PathBuf::from(&req.checkpoint_path);
-        let engine = self.tasks.runtime.name().to_string();
-        let dirs: Vec<PathBuf> = std::fs::read_dir(&path)
-            .map_err(|e| {
-                ttrpc::Error::from(Error::io("restore", format!("read {}", path.display()), e))
-            })?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.is_dir())
-            .collect();
+        let runtime = self.tasks.runtime.as_ref();
+        let engine = runtime.name().to_string();
+        let dirs = rpc(check_pod_dir("restore", &path, &engine))?;
         for d in dirs {
-            rpc(check_restore_dir("restore", &d, &engine))?;
+            rpc(check_restore_dir("restore", &d, runtime))?;
         }
         Ok(ValidateRestoreResponse {
             engine,

@@ -1,4 +1,5 @@
-//! runc (and runc-compatible CLIs) driven by its command line.
+//! runc driven by its command line. crun speaks the same command line, so its backend is this
+//! one with crun's name and its few differences (`crun.rs`).
 
 use std::{
     os::fd::OwnedFd,
@@ -9,15 +10,20 @@ use std::{
 use async_trait::async_trait;
 use log::debug;
 
-use super::{CheckpointOpts, OciRuntime, ProcessStdio, RuntimeState};
+use super::{config::Engine, CheckpointOpts, OciRuntime, ProcessStdio, RuntimeState};
 use crate::{
     error::{Error, Result},
     reaper,
 };
 
 pub struct Runc {
+    engine: Engine,
     binary: PathBuf,
     root: PathBuf,
+    /// Global flags from the handler's options, before every subcommand.
+    args: Vec<String>,
+    /// Whether `checkpoint`/`restore` take `--empty-ns` (crun's do not).
+    empty_ns: bool,
 }
 
 impl Runc {
@@ -25,14 +31,30 @@ impl Runc {
     /// `delete` subcommand) finds the containers again.
     pub fn new(binary: impl Into<PathBuf>, root: impl Into<PathBuf>) -> Self {
         Runc {
+            engine: Engine::Runc,
             binary: binary.into(),
             root: root.into(),
+            args: Vec::new(),
+            empty_ns: true,
         }
     }
 
-    fn command(&self) -> Command {
+    pub fn with_args(mut self, args: Vec<String>) -> Self {
+        self.args = args;
+        self
+    }
+
+    /// The same CLI under another runtime's name (see `crun.rs`).
+    pub(super) fn dialect(mut self, engine: Engine, empty_ns: bool) -> Self {
+        self.engine = engine;
+        self.empty_ns = empty_ns;
+        self
+    }
+
+    pub(super) fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--root").arg(&self.root);
+        cmd.args(&self.args);
         cmd.stdin(Stdio::null());
         cmd
     }
@@ -43,7 +65,7 @@ impl Runc {
 
     /// Runs a command whose output we can read, turning a failure into an error that carries
     /// runc's own words.
-    async fn run(&self, id: &str, step: &str, mut cmd: Command) -> Result<Vec<u8>> {
+    pub(super) async fn run(&self, id: &str, step: &str, mut cmd: Command) -> Result<Vec<u8>> {
         debug!("{}: {step}: {:?}", id, cmd);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let out = reaper::run(cmd)
@@ -52,7 +74,7 @@ impl Runc {
         if !out.success() {
             return Err(Error::Runtime {
                 id: id.to_string(),
-                step: format!("runc {step}"),
+                step: format!("{} {step}", self.engine),
                 message: clean_message(&out.stderr, &out.stdout),
             });
         }
@@ -60,7 +82,7 @@ impl Runc {
     }
 
     /// Runs a command whose stdio belongs to the container; errors come from runc's log file.
-    async fn run_with_process_stdio(
+    pub(super) async fn run_with_process_stdio(
         &self,
         id: &str,
         step: &str,
@@ -88,7 +110,7 @@ impl Runc {
         } else {
             Err(Error::Runtime {
                 id: id.to_string(),
-                step: format!("runc {step}"),
+                step: format!("{} {step}", self.engine),
                 message: last_log_error(&log)
                     .unwrap_or_else(|| format!("exit status {}", out.status)),
             })
@@ -120,8 +142,8 @@ fn last_log_error(log: &Path) -> Option<String> {
 
 #[async_trait]
 impl OciRuntime for Runc {
-    fn name(&self) -> &str {
-        "runc"
+    fn engine(&self) -> Engine {
+        self.engine
     }
 
     async fn create(
@@ -242,7 +264,7 @@ impl OciRuntime for Runc {
     async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()> {
         let mut cmd = self.command();
         cmd.arg("checkpoint");
-        criu_args(&mut cmd, opts);
+        self.criu_args(id, &mut cmd, opts)?;
         if opts.leave_running {
             cmd.arg("--leave-running");
         }
@@ -250,7 +272,7 @@ impl OciRuntime for Runc {
         self.run(id, "checkpoint", cmd)
             .await
             .map(drop)
-            .map_err(|e| with_criu_reason(e, &opts.work_path.join("dump.log")))
+            .map_err(|e| with_criu_reason(e, &opts.work_path.join("dump.log"), self.engine))
     }
 
     async fn restore(
@@ -269,14 +291,14 @@ impl OciRuntime for Runc {
             .arg("--bundle")
             .arg(bundle);
         cmd.arg("--pid-file").arg(pid_file);
-        criu_args(&mut cmd, opts);
+        self.criu_args(id, &mut cmd, opts)?;
         if let Some(sock) = &stdio.console_socket {
             cmd.arg("--console-socket").arg(sock);
         }
         cmd.arg(id);
         self.run_with_process_stdio(id, "restore", cmd, stdio)
             .await
-            .map_err(|e| with_criu_reason(e, &opts.work_path.join("restore.log")))
+            .map_err(|e| with_criu_reason(e, &opts.work_path.join("restore.log"), self.engine))
     }
 }
 
@@ -302,17 +324,38 @@ pub fn criu_errors(log: &Path) -> Option<String> {
 }
 
 /// Adds CRIU's own reason (from its log) to a failed runc checkpoint/restore.
-fn with_criu_reason(e: Error, log: &Path) -> Error {
+fn with_criu_reason(e: Error, log: &Path, engine: Engine) -> Error {
     match e {
         Error::Runtime { id, step, message } => Error::Runtime {
             id,
             step,
             message: match criu_errors(log) {
-                Some(criu) => format!("CRIU: {criu} (runc: {message})"),
+                Some(criu) => format!("CRIU: {criu} ({engine}: {message})"),
                 None => message,
             },
         },
         other => other,
+    }
+}
+
+impl Runc {
+    pub(super) fn criu_args(
+        &self,
+        id: &str,
+        cmd: &mut Command,
+        opts: &CheckpointOpts,
+    ) -> Result<()> {
+        if !opts.empty_ns.is_empty() && !self.empty_ns {
+            return Err(Error::invalid(
+                id,
+                format!(
+                    "{} cannot leave namespaces out of a checkpoint (--empty-ns)",
+                    self.engine
+                ),
+            ));
+        }
+        criu_args(cmd, opts);
+        Ok(())
     }
 }
 

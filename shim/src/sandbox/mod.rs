@@ -26,6 +26,7 @@ use crate::{
     cgroup,
     error::{Error, Result},
     reaper::{self, Exit},
+    runtime::PodRoot,
     task::{timestamp, Tasks},
 };
 
@@ -56,6 +57,8 @@ struct PodState {
     shm: Option<PathBuf>,
     files: Vec<PathBuf>,
     shut_down: bool,
+    /// The runtime runs the pod's root itself (runsc), rather than our pause process.
+    root_by_runtime: bool,
 }
 
 impl Pod {
@@ -115,6 +118,33 @@ pub struct SandboxService {
 }
 
 impl SandboxService {
+    /// A pod created to be restored names its checkpoint in an annotation. Runtimes that
+    /// restore whole sandboxes restore it at start; for the others the containers restore one
+    /// by one. Either way an archive from another backend is refused here, before anything runs.
+    fn restore_image(&self, pod: &Pod) -> Result<Option<PathBuf>> {
+        let Some(dir) = pod.config.annotations.get(stasis_api::RESTORE_ANNOTATION) else {
+            return Ok(None);
+        };
+        let dir = PathBuf::from(dir);
+        let runtime = &self.tasks.runtime;
+        crate::checkpoint::pod::check_pod_dir(&pod.id, &dir, runtime.name())?;
+        if !runtime.checkpoints_whole_sandbox() {
+            return Ok(None);
+        }
+        let image = dir.join(crate::runtime::SANDBOX_IMAGE_DIR);
+        if !runtime.has_image(&image) {
+            return Err(Error::invalid(
+                &pod.id,
+                format!(
+                    "{} holds no {} sandbox image",
+                    dir.display(),
+                    runtime.name()
+                ),
+            ));
+        }
+        Ok(Some(image))
+    }
+
     fn pod(&self, id: &str) -> Result<Arc<Pod>> {
         match self.tasks.pod() {
             Some(p) if p.id == id => Ok(p),
@@ -182,14 +212,31 @@ impl SandboxService {
         let (files, shm) = write_pod_files(&pod)?;
         st.files = files;
         st.shm = shm;
-        let pid = pause::spawn(id, &pod.netns, &pod.config.hostname)?;
-        if let Err(e) = cgroup::add_process(id, &pod.cgroup, pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            return Err(e);
-        }
+        let restore_image = self.restore_image(&pod)?;
+        let runtime = self.tasks.runtime.clone();
+        let root = PodRoot {
+            id: id.to_string(),
+            bundle: pod.bundle.clone(),
+            netns: pod.netns.clone(),
+            hostname: pod.config.hostname.clone(),
+            cgroup: pod.cgroup.clone(),
+            restore_image,
+        };
+        let (pid, by_runtime) = match runtime.start_pod(&root).await? {
+            Some(pid) => (pid, true),
+            None => {
+                let pid = pause::spawn(id, &pod.netns, &pod.config.hostname)?;
+                if let Err(e) = cgroup::add_process(id, &pod.cgroup, pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    return Err(e);
+                }
+                (pid, false)
+            }
+        };
+        st.root_by_runtime = by_runtime;
         st.pid = pid;
         st.started = true;
         let now = time::OffsetDateTime::now_utc();
@@ -197,7 +244,11 @@ impl SandboxService {
         let exited = pod.exited.clone();
         let pod_id = id.to_string();
         tokio::spawn(async move {
-            let exit = reaper::wait(pid).await;
+            let exit = if by_runtime {
+                runtime.wait_init(&pod_id, pid).await
+            } else {
+                reaper::wait(pid).await
+            };
             info!("pod {pod_id}: pause process {pid} exited ({})", exit.status);
             exited.send_replace(Some(exit));
         });
@@ -218,7 +269,19 @@ impl SandboxService {
         });
         self.tasks.kill_all(timeout).await;
         let pid = pod.pid().await;
-        if pid > 0 && pod.exit().is_none() {
+        let by_runtime = pod.state.lock().await.root_by_runtime;
+        if by_runtime {
+            // The runtime's sandbox: its root container goes, and the sandbox with it.
+            let runtime = &self.tasks.runtime;
+            if let Err(e) = runtime.kill(id, libc::SIGKILL as u32, true).await {
+                warn!("pod {id}: kill the sandbox root: {e}");
+            }
+            let mut rx = pod.wait_exit();
+            let _ = tokio::time::timeout(timeout, rx.wait_for(|e| e.is_some())).await;
+            if let Err(e) = runtime.delete(id, true).await {
+                warn!("pod {id}: delete the sandbox root: {e}");
+            }
+        } else if pid > 0 && pod.exit().is_none() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,

@@ -37,6 +37,7 @@ use crate::{
     error::{Error, Result},
     events::EventSink,
     reaper,
+    runtime::config::BackendConfig,
     runtime::CheckpointOpts,
     runtime::OciRuntime,
 };
@@ -139,10 +140,27 @@ impl Tasks {
                 o.type_url,
                 o.value.len()
             );
+            // One shim drives one runtime: a container whose handler asks for another one was
+            // routed to the wrong pod.
+            let wanted = BackendConfig::from_options(&id, &o.type_url, &o.value)?.engine;
+            if wanted != self.runtime.engine() {
+                return Err(Error::precondition(
+                    &id,
+                    format!(
+                        "the container's runtime handler asks for {wanted}, but its pod runs on {}",
+                        self.runtime.engine()
+                    ),
+                ));
+            }
         }
         let bundle = PathBuf::from(&req.bundle);
         let mut spec = read_spec(&id, &bundle)?;
-        self.place_in_pod(&id, &bundle, &mut spec)?;
+        let original = spec.clone();
+        self.place_in_pod(&id, &mut spec);
+        self.runtime.adapt_container_spec(&mut spec);
+        if spec != original {
+            write_spec(&id, &bundle, &spec)?;
+        }
         let cgroup_path = spec
             .pointer("/linux/cgroupsPath")
             .and_then(|v| v.as_str())
@@ -170,20 +188,23 @@ impl Tasks {
             .and_then(|v| v.as_str())
             .map(PathBuf::from);
         if let Some(dir) = &pod_restore_dir {
-            checkpoint::pod::check_restore_dir(&id, dir, self.runtime.name())?;
+            checkpoint::pod::check_restore_dir(&id, dir, self.runtime.as_ref())?;
         }
         let restore_from = if !req.checkpoint.is_empty() {
             Some(PathBuf::from(&req.checkpoint))
         } else {
-            pod_restore_dir.as_ref().map(|d| d.join("checkpoint"))
+            pod_restore_dir
+                .as_ref()
+                .map(|d| self.runtime.restore_image(d))
         };
         if let Some(image) = &restore_from {
-            if !image.join("inventory.img").exists() {
+            if !self.runtime.has_image(image) {
                 return Err(Error::invalid(
                     &id,
                     format!(
-                        "{} holds no CRIU images (no inventory.img)",
-                        image.display()
+                        "{} holds no {} checkpoint images",
+                        image.display(),
+                        self.runtime.name()
                     ),
                 ));
             }
@@ -314,6 +335,10 @@ impl Tasks {
         c.init.pid = pid;
         c.init.io = io;
         c.restore_from = None;
+        // A runtime that restores the whole sandbox at once needs no hold.
+        if c.resume_pending && self.runtime.checkpoints_whole_sandbox() {
+            c.resume_pending = false;
+        }
         if c.resume_pending {
             // Hold it until the whole pod is restored: a container that ran now could change
             // files another container of the pod has open, and CRIU would refuse that one.
@@ -416,9 +441,9 @@ impl Tasks {
     }
 
     /// A container of this shim's pod goes below the pod cgroup, whatever path CRI chose.
-    fn place_in_pod(&self, id: &str, bundle: &Path, spec: &mut serde_json::Value) -> Result<()> {
+    fn place_in_pod(&self, id: &str, spec: &mut serde_json::Value) {
         let Some(pod) = self.pod() else {
-            return Ok(());
+            return;
         };
         let sandbox = spec
             .pointer(&format!(
@@ -427,21 +452,17 @@ impl Tasks {
             ))
             .and_then(|v| v.as_str());
         if sandbox != Some(pod.id.as_str()) {
-            return Ok(());
+            return;
         }
         let wanted = pod.container_cgroup(id);
         let current = spec.pointer("/linux/cgroupsPath").and_then(|v| v.as_str());
         if current.is_some_and(|c| c.starts_with(&format!("{}/", pod.cgroup.trim_end_matches('/'))))
         {
-            return Ok(());
+            return;
         }
         if let Some(linux) = spec.get_mut("linux").and_then(|l| l.as_object_mut()) {
             linux.insert("cgroupsPath".into(), serde_json::Value::String(wanted));
         }
-        let text = serde_json::to_vec_pretty(spec)
-            .map_err(|e| Error::other(id, "encode config.json", e))?;
-        std::fs::write(bundle.join("config.json"), text)
-            .map_err(|e| Error::io(id, "rewrite config.json with the pod cgroup", e))
     }
 
     async fn create_init(
@@ -489,8 +510,13 @@ impl Tasks {
     /// Waits for a process to exit, then records it, drains its output and tells containerd.
     fn watch_exit(&self, container: Shared<Container>, id: String, exec_id: String, pid: i32) {
         let events = self.events.clone();
+        let runtime = self.runtime.clone();
         tokio::spawn(async move {
-            let exit = reaper::wait(pid).await;
+            let exit = if exec_id.is_empty() {
+                runtime.wait_init(&id, pid).await
+            } else {
+                reaper::wait(pid).await
+            };
             debug!("{id}/{exec_id}: pid {pid} exited with {}", exit.status);
             // Deliver all output before containerd hears of the exit.
             let io = {
@@ -1012,6 +1038,14 @@ fn read_spec(id: &str, bundle: &Path) -> Result<serde_json::Value> {
         ));
     }
     Ok(spec)
+}
+
+/// Rewrites config.json after the shim adapted it to the pod (cgroup) and the runtime.
+fn write_spec(id: &str, bundle: &Path, spec: &serde_json::Value) -> Result<()> {
+    let text =
+        serde_json::to_vec_pretty(spec).map_err(|e| Error::other(id, "encode config.json", e))?;
+    std::fs::write(bundle.join("config.json"), text)
+        .map_err(|e| Error::io(id, "rewrite config.json for the pod", e))
 }
 
 fn mount_rootfs(

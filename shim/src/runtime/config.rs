@@ -1,0 +1,231 @@
+//! Which OCI runtime a pod's shim drives. containerd hands every shim the options of its CRI
+//! runtime handler; for a runtime type that is not runc's own, CRI wraps them as
+//! `runtimeoptions.v1.Options` (TypeUrl, ConfigPath, ConfigBody), so one stasis runtime type
+//! can serve several handlers that differ only in their options:
+//!
+//! ```toml
+//! [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.stasis-gvisor.options]
+//!   TypeUrl = "io.stasis.v1.Backend"
+//!   ConfigBody = 'engine = "runsc"'   # or ConfigPath = "/etc/stasis/gvisor.toml"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The OCI runtimes stasis has a backend for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    #[default]
+    Runc,
+    Crun,
+    Runsc,
+}
+
+impl Engine {
+    pub const ALL: [Engine; 3] = [Engine::Runc, Engine::Crun, Engine::Runsc];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Runc => "runc",
+            Engine::Crun => "crun",
+            Engine::Runsc => "runsc",
+        }
+    }
+
+    fn from_binary(binary: &str) -> Option<Engine> {
+        let base = Path::new(binary).file_name()?.to_str()?;
+        Engine::ALL.into_iter().find(|e| e.name() == base)
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The backend of one shim, as its handler's options describe it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    #[serde(default)]
+    pub engine: Engine,
+    /// The runtime binary; default: the engine's name, looked up on PATH.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<PathBuf>,
+    /// Extra global flags put before every subcommand (for runsc: `--platform=…`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runtime_args: Vec<String>,
+}
+
+/// containerd's `runtimeoptions.v1.Options`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuntimeOptions {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(string, tag = "2")]
+    config_path: String,
+    #[prost(bytes = "vec", tag = "3")]
+    config_body: Vec<u8>,
+}
+
+/// The one field of `containerd.runc.v1.Options` that says which runtime to run.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuncOptions {
+    #[prost(string, tag = "6")]
+    binary_name: String,
+}
+
+/// File the `start` action leaves in the pod's bundle for the shim it spawns.
+pub const BUNDLE_FILE: &str = "stasis-backend.json";
+
+impl BackendConfig {
+    pub fn binary(&self) -> PathBuf {
+        self.binary
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(self.engine.name()))
+    }
+
+    /// Parses the TOML body of a handler's options.
+    pub fn from_toml(id: &str, text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::invalid(id, format!("stasis runtime options: {e}")))
+    }
+
+    /// Reads the backend out of runtime options as containerd sends them (type URL + protobuf);
+    /// no options means runc.
+    pub fn from_options(id: &str, type_url: &str, value: &[u8]) -> Result<Self> {
+        use prost::Message as _;
+        if type_url.is_empty() && value.is_empty() {
+            return Ok(Self::default());
+        }
+        if type_url.ends_with("runtimeoptions.v1.Options") {
+            let o = RuntimeOptions::decode(value)
+                .map_err(|e| Error::invalid(id, format!("decode runtime options: {e}")))?;
+            if !o.config_body.is_empty() {
+                let text = String::from_utf8(o.config_body)
+                    .map_err(|_| Error::invalid(id, "runtime options ConfigBody is not UTF-8"))?;
+                return Self::from_toml(id, &text);
+            }
+            if !o.config_path.is_empty() {
+                let text = std::fs::read_to_string(&o.config_path).map_err(|e| {
+                    Error::io(id, format!("read runtime options {}", o.config_path), e)
+                })?;
+                return Self::from_toml(id, &text);
+            }
+            return Ok(Self::default());
+        }
+        if type_url.ends_with("containerd.runc.v1.Options") {
+            let o = RuncOptions::decode(value)
+                .map_err(|e| Error::invalid(id, format!("decode runc options: {e}")))?;
+            if o.binary_name.is_empty() {
+                return Ok(Self::default());
+            }
+            let engine = Engine::from_binary(&o.binary_name).ok_or_else(|| {
+                Error::invalid(
+                    id,
+                    format!(
+                        "BinaryName {:?} is none of runc, crun, runsc",
+                        o.binary_name
+                    ),
+                )
+            })?;
+            return Ok(BackendConfig {
+                engine,
+                binary: Some(PathBuf::from(o.binary_name)),
+                runtime_args: Vec::new(),
+            });
+        }
+        Err(Error::invalid(
+            id,
+            format!("unknown runtime options type {type_url:?}"),
+        ))
+    }
+
+    pub fn save(&self, id: &str, bundle: &Path) -> Result<()> {
+        let text =
+            serde_json::to_vec_pretty(self).map_err(|e| Error::other(id, "encode backend", e))?;
+        std::fs::write(bundle.join(BUNDLE_FILE), text)
+            .map_err(|e| Error::io(id, "write the backend choice into the bundle", e))
+    }
+
+    /// The backend `start` chose for the shim serving `bundle` (runc if it chose none).
+    pub fn load(id: &str, bundle: &Path) -> Result<Self> {
+        match std::fs::read(bundle.join(BUNDLE_FILE)) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| Error::other(id, format!("parse {BUNDLE_FILE}"), e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(Error::io(id, format!("read {BUNDLE_FILE}"), e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message as _;
+
+    #[test]
+    fn runtime_options_body_and_path() {
+        let body = RuntimeOptions {
+            type_url: "io.stasis.v1.Backend".into(),
+            config_path: String::new(),
+            config_body: b"engine = \"runsc\"\nruntime_args = [\"--platform=systrap\"]".to_vec(),
+        };
+        let c =
+            BackendConfig::from_options("p", "runtimeoptions.v1.Options", &body.encode_to_vec())
+                .unwrap();
+        assert_eq!(c.engine, Engine::Runsc);
+        assert_eq!(c.runtime_args, vec!["--platform=systrap"]);
+        assert_eq!(c.binary(), PathBuf::from("runsc"));
+
+        let dir = std::env::temp_dir().join(format!("stasis-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("crun.toml");
+        std::fs::write(&file, "engine = \"crun\"\nbinary = \"/usr/bin/crun\"\n").unwrap();
+        let path = RuntimeOptions {
+            config_path: file.display().to_string(),
+            ..Default::default()
+        };
+        let c = BackendConfig::from_options(
+            "p",
+            "type.googleapis.com/runtimeoptions.v1.Options",
+            &path.encode_to_vec(),
+        )
+        .unwrap();
+        assert_eq!(c.engine, Engine::Crun);
+        c.save("p", &dir).unwrap();
+        assert_eq!(BackendConfig::load("p", &dir).unwrap(), c);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn runc_binary_name_and_errors() {
+        let runc = RuncOptions {
+            binary_name: "/usr/bin/crun".into(),
+        };
+        let c =
+            BackendConfig::from_options("p", "containerd.runc.v1.Options", &runc.encode_to_vec())
+                .unwrap();
+        assert_eq!(c.engine, Engine::Crun);
+        assert_eq!(
+            BackendConfig::from_options("p", "", &[]).unwrap().engine,
+            Engine::Runc
+        );
+        let bad = RuntimeOptions {
+            config_body: b"engine = \"kata\"".to_vec(),
+            ..Default::default()
+        };
+        let e = BackendConfig::from_options("p", "runtimeoptions.v1.Options", &bad.encode_to_vec())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kata"), "{e}");
+        let e = BackendConfig::from_options("p", "foo.Options", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("foo.Options"), "{e}");
+    }
+}

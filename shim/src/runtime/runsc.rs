@@ -1,0 +1,347 @@
+//! gVisor's runsc. A pod is one gVisor sandbox: its root container (the pod's pause) is
+//! created first, every container of the pod joins it (runsc reads CRI's container-type and
+//! sandbox-id annotations), and gVisor checkpoints the whole sandbox, all containers at one
+//! instant, without CRIU or a cgroup freezer. The command line is runc's for the most part, so
+//! the plain subcommands go through the runc CLI driver under runsc's name.
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use serde_json::json;
+
+use super::{
+    config::Engine, CheckpointOpts, OciRuntime, PodRoot, ProcessStdio, Runc, RuntimeState,
+};
+use crate::{
+    error::{Error, Result},
+    reaper::Exit,
+};
+
+/// The gVisor image file a sandbox checkpoint writes.
+pub const STATE_FILE: &str = "checkpoint.img";
+
+pub struct Runsc {
+    cli: Runc,
+}
+
+impl Runsc {
+    pub fn new(binary: PathBuf, root: PathBuf, args: Vec<String>) -> Self {
+        Runsc {
+            cli: Runc::new(binary, root)
+                .with_args(args)
+                .dialect(Engine::Runsc, false),
+        }
+    }
+}
+
+/// The root container's spec: the pod's namespaces (gVisor's own kernel provides PID, IPC and
+/// UTS; the network namespace is CRI's), its cgroup, and a static busybox that sleeps.
+fn pod_root_spec(pod: &PodRoot) -> serde_json::Value {
+    let mut namespaces = vec![
+        json!({"type": "pid"}),
+        json!({"type": "ipc"}),
+        json!({"type": "uts"}),
+        json!({"type": "mount"}),
+    ];
+    if pod.netns.is_empty() {
+        namespaces.push(json!({"type": "network"}));
+    } else {
+        namespaces.push(json!({"type": "network", "path": pod.netns}));
+    }
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "user": {"uid": 0, "gid": 0},
+            "args": ["/busybox", "sleep", "2147483647"],
+            "env": ["PATH=/"],
+            "cwd": "/",
+            "capabilities": {"bounding": [], "effective": [], "permitted": []},
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": pod.hostname,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}
+        ],
+        "annotations": {
+            "io.kubernetes.cri.container-type": "sandbox",
+            "io.kubernetes.cri.sandbox-id": pod.id,
+        },
+        "linux": {
+            "cgroupsPath": pod.cgroup,
+            "namespaces": namespaces
+        }
+    })
+}
+
+/// Writes the root container's bundle: config.json and a rootfs holding only a static busybox.
+fn write_pod_root_bundle(pod: &PodRoot) -> Result<PathBuf> {
+    let bundle = pod.bundle.join("gvisor-root");
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(&rootfs).map_err(|e| Error::io(&pod.id, "create root bundle", e))?;
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            Error::precondition(
+                &pod.id,
+                "the gVisor pod root needs a static busybox at /bin/busybox (busybox-static)",
+            )
+        })?;
+    std::fs::copy(busybox, rootfs.join("busybox"))
+        .map_err(|e| Error::io(&pod.id, "copy busybox into the pod root", e))?;
+    let spec = serde_json::to_vec_pretty(&pod_root_spec(pod))
+        .map_err(|e| Error::other(&pod.id, "encode root spec", e))?;
+    std::fs::write(bundle.join("config.json"), spec)
+        .map_err(|e| Error::io(&pod.id, "write root config.json", e))?;
+    Ok(bundle)
+}
+
+/// `runsc ps --format json` lists process objects; the shim wants host-visible ids only.
+fn parse_ps(id: &str, out: &[u8]) -> Result<Vec<u32>> {
+    let v: Option<Vec<serde_json::Value>> =
+        serde_json::from_slice(out).map_err(|e| Error::other(id, "parse runsc ps", e))?;
+    Ok(v.unwrap_or_default()
+        .iter()
+        .filter_map(|p| p["PID"].as_u64().map(|n| n as u32))
+        .collect())
+}
+
+#[async_trait]
+impl OciRuntime for Runsc {
+    fn engine(&self) -> Engine {
+        Engine::Runsc
+    }
+
+    fn checkpoints_whole_sandbox(&self) -> bool {
+        true
+    }
+
+    async fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        stdio: ProcessStdio,
+        pid_file: &Path,
+    ) -> Result<()> {
+        self.cli.create(id, bundle, stdio, pid_file).await
+    }
+
+    async fn start(&self, id: &str) -> Result<()> {
+        self.cli.start(id).await
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        process_json: &Path,
+        stdio: ProcessStdio,
+        pid_file: &Path,
+    ) -> Result<()> {
+        self.cli.exec(id, process_json, stdio, pid_file).await
+    }
+
+    async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+        self.cli.kill(id, signal, all).await
+    }
+
+    async fn delete(&self, id: &str, force: bool) -> Result<()> {
+        self.cli.delete(id, force).await
+    }
+
+    async fn pause(&self, id: &str) -> Result<()> {
+        self.cli.pause(id).await
+    }
+
+    async fn resume(&self, id: &str) -> Result<()> {
+        self.cli.resume(id).await
+    }
+
+    async fn pids(&self, id: &str) -> Result<Vec<u32>> {
+        let mut cmd = self.cli.command();
+        cmd.args(["ps", "--format", "json", id]);
+        let out = self.cli.run(id, "ps", cmd).await?;
+        parse_ps(id, &out)
+    }
+
+    async fn state(&self, id: &str) -> Result<RuntimeState> {
+        self.cli.state(id).await
+    }
+
+    async fn update(&self, id: &str, _resources_json: &[u8]) -> Result<()> {
+        Err(Error::precondition(
+            id,
+            "runsc cannot change the resources of a running container",
+        ))
+    }
+
+    /// Checkpoints the whole sandbox `id` (the pod's root container) into `opts.image_path`.
+    async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()> {
+        let mut cmd = self.cli.command();
+        cmd.arg("checkpoint")
+            .arg("--image-path")
+            .arg(&opts.image_path);
+        if opts.leave_running {
+            cmd.arg("--leave-running");
+        }
+        cmd.arg(id);
+        self.cli.run(id, "checkpoint", cmd).await.map(drop)
+    }
+
+    async fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        opts: &CheckpointOpts,
+        stdio: ProcessStdio,
+        pid_file: &Path,
+    ) -> Result<()> {
+        let mut cmd = self.cli.command();
+        cmd.arg("restore")
+            .arg("--detach")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--image-path")
+            .arg(&opts.image_path)
+            .arg("--pid-file")
+            .arg(pid_file);
+        if let Some(sock) = &stdio.console_socket {
+            cmd.arg("--console-socket").arg(sock);
+        }
+        cmd.arg(id);
+        self.cli
+            .run_with_process_stdio(id, "restore", cmd, stdio)
+            .await
+    }
+
+    fn restore_image(&self, container_dir: &Path) -> PathBuf {
+        // One image for the whole sandbox, beside the containers' directories.
+        container_dir
+            .parent()
+            .unwrap_or(container_dir)
+            .join(super::SANDBOX_IMAGE_DIR)
+    }
+
+    fn has_image(&self, image: &Path) -> bool {
+        image.join(STATE_FILE).exists()
+    }
+
+    /// The container's processes live in gVisor's kernel, not on the host: `runsc wait`
+    /// reports how the container's init ended.
+    async fn wait_init(&self, id: &str, _pid: i32) -> Exit {
+        let mut cmd = self.cli.command();
+        cmd.args(["wait", id]);
+        let status = match self.cli.run(id, "wait", cmd).await {
+            Ok(out) => serde_json::from_slice::<serde_json::Value>(&out)
+                .ok()
+                .and_then(|v| v["exitStatus"].as_i64())
+                .unwrap_or(255) as i32,
+            Err(e) => {
+                log::warn!("{e}");
+                255
+            }
+        };
+        Exit {
+            pid: _pid,
+            status,
+            at: time::OffsetDateTime::now_utc(),
+        }
+    }
+
+    fn adapt_container_spec(&self, spec: &mut serde_json::Value) {
+        // Containers join the sandbox's kernel; the host namespace paths CRI filled in (those
+        // of the sandbox process) mean nothing inside gVisor.
+        if let Some(ns) = spec
+            .pointer_mut("/linux/namespaces")
+            .and_then(|n| n.as_array_mut())
+        {
+            for n in ns.iter_mut() {
+                if let Some(o) = n.as_object_mut() {
+                    o.remove("path");
+                }
+            }
+        }
+    }
+
+    async fn start_pod(&self, pod: &PodRoot) -> Result<Option<i32>> {
+        let bundle = write_pod_root_bundle(pod)?;
+        let pid_file = bundle.join("init.pid");
+        let opts;
+        let result = match &pod.restore_image {
+            Some(image) => {
+                opts = CheckpointOpts {
+                    image_path: image.clone(),
+                    ..Default::default()
+                };
+                self.restore(&pod.id, &bundle, &opts, ProcessStdio::default(), &pid_file)
+                    .await
+            }
+            None => {
+                match self
+                    .create(&pod.id, &bundle, ProcessStdio::default(), &pid_file)
+                    .await
+                {
+                    Ok(()) => self.start(&pod.id).await,
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        if let Err(e) = result {
+            let _ = self.delete(&pod.id, true).await;
+            return Err(e);
+        }
+        let pid = crate::task::stdio::read_pid(&pod.id, &pid_file)?;
+        Ok(Some(pid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_spec_and_ps() {
+        let pod = PodRoot {
+            id: "pod1".into(),
+            bundle: PathBuf::from("/tmp/x"),
+            netns: "/var/run/netns/cni-1".into(),
+            hostname: "web".into(),
+            cgroup: "/stasis/pod1".into(),
+            restore_image: None,
+        };
+        let spec = pod_root_spec(&pod);
+        assert_eq!(
+            spec["annotations"]["io.kubernetes.cri.container-type"],
+            "sandbox"
+        );
+        assert_eq!(
+            spec["linux"]["namespaces"][4]["path"],
+            "/var/run/netns/cni-1"
+        );
+        assert_eq!(spec["hostname"], "web");
+        let pids = parse_ps(
+            "c",
+            br#"[{"UID":0,"PID":1,"PPID":0},{"UID":0,"PID":7,"PPID":1}]"#,
+        )
+        .unwrap();
+        assert_eq!(pids, vec![1, 7]);
+        assert_eq!(parse_ps("c", b"null").unwrap(), Vec::<u32>::new());
+
+        let r = Runsc::new(
+            "runsc".into(),
+            "/run/x".into(),
+            vec!["--platform=systrap".into()],
+        );
+        let cmd = r.cli.command();
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
+        assert_eq!(args, ["--root", "/run/x", "--platform=systrap"]);
+
+        let mut spec =
+            json!({"linux": {"namespaces": [{"type": "pid", "path": "/proc/9/ns/pid"}]}});
+        r.adapt_container_spec(&mut spec);
+        assert_eq!(spec["linux"]["namespaces"][0], json!({"type": "pid"}));
+    }
+}

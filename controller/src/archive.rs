@@ -6,6 +6,7 @@
 //! pod.dump                    the CRI PodSandboxConfig (JSON)
 //! <id>-<name>/                one per container, the layout checkpointctl reads
 //!   checkpoint/               CRIU images (+ volumes/ and volumes.json when captured)
+//!                             (runtimes that save whole sandboxes: one sandbox/ at the top)
 //!   config.dump spec.dump status.dump rootfs-diff.tar deleted.files dump.log [stats-dump]
 //!   container-config.json     the CRI ContainerConfig, for the restore
 //!   stasis.json               engine, timings, sizes
@@ -147,8 +148,11 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<PodOptions> {
             if Path::new(dir).components().count() != 1 || !d.is_dir() {
                 bail!("pod.options names container {name:?} in directory {dir:?}, which the archive does not contain");
             }
-            if !d.join("checkpoint/inventory.img").is_file() {
-                bail!("container {name:?} ({dir}) has no CRIU images (checkpoint/inventory.img)");
+            // Which images a container needs is the runtime's business (CRIU images in
+            // checkpoint/, or one sandbox image for the pod): the shim checks them in
+            // ValidateRestore. Here: the metadata every backend writes.
+            if !d.join("config.dump").is_file() || !d.join("container-config.json").is_file() {
+                bail!("container {name:?} ({dir}) has no config.dump or container-config.json");
             }
         }
         if !dest.join("pod.dump").is_file() {

@@ -82,14 +82,17 @@ fn drain_stdin() -> Vec<u8> {
         .unwrap_or_default()
 }
 
-/// The backend the handler's options ask for.
+/// The backend the handler's options ask for, else the one this binary's name asks for.
 fn backend_from_stdin(id: &str, bytes: &[u8]) -> Result<BackendConfig, BoxError> {
+    // argv[0], not current_exe(): that resolves the link whose name carries the choice.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let by_name = || BackendConfig::from_binary_name(Path::new(&argv0));
     if bytes.is_empty() {
-        return Ok(BackendConfig::default());
+        return Ok(by_name());
     }
     let any = protobuf::well_known_types::any::Any::parse_from_bytes(bytes)
         .map_err(|e| format!("{id}: runtime options on stdin: {e}"))?;
-    Ok(BackendConfig::from_options(id, &any.type_url, &any.value)?)
+    Ok(BackendConfig::from_options(id, &any.type_url, &any.value)?.unwrap_or_else(by_name))
 }
 
 pub fn start(flags: &Flags) -> Result<(), BoxError> {

@@ -1,7 +1,7 @@
 //! A small CRI client over containerd's socket (the `k8s-cri` types through tonic), and
 //! builders for the pod and container configs the tests use.
 
-use std::{collections::HashMap, path::Path};
+use std::{collections::HashMap, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
 pub use k8s_cri::v1 as cri;
@@ -24,14 +24,23 @@ impl CriClient {
 
     /// RunPodSandbox with the stasis handler; returns the pod id.
     pub async fn run_pod(&mut self, config: &cri::PodSandboxConfig) -> Result<String> {
+        self.run_pod_with(config, STASIS_HANDLER).await
+    }
+
+    /// Runs a pod under another CRI runtime handler (`stasis-gvisor`, `stasis-crun`, `runc`).
+    pub async fn run_pod_with(
+        &mut self,
+        config: &cri::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String> {
         let resp = self
             .runtime
             .run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(config.clone()),
-                runtime_handler: STASIS_HANDLER.to_string(),
+                runtime_handler: handler.to_string(),
             })
             .await
-            .context("RunPodSandbox")?;
+            .with_context(|| format!("RunPodSandbox (handler {handler})"))?;
         Ok(resp.into_inner().pod_sandbox_id)
     }
 
@@ -197,4 +206,54 @@ pub fn container_config(name: &str, image: &str, cmd: &[&str]) -> cri::Container
         }),
         ..Default::default()
     }
+}
+
+/// The consistency loop of the checkpoint tests: a memory counter written to a file; after a
+/// restore the file must never be ahead of memory (a violation is logged to /violations).
+pub fn counter_loop(file: &str) -> String {
+    format!(
+        "i=0; while true; do v=$(cat {file} 2>/dev/null || echo 0); \
+         if [ \"$v\" -gt \"$i\" ]; then echo \"file=$v memory=$i\" >> /violations; fi; \
+         i=$((i+1)); echo $i > {file}; sleep 0.01; done"
+    )
+}
+
+pub async fn read_counter(cri: &mut CriClient, id: &str, file: &str) -> Result<u64> {
+    let mut last = String::new();
+    for _ in 0..30 {
+        let out = cri.exec_ok(id, &["cat", file]).await?;
+        if let Ok(v) = out.trim().parse() {
+            return Ok(v);
+        }
+        last = out;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    anyhow::bail!("counter {file} in {id} unreadable: {last:?}")
+}
+
+pub async fn containers_by_name(
+    cri: &mut CriClient,
+    pod_id: &str,
+) -> Result<Vec<(String, String, i32)>> {
+    let list = cri
+        .runtime
+        .list_containers(cri::ListContainersRequest {
+            filter: Some(cri::ContainerFilter {
+                pod_sandbox_id: pod_id.to_string(),
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner()
+        .containers;
+    Ok(list
+        .into_iter()
+        .map(|c| {
+            (
+                c.metadata.map(|m| m.name).unwrap_or_default(),
+                c.id,
+                c.state,
+            )
+        })
+        .collect())
 }

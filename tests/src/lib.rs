@@ -18,12 +18,6 @@ pub const STASIS_RUNTIME: &str = "io.containerd.stasis.v2";
 pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
 pub const SHIM_BINARY: &str = "containerd-shim-stasis-v2";
 
-/// The options of handler `stasis-gvisor` (also in `examples/containerd/stasis-runtime.toml`).
-pub const GVISOR_BACKEND_TOML: &str = r#"engine = "runsc"
-runtime_args = ["--platform=systrap", "--network=none"]"#;
-/// The options of handler `stasis-crun`.
-pub const CRUN_BACKEND_TOML: &str = r#"engine = "crun""#;
-
 /// Fails (never skips) when something the end-to-end tests need is missing.
 pub fn require_prerequisites() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -96,6 +90,15 @@ impl Containerd {
         std::fs::create_dir_all(&shim_dir)?;
         std::fs::copy(shim_binary()?, shim_dir.join(SHIM_BINARY))
             .context("copy the shim into the private PATH")?;
+        // The names containerd runs for handlers stasis-gvisor and stasis-crun; the name picks
+        // the backend.
+        for backend in ["gvisor", "crun"] {
+            std::os::unix::fs::symlink(
+                SHIM_BINARY,
+                shim_dir.join(format!("containerd-shim-stasis-{backend}-v2")),
+            )
+            .context("link the backend shim names")?;
+        }
         let mut c = Containerd {
             namespace: format!("e2e-{name}"),
             child: None,
@@ -112,7 +115,6 @@ impl Containerd {
     }
 
     fn write_config(&self) -> Result<()> {
-        let (gvisor_backend, crun_backend) = (GVISOR_BACKEND_TOML, CRUN_BACKEND_TOML);
         let d = self.dir.display();
         let config = format!(
             r#"version = 3
@@ -140,21 +142,13 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
     sandboxer = "shim"
     container_annotations = ["io.stasis.*"]
   [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.stasis-gvisor]
-    runtime_type = "io.containerd.stasis.v2"
+    runtime_type = "io.containerd.stasis-gvisor.v2"
     sandboxer = "shim"
     container_annotations = ["io.stasis.*"]
-    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.stasis-gvisor.options]
-      TypeUrl = "io.stasis.v1.Backend"
-      ConfigBody = '''
-{gvisor_backend}'''
   [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.stasis-crun]
-    runtime_type = "io.containerd.stasis.v2"
+    runtime_type = "io.containerd.stasis-crun.v2"
     sandboxer = "shim"
     container_annotations = ["io.stasis.*"]
-    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.stasis-crun.options]
-      TypeUrl = "io.stasis.v1.Backend"
-      ConfigBody = '''
-{crun_backend}'''
   [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
     runtime_type = "io.containerd.runc.v2"
 "#

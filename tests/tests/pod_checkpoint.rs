@@ -5,58 +5,9 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use stasis_e2e::{
-    cri::{container_config, cri, pod_config, CriClient},
+    cri::{container_config, containers_by_name, counter_loop, cri, pod_config, read_counter},
     Containerd,
 };
-
-/// The consistency loop: memory counter, file must never be ahead of memory.
-fn counter_loop(file: &str) -> String {
-    format!(
-        "i=0; while true; do v=$(cat {file} 2>/dev/null || echo 0); \
-         if [ \"$v\" -gt \"$i\" ]; then echo \"file=$v memory=$i\" >> /violations; fi; \
-         i=$((i+1)); echo $i > {file}; sleep 0.01; done"
-    )
-}
-
-async fn read_counter(cri: &mut CriClient, id: &str, file: &str) -> Result<u64> {
-    let mut last = String::new();
-    for _ in 0..30 {
-        let out = cri.exec_ok(id, &["cat", file]).await?;
-        if let Ok(v) = out.trim().parse() {
-            return Ok(v);
-        }
-        last = out;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    anyhow::bail!("counter {file} in {id} unreadable: {last:?}")
-}
-
-async fn containers_by_name(
-    cri: &mut CriClient,
-    pod_id: &str,
-) -> Result<Vec<(String, String, i32)>> {
-    let list = cri
-        .runtime
-        .list_containers(cri::ListContainersRequest {
-            filter: Some(cri::ContainerFilter {
-                pod_sandbox_id: pod_id.to_string(),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .containers;
-    Ok(list
-        .into_iter()
-        .map(|c| {
-            (
-                c.metadata.map(|m| m.name).unwrap_or_default(),
-                c.id,
-                c.state,
-            )
-        })
-        .collect())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_container_pod_checkpoint_and_restore() -> Result<()> {

@@ -287,6 +287,20 @@ impl PodCheckpointService {
                 ),
             ));
         }
+        // gVisor saves an exec'd process with host stdio it cannot reopen at restore: such an
+        // image would not restore, so refuse before taking it.
+        for c in containers {
+            if let Some(exec) = c.execs.iter().find(|(_, p)| p.status == Status::RUNNING) {
+                return Err(Error::precondition(
+                    &c.id,
+                    format!(
+                        "exec {} is still running; {} cannot restore a sandbox saved with exec processes, wait for them to end",
+                        exec.0,
+                        runtime.name()
+                    ),
+                ));
+            }
+        }
         for s in selected {
             std::fs::create_dir_all(&s.dir)
                 .map_err(|e| Error::io(&s.id, "create checkpoint dir", e))?;

@@ -1,13 +1,25 @@
-//! Which OCI runtime a pod's shim drives. containerd hands every shim the options of its CRI
-//! runtime handler; for a runtime type that is not runc's own, CRI wraps them as
-//! `runtimeoptions.v1.Options` (TypeUrl, ConfigPath, ConfigBody), so one stasis runtime type
-//! can serve several handlers that differ only in their options:
+//! Which OCI runtime a pod's shim drives, chosen per CRI runtime handler.
+//!
+//! The way that works with containerd 2.1 is the runtime type: handler `stasis-gvisor` with
+//! `runtime_type = "io.containerd.stasis-gvisor.v2"` makes containerd run
+//! `containerd-shim-stasis-gvisor-v2`, a link to this binary, whose name picks the backend.
+//!
+//! Runtime options are read too, for clients that can send them: containerd hands every shim
+//! its handler's options, and for a runtime type that is not runc's own CRI wraps them as
+//! `runtimeoptions.v1.Options` (TypeUrl, ConfigPath, ConfigBody). containerd 2.1.9 cannot use
+//! them for pods in shim mode: any options on such a handler make every container fail in
+//! containerd before the shim is called ("failed to get runtime v2 options: can't unmarshal
+//! type runtimeoptions.v1.Options to output containerd.runc.v1.Options"). The form is:
 //!
 //! ```toml
 //! [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.stasis-gvisor.options]
 //!   TypeUrl = "io.stasis.v1.Backend"
-//!   ConfigBody = 'engine = "runsc"'   # or ConfigPath = "/etc/stasis/gvisor.toml"
+//!   ConfigPath = "/etc/stasis/gvisor.toml"   # engine = "runsc", runtime_args = [...]
 //! ```
+//!
+//! containerd 2.1 cannot put a TOML string into `ConfigBody` (a byte field: "cannot decode
+//! TOML string into struct field runtimeoptions.Options.ConfigBody"), so the file is the way;
+//! a body sent by other clients is read the same way.
 
 use std::path::{Path, PathBuf};
 
@@ -96,11 +108,11 @@ impl BackendConfig {
     }
 
     /// Reads the backend out of runtime options as containerd sends them (type URL + protobuf);
-    /// no options means runc.
-    pub fn from_options(id: &str, type_url: &str, value: &[u8]) -> Result<Self> {
+    /// `None` when they name none.
+    pub fn from_options(id: &str, type_url: &str, value: &[u8]) -> Result<Option<Self>> {
         use prost::Message as _;
         if type_url.is_empty() && value.is_empty() {
-            return Ok(Self::default());
+            return Ok(None);
         }
         if type_url.ends_with("runtimeoptions.v1.Options") {
             let o = RuntimeOptions::decode(value)
@@ -108,21 +120,21 @@ impl BackendConfig {
             if !o.config_body.is_empty() {
                 let text = String::from_utf8(o.config_body)
                     .map_err(|_| Error::invalid(id, "runtime options ConfigBody is not UTF-8"))?;
-                return Self::from_toml(id, &text);
+                return Self::from_toml(id, &text).map(Some);
             }
             if !o.config_path.is_empty() {
                 let text = std::fs::read_to_string(&o.config_path).map_err(|e| {
                     Error::io(id, format!("read runtime options {}", o.config_path), e)
                 })?;
-                return Self::from_toml(id, &text);
+                return Self::from_toml(id, &text).map(Some);
             }
-            return Ok(Self::default());
+            return Ok(None);
         }
         if type_url.ends_with("containerd.runc.v1.Options") {
             let o = RuncOptions::decode(value)
                 .map_err(|e| Error::invalid(id, format!("decode runc options: {e}")))?;
             if o.binary_name.is_empty() {
-                return Ok(Self::default());
+                return Ok(None);
             }
             let engine = Engine::from_binary(&o.binary_name).ok_or_else(|| {
                 Error::invalid(
@@ -133,16 +145,51 @@ impl BackendConfig {
                     ),
                 )
             })?;
-            return Ok(BackendConfig {
+            return Ok(Some(BackendConfig {
                 engine,
                 binary: Some(PathBuf::from(o.binary_name)),
                 runtime_args: Vec::new(),
-            });
+            }));
         }
         Err(Error::invalid(
             id,
             format!("unknown runtime options type {type_url:?}"),
         ))
+    }
+
+    /// The backend a shim binary's own name asks for: `containerd-shim-stasis-<engine>-v2`
+    /// (what containerd runs for `runtime_type = "io.containerd.stasis-<engine>.v2"`), with
+    /// `gvisor` another name for runsc; plain `containerd-shim-stasis-v2` is runc.
+    pub fn from_binary_name(argv0: &Path) -> Self {
+        let name = argv0
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let engine = name
+            .strip_prefix("containerd-shim-stasis-")
+            .and_then(|rest| rest.strip_suffix("-v2"))
+            .and_then(|e| match e {
+                "gvisor" => Some(Engine::Runsc),
+                other => Engine::ALL.into_iter().find(|x| x.name() == other),
+            })
+            .unwrap_or_default();
+        BackendConfig {
+            engine,
+            ..Default::default()
+        }
+    }
+
+    /// Global flags for the runtime: the configured ones, else the engine's defaults. gVisor
+    /// on these hosts needs the systrap platform, and its pods run without a network stack
+    /// of their own (loopback only) so that a sandbox restores into any new network namespace.
+    pub fn args(&self) -> Vec<String> {
+        if !self.runtime_args.is_empty() {
+            return self.runtime_args.clone();
+        }
+        match self.engine {
+            Engine::Runsc => vec!["--platform=systrap".into(), "--network=none".into()],
+            Engine::Runc | Engine::Crun => Vec::new(),
+        }
     }
 
     pub fn save(&self, id: &str, bundle: &Path) -> Result<()> {
@@ -177,6 +224,7 @@ mod tests {
         };
         let c =
             BackendConfig::from_options("p", "runtimeoptions.v1.Options", &body.encode_to_vec())
+                .unwrap()
                 .unwrap();
         assert_eq!(c.engine, Engine::Runsc);
         assert_eq!(c.runtime_args, vec!["--platform=systrap"]);
@@ -195,6 +243,7 @@ mod tests {
             "type.googleapis.com/runtimeoptions.v1.Options",
             &path.encode_to_vec(),
         )
+        .unwrap()
         .unwrap();
         assert_eq!(c.engine, Engine::Crun);
         c.save("p", &dir).unwrap();
@@ -209,11 +258,17 @@ mod tests {
         };
         let c =
             BackendConfig::from_options("p", "containerd.runc.v1.Options", &runc.encode_to_vec())
+                .unwrap()
                 .unwrap();
         assert_eq!(c.engine, Engine::Crun);
+        assert!(BackendConfig::from_options("p", "", &[]).unwrap().is_none());
+        let name = |n: &str| BackendConfig::from_binary_name(Path::new(n)).engine;
+        assert_eq!(name("/usr/bin/containerd-shim-stasis-v2"), Engine::Runc);
+        assert_eq!(name("containerd-shim-stasis-gvisor-v2"), Engine::Runsc);
+        assert_eq!(name("/x/containerd-shim-stasis-crun-v2"), Engine::Crun);
         assert_eq!(
-            BackendConfig::from_options("p", "", &[]).unwrap().engine,
-            Engine::Runc
+            BackendConfig::from_binary_name(Path::new("containerd-shim-stasis-runsc-v2")).args(),
+            ["--platform=systrap", "--network=none"]
         );
         let bad = RuntimeOptions {
             config_body: b"engine = \"kata\"".to_vec(),

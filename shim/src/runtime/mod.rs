@@ -80,7 +80,7 @@ pub fn root(engine: Engine, namespace: &str) -> PathBuf {
 pub fn build(config: &BackendConfig, namespace: &str) -> Arc<dyn OciRuntime> {
     let root = root(config.engine, namespace);
     let binary = config.binary();
-    let args = config.runtime_args.clone();
+    let args = config.args();
     match config.engine {
         Engine::Runc => Arc::new(Runc::new(binary, root).with_args(args)),
         Engine::Crun => Arc::new(crun::new(binary, root, args)),

@@ -4,7 +4,11 @@
 //! instant, without CRIU or a cgroup freezer. The command line is runc's for the most part, so
 //! the plain subcommands go through the runc CLI driver under runsc's name.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
 
 use async_trait::async_trait;
 use serde_json::json;
@@ -22,6 +26,9 @@ pub const STATE_FILE: &str = "checkpoint.img";
 
 pub struct Runsc {
     cli: Runc,
+    /// A container of a sandbox gets its stdio when it starts, not when it is created: the
+    /// stdio handed to `create` is kept here for `start`.
+    start_stdio: Mutex<HashMap<String, ProcessStdio>>,
 }
 
 impl Runsc {
@@ -30,8 +37,24 @@ impl Runsc {
             cli: Runc::new(binary, root)
                 .with_args(args)
                 .dialect(Engine::Runsc, false),
+            start_stdio: Mutex::new(HashMap::new()),
         }
     }
+}
+
+fn dup_stdio(id: &str, stdio: &ProcessStdio) -> Result<ProcessStdio> {
+    let dup = |fd: &Option<std::os::fd::OwnedFd>| -> Result<_> {
+        fd.as_ref()
+            .map(|f| f.try_clone())
+            .transpose()
+            .map_err(|e| Error::io(id, "keep stdio for start", e))
+    };
+    Ok(ProcessStdio {
+        stdin: dup(&stdio.stdin)?,
+        stdout: dup(&stdio.stdout)?,
+        stderr: dup(&stdio.stderr)?,
+        console_socket: stdio.console_socket.clone(),
+    })
 }
 
 /// The root container's spec: the pod's namespaces (gVisor's own kernel provides PID, IPC and
@@ -127,11 +150,27 @@ impl OciRuntime for Runsc {
         stdio: ProcessStdio,
         pid_file: &Path,
     ) -> Result<()> {
-        self.cli.create(id, bundle, stdio, pid_file).await
+        let kept = dup_stdio(id, &stdio)?;
+        self.cli.create(id, bundle, stdio, pid_file).await?;
+        self.start_stdio
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), kept);
+        Ok(())
     }
 
     async fn start(&self, id: &str) -> Result<()> {
-        self.cli.start(id).await
+        let stdio = self.start_stdio.lock().unwrap().remove(id);
+        match stdio {
+            Some(stdio) => {
+                let mut cmd = self.cli.command();
+                cmd.args(["start", id]);
+                self.cli
+                    .run_with_process_stdio(id, "start", cmd, stdio)
+                    .await
+            }
+            None => self.cli.start(id).await,
+        }
     }
 
     async fn exec(
@@ -149,6 +188,7 @@ impl OciRuntime for Runsc {
     }
 
     async fn delete(&self, id: &str, force: bool) -> Result<()> {
+        self.start_stdio.lock().unwrap().remove(id);
         self.cli.delete(id, force).await
     }
 
@@ -231,21 +271,29 @@ impl OciRuntime for Runsc {
 
     /// The container's processes live in gVisor's kernel, not on the host: `runsc wait`
     /// reports how the container's init ended.
-    async fn wait_init(&self, id: &str, _pid: i32) -> Exit {
-        let mut cmd = self.cli.command();
-        cmd.args(["wait", id]);
-        let status = match self.cli.run(id, "wait", cmd).await {
-            Ok(out) => serde_json::from_slice::<serde_json::Value>(&out)
-                .ok()
-                .and_then(|v| v["exitStatus"].as_i64())
-                .unwrap_or(255) as i32,
-            Err(e) => {
-                log::warn!("{e}");
-                255
+    async fn wait_init(&self, id: &str, pid: i32) -> Exit {
+        let status = loop {
+            let mut cmd = self.cli.command();
+            cmd.args(["wait", id]);
+            match self.cli.run(id, "wait", cmd).await {
+                Ok(out) => {
+                    break serde_json::from_slice::<serde_json::Value>(&out)
+                        .ok()
+                        .and_then(|v| v["exitStatus"].as_i64())
+                        .unwrap_or(255) as i32
+                }
+                // The watch begins at create; runsc only waits on a started container.
+                Err(Error::Runtime { message, .. }) if message.contains("not started") => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    log::warn!("{e}");
+                    break 255;
+                }
             }
         };
         Exit {
-            pid: _pid,
+            pid,
             status,
             at: time::OffsetDateTime::now_utc(),
         }

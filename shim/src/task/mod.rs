@@ -142,8 +142,8 @@ impl Tasks {
             );
             // One shim drives one runtime: a container whose handler asks for another one was
             // routed to the wrong pod.
-            let wanted = BackendConfig::from_options(&id, &o.type_url, &o.value)?.engine;
-            if wanted != self.runtime.engine() {
+            let wanted = BackendConfig::from_options(&id, &o.type_url, &o.value)?.map(|b| b.engine);
+            if let Some(wanted) = wanted.filter(|w| *w != self.runtime.engine()) {
                 return Err(Error::precondition(
                     &id,
                     format!(

@@ -1,0 +1,253 @@
+//! One controller, several runtimes: the same pod checkpoint round trip through the runc
+//! backend (handler `stasis`) and the gVisor backend (handler `stasis-gvisor`), archives
+//! refused by the other backend, and crun where this host lets it run.
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use stasis_e2e::{
+    cri::{container_config, containers_by_name, counter_loop, cri, pod_config, read_counter},
+    Containerd,
+};
+
+/// Runs a two-container pod under `handler`, checks which kernel runs it, checkpoints it live
+/// with stasisctl, restores it as a new pod, and checks memory and files continue. Nothing in
+/// here depends on the runtime except the kernel check.
+async fn pod_round_trip(name: &str, handler: &str, gvisor: bool) -> Result<()> {
+    let c = Containerd::start(name)?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config("rt", &c.dir.join("logs"));
+    let pod_id = cri.run_pod_with(&pod, handler).await?;
+    let mut ids = Vec::new();
+    for n in ["a", "b"] {
+        let cfg = container_config(n, image, &["sh", "-c", &counter_loop("/counter")]);
+        ids.push(cri.run_container(&pod_id, &pod, cfg).await?);
+    }
+    // Exec, and which kernel answers: gVisor's own, or the host's.
+    let (code, dmesg, err) = cri.exec(&ids[0], &["busybox", "dmesg"]).await?;
+    ensure!(code == 0 || !gvisor, "dmesg in gVisor exited {code}: {err}");
+    ensure!(
+        dmesg.contains("gVisor") == gvisor,
+        "handler {handler}: dmesg says {dmesg:?}"
+    );
+    let hostname = cri.exec_ok(&ids[1], &["hostname"]).await?;
+    ensure!(hostname.trim() == "rt-host", "hostname {hostname:?}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut before = Vec::new();
+    for id in &ids {
+        before.push(read_counter(&mut cri, id, "/counter").await?);
+    }
+
+    let archive = c.dir.join("pod.tar");
+    let out = c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "rt",
+        "--leave-running",
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    ensure!(out.contains("frozen window"), "stasisctl said:\n{out}");
+    let inspect = c.stasisctl_ok(&["inspect", archive.to_str().unwrap(), "--format", "json"])?;
+    let summary: serde_json::Value = serde_json::from_str(&inspect)?;
+    let engine = if gvisor { "runsc" } else { "runc" };
+    ensure!(summary["engine"] == engine, "inspect: {inspect}");
+    // A live checkpoint leaves the pod running.
+    for id in &ids {
+        let st = cri.container_status(id).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerRunning as i32,
+            "{id} stopped"
+        );
+    }
+    let live = read_counter(&mut cri, &ids[0], "/counter").await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ensure!(
+        read_counter(&mut cri, &ids[0], "/counter").await? > live,
+        "original stalled"
+    );
+    cri.stop_and_remove_pod(&pod_id).await?;
+
+    let new_pod = c
+        .stasisctl_ok(&[
+            "pod",
+            "restore",
+            archive.to_str().unwrap(),
+            "--name",
+            "rt-restored",
+            "--runtime-handler",
+            handler,
+        ])?
+        .trim()
+        .to_string();
+    let restored = containers_by_name(&mut cri, &new_pod).await?;
+    ensure!(restored.len() == 2, "restored containers: {restored:?}");
+    for (name, id, state) in &restored {
+        ensure!(
+            *state == cri::ContainerState::ContainerRunning as i32,
+            "{name} not running after restore"
+        );
+        let now = read_counter(&mut cri, id, "/counter").await?;
+        let was = if name == "a" { before[0] } else { before[1] };
+        ensure!(
+            now >= was,
+            "{name}: counter {now} < {was}: memory not restored"
+        );
+        let (_, v, _) = cri.exec(id, &["cat", "/violations"]).await?;
+        ensure!(v.trim().is_empty(), "{name}: file ahead of memory: {v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let later = read_counter(&mut cri, id, "/counter").await?;
+        ensure!(later > now, "{name}: does not run on ({now} -> {later})");
+    }
+    let (_, dmesg, _) = cri.exec(&restored[0].1, &["busybox", "dmesg"]).await?;
+    ensure!(
+        dmesg.contains("gVisor") == gvisor,
+        "restored pod: dmesg {dmesg:?}"
+    );
+    cri.stop_and_remove_pod(&new_pod).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gvisor_pod_checkpoint_and_restore() -> Result<()> {
+    pod_round_trip("backend-gvisor", "stasis-gvisor", true).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runc_pod_checkpoint_and_restore_same_test() -> Result<()> {
+    pod_round_trip("backend-runc", "stasis", false).await
+}
+
+/// Checkpoints a one-container pod under `handler` into `archive`.
+async fn checkpoint_pod(
+    c: &Containerd,
+    handler: &str,
+    pod_name: &str,
+) -> Result<std::path::PathBuf> {
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config(pod_name, &c.dir.join("logs"));
+    let pod_id = cri.run_pod_with(&pod, handler).await?;
+    let cfg = container_config("app", image, &["sh", "-c", &counter_loop("/counter")]);
+    cri.run_container(&pod_id, &pod, cfg).await?;
+    let archive = c.dir.join(format!("{pod_name}.tar"));
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        pod_name,
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    cri.stop_and_remove_pod(&pod_id).await?;
+    Ok(archive)
+}
+
+async fn pod_count(c: &Containerd) -> Result<usize> {
+    let mut cri = c.cri().await?;
+    Ok(cri
+        .runtime
+        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+        .await?
+        .into_inner()
+        .items
+        .len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_of_one_backend_is_refused_by_the_other() -> Result<()> {
+    let c = Containerd::start("backend-mismatch")?;
+    let runc_archive = checkpoint_pod(&c, "stasis", "from-runc").await?;
+    let gvisor_archive = checkpoint_pod(&c, "stasis-gvisor", "from-gvisor").await?;
+    for (archive, handler, written_by, runs_on) in [
+        (&runc_archive, "stasis-gvisor", "runc", "runsc"),
+        (&gvisor_archive, "stasis", "runsc", "runc"),
+    ] {
+        let pods = pod_count(&c).await?;
+        let out = c.stasisctl(&[
+            "pod",
+            "restore",
+            archive.to_str().unwrap(),
+            "--runtime-handler",
+            handler,
+        ])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success(),
+            "{written_by} archive restored under {handler}"
+        );
+        ensure!(
+            err.contains(&format!("written by the {written_by} backend"))
+                && err.contains(&format!("runs on the {runs_on} backend")),
+            "error does not name both backends: {err}"
+        );
+        ensure!(pod_count(&c).await? == pods, "a pod was left behind: {err}");
+        eprintln!("refused as expected: {}", err.lines().last().unwrap_or(""));
+    }
+    Ok(())
+}
+
+/// crun's own answer on this host, from a container run straight through crun.
+fn crun_can_run(c: &Containerd) -> Result<Result<(), String>> {
+    let bundle = c.dir.join("crun-probe");
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin"))?;
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
+    // crun's own default spec, running `true` without a terminal.
+    let made = std::process::Command::new("crun")
+        .arg("spec")
+        .current_dir(&bundle)
+        .status()
+        .context("crun spec")?;
+    ensure!(made.success(), "crun spec failed");
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json"))?)?;
+    spec["process"]["args"] = serde_json::json!(["/bin/busybox", "true"]);
+    spec["process"]["terminal"] = serde_json::json!(false);
+    std::fs::write(bundle.join("config.json"), serde_json::to_vec(&spec)?)?;
+    let out = std::process::Command::new("crun")
+        .arg("--root")
+        .arg(c.dir.join("crun-probe-root"))
+        .args(["run", "--bundle"])
+        .arg(&bundle)
+        .arg("stasis-crun-probe")
+        .output()
+        .context("run crun")?;
+    if out.status.success() {
+        return Ok(Ok(()));
+    }
+    Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crun_backend_runs_pods_or_says_why_not() -> Result<()> {
+    let c = Containerd::start("backend-crun")?;
+    match crun_can_run(&c)? {
+        Ok(()) => pod_round_trip("backend-crun-pod", "stasis-crun", false).await,
+        Err(reason) => {
+            // The backend must carry crun's own refusal to CRI, naming the container, and
+            // leave nothing running.
+            let image = c.import_busybox_for_cri()?;
+            let mut cri = c.cri().await?;
+            let pod = pod_config("crun", &c.dir.join("logs"));
+            let pod_id = cri.run_pod_with(&pod, "stasis-crun").await?;
+            let cfg = container_config("app", image, &["sleep", "1000"]);
+            let err = match cri.run_container(&pod_id, &pod, cfg).await {
+                Ok(id) => {
+                    bail!("crun ran container {id} although it refused to run here: {reason}")
+                }
+                Err(e) => format!("{e:#}"),
+            };
+            let first_line = reason.lines().next().unwrap_or_default();
+            let crun_words = first_line.rsplit(": ").next().unwrap_or(first_line);
+            ensure!(
+                err.contains("crun") && err.contains(crun_words),
+                "the error does not carry crun's reason {crun_words:?}: {err}"
+            );
+            cri.stop_and_remove_pod(&pod_id).await?;
+            eprintln!("crun cannot run on this host: {reason}");
+            eprintln!("stasis-crun reported: {err}");
+            Ok(())
+        }
+    }
+}

@@ -3,6 +3,8 @@
 //! it never runs CRIU or touches cgroups.
 
 pub mod archive;
+pub mod bench;
 pub mod cri;
 pub mod pod;
 pub mod shim;
+pub mod workload;

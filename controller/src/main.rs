@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use stasis_controller::{
     archive::{self, human, Compression},
+    bench,
     pod::{self, CheckpointArgs, RestoreArgs, Target},
 };
 
@@ -33,6 +34,34 @@ enum Command {
     Pod {
         #[command(subcommand)]
         command: PodCommand,
+    },
+    /// Compare runtime handlers on the same pod workloads: pod start, pod checkpoint, frozen
+    /// window, archive size, restore, and whether restored pods stayed consistent.
+    ///
+    /// Each run starts a pod of N busybox containers (each keeps a counter in memory and in a
+    /// file), checkpoints it live, removes it, restores it as a new pod and checks that every
+    /// counter continued from the checkpoint, runs on, and that no file got ahead of memory.
+    /// Handlers whose shim does not serve the stasis Checkpoint service (containerd's runc, say)
+    /// are checkpointed container by container through CRI and have no restore column.
+    /// Ratios are against the first handler on the same pod size.
+    Bench {
+        /// CRI runtime handler to measure; repeat it; the first is the baseline.
+        #[arg(long = "handler", required = true)]
+        handlers: Vec<String>,
+        /// Pod sizes (containers per pod), comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,4")]
+        containers: Vec<usize>,
+        /// Runs per handler and size (medians are shown).
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// Image of the containers; needs sh, cat and sleep (busybox), already in containerd.
+        #[arg(long)]
+        image: String,
+        /// Where archives and pod logs go while the bench runs.
+        #[arg(long, default_value = "/var/lib/stasis/bench")]
+        work_dir: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
     /// Show what a pod checkpoint archive holds.
     Inspect {
@@ -167,6 +196,28 @@ async fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
         },
+        Command::Bench {
+            handlers,
+            containers,
+            runs,
+            image,
+            work_dir,
+            format,
+        } => {
+            let args = bench::BenchArgs {
+                handlers,
+                containers,
+                runs,
+                image,
+                work_dir,
+            };
+            let rows = bench::run(&target, &args).await?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                Format::Table => print!("{}", bench::table(&rows)),
+            }
+            Ok(())
+        }
         Command::Inspect { archive, format } => {
             let s = archive::inspect(&archive)?;
             match format {

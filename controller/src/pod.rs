@@ -193,7 +193,60 @@ fn format_unix_nanos(nanos: i64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
 }
 
+/// What a pod checkpoint produced, for the printout and for `stasisctl bench`.
+pub struct CheckpointOutcome {
+    pub pod_name: String,
+    pub pod_id: String,
+    pub archive_bytes: u64,
+    pub response: stasis_api::checkpoint::CheckpointPodResponse,
+    pub packaging_ms: f64,
+    /// Wall time of the whole command: the shim's checkpoint plus packaging.
+    pub total_ms: f64,
+}
+
 pub async fn checkpoint(t: &Target, a: CheckpointArgs) -> Result<()> {
+    let output = a.output.clone();
+    let o = checkpoint_pod(t, a).await?;
+    let resp = &o.response;
+    let timings = resp.timings.clone().unwrap_or_default();
+    println!(
+        "pod {} ({}) checkpointed to {} ({}, engine {})",
+        o.pod_name,
+        o.pod_id,
+        output.display(),
+        human(o.archive_bytes),
+        resp.engine
+    );
+    println!(
+        "{:<16} {:<14} {:>12} {:>12} {:>10} {:>10}",
+        "CONTAINER", "ID", "CHECKPOINT", "ROOTFS DIFF", "DUMP", "ROOTFS"
+    );
+    for c in &resp.containers {
+        let ct = c.timings.clone().unwrap_or_default();
+        println!(
+            "{:<16} {:<14} {:>12} {:>12} {:>8.0}ms {:>8.0}ms{}",
+            c.name,
+            &c.id[..c.id.len().min(13)],
+            human(c.checkpoint_bytes),
+            human(c.rootfs_diff_bytes),
+            ct.dump_ms,
+            ct.rootfs_ms,
+            if c.was_paused {
+                " (was paused, still paused)"
+            } else {
+                ""
+            }
+        );
+    }
+    println!(
+        "frozen window {:.0} ms (all containers at one instant); checkpoint {:.0} ms, packaging {:.0} ms, total {:.0} ms",
+        timings.frozen_ms, timings.total_ms, o.packaging_ms, o.total_ms
+    );
+    Ok(())
+}
+
+/// Checkpoints a pod through its shim's Checkpoint service and writes the archive.
+pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointOutcome> {
     let started = Instant::now();
     let mut rt = cri::connect(Path::new(&t.address)).await?;
     let pod = cri::find_pod(&mut rt, &a.pod).await?;
@@ -292,43 +345,14 @@ pub async fn checkpoint(t: &Target, a: CheckpointArgs) -> Result<()> {
     let written = archive::write(&staging, &a.output, a.compress);
     let _ = std::fs::remove_dir_all(&staging);
     let size = written?;
-    let timings = resp.timings.clone().unwrap_or_default();
-    println!(
-        "pod {name} ({}) checkpointed to {} ({}, engine {})",
-        pod.id,
-        a.output.display(),
-        human(size),
-        resp.engine
-    );
-    println!(
-        "{:<16} {:<14} {:>12} {:>12} {:>10} {:>10}",
-        "CONTAINER", "ID", "CHECKPOINT", "ROOTFS DIFF", "DUMP", "ROOTFS"
-    );
-    for c in &resp.containers {
-        let ct = c.timings.clone().unwrap_or_default();
-        println!(
-            "{:<16} {:<14} {:>12} {:>12} {:>8.0}ms {:>8.0}ms{}",
-            c.name,
-            &c.id[..c.id.len().min(13)],
-            human(c.checkpoint_bytes),
-            human(c.rootfs_diff_bytes),
-            ct.dump_ms,
-            ct.rootfs_ms,
-            if c.was_paused {
-                " (was paused, still paused)"
-            } else {
-                ""
-            }
-        );
-    }
-    println!(
-        "frozen window {:.0} ms (all containers at one instant); checkpoint {:.0} ms, packaging {:.0} ms, total {:.0} ms",
-        timings.frozen_ms,
-        timings.total_ms,
-        t_pack.elapsed().as_secs_f64() * 1000.0,
-        started.elapsed().as_secs_f64() * 1000.0
-    );
-    Ok(())
+    Ok(CheckpointOutcome {
+        pod_name: name,
+        pod_id: pod.id.clone(),
+        archive_bytes: size,
+        response: resp,
+        packaging_ms: t_pack.elapsed().as_secs_f64() * 1000.0,
+        total_ms: started.elapsed().as_secs_f64() * 1000.0,
+    })
 }
 
 pub struct RestoreArgs {

@@ -27,7 +27,7 @@ pub async fn checkpoint_client(
     let path = socket_path(containerd_address, namespace, sandbox_id);
     if !Path::new(&path).exists() {
         return Err(anyhow!(
-            "pod {sandbox_id} has no shim socket at {path}: its runtime (handler {handler:?}) does not serve the stasis Checkpoint service (use a handler with runtime_type io.containerd.stasis.v2 and sandboxer = \"shim\")"
+            "pod {sandbox_id} has no shim socket at {path}: its runtime (handler {handler:?}) does not serve the stasis Checkpoint service (use a handler with runtime_type io.containerd.stasis.v2 or io.containerd.stasis-<backend>.v2 and sandboxer = \"shim\")"
         ));
     }
     let client = ttrpc::r#async::Client::connect(&format!("unix://{path}"))
@@ -36,14 +36,18 @@ pub async fn checkpoint_client(
     Ok(CheckpointClient::new(client))
 }
 
+/// The words `explain` uses when a pod's runtime has no Checkpoint service.
+pub const NO_CHECKPOINT_SERVICE: &str = "does not serve the stasis Checkpoint service";
+
 /// Turns "unknown service" answers into a message saying what is wrong.
 pub fn explain(e: ttrpc::Error, sandbox_id: &str, handler: &str) -> anyhow::Error {
     match &e {
         ttrpc::Error::RpcStatus(s)
-            if s.code() == ttrpc::Code::NOT_FOUND
-                && (s.message.contains("not supported")
-                    || s.message.contains("service")
-                    || s.message.contains("method")) =>
+            if s.code() == ttrpc::Code::UNIMPLEMENTED
+                || s.code() == ttrpc::Code::NOT_FOUND
+                    && (s.message.contains("not supported")
+                        || s.message.contains("service")
+                        || s.message.contains("method")) =>
         {
             anyhow!("pod {sandbox_id}: its runtime (handler {handler:?}) does not serve the stasis Checkpoint service ({})", s.message)
         }

@@ -115,8 +115,17 @@ fn layer_tar() -> Result<Vec<u8>> {
     Ok(b.into_inner()?)
 }
 
+/// The pod sandbox ("pause") image of CRI's own sandboxer, for handlers that are not stasis:
+/// the same busybox, sleeping.
+pub const PAUSE_REF: &str = "docker.io/stasis/pause:test";
+
 /// Writes an OCI image archive (oci-layout tar) that `ctr images import` accepts, named `name`.
 pub fn write_busybox_archive(dest: &Path, name: &str) -> Result<()> {
+    write_image_archive(dest, name, &["sh"])
+}
+
+/// The busybox image with `cmd` as its command.
+pub fn write_image_archive(dest: &Path, name: &str, cmd: &[&str]) -> Result<()> {
     let layer = layer_tar()?;
     let layer_digest = sha256_hex(&layer);
     let config = serde_json::json!({
@@ -124,7 +133,7 @@ pub fn write_busybox_archive(dest: &Path, name: &str) -> Result<()> {
         "os": "linux",
         "config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["sh"],
+            "Cmd": cmd,
             "WorkingDir": "/"
         },
         "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},

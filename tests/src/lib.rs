@@ -115,6 +115,7 @@ impl Containerd {
     }
 
     fn write_config(&self) -> Result<()> {
+        let pause = image::PAUSE_REF;
         let d = self.dir.display();
         let config = format!(
             r#"version = 3
@@ -131,6 +132,9 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
 [debug]
   address = "{d}/debug.sock"
   level = "debug"
+
+[plugins.'io.containerd.cri.v1.images'.pinned_images]
+  sandbox = "{pause}"
 
 [plugins.'io.containerd.cri.v1.runtime']
   restrict_oom_score_adj = true
@@ -212,19 +216,29 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
 
     /// Builds the busybox image and imports it where CRI finds images (namespace k8s.io).
     pub fn import_busybox_for_cri(&self) -> Result<&'static str> {
-        let archive = self.dir.join("busybox.oci.tar");
-        image::write_busybox_archive(&archive, image::BUSYBOX_REF)?;
-        let out = Command::new("ctr")
-            .arg("--address")
-            .arg(self.socket())
-            .args(["--namespace", "k8s.io", "images", "import"])
-            .arg(&archive)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "import into k8s.io: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        // The pause image goes in too: pods of handlers that are not stasis need it.
+        for (file, name, cmd) in [
+            ("busybox.oci.tar", image::BUSYBOX_REF, &["sh"][..]),
+            (
+                "pause.oci.tar",
+                image::PAUSE_REF,
+                &["sleep", "2147483647"][..],
+            ),
+        ] {
+            let archive = self.dir.join(file);
+            image::write_image_archive(&archive, name, cmd)?;
+            let out = Command::new("ctr")
+                .arg("--address")
+                .arg(self.socket())
+                .args(["--namespace", "k8s.io", "images", "import"])
+                .arg(&archive)
+                .output()?;
+            if !out.status.success() {
+                bail!(
+                    "import {name} into k8s.io: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
         }
         Ok(image::BUSYBOX_REF)
     }

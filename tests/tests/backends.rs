@@ -251,3 +251,54 @@ async fn crun_backend_runs_pods_or_says_why_not() -> Result<()> {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_compares_handlers_in_one_table() -> Result<()> {
+    let c = Containerd::start("backend-bench")?;
+    let image = c.import_busybox_for_cri()?;
+    let work = c.dir.join("bench");
+    let base = [
+        "bench",
+        "--handler",
+        "stasis",
+        "--handler",
+        "stasis-gvisor",
+        "--handler",
+        "runc",
+        "--image",
+        image,
+        "--work-dir",
+        work.to_str().unwrap(),
+    ];
+    let json =
+        c.stasisctl_ok(&[&base[..], &["--containers", "1,2", "--format", "json"]].concat())?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json)?;
+    ensure!(rows.len() == 6, "rows: {json}");
+    for r in &rows {
+        let handler = r["handler"].as_str().unwrap_or_default();
+        ensure!(r["pod_start_ms"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+        ensure!(r["checkpoint_ms"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+        ensure!(r["archive_bytes"].as_u64().unwrap_or(0) > 0, "{r}");
+        if handler == "runc" {
+            // containerd's own shim has no Checkpoint service: CRI, container by container.
+            ensure!(r["restore_ms"].is_null() && r["frozen_ms"].is_null(), "{r}");
+        } else {
+            ensure!(r["consistency"] == "held", "{handler}: {r}");
+            ensure!(r["restore_ms"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+            let engine = if handler == "stasis" { "runc" } else { "runsc" };
+            ensure!(r["engine"] == engine, "{r}");
+        }
+    }
+    // The same run as a table, with ratios against the first handler.
+    let table = c.stasisctl_ok(&[&base[..], &["--containers", "1"]].concat())?;
+    ensure!(
+        table.contains("| stasis-gvisor")
+            && table.contains("(1.00x)")
+            && table.contains("ratios against stasis"),
+        "table:\n{table}"
+    );
+    eprintln!("{table}");
+    // Nothing left behind by the bench.
+    ensure!(pod_count(&c).await? == 0, "the bench left pods behind");
+    Ok(())
+}

@@ -1,0 +1,420 @@
+//! `stasisctl bench`: the same pod workloads through a list of CRI runtime handlers, one
+//! comparison table. A handler whose pods are served by a shim with the stasis Checkpoint
+//! service (any backend) is checkpointed and restored as a pod; any other runtime (containerd's
+//! own runc shim, say) is checkpointed container by container through CRI, the only generic
+//! way, and has no pod restore to measure.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::{
+    archive::{human, Compression},
+    cri::{self, api},
+    pod::{self, CheckpointArgs, RestoreArgs, Target},
+    shim,
+    workload::{container_config, counter_loop, pod_config},
+};
+
+pub struct BenchArgs {
+    pub handlers: Vec<String>,
+    pub containers: Vec<usize>,
+    pub runs: usize,
+    pub image: String,
+    pub work_dir: PathBuf,
+}
+
+/// One handler on one pod size: medians over the runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRow {
+    pub handler: String,
+    pub containers: usize,
+    /// Backend that wrote the checkpoint ("runc", "runsc", …), or how it was taken.
+    pub engine: String,
+    pub method: String,
+    pub pod_start_ms: f64,
+    pub checkpoint_ms: Option<f64>,
+    pub frozen_ms: Option<f64>,
+    pub archive_bytes: Option<u64>,
+    pub restore_ms: Option<f64>,
+    /// "held", "violated: …", or why it could not be checked.
+    pub consistency: String,
+}
+
+struct Sample {
+    engine: String,
+    method: String,
+    start: f64,
+    checkpoint: Option<f64>,
+    frozen: Option<f64>,
+    bytes: Option<u64>,
+    restore: Option<f64>,
+    consistency: String,
+}
+
+const COUNTER: &str = "/counter";
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[v.len() / 2])
+}
+
+async fn exec(rt: &mut cri::Runtime, id: &str, cmd: &[&str]) -> Result<(i32, String)> {
+    let r = rt
+        .exec_sync(api::ExecSyncRequest {
+            container_id: id.to_string(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 20,
+        })
+        .await
+        .with_context(|| format!("exec {cmd:?} in {id}"))?
+        .into_inner();
+    Ok((r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned()))
+}
+
+async fn counter(rt: &mut cri::Runtime, id: &str) -> Result<u64> {
+    for _ in 0..50 {
+        let (_, out) = exec(rt, id, &["cat", COUNTER]).await?;
+        if let Ok(v) = out.trim().parse() {
+            return Ok(v);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("counter in {id} unreadable")
+}
+
+async fn remove_pod(rt: &mut cri::Runtime, id: &str) {
+    let _ = rt
+        .stop_pod_sandbox(api::StopPodSandboxRequest {
+            pod_sandbox_id: id.to_string(),
+        })
+        .await;
+    let _ = rt
+        .remove_pod_sandbox(api::RemovePodSandboxRequest {
+            pod_sandbox_id: id.to_string(),
+        })
+        .await;
+}
+
+/// Starts a pod of `n` counter containers; returns the pod id, the containers (name, id) and
+/// the time until all of them ran.
+async fn start_pod(
+    rt: &mut cri::Runtime,
+    handler: &str,
+    name: &str,
+    n: usize,
+    image: &str,
+    logs: &Path,
+) -> Result<(String, Vec<(String, String)>, Duration)> {
+    let pod = pod_config(name, logs);
+    let t = Instant::now();
+    let pod_id = rt
+        .run_pod_sandbox(api::RunPodSandboxRequest {
+            config: Some(pod.clone()),
+            runtime_handler: handler.to_string(),
+        })
+        .await
+        .with_context(|| format!("run pod {name} with handler {handler}"))?
+        .into_inner()
+        .pod_sandbox_id;
+    let mut ids = Vec::new();
+    let started = async {
+        for i in 0..n {
+            let cname = format!("c{i}");
+            let cfg = container_config(&cname, image, &["sh", "-c", &counter_loop(COUNTER)]);
+            let id = rt
+                .create_container(api::CreateContainerRequest {
+                    pod_sandbox_id: pod_id.clone(),
+                    config: Some(cfg),
+                    sandbox_config: Some(pod.clone()),
+                })
+                .await
+                .with_context(|| format!("create container {cname} in {name}"))?
+                .into_inner()
+                .container_id;
+            rt.start_container(api::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .with_context(|| format!("start container {cname} in {name}"))?;
+            ids.push((cname, id));
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    if let Err(e) = started {
+        remove_pod(rt, &pod_id).await;
+        return Err(e);
+    }
+    Ok((pod_id, ids, t.elapsed()))
+}
+
+/// The restored pod's containers continue from the checkpoint and run on, and no file got
+/// ahead of its process's memory.
+async fn check_restored(
+    rt: &mut cri::Runtime,
+    pod_id: &str,
+    before: &[(String, u64)],
+) -> Result<String> {
+    let restored = cri::pod_containers(rt, pod_id).await?;
+    if restored.len() != before.len() {
+        return Ok(format!(
+            "violated: {} of {} containers restored",
+            restored.len(),
+            before.len()
+        ));
+    }
+    for c in &restored {
+        let name = c
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        let was = before
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+            .unwrap_or(0);
+        let now = counter(rt, &c.id).await?;
+        if now < was {
+            return Ok(format!(
+                "violated: {name} counter {now} < {was} at checkpoint"
+            ));
+        }
+        let (_, v) = exec(rt, &c.id, &["cat", "/violations"]).await?;
+        if !v.trim().is_empty() {
+            return Ok(format!("violated: {name}: {}", v.trim()));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let later = counter(rt, &c.id).await?;
+        if later <= now {
+            return Ok(format!("violated: {name} does not run after restore"));
+        }
+    }
+    Ok("held".into())
+}
+
+async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize) -> Result<Sample> {
+    let mut rt = cri::connect(Path::new(&t.address)).await?;
+    let tag: String = handler
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let name = format!("bench-{tag}-{n}-{run}-{}", std::process::id());
+    let (pod_id, ids, start) = start_pod(
+        &mut rt,
+        handler,
+        &name,
+        n,
+        &a.image,
+        &a.work_dir.join("logs"),
+    )
+    .await?;
+    let result = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut before = Vec::new();
+        for (cname, id) in &ids {
+            before.push((cname.clone(), counter(&mut rt, id).await?));
+        }
+        let archive = a.work_dir.join(format!("{name}.tar"));
+        let args = CheckpointArgs {
+            pod: pod_id.clone(),
+            output: archive.clone(),
+            leave_running: true,
+            compress: Compression::None,
+            containers: Vec::new(),
+            tcp_established: false,
+            file_locks: false,
+            timeout: 0,
+        };
+        match pod::checkpoint_pod(t, args).await {
+            Ok(o) => {
+                let frozen = o.response.timings.as_ref().map(|t| t.frozen_ms);
+                remove_pod(&mut rt, &pod_id).await;
+                let t0 = Instant::now();
+                let restored = pod::restore(
+                    t,
+                    RestoreArgs {
+                        archive: archive.clone(),
+                        name: Some(format!("{name}-restored")),
+                        runtime_handler: handler.to_string(),
+                        work_dir: a.work_dir.join("restore"),
+                    },
+                )
+                .await;
+                let _ = std::fs::remove_file(&archive);
+                let new_pod = restored.with_context(|| format!("restore {name}"))?;
+                let restore = ms(t0.elapsed());
+                let consistency = check_restored(&mut rt, &new_pod, &before).await;
+                remove_pod(&mut rt, &new_pod).await;
+                Ok(Sample {
+                    engine: o.response.engine.clone(),
+                    method: "pod: stasis Checkpoint service".into(),
+                    start: ms(start),
+                    checkpoint: Some(o.total_ms),
+                    frozen,
+                    bytes: Some(o.archive_bytes),
+                    restore: Some(restore),
+                    consistency: consistency?,
+                })
+            }
+            Err(e) if format!("{e:#}").contains(shim::NO_CHECKPOINT_SERVICE) => {
+                // The generic fallback: CRI's per-container checkpoint, one after the other.
+                let t0 = Instant::now();
+                let mut bytes = 0;
+                for (cname, id) in &ids {
+                    let loc = a.work_dir.join(format!("{name}-{cname}.tar"));
+                    rt.checkpoint_container(api::CheckpointContainerRequest {
+                        container_id: id.clone(),
+                        location: loc.display().to_string(),
+                        timeout: 120,
+                    })
+                    .await
+                    .with_context(|| format!("CRI CheckpointContainer {cname} of {name}"))?;
+                    bytes += std::fs::metadata(&loc).map(|m| m.len()).unwrap_or(0);
+                    let _ = std::fs::remove_file(&loc);
+                }
+                Ok(Sample {
+                    engine: "-".into(),
+                    method: "containers one by one: CRI CheckpointContainer".into(),
+                    start: ms(start),
+                    checkpoint: Some(ms(t0.elapsed())),
+                    frozen: None,
+                    bytes: Some(bytes),
+                    restore: None,
+                    consistency: "not checked: no pod restore through CRI".into(),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+    .await;
+    remove_pod(&mut rt, &pod_id).await;
+    result
+}
+
+pub async fn run(t: &Target, a: &BenchArgs) -> Result<Vec<BenchRow>> {
+    if a.handlers.is_empty() || a.containers.is_empty() || a.runs == 0 {
+        bail!("bench needs at least one handler, one pod size and one run");
+    }
+    std::fs::create_dir_all(&a.work_dir)
+        .with_context(|| format!("create {}", a.work_dir.display()))?;
+    let mut rows = Vec::new();
+    for &n in &a.containers {
+        for handler in &a.handlers {
+            let mut samples = Vec::new();
+            for run in 0..a.runs {
+                eprintln!(
+                    "bench: handler {handler}, {n} container(s), run {}/{}",
+                    run + 1,
+                    a.runs
+                );
+                samples.push(
+                    one_run(t, a, handler, n, run)
+                        .await
+                        .with_context(|| format!("handler {handler}, {n} container(s)"))?,
+                );
+            }
+            let pick =
+                |f: &dyn Fn(&Sample) -> Option<f64>| median(samples.iter().filter_map(f).collect());
+            let consistency = samples
+                .iter()
+                .find(|s| s.consistency != "held")
+                .map(|s| s.consistency.clone())
+                .unwrap_or_else(|| "held".into());
+            rows.push(BenchRow {
+                handler: handler.clone(),
+                containers: n,
+                engine: samples[0].engine.clone(),
+                method: samples[0].method.clone(),
+                pod_start_ms: pick(&|s| Some(s.start)).unwrap_or_default(),
+                checkpoint_ms: pick(&|s| s.checkpoint),
+                frozen_ms: pick(&|s| s.frozen),
+                archive_bytes: pick(&|s| s.bytes.map(|b| b as f64)).map(|b| b as u64),
+                restore_ms: pick(&|s| s.restore),
+                consistency,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Each value with its ratio against the first handler's on the same pod size.
+pub fn table(rows: &[BenchRow]) -> String {
+    let base = |r: &BenchRow| rows.iter().find(|b| b.containers == r.containers);
+    let with_ratio = |v: Option<f64>, b: Option<f64>, unit: &dyn Fn(f64) -> String| match (v, b) {
+        (Some(v), Some(b)) if b > 0.0 => format!("{} ({:.2}x)", unit(v), v / b),
+        (Some(v), _) => unit(v),
+        _ => "-".into(),
+    };
+    let msf = |v: f64| format!("{v:.0} ms");
+    let bytes = |v: f64| human(v as u64);
+    let mut out = vec![vec![
+        "handler".to_string(),
+        "engine".into(),
+        "containers".into(),
+        "pod start".into(),
+        "checkpoint".into(),
+        "frozen window".into(),
+        "archive".into(),
+        "restore".into(),
+        "consistency".into(),
+    ]];
+    for r in rows {
+        let b = base(r).expect("a row is its own base at worst");
+        out.push(vec![
+            r.handler.clone(),
+            r.engine.clone(),
+            r.containers.to_string(),
+            with_ratio(Some(r.pod_start_ms), Some(b.pod_start_ms), &msf),
+            with_ratio(r.checkpoint_ms, b.checkpoint_ms, &msf),
+            with_ratio(r.frozen_ms, b.frozen_ms, &msf),
+            with_ratio(
+                r.archive_bytes.map(|v| v as f64),
+                b.archive_bytes.map(|v| v as f64),
+                &bytes,
+            ),
+            with_ratio(r.restore_ms, b.restore_ms, &msf),
+            r.consistency.clone(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..out[0].len())
+        .map(|i| out.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut text = String::new();
+    for (n, r) in out.iter().enumerate() {
+        let cells: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        text.push_str(&format!("| {} |\n", cells.join(" | ")));
+        if n == 0 {
+            let sep: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+            text.push_str(&format!("|-{}-|\n", sep.join("-|-")));
+        }
+    }
+    let methods: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{}: {}", r.handler, r.method))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    text.push_str(&format!(
+        "ratios against {} on the same pod size; checkpoint = wall time incl. packaging. {}\n",
+        rows[0].handler,
+        methods.join("; ")
+    ));
+    text
+}

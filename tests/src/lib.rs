@@ -452,6 +452,31 @@ fn cleanup_dir(dir: &Path) {
 
 impl Containerd {
     /// Stops and removes every CRI pod (best effort, for teardown).
+    /// gVisor sandboxes of this containerd's pods that a failed test left behind (their state
+    /// lives in the shared runsc root, their bundles below our directory).
+    fn remove_gvisor_sandboxes(&self) {
+        let root = "/run/stasis/runsc/k8s.io";
+        let Ok(out) = Command::new("runsc")
+            .args(["--root", root, "list", "-format=json"])
+            .output()
+        else {
+            return;
+        };
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let mine = self.dir.display().to_string();
+        for c in list {
+            let (Some(id), Some(bundle)) = (c["id"].as_str(), c["bundle"].as_str()) else {
+                continue;
+            };
+            if bundle.starts_with(&mine) {
+                let _ = Command::new("runsc")
+                    .args(["--root", root, "delete", "-force", id])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+
     fn remove_cri_pods(&self) {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -517,6 +542,7 @@ impl Drop for Containerd {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        self.remove_gvisor_sandboxes();
         if std::env::var_os("STASIS_KEEP").is_none() {
             cleanup_dir(&self.dir);
         }

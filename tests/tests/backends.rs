@@ -4,13 +4,15 @@
 
 use std::time::Duration;
 
+const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+
 use anyhow::{bail, ensure, Context, Result};
 use stasis_e2e::{
     cri::{container_config, containers_by_name, counter_loop, cri, pod_config, read_counter},
     Containerd,
 };
 
-/// Runs a two-container pod under `handler`, checks which kernel runs it, checkpoints it live
+/// Runs a four-container pod under `handler`, checks which kernel runs it, checkpoints it live
 /// with stasisctl, restores it as a new pod, and checks memory and files continue. Nothing in
 /// here depends on the runtime except the kernel check.
 async fn pod_round_trip(name: &str, handler: &str, gvisor: bool) -> Result<()> {
@@ -20,7 +22,9 @@ async fn pod_round_trip(name: &str, handler: &str, gvisor: bool) -> Result<()> {
     let pod = pod_config("rt", &c.dir.join("logs"));
     let pod_id = cri.run_pod_with(&pod, handler).await?;
     let mut ids = Vec::new();
-    for n in ["a", "b"] {
+    // Four containers in one PID namespace: a restore brings them back one after the other
+    // with their saved PIDs, which new children of the earlier ones must not take.
+    for n in NAMES {
         let cfg = container_config(n, image, &["sh", "-c", &counter_loop("/counter")]);
         ids.push(cri.run_container(&pod_id, &pod, cfg).await?);
     }
@@ -82,14 +86,17 @@ async fn pod_round_trip(name: &str, handler: &str, gvisor: bool) -> Result<()> {
         .trim()
         .to_string();
     let restored = containers_by_name(&mut cri, &new_pod).await?;
-    ensure!(restored.len() == 2, "restored containers: {restored:?}");
+    ensure!(
+        restored.len() == NAMES.len(),
+        "restored containers: {restored:?}"
+    );
     for (name, id, state) in &restored {
         ensure!(
             *state == cri::ContainerState::ContainerRunning as i32,
             "{name} not running after restore"
         );
         let now = read_counter(&mut cri, id, "/counter").await?;
-        let was = if name == "a" { before[0] } else { before[1] };
+        let was = before[NAMES.iter().position(|n| n == name).unwrap_or(0)];
         ensure!(
             now >= was,
             "{name}: counter {now} < {was}: memory not restored"

@@ -224,7 +224,16 @@ impl PodCheckpointService {
                 }
             }
         }
-        if let Err(e) = write_pod_files(&out, &pod, &selected, self.tasks.runtime.name()) {
+        // After the thaw: over-estimating is harmless, the restore only needs "at least".
+        let last_pid = if self.tasks.runtime.checkpoints_whole_sandbox() {
+            None
+        } else {
+            crate::sandbox::pidns::last_pid(&pod.id, pod.pid().await)
+                .map_err(|e| warn!("pod {}: {e}", pod.id))
+                .ok()
+        };
+        if let Err(e) = write_pod_files(&out, &pod, &selected, self.tasks.runtime.name(), last_pid)
+        {
             empty_dir(&out);
             return Err(e);
         }
@@ -620,6 +629,7 @@ fn write_pod_files(
     pod: &crate::sandbox::Pod,
     selected: &[Selected],
     engine: &str,
+    last_pid: Option<u32>,
 ) -> Result<()> {
     let containers: serde_json::Map<String, serde_json::Value> = selected
         .iter()
@@ -637,7 +647,7 @@ fn write_pod_files(
             (name, serde_json::Value::String(dir))
         })
         .collect();
-    let options = serde_json::json!({
+    let mut options = serde_json::json!({
         "version": 1,
         "containers": containers,
         "annotations": {
@@ -645,6 +655,11 @@ fn write_pod_files(
             "io.stasis.sandbox-id": pod.id,
         },
     });
+    if let Some(last) = last_pid {
+        // Annotations are strings (checkpointctl's convention).
+        options["annotations"][crate::sandbox::pidns::LAST_PID_ANNOTATION] =
+            serde_json::Value::String(last.to_string());
+    }
     std::fs::write(
         out.join("pod.options"),
         serde_json::to_vec_pretty(&options).unwrap_or_default(),

@@ -3,6 +3,7 @@
 //! bind-mounts into containers (hostname, hosts, resolv.conf, /dev/shm).
 
 pub mod pause;
+pub mod pidns;
 
 use std::{
     path::{Path, PathBuf},
@@ -145,6 +146,17 @@ impl SandboxService {
         Ok(Some(image))
     }
 
+    /// The last PID of the checkpointed pod's namespace, for a pod being restored.
+    fn saved_last_pid(&self, pod: &Pod) -> Option<u32> {
+        let dir = pod.config.annotations.get(stasis_api::RESTORE_ANNOTATION)?;
+        let text = std::fs::read(Path::new(dir).join("pod.options")).ok()?;
+        let options: serde_json::Value = serde_json::from_slice(&text).ok()?;
+        options["annotations"][pidns::LAST_PID_ANNOTATION]
+            .as_str()?
+            .parse()
+            .ok()
+    }
+
     fn pod(&self, id: &str) -> Result<Arc<Pod>> {
         match self.tasks.pod() {
             Some(p) if p.id == id => Ok(p),
@@ -238,6 +250,13 @@ impl SandboxService {
         };
         st.root_by_runtime = by_runtime;
         st.pid = pid;
+        if !by_runtime {
+            if let Some(last) = self.saved_last_pid(&pod) {
+                if let Err(e) = pidns::reserve(id, pid, last) {
+                    warn!("pod {id}: cannot keep new PIDs above the restored ones: {e}");
+                }
+            }
+        }
         st.started = true;
         let now = time::OffsetDateTime::now_utc();
         st.created_at = Some(now);

@@ -1,0 +1,47 @@
+//! The pod's PID namespace across a restore. CRIU gives every restored process its saved PID
+//! in the new pod's namespace, and containers are restored one after the other: a container
+//! already back may fork a child that takes a PID the next container needs ("Can't fork for
+//! 42: File exists"). The checkpoint records the namespace's last allocated PID; a restored
+//! pod starts its allocator above it, so new children never take a saved PID.
+
+use std::process::Command;
+
+use crate::error::{Error, Result};
+
+/// Annotation in `pod.options` carrying the pod namespace's last allocated PID.
+pub const LAST_PID_ANNOTATION: &str = "io.stasis.last-pid";
+
+/// Runs `sh -c script` inside the PID namespace of `pid` (nsenter forks after joining it, so
+/// the shell sees that namespace's `ns_last_pid`).
+fn in_pid_ns(pod: &str, pid: i32, script: &str) -> Result<String> {
+    let out = Command::new("nsenter")
+        .arg(format!("--pid=/proc/{pid}/ns/pid"))
+        .args(["--", "sh", "-c", script])
+        .output()
+        .map_err(|e| Error::io(pod, "run nsenter", e))?;
+    if !out.status.success() {
+        return Err(Error::other(
+            pod,
+            "pod PID namespace",
+            String::from_utf8_lossy(&out.stderr).trim(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The last PID allocated in the PID namespace of `pid`.
+pub fn last_pid(pod: &str, pid: i32) -> Result<u32> {
+    let text = in_pid_ns(pod, pid, "cat /proc/sys/kernel/ns_last_pid")?;
+    text.parse()
+        .map_err(|e| Error::other(pod, "read ns_last_pid", e))
+}
+
+/// Makes the PID namespace of `pid` allocate above `last`.
+pub fn reserve(pod: &str, pid: i32, last: u32) -> Result<()> {
+    in_pid_ns(
+        pod,
+        pid,
+        &format!("echo {last} > /proc/sys/kernel/ns_last_pid"),
+    )
+    .map(drop)
+}

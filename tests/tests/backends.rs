@@ -309,3 +309,138 @@ async fn bench_compares_handlers_in_one_table() -> Result<()> {
     ensure!(pod_count(&c).await? == 0, "the bench left pods behind");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gvisor_pod_volume_is_captured_with_the_sandbox() -> Result<()> {
+    let c = Containerd::start("backend-gvisor-vol")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let vol = c.dir.join("volume");
+    std::fs::create_dir_all(&vol)?;
+    let pod = pod_config("gv", &c.dir.join("logs"));
+    let pod_id = cri.run_pod_with(&pod, "stasis-gvisor").await?;
+    let mut cfg = container_config(
+        "vol",
+        image,
+        &["sh", "-c", &counter_loop("/shared/counter")],
+    );
+    cfg.mounts.push(cri::Mount {
+        container_path: "/shared".into(),
+        host_path: vol.display().to_string(),
+        ..Default::default()
+    });
+    cfg.annotations
+        .insert("io.stasis.checkpoint.volumes".into(), "/shared".into());
+    let id = cri.run_container(&pod_id, &pod, cfg).await?;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = read_counter(&mut cri, &id, "/shared/counter").await?;
+    let archive = c.dir.join("gv.tar");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "gv",
+        "--leave-running",
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    // The pod ran on after the checkpoint (the sandbox was paused only around it).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ensure!(
+        read_counter(&mut cri, &id, "/shared/counter").await? > before,
+        "stalled"
+    );
+    cri.stop_and_remove_pod(&pod_id).await?;
+    // The volume moves on without the pod: the restore must put back what the memory saw.
+    std::fs::write(vol.join("counter"), "999999\n")?;
+    let new_pod = c
+        .stasisctl_ok(&[
+            "pod",
+            "restore",
+            archive.to_str().unwrap(),
+            "--runtime-handler",
+            "stasis-gvisor",
+        ])?
+        .trim()
+        .to_string();
+    let restored = containers_by_name(&mut cri, &new_pod).await?;
+    let id = &restored.first().context("no restored container")?.1;
+    let now = read_counter(&mut cri, id, "/shared/counter").await?;
+    ensure!(
+        now >= before && now < 999999,
+        "volume not restored: counter {now}"
+    );
+    let (_, v, _) = cri.exec(id, &["cat", "/violations"]).await?;
+    ensure!(
+        v.trim().is_empty(),
+        "file ahead of memory after restore: {v}"
+    );
+    cri.stop_and_remove_pod(&new_pod).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gvisor_refuses_checkpoints_it_could_not_restore() -> Result<()> {
+    let c = Containerd::start("backend-gvisor-refuse")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config("gr", &c.dir.join("logs"));
+    let pod_id = cri.run_pod_with(&pod, "stasis-gvisor").await?;
+    let cfg = container_config("app", image, &["sh", "-c", &counter_loop("/counter")]);
+    let id = cri.run_container(&pod_id, &pod, cfg).await?;
+    let archive = c.dir.join("gr.tar");
+    let checkpoint = |c: &Containerd| {
+        c.stasisctl(&[
+            "pod",
+            "checkpoint",
+            "gr",
+            "--leave-running",
+            "--output",
+            archive.to_str().unwrap(),
+        ])
+    };
+
+    // One container of a gVisor pod through CRI's per-container checkpoint.
+    let err = cri
+        .runtime
+        .checkpoint_container(cri::CheckpointContainerRequest {
+            container_id: id.clone(),
+            location: c.dir.join("one.tar").display().to_string(),
+            timeout: 60,
+        })
+        .await
+        .err()
+        .context("CRI checkpointed one container of a gVisor pod")?;
+    ensure!(
+        err.message().contains("checkpoint the pod"),
+        "unclear error: {err}"
+    );
+
+    // An exec still running: gVisor would write an image it cannot restore.
+    let mut other = cri.clone();
+    let exec_id = id.clone();
+    let exec = tokio::spawn(async move { other.exec(&exec_id, &["sleep", "3"]).await });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let out = checkpoint(&c)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("is still running"),
+        "checkpoint with a running exec: {err}"
+    );
+    ensure!(!archive.exists(), "an archive was left at --output");
+    exec.await??;
+
+    // Once the exec is over the same checkpoint works, and the pod kept running throughout.
+    let out = checkpoint(&c)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = cri.container_status(&id).await?;
+    ensure!(
+        st.state == cri::ContainerState::ContainerRunning as i32,
+        "stopped"
+    );
+    cri.stop_and_remove_pod(&pod_id).await?;
+    Ok(())
+}

@@ -142,11 +142,14 @@ pub async fn checkpoint_container(
 
     // Live checkpoints of a running container hold it frozen from before the dump until its
     // files are captured. A stopping dump needs no freeze: CRIU ends the processes.
-    let freezer: Option<Box<dyn Freezer>> = if opts.leave_running && !target.paused {
-        Some(freezer::for_cgroup(id, target.cgroup_path)?)
-    } else {
-        None
-    };
+    // A runtime that saves its whole sandbox stops it by itself; its processes must not be
+    // frozen under it.
+    let freezer: Option<Box<dyn Freezer>> =
+        if opts.leave_running && !target.paused && !runtime.checkpoints_whole_sandbox() {
+            Some(freezer::for_cgroup(id, target.cgroup_path)?)
+        } else {
+            None
+        };
     let frozen_at = Instant::now();
     if let Some(f) = &freezer {
         f.freeze()?;

@@ -322,26 +322,22 @@ impl PodCheckpointService {
         };
         std::fs::create_dir_all(&copts.image_path)
             .map_err(|e| Error::io(pod_id, "create sandbox image dir", e))?;
+        // Volumes live on the host, outside gVisor's image: capturing them at the same
+        // instant needs the whole sandbox paused around the checkpoint and the copy.
+        let with_volumes = containers.iter().any(|c| volumes::wanted(&c.spec));
         let t = Instant::now();
-        let dumped = runtime.checkpoint(pod_id, &copts);
-        let dumped = if opts.timeout_secs > 0 {
-            tokio::time::timeout(Duration::from_secs(opts.timeout_secs as u64), dumped)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::other(
-                        pod_id,
-                        "checkpoint",
-                        format!("timed out after {} s", opts.timeout_secs),
-                    ))
-                })
-        } else {
-            dumped.await
-        };
-        dumped.map_err(|e| Error::Runtime {
-            id: format!("pod {pod_id}"),
-            step: "sandbox checkpoint".into(),
-            message: e.to_string(),
-        })?;
+        if with_volumes {
+            runtime.pause(pod_id).await?;
+        }
+        let captured = self
+            .checkpoint_sandbox(pod_id, &copts, opts, selected, containers, with_volumes)
+            .await;
+        if with_volumes {
+            if let Err(e) = runtime.resume(pod_id).await {
+                warn!("pod {pod_id}: resume after checkpoint: {e}");
+            }
+        }
+        captured?;
         let frozen = t.elapsed();
         if !opts.leave_running {
             for s in selected {
@@ -361,6 +357,45 @@ impl PodCheckpointService {
                 })
                 .collect(),
         ))
+    }
+
+    /// The sandbox image, then (with the sandbox paused) the containers' named volumes into
+    /// each container's `checkpoint/`.
+    async fn checkpoint_sandbox(
+        &self,
+        pod_id: &str,
+        copts: &CheckpointOpts,
+        opts: &stasis_api::checkpoint::CheckpointOptions,
+        selected: &[Selected],
+        containers: &[&Container],
+        with_volumes: bool,
+    ) -> Result<()> {
+        let runtime = self.tasks.runtime.clone();
+        let dumped = runtime.checkpoint(pod_id, copts);
+        let dumped = if opts.timeout_secs > 0 {
+            tokio::time::timeout(Duration::from_secs(opts.timeout_secs as u64), dumped)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::other(
+                        pod_id,
+                        "checkpoint",
+                        format!("timed out after {} s", opts.timeout_secs),
+                    ))
+                })
+        } else {
+            dumped.await
+        };
+        dumped.map_err(|e| Error::Runtime {
+            id: format!("pod {pod_id}"),
+            step: "sandbox checkpoint".into(),
+            message: e.to_string(),
+        })?;
+        if with_volumes {
+            for (s, c) in selected.iter().zip(containers.iter()) {
+                volumes::capture(&s.id, &c.spec, &s.dir.join("checkpoint"))?;
+            }
+        }
+        Ok(())
     }
 
     /// The frozen part: freeze, dump, capture files, thaw. Returns the frozen window.

@@ -57,6 +57,11 @@ fn selected(spec: &serde_json::Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Whether the container asks for any volume to be captured.
+pub fn wanted(spec: &serde_json::Value) -> bool {
+    !selected(spec).is_empty()
+}
+
 /// Tars the selected volumes into `<image>/volumes/` and writes the index. Runs while frozen.
 pub fn capture(id: &str, spec: &serde_json::Value, image: &Path) -> Result<Vec<Captured>> {
     let volumes = selected(spec);

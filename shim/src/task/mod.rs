@@ -306,7 +306,16 @@ impl Tasks {
         let id = c.id.clone();
         let start = std::time::Instant::now();
         let recorded = checkpoint::DumpRecord::read(image);
-        checkpoint::volumes::restore(&id, &c.spec, image)?;
+        // A pod checkpoint keeps volumes in the container's own checkpoint/ (the images may be
+        // the whole sandbox's, elsewhere); a Task API checkpoint keeps them with the images.
+        let volumes_dir = c
+            .spec
+            .pointer("/annotations")
+            .and_then(|a| a.get(stasis_api::RESTORE_ANNOTATION))
+            .and_then(|v| v.as_str())
+            .map(|d| Path::new(d).join("checkpoint"))
+            .unwrap_or_else(|| image.to_path_buf());
+        checkpoint::volumes::restore(&id, &c.spec, &volumes_dir)?;
         let opts = CheckpointOpts {
             image_path: image.to_path_buf(),
             work_path: c.bundle.join("criu-restore-work"),
@@ -360,6 +369,15 @@ impl Tasks {
     }
 
     async fn checkpoint(&self, req: api::CheckpointTaskRequest) -> Result<()> {
+        if self.runtime.checkpoints_whole_sandbox() && self.pod().is_some() {
+            return Err(Error::precondition(
+                &req.id,
+                format!(
+                    "{} saves a pod's sandbox as a whole, not one container of it: checkpoint the pod (stasisctl pod checkpoint)",
+                    self.runtime.name()
+                ),
+            ));
+        }
         let container = self.get(&req.id)?;
         let c = container.lock().await;
         if !matches!(c.init.status, Status::RUNNING | Status::PAUSED) {

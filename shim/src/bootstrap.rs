@@ -86,13 +86,16 @@ fn drain_stdin() -> Vec<u8> {
 fn backend_from_stdin(id: &str, bytes: &[u8]) -> Result<BackendConfig, BoxError> {
     // argv[0], not current_exe(): that resolves the link whose name carries the choice.
     let argv0 = std::env::args_os().next().unwrap_or_default();
-    let by_name = || BackendConfig::from_binary_name(Path::new(&argv0));
+    let by_name = || BackendConfig::for_binary_name(id, Path::new(&argv0));
     if bytes.is_empty() {
-        return Ok(by_name());
+        return Ok(by_name()?);
     }
     let any = protobuf::well_known_types::any::Any::parse_from_bytes(bytes)
         .map_err(|e| format!("{id}: runtime options on stdin: {e}"))?;
-    Ok(BackendConfig::from_options(id, &any.type_url, &any.value)?.unwrap_or_else(by_name))
+    match BackendConfig::from_options(id, &any.type_url, &any.value)? {
+        Some(b) => Ok(b),
+        None => Ok(by_name()?),
+    }
 }
 
 pub fn start(flags: &Flags) -> Result<(), BoxError> {

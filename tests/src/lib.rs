@@ -110,6 +110,11 @@ impl Containerd {
         Ok(c)
     }
 
+    /// Where the shims of this containerd look for `<engine>.toml` (empty unless a test writes).
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.join("etc-stasis")
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.join("containerd.sock")
     }
@@ -260,6 +265,8 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
             .arg("--config")
             .arg(self.dir.join("config.toml"))
             .env("PATH", self.path_env())
+            // Backend settings come from this test's own directory, never the host's /etc.
+            .env("STASIS_CONFIG_DIR", self.config_dir())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -179,6 +179,47 @@ impl BackendConfig {
         }
     }
 
+    /// The backend for a shim chosen by its binary name, with the settings of
+    /// `<dir>/<engine>.toml` if that file exists (dir: `$STASIS_CONFIG_DIR`, else `/etc/stasis`):
+    /// `binary` and `runtime_args`, the same keys as in handler options.
+    pub fn for_binary_name(id: &str, argv0: &Path) -> Result<Self> {
+        let engine = Self::from_binary_name(argv0).engine;
+        let dir = std::env::var_os("STASIS_CONFIG_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/etc/stasis"));
+        let file = dir.join(format!("{}.toml", engine.name()));
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(BackendConfig {
+                    engine,
+                    ..Default::default()
+                })
+            }
+            Err(e) => return Err(Error::io(id, format!("read {}", file.display()), e)),
+        };
+        let mut table: toml::Table = toml::from_str(&text)
+            .map_err(|e| Error::invalid(id, format!("{}: {e}", file.display())))?;
+        let named = table
+            .entry("engine")
+            .or_insert_with(|| toml::Value::String(engine.name().into()))
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if named != engine.name() {
+            return Err(Error::invalid(
+                id,
+                format!(
+                    "{} sets engine {named:?}, but this shim binary runs {engine}",
+                    file.display()
+                ),
+            ));
+        }
+        table
+            .try_into()
+            .map_err(|e| Error::invalid(id, format!("{}: {e}", file.display())))
+    }
+
     /// Global flags for the runtime: the configured ones, else the engine's defaults. gVisor
     /// on these hosts needs the systrap platform, and its pods run without a network stack
     /// of their own (loopback only) so that a sandbox restores into any new network namespace.
@@ -248,6 +289,33 @@ mod tests {
         assert_eq!(c.engine, Engine::Crun);
         c.save("p", &dir).unwrap();
         assert_eq!(BackendConfig::load("p", &dir).unwrap(), c);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn config_file_beside_the_binary_name() {
+        let dir = std::env::temp_dir().join(format!("stasis-etc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("runsc.toml"),
+            "runtime_args = [\"--platform=ptrace\", \"--network=sandbox\"]\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("crun.toml"), "engine = \"runc\"\n").unwrap();
+        // SAFETY: this test alone reads or sets STASIS_CONFIG_DIR.
+        unsafe { std::env::set_var("STASIS_CONFIG_DIR", &dir) };
+        let c = BackendConfig::for_binary_name("p", Path::new("containerd-shim-stasis-gvisor-v2"))
+            .unwrap();
+        assert_eq!(c.engine, Engine::Runsc);
+        assert_eq!(c.args(), ["--platform=ptrace", "--network=sandbox"]);
+        let e = BackendConfig::for_binary_name("p", Path::new("containerd-shim-stasis-crun-v2"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("crun.toml") && e.contains("runc"), "{e}");
+        let c =
+            BackendConfig::for_binary_name("p", Path::new("containerd-shim-stasis-v2")).unwrap();
+        assert_eq!(c.engine, Engine::Runc);
+        unsafe { std::env::remove_var("STASIS_CONFIG_DIR") };
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

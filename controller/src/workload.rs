@@ -5,6 +5,16 @@ use std::path::Path;
 
 use crate::cri::api as cri;
 
+/// Network, PID and IPC namespaces shared by the whole pod.
+fn pod_namespaces() -> cri::NamespaceOption {
+    cri::NamespaceOption {
+        network: cri::NamespaceMode::Pod as i32,
+        pid: cri::NamespaceMode::Pod as i32,
+        ipc: cri::NamespaceMode::Pod as i32,
+        ..Default::default()
+    }
+}
+
 /// A pod with its own network (CNI), sharing PID/IPC/UTS namespaces among its containers.
 pub fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
@@ -18,12 +28,7 @@ pub fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
         log_directory: log_dir.join(name).display().to_string(),
         linux: Some(cri::LinuxPodSandboxConfig {
             security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Pod as i32,
-                    pid: cri::NamespaceMode::Pod as i32,
-                    ipc: cri::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
+                namespace_options: Some(pod_namespaces()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -47,12 +52,7 @@ pub fn container_config(name: &str, image: &str, cmd: &[&str]) -> cri::Container
         log_path: format!("{name}.log"),
         linux: Some(cri::LinuxContainerConfig {
             security_context: Some(cri::LinuxContainerSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Pod as i32,
-                    pid: cri::NamespaceMode::Pod as i32,
-                    ipc: cri::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
+                namespace_options: Some(pod_namespaces()),
                 ..Default::default()
             }),
             ..Default::default()

@@ -138,12 +138,22 @@ impl CriClient {
     }
 
     pub async fn stop_and_remove_pod(&mut self, pod_id: &str) -> Result<()> {
-        self.runtime
-            .stop_pod_sandbox(cri::StopPodSandboxRequest {
-                pod_sandbox_id: pod_id.to_string(),
-            })
-            .await
-            .context("StopPodSandbox")?;
+        let stop = cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod_id.to_string(),
+        };
+        if let Err(e) = self.runtime.stop_pod_sandbox(stop.clone()).await {
+            // containerd 2.1 can lose the race between its own handling of a container's exit
+            // and this stop ("failed to kill container …: ttrpc: closed"); kubelet retries the
+            // stop, and so do we, once.
+            if !e.message().contains("ttrpc: closed") {
+                return Err(e).context("StopPodSandbox");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            self.runtime
+                .stop_pod_sandbox(stop)
+                .await
+                .context("StopPodSandbox (retried)")?;
+        }
         self.runtime
             .remove_pod_sandbox(cri::RemovePodSandboxRequest {
                 pod_sandbox_id: pod_id.to_string(),

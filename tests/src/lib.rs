@@ -115,6 +115,18 @@ impl Containerd {
         self.dir.join("etc-stasis")
     }
 
+    /// How many pods CRI lists.
+    pub async fn pod_count(&self) -> Result<usize> {
+        let mut cri = self.cri().await?;
+        Ok(cri
+            .runtime
+            .list_pod_sandbox(cri::cri::ListPodSandboxRequest::default())
+            .await?
+            .into_inner()
+            .items
+            .len())
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.join("containerd.sock")
     }

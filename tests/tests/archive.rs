@@ -40,17 +40,6 @@ fn pod_options(dir: &str) -> Vec<u8> {
     .unwrap()
 }
 
-async fn pod_count(c: &Containerd) -> Result<usize> {
-    let mut cri = c.cri().await?;
-    Ok(cri
-        .runtime
-        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
-        .await?
-        .into_inner()
-        .items
-        .len())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archives_are_readable_and_hostile_ones_refused() -> Result<()> {
     let c = Containerd::start("archive")?;
@@ -151,7 +140,7 @@ async fn archives_are_readable_and_hostile_ones_refused() -> Result<()> {
     }
 
     // Hostile and broken archives: refused with a clear error, nothing created or written.
-    let pods_before = pod_count(&c).await?;
+    let pods_before = c.pod_count().await?;
     let work = c.dir.join("restore-work");
     let canary = c.dir.join("escaped");
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -255,7 +244,7 @@ async fn archives_are_readable_and_hostile_ones_refused() -> Result<()> {
         ensure!(left.is_empty(), "{name}: restore left {left:?}");
     }
     ensure!(
-        pod_count(&c).await? == pods_before,
+        c.pod_count().await? == pods_before,
         "a hostile archive created a pod"
     );
     ensure!(!Path::new("/escaped").exists());

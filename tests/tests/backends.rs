@@ -137,7 +137,7 @@ async fn checkpoint_pod(
     let pod = pod_config(pod_name, &c.dir.join("logs"));
     let pod_id = cri.run_pod_with(&pod, handler).await?;
     let cfg = container_config("app", image, &["sh", "-c", &counter_loop("/counter")]);
-    cri.run_container(&pod_id, &pod, cfg).await?;
+    let id = cri.run_container(&pod_id, &pod, cfg).await?;
     let archive = c.dir.join(format!("{pod_name}.tar"));
     c.stasisctl_ok(&[
         "pod",
@@ -146,19 +146,23 @@ async fn checkpoint_pod(
         "--output",
         archive.to_str().unwrap(),
     ])?;
+    // A checkpoint without --leave-running stops the pod's containers. (Waiting for CRI to
+    // see that also keeps StopPodSandbox from racing containerd's own handling of the exit,
+    // which can fail it with "ttrpc: closed".)
+    let mut state = 0;
+    for _ in 0..100 {
+        state = cri.container_status(&id).await?.state;
+        if state == cri::ContainerState::ContainerExited as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(
+        state == cri::ContainerState::ContainerExited as i32,
+        "{handler}: container still {state} after a stopping checkpoint"
+    );
     cri.stop_and_remove_pod(&pod_id).await?;
     Ok(archive)
-}
-
-async fn pod_count(c: &Containerd) -> Result<usize> {
-    let mut cri = c.cri().await?;
-    Ok(cri
-        .runtime
-        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
-        .await?
-        .into_inner()
-        .items
-        .len())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,7 +174,7 @@ async fn archive_of_one_backend_is_refused_by_the_other() -> Result<()> {
         (&runc_archive, "stasis-gvisor", "runc", "runsc"),
         (&gvisor_archive, "stasis", "runsc", "runc"),
     ] {
-        let pods = pod_count(&c).await?;
+        let pods = c.pod_count().await?;
         let out = c.stasisctl(&[
             "pod",
             "restore",
@@ -188,7 +192,7 @@ async fn archive_of_one_backend_is_refused_by_the_other() -> Result<()> {
                 && err.contains(&format!("runs on the {runs_on} backend")),
             "error does not name both backends: {err}"
         );
-        ensure!(pod_count(&c).await? == pods, "a pod was left behind: {err}");
+        ensure!(c.pod_count().await? == pods, "a pod was left behind: {err}");
         eprintln!("refused as expected: {}", err.lines().last().unwrap_or(""));
     }
     Ok(())
@@ -306,7 +310,7 @@ async fn bench_compares_handlers_in_one_table() -> Result<()> {
     );
     eprintln!("{table}");
     // Nothing left behind by the bench.
-    ensure!(pod_count(&c).await? == 0, "the bench left pods behind");
+    ensure!(c.pod_count().await? == 0, "the bench left pods behind");
     Ok(())
 }
 

@@ -264,11 +264,22 @@ pub fn delete(flags: &Flags) -> Result<(), BoxError> {
         reaper::start()?;
         // A container's own bundle does not say which backend ran it: ask each one that
         // keeps state in this namespace; deleting an unknown id is a no-op for all of them.
+        let argv0 = std::env::args_os().next().unwrap_or_default();
+        let configured = if bundle.join(runtime::config::BUNDLE_FILE).exists() {
+            BackendConfig::load(&flags.id, &bundle).ok()
+        } else {
+            BackendConfig::for_binary_name(&flags.id, Path::new(&argv0)).ok()
+        };
         for engine in Engine::ALL {
-            let backend = BackendConfig {
-                engine,
-                ..Default::default()
-            };
+            // The shim's own settings (binary, flags) for its engine, defaults for the others.
+            let backend =
+                configured
+                    .clone()
+                    .filter(|b| b.engine == engine)
+                    .unwrap_or(BackendConfig {
+                        engine,
+                        ..Default::default()
+                    });
             if !runtime::root(engine, &flags.namespace).exists() {
                 continue;
             }

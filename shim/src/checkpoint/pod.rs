@@ -229,6 +229,7 @@ impl PodCheckpointService {
             None
         } else {
             crate::sandbox::pidns::last_pid(&pod.id, pod.pid().await)
+                .await
                 .map_err(|e| warn!("pod {}: {e}", pod.id))
                 .ok()
         };
@@ -276,16 +277,24 @@ impl PodCheckpointService {
         opts: &stasis_api::checkpoint::CheckpointOptions,
     ) -> Result<(Duration, Vec<super::Timings>)> {
         let runtime = self.tasks.runtime.clone();
-        let all = self.tasks.ids();
-        if selected.len() != all.len() {
-            return Err(Error::precondition(
-                pod_id,
-                format!(
-                    "{} checkpoints the whole sandbox; select all {} containers of the pod or none",
-                    runtime.name(),
-                    all.len()
-                ),
-            ));
+        // Every live container of the sandbox is in its image, so all must be selected.
+        let mut live = Vec::new();
+        for id in self.tasks.ids() {
+            if selected.iter().any(|s| s.id == id) {
+                live.push(id);
+                continue;
+            }
+            let c = self.tasks.get(&id)?;
+            let c = c.lock().await;
+            if matches!(c.init.status, Status::RUNNING | Status::PAUSED) {
+                return Err(Error::precondition(
+                    pod_id,
+                    format!(
+                        "{} saves the whole sandbox: container {id} runs too, so select every running container of the pod (or none)",
+                        runtime.name()
+                    ),
+                ));
+            }
         }
         if opts.tcp_established || opts.file_locks {
             return Err(Error::invalid(
@@ -333,8 +342,15 @@ impl PodCheckpointService {
             .checkpoint_sandbox(pod_id, &copts, opts, selected, containers, with_volumes)
             .await;
         if with_volumes {
-            if let Err(e) = runtime.resume(pod_id).await {
-                warn!("pod {pod_id}: resume after checkpoint: {e}");
+            // Never leave the pod paused: retry, and fail the checkpoint if it stays so.
+            let mut resumed = runtime.resume(pod_id).await;
+            if let Err(e) = &resumed {
+                warn!("pod {pod_id}: resume after checkpoint: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                resumed = runtime.resume(pod_id).await;
+            }
+            if captured.is_ok() {
+                resumed?;
             }
         }
         captured?;

@@ -183,10 +183,14 @@ impl BackendConfig {
     /// `<dir>/<engine>.toml` if that file exists (dir: `$STASIS_CONFIG_DIR`, else `/etc/stasis`):
     /// `binary` and `runtime_args`, the same keys as in handler options.
     pub fn for_binary_name(id: &str, argv0: &Path) -> Result<Self> {
-        let engine = Self::from_binary_name(argv0).engine;
         let dir = std::env::var_os("STASIS_CONFIG_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/etc/stasis"));
+        Self::for_binary_name_in(id, argv0, &dir)
+    }
+
+    fn for_binary_name_in(id: &str, argv0: &Path, dir: &Path) -> Result<Self> {
+        let engine = Self::from_binary_name(argv0).engine;
         let file = dir.join(format!("{}.toml", engine.name()));
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
@@ -302,13 +306,11 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.join("crun.toml"), "engine = \"runc\"\n").unwrap();
-        // SAFETY: this test alone reads or sets STASIS_CONFIG_DIR.
-        unsafe { std::env::set_var("STASIS_CONFIG_DIR", &dir) };
-        let c = BackendConfig::for_binary_name("p", Path::new("containerd-shim-stasis-gvisor-v2"))
-            .unwrap();
+        let by_name = |n: &str| BackendConfig::for_binary_name_in("p", Path::new(n), &dir);
+        let c = by_name("containerd-shim-stasis-gvisor-v2").unwrap();
         assert_eq!(c.engine, Engine::Runsc);
         assert_eq!(c.args(), ["--platform=ptrace", "--network=sandbox"]);
-        let e = BackendConfig::for_binary_name("p", Path::new("containerd-shim-stasis-crun-v2"))
+        let e = by_name("containerd-shim-stasis-crun-v2")
             .unwrap_err()
             .to_string();
         assert!(e.contains("crun.toml") && e.contains("runc"), "{e}");

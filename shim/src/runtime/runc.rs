@@ -51,6 +51,16 @@ impl Runc {
         self
     }
 
+    /// The runtime binary could not even be started: not NOT_FOUND (containerd would take
+    /// that for "the container is gone"), but the runtime's failure, with the path.
+    fn spawn_failed(&self, id: &str, step: &str, e: std::io::Error) -> Error {
+        Error::other(
+            id,
+            format!("{} {step}", self.engine),
+            format!("cannot run {}: {e}", self.binary.display()),
+        )
+    }
+
     pub(super) fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--root").arg(&self.root);
@@ -70,7 +80,7 @@ impl Runc {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let out = reaper::run(cmd)
             .await
-            .map_err(|e| Error::io(id, format!("{step}: spawn {}", self.binary.display()), e))?;
+            .map_err(|e| self.spawn_failed(id, step, e))?;
         if !out.success() {
             return Err(Error::Runtime {
                 id: id.to_string(),
@@ -104,7 +114,7 @@ impl Runc {
         debug!("{}: {step}: {:?}", id, full);
         let out = reaper::run_with_stdio(full, false)
             .await
-            .map_err(|e| Error::io(id, format!("{step}: spawn {}", self.binary.display()), e))?;
+            .map_err(|e| self.spawn_failed(id, step, e))?;
         let result = if out.success() {
             Ok(())
         } else {
@@ -382,6 +392,7 @@ fn criu_args(cmd: &mut Command, opts: &CheckpointOpts) {
     }
 }
 
+/// runc and runsc say "… does not exist", crun "…: No such file or directory".
 fn is_not_exist(message: &str) -> bool {
-    message.contains("does not exist") || message.contains("not exist")
+    message.contains("not exist") || message.contains("No such file or directory")
 }

@@ -123,13 +123,14 @@ fn write_pod_root_bundle(pod: &PodRoot) -> Result<PathBuf> {
     Ok(bundle)
 }
 
-/// `runsc ps --format json` lists process objects; the shim wants host-visible ids only.
+/// `runsc ps --format json`: the container's PIDs (inside gVisor), as numbers (or, in some
+/// versions, process objects with a `PID`).
 fn parse_ps(id: &str, out: &[u8]) -> Result<Vec<u32>> {
     let v: Option<Vec<serde_json::Value>> =
         serde_json::from_slice(out).map_err(|e| Error::other(id, "parse runsc ps", e))?;
     Ok(v.unwrap_or_default()
         .iter()
-        .filter_map(|p| p["PID"].as_u64().map(|n| n as u32))
+        .filter_map(|p| p.as_u64().or_else(|| p["PID"].as_u64()).map(|n| n as u32))
         .collect())
 }
 
@@ -169,7 +170,14 @@ impl OciRuntime for Runsc {
                     .run_with_process_stdio(id, "start", cmd, stdio)
                     .await
             }
-            None => self.cli.start(id).await,
+            // runsc hands start's stdio to the container: never pipes we would wait on.
+            None => {
+                let mut cmd = self.cli.command();
+                cmd.args(["start", id]);
+                self.cli
+                    .run_with_process_stdio(id, "start", cmd, ProcessStdio::default())
+                    .await
+            }
         }
     }
 
@@ -286,10 +294,17 @@ impl OciRuntime for Runsc {
                 Err(Error::Runtime { message, .. }) if message.contains("not started") => {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
-                Err(e) => {
-                    log::warn!("{e}");
-                    break 255;
-                }
+                // A failed wait is no exit: only a container that is gone or stopped ended.
+                Err(e) => match self.state(id).await {
+                    Ok(st) if st.status != "stopped" => {
+                        log::warn!("{e}; {id} is {}, waiting again", st.status);
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                    _ => {
+                        log::warn!("{e}");
+                        break 255;
+                    }
+                },
             }
         };
         Exit {
@@ -300,8 +315,16 @@ impl OciRuntime for Runsc {
     }
 
     fn adapt_container_spec(&self, spec: &mut serde_json::Value) {
-        // Containers join the sandbox's kernel; the host namespace paths CRI filled in (those
-        // of the sandbox process) mean nothing inside gVisor.
+        // Containers of a pod join the sandbox's kernel; the host namespace paths CRI filled in
+        // (those of the sandbox process) mean nothing inside gVisor. A container that starts
+        // a sandbox of its own keeps its paths (its network namespace above all).
+        let joins_pod = spec
+            .pointer("/annotations/io.kubernetes.cri.container-type")
+            .and_then(|v| v.as_str())
+            == Some("container");
+        if !joins_pod {
+            return;
+        }
         if let Some(ns) = spec
             .pointer_mut("/linux/namespaces")
             .and_then(|n| n.as_array_mut())
@@ -337,12 +360,11 @@ impl OciRuntime for Runsc {
                 }
             }
         };
-        if let Err(e) = result {
+        let pid = result.and_then(|()| crate::task::stdio::read_pid(&pod.id, &pid_file));
+        if pid.is_err() {
             let _ = self.delete(&pod.id, true).await;
-            return Err(e);
         }
-        let pid = crate::task::stdio::read_pid(&pod.id, &pid_file)?;
-        Ok(Some(pid))
+        pid.map(Some)
     }
 }
 
@@ -376,6 +398,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(pids, vec![1, 7]);
+        assert_eq!(parse_ps("c", b"[1,7]").unwrap(), vec![1, 7]);
         assert_eq!(parse_ps("c", b"null").unwrap(), Vec::<u32>::new());
 
         let r = Runsc::new(
@@ -389,6 +412,10 @@ mod tests {
 
         let mut spec =
             json!({"linux": {"namespaces": [{"type": "pid", "path": "/proc/9/ns/pid"}]}});
+        let own = spec.clone();
+        r.adapt_container_spec(&mut spec);
+        assert_eq!(spec, own, "a container of its own keeps its namespaces");
+        spec["annotations"] = json!({"io.kubernetes.cri.container-type": "container"});
         r.adapt_container_spec(&mut spec);
         assert_eq!(spec["linux"]["namespaces"][0], json!({"type": "pid"}));
     }

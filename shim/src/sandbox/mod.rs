@@ -252,7 +252,7 @@ impl SandboxService {
         st.pid = pid;
         if !by_runtime {
             if let Some(last) = self.saved_last_pid(&pod) {
-                if let Err(e) = pidns::reserve(id, pid, last) {
+                if let Err(e) = pidns::reserve(id, pid, last).await {
                     warn!("pod {id}: cannot keep new PIDs above the restored ones: {e}");
                 }
             }

@@ -6,20 +6,25 @@
 
 use std::process::Command;
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    reaper,
+};
 
 /// Annotation in `pod.options` carrying the pod namespace's last allocated PID.
 pub const LAST_PID_ANNOTATION: &str = "io.stasis.last-pid";
 
 /// Runs `sh -c script` inside the PID namespace of `pid` (nsenter forks after joining it, so
 /// the shell sees that namespace's `ns_last_pid`).
-fn in_pid_ns(pod: &str, pid: i32, script: &str) -> Result<String> {
-    let out = Command::new("nsenter")
-        .arg(format!("--pid=/proc/{pid}/ns/pid"))
-        .args(["--", "sh", "-c", script])
-        .output()
+async fn in_pid_ns(pod: &str, pid: i32, script: &str) -> Result<String> {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--pid=/proc/{pid}/ns/pid"))
+        .args(["--", "sh", "-c", script]);
+    // Through the reaper: it owns waitpid for every child of the shim.
+    let out = reaper::run(cmd)
+        .await
         .map_err(|e| Error::io(pod, "run nsenter", e))?;
-    if !out.status.success() {
+    if !out.success() {
         return Err(Error::other(
             pod,
             "pod PID namespace",
@@ -30,18 +35,19 @@ fn in_pid_ns(pod: &str, pid: i32, script: &str) -> Result<String> {
 }
 
 /// The last PID allocated in the PID namespace of `pid`.
-pub fn last_pid(pod: &str, pid: i32) -> Result<u32> {
-    let text = in_pid_ns(pod, pid, "cat /proc/sys/kernel/ns_last_pid")?;
+pub async fn last_pid(pod: &str, pid: i32) -> Result<u32> {
+    let text = in_pid_ns(pod, pid, "cat /proc/sys/kernel/ns_last_pid").await?;
     text.parse()
         .map_err(|e| Error::other(pod, "read ns_last_pid", e))
 }
 
 /// Makes the PID namespace of `pid` allocate above `last`.
-pub fn reserve(pod: &str, pid: i32, last: u32) -> Result<()> {
+pub async fn reserve(pod: &str, pid: i32, last: u32) -> Result<()> {
     in_pid_ns(
         pod,
         pid,
         &format!("echo {last} > /proc/sys/kernel/ns_last_pid"),
     )
+    .await
     .map(drop)
 }

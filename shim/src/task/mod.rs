@@ -859,6 +859,16 @@ impl Tasks {
     }
 
     async fn pause(&self, id: &str) -> Result<()> {
+        if self.runtime.checkpoints_whole_sandbox() && self.pod().is_some() {
+            // runsc pauses the whole sandbox kernel, not one container of it.
+            return Err(Error::precondition(
+                id,
+                format!(
+                    "{} cannot pause one container of a pod, it would pause the whole pod (containerd pauses a task before checkpointing it: to checkpoint, checkpoint the pod with stasisctl pod checkpoint)",
+                    self.runtime.name()
+                ),
+            ));
+        }
         let container = self.get(id)?;
         let mut c = container.lock().await;
         if c.init.status != Status::RUNNING {

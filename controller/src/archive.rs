@@ -215,6 +215,8 @@ pub struct Summary {
     pub pod_name: String,
     pub pod_namespace: String,
     pub engine: String,
+    /// Size of the one image of a runtime that saves whole sandboxes (`sandbox/`), else 0.
+    pub sandbox_image_bytes: u64,
     pub containers: Vec<ContainerSummary>,
 }
 
@@ -237,6 +239,7 @@ pub fn inspect(path: &Path) -> Result<Summary> {
             .nth(1)
             .map(|c| c.as_os_str() == "checkpoint")
             .unwrap_or(false)
+            || top == "sandbox"
         {
             *sizes.entry(top).or_default() += entry.size();
         }
@@ -312,6 +315,7 @@ pub fn inspect(path: &Path) -> Result<Summary> {
             .unwrap_or_default()
             .to_string(),
         engine: options.engine().to_string(),
+        sandbox_image_bytes: sizes.get("sandbox").copied().unwrap_or(0),
         containers,
     })
 }

@@ -226,6 +226,12 @@ async fn run(cli: Cli) -> Result<()> {
                     println!("archive   {} ({})", s.archive, human(s.archive_bytes));
                     println!("pod       {} (namespace {})", s.pod_name, s.pod_namespace);
                     println!("engine    {}", s.engine);
+                    if s.sandbox_image_bytes > 0 {
+                        println!(
+                            "sandbox   {} (one image of the whole sandbox: every container's memory and files)",
+                            human(s.sandbox_image_bytes)
+                        );
+                    }
                     println!(
                         "{:<16} {:<14} {:<32} {:>12} {:>12} {:>10}  CHECKPOINTED",
                         "CONTAINER", "ID", "IMAGE", "CHECKPOINT", "ROOTFS DIFF", "FROZEN"

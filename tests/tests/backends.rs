@@ -57,6 +57,10 @@ async fn pod_round_trip(name: &str, handler: &str, gvisor: bool) -> Result<()> {
     let summary: serde_json::Value = serde_json::from_str(&inspect)?;
     let engine = if gvisor { "runsc" } else { "runc" };
     ensure!(summary["engine"] == engine, "inspect: {inspect}");
+    ensure!(
+        (summary["sandbox_image_bytes"].as_u64().unwrap_or(0) > 0) == gvisor,
+        "sandbox image size: {inspect}"
+    );
     // A live checkpoint leaves the pod running.
     for id in &ids {
         let st = cri.container_status(id).await?;

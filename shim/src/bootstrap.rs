@@ -235,6 +235,9 @@ pub fn serve(flags: &Flags) -> Result<(), BoxError> {
         let _ = server.shutdown().await;
         Ok::<_, BoxError>(())
     });
+    // Helper commands that outlive the server (a `runsc wait` of a running container, their
+    // pipe readers) must not keep the shim from exiting.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
     if let Some(path) = socket {
         let current = std::fs::metadata(&path)
             .ok()

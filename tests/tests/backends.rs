@@ -452,3 +452,39 @@ async fn gvisor_refuses_checkpoints_it_could_not_restore() -> Result<()> {
     cri.stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
+
+/// Plain containers (Task API, no pod) run on gVisor too: one sandbox each.
+#[test]
+fn gvisor_runs_plain_containers_through_the_task_api() -> Result<()> {
+    let c = Containerd::start("backend-gvisor-ctr")?;
+    let image = c.import_busybox()?;
+    let runtime = "io.containerd.stasis-gvisor.v2";
+    let out = c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        runtime,
+        image,
+        "g1",
+        "busybox",
+        "dmesg",
+    ])?;
+    ensure!(out.contains("gVisor"), "not a gVisor kernel: {out}");
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        runtime,
+        image,
+        "g2",
+        "sh",
+        "-c",
+        "echo bye >&2; exit 3",
+    ])?;
+    ensure!(out.status.code() == Some(3), "exit status {:?}", out.status);
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("bye"),
+        "stderr lost"
+    );
+    Ok(())
+}

@@ -150,9 +150,17 @@ pub async fn checkpoint_container(
         } else {
             None
         };
+    // Such a runtime's sandbox is paused instead when volumes must match the saved memory.
+    let pause_sandbox = runtime.checkpoints_whole_sandbox()
+        && opts.leave_running
+        && !target.paused
+        && volumes::wanted(target.spec);
     let frozen_at = Instant::now();
     if let Some(f) = &freezer {
         f.freeze()?;
+    }
+    if pause_sandbox {
+        runtime.pause(id).await?;
     }
     let result = async {
         let t = Instant::now();
@@ -167,6 +175,11 @@ pub async fn checkpoint_container(
         let thawed = f.thaw();
         let window = frozen_at.elapsed();
         thawed?;
+        window
+    } else if pause_sandbox {
+        let resumed = runtime.resume(id).await;
+        let window = frozen_at.elapsed();
+        resumed?;
         window
     } else {
         Duration::ZERO

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    reaper::Exit,
+    reaper::{self, Exit},
 };
 
 /// The gVisor image file a sandbox checkpoint writes.
@@ -29,6 +29,8 @@ pub struct Runsc {
     /// A container of a sandbox gets its stdio when it starts, not when it is created: the
     /// stdio handed to `create` is kept here for `start`.
     start_stdio: Mutex<HashMap<String, ProcessStdio>>,
+    /// Containers that joined a sandbox (as opposed to roots, whose sandbox process is theirs).
+    joined: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Runsc {
@@ -38,8 +40,22 @@ impl Runsc {
                 .with_args(args)
                 .dialect(Engine::Runsc, false),
             start_stdio: Mutex::new(HashMap::new()),
+            joined: Mutex::new(Default::default()),
         }
     }
+}
+
+/// Whether the bundle's container joins a pod's sandbox (CRI's container-type annotation).
+fn joins_sandbox(bundle: &Path) -> bool {
+    std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| {
+            v.pointer("/annotations/io.kubernetes.cri.container-type")
+                .and_then(|t| t.as_str())
+                .map(|t| t == "container")
+        })
+        .unwrap_or(false)
 }
 
 fn dup_stdio(id: &str, stdio: &ProcessStdio) -> Result<ProcessStdio> {
@@ -152,6 +168,9 @@ impl OciRuntime for Runsc {
         pid_file: &Path,
     ) -> Result<()> {
         let kept = dup_stdio(id, &stdio)?;
+        if joins_sandbox(bundle) {
+            self.joined.lock().unwrap().insert(id.to_string());
+        }
         self.cli.create(id, bundle, stdio, pid_file).await?;
         self.start_stdio
             .lock()
@@ -197,6 +216,7 @@ impl OciRuntime for Runsc {
 
     async fn delete(&self, id: &str, force: bool) -> Result<()> {
         self.start_stdio.lock().unwrap().remove(id);
+        self.joined.lock().unwrap().remove(id);
         self.cli.delete(id, force).await
     }
 
@@ -247,6 +267,9 @@ impl OciRuntime for Runsc {
         stdio: ProcessStdio,
         pid_file: &Path,
     ) -> Result<()> {
+        if joins_sandbox(bundle) {
+            self.joined.lock().unwrap().insert(id.to_string());
+        }
         let mut cmd = self.cli.command();
         cmd.arg("restore")
             .arg("--detach")
@@ -280,6 +303,11 @@ impl OciRuntime for Runsc {
     /// The container's processes live in gVisor's kernel, not on the host: `runsc wait`
     /// reports how the container's init ended.
     async fn wait_init(&self, id: &str, pid: i32) -> Exit {
+        // A root container's sandbox process is the shim's child and ends with the root's
+        // exit status (once it is gone `runsc wait` cannot tell it any more): reap it.
+        if !self.joined.lock().unwrap().contains(id) {
+            return reaper::wait(pid).await;
+        }
         let status = loop {
             let mut cmd = self.cli.command();
             cmd.args(["wait", id]);

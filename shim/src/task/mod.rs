@@ -102,6 +102,11 @@ impl Tasks {
             }
             if let Err(e) = self.runtime.kill(&c.id, libc::SIGKILL as u32, true).await {
                 warn!("{}: kill: {e}", c.id);
+                // A container of a gVisor sandbox that cannot be signalled (created, never
+                // started) ends with the sandbox itself: do not wait for it here.
+                if self.runtime.checkpoints_whole_sandbox() {
+                    continue;
+                }
             }
             waits.push(c.init.exited.subscribe());
         }

@@ -488,3 +488,53 @@ fn gvisor_runs_plain_containers_through_the_task_api() -> Result<()> {
     );
     Ok(())
 }
+
+/// A plain gVisor container checkpointed and restored through containerd's Task API (`ctr t
+/// checkpoint --exit`, then a task created from the image): runsc checkpoint and restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gvisor_task_checkpoint_and_restore() -> Result<()> {
+    let c = Containerd::start("backend-gvisor-task")?;
+    let image = c.import_busybox()?;
+    let runtime = "io.containerd.stasis-gvisor.v2";
+    let loop_ = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.02; done";
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        runtime,
+        image,
+        "g1",
+        "sh",
+        "-c",
+        loop_,
+    ])?;
+    let counter = |exec: &str| -> Result<u64> {
+        let out = c.ctr_ok(&["tasks", "exec", "--exec-id", exec, "g1", "cat", "/count"])?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("counter {out:?}"))
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before = counter("e0")?;
+    let reference = c
+        .ctr_ok(&["tasks", "checkpoint", "--exit", "g1"])?
+        .trim()
+        .to_string();
+    ensure!(
+        c.task_status("g1")?.as_deref() == Some("STOPPED"),
+        "task not stopped by checkpoint --exit"
+    );
+    c.ctr_ok(&["tasks", "delete", "g1"])?;
+    stasis_e2e::api::restore_task_from_checkpoint(&c.socket(), &c.namespace, "g1", &reference)
+        .await?;
+    c.wait_for("g1 running", Duration::from_secs(10), || {
+        Ok(c.task_status("g1")?.as_deref() == Some("RUNNING"))
+    })?;
+    let after = counter("e1")?;
+    ensure!(
+        after >= before,
+        "restored counter {after} < {before}: memory not restored"
+    );
+    c.ctr_ok(&["tasks", "kill", "-s", "KILL", "g1"])?;
+    Ok(())
+}

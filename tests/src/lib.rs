@@ -115,6 +115,25 @@ impl Containerd {
         self.dir.join("etc-stasis")
     }
 
+    /// `ctr tasks checkpoint --exit` of task `id` (which must stop it), then the task deleted
+    /// and created again from that checkpoint image through containerd's Tasks API, until it
+    /// runs.
+    pub async fn checkpoint_exit_and_restore(&self, id: &str) -> Result<()> {
+        let reference = self
+            .ctr_ok(&["tasks", "checkpoint", "--exit", id])?
+            .trim()
+            .to_string();
+        anyhow::ensure!(
+            self.task_status(id)?.as_deref() == Some("STOPPED"),
+            "task {id} not stopped by checkpoint --exit"
+        );
+        self.ctr_ok(&["tasks", "delete", id])?;
+        api::restore_task_from_checkpoint(&self.socket(), &self.namespace, id, &reference).await?;
+        self.wait_for(&format!("{id} running"), Duration::from_secs(10), || {
+            Ok(self.task_status(id)?.as_deref() == Some("RUNNING"))
+        })
+    }
+
     /// How many pods CRI lists.
     pub async fn pod_count(&self) -> Result<usize> {
         let mut cri = self.cri().await?;

@@ -516,20 +516,7 @@ async fn gvisor_task_checkpoint_and_restore() -> Result<()> {
     };
     tokio::time::sleep(Duration::from_millis(800)).await;
     let before = counter("e0")?;
-    let reference = c
-        .ctr_ok(&["tasks", "checkpoint", "--exit", "g1"])?
-        .trim()
-        .to_string();
-    ensure!(
-        c.task_status("g1")?.as_deref() == Some("STOPPED"),
-        "task not stopped by checkpoint --exit"
-    );
-    c.ctr_ok(&["tasks", "delete", "g1"])?;
-    stasis_e2e::api::restore_task_from_checkpoint(&c.socket(), &c.namespace, "g1", &reference)
-        .await?;
-    c.wait_for("g1 running", Duration::from_secs(10), || {
-        Ok(c.task_status("g1")?.as_deref() == Some("RUNNING"))
-    })?;
+    c.checkpoint_exit_and_restore("g1").await?;
     let after = counter("e1")?;
     ensure!(
         after >= before,

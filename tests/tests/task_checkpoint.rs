@@ -380,20 +380,7 @@ async fn checkpoint_with_exit_stops_the_task_and_restores() -> Result<()> {
     ])?;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let before = read_counter(&c, "x1", "/count", 0)?;
-    let reference = c
-        .ctr_ok(&["tasks", "checkpoint", "--exit", "x1"])?
-        .trim()
-        .to_string();
-    ensure!(
-        c.task_status("x1")?.as_deref() == Some("STOPPED"),
-        "task not stopped by checkpoint --exit"
-    );
-    c.ctr_ok(&["tasks", "delete", "x1"])?;
-    stasis_e2e::api::restore_task_from_checkpoint(&c.socket(), &c.namespace, "x1", &reference)
-        .await?;
-    c.wait_for("x1 running", Duration::from_secs(10), || {
-        Ok(c.task_status("x1")?.as_deref() == Some("RUNNING"))
-    })?;
+    c.checkpoint_exit_and_restore("x1").await?;
     let after = read_counter(&c, "x1", "/count", 1)?;
     ensure!(after >= before, "restored counter {after} < {before}");
     remove(&c, "x1")

@@ -123,10 +123,13 @@ impl Containerd {
             .ctr_ok(&["tasks", "checkpoint", "--exit", id])?
             .trim()
             .to_string();
-        anyhow::ensure!(
-            self.task_status(id)?.as_deref() == Some("STOPPED"),
-            "task {id} not stopped by checkpoint --exit"
-        );
+        // The exit is reported as it happens, possibly just after the checkpoint returned
+        // (gVisor's sandbox process ends after `runsc checkpoint` does).
+        self.wait_for(
+            &format!("{id} stopped by checkpoint --exit"),
+            Duration::from_secs(10),
+            || Ok(self.task_status(id)?.as_deref() == Some("STOPPED")),
+        )?;
         self.ctr_ok(&["tasks", "delete", id])?;
         api::restore_task_from_checkpoint(&self.socket(), &self.namespace, id, &reference).await?;
         self.wait_for(&format!("{id} running"), Duration::from_secs(10), || {

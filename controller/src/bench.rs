@@ -17,7 +17,7 @@ use crate::{
     cri::{self, api},
     pod::{self, CheckpointArgs, RestoreArgs, Target},
     shim,
-    workload::{container_config, counter_loop, pod_config},
+    workload::{container_config, counter_loop, exec, pod_config, read_counter},
 };
 
 pub struct BenchArgs {
@@ -68,30 +68,6 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     Some(v[v.len() / 2])
-}
-
-async fn exec(rt: &mut cri::Runtime, id: &str, cmd: &[&str]) -> Result<(i32, String)> {
-    let r = rt
-        .exec_sync(api::ExecSyncRequest {
-            container_id: id.to_string(),
-            cmd: cmd.iter().map(|s| s.to_string()).collect(),
-            timeout: 20,
-        })
-        .await
-        .with_context(|| format!("exec {cmd:?} in {id}"))?
-        .into_inner();
-    Ok((r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned()))
-}
-
-async fn counter(rt: &mut cri::Runtime, id: &str) -> Result<u64> {
-    for _ in 0..50 {
-        let (_, out) = exec(rt, id, &["cat", COUNTER]).await?;
-        if let Ok(v) = out.trim().parse() {
-            return Ok(v);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    bail!("counter in {id} unreadable")
 }
 
 async fn remove_pod(rt: &mut cri::Runtime, id: &str) {
@@ -186,7 +162,7 @@ async fn check_restored(
             .find(|(n, _)| *n == name)
             .map(|(_, v)| *v)
             .unwrap_or(0);
-        let now = counter(rt, &c.id).await?;
+        let now = read_counter(rt, &c.id, COUNTER).await?;
         if now < was {
             return Ok(format!(
                 "violated: {name} counter {now} < {was} at checkpoint"
@@ -197,7 +173,7 @@ async fn check_restored(
             return Ok(format!("violated: {name}: {}", v.trim()));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let later = counter(rt, &c.id).await?;
+        let later = read_counter(rt, &c.id, COUNTER).await?;
         if later <= now {
             return Ok(format!("violated: {name} does not run after restore"));
         }
@@ -225,7 +201,7 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut before = Vec::new();
         for (cname, id) in &ids {
-            before.push((cname.clone(), counter(&mut rt, id).await?));
+            before.push((cname.clone(), read_counter(&mut rt, id, COUNTER).await?));
         }
         let archive = a.work_dir.join(format!("{name}.tar"));
         let args = CheckpointArgs {
@@ -350,6 +326,27 @@ pub async fn run(t: &Target, a: &BenchArgs) -> Result<Vec<BenchRow>> {
     Ok(rows)
 }
 
+/// A Markdown table: the first row is the header, columns padded to their widest cell.
+pub fn render_table(rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut text = String::new();
+    for (n, r) in rows.iter().enumerate() {
+        let cells: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        text.push_str(&format!("| {} |\n", cells.join(" | ")));
+        if n == 0 {
+            let sep: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+            text.push_str(&format!("|-{}-|\n", sep.join("-|-")));
+        }
+    }
+    text
+}
+
 /// Each value with its ratio against the first handler's on the same pod size.
 pub fn table(rows: &[BenchRow]) -> String {
     let base = |r: &BenchRow| rows.iter().find(|b| b.containers == r.containers);
@@ -389,22 +386,7 @@ pub fn table(rows: &[BenchRow]) -> String {
             r.consistency.clone(),
         ]);
     }
-    let widths: Vec<usize> = (0..out[0].len())
-        .map(|i| out.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut text = String::new();
-    for (n, r) in out.iter().enumerate() {
-        let cells: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        text.push_str(&format!("| {} |\n", cells.join(" | ")));
-        if n == 0 {
-            let sep: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
-            text.push_str(&format!("|-{}-|\n", sep.join("-|-")));
-        }
-    }
+    let mut text = render_table(&out);
     let methods: Vec<String> = rows
         .iter()
         .map(|r| format!("{}: {}", r.handler, r.method))

@@ -1,9 +1,11 @@
 //! The pod workloads the tests and `stasisctl bench` run: CRI configs for a pod with its own
 //! network and for busybox containers, and the consistency loop.
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
-use crate::cri::api as cri;
+use anyhow::{bail, Context, Result};
+
+use crate::cri::{api as cri, Runtime};
 
 /// Network, PID and IPC namespaces shared by the whole pod.
 fn pod_namespaces() -> cri::NamespaceOption {
@@ -69,4 +71,32 @@ pub fn counter_loop(file: &str) -> String {
          if [ \"$v\" -gt \"$i\" ]; then echo \"file=$v memory=$i\" >> /violations; fi; \
          i=$((i+1)); echo $i > {file}; sleep 0.01; done"
     )
+}
+
+/// ExecSync of `cmd` in container `id`: exit code and stdout.
+pub async fn exec(rt: &mut Runtime, id: &str, cmd: &[&str]) -> Result<(i32, String)> {
+    let r = rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: id.to_string(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 20,
+        })
+        .await
+        .with_context(|| format!("exec {cmd:?} in {id}"))?
+        .into_inner();
+    Ok((r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned()))
+}
+
+/// The value of a counter file the consistency loop writes (it may be caught mid-write).
+pub async fn read_counter(rt: &mut Runtime, id: &str, file: &str) -> Result<u64> {
+    let mut last = String::new();
+    for _ in 0..50 {
+        let (_, out) = exec(rt, id, &["cat", file]).await?;
+        if let Ok(v) = out.trim().parse() {
+            return Ok(v);
+        }
+        last = out;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("counter {file} in {id} unreadable: {last:?}")
 }

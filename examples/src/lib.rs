@@ -18,23 +18,17 @@ pub fn rss_kib(pid: i32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Prints a table with a header row; columns padded to their widest cell.
+/// Prints a table with a header row (the same renderer as `stasisctl bench`).
 pub fn print_table(rows: &[Vec<String>]) {
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    for (n, r) in rows.iter().enumerate() {
-        let line: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{:<w$}", c, w = widths[i]))
-            .collect();
-        println!("| {} |", line.join(" | "));
-        if n == 0 {
-            let sep: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
-            println!("|-{}-|", sep.join("-|-"));
-        }
-    }
+    print!("{}", stasis_controller::bench::render_table(rows));
+}
+
+/// The value after `--name` on the command line.
+pub fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
 }
 
 /// Bytes in KiB/MiB/GiB.

@@ -1,7 +1,7 @@
 //! A small CRI client over containerd's socket (the `k8s-cri` types through tonic), and
 //! builders for the pod and container configs the tests use.
 
-use std::{collections::HashMap, path::Path, time::Duration};
+use std::{collections::HashMap, path::Path};
 
 use anyhow::{Context, Result};
 pub use k8s_cri::v1 as cri;
@@ -165,16 +165,7 @@ impl CriClient {
 }
 
 pub async fn read_counter(cri: &mut CriClient, id: &str, file: &str) -> Result<u64> {
-    let mut last = String::new();
-    for _ in 0..30 {
-        let out = cri.exec_ok(id, &["cat", file]).await?;
-        if let Ok(v) = out.trim().parse() {
-            return Ok(v);
-        }
-        last = out;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    anyhow::bail!("counter {file} in {id} unreadable: {last:?}")
+    stasis_controller::workload::read_counter(&mut cri.runtime, id, file).await
 }
 
 pub async fn containers_by_name(

@@ -130,12 +130,7 @@ fn main() -> Result<()> {
         println!("bench_checkpoint [--runs N] [--sizes MiB,MiB,...]: live checkpoint/restore latency runc-v2 vs stasis, and stasis's frozen window vs a plain runc dump");
         return Ok(());
     }
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let flag = |name: &str| stasis_examples::flag(&args, name);
     let runs: usize = flag("--runs").map(|v| v.parse()).transpose()?.unwrap_or(5);
     let sizes: Vec<u64> = flag("--sizes")
         .unwrap_or_else(|| "0,256,1024".into())

@@ -54,12 +54,7 @@ async fn main() -> Result<()> {
         println!("bench_pod [--sizes 1,2,4,8] [--memory 0,256]: pod checkpoint/restore vs per-container runc-v2 checkpoints");
         return Ok(());
     }
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let flag = |name: &str| stasis_examples::flag(&args, name);
     let sizes = list(flag("--sizes"), "1,2,4,8")?;
     let memories = list(flag("--memory"), "0,256")?;
     let c = Containerd::start("bench-pod")?;

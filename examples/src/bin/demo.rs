@@ -24,12 +24,8 @@ async fn main() -> Result<()> {
         println!("demo [--handler stasis|stasis-gvisor|stasis-crun]: runs a two-container pod through the stasis shim on a private containerd, checkpoints it live and restores it (needs root)");
         return Ok(());
     }
-    let handler = args
-        .iter()
-        .position(|a| a == "--handler")
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
-        .unwrap_or("stasis");
+    let handler = stasis_examples::flag(&args, "--handler").unwrap_or_else(|| "stasis".into());
+    let handler = handler.as_str();
     step("starting a private containerd (own root, state, sockets and CNI network under /tmp/stasis-e2e)");
     let c = Containerd::start("demo")?;
     println!("containerd at {}", c.socket().display());

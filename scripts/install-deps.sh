@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything stasis needs on a fresh Debian bookworm machine. Idempotent.
-# Facts behind the choices are in ../shared/design.md §3: bookworm's CRIU is too old for this
-# kernel, so CRIU/runc/crun/runsc/checkpointctl come from trixie and containerd 2.x from sid,
-# both added with a low pin so nothing else is upgraded by accident.
+# Why each package comes from where it does is in docs/host-requirements.md: bookworm's CRIU is
+# too old for current kernels, so CRIU/runc/crun/runsc/checkpointctl come from trixie and
+# containerd 2.x from sid, both added with a low pin so nothing else is upgraded by accident.
+# Packages from the newer suites are installed without their Recommends: CRIU's would pull
+# python3-pycriu and with it trixie's python3, replacing the machine's system Python.
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
@@ -55,8 +57,15 @@ if ! command -v containerd >/dev/null || ! containerd --version | grep -Eq ' v?2
 if [ ${#missing[@]} -gt 0 ] || [ ${#base[@]} -gt 0 ] || [ $ctd_ok = 0 ]; then
   apt-get update -q
   [ ${#base[@]} -gt 0 ] && apt-get install -y -q "${base[@]}"
-  [ ${#missing[@]} -gt 0 ] && apt-get install -y -q -t trixie "${missing[@]}"
-  [ $ctd_ok = 0 ] && apt-get install -y -q -t sid containerd
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt-get install -y -q --no-install-recommends -t trixie "${missing[@]}"
+    echo "install-deps: installed from trixie (no Recommends): ${missing[*]}"
+  fi
+  if [ $ctd_ok = 0 ]; then
+    apt-get install -y -q --no-install-recommends -t sid containerd
+    echo "install-deps: installed from sid (no Recommends): containerd"
+  fi
+  [ ${#base[@]} -gt 0 ] && echo "install-deps: installed from bookworm: ${base[*]}"
 fi
 
 # The Debian containerd package starts a system containerd; stasis never uses it (tests run a

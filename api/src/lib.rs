@@ -3,9 +3,9 @@
 
 pub use containerd_shim_protos as containerd;
 
-/// Annotation on a container that makes the shim restore it from a per-container checkpoint
-/// directory instead of creating it.
-pub const RESTORE_ANNOTATION: &str = "io.stasis.restore-from";
+pub mod layout;
+
+pub use layout::RESTORE_ANNOTATION;
 
 #[allow(warnings, clippy::all)]
 pub mod checkpoint {

@@ -23,6 +23,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use stasis_api::layout::{self, CheckpointedConfig, ContainerMeta};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -142,7 +143,7 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<PodOptions> {
                 );
             }
         }
-        let options = PodOptions::read(dest)?;
+        let options = read_pod_options(dest)?;
         for (name, dir) in &options.containers {
             let d = dest.join(dir);
             if Path::new(dir).components().count() != 1 || !d.is_dir() {
@@ -166,31 +167,15 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<PodOptions> {
     result
 }
 
-#[derive(Debug, Clone, serde::Deserialize, Serialize)]
-pub struct PodOptions {
-    pub version: u32,
-    /// Container name → directory.
-    pub containers: std::collections::BTreeMap<String, String>,
-    #[serde(default)]
-    pub annotations: std::collections::BTreeMap<String, String>,
-}
+/// `pod.options`, parsed as the shim writes it (one type for both sides).
+pub use stasis_api::layout::PodOptions;
 
-impl PodOptions {
-    pub fn read(dir: &Path) -> Result<Self> {
-        let text = std::fs::read(dir.join("pod.options")).context("archive has no pod.options")?;
-        let o: PodOptions = serde_json::from_slice(&text).context("pod.options is not valid")?;
-        if o.version != 1 {
-            bail!("pod.options version {} is not supported", o.version);
-        }
-        Ok(o)
+/// Reads `pod.options` from an unpacked archive, saying plainly when it is missing.
+pub fn read_pod_options(dir: &Path) -> Result<PodOptions> {
+    if !dir.join(layout::POD_OPTIONS).exists() {
+        bail!("archive has no pod.options");
     }
-
-    pub fn engine(&self) -> &str {
-        self.annotations
-            .get("io.stasis.engine")
-            .map(String::as_str)
-            .unwrap_or("unknown")
-    }
+    Ok(PodOptions::read(dir)?)
 }
 
 /// What `stasisctl inspect` shows of one container.
@@ -249,7 +234,7 @@ pub fn inspect(path: &Path) -> Result<Summary> {
             .unwrap_or_default();
         if matches!(
             name.as_str(),
-            "pod.options" | "pod.dump" | "config.dump" | "stasis.json"
+            layout::POD_OPTIONS | layout::POD_DUMP | layout::CONFIG_DUMP | layout::CONTAINER_META
         ) && entry.size() < 16 << 20
         {
             let mut buf = Vec::new();
@@ -257,48 +242,42 @@ pub fn inspect(path: &Path) -> Result<Summary> {
             files.insert(key, buf);
         }
     }
-    let options: PodOptions = serde_json::from_slice(
+    let options = PodOptions::parse(
         files
-            .get("pod.options")
+            .get(layout::POD_OPTIONS)
             .context("archive has no pod.options")?,
-    )
-    .context("pod.options is not valid")?;
+    )?;
     let pod: serde_json::Value = files
-        .get("pod.dump")
+        .get(layout::POD_DUMP)
         .and_then(|b| serde_json::from_slice(b).ok())
         .unwrap_or_default();
     let mut containers = Vec::new();
     for (name, dir) in &options.containers {
-        let config: serde_json::Value = files
-            .get(&format!("{dir}/config.dump"))
-            .and_then(|b| serde_json::from_slice(b).ok())
+        let config: CheckpointedConfig = files
+            .get(&format!("{dir}/{}", layout::CONFIG_DUMP))
+            .and_then(|b| layout::parse_json(layout::CONFIG_DUMP, b).ok())
             .unwrap_or_default();
-        let meta: serde_json::Value = files
-            .get(&format!("{dir}/stasis.json"))
-            .and_then(|b| serde_json::from_slice(b).ok())
-            .unwrap_or_default();
+        let meta: Option<ContainerMeta> = files
+            .get(&format!("{dir}/{}", layout::CONTAINER_META))
+            .and_then(|b| layout::parse_json(layout::CONTAINER_META, b).ok());
+        let meta_or_default = meta.clone().unwrap_or_default();
         containers.push(ContainerSummary {
             name: name.clone(),
             directory: dir.clone(),
-            id: config["id"].as_str().unwrap_or_default().to_string(),
-            image: config["rootfsImageName"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            engine: meta["engine"]
-                .as_str()
-                .unwrap_or(options.engine())
-                .to_string(),
-            checkpointed: config["checkpointedTime"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            frozen_ms: meta["frozen_ms"].as_f64().unwrap_or_default(),
-            checkpoint_bytes: meta["checkpoint_bytes"]
-                .as_u64()
+            id: config.id,
+            image: config.rootfs_image_name,
+            engine: meta
+                .as_ref()
+                .map(|m| m.engine.clone())
+                .unwrap_or_else(|| options.engine().to_string()),
+            checkpointed: config.checkpointed_time,
+            frozen_ms: meta_or_default.frozen_ms,
+            checkpoint_bytes: meta
+                .as_ref()
+                .map(|m| m.checkpoint_bytes)
                 .unwrap_or_else(|| sizes.get(dir).copied().unwrap_or(0)),
-            rootfs_diff_bytes: meta["rootfs_diff_bytes"].as_u64().unwrap_or_default(),
-            was_paused: meta["was_paused"].as_bool().unwrap_or(false),
+            rootfs_diff_bytes: meta_or_default.rootfs_diff_bytes,
+            was_paused: meta_or_default.was_paused,
         });
     }
     Ok(Summary {

@@ -445,7 +445,7 @@ async fn restore_extracted(
             .await
             .map_err(|e| shim::explain(e, &pod_id, &a.runtime_handler))
             .with_context(|| format!("archive written by the {} backend", options.engine()))?;
-        if options.engine() != "unknown" && v.engine != options.engine() {
+        if v.engine != options.engine() {
             bail!(
                 "archive was written by the {} backend; runtime handler {:?} uses {}",
                 options.engine(),

@@ -13,13 +13,14 @@ use containerd_shim_protos::{api::DeleteResponse, protobuf::Message};
 use log::{error, info};
 
 use crate::{
-    events::EventSink,
-    reaper,
+    events::Publisher,
+    process::reaper,
     runtime::{
         self,
         config::{BackendConfig, Engine},
     },
-    task::{timestamp, TaskService, Tasks},
+    spec::ContainerSpec,
+    state::{timestamp, Shim},
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -33,28 +34,21 @@ it is not meant to be started by hand. `start` prints the bootstrap answer for t
 serves the container's group (one per pod), `delete` removes a container whose shim is gone.";
 
 /// Annotations that put several containers under one shim (a CRI pod, or runc's grouping).
-const GROUP_ANNOTATIONS: [&str; 2] = [
-    "io.kubernetes.cri.sandbox-id",
-    "io.containerd.runc.v2.group",
-];
+const GROUP_ANNOTATIONS: [&str; 2] = [crate::spec::CRI_SANDBOX_ID, "io.containerd.runc.v2.group"];
 
 /// The fd on which a freshly spawned shim finds its listening socket.
 const LISTENER_FD: i32 = 3;
 
 fn group_id(bundle: &Path, id: &str) -> String {
-    let spec = std::fs::read(bundle.join("config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-    if let Some(annotations) = spec.as_ref().and_then(|s| s.get("annotations")) {
-        for key in GROUP_ANNOTATIONS {
-            if let Some(g) = annotations.get(key).and_then(|v| v.as_str()) {
-                if !g.is_empty() {
-                    return g.to_string();
-                }
-            }
-        }
-    }
-    id.to_string()
+    // A pod's sandbox bundle has no config.json: the pod is its own group.
+    let Ok(spec) = ContainerSpec::load(id, bundle) else {
+        return id.to_string();
+    };
+    GROUP_ANNOTATIONS
+        .iter()
+        .find_map(|key| spec.annotation(key).filter(|g| !g.is_empty()))
+        .unwrap_or(id)
+        .to_string()
 }
 
 fn socket_path(address: &str) -> &str {
@@ -213,21 +207,16 @@ pub fn serve(flags: &Flags) -> Result<(), BoxError> {
         info!("shim {}: backend {}", flags.id, backend.engine);
         let runtime = runtime::build(&backend, &flags.namespace);
         let ttrpc_address = std::env::var("TTRPC_ADDRESS").ok();
-        let events = EventSink::connect(ttrpc_address.as_deref(), &flags.namespace).await;
-        let tasks = Tasks::new(runtime, events);
+        let events = Publisher::connect(ttrpc_address.as_deref(), &flags.namespace).await;
+        let shim = Shim::new(runtime, events);
         listener.set_nonblocking(true)?;
-        let mut server = crate::server::build(
-            listener,
-            TaskService {
-                tasks: tasks.clone(),
-            },
-        )?;
+        let mut server = crate::service::build(listener, shim.clone())?;
         server.start().await?;
         info!("shim {} serving (pid {})", flags.id, std::process::id());
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            _ = tasks.shutdown.cancelled() => {}
+            _ = shim.shutdown.cancelled() => {}
             _ = term.recv() => info!("SIGTERM: shutting down"),
         }
         // Let the reply to Shutdown leave before the socket goes away.

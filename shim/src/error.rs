@@ -13,6 +13,9 @@ pub enum Error {
     FailedPrecondition { id: String, reason: String },
     #[error("{id}: invalid argument: {reason}")]
     InvalidArgument { id: String, reason: String },
+    /// The process to signal has already ended (the backend recognised its runtime saying so).
+    #[error("process {id}: already finished")]
+    ProcessFinished { id: String },
     /// The OCI runtime (or a tool it drives) failed; `message` is its own explanation.
     #[error("{id}: {step} failed: {message}")]
     Runtime {
@@ -77,20 +80,48 @@ impl Error {
 
     pub fn code(&self) -> Code {
         match self {
-            Error::NotFound { .. } => Code::NOT_FOUND,
+            // NOT_FOUND tells containerd an object is gone: only for unknown ids and processes
+            // that already ended, never for a file some step could not find.
+            Error::NotFound { .. } | Error::ProcessFinished { .. } => Code::NOT_FOUND,
             Error::AlreadyExists { .. } => Code::ALREADY_EXISTS,
             Error::FailedPrecondition { .. } => Code::FAILED_PRECONDITION,
             Error::InvalidArgument { .. } => Code::INVALID_ARGUMENT,
-            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                Code::NOT_FOUND
-            }
-            _ => Code::UNKNOWN,
+            Error::Runtime { .. } | Error::Io { .. } | Error::Other { .. } => Code::UNKNOWN,
         }
+    }
+}
+
+impl From<stasis_api::layout::LayoutError> for Error {
+    fn from(e: stasis_api::layout::LayoutError) -> Self {
+        Error::invalid("checkpoint", e.to_string())
     }
 }
 
 impl From<Error> for ttrpc::Error {
     fn from(e: Error) -> Self {
         ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unknown_objects_are_not_found() {
+        let missing_file = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert_eq!(
+            Error::io("c1", "read x", missing_file).code(),
+            Code::UNKNOWN
+        );
+        assert_eq!(Error::not_found("container", "c1").code(), Code::NOT_FOUND);
+        assert_eq!(
+            Error::ProcessFinished { id: "c1".into() }.code(),
+            Code::NOT_FOUND
+        );
+        assert_eq!(
+            Error::precondition("c1", "busy").code(),
+            Code::FAILED_PRECONDITION
+        );
     }
 }

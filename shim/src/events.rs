@@ -1,21 +1,34 @@
-//! Task events to containerd, through its ttrpc event service (TTRPC_ADDRESS).
+//! Task events to containerd. Operations publish through the `EventSink` trait; the shim
+//! wires in `Publisher` (containerd's ttrpc event service at TTRPC_ADDRESS), unit tests a
+//! recorder.
 
+use std::sync::Arc;
+
+use async_trait::async_trait;
 use containerd_shim::{publisher::RemotePublisher, Context};
 use log::warn;
 use protobuf::MessageDyn;
 
-#[derive(Clone)]
-pub struct EventSink {
-    publisher: Option<std::sync::Arc<RemotePublisher>>,
+#[async_trait]
+pub trait EventSink: Send + Sync {
+    /// Publishes one event; a failure is logged, never returned: events must not fail the
+    /// operation that produced them.
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>);
+}
+
+pub type Events = Arc<dyn EventSink>;
+
+/// containerd's event service, or nothing when the shim runs without one (`delete`, by hand).
+pub struct Publisher {
+    remote: Option<RemotePublisher>,
     namespace: String,
 }
 
-impl EventSink {
-    /// Connects to containerd's event service; without one (tests, `delete`) events are dropped.
-    pub async fn connect(ttrpc_address: Option<&str>, namespace: &str) -> Self {
-        let publisher = match ttrpc_address {
+impl Publisher {
+    pub async fn connect(ttrpc_address: Option<&str>, namespace: &str) -> Events {
+        let remote = match ttrpc_address {
             Some(addr) if !addr.is_empty() => match RemotePublisher::new(addr).await {
-                Ok(p) => Some(std::sync::Arc::new(p)),
+                Ok(p) => Some(p),
                 Err(e) => {
                     warn!("cannot connect to containerd events at {addr}: {e}");
                     None
@@ -23,14 +36,17 @@ impl EventSink {
             },
             _ => None,
         };
-        EventSink {
-            publisher,
+        Arc::new(Publisher {
+            remote,
             namespace: namespace.to_string(),
-        }
+        })
     }
+}
 
-    pub async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        let Some(p) = &self.publisher else { return };
+#[async_trait]
+impl EventSink for Publisher {
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        let Some(p) = &self.remote else { return };
         if let Err(e) = p
             .publish(Context::default(), topic, &self.namespace, event)
             .await

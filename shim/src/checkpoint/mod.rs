@@ -1,219 +1,205 @@
-//! Consistent checkpoints of containers: freeze → dump (CRIU through the OCI runtime) →
-//! capture the files that must match the memory → thaw. Only the frozen window needs to be
-//! consistent; everything slow that can wait (packaging, metadata) happens after the thaw.
+//! The pod checkpoint: every selected container of a pod captured at one instant, into an
+//! existing empty directory. This file is the runtime-independent part (which containers, in
+//! which directories, one checkpoint at a time, metadata after the thaw, nothing left on
+//! failure); how the containers are held still and saved is the backend's `checkpoint_pod`.
 
-pub mod pod;
-pub mod rootfs;
-pub mod volumes;
+pub mod metadata;
+pub mod source;
 
 use std::{
-    path::{Path, PathBuf},
+    collections::HashMap,
+    path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use log::info;
-
-use crate::{
-    cgroup::freezer::{self, Freezer},
-    error::{Error, Result},
-    runtime::{CheckpointOpts, OciRuntime},
+use log::{info, warn};
+use stasis_api::checkpoint::{
+    CheckpointPodRequest, CheckpointPodResponse, ContainerInfo, Timings as WireTimings,
 };
 
-/// Annotation on a container listing the bind-mount destinations (comma separated, or `*` for
-/// every writable bind mount) whose contents a checkpoint captures with the memory.
-pub const VOLUMES_ANNOTATION: &str = "io.stasis.checkpoint.volumes";
+use crate::{
+    error::{Error, Result},
+    runtime::{ContainerTarget, PodCheckpoint},
+    state::{Container, Shim, State},
+    util::empty_dir,
+};
 
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Timings {
-    /// From the freeze until the thaw (zero when the container was not running).
-    pub frozen: Duration,
-    pub dump: Duration,
-    pub files: Duration,
-    pub total: Duration,
-}
+/// Serialises pod checkpoints: a second one of the same pod is refused, not queued.
+#[derive(Default)]
+pub struct CheckpointGate(tokio::sync::Mutex<()>);
 
-/// What to checkpoint: one container, described by what the shim knows of it.
-pub struct Target<'a> {
-    pub id: &'a str,
-    pub cgroup_path: &'a str,
-    pub spec: &'a serde_json::Value,
-    /// The user paused it: it stays paused and is not frozen or thawed by us.
-    pub paused: bool,
-}
-
-/// The CRIU options a dump used, kept with the images so the restore can match them.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct DumpRecord {
-    pub tcp_established: bool,
-    pub ext_unix_sk: bool,
-    pub file_locks: bool,
-    /// How long the container was frozen, and each step, in milliseconds.
-    #[serde(default)]
-    pub frozen_ms: f64,
-    #[serde(default)]
-    pub dump_ms: f64,
-    #[serde(default)]
-    pub files_ms: f64,
-    #[serde(default)]
-    pub total_ms: f64,
-}
-
-impl DumpRecord {
-    const FILE: &'static str = "stasis-dump.json";
-
-    pub fn write(&self, image: &Path) {
-        if let Ok(text) = serde_json::to_vec(self) {
-            let _ = std::fs::write(image.join(Self::FILE), text);
-        }
-    }
-
-    pub fn read(image: &Path) -> Self {
-        std::fs::read(image.join(Self::FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
-    }
-}
-
-impl DumpRecord {
-    pub fn new(o: &CheckpointOpts, t: &Timings) -> Self {
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        DumpRecord {
-            tcp_established: o.tcp_established,
-            ext_unix_sk: o.ext_unix_sk,
-            file_locks: o.file_locks,
-            frozen_ms: ms(t.frozen),
-            dump_ms: ms(t.dump),
-            files_ms: ms(t.files),
-            total_ms: ms(t.total),
-        }
-    }
-}
-
-/// Lists a directory's entries, to remove exactly what a failed dump added.
-fn entries(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default()
-}
-
-/// Removes what appeared in `dir` since `before` (and `dir` itself if we created it).
-fn remove_partial(dir: &Path, before: &[PathBuf], created: bool) {
-    if created {
-        let _ = std::fs::remove_dir_all(dir);
-        return;
-    }
-    for p in entries(dir) {
-        if !before.contains(&p) {
-            let _ = if p.is_dir() {
-                std::fs::remove_dir_all(&p)
-            } else {
-                std::fs::remove_file(&p)
-            };
-        }
-    }
-}
-
-/// Checkpoints one container consistently. On failure the container is thawed (or left as
-/// the user had it) and nothing new is left at `opts.image_path`.
-pub async fn checkpoint_container(
-    runtime: &dyn OciRuntime,
-    target: Target<'_>,
-    opts: &CheckpointOpts,
-) -> Result<Timings> {
-    let id = target.id;
-    let start = Instant::now();
-    let created = !opts.image_path.exists();
-    std::fs::create_dir_all(&opts.image_path).map_err(|e| {
-        Error::io(
-            id,
-            format!("create image path {}", opts.image_path.display()),
-            e,
+pub async fn checkpoint_pod(
+    shim: &Shim,
+    gate: &CheckpointGate,
+    req: CheckpointPodRequest,
+) -> Result<CheckpointPodResponse> {
+    let pod = shim.require_pod(&req.sandbox_id)?;
+    let _busy = gate.0.try_lock().map_err(|_| {
+        Error::precondition(
+            &req.sandbox_id,
+            "a checkpoint of this pod is already running",
         )
     })?;
-    let before = entries(&opts.image_path);
-    std::fs::create_dir_all(&opts.work_path).map_err(|e| {
-        Error::io(
-            id,
-            format!("create work path {}", opts.work_path.display()),
-            e,
-        )
-    })?;
-
-    // Live checkpoints of a running container hold it frozen from before the dump until its
-    // files are captured. A stopping dump needs no freeze: CRIU ends the processes.
-    // A runtime that saves its whole sandbox stops it by itself; its processes must not be
-    // frozen under it.
-    let freezer: Option<Box<dyn Freezer>> =
-        if opts.leave_running && !target.paused && !runtime.checkpoints_whole_sandbox() {
-            Some(freezer::for_cgroup(id, target.cgroup_path)?)
-        } else {
-            None
+    let out = PathBuf::from(&req.output_path);
+    if !out.is_dir() {
+        return Err(Error::precondition(
+            &req.sandbox_id,
+            format!("output path {} is not an existing directory", out.display()),
+        ));
+    }
+    if std::fs::read_dir(&out)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(true)
+    {
+        return Err(Error::precondition(
+            &req.sandbox_id,
+            format!("output path {} is not empty", out.display()),
+        ));
+    }
+    let opts = req.options.clone().unwrap_or_default();
+    let mut infos: HashMap<String, ContainerInfo> = req
+        .containers
+        .iter()
+        .map(|c| (c.id.clone(), c.clone()))
+        .collect();
+    let mut ids: Vec<String> = if req.containers.is_empty() {
+        shim.ids()
+    } else {
+        req.containers.iter().map(|c| c.id.clone()).collect()
+    };
+    ids.sort();
+    ids.dedup();
+    if ids.is_empty() {
+        return Err(Error::precondition(
+            &req.sandbox_id,
+            "the pod has no containers to checkpoint",
+        ));
+    }
+    // Hold every selected container's operations for the whole capture, in a fixed order:
+    // nothing starts, stops, pauses or execs in them meanwhile.
+    let mut selected: Vec<Arc<Container>> = Vec::new();
+    for id in &ids {
+        selected.push(shim.get(id)?);
+    }
+    let mut guards = Vec::new();
+    for c in &selected {
+        guards.push(c.op.lock().await);
+    }
+    let mut targets = Vec::new();
+    let mut names = Vec::new();
+    for c in &selected {
+        let state = c.require(|s| s.can_checkpoint(), "checkpoint")?;
+        let info = infos.remove(&c.id).unwrap_or_else(|| ContainerInfo {
+            id: c.id.clone(),
+            ..Default::default()
+        });
+        let name = metadata::name_of(&c.id, &info);
+        let (terminal, running_execs) = {
+            let live = c.live();
+            (live.init.stdio.terminal, live.running_execs())
         };
-    // Such a runtime's sandbox is paused instead when volumes must match the saved memory.
-    let pause_sandbox = runtime.checkpoints_whole_sandbox()
-        && opts.leave_running
-        && !target.paused
-        && volumes::wanted(target.spec);
-    let frozen_at = Instant::now();
-    if let Some(f) = &freezer {
-        f.freeze()?;
+        targets.push(ContainerTarget {
+            id: c.id.clone(),
+            label: if info.name.is_empty() {
+                c.id.clone()
+            } else {
+                format!("container {} ({})", info.name, c.id)
+            },
+            cgroup_path: c.cgroup_path.clone(),
+            spec: c.spec.clone(),
+            paused: state == State::Paused,
+            terminal,
+            rootfs_upper: c.rootfs_upper.clone(),
+            running_execs,
+            dir: out.join(metadata::dir_name(&c.id, &name)),
+        });
+        names.push((name, info));
     }
-    if pause_sandbox {
-        runtime.pause(id).await?;
-    }
-    let result = async {
-        let t = Instant::now();
-        runtime.checkpoint(id, opts).await?;
-        let dump = t.elapsed();
-        let t = Instant::now();
-        volumes::capture(id, target.spec, &opts.image_path)?;
-        Ok::<_, Error>((dump, t.elapsed()))
+    let unselected_running: Vec<String> = shim
+        .all()
+        .into_iter()
+        .filter(|c| !ids.contains(&c.id) && c.state().can_checkpoint())
+        .map(|c| c.id.clone())
+        .collect();
+
+    let start = Instant::now();
+    let job = PodCheckpoint {
+        pod_id: &pod.id,
+        pod_cgroup: &pod.cgroup,
+        pod_pid: pod.pid(),
+        out: &out,
+        containers: &targets,
+        unselected_running: &unselected_running,
+        leave_running: opts.leave_running,
+        tcp_established: opts.tcp_established,
+        file_locks: opts.file_locks,
+        timeout: (opts.timeout_secs > 0).then(|| Duration::from_secs(opts.timeout_secs as u64)),
+    };
+    let engine = shim.runtime.name().to_string();
+    let written = async {
+        let capture = shim.runtime.checkpoint_pod(&job).await?;
+        // Metadata and sizes: after the thaw, nothing here needs the pod still.
+        let mut results = Vec::new();
+        for ((t, (_, info)), timings) in targets.iter().zip(&names).zip(&capture.containers) {
+            results.push(metadata::write_container(
+                t,
+                info,
+                timings,
+                opts.leave_running,
+                &engine,
+            )?);
+        }
+        let named: Vec<(String, &ContainerTarget)> = names
+            .iter()
+            .map(|(n, _)| n.clone())
+            .zip(targets.iter())
+            .collect();
+        metadata::write_pod(&out, &pod, &named, &engine, capture.last_pid)?;
+        Ok::<_, Error>((capture, results))
     }
     .await;
-    let frozen = if let Some(f) = &freezer {
-        let thawed = f.thaw();
-        let window = frozen_at.elapsed();
-        thawed?;
-        window
-    } else if pause_sandbox {
-        let resumed = runtime.resume(id).await;
-        let window = frozen_at.elapsed();
-        resumed?;
-        window
-    } else {
-        Duration::ZERO
-    };
-    let (dump, files) = match result {
-        Ok(t) => t,
+    drop(guards);
+    let (capture, results) = match written {
+        Ok(r) => r,
         Err(e) => {
-            remove_partial(&opts.image_path, &before, created);
+            empty_dir(&out);
+            warn!("pod {}: checkpoint failed: {e}", pod.id);
             return Err(e);
         }
     };
-    // The dump log belongs with the images (checkpointctl and people read it there).
-    let _ = std::fs::copy(
-        opts.work_path.join("dump.log"),
-        opts.image_path.join("dump.log"),
-    );
-    let timings = Timings {
-        frozen,
-        dump,
-        files,
-        total: start.elapsed(),
-    };
+    let total = start.elapsed();
     info!(
-        "{id}: checkpoint to {}: frozen {:?} (dump {:?}, files {:?}), total {:?}{}",
-        opts.image_path.display(),
-        timings.frozen,
-        timings.dump,
-        timings.files,
-        timings.total,
-        if opts.leave_running {
-            ", left running"
-        } else {
-            ", stopped"
-        }
+        "pod {}: checkpoint of {} container(s) to {}: frozen {:?}, total {:?}",
+        pod.id,
+        results.len(),
+        out.display(),
+        capture.frozen,
+        total
     );
-    Ok(timings)
+    let dump = capture
+        .containers
+        .iter()
+        .map(|t| t.dump)
+        .max()
+        .unwrap_or_default();
+    let files = capture
+        .containers
+        .iter()
+        .map(|t| t.files)
+        .max()
+        .unwrap_or_default();
+    Ok(CheckpointPodResponse {
+        containers: results,
+        timings: Some(WireTimings {
+            frozen_ms: metadata::ms(capture.frozen),
+            dump_ms: metadata::ms(dump),
+            rootfs_ms: metadata::ms(files),
+            total_ms: metadata::ms(total),
+            ..Default::default()
+        })
+        .into(),
+        engine,
+        ..Default::default()
+    })
 }

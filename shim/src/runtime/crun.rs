@@ -38,7 +38,7 @@ mod tests {
 
     #[tokio::test]
     async fn crun_command_lines_and_errors() {
-        crate::reaper::start().unwrap();
+        crate::process::reaper::start().unwrap();
         let dir = std::env::temp_dir().join(format!("stasis-crun-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let crun = new(

@@ -1,35 +1,37 @@
-//! The OCI runtime behind the shim. The Task service speaks only this trait, so runc, crun and
-//! runsc differ here and nowhere else.
+//! The OCI runtime behind the shim, and the one place backends differ. Operations speak only
+//! the `OciRuntime` trait: the OCI lifecycle every backend implements, plus hooks with
+//! defaults for a runtime whose containers are host processes checkpointed by CRIU under the
+//! cgroup freezer (`criu.rs`). A backend that runs pods its own way (gVisor: `runsc/`)
+//! overrides the hooks it needs; nothing outside `runtime/` asks which backend it is.
 
 pub mod config;
+pub mod criu;
 mod crun;
 mod runc;
 mod runsc;
 
 use std::{
-    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use async_trait::async_trait;
 
+pub use crate::process::stdio::ProcessStdio;
 pub use runc::Runc;
 pub use runsc::Runsc;
 
 use config::{BackendConfig, Engine};
 
-use crate::error::Result;
+use crate::{
+    cgroup::freezer,
+    error::{Error, Result},
+    process::reaper::{self, Exit},
+    spec::ContainerSpec,
+};
 
-/// The stdio a new process gets: the ends of the pipes the shim copies to containerd's fifos.
-/// With a terminal, the runtime hands the pty master back through `console_socket` instead.
-#[derive(Default)]
-pub struct ProcessStdio {
-    pub stdin: Option<OwnedFd>,
-    pub stdout: Option<OwnedFd>,
-    pub stderr: Option<OwnedFd>,
-    pub console_socket: Option<std::path::PathBuf>,
-}
+pub use stasis_api::layout::SANDBOX_IMAGE_DIR;
 
 /// What the runtime says about a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,8 +43,8 @@ pub struct RuntimeState {
 /// How to dump (or restore) a container with CRIU through the runtime.
 #[derive(Debug, Clone, Default)]
 pub struct CheckpointOpts {
-    pub image_path: std::path::PathBuf,
-    pub work_path: std::path::PathBuf,
+    pub image_path: PathBuf,
+    pub work_path: PathBuf,
     /// Keep the container running after the dump (else CRIU stops it).
     pub leave_running: bool,
     pub tcp_established: bool,
@@ -52,10 +54,6 @@ pub struct CheckpointOpts {
     pub empty_ns: Vec<String>,
     pub cgroups_mode: String,
 }
-
-/// Where a runtime that checkpoints whole sandboxes puts the pod's one image, beside the
-/// containers' directories of a pod checkpoint.
-pub const SANDBOX_IMAGE_DIR: &str = "sandbox";
 
 /// What a runtime needs to start a pod of its own (see `OciRuntime::start_pod`).
 #[derive(Debug, Clone)]
@@ -68,6 +66,71 @@ pub struct PodRoot {
     pub cgroup: String,
     /// Restore the pod's sandbox from this image instead of starting it fresh.
     pub restore_image: Option<PathBuf>,
+}
+
+/// One container as a checkpoint sees it.
+#[derive(Debug, Clone)]
+pub struct ContainerTarget {
+    pub id: String,
+    /// How errors name it: "container web (3f2a…)", or the id.
+    pub label: String,
+    pub cgroup_path: String,
+    pub spec: Arc<ContainerSpec>,
+    /// The user paused it: it stays paused and is never frozen or thawed by us.
+    pub paused: bool,
+    pub terminal: bool,
+    /// The overlay upper directory: the writable layer to capture.
+    pub rootfs_upper: Option<PathBuf>,
+    /// Exec processes still running in it.
+    pub running_execs: Vec<String>,
+    /// Where a pod checkpoint puts this container's files.
+    pub dir: PathBuf,
+}
+
+/// How long each step of a checkpoint took.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Timings {
+    /// From the freeze until the thaw (zero when nothing was frozen).
+    pub frozen: Duration,
+    pub dump: Duration,
+    pub files: Duration,
+    pub total: Duration,
+}
+
+/// A pod checkpoint as the backend carries it out.
+pub struct PodCheckpoint<'a> {
+    pub pod_id: &'a str,
+    pub pod_cgroup: &'a str,
+    /// The process holding the pod's namespaces.
+    pub pod_pid: i32,
+    pub out: &'a Path,
+    /// The selected containers, in a fixed order.
+    pub containers: &'a [ContainerTarget],
+    /// Running containers of the pod that were not selected.
+    pub unselected_running: &'a [String],
+    pub leave_running: bool,
+    pub tcp_established: bool,
+    pub file_locks: bool,
+    /// Gives up (thawing everything) past this bound.
+    pub timeout: Option<Duration>,
+}
+
+/// What a pod checkpoint captured.
+#[derive(Debug, Default)]
+pub struct PodCapture {
+    pub frozen: Duration,
+    /// One per selected container, in order.
+    pub containers: Vec<Timings>,
+    /// The last PID of the pod's PID namespace, when the restore must allocate above it.
+    pub last_pid: Option<u32>,
+}
+
+/// Operations a backend may refuse for a container (see `check_operation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Pause,
+    /// A Task API checkpoint of one container.
+    Checkpoint,
 }
 
 /// Where a backend keeps container state for a containerd namespace. Outside the bundle, so a
@@ -90,43 +153,14 @@ pub fn build(config: &BackendConfig, namespace: &str) -> Arc<dyn OciRuntime> {
 
 #[async_trait]
 pub trait OciRuntime: Send + Sync {
-    /// Short name for logs and errors ("runc").
+    /// Short name for logs, errors and archives ("runc").
     fn name(&self) -> &str {
         self.engine().name()
     }
 
     fn engine(&self) -> Engine;
 
-    /// True for runtimes that run a pod as one sandbox of their own and checkpoint all its
-    /// containers at one instant themselves (runsc): the shim then calls `checkpoint` once,
-    /// with the pod id, instead of freezing cgroups and dumping container by container.
-    fn checkpoints_whole_sandbox(&self) -> bool {
-        false
-    }
-
-    /// Starts the pod's root (the process that holds the pod) if this runtime runs pods itself,
-    /// returning its host pid; `None` means the shim's own pause process holds the pod.
-    async fn start_pod(&self, _pod: &PodRoot) -> Result<Option<i32>> {
-        Ok(None)
-    }
-
-    /// Adjusts a container's spec before `create` (runsc drops host namespace paths).
-    fn adapt_container_spec(&self, _spec: &mut serde_json::Value) {}
-
-    /// Waits for a container's init process to end. Host processes are reaped by the shim.
-    async fn wait_init(&self, _id: &str, pid: i32) -> crate::reaper::Exit {
-        crate::reaper::wait(pid).await
-    }
-
-    /// Where the images of a container checkpointed into `container_dir` (a pod checkpoint) are.
-    fn restore_image(&self, container_dir: &Path) -> PathBuf {
-        container_dir.join("checkpoint")
-    }
-
-    /// Whether `image` holds images this runtime can restore from.
-    fn has_image(&self, image: &Path) -> bool {
-        image.join("inventory.img").exists()
-    }
+    // --- The OCI lifecycle -------------------------------------------------------------
 
     /// Creates the container from `bundle` and writes its init pid to `pid_file`.
     async fn create(
@@ -148,6 +182,8 @@ pub trait OciRuntime: Send + Sync {
         pid_file: &Path,
     ) -> Result<()>;
 
+    /// Signals the container's init (or all its processes). A process that already ended is
+    /// `Error::ProcessFinished`.
     async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()>;
     async fn delete(&self, id: &str, force: bool) -> Result<()>;
     async fn pause(&self, id: &str) -> Result<()>;
@@ -170,4 +206,85 @@ pub trait OciRuntime: Send + Sync {
         stdio: ProcessStdio,
         pid_file: &Path,
     ) -> Result<()>;
+
+    // --- Hooks: the defaults fit host processes, the cgroup freezer and CRIU ---------------
+
+    /// Starts the pod's root (the process that holds the pod) if this runtime runs pods itself,
+    /// returning its host pid; `None` means the shim's own pause process holds the pod.
+    async fn start_pod(&self, _pod: &PodRoot) -> Result<Option<i32>> {
+        Ok(None)
+    }
+
+    /// Adjusts a container's spec before `create`.
+    fn adapt_container_spec(&self, _spec: &mut ContainerSpec) {}
+
+    /// Waits for a container's init process to end. Host processes are reaped by the shim.
+    async fn wait_init(&self, _id: &str, pid: i32) -> Exit {
+        reaper::wait(pid).await
+    }
+
+    /// Refuses an operation this backend cannot do on one container (`in_pod`: the container
+    /// belongs to the shim's pod).
+    fn check_operation(&self, _id: &str, _op: Operation, _in_pod: bool) -> Result<()> {
+        Ok(())
+    }
+
+    /// Stops a container because its pod stops. Returns whether its exit is worth waiting
+    /// for (a container that could not be signalled may end only with its sandbox).
+    async fn stop_for_pod(&self, id: &str) -> Result<bool> {
+        self.kill(id, libc::SIGKILL as u32, true).await?;
+        Ok(true)
+    }
+
+    /// Where the images of a container checkpointed into `container_dir` (a pod checkpoint) are.
+    fn restore_image(&self, container_dir: &Path) -> PathBuf {
+        container_dir.join(stasis_api::layout::CHECKPOINT_DIR)
+    }
+
+    /// Whether `image` holds images this runtime can restore from.
+    fn has_image(&self, image: &Path) -> bool {
+        image.join("inventory.img").exists()
+    }
+
+    /// For a pod restored from the pod checkpoint `dir`: the image its sandbox restores from
+    /// at start, if the runtime restores sandboxes whole (else containers restore one by one).
+    fn pod_restore_image(&self, _pod_id: &str, _dir: &Path) -> Result<Option<PathBuf>> {
+        Ok(None)
+    }
+
+    /// Holds a container just restored from a pod checkpoint until the whole pod is back:
+    /// a container that ran now could change files another container still has to restore.
+    /// Returns whether it is held (then `release_restored` lets it go).
+    async fn hold_restored(&self, id: &str, cgroup_path: &str) -> Result<bool> {
+        let f = freezer::for_cgroup(id, cgroup_path)?;
+        crate::util::blocking(id, "hold restored container", move || f.freeze()).await?;
+        Ok(true)
+    }
+
+    async fn release_restored(&self, id: &str, cgroup_path: &str) -> Result<()> {
+        let f = freezer::for_cgroup(id, cgroup_path)?;
+        crate::util::blocking(id, "release restored container", move || f.thaw()).await
+    }
+
+    /// Checkpoints one container consistently (Task API): its processes and named volumes
+    /// from one instant. On failure the container is left running (or paused, as it was).
+    async fn checkpoint_container(
+        &self,
+        target: &ContainerTarget,
+        opts: &CheckpointOpts,
+    ) -> Result<Timings> {
+        criu::checkpoint_container(self, target, opts).await
+    }
+
+    /// Checkpoints the selected containers of a pod at one instant into `job.out`: images,
+    /// writable layers and named volumes, each container into its `dir`. On failure every
+    /// container is left as it was (running, or paused by the user).
+    async fn checkpoint_pod(&self, job: &PodCheckpoint<'_>) -> Result<PodCapture> {
+        criu::checkpoint_pod(self, job).await
+    }
+}
+
+/// The error for a step that ran past its bound.
+pub fn timed_out(id: &str, step: &str, after: Duration) -> Error {
+    Error::other(id, step, format!("timed out after {} s", after.as_secs()))
 }

@@ -13,7 +13,7 @@ use log::debug;
 use super::{config::Engine, CheckpointOpts, OciRuntime, ProcessStdio, RuntimeState};
 use crate::{
     error::{Error, Result},
-    reaper,
+    process::reaper,
 };
 
 pub struct Runc {
@@ -206,7 +206,13 @@ impl OciRuntime for Runc {
             cmd.arg("--all");
         }
         cmd.arg(id).arg(signal.to_string());
-        self.run(id, "kill", cmd).await.map(drop)
+        match self.run(id, "kill", cmd).await {
+            // The process ended between the shim's look and the runtime's.
+            Err(Error::Runtime { message, .. }) if is_finished(&message) => {
+                Err(Error::ProcessFinished { id: id.to_string() })
+            }
+            other => other.map(drop),
+        }
     }
 
     async fn delete(&self, id: &str, force: bool) -> Result<()> {
@@ -390,6 +396,11 @@ fn criu_args(cmd: &mut Command, opts: &CheckpointOpts) {
     if !opts.cgroups_mode.is_empty() {
         cmd.arg("--manage-cgroups-mode").arg(&opts.cgroups_mode);
     }
+}
+
+/// What runc, crun and runsc say when asked to signal a process that is gone.
+fn is_finished(message: &str) -> bool {
+    message.contains("not running") || message.contains("no such process")
 }
 
 /// runc and runsc say "… does not exist", crun "…: No such file or directory".

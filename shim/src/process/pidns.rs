@@ -6,13 +6,8 @@
 
 use std::process::Command;
 
-use crate::{
-    error::{Error, Result},
-    reaper,
-};
-
-/// Annotation in `pod.options` carrying the pod namespace's last allocated PID.
-pub const LAST_PID_ANNOTATION: &str = "io.stasis.last-pid";
+use super::reaper;
+use crate::error::{Error, Result};
 
 /// Runs `sh -c script` inside the PID namespace of `pid` (nsenter forks after joining it, so
 /// the shell sees that namespace's `ns_last_pid`).

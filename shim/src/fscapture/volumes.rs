@@ -3,29 +3,18 @@
 
 use std::path::{Component, Path};
 
-use serde::{Deserialize, Serialize};
+use stasis_api::layout::{CapturedVolume as Captured, VOLUMES_ANNOTATION, VOLUMES_DIR as DIR};
 
-use super::VOLUMES_ANNOTATION;
-use crate::error::{Error, Result};
+pub use stasis_api::layout::VOLUMES_INDEX as INDEX;
 
-pub const INDEX: &str = "volumes.json";
-const DIR: &str = "volumes";
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Captured {
-    /// Destination in the container.
-    pub destination: String,
-    /// Tar file, relative to the image path.
-    pub archive: String,
-}
+use crate::{
+    error::{Error, Result},
+    spec::ContainerSpec,
+};
 
 /// The writable bind mounts of `spec` that the annotation asks to capture: (destination, source).
-fn selected(spec: &serde_json::Value) -> Vec<(String, String)> {
-    let Some(wanted) = spec
-        .pointer("/annotations")
-        .and_then(|a| a.get(VOLUMES_ANNOTATION))
-        .and_then(|v| v.as_str())
-    else {
+fn selected(spec: &ContainerSpec) -> Vec<(String, String)> {
+    let Some(wanted) = spec.annotation(VOLUMES_ANNOTATION) else {
         return Vec::new();
     };
     let wanted: Vec<&str> = wanted
@@ -33,24 +22,15 @@ fn selected(spec: &serde_json::Value) -> Vec<(String, String)> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .collect();
-    let mounts = spec
-        .pointer("/mounts")
-        .and_then(|m| m.as_array())
-        .cloned()
-        .unwrap_or_default();
-    mounts
+    spec.mounts()
         .iter()
         .filter_map(|m| {
-            let dest = m.get("destination")?.as_str()?.to_string();
-            let src = m.get("source")?.as_str()?.to_string();
-            let options: Vec<&str> = m
-                .get("options")
-                .and_then(|o| o.as_array())
-                .map(|o| o.iter().filter_map(|v| v.as_str()).collect())
-                .unwrap_or_default();
-            let bind = m.get("type").and_then(|t| t.as_str()) == Some("bind")
-                || options.iter().any(|o| o.contains("bind"));
-            let ro = options.contains(&"ro");
+            let dest = m.destination().display().to_string();
+            let src = m.source().as_ref()?.display().to_string();
+            let options: &[String] = m.options().as_deref().unwrap_or_default();
+            let bind =
+                m.typ().as_deref() == Some("bind") || options.iter().any(|o| o.contains("bind"));
+            let ro = options.iter().any(|o| o == "ro");
             let chosen = wanted.contains(&"*") || wanted.contains(&dest.as_str());
             (bind && !ro && chosen && Path::new(&src).is_dir()).then_some((dest, src))
         })
@@ -58,12 +38,12 @@ fn selected(spec: &serde_json::Value) -> Vec<(String, String)> {
 }
 
 /// Whether the container asks for any volume to be captured.
-pub fn wanted(spec: &serde_json::Value) -> bool {
+pub fn wanted(spec: &ContainerSpec) -> bool {
     !selected(spec).is_empty()
 }
 
 /// Tars the selected volumes into `<image>/volumes/` and writes the index. Runs while frozen.
-pub fn capture(id: &str, spec: &serde_json::Value, image: &Path) -> Result<Vec<Captured>> {
+pub fn capture(id: &str, spec: &ContainerSpec, image: &Path) -> Result<Vec<Captured>> {
     let volumes = selected(spec);
     if volumes.is_empty() {
         return Ok(Vec::new());
@@ -93,7 +73,7 @@ pub fn capture(id: &str, spec: &serde_json::Value, image: &Path) -> Result<Vec<C
 
 /// Puts captured volume contents back into the new container's volumes (matched by
 /// destination), replacing what they held. Entries that would leave the volume are refused.
-pub fn restore(id: &str, spec: &serde_json::Value, image: &Path) -> Result<()> {
+pub fn restore(id: &str, spec: &ContainerSpec, image: &Path) -> Result<()> {
     let index = image.join(INDEX);
     if !index.exists() {
         return Ok(());
@@ -101,11 +81,6 @@ pub fn restore(id: &str, spec: &serde_json::Value, image: &Path) -> Result<()> {
     let text = std::fs::read(&index).map_err(|e| Error::io(id, "read volume index", e))?;
     let captured: Vec<Captured> = serde_json::from_slice(&text)
         .map_err(|e| Error::invalid(id, format!("volume index: {e}")))?;
-    let mounts = spec
-        .pointer("/mounts")
-        .and_then(|m| m.as_array())
-        .cloned()
-        .unwrap_or_default();
     for c in captured {
         if Path::new(&c.archive)
             .components()
@@ -116,9 +91,9 @@ pub fn restore(id: &str, spec: &serde_json::Value, image: &Path) -> Result<()> {
                 format!("volume archive path {:?} leaves the checkpoint", c.archive),
             ));
         }
-        let Some(src) = mounts.iter().find_map(|m| {
-            (m.get("destination")?.as_str()? == c.destination)
-                .then(|| m.get("source")?.as_str().map(str::to_string))?
+        let Some(src) = spec.mounts().iter().find_map(|m| {
+            (m.destination() == Path::new(&c.destination))
+                .then(|| m.source().as_ref().map(|s| s.display().to_string()))?
         }) else {
             return Err(Error::precondition(
                 id,

@@ -9,8 +9,7 @@ use std::{
 
 use crate::error::{Error, Result};
 
-pub const DIFF_TAR: &str = "rootfs-diff.tar";
-pub const DELETED: &str = "deleted.files";
+pub use stasis_api::layout::{DELETED_FILES as DELETED, ROOTFS_DIFF as DIFF_TAR};
 
 fn is_whiteout(meta: &std::fs::Metadata) -> bool {
     meta.file_type().is_char_device() && meta.rdev() == 0

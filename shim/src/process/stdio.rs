@@ -11,10 +11,35 @@ use containerd_shim::asynchronous::io::{IoTasks, Pty, Stdio};
 use nix::{fcntl::OFlag, unistd::pipe2};
 use tokio::net::unix::pipe;
 
-use crate::{
-    error::{Error, Result},
-    runtime::ProcessStdio,
-};
+use crate::error::{Error, Result};
+
+/// The stdio a new process gets: the ends of the pipes the shim copies to containerd's fifos.
+/// With a terminal, the runtime hands the pty master back through `console_socket` instead.
+#[derive(Default)]
+pub struct ProcessStdio {
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    pub console_socket: Option<std::path::PathBuf>,
+}
+
+impl ProcessStdio {
+    /// Duplicates the descriptors (a runtime that hands stdio over later keeps a copy).
+    pub fn try_clone(&self, id: &str) -> Result<ProcessStdio> {
+        let dup = |fd: &Option<OwnedFd>| -> Result<_> {
+            fd.as_ref()
+                .map(|f| f.try_clone())
+                .transpose()
+                .map_err(|e| Error::io(id, "duplicate stdio", e))
+        };
+        Ok(ProcessStdio {
+            stdin: dup(&self.stdin)?,
+            stdout: dup(&self.stdout)?,
+            stderr: dup(&self.stderr)?,
+            console_socket: self.console_socket.clone(),
+        })
+    }
+}
 
 /// The shim's side of a process's stdio once it runs.
 #[derive(Clone, Default)]

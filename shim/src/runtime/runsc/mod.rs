@@ -2,7 +2,10 @@
 //! created first, every container of the pod joins it (runsc reads CRI's container-type and
 //! sandbox-id annotations), and gVisor checkpoints the whole sandbox, all containers at one
 //! instant, without CRIU or a cgroup freezer. The command line is runc's for the most part, so
-//! the plain subcommands go through the runc CLI driver under runsc's name.
+//! the plain subcommands go through the runc CLI driver under runsc's name. How such a pod is
+//! checkpointed, and what gVisor refuses, is in `sandbox.rs`.
+
+mod sandbox;
 
 use std::{
     collections::HashMap,
@@ -14,11 +17,13 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use super::{
-    config::Engine, CheckpointOpts, OciRuntime, PodRoot, ProcessStdio, Runc, RuntimeState,
+    config::Engine, CheckpointOpts, ContainerTarget, OciRuntime, Operation, PodCapture,
+    PodCheckpoint, PodRoot, ProcessStdio, Runc, RuntimeState, Timings,
 };
 use crate::{
     error::{Error, Result},
-    reaper::{self, Exit},
+    process::reaper::{self, Exit},
+    spec::ContainerSpec,
 };
 
 /// The gVisor image file a sandbox checkpoint writes.
@@ -46,31 +51,8 @@ impl Runsc {
 }
 
 /// Whether the bundle's container joins a pod's sandbox (CRI's container-type annotation).
-fn joins_sandbox(bundle: &Path) -> bool {
-    std::fs::read(bundle.join("config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| {
-            v.pointer("/annotations/io.kubernetes.cri.container-type")
-                .and_then(|t| t.as_str())
-                .map(|t| t == "container")
-        })
-        .unwrap_or(false)
-}
-
-fn dup_stdio(id: &str, stdio: &ProcessStdio) -> Result<ProcessStdio> {
-    let dup = |fd: &Option<std::os::fd::OwnedFd>| -> Result<_> {
-        fd.as_ref()
-            .map(|f| f.try_clone())
-            .transpose()
-            .map_err(|e| Error::io(id, "keep stdio for start", e))
-    };
-    Ok(ProcessStdio {
-        stdin: dup(&stdio.stdin)?,
-        stdout: dup(&stdio.stdout)?,
-        stderr: dup(&stdio.stderr)?,
-        console_socket: stdio.console_socket.clone(),
-    })
+fn joins_sandbox(id: &str, bundle: &Path) -> bool {
+    ContainerSpec::load(id, bundle).is_ok_and(|s| s.joins_pod())
 }
 
 /// The root container's spec: the pod's namespaces (gVisor's own kernel provides PID, IPC and
@@ -156,10 +138,6 @@ impl OciRuntime for Runsc {
         Engine::Runsc
     }
 
-    fn checkpoints_whole_sandbox(&self) -> bool {
-        true
-    }
-
     async fn create(
         &self,
         id: &str,
@@ -167,8 +145,8 @@ impl OciRuntime for Runsc {
         stdio: ProcessStdio,
         pid_file: &Path,
     ) -> Result<()> {
-        let kept = dup_stdio(id, &stdio)?;
-        if joins_sandbox(bundle) {
+        let kept = stdio.try_clone(id)?;
+        if joins_sandbox(id, bundle) {
             self.joined.lock().unwrap().insert(id.to_string());
         }
         self.cli.create(id, bundle, stdio, pid_file).await?;
@@ -267,7 +245,7 @@ impl OciRuntime for Runsc {
         stdio: ProcessStdio,
         pid_file: &Path,
     ) -> Result<()> {
-        if joins_sandbox(bundle) {
+        if joins_sandbox(id, bundle) {
             self.joined.lock().unwrap().insert(id.to_string());
         }
         let mut cmd = self.cli.command();
@@ -293,7 +271,7 @@ impl OciRuntime for Runsc {
         container_dir
             .parent()
             .unwrap_or(container_dir)
-            .join(super::SANDBOX_IMAGE_DIR)
+            .join(stasis_api::layout::SANDBOX_IMAGE_DIR)
     }
 
     fn has_image(&self, image: &Path) -> bool {
@@ -342,26 +320,12 @@ impl OciRuntime for Runsc {
         }
     }
 
-    fn adapt_container_spec(&self, spec: &mut serde_json::Value) {
+    fn adapt_container_spec(&self, spec: &mut ContainerSpec) {
         // Containers of a pod join the sandbox's kernel; the host namespace paths CRI filled in
         // (those of the sandbox process) mean nothing inside gVisor. A container that starts
         // a sandbox of its own keeps its paths (its network namespace above all).
-        let joins_pod = spec
-            .pointer("/annotations/io.kubernetes.cri.container-type")
-            .and_then(|v| v.as_str())
-            == Some("container");
-        if !joins_pod {
-            return;
-        }
-        if let Some(ns) = spec
-            .pointer_mut("/linux/namespaces")
-            .and_then(|n| n.as_array_mut())
-        {
-            for n in ns.iter_mut() {
-                if let Some(o) = n.as_object_mut() {
-                    o.remove("path");
-                }
-            }
+        if spec.joins_pod() {
+            spec.clear_namespace_paths();
         }
     }
 
@@ -388,11 +352,41 @@ impl OciRuntime for Runsc {
                 }
             }
         };
-        let pid = result.and_then(|()| crate::task::stdio::read_pid(&pod.id, &pid_file));
+        let pid = result.and_then(|()| crate::process::stdio::read_pid(&pod.id, &pid_file));
         if pid.is_err() {
             let _ = self.delete(&pod.id, true).await;
         }
         pid.map(Some)
+    }
+
+    fn check_operation(&self, id: &str, op: Operation, in_pod: bool) -> Result<()> {
+        sandbox::check_operation(self.name(), id, op, in_pod)
+    }
+
+    async fn stop_for_pod(&self, id: &str) -> Result<bool> {
+        sandbox::stop_for_pod(self, id).await
+    }
+
+    fn pod_restore_image(&self, pod_id: &str, dir: &Path) -> Result<Option<PathBuf>> {
+        sandbox::pod_restore_image(self, pod_id, dir).map(Some)
+    }
+
+    /// gVisor restores a pod's containers into one sandbox and resumes it when the last is
+    /// back: nothing runs early, so nothing needs holding.
+    async fn hold_restored(&self, _id: &str, _cgroup_path: &str) -> Result<bool> {
+        Ok(false)
+    }
+
+    async fn checkpoint_container(
+        &self,
+        target: &ContainerTarget,
+        opts: &CheckpointOpts,
+    ) -> Result<Timings> {
+        sandbox::checkpoint_container(self, target, opts).await
+    }
+
+    async fn checkpoint_pod(&self, job: &PodCheckpoint<'_>) -> Result<PodCapture> {
+        sandbox::checkpoint_pod(self, job).await
     }
 }
 
@@ -438,13 +432,26 @@ mod tests {
         let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
         assert_eq!(args, ["--root", "/run/x", "--platform=systrap"]);
 
-        let mut spec =
-            json!({"linux": {"namespaces": [{"type": "pid", "path": "/proc/9/ns/pid"}]}});
+        let doc = |annotations: serde_json::Value| {
+            json!({"process": {"user": {"uid": 0, "gid": 0}, "cwd": "/"}, "root": {"path": "rootfs"},
+                   "annotations": annotations,
+                   "linux": {"namespaces": [{"type": "pid", "path": "/proc/9/ns/pid"}]}})
+            .to_string()
+        };
+        let mut spec = ContainerSpec::parse("c", "config.json", doc(json!({})).as_bytes()).unwrap();
         let own = spec.clone();
         r.adapt_container_spec(&mut spec);
         assert_eq!(spec, own, "a container of its own keeps its namespaces");
-        spec["annotations"] = json!({"io.kubernetes.cri.container-type": "container"});
+        let mut spec = ContainerSpec::parse(
+            "c",
+            "config.json",
+            doc(json!({"io.kubernetes.cri.container-type": "container"})).as_bytes(),
+        )
+        .unwrap();
         r.adapt_container_spec(&mut spec);
-        assert_eq!(spec["linux"]["namespaces"][0], json!({"type": "pid"}));
+        assert_eq!(
+            spec.document()["linux"]["namespaces"][0],
+            json!({"type": "pid"})
+        );
     }
 }

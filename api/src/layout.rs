@@ -1,0 +1,255 @@
+//! The on-disk layout of a pod checkpoint, shared by the shim (which writes it) and the
+//! controller (which packages, inspects and restores it): file names, annotation keys and the
+//! metadata records, each parsed in one place with one set of defaults.
+//!
+//! ```text
+//! pod.options          PodOptions
+//! pod.dump             the CRI PodSandboxConfig (JSON)
+//! sandbox/             the whole-sandbox image of runtimes that save a pod at once (gVisor)
+//! <id>-<name>/         one per container, the layout checkpointctl reads
+//!   checkpoint/        CRIU images; volumes/ + volumes.json; stasis-dump.json (DumpRecord)
+//!   config.dump        CheckpointedConfig
+//!   spec.dump status.dump rootfs-diff.tar deleted.files dump.log [stats-dump]
+//!   container-config.json   the CRI ContainerConfig
+//!   stasis.json        ContainerMeta
+//! ```
+
+use std::{collections::BTreeMap, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+pub const POD_OPTIONS: &str = "pod.options";
+pub const POD_DUMP: &str = "pod.dump";
+/// Where a runtime that checkpoints whole sandboxes puts the pod's one image.
+pub const SANDBOX_IMAGE_DIR: &str = "sandbox";
+/// A container's CRIU images (and captured volumes), inside its directory.
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+pub const CONFIG_DUMP: &str = "config.dump";
+pub const SPEC_DUMP: &str = "spec.dump";
+pub const STATUS_DUMP: &str = "status.dump";
+pub const ROOTFS_DIFF: &str = "rootfs-diff.tar";
+pub const DELETED_FILES: &str = "deleted.files";
+pub const DUMP_LOG: &str = "dump.log";
+pub const STATS_DUMP: &str = "stats-dump";
+/// The CRI ContainerConfig, for the restore.
+pub const CONTAINER_CONFIG: &str = "container-config.json";
+/// stasis's own per-container record (`ContainerMeta`).
+pub const CONTAINER_META: &str = "stasis.json";
+/// The CRIU options and timings of a dump, beside its images (`DumpRecord`).
+pub const DUMP_RECORD: &str = "stasis-dump.json";
+/// The index of captured volumes, beside the images (`Vec<CapturedVolume>`).
+pub const VOLUMES_INDEX: &str = "volumes.json";
+pub const VOLUMES_DIR: &str = "volumes";
+
+/// Annotation (pod or container) that makes the shim restore from a checkpoint directory.
+pub const RESTORE_ANNOTATION: &str = "io.stasis.restore-from";
+/// Container annotation listing the bind-mount destinations (comma separated, or `*` for every
+/// writable bind mount) whose contents a checkpoint captures with the memory.
+pub const VOLUMES_ANNOTATION: &str = "io.stasis.checkpoint.volumes";
+/// `pod.options` annotation: the backend that wrote the checkpoint.
+pub const ENGINE_ANNOTATION: &str = "io.stasis.engine";
+/// `pod.options` annotation: the checkpointed pod's sandbox id.
+pub const SANDBOX_ID_ANNOTATION: &str = "io.stasis.sandbox-id";
+/// `pod.options` annotation: the last PID handed out in the pod's PID namespace.
+pub const LAST_PID_ANNOTATION: &str = "io.stasis.last-pid";
+
+/// The backend an archive that does not say is taken to come from: archives written before
+/// the engine was recorded were all runc's.
+pub const DEFAULT_ENGINE: &str = "runc";
+pub const POD_OPTIONS_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("{file}: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file} is not valid: {message}")]
+    Invalid { file: String, message: String },
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, LayoutError> {
+    let file = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| LayoutError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse_json(&file, &bytes)
+}
+
+/// Parses one of the layout's JSON records; `file` names it in the error.
+pub fn parse_json<T: serde::de::DeserializeOwned>(
+    file: &str,
+    bytes: &[u8],
+) -> Result<T, LayoutError> {
+    serde_json::from_slice(bytes).map_err(|e| LayoutError::Invalid {
+        file: file.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// `pod.options`: which containers the checkpoint holds, in which directory, and the pod-level
+/// annotations (engine, sandbox id, last PID).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PodOptions {
+    pub version: u32,
+    /// Container name → directory.
+    pub containers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl PodOptions {
+    pub fn read(dir: &Path) -> Result<Self, LayoutError> {
+        Self::parse(
+            &std::fs::read(dir.join(POD_OPTIONS)).map_err(|source| LayoutError::Read {
+                file: dir.join(POD_OPTIONS).display().to_string(),
+                source,
+            })?,
+        )
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<Self, LayoutError> {
+        let o: PodOptions = parse_json(POD_OPTIONS, bytes)?;
+        if o.version != POD_OPTIONS_VERSION {
+            return Err(LayoutError::Invalid {
+                file: POD_OPTIONS.into(),
+                message: format!("version {} is not supported", o.version),
+            });
+        }
+        Ok(o)
+    }
+
+    pub fn engine(&self) -> &str {
+        self.annotations
+            .get(ENGINE_ANNOTATION)
+            .map(String::as_str)
+            .unwrap_or(DEFAULT_ENGINE)
+    }
+
+    pub fn last_pid(&self) -> Option<u32> {
+        self.annotations.get(LAST_PID_ANNOTATION)?.parse().ok()
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("PodOptions always encodes")
+    }
+}
+
+/// `stasis.json`: what stasis records about one checkpointed container.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ContainerMeta {
+    #[serde(default = "default_engine")]
+    pub engine: String,
+    pub container_id: String,
+    pub name: String,
+    pub image: String,
+    pub checkpointed_at: String,
+    pub leave_running: bool,
+    pub was_paused: bool,
+    pub frozen_ms: f64,
+    pub dump_ms: f64,
+    pub rootfs_ms: f64,
+    pub checkpoint_bytes: u64,
+    pub rootfs_diff_bytes: u64,
+}
+
+fn default_engine() -> String {
+    DEFAULT_ENGINE.to_string()
+}
+
+impl ContainerMeta {
+    /// The record in `container_dir`, if it has one.
+    pub fn read(container_dir: &Path) -> Result<Option<Self>, LayoutError> {
+        let path = container_dir.join(CONTAINER_META);
+        if !path.exists() {
+            return Ok(None);
+        }
+        read_json(&path).map(Some)
+    }
+}
+
+/// `config.dump`: the container record checkpointctl reads (its `lib/metadata.go`
+/// ContainerConfig), in its JSON names.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct CheckpointedConfig {
+    pub id: String,
+    pub name: String,
+    pub rootfs_image: String,
+    pub rootfs_image_ref: String,
+    pub rootfs_image_name: String,
+    pub runtime: String,
+    pub created_time: String,
+    pub checkpointed_time: String,
+    pub restored_time: String,
+    pub restored: bool,
+}
+
+/// `stasis-dump.json`: the CRIU options a dump used (the restore must match them) and how
+/// long each step took.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct DumpRecord {
+    pub tcp_established: bool,
+    pub ext_unix_sk: bool,
+    pub file_locks: bool,
+    pub frozen_ms: f64,
+    pub dump_ms: f64,
+    pub files_ms: f64,
+    pub total_ms: f64,
+}
+
+impl DumpRecord {
+    /// The record beside `image`; an image without one was dumped with default options.
+    pub fn read(image: &Path) -> Self {
+        read_json(&image.join(DUMP_RECORD)).unwrap_or_default()
+    }
+}
+
+/// One entry of `volumes.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CapturedVolume {
+    /// Destination in the container.
+    pub destination: String,
+    /// Tar file, relative to the image directory.
+    pub archive: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_options_defaults_and_versions() {
+        let o = PodOptions::parse(br#"{"version":1,"containers":{"web":"abc-web"}}"#).unwrap();
+        assert_eq!(o.engine(), DEFAULT_ENGINE);
+        assert_eq!(o.last_pid(), None);
+        let mut o2 = o.clone();
+        o2.annotations
+            .insert(LAST_PID_ANNOTATION.into(), "412".into());
+        o2.annotations
+            .insert(ENGINE_ANNOTATION.into(), "runsc".into());
+        let back = PodOptions::parse(&o2.to_json()).unwrap();
+        assert_eq!(back.last_pid(), Some(412));
+        assert_eq!(back.engine(), "runsc");
+        let err = PodOptions::parse(br#"{"version":2,"containers":{}}"#).unwrap_err();
+        assert!(err.to_string().contains("version 2"), "{err}");
+        assert!(PodOptions::parse(b"{").is_err());
+    }
+
+    #[test]
+    fn container_meta_reads_old_records() {
+        let m: ContainerMeta = parse_json("x", br#"{"container_id":"c1"}"#).unwrap();
+        assert_eq!(m.engine, DEFAULT_ENGINE);
+        assert_eq!(m.container_id, "c1");
+        let c: CheckpointedConfig =
+            parse_json("x", br#"{"id":"c1","rootfsImageName":"busybox"}"#).unwrap();
+        assert_eq!(c.rootfs_image_name, "busybox");
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(text.contains("\"rootfsImageRef\""), "{text}");
+    }
+}

@@ -1,0 +1,246 @@
+//! The default checkpoint of a backend whose containers are host processes (runc, crun):
+//! the cgroup freezer holds them still, CRIU (through the runtime's `checkpoint`) dumps them,
+//! their files are captured while still frozen, then they are thawed. Design notes: CRIU
+//! cannot seize tasks below a frozen parent, so a pod is frozen as a whole for one instant,
+//! each container then by its own cgroup, and the pod cgroup thawed before the dumps.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use log::{info, warn};
+use stasis_api::layout::{CHECKPOINT_DIR, DUMP_LOG, STATS_DUMP};
+
+use super::{
+    timed_out, CheckpointOpts, ContainerTarget, OciRuntime, PodCapture, PodCheckpoint, Timings,
+};
+use crate::{
+    cgroup::freezer::{self, Freezer},
+    error::{Error, Result},
+    fscapture::{rootfs, volumes},
+    process::pidns,
+    util::blocking,
+};
+
+type SharedFreezer = std::sync::Arc<dyn Freezer>;
+
+fn freezer_of(id: &str, cgroup: &str) -> Result<SharedFreezer> {
+    Ok(std::sync::Arc::from(freezer::for_cgroup(id, cgroup)?))
+}
+
+async fn freeze(id: &str, f: &SharedFreezer) -> Result<()> {
+    let f = f.clone();
+    blocking(id, "freeze", move || f.freeze()).await
+}
+
+async fn thaw(id: &str, f: &SharedFreezer) -> Result<()> {
+    let f = f.clone();
+    blocking(id, "thaw", move || f.thaw()).await
+}
+
+/// One container (Task API): freeze → dump → volumes → thaw. A stopping dump needs no freeze
+/// (CRIU ends the processes), nor does a container the user paused.
+pub async fn checkpoint_container<R: OciRuntime + ?Sized>(
+    runtime: &R,
+    target: &ContainerTarget,
+    opts: &CheckpointOpts,
+) -> Result<Timings> {
+    let id = target.id.as_str();
+    let start = Instant::now();
+    let freezer = if opts.leave_running && !target.paused {
+        Some(freezer_of(id, &target.cgroup_path)?)
+    } else {
+        None
+    };
+    let frozen_at = Instant::now();
+    if let Some(f) = &freezer {
+        freeze(id, f).await?;
+    }
+    let result = async {
+        let t = Instant::now();
+        runtime.checkpoint(id, opts).await?;
+        let dump = t.elapsed();
+        let t = Instant::now();
+        let spec = target.spec.clone();
+        let image = opts.image_path.clone();
+        let owned = id.to_string();
+        blocking(id, "capture volumes", move || {
+            volumes::capture(&owned, &spec, &image).map(drop)
+        })
+        .await?;
+        Ok::<_, Error>((dump, t.elapsed()))
+    }
+    .await;
+    let frozen = match &freezer {
+        Some(f) => {
+            let thawed = thaw(id, f).await;
+            let window = frozen_at.elapsed();
+            thawed?;
+            window
+        }
+        None => Duration::ZERO,
+    };
+    let (dump, files) = result?;
+    // The dump log belongs with the images (checkpointctl and people read it there).
+    let _ = std::fs::copy(
+        opts.work_path.join(DUMP_LOG),
+        opts.image_path.join(DUMP_LOG),
+    );
+    Ok(Timings {
+        frozen,
+        dump,
+        files,
+        total: start.elapsed(),
+    })
+}
+
+/// A pod: freeze the pod cgroup (one instant for all), freeze each running container's own
+/// cgroup, thaw the pod cgroup, dump every container in parallel and capture its files, stop
+/// them if asked, thaw. Any failure thaws what was frozen.
+pub async fn checkpoint_pod<R: OciRuntime + ?Sized>(
+    runtime: &R,
+    job: &PodCheckpoint<'_>,
+) -> Result<PodCapture> {
+    let pod_freezer = freezer_of(job.pod_id, job.pod_cgroup)?;
+    let mut freezers = Vec::new();
+    for c in job.containers {
+        freezers.push(freezer_of(&c.id, &c.cgroup_path)?);
+    }
+    freeze(job.pod_id, &pod_freezer).await?;
+    let frozen_at = Instant::now();
+    let mut froze: Vec<usize> = Vec::new();
+    let mut failed = None;
+    for (i, c) in job.containers.iter().enumerate() {
+        if c.paused {
+            continue;
+        }
+        match freeze(&c.id, &freezers[i]).await {
+            Ok(()) => froze.push(i),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    // CRIU cannot seize tasks below a frozen parent; the containers stay frozen by their own.
+    let thawed_pod = thaw(job.pod_id, &pod_freezer).await;
+    if let Some(e) = failed.or(thawed_pod.err()) {
+        for &i in &froze {
+            if let Err(e) = thaw(&job.containers[i].id, &freezers[i]).await {
+                warn!("{}: thaw: {e}", job.containers[i].id);
+            }
+        }
+        return Err(e);
+    }
+
+    let work = std::env::temp_dir().join(format!("stasis-pod-dump-{}", std::process::id()));
+    let dumps = job
+        .containers
+        .iter()
+        .map(|c| dump_one(runtime, c, &work, job));
+    let joined = futures::future::join_all(dumps);
+    let outcome = match job.timeout {
+        Some(limit) => match tokio::time::timeout(limit, joined).await {
+            Ok(r) => r,
+            Err(_) => vec![Err(timed_out(job.pod_id, "checkpoint", limit))],
+        },
+        None => joined.await,
+    };
+    if !job.leave_running && outcome.iter().all(|r| r.is_ok()) {
+        for c in job.containers {
+            if let Err(e) = runtime.kill(&c.id, libc::SIGKILL as u32, true).await {
+                warn!("{}: stop after checkpoint: {e}", c.id);
+            }
+        }
+    }
+    // Thaw what we froze; a stopping dump also releases containers the user had paused, as
+    // their processes are gone.
+    for (i, c) in job.containers.iter().enumerate() {
+        if !c.paused || !job.leave_running {
+            if let Err(e) = thaw(&c.id, &freezers[i]).await {
+                warn!("{}: thaw: {e}", c.id);
+            }
+        }
+    }
+    let frozen = frozen_at.elapsed();
+    let _ = std::fs::remove_dir_all(&work);
+    let mut containers = Vec::new();
+    for r in outcome {
+        let mut t = r?;
+        t.frozen = frozen;
+        containers.push(t);
+    }
+    // After the thaw: over-estimating is harmless, the restore only needs "at least".
+    let last_pid = pidns::last_pid(job.pod_id, job.pod_pid)
+        .await
+        .map_err(|e| warn!("pod {}: {e}", job.pod_id))
+        .ok();
+    info!(
+        "pod {}: {} container(s) dumped, frozen {frozen:?}",
+        job.pod_id,
+        containers.len()
+    );
+    Ok(PodCapture {
+        frozen,
+        containers,
+        last_pid,
+    })
+}
+
+/// Dumps one frozen container of a pod into its directory and captures its files.
+async fn dump_one<R: OciRuntime + ?Sized>(
+    runtime: &R,
+    c: &ContainerTarget,
+    work: &Path,
+    job: &PodCheckpoint<'_>,
+) -> Result<Timings> {
+    let copts = CheckpointOpts {
+        image_path: c.dir.join(CHECKPOINT_DIR),
+        work_path: work.join(&c.id),
+        // Always dumped live under our freeze; a stopping checkpoint kills them after the
+        // capture (runc would otherwise wait for frozen processes to die).
+        leave_running: true,
+        tcp_established: job.tcp_established,
+        file_locks: job.file_locks,
+        shell_job: c.terminal,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    std::fs::create_dir_all(&copts.image_path)
+        .map_err(|e| Error::io(&c.id, "create checkpoint dir", e))?;
+    std::fs::create_dir_all(&copts.work_path)
+        .map_err(|e| Error::io(&c.id, "create work dir", e))?;
+    runtime
+        .checkpoint(&c.id, &copts)
+        .await
+        .map_err(|e| Error::Runtime {
+            id: c.label.clone(),
+            step: "dump".into(),
+            message: e.to_string(),
+        })?;
+    let dump = t.elapsed();
+    let t = Instant::now();
+    let (id, upper, spec, dir, image) = (
+        c.id.clone(),
+        c.rootfs_upper.clone(),
+        c.spec.clone(),
+        c.dir.clone(),
+        copts.image_path.clone(),
+    );
+    blocking(&c.id, "capture files", move || {
+        if let Some(upper) = upper {
+            rootfs::capture(&id, &upper, &dir)?;
+        }
+        volumes::capture(&id, &spec, &image).map(drop)
+    })
+    .await?;
+    for f in [DUMP_LOG, STATS_DUMP] {
+        let _ = std::fs::copy(copts.work_path.join(f), c.dir.join(f));
+    }
+    Ok(Timings {
+        dump,
+        files: t.elapsed(),
+        ..Default::default()
+    })
+}

@@ -1,0 +1,238 @@
+//! gVisor's pod rules. A pod is one gVisor sandbox: `runsc checkpoint` of its root saves every
+//! container at one instant (their writable layers live in the sandbox's memory), so there is
+//! no freezer and no CRIU. What follows from that lives here: which operations gVisor cannot
+//! do on one container of a pod, how a pod and a plain container are checkpointed (named
+//! volumes, which live on the host, are copied with the sandbox paused), and where a pod's
+//! sandbox image is.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use log::warn;
+use stasis_api::layout::{CHECKPOINT_DIR, SANDBOX_IMAGE_DIR};
+
+use super::Runsc;
+use crate::{
+    error::{Error, Result},
+    fscapture::volumes,
+    runtime::{
+        timed_out, CheckpointOpts, ContainerTarget, OciRuntime, Operation, PodCapture,
+        PodCheckpoint, Timings,
+    },
+    util::blocking,
+};
+
+pub fn check_operation(engine: &str, id: &str, op: Operation, in_pod: bool) -> Result<()> {
+    if !in_pod {
+        return Ok(());
+    }
+    match op {
+        // runsc pauses the whole sandbox kernel, not one container of it.
+        Operation::Pause => Err(Error::precondition(
+            id,
+            format!(
+                "{engine} cannot pause one container of a pod, it would pause the whole pod (containerd pauses a task before checkpointing it: to checkpoint, checkpoint the pod with stasisctl pod checkpoint)"
+            ),
+        )),
+        Operation::Checkpoint => Err(Error::precondition(
+            id,
+            format!(
+                "{engine} saves a pod's sandbox as a whole, not one container of it: checkpoint the pod (stasisctl pod checkpoint)"
+            ),
+        )),
+    }
+}
+
+/// A container of a gVisor sandbox that cannot be signalled (created, never started) ends
+/// with the sandbox itself: not worth waiting for.
+pub async fn stop_for_pod(runsc: &Runsc, id: &str) -> Result<bool> {
+    match runsc.kill(id, libc::SIGKILL as u32, true).await {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            warn!("{id}: kill: {e}; it ends with its sandbox");
+            Ok(false)
+        }
+    }
+}
+
+pub fn pod_restore_image(runsc: &Runsc, pod_id: &str, dir: &Path) -> Result<PathBuf> {
+    let image = dir.join(SANDBOX_IMAGE_DIR);
+    if !runsc.has_image(&image) {
+        return Err(Error::invalid(
+            pod_id,
+            format!("{} holds no {} sandbox image", dir.display(), runsc.name()),
+        ));
+    }
+    Ok(image)
+}
+
+async fn capture_volumes(target: &ContainerTarget, image: &Path) -> Result<()> {
+    let (id, spec, image) = (target.id.clone(), target.spec.clone(), image.to_path_buf());
+    blocking(&target.id, "capture volumes", move || {
+        volumes::capture(&id, &spec, &image).map(drop)
+    })
+    .await
+}
+
+/// Resumes a sandbox paused for a volume copy. Never leaves it paused silently: retries
+/// once, and an error the caller returns if the checkpoint itself succeeded.
+async fn resume_sandbox(runsc: &Runsc, id: &str) -> Result<()> {
+    let mut resumed = runsc.resume(id).await;
+    if let Err(e) = &resumed {
+        warn!("{id}: resume after checkpoint: {e}; retrying");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        resumed = runsc.resume(id).await;
+    }
+    resumed
+}
+
+/// A plain gVisor container (its own sandbox): `runsc checkpoint`, with the sandbox paused
+/// around it when named volumes must match the saved memory.
+pub async fn checkpoint_container(
+    runsc: &Runsc,
+    target: &ContainerTarget,
+    opts: &CheckpointOpts,
+) -> Result<Timings> {
+    let id = target.id.as_str();
+    let start = Instant::now();
+    let pause = opts.leave_running && !target.paused && volumes::wanted(&target.spec);
+    if pause {
+        runsc.pause(id).await?;
+    }
+    let result = async {
+        let t = Instant::now();
+        runsc.checkpoint(id, opts).await?;
+        let dump = t.elapsed();
+        let t = Instant::now();
+        capture_volumes(target, &opts.image_path).await?;
+        Ok::<_, Error>((dump, t.elapsed()))
+    }
+    .await;
+    let frozen = if pause {
+        let resumed = resume_sandbox(runsc, id).await;
+        let window = start.elapsed();
+        if result.is_ok() {
+            resumed?;
+        }
+        window
+    } else {
+        Duration::ZERO
+    };
+    let (dump, files) = result?;
+    Ok(Timings {
+        frozen,
+        dump,
+        files,
+        total: start.elapsed(),
+    })
+}
+
+/// A pod: one `runsc checkpoint` of the sandbox root into `<out>/sandbox`, then each
+/// container's volumes into its own `checkpoint/`; the sandbox paused around both if any
+/// volume is captured.
+pub async fn checkpoint_pod(runsc: &Runsc, job: &PodCheckpoint<'_>) -> Result<PodCapture> {
+    let pod_id = job.pod_id;
+    // Every live container of the sandbox is in its image, so all must be selected.
+    if let Some(other) = job.unselected_running.first() {
+        return Err(Error::precondition(
+            pod_id,
+            format!(
+                "{} saves the whole sandbox: container {other} runs too, so select every running container of the pod (or none)",
+                runsc.name()
+            ),
+        ));
+    }
+    if job.tcp_established || job.file_locks {
+        return Err(Error::invalid(
+            pod_id,
+            format!(
+                "{} has no --tcp-established or --file-locks: gVisor saves sockets and locks itself",
+                runsc.name()
+            ),
+        ));
+    }
+    // gVisor saves an exec'd process with host stdio it cannot reopen at restore: such an
+    // image would not restore, so refuse before taking it.
+    for c in job.containers {
+        if let Some(exec) = c.running_execs.first() {
+            return Err(Error::precondition(
+                &c.id,
+                format!(
+                    "exec {exec} is still running; {} cannot restore a sandbox saved with exec processes, wait for them to end",
+                    runsc.name()
+                ),
+            ));
+        }
+    }
+    for c in job.containers {
+        std::fs::create_dir_all(&c.dir)
+            .map_err(|e| Error::io(&c.id, "create checkpoint dir", e))?;
+    }
+    let copts = CheckpointOpts {
+        image_path: job.out.join(SANDBOX_IMAGE_DIR),
+        // Stopping is done after the capture, container by container.
+        leave_running: true,
+        ..Default::default()
+    };
+    std::fs::create_dir_all(&copts.image_path)
+        .map_err(|e| Error::io(pod_id, "create sandbox image dir", e))?;
+    // Volumes live on the host, outside gVisor's image: capturing them at the same instant
+    // needs the whole sandbox paused around the checkpoint and the copy.
+    let with_volumes = job.containers.iter().any(|c| volumes::wanted(&c.spec));
+    let t = Instant::now();
+    if with_volumes {
+        runsc.pause(pod_id).await?;
+    }
+    let captured = async {
+        let dumped = runsc.checkpoint(pod_id, &copts);
+        let dumped = match job.timeout {
+            Some(limit) => tokio::time::timeout(limit, dumped)
+                .await
+                .unwrap_or_else(|_| Err(timed_out(pod_id, "checkpoint", limit))),
+            None => dumped.await,
+        };
+        dumped.map_err(|e| Error::Runtime {
+            id: format!("pod {pod_id}"),
+            step: "sandbox checkpoint".into(),
+            message: e.to_string(),
+        })?;
+        if with_volumes {
+            for c in job.containers {
+                capture_volumes(c, &c.dir.join(CHECKPOINT_DIR)).await?;
+            }
+        }
+        Ok::<_, Error>(())
+    }
+    .await;
+    if with_volumes {
+        let resumed = resume_sandbox(runsc, pod_id).await;
+        if captured.is_ok() {
+            resumed?;
+        }
+    }
+    captured?;
+    let frozen = t.elapsed();
+    if !job.leave_running {
+        for c in job.containers {
+            if let Err(e) = runsc.kill(&c.id, libc::SIGKILL as u32, true).await {
+                warn!("{}: stop after checkpoint: {e}", c.id);
+            }
+        }
+    }
+    Ok(PodCapture {
+        frozen,
+        containers: job
+            .containers
+            .iter()
+            .map(|_| Timings {
+                frozen,
+                dump: frozen,
+                ..Default::default()
+            })
+            .collect(),
+        // gVisor's PID namespace is its own: the restore needs no reservation.
+        last_pid: None,
+    })
+}

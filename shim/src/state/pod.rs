@@ -1,0 +1,110 @@
+//! The pod this shim serves, once containerd created it through the Sandbox API.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard},
+};
+
+use k8s_cri::v1::PodSandboxConfig;
+use tokio::sync::watch;
+
+use crate::process::reaper::Exit;
+
+pub struct Pod {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub netns: String,
+    /// The CRI PodSandboxConfig as containerd sent it (kept for the pod checkpoint).
+    pub config_bytes: Vec<u8>,
+    pub config: PodSandboxConfig,
+    /// The pod's cgroup (cgroupfs path); containers go below it.
+    pub cgroup: String,
+    run: Mutex<PodRun>,
+    exited: watch::Sender<Option<Exit>>,
+}
+
+/// Where the pod is in its life; behind a plain mutex, never held across an await.
+#[derive(Default, Clone)]
+pub struct PodRun {
+    pub pid: i32,
+    /// StartSandbox is under way (it runs without holding the lock).
+    pub starting: bool,
+    pub started: bool,
+    pub created_at: Option<time::OffsetDateTime>,
+    pub shm: Option<PathBuf>,
+    pub files: Vec<PathBuf>,
+    pub shut_down: bool,
+    /// The runtime runs the pod's root itself (a gVisor sandbox), not our pause process.
+    pub root_by_runtime: bool,
+}
+
+impl Pod {
+    pub fn new(
+        id: String,
+        bundle: PathBuf,
+        netns: String,
+        config_bytes: Vec<u8>,
+        config: PodSandboxConfig,
+        cgroup: String,
+    ) -> Self {
+        Pod {
+            id,
+            bundle,
+            netns,
+            config_bytes,
+            config,
+            cgroup,
+            run: Mutex::new(PodRun::default()),
+            exited: watch::channel(None).0,
+        }
+    }
+
+    pub fn run(&self) -> MutexGuard<'_, PodRun> {
+        self.run.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.run().pid
+    }
+
+    pub fn exit(&self) -> Option<Exit> {
+        *self.exited.borrow()
+    }
+
+    pub fn wait_exit(&self) -> watch::Receiver<Option<Exit>> {
+        self.exited.subscribe()
+    }
+
+    pub fn record_exit(&self, exit: Exit) {
+        self.exited.send_replace(Some(exit));
+    }
+
+    pub fn name(&self) -> &str {
+        self.config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.as_str())
+            .unwrap_or("")
+    }
+
+    /// containerd's state and root dirs, from the sandbox bundle
+    /// `<state>/io.containerd.runtime.v2.task/<ns>/<id>` and its `work` link into `<root>`.
+    pub fn containerd_dirs(&self) -> (Option<PathBuf>, Option<PathBuf>) {
+        let up3 = |p: &Path| p.ancestors().nth(3).map(Path::to_path_buf);
+        let state = up3(&self.bundle);
+        let root = std::fs::read_link(self.bundle.join("work"))
+            .ok()
+            .and_then(|w| up3(&w));
+        (state, root)
+    }
+
+    /// The cgroupsPath a container of this pod gets: below the pod cgroup.
+    pub fn container_cgroup(&self, container_id: &str) -> String {
+        format!("{}/{}", self.cgroup.trim_end_matches('/'), container_id)
+    }
+
+    /// Whether `path` is already below the pod cgroup.
+    pub fn holds_cgroup(&self, path: &str) -> bool {
+        path.starts_with(&format!("{}/", self.cgroup.trim_end_matches('/')))
+    }
+}

@@ -1,0 +1,114 @@
+//! Restore at Start: a task created from a checkpoint gets its volumes back, then its
+//! processes from the images; a container of a pod being restored is held until the pod's
+//! FinishRestore.
+
+use std::{path::Path, sync::Arc};
+
+use log::{info, warn};
+use stasis_api::layout::{DumpRecord, CHECKPOINT_DIR};
+
+use super::watch;
+use crate::{
+    error::{Error, Result},
+    fscapture::volumes,
+    process::stdio,
+    runtime::CheckpointOpts,
+    state::{Container, Shim, State, Transition},
+    util::blocking,
+};
+
+/// Brings the processes of a `Restorable` container back; returns the init pid.
+pub(super) async fn restore_init(
+    shim: &Shim,
+    container: &Arc<Container>,
+    image: &Path,
+) -> Result<i32> {
+    let id = container.id.clone();
+    let start = std::time::Instant::now();
+    let recorded = DumpRecord::read(image);
+    // A pod checkpoint keeps volumes in the container's own checkpoint/ (the images may be the
+    // whole sandbox's, elsewhere); a Task API checkpoint keeps them with the images.
+    let volumes_dir = container
+        .restore_dir
+        .as_ref()
+        .map(|d| d.join(CHECKPOINT_DIR))
+        .unwrap_or_else(|| image.to_path_buf());
+    {
+        let (id, spec) = (id.clone(), container.spec.clone());
+        blocking(&id.clone(), "restore volumes", move || {
+            volumes::restore(&id, &spec, &volumes_dir)
+        })
+        .await?;
+    }
+    let stdio_cfg = container.live().init.stdio.clone();
+    let opts = CheckpointOpts {
+        image_path: image.to_path_buf(),
+        work_path: container.bundle.join("criu-restore-work"),
+        shell_job: stdio_cfg.terminal,
+        tcp_established: recorded.tcp_established,
+        ext_unix_sk: recorded.ext_unix_sk,
+        file_locks: recorded.file_locks,
+        ..Default::default()
+    };
+    std::fs::create_dir_all(&opts.work_path)
+        .map_err(|e| Error::io(&id, "create restore work dir", e))?;
+    let mut prepared = stdio::prepare(&id, &stdio_cfg)?;
+    let pid_file = container.bundle.join("init.pid");
+    let runtime_io = prepared.take_runtime();
+    if let Err(e) = shim
+        .runtime
+        .restore(&id, &container.bundle, &opts, runtime_io, &pid_file)
+        .await
+    {
+        prepared.io.copies.abort().await;
+        let _ = shim.runtime.delete(&id, true).await;
+        return Err(e);
+    }
+    let io = prepared.finish(&id).await?;
+    let pid = stdio::read_pid(&id, &pid_file)?;
+    {
+        let mut live = container.live();
+        live.init.pid = pid;
+        live.init.io = io;
+    }
+    // Only a container of a pod being restored waits for the rest of its pod.
+    let held = match &container.restore_dir {
+        Some(_) => shim
+            .runtime
+            .hold_restored(&id, &container.cgroup_path)
+            .await
+            .unwrap_or_else(|e| {
+                warn!("{id}: cannot hold the restored container until the pod is complete: {e}");
+                false
+            }),
+        None => false,
+    };
+    container.transition(Transition::Restore { held })?;
+    watch::oom(shim, &id, &container.cgroup_path);
+    watch::exit(shim, container.clone(), String::new(), pid);
+    info!(
+        "{id}: restored from {} in {:?}, pid {pid}{}",
+        image.display(),
+        start.elapsed(),
+        if held { ", held for its pod" } else { "" }
+    );
+    Ok(pid)
+}
+
+/// Lets every container held after a pod restore run. Returns their ids.
+pub async fn finish_restore(shim: &Shim) -> Result<Vec<String>> {
+    let mut resumed = Vec::new();
+    let mut containers = shim.all();
+    containers.sort_by(|a, b| a.id.cmp(&b.id));
+    for c in containers {
+        let _op = c.op.lock().await;
+        if c.state() != State::Held {
+            continue;
+        }
+        shim.runtime.release_restored(&c.id, &c.cgroup_path).await?;
+        c.transition(Transition::Release)?;
+        resumed.push(c.id.clone());
+    }
+    info!("resumed restored containers {resumed:?}");
+    Ok(resumed)
+}

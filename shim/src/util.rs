@@ -1,0 +1,49 @@
+//! Small helpers every layer uses: blocking work off the async threads, and directory chores.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Runs blocking work (file walks, tar, freezer waits) on tokio's blocking pool so the shim's
+/// two async workers keep answering State, Pids and Connect meanwhile.
+pub async fn blocking<T, F>(id: &str, step: &str, f: F) -> Result<T>
+where
+    F: FnOnce() -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::other(id, step, format!("worker failed: {e}")))?
+}
+
+/// Bytes of every regular file below `p` (symlinks not followed).
+pub fn dir_size(p: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.path().symlink_metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) if m.is_file() => m.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Removes everything inside `dir`, keeping `dir` itself (never following symlinks).
+pub fn empty_dir(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            remove_any(&e.path());
+        }
+    }
+}
+
+/// Removes a file, link or directory tree at `p`, whichever it is.
+pub fn remove_any(p: &Path) {
+    let _ = match p.symlink_metadata() {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+        Ok(_) => std::fs::remove_file(p),
+        Err(_) => Ok(()),
+    };
+}

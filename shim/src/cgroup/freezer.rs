@@ -19,6 +19,8 @@ pub enum FreezerState {
     Frozen,
 }
 
+/// Freezing waits for the kernel (up to FREEZE_TIMEOUT): async callers go through
+/// `util::blocking`, never call these on an async worker.
 pub trait Freezer: Send + Sync {
     /// Freezes every process of the cgroup and returns once the kernel says they all are.
     fn freeze(&self) -> Result<()>;

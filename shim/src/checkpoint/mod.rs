@@ -22,7 +22,7 @@ use crate::{
     error::{Error, Result},
     runtime::{ContainerTarget, PodCheckpoint},
     state::{Container, Shim, State},
-    util::empty_dir,
+    util::{self, empty_dir},
 };
 
 /// Serialises pod checkpoints: a second one of the same pod is refused, not queued.
@@ -139,23 +139,38 @@ pub async fn checkpoint_pod(
     let engine = shim.runtime.name().to_string();
     let written = async {
         let capture = shim.runtime.checkpoint_pod(&job).await?;
-        // Metadata and sizes: after the thaw, nothing here needs the pod still.
-        let mut results = Vec::new();
-        for ((t, (_, info)), timings) in targets.iter().zip(&names).zip(&capture.containers) {
-            results.push(metadata::write_container(
-                t,
-                info,
-                timings,
-                opts.leave_running,
-                &engine,
-            )?);
-        }
-        let named: Vec<(String, &ContainerTarget)> = names
-            .iter()
-            .map(|(n, _)| n.clone())
-            .zip(targets.iter())
-            .collect();
-        metadata::write_pod(&out, &pod, &named, &engine, capture.last_pid)?;
+        // Metadata and sizes: after the thaw, nothing here needs the pod still. File work,
+        // so on the blocking pool.
+        let (targets, names, pod, out, engine) = (
+            targets.clone(),
+            names.clone(),
+            pod.clone(),
+            out.clone(),
+            engine.clone(),
+        );
+        let per = capture.containers.clone();
+        let last_pid = capture.last_pid;
+        let leave_running = opts.leave_running;
+        let results = util::blocking(&pod.id.clone(), "write metadata", move || {
+            let mut results = Vec::new();
+            for ((t, (_, info)), timings) in targets.iter().zip(&names).zip(&per) {
+                results.push(metadata::write_container(
+                    t,
+                    info,
+                    timings,
+                    leave_running,
+                    &engine,
+                )?);
+            }
+            let named: Vec<(String, &ContainerTarget)> = names
+                .iter()
+                .map(|(n, _)| n.clone())
+                .zip(targets.iter())
+                .collect();
+            metadata::write_pod(&out, &pod, &named, &engine, last_pid)?;
+            Ok(results)
+        })
+        .await?;
         Ok::<_, Error>((capture, results))
     }
     .await;

@@ -1,6 +1,9 @@
 //! Our pod Checkpoint service (`api/proto/stasis/checkpoint/v1`).
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use async_trait::async_trait;
 use containerd_shim_protos::ttrpc::{self, r#async::TtrpcContext};
@@ -16,8 +19,9 @@ use super::rpc;
 use crate::{
     checkpoint::{self, source, CheckpointGate},
     error::Result,
+    runtime::OciRuntime,
     state::Shim,
-    task,
+    task, util,
 };
 
 pub struct CheckpointService {
@@ -34,10 +38,18 @@ impl CheckpointService {
     }
 }
 
-fn validate(shim: &Shim, req: &ValidateRestoreRequest) -> Result<ValidateRestoreResponse> {
+async fn validate(shim: &Shim, req: &ValidateRestoreRequest) -> Result<ValidateRestoreResponse> {
     let path = PathBuf::from(&req.checkpoint_path);
-    let runtime = shim.runtime.as_ref();
-    let (_, dirs) = source::check_pod_dir("restore", &path, runtime.name())?;
+    let runtime = shim.runtime.clone();
+    // Reads every container's rootfs diff: off the async threads.
+    util::blocking("restore", "validate checkpoint", move || {
+        validate_dir(&path, runtime.as_ref())
+    })
+    .await
+}
+
+fn validate_dir(path: &Path, runtime: &dyn OciRuntime) -> Result<ValidateRestoreResponse> {
+    let (_, dirs) = source::check_pod_dir("restore", path, runtime.name())?;
     for d in dirs {
         source::check_container_dir("restore", &d, runtime)?;
     }
@@ -75,6 +87,6 @@ impl Checkpoint for CheckpointService {
         _ctx: &TtrpcContext,
         req: ValidateRestoreRequest,
     ) -> ttrpc::Result<ValidateRestoreResponse> {
-        rpc(validate(&self.shim, &req))
+        rpc(validate(&self.shim, &req).await)
     }
 }

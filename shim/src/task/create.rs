@@ -86,7 +86,12 @@ pub async fn create(shim: &Shim, req: api::CreateTaskRequest) -> Result<api::Cre
     // from a pod checkpoint (CRI: an annotation names the container's checkpoint dir).
     let restore_dir = spec.annotation(RESTORE_ANNOTATION).map(PathBuf::from);
     if let Some(dir) = &restore_dir {
-        source::check_container_dir(&id, dir, shim.runtime.as_ref())?;
+        // Reads the whole rootfs diff: off the async threads.
+        let (owned, dir, runtime) = (id.clone(), dir.clone(), shim.runtime.clone());
+        blocking(&id, "check checkpoint", move || {
+            source::check_container_dir(&owned, &dir, runtime.as_ref())
+        })
+        .await?;
     }
     let image = if !req.checkpoint.is_empty() {
         Some(PathBuf::from(&req.checkpoint))

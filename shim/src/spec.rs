@@ -34,7 +34,9 @@ impl ContainerSpec {
                 format!("{origin} is not an OCI runtime spec (needs \"process\" and \"root\")"),
             ));
         }
-        let typed: Spec = serde_json::from_value(raw.clone())
+        // From the bytes, like `raw`: one deserializer instantiation for the large Spec type
+        // (from_value would add a second copy of that code to the binary).
+        let typed: Spec = serde_json::from_slice(bytes)
             .map_err(|e| Error::invalid(id, format!("{origin} is not an OCI runtime spec: {e}")))?;
         Ok(ContainerSpec {
             typed,

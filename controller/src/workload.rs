@@ -65,12 +65,60 @@ pub fn container_config(name: &str, image: &str, cmd: &[&str]) -> cri::Container
 
 /// The consistency loop of the checkpoint tests: a memory counter written to a file; after a
 /// restore the file must never be ahead of memory (a violation is logged to /violations).
+/// The loop also holds a token that exists only in its memory (a random value never written
+/// to disk unless asked with SIGUSR1, see `memory_token`): a process restarted from the files
+/// instead of restored from memory would answer a different one. Its pid is in `<file>.pid`.
 pub fn counter_loop(file: &str) -> String {
     format!(
-        "i=0; while true; do v=$(cat {file} 2>/dev/null || echo 0); \
+        "t=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'); echo $$ > {file}.pid; \
+         trap 'echo $t > {file}.token.tmp; mv {file}.token.tmp {file}.token' USR1; \
+         i=0; while true; do v=$(cat {file} 2>/dev/null || echo 0); \
          if [ \"$v\" -gt \"$i\" ]; then echo \"file=$v memory=$i\" >> /violations; fi; \
          i=$((i+1)); echo $i > {file}; sleep 0.01; done"
     )
+}
+
+/// The in-memory token of the `counter_loop` writing `file` in container `id`: the loop is
+/// asked for it (SIGUSR1), the answer read and removed again, so it is never in a checkpoint's
+/// files.
+pub async fn memory_token(rt: &mut Runtime, id: &str, file: &str) -> Result<String> {
+    let ask = format!("rm -f {file}.token; kill -USR1 $(cat {file}.pid)");
+    let (code, out) = exec(rt, id, &["sh", "-c", &ask]).await?;
+    if code != 0 {
+        bail!("ask the counter loop in {id} for its token: exit {code}: {out}");
+    }
+    for _ in 0..100 {
+        let (code, out) = exec(
+            rt,
+            id,
+            &["sh", "-c", &format!("cat {file}.token && rm {file}.token")],
+        )
+        .await?;
+        if code == 0 && !out.trim().is_empty() {
+            return Ok(out.trim().to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("the counter loop in {id} never answered with its token")
+}
+
+/// The violations the consistency loop logged in container `id` (empty when none); fails if
+/// the container could not be asked, so a dead container never reads as "no violations".
+pub async fn violations(rt: &mut Runtime, id: &str) -> Result<String> {
+    let (code, out) = exec(
+        rt,
+        id,
+        &[
+            "sh",
+            "-c",
+            "if [ -e /violations ]; then cat /violations; fi",
+        ],
+    )
+    .await?;
+    if code != 0 {
+        bail!("read /violations in {id}: exit {code}: {out}");
+    }
+    Ok(out.trim().to_string())
 }
 
 /// ExecSync of `cmd` in container `id`: exit code and stdout.

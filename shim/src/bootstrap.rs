@@ -286,6 +286,7 @@ pub fn delete(flags: &Flags) -> Result<(), BoxError> {
         Ok::<_, BoxError>(())
     })?;
     crate::task::unmount(&bundle.join("rootfs"));
+    remove_dead_socket(flags);
     let resp = DeleteResponse {
         exit_status: 128 + libc::SIGKILL as u32,
         exited_at: protobuf::MessageField::some(timestamp(time::OffsetDateTime::now_utc())),
@@ -294,6 +295,16 @@ pub fn delete(flags: &Flags) -> Result<(), BoxError> {
     std::io::stdout().write_all(&resp.write_to_bytes()?)?;
     std::io::stdout().flush()?;
     Ok(())
+}
+
+/// The socket of a shim that died (SIGKILL) stays behind: remove it when nothing listens on
+/// it any more. A live shim (a group still serving other containers) keeps its socket.
+fn remove_dead_socket(flags: &Flags) {
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &flags.id);
+    let path = Path::new(socket_path(&address));
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 pub fn info() -> Result<(), BoxError> {

@@ -168,6 +168,16 @@ pub async fn read_counter(cri: &mut CriClient, id: &str, file: &str) -> Result<u
     stasis_controller::workload::read_counter(&mut cri.runtime, id, file).await
 }
 
+/// The token only the counter loop's memory holds (see `counter_loop`).
+pub async fn memory_token(cri: &mut CriClient, id: &str, file: &str) -> Result<String> {
+    stasis_controller::workload::memory_token(&mut cri.runtime, id, file).await
+}
+
+/// What the consistency loop logged as violations; an exec failure is an error.
+pub async fn violations(cri: &mut CriClient, id: &str) -> Result<String> {
+    stasis_controller::workload::violations(&mut cri.runtime, id).await
+}
+
 pub async fn containers_by_name(
     cri: &mut CriClient,
     pod_id: &str,

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod cri;
 pub mod image;
+pub mod leaks;
 
 use std::{
     path::{Path, PathBuf},
@@ -192,6 +193,10 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
     runtime_type = "io.containerd.stasis-crun.v2"
     sandboxer = "shim"
     container_annotations = ["io.stasis.*"]
+  # stasis without io.stasis.* container annotations: what a restore must refuse loudly.
+  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.stasis-plain]
+    runtime_type = "io.containerd.stasis.v2"
+    sandboxer = "shim"
   [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
     runtime_type = "io.containerd.runc.v2"
 "#
@@ -547,25 +552,139 @@ impl Containerd {
     }
 }
 
+impl Containerd {
+    /// Every pod and container id this containerd's log names (see `leaks::ids_in_log`).
+    pub fn ids_seen(&self) -> std::collections::BTreeSet<String> {
+        leaks::ids_in_log(
+            &std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default(),
+        )
+    }
+
+    /// What is left of this test's pods and containers right now: processes, mounts, cgroups
+    /// (every hierarchy), shim sockets, runtime state.
+    pub fn leftovers(&self) -> Vec<String> {
+        let ids = self.ids_seen();
+        let containerd = self.child.as_ref().map(|c| c.id() as i32);
+        let mut left = leaks::processes(
+            &self.dir,
+            &ids,
+            &self.namespace,
+            &containerd.into_iter().collect::<Vec<_>>(),
+        );
+        left.extend(
+            mounts_under(&self.dir)
+                .into_iter()
+                .map(|m| format!("mount {m}")),
+        );
+        left.extend(leaks::cgroups(&ids, &self.namespace));
+        left.extend(leaks::sockets(&self.socket(), &ids, &self.namespace));
+        left.extend(leaks::runtime_state(&ids, &self.namespace));
+        left
+    }
+
+    /// Ends the test: removes what is still there the way a user would (tasks and containers
+    /// through containerd, pods through CRI), waits for the shims to go, then fails listing
+    /// anything left behind. Every test that starts a containerd ends with this.
+    pub fn finish(mut self) -> Result<()> {
+        self.remove_through_apis();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut left = self.leftovers();
+        while !left.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            left = self.leftovers();
+        }
+        if left.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "the test left behind after its pods and containers were removed:\n  {}\ncontainerd log tail:\n{}",
+            left.join("\n  "),
+            self.log_tail(30)
+        )
+    }
+
+    /// Tasks first, through containerd, so shims clean up after themselves; then CRI pods.
+    fn remove_through_apis(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        if let Ok(out) = self.ctr_ok(&["tasks", "ls", "-q"]) {
+            for id in out.lines() {
+                let _ = self.ctr(&["tasks", "kill", "-s", "KILL", id]);
+                let _ = self.ctr(&["tasks", "delete", "-f", id]);
+            }
+        }
+        if let Ok(out) = self.ctr_ok(&["containers", "ls", "-q"]) {
+            for id in out.lines() {
+                let _ = self.ctr(&["containers", "delete", id]);
+            }
+        }
+        self.remove_cri_pods();
+    }
+
+    /// After a failed test: whatever of its ids is left in the shared places (cgroups, runtime
+    /// state), removed so the next test starts clean.
+    fn force_remove_ids(&self) {
+        let ids = self.ids_seen();
+        for root in leaks::cgroup_roots() {
+            for id in &ids {
+                for dir in [
+                    root.join("stasis").join(id),
+                    root.join(&self.namespace).join(id),
+                ] {
+                    remove_cgroup_tree(&dir);
+                }
+            }
+            let _ = std::fs::remove_dir(root.join(&self.namespace));
+        }
+        for engine in ["runc", "crun"] {
+            for ns in leaks::namespaces(&self.namespace) {
+                for id in &ids {
+                    let _ = std::fs::remove_dir_all(
+                        Path::new("/run/stasis").join(engine).join(&ns).join(id),
+                    );
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(Path::new("/run/stasis/runc").join(&self.namespace));
+        let _ = std::fs::remove_dir_all(Path::new("/run/stasis/crun").join(&self.namespace));
+    }
+}
+
+/// Removes a cgroup and its children (deepest first), thawing frozen ones so their processes
+/// can be killed by whoever owns them.
+fn remove_cgroup_tree(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if e.path().is_dir() {
+            remove_cgroup_tree(&e.path());
+        }
+    }
+    let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
+    let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
+    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    for _ in 0..20 {
+        if std::fs::remove_dir(dir).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl Drop for Containerd {
+    /// The forced cleanup, whether or not the test passed: nothing of it may outlive the test
+    /// (a leak is reported by `finish`, not hidden here: `finish` runs first).
     fn drop(&mut self) {
-        // Tasks first, through containerd, so shims clean up after themselves.
-        if self.child.is_some() {
-            if let Ok(out) = self.ctr_ok(&["tasks", "ls", "-q"]) {
-                for id in out.lines() {
-                    let _ = self.ctr(&["tasks", "kill", "-s", "KILL", id]);
-                    let _ = self.ctr(&["tasks", "delete", "-f", id]);
-                }
-            }
-            if let Ok(out) = self.ctr_ok(&["containers", "ls", "-q"]) {
-                for id in out.lines() {
-                    let _ = self.ctr(&["containers", "delete", id]);
-                }
-            }
-        }
-        if self.child.is_some() {
-            self.remove_cri_pods();
-        }
+        self.remove_through_apis();
         if let Some(mut child) = self.child.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.id() as i32),
@@ -584,6 +703,7 @@ impl Drop for Containerd {
             );
         }
         self.remove_gvisor_sandboxes();
+        self.force_remove_ids();
         if std::env::var_os("STASIS_KEEP").is_none() {
             cleanup_dir(&self.dir);
         }
@@ -593,6 +713,13 @@ impl Drop for Containerd {
 /// A direct ttrpc client to the shim serving container `id`, bypassing containerd: for the
 /// cases containerd itself would refuse before the shim sees them.
 pub fn shim_task_client(c: &Containerd, id: &str) -> Result<containerd_shim_protos::TaskClient> {
+    Ok(containerd_shim_protos::TaskClient::new(shim_connection(
+        c, id,
+    )?))
+}
+
+/// A raw ttrpc connection to the shim serving container `id` (in the test namespace).
+pub fn shim_connection(c: &Containerd, id: &str) -> Result<containerd_shim_protos::ttrpc::Client> {
     let bundle = c
         .dir
         .join("state/io.containerd.runtime.v2.task")
@@ -600,9 +727,8 @@ pub fn shim_task_client(c: &Containerd, id: &str) -> Result<containerd_shim_prot
         .join(id);
     let address = std::fs::read_to_string(bundle.join("address"))
         .with_context(|| format!("read shim address of {id}"))?;
-    let client = containerd_shim_protos::ttrpc::Client::connect(address.trim())
-        .with_context(|| format!("connect to shim at {address}"))?;
-    Ok(containerd_shim_protos::TaskClient::new(client))
+    containerd_shim_protos::ttrpc::Client::connect(address.trim())
+        .with_context(|| format!("connect to shim at {address}"))
 }
 
 /// Runs `cmd` on a new pseudo-terminal (as a controlling terminal), writes `input` to it,

@@ -8,7 +8,10 @@ const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 
 use anyhow::{bail, ensure, Context, Result};
 use stasis_e2e::{
-    cri::{container_config, containers_by_name, counter_loop, cri, pod_config, read_counter},
+    cri::{
+        container_config, containers_by_name, counter_loop, cri, memory_token, pod_config,
+        read_counter, violations,
+    },
     Containerd,
 };
 
@@ -37,11 +40,26 @@ async fn pod_round_trip(name: &str, handler: &str, gvisor: bool) -> Result<()> {
     );
     let hostname = cri.exec_ok(&ids[1], &["hostname"]).await?;
     ensure!(hostname.trim() == "rt-host", "hostname {hostname:?}");
-    tokio::time::sleep(Duration::from_millis(700)).await;
     let mut before = Vec::new();
+    let mut tokens = Vec::new();
     for id in &ids {
+        // Running: the counter moves.
+        let first = read_counter(&mut cri, id, "/counter").await?;
+        wait_until_counter_above(&mut cri, id, first).await?;
+        tokens.push(memory_token(&mut cri, id, "/counter").await?);
         before.push(read_counter(&mut cri, id, "/counter").await?);
     }
+    let pids_before = loop_pids(&mut cri, &ids[0]).await?;
+    // runc pods share one PID namespace (all four loops visible); a gVisor container may see
+    // only its own.
+    ensure!(
+        if gvisor {
+            !pids_before.is_empty()
+        } else {
+            pids_before.len() == NAMES.len()
+        },
+        "counter loops visible in the pod's PID namespace: {pids_before:?}"
+    );
 
     let archive = c.dir.join("pod.tar");
     let out = c.stasisctl_ok(&[
@@ -70,11 +88,7 @@ async fn pod_round_trip(name: &str, handler: &str, gvisor: bool) -> Result<()> {
         );
     }
     let live = read_counter(&mut cri, &ids[0], "/counter").await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    ensure!(
-        read_counter(&mut cri, &ids[0], "/counter").await? > live,
-        "original stalled"
-    );
+    wait_until_counter_above(&mut cri, &ids[0], live).await?;
     cri.stop_and_remove_pod(&pod_id).await?;
 
     let new_pod = c
@@ -94,30 +108,61 @@ async fn pod_round_trip(name: &str, handler: &str, gvisor: bool) -> Result<()> {
         restored.len() == NAMES.len(),
         "restored containers: {restored:?}"
     );
+    let pod_status = cri
+        .runtime
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: new_pod.clone(),
+            verbose: false,
+        })
+        .await?
+        .into_inner()
+        .status
+        .context("restored pod status")?;
+    let restored_name = pod_status.metadata.map(|m| m.name).unwrap_or_default();
+    ensure!(
+        restored_name == "rt-restored",
+        "--name ignored: {restored_name}"
+    );
     for (name, id, state) in &restored {
         ensure!(
             *state == cri::ContainerState::ContainerRunning as i32,
             "{name} not running after restore"
         );
-        let now = read_counter(&mut cri, id, "/counter").await?;
-        let was = before[NAMES.iter().position(|n| n == name).unwrap_or(0)];
+        let i = NAMES
+            .iter()
+            .position(|n| n == name)
+            .with_context(|| format!("unknown container {name}"))?;
+        // A value that only ever lived in the loop's memory: a process started afresh from
+        // the restored files would hold another one.
+        let token = memory_token(&mut cri, id, "/counter").await?;
         ensure!(
-            now >= was,
-            "{name}: counter {now} < {was}: memory not restored"
+            token == tokens[i],
+            "{name}: memory token {token} differs from the checkpointed {}: not restored from memory",
+            tokens[i]
         );
-        let (_, v, _) = cri.exec(id, &["cat", "/violations"]).await?;
-        ensure!(v.trim().is_empty(), "{name}: file ahead of memory: {v}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let later = read_counter(&mut cri, id, "/counter").await?;
-        ensure!(later > now, "{name}: does not run on ({now} -> {later})");
+        let now = read_counter(&mut cri, id, "/counter").await?;
+        ensure!(
+            now >= before[i],
+            "{name}: counter {now} < {}: memory not restored",
+            before[i]
+        );
+        let v = violations(&mut cri, id).await?;
+        ensure!(v.is_empty(), "{name}: file ahead of memory: {v}");
+        wait_until_counter_above(&mut cri, id, now).await?;
     }
+    // CRIU (and gVisor) give every process its saved PID back.
+    let pids_after = loop_pids(&mut cri, &restored[0].1).await?;
+    ensure!(
+        pids_after == pids_before,
+        "PIDs of the counter loops changed: {pids_before:?} before, {pids_after:?} after"
+    );
     let (_, dmesg, _) = cri.exec(&restored[0].1, &["busybox", "dmesg"]).await?;
     ensure!(
         dmesg.contains("gVisor") == gvisor,
         "restored pod: dmesg {dmesg:?}"
     );
     cri.stop_and_remove_pod(&new_pod).await?;
-    Ok(())
+    c.finish()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,7 +244,7 @@ async fn archive_of_one_backend_is_refused_by_the_other() -> Result<()> {
         ensure!(c.pod_count().await? == pods, "a pod was left behind: {err}");
         eprintln!("refused as expected: {}", err.lines().last().unwrap_or(""));
     }
-    Ok(())
+    c.finish()
 }
 
 /// crun's own answer on this host, from a container run straight through crun.
@@ -238,7 +283,10 @@ fn crun_can_run(c: &Containerd) -> Result<Result<(), String>> {
 async fn crun_backend_runs_pods_or_says_why_not() -> Result<()> {
     let c = Containerd::start("backend-crun")?;
     match crun_can_run(&c)? {
-        Ok(()) => pod_round_trip("backend-crun-pod", "stasis-crun", false).await,
+        Ok(()) => {
+            pod_round_trip("backend-crun-pod", "stasis-crun", false).await?;
+            c.finish()
+        }
         Err(reason) => {
             // The backend must carry crun's own refusal to CRI, naming the container, and
             // leave nothing running.
@@ -262,7 +310,7 @@ async fn crun_backend_runs_pods_or_says_why_not() -> Result<()> {
             cri.stop_and_remove_pod(&pod_id).await?;
             eprintln!("crun cannot run on this host: {reason}");
             eprintln!("stasis-crun reported: {err}");
-            Ok(())
+            c.finish()
         }
     }
 }
@@ -315,7 +363,7 @@ async fn bench_compares_handlers_in_one_table() -> Result<()> {
     eprintln!("{table}");
     // Nothing left behind by the bench.
     ensure!(c.pod_count().await? == 0, "the bench left pods behind");
-    Ok(())
+    c.finish()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,7 +431,7 @@ async fn gvisor_pod_volume_is_captured_with_the_sandbox() -> Result<()> {
         "file ahead of memory after restore: {v}"
     );
     cri.stop_and_remove_pod(&new_pod).await?;
-    Ok(())
+    c.finish()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,7 +498,7 @@ async fn gvisor_refuses_checkpoints_it_could_not_restore() -> Result<()> {
         "stopped"
     );
     cri.stop_and_remove_pod(&pod_id).await?;
-    Ok(())
+    c.finish()
 }
 
 /// Plain containers (Task API, no pod) run on gVisor too: one sandbox each.
@@ -486,7 +534,7 @@ fn gvisor_runs_plain_containers_through_the_task_api() -> Result<()> {
         String::from_utf8_lossy(&out.stderr).contains("bye"),
         "stderr lost"
     );
-    Ok(())
+    c.finish()
 }
 
 /// A plain gVisor container checkpointed and restored through containerd's Task API (`ctr t
@@ -523,5 +571,70 @@ async fn gvisor_task_checkpoint_and_restore() -> Result<()> {
         "restored counter {after} < {before}: memory not restored"
     );
     c.ctr_ok(&["tasks", "kill", "-s", "KILL", "g1"])?;
-    Ok(())
+    c.finish()
+}
+
+/// Waits (up to 10 s) until the counter in `id` passes `value`: the loop runs.
+async fn wait_until_counter_above(
+    cri: &mut stasis_e2e::cri::CriClient,
+    id: &str,
+    value: u64,
+) -> Result<()> {
+    for _ in 0..200 {
+        if read_counter(cri, id, "/counter").await? > value {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("{id}: counter stuck at {value}: the loop does not run")
+}
+
+/// PIDs (in the pod's shared PID namespace) of the counter loops, sorted.
+async fn loop_pids(cri: &mut stasis_e2e::cri::CriClient, id: &str) -> Result<Vec<u32>> {
+    // The pattern is split so this shell's own command line does not match it.
+    let script = r#"for p in /proc/[0-9]*; do if grep -q "/dev/uran""dom" $p/cmdline 2>/dev/null; then basename $p; fi; done"#;
+    let out = cri.exec_ok(id, &["sh", "-c", script]).await?;
+    let mut pids: Vec<u32> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    pids.sort();
+    Ok(pids)
+}
+
+/// A handler whose containerd config does not pass `io.stasis.*` container annotations cannot
+/// restore: its containers would start fresh and the checkpoint would be silently lost. The
+/// restore must fail saying why, and leave no pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_without_annotations_fails_clearly() -> Result<()> {
+    let c = Containerd::start("backend-no-annotations")?;
+    let archive = checkpoint_pod(&c, "stasis", "plain").await?;
+    let pods = c.pod_count().await?;
+    let out = c.stasisctl(&[
+        "pod",
+        "restore",
+        archive.to_str().unwrap(),
+        "--runtime-handler",
+        "stasis-plain",
+    ])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "the restore succeeded without annotations: {err}"
+    );
+    ensure!(
+        err.contains("io.stasis.restore-from") && err.contains("container_annotations"),
+        "the error does not say what is missing: {err}"
+    );
+    ensure!(
+        c.pod_count().await? == pods,
+        "the failed restore left a pod behind"
+    );
+    // The same archive restores under a handler that passes the annotations.
+    let new_pod = c
+        .stasisctl_ok(&["pod", "restore", archive.to_str().unwrap()])?
+        .trim()
+        .to_string();
+    let mut cri = c.cri().await?;
+    let restored = containers_by_name(&mut cri, &new_pod).await?;
+    ensure!(restored.len() == 1, "restored: {restored:?}");
+    cri.stop_and_remove_pod(&new_pod).await?;
+    c.finish()
 }

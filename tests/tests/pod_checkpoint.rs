@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use stasis_e2e::{
-    cri::{container_config, containers_by_name, counter_loop, cri, pod_config, read_counter},
+    cri::{
+        container_config, containers_by_name, counter_loop, cri, pod_config, read_counter,
+        violations,
+    },
     Containerd,
 };
 
@@ -106,38 +109,57 @@ async fn twenty_live_pod_checkpoints_restore_consistently() -> Result<()> {
         }
     }
     cri.stop_and_remove_pod(&pod_id).await?;
-    Ok(())
+    c.finish()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_instant_for_the_whole_pod() -> Result<()> {
-    let c = Containerd::start("podck-instant")?;
+    one_instant("podck-instant", "stasis").await
+}
+
+/// gVisor saves the whole sandbox itself; the same cross-container property must hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instant_for_the_whole_pod_under_gvisor() -> Result<()> {
+    one_instant("podck-instant-gvisor", "stasis-gvisor").await
+}
+
+/// A counts and publishes each value on a shared volume; B copies what it reads into its own
+/// memory and rootfs and logs any value going backwards. If the pod were not captured at one
+/// instant, B could hold a value A had not reached yet in the checkpoint: the archive would
+/// show it (runc: B's rootfs copy ahead of A's captured volume), and after a restore A would
+/// publish smaller values than B last saw, which B logs.
+async fn one_instant(name: &str, handler: &str) -> Result<()> {
+    let gvisor = handler == "stasis-gvisor";
+    let c = Containerd::start(name)?;
     let image = c.import_busybox_for_cri()?;
     let mut cri = c.cri().await?;
     let vol = c.dir.join("shared");
     std::fs::create_dir_all(&vol)?;
     let pod = pod_config("instant", &c.dir.join("logs"));
-    let pod_id = cri.run_pod(&pod).await?;
-    // A counts and publishes each value on the shared volume.
-    let a = "i=0; while true; do i=$((i+1)); echo $i > /shared/a; sleep 0.005; done";
-    // B copies what it reads into its own rootfs and notes any value going backwards.
+    let pod_id = cri.run_pod_with(&pod, handler).await?;
+    // Values are renamed into place, so a capture always holds a whole number.
+    let a = "i=0; while true; do i=$((i+1)); echo $i > /shared/a.tmp; mv /shared/a.tmp /shared/a; sleep 0.005; done";
     let b = "last=0; while true; do v=$(cat /shared/a 2>/dev/null); \
              if [ -n \"$v\" ]; then if [ \"$v\" -lt \"$last\" ]; then echo \"went back: $v < $last\" >> /violations; fi; \
-             last=$v; echo $v > /seen; fi; sleep 0.003; done";
-    cri.run_container(
-        &pod_id,
-        &pod,
-        with_volume(container_config("a", image, &["sh", "-c", a]), &vol),
-    )
-    .await?;
+             last=$v; echo $v > /seen.tmp; mv /seen.tmp /seen; fi; sleep 0.003; done";
+    let a_id = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            with_volume(container_config("a", image, &["sh", "-c", a]), &vol),
+        )
+        .await?;
     cri.run_container(
         &pod_id,
         &pod,
         with_volume(container_config("b", image, &["sh", "-c", b]), &vol),
     )
     .await?;
-    for round in 0..5 {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+    let rounds = if gvisor { 2 } else { 5 };
+    for round in 0..rounds {
+        // A publishes before each checkpoint (its counter moves).
+        let start = read_counter(&mut cri, &a_id, "/shared/a").await?;
+        wait_for_counter_above(&mut cri, &a_id, "/shared/a", start + 20).await?;
         let archive = c.dir.join(format!("instant-{round}.tar"));
         c.stasisctl_ok(&[
             "pod",
@@ -147,55 +169,190 @@ async fn one_instant_for_the_whole_pod() -> Result<()> {
             "--output",
             archive.to_str().unwrap(),
         ])?;
-        // Check the archive itself: B's copy on its rootfs never exceeds A's value on the volume.
-        let unpack = c.dir.join(format!("instant-{round}"));
-        std::fs::create_dir_all(&unpack)?;
-        tar::Archive::new(std::fs::File::open(&archive)?).unpack(&unpack)?;
-        let opts: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(unpack.join("pod.options"))?)?;
-        let dir_of = |n: &str| unpack.join(opts["containers"][n].as_str().unwrap_or_default());
-        let mut seen = String::new();
-        let mut diff = tar::Archive::new(std::fs::File::open(dir_of("b").join("rootfs-diff.tar"))?);
-        for e in diff.entries()? {
-            let mut e = e?;
-            if e.path()?.to_string_lossy() == "seen" {
-                std::io::Read::read_to_string(&mut e, &mut seen)?;
-            }
+        if !gvisor {
+            check_archive_instant(&c, &archive, round)?;
         }
-        let mut a_value = String::new();
-        let mut vol_tar = tar::Archive::new(std::fs::File::open(
-            dir_of("a").join("checkpoint/volumes/0.tar"),
-        )?);
-        for e in vol_tar.entries()? {
-            let mut e = e?;
-            if e.path()?.to_string_lossy().trim_start_matches("./") == "a" {
-                std::io::Read::read_to_string(&mut e, &mut a_value)?;
-            }
-        }
-        let (seen, a_value): (u64, u64) = (
-            seen.trim().parse().unwrap_or(0),
-            a_value.trim().parse().unwrap_or(u64::MAX),
-        );
-        ensure!(
-            seen <= a_value,
-            "round {round}: B had copied {seen} but A's captured value is {a_value}"
-        );
-        std::fs::remove_dir_all(&unpack)?;
-        if round == 4 {
+        if round == rounds - 1 {
+            // The original shares the volume's host directory: it must be gone first.
             cri.stop_and_remove_pod(&pod_id).await?;
-            let new_pod = c
-                .stasisctl_ok(&["pod", "restore", archive.to_str().unwrap()])?
-                .trim()
-                .to_string();
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            for (name, id, _) in containers_by_name(&mut cri, &new_pod).await? {
-                let (_, v, _) = cri.exec(&id, &["cat", "/violations"]).await?;
-                ensure!(v.trim().is_empty(), "{name} after restore: {v}");
-            }
-            cri.stop_and_remove_pod(&new_pod).await?;
+            restore_and_check_b(&c, &mut cri, &archive, handler, round).await?;
         }
     }
+    c.finish()
+}
+
+/// runc: B's copy on its rootfs (in rootfs-diff.tar) never exceeds A's value on the volume
+/// (in the volume capture), and both are there.
+fn check_archive_instant(c: &Containerd, archive: &std::path::Path, round: usize) -> Result<()> {
+    let unpack = c.dir.join(format!("instant-{round}"));
+    std::fs::create_dir_all(&unpack)?;
+    tar::Archive::new(std::fs::File::open(archive)?).unpack(&unpack)?;
+    let opts: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(unpack.join("pod.options"))?)?;
+    let dir_of = |n: &str| unpack.join(opts["containers"][n].as_str().unwrap_or_default());
+    let mut seen = String::new();
+    let mut diff = tar::Archive::new(std::fs::File::open(dir_of("b").join("rootfs-diff.tar"))?);
+    for e in diff.entries()? {
+        let mut e = e?;
+        if e.path()?.to_string_lossy() == "seen" {
+            std::io::Read::read_to_string(&mut e, &mut seen)?;
+        }
+    }
+    let mut a_value = String::new();
+    let mut vol_tar = tar::Archive::new(std::fs::File::open(
+        dir_of("a").join("checkpoint/volumes/0.tar"),
+    )?);
+    for e in vol_tar.entries()? {
+        let mut e = e?;
+        if e.path()?.to_string_lossy().trim_start_matches("./") == "a" {
+            std::io::Read::read_to_string(&mut e, &mut a_value)?;
+        }
+    }
+    // Both values must be there: a missing one would make the comparison meaningless.
+    let seen: u64 = seen.trim().parse().map_err(|_| {
+        anyhow::anyhow!(
+            "round {round}: B's /seen missing or not a number in its rootfs diff: {seen:?}"
+        )
+    })?;
+    let a_value: u64 = a_value.trim().parse().map_err(|_| {
+        anyhow::anyhow!(
+            "round {round}: A's value missing or not a number in the volume capture: {a_value:?}"
+        )
+    })?;
+    ensure!(seen > 0, "round {round}: B never copied a value");
+    ensure!(
+        seen <= a_value,
+        "round {round}: B had copied {seen} but A's captured value is {a_value}"
+    );
+    std::fs::remove_dir_all(&unpack)?;
     Ok(())
+}
+
+/// Restores the archive as a new pod, lets A publish a while, and requires that B never saw a
+/// value go backwards (A's restored memory behind B's), then removes the new pod.
+async fn restore_and_check_b(
+    c: &Containerd,
+    cri: &mut stasis_e2e::cri::CriClient,
+    archive: &std::path::Path,
+    handler: &str,
+    round: usize,
+) -> Result<()> {
+    let new_pod = c
+        .stasisctl_ok(&[
+            "pod",
+            "restore",
+            archive.to_str().unwrap(),
+            "--name",
+            &format!("instant-restored-{round}"),
+            "--runtime-handler",
+            handler,
+        ])?
+        .trim()
+        .to_string();
+    let restored = containers_by_name(cri, &new_pod).await?;
+    let a = restored
+        .iter()
+        .find(|(n, _, _)| n == "a")
+        .map(|(_, id, _)| id.clone())
+        .ok_or_else(|| anyhow::anyhow!("no container a after restore: {restored:?}"))?;
+    let now = read_counter(cri, &a, "/shared/a").await?;
+    wait_for_counter_above(cri, &a, "/shared/a", now + 50).await?;
+    for (name, id, _) in &restored {
+        let v = violations(cri, id).await?;
+        ensure!(v.is_empty(), "round {round}: {name} after restore: {v}");
+    }
+    cri.stop_and_remove_pod(&new_pod).await?;
+    Ok(())
+}
+
+async fn wait_for_counter_above(
+    cri: &mut stasis_e2e::cri::CriClient,
+    id: &str,
+    file: &str,
+    value: u64,
+) -> Result<()> {
+    for _ in 0..400 {
+        if read_counter(cri, id, file).await? > value {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("{id}: {file} did not pass {value} within 10 s")
+}
+
+/// The containers of a pod are dumped in parallel: the pod's frozen window is shorter than
+/// the sum of its containers' dumps (each dump has real memory to write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_are_dumped_in_parallel() -> Result<()> {
+    let c = Containerd::start("podck-parallel")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config("parallel", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let hog = format!(
+        "a=$(head -c {} /dev/zero | tr '\\0' x); echo ready > /ready; while true; do sleep 1; done",
+        96 << 20
+    );
+    let mut ids = Vec::new();
+    for n in ["one", "two"] {
+        ids.push(
+            cri.run_container(
+                &pod_id,
+                &pod,
+                container_config(n, image, &["sh", "-c", &hog]),
+            )
+            .await?,
+        );
+    }
+    for id in &ids {
+        let mut ready = false;
+        for _ in 0..300 {
+            let (code, _, _) = cri.exec(id, &["cat", "/ready"]).await?;
+            if code == 0 {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ensure!(ready, "{id} never filled its memory");
+    }
+    let archive = c.dir.join("parallel.tar");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "parallel",
+        "--leave-running",
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    let mut metas = Vec::new();
+    let mut tar = tar::Archive::new(std::fs::File::open(&archive)?);
+    for e in tar.entries()? {
+        let mut e = e?;
+        if e.path()?.file_name().is_some_and(|n| n == "stasis.json") {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut e, &mut text)?;
+            metas.push(serde_json::from_str::<serde_json::Value>(&text)?);
+        }
+    }
+    ensure!(metas.len() == 2, "stasis.json records: {metas:?}");
+    let dumps: Vec<f64> = metas
+        .iter()
+        .map(|m| m["dump_ms"].as_f64().unwrap_or(0.0))
+        .collect();
+    let frozen = metas[0]["frozen_ms"].as_f64().unwrap_or(0.0);
+    ensure!(
+        dumps.iter().all(|d| *d > 50.0),
+        "dumps too short to tell anything: {dumps:?}"
+    );
+    ensure!(
+        frozen > 0.0 && frozen < dumps[0] + dumps[1],
+        "frozen {frozen:.0} ms is not shorter than the two dumps together ({:.0} + {:.0} ms): not parallel",
+        dumps[0],
+        dumps[1]
+    );
+    cri.stop_and_remove_pod(&pod_id).await?;
+    c.finish()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,7 +376,8 @@ async fn stopping_checkpoint_and_paused_containers() -> Result<()> {
             container_config("running", image, &["sh", "-c", &counter_loop("/counter")]),
         )
         .await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = read_counter(&mut cri, &p, "/counter").await?;
+    wait_for_counter_above(&mut cri, &p, "/counter", started).await?;
     // CRI has no pause; the Task API does (this is what `ctr t pause` sends to the shim).
     let ctr = |args: &[&str]| {
         std::process::Command::new("ctr")
@@ -239,25 +397,29 @@ async fn stopping_checkpoint_and_paused_containers() -> Result<()> {
         "--output",
         live.to_str().unwrap(),
     ])?;
-    let tasks = String::from_utf8_lossy(&ctr(&["tasks", "ls"])?.stdout).into_owned();
-    let status_of = |id: &str| {
-        tasks
-            .lines()
-            .find(|l| l.starts_with(id))
-            .and_then(|l| l.split_whitespace().last())
-            .unwrap_or("")
-            .to_string()
+    // The kernel's word, not the shim's: the freezer state of each container's cgroup (the
+    // pod cgroup is /stasis/<pod id>, each container below it).
+    let freezer = |id: &str| {
+        let path = std::path::Path::new("/sys/fs/cgroup/freezer/stasis")
+            .join(&pod_id)
+            .join(id)
+            .join("freezer.state");
+        std::fs::read_to_string(&path)
+            .map(|s| s.trim().to_string())
+            .map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))
     };
     ensure!(
-        status_of(&p) == "PAUSED",
-        "paused container after live checkpoint: {}",
-        status_of(&p)
+        freezer(&p)? == "FROZEN",
+        "the paused container after a live checkpoint is {}",
+        freezer(&p)?
     );
     ensure!(
-        status_of(&r) == "RUNNING",
-        "running container after live checkpoint: {}",
-        status_of(&r)
+        freezer(&r)? == "THAWED",
+        "the running container after a live checkpoint is {}",
+        freezer(&r)?
     );
+    let moved = read_counter(&mut cri, &r, "/counter").await?;
+    wait_for_counter_above(&mut cri, &r, "/counter", moved).await?;
     ensure!(ctr(&["tasks", "resume", &p])?.status.success(), "resume");
 
     // Without --leave-running the containers stop; the restore brings them back running.
@@ -306,7 +468,7 @@ async fn stopping_checkpoint_and_paused_containers() -> Result<()> {
         }
     }
     cri.stop_and_remove_pod(&new_pod).await?;
-    Ok(())
+    c.finish()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,5 +538,5 @@ async fn a_failing_dump_fails_the_pod_checkpoint_cleanly() -> Result<()> {
         "container one does not run"
     );
     cri.stop_and_remove_pod(&pod_id).await?;
-    Ok(())
+    c.finish()
 }

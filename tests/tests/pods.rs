@@ -119,15 +119,30 @@ async fn two_container_pod_lifecycle() -> Result<()> {
         .and_then(|l| l.rsplit(':').next())
         .context("pause freezer cgroup")?
         .to_string();
+    ensure!(
+        pod_cg.ends_with(&format!("/{pod_id}")),
+        "the pause process is in {pod_cg}, not in a cgroup of pod {pod_id}"
+    );
     for id in [&a, &b] {
-        let cg = cri.exec_ok(id, &["cat", "/proc/1/cgroup"]).await?;
-        let _ = cg;
+        // The exec'd `cat` sits in its container's cgroup (/proc/1 would be the pod's pause:
+        // the PID namespace is shared).
+        let cg = cri.exec_ok(id, &["cat", "/proc/self/cgroup"]).await?;
+        let container_cg = cg
+            .lines()
+            .find(|l| l.contains(":freezer:"))
+            .and_then(|l| l.rsplit(':').next())
+            .with_context(|| format!("{id}: no freezer cgroup in {cg}"))?;
+        ensure!(
+            container_cg == format!("{pod_cg}/{id}"),
+            "container {id} is in {container_cg}, not below the pod cgroup {pod_cg}"
+        );
         let st = cri.container_status(id).await?;
         ensure!(
             st.state == cri::ContainerState::ContainerRunning as i32,
             "{id} not running"
         );
     }
+    // And the kernel agrees: the pod cgroup holds the pause process and both containers.
     let procs_under_pod: usize =
         walk_procs(&Path::new("/sys/fs/cgroup/freezer").join(pod_cg.trim_start_matches('/')));
     ensure!(
@@ -158,7 +173,7 @@ async fn two_container_pod_lifecycle() -> Result<()> {
     c.wait_for("shim exit", Duration::from_secs(15), || {
         Ok(c.shim_pids().is_empty())
     })?;
-    Ok(())
+    c.finish()
 }
 
 /// Processes in a cgroup directory and all below it.
@@ -230,7 +245,7 @@ async fn pod_survives_containerd_restart() -> Result<()> {
     c.wait_for("shim exit", Duration::from_secs(15), || {
         Ok(c.shim_pids().is_empty())
     })?;
-    Ok(())
+    c.finish()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,7 +298,7 @@ async fn exits_and_a_dead_pause_process() -> Result<()> {
     c.wait_for("shim exit", Duration::from_secs(15), || {
         Ok(c.shim_pids().is_empty())
     })?;
-    Ok(())
+    c.finish()
 }
 
 /// What a running pod holds on the host, to check it is all gone after removal.
@@ -367,7 +382,7 @@ async fn ten_pods_leave_nothing_behind() -> Result<()> {
     ensure!(left.is_empty(), "left behind: {left:?}");
     let mounts = stasis_e2e::mounts_under(&c.dir);
     ensure!(mounts.is_empty(), "mounts left: {mounts:?}");
-    Ok(())
+    c.finish()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,5 +478,71 @@ async fn bad_input_on_pods() -> Result<()> {
     c.wait_for("shim exit", Duration::from_secs(15), || {
         Ok(c.shim_pids().is_empty())
     })?;
-    Ok(())
+    c.finish()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_files_are_what_containers_see() -> Result<()> {
+    let c = Containerd::start("pod-files")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let mut pod = pod_config("files", &c.dir.join("logs"));
+    pod.dns_config = Some(cri::DnsConfig {
+        servers: vec!["192.0.2.53".into()],
+        searches: vec!["pods.example".into()],
+        options: vec!["ndots:2".into()],
+    });
+    let pod_id = cri.run_pod(&pod).await?;
+    let mut ids = Vec::new();
+    for name in ["a", "b"] {
+        ids.push(
+            cri.run_container(
+                &pod_id,
+                &pod,
+                container_config(name, image, &["sleep", "100000"]),
+            )
+            .await?,
+        );
+    }
+    let hosts = cri.exec_ok(&ids[0], &["cat", "/etc/hosts"]).await?;
+    ensure!(
+        hosts
+            .lines()
+            .any(|l| l.starts_with("127.0.0.1") && l.contains("localhost")),
+        "/etc/hosts in the container: {hosts:?}"
+    );
+    let resolv = cri.exec_ok(&ids[0], &["cat", "/etc/resolv.conf"]).await?;
+    for want in [
+        "nameserver 192.0.2.53",
+        "search pods.example",
+        "options ndots:2",
+    ] {
+        ensure!(
+            resolv.contains(want),
+            "/etc/resolv.conf lacks {want:?}: {resolv:?}"
+        );
+    }
+    let hostname = cri.exec_ok(&ids[1], &["cat", "/etc/hostname"]).await?;
+    ensure!(
+        hostname.trim() == "files-host",
+        "/etc/hostname {hostname:?}"
+    );
+    // /dev/shm: a tmpfs, one per pod, shared by its containers.
+    let mounts = cri.exec_ok(&ids[0], &["cat", "/proc/mounts"]).await?;
+    ensure!(
+        mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/dev/shm")
+                && l.split_whitespace().nth(2) == Some("tmpfs")),
+        "/dev/shm is not a tmpfs: {mounts}"
+    );
+    cri.exec_ok(&ids[0], &["sh", "-c", "echo shared > /dev/shm/note"])
+        .await?;
+    let note = cri.exec_ok(&ids[1], &["cat", "/dev/shm/note"]).await?;
+    ensure!(
+        note.trim() == "shared",
+        "the other container's /dev/shm: {note:?}"
+    );
+    cri.stop_and_remove_pod(&pod_id).await?;
+    c.finish()
 }

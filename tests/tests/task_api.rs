@@ -41,7 +41,7 @@ fn run_prints_output_and_propagates_exit_code() -> Result<()> {
         String::from_utf8_lossy(&out.stderr).contains("bye"),
         "stderr not delivered"
     );
-    Ok(())
+    c.finish()
 }
 
 #[test]
@@ -138,7 +138,7 @@ fn long_running_container_lifecycle() -> Result<()> {
         String::from_utf8_lossy(&out.stderr).contains("137"),
         "exit status 137 not reported on delete: {out:?}"
     );
-    Ok(())
+    c.finish()
 }
 
 #[test]
@@ -160,7 +160,7 @@ fn wait_returns_the_exit_status() -> Result<()> {
     );
     // attach deletes the task once it has its status; it must not be RUNNING any more.
     ensure!(c.task_status("w1")?.as_deref() != Some("RUNNING"));
-    Ok(())
+    c.finish()
 }
 
 #[test]
@@ -186,7 +186,7 @@ fn terminal_works() -> Result<()> {
     ensure!(out.contains("/dev/pts/"), "no terminal in container: {out}");
     ensure!(out.contains("answer-42"), "shell did not run input: {out}");
     ensure!(code == 7, "exit code through terminal: {code}\n{out}");
-    Ok(())
+    c.finish()
 }
 
 fn cgroups_of(ns: &str) -> usize {
@@ -268,7 +268,7 @@ fn twenty_containers_leave_nothing_behind() -> Result<()> {
         .filter(|p| p.exists())
         .collect();
     ensure!(runc_state.is_empty(), "runc state left: {runc_state:?}");
-    Ok(())
+    c.finish()
 }
 
 fn stasis_shim_root(ns: &str) -> std::path::PathBuf {
@@ -312,7 +312,7 @@ fn survives_containerd_restart() -> Result<()> {
     c.wait_for("shim exit", Duration::from_secs(10), || {
         Ok(c.shim_pids().is_empty())
     })?;
-    Ok(())
+    c.finish()
 }
 
 #[test]
@@ -344,7 +344,7 @@ fn shim_killed_is_reported_and_cleaned_up() -> Result<()> {
     )?;
     let _ = c.ctr(&["tasks", "delete", "k1"]);
     c.ctr_ok(&["containers", "delete", "k1"])?;
-    Ok(())
+    c.finish()
 }
 
 /// The pids of `pids` still alive (not zombies) in a cgroup whose path contains `cgroup`.
@@ -439,7 +439,7 @@ fn bad_input_gets_clear_errors() -> Result<()> {
         "b1 state {:?}",
         st.status
     );
-    Ok(())
+    c.finish()
 }
 
 #[test]
@@ -498,5 +498,5 @@ fn events_reach_containerd_including_oom() -> Result<()> {
             .any(|l| l.contains("/tasks/oom") && l.contains("oom1")),
         "OOM event does not name oom1:\n{text}"
     );
-    Ok(())
+    c.finish()
 }

@@ -6,15 +6,44 @@ use std::{path::Path, time::Duration};
 use anyhow::{ensure, Context, Result};
 use stasis_e2e::{Containerd, STASIS_RUNTIME};
 
-/// The loop after Podman's regression test: a counter in memory; on every step the file must
-/// not be ahead of memory (else a violation is recorded on the root file system), then the
-/// counter is incremented and written.
-fn counter_loop(file: &str) -> String {
-    format!(
-        "i=0; while true; do v=$(cat {file} 2>/dev/null || echo 0); \
-         if [ \"$v\" -gt \"$i\" ]; then echo \"file=$v memory=$i\" >> /violations; fi; \
-         i=$((i+1)); echo $i > {file}; sleep 0.01; done"
-    )
+/// The loop after Podman's regression test (`stasis_e2e::cri::counter_loop`): a counter in
+/// memory; on every step the file must not be ahead of memory (else a violation is recorded on
+/// the root file system); plus a token that only its memory holds.
+use stasis_e2e::cri::counter_loop;
+
+/// `ctr tasks exec` of `cmd` in `id` with a fresh exec id: (exit status ok, stdout).
+fn exec(c: &Containerd, id: &str, cmd: &[&str]) -> Result<(bool, String)> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let exec_id = format!(
+        "x{}",
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let mut args = vec!["tasks", "exec", "--exec-id", exec_id.as_str(), id];
+    args.extend(cmd);
+    let out = c.ctr(&args)?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+/// The counter loop's in-memory token (asked with SIGUSR1, the answer removed again).
+fn memory_token(c: &Containerd, id: &str, file: &str) -> Result<String> {
+    let ask = format!("rm -f {file}.token; kill -USR1 $(cat {file}.pid)");
+    let (ok, out) = exec(c, id, &["sh", "-c", &ask])?;
+    ensure!(ok, "{id}: cannot signal the counter loop: {out}");
+    for _ in 0..100 {
+        let (ok, out) = exec(
+            c,
+            id,
+            &["sh", "-c", &format!("cat {file}.token && rm {file}.token")],
+        )?;
+        if ok && !out.trim().is_empty() {
+            return Ok(out.trim().to_string());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    anyhow::bail!("{id}: the counter loop never answered with its token")
 }
 
 fn read_counter(c: &Containerd, id: &str, file: &str, n: usize) -> Result<u64> {
@@ -39,17 +68,19 @@ fn read_counter(c: &Containerd, id: &str, file: &str, n: usize) -> Result<u64> {
     anyhow::bail!("counter {file} in {id} unreadable: {last:?}")
 }
 
-fn violations(c: &Containerd, id: &str, n: usize) -> Result<String> {
-    let out = c.ctr(&[
-        "tasks",
-        "exec",
-        "--exec-id",
-        &format!("viol{n}"),
+/// What the consistency loop logged; a failed exec is an error, never "no violations".
+fn violations(c: &Containerd, id: &str) -> Result<String> {
+    let (ok, out) = exec(
+        c,
         id,
-        "cat",
-        "/violations",
-    ])?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        &[
+            "sh",
+            "-c",
+            "if [ -e /violations ]; then cat /violations; fi",
+        ],
+    )?;
+    ensure!(ok, "{id}: cannot read /violations");
+    Ok(out.trim().to_string())
 }
 
 fn remove(c: &Containerd, id: &str) -> Result<()> {
@@ -81,8 +112,9 @@ fn checkpoint_chain(
     args.extend(extra);
     args.extend([image, cur.as_str(), "sh", "-c", script.as_str()]);
     c.ctr_ok(&args)?;
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_progress(c, &cur, file)?;
     for round in 0..rounds {
+        let token = memory_token(c, &cur, file)?;
         let before = read_counter(c, &cur, file, round)?;
         let ck = format!("{name}-ck{round}");
         c.ctr_ok(&["containers", "checkpoint", "--task", "--rw", &cur, &ck])
@@ -98,13 +130,17 @@ fn checkpoint_chain(
         c.wait_for(&format!("{next} running"), Duration::from_secs(10), || {
             Ok(c.task_status(&next)?.as_deref() == Some("RUNNING"))
         })?;
-        std::thread::sleep(Duration::from_millis(100));
+        let restored_token = memory_token(c, &next, file)?;
+        ensure!(
+            restored_token == token,
+            "round {round}: memory token {restored_token} != checkpointed {token}: not restored from memory"
+        );
         let after = read_counter(c, &next, file, round)?;
         ensure!(
             after >= before,
             "round {round}: counter went back from {before} to {after}: memory not restored"
         );
-        let v = violations(c, &next, round)?;
+        let v = violations(c, &next)?;
         ensure!(
             v.trim().is_empty(),
             "round {round}: consistency violations: {v}"
@@ -128,11 +164,11 @@ fn checkpoint_restore_continues_from_memory_and_files() -> Result<()> {
         "c1",
         "sh",
         "-c",
-        "echo kept > /marker; i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.02; done",
+        &format!("echo kept > /marker; {}", counter_loop("/count")),
     ])?;
-    std::thread::sleep(Duration::from_millis(800));
+    wait_for_progress(&c, "c1", "/count")?;
+    let token = memory_token(&c, "c1", "/count")?;
     let before = read_counter(&c, "c1", "/count", 0)?;
-    ensure!(before > 5, "counter barely moved: {before}");
     c.ctr_ok(&["containers", "checkpoint", "--task", "--rw", "c1", "ck1"])?;
     remove(&c, "c1")?;
     c.ctr_ok(&["containers", "restore", "--live", "--rw", "c1", "ck1"])?;
@@ -141,17 +177,25 @@ fn checkpoint_restore_continues_from_memory_and_files() -> Result<()> {
     c.wait_for("c1 running", Duration::from_secs(10), || {
         Ok(c.task_status("c1")?.as_deref() == Some("RUNNING"))
     })?;
+    let restored = memory_token(&c, "c1", "/count")?;
+    ensure!(
+        restored == token,
+        "memory token {restored} != checkpointed {token}: the process was not restored from memory"
+    );
     let after = read_counter(&c, "c1", "/count", 1)?;
     ensure!(after >= before, "counter restarted: {after} < {before}");
+    wait_for_progress(&c, "c1", "/count")?;
     let marker = c.ctr_ok(&["tasks", "exec", "--exec-id", "m", "c1", "cat", "/marker"])?;
     ensure!(marker.trim() == "kept", "rootfs file lost: {marker:?}");
-    remove(&c, "c1")
+    remove(&c, "c1")?;
+    c.finish()
 }
 
 #[test]
 fn thirty_live_checkpoints_are_consistent_on_the_rootfs() -> Result<()> {
     let c = Containerd::start("ck-consist")?;
-    checkpoint_chain(&c, "rf", &[], "/counter", 30)
+    checkpoint_chain(&c, "rf", &[], "/counter", 30)?;
+    c.finish()
 }
 
 #[test]
@@ -171,7 +215,7 @@ fn thirty_live_checkpoints_are_consistent_on_a_volume() -> Result<()> {
     ];
     checkpoint_chain(&c, "vol", &extra, "/state/counter", 30)?;
     ensure!(vol.join("counter").exists(), "the volume was not used");
-    Ok(())
+    c.finish()
 }
 
 #[test]
@@ -245,7 +289,8 @@ fn paused_stays_paused_and_running_stays_running() -> Result<()> {
     }
     c.ctr_ok(&["tasks", "resume", "p1"])?;
     remove(&c, "p1")?;
-    remove(&c, "r1")
+    remove(&c, "r1")?;
+    c.finish()
 }
 
 #[test]
@@ -294,7 +339,8 @@ fn failed_dump_reports_criu_reason_and_leaves_nothing() -> Result<()> {
         left.is_empty(),
         "half-written images left at the destination: {left:?}"
     );
-    remove(&c, "tcp1")
+    remove(&c, "tcp1")?;
+    c.finish()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,7 +406,7 @@ async fn cri_checkpoint_container_is_readable_by_checkpointctl() -> Result<()> {
         "container not running after CRI checkpoint"
     );
     client.stop_and_remove_pod(&pod_id).await?;
-    Ok(())
+    c.finish()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,5 +429,14 @@ async fn checkpoint_with_exit_stops_the_task_and_restores() -> Result<()> {
     c.checkpoint_exit_and_restore("x1").await?;
     let after = read_counter(&c, "x1", "/count", 1)?;
     ensure!(after >= before, "restored counter {after} < {before}");
-    remove(&c, "x1")
+    remove(&c, "x1")?;
+    c.finish()
+}
+
+/// Waits (up to 10 s) until the counter in `file` moves twice: the loop runs.
+fn wait_for_progress(c: &Containerd, id: &str, file: &str) -> Result<()> {
+    let first = read_counter(c, id, file, 900)?;
+    c.wait_for(&format!("{id} counting"), Duration::from_secs(10), || {
+        Ok(read_counter(c, id, file, 901)? > first + 1)
+    })
 }

@@ -89,9 +89,34 @@ pub fn add_process(id: &str, path: &str, pid: i32) -> Result<()> {
         .map_err(|e| Error::other(id, format!("move pid {pid} into cgroup {path}"), e))
 }
 
-/// Removes the cgroup at `path` (its children must be gone already).
+/// Removes the cgroup at `path` (its children must be gone already) from every hierarchy it
+/// exists in. On a hybrid host the runtime also creates it in the unified v2 tree, which
+/// cgroups-rs's v1 view does not know; left there it would outlive the pod.
 pub fn remove(id: &str, path: &str) -> Result<()> {
     let cg = Cgroup::load(hierarchies::auto(), path.trim_start_matches('/'));
-    cg.delete()
-        .map_err(|e| Error::other(id, format!("remove cgroup {path}"), e))
+    let removed = cg
+        .delete()
+        .map_err(|e| Error::other(id, format!("remove cgroup {path}"), e));
+    for root in mounted_roots() {
+        let dir = root.join(path.trim_start_matches('/'));
+        if dir.is_dir() {
+            if let Err(e) = std::fs::remove_dir(&dir) {
+                log::warn!("{id}: remove cgroup {}: {e}", dir.display());
+            }
+        }
+    }
+    removed
+}
+
+/// Mount points of every cgroup hierarchy (v1 controllers and named ones, the unified tree).
+fn mounted_roots() -> Vec<std::path::PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let fstype = post.split_whitespace().next()?;
+            let mount_point = pre.split_whitespace().nth(4)?;
+            (fstype == "cgroup" || fstype == "cgroup2").then(|| mount_point.into())
+        })
+        .collect()
 }

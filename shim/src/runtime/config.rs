@@ -314,10 +314,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("crun.toml") && e.contains("runc"), "{e}");
-        let c =
-            BackendConfig::for_binary_name("p", Path::new("containerd-shim-stasis-v2")).unwrap();
+        // No file for the engine: its defaults (never the host's /etc/stasis, never the
+        // process environment, which other tests share).
+        let c = by_name("containerd-shim-stasis-v2").unwrap();
         assert_eq!(c.engine, Engine::Runc);
-        unsafe { std::env::remove_var("STASIS_CONFIG_DIR") };
+        assert_eq!(c.binary(), PathBuf::from("runc"));
+        std::fs::write(dir.join("runc.toml"), "binary = \"/opt/runc-wrapper\"\n").unwrap();
+        let c = by_name("containerd-shim-stasis-v2").unwrap();
+        assert_eq!(c.binary(), PathBuf::from("/opt/runc-wrapper"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

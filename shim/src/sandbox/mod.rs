@@ -147,12 +147,35 @@ pub async fn start(shim: &Shim, id: &str) -> Result<sb::StartSandboxResponse> {
 
 type Started = (i32, bool, Vec<PathBuf>, Option<PathBuf>);
 
-/// The pod cgroup, the pod's files, then the process holding its namespaces.
+/// The pod cgroup, the pod's files, then the process holding its namespaces. A restore
+/// source is checked before anything is created; a failure after that removes what was made.
 async fn start_pod(shim: &Shim, pod: &Arc<Pod>) -> Result<Started> {
     let id = pod.id.as_str();
-    cgroup::create(id, &pod.cgroup)?;
-    let (files, shm) = files::write_pod_files(pod)?;
     let restore = restore_source(shim, pod)?;
+    cgroup::create(id, &pod.cgroup)?;
+    let (files, shm) = match files::write_pod_files(pod) {
+        Ok(made) => made,
+        Err(e) => {
+            remove_pod_host_state(id, &pod.cgroup, None, Vec::new());
+            return Err(e);
+        }
+    };
+    match start_root(shim, pod, restore).await {
+        Ok((pid, by_runtime)) => Ok((pid, by_runtime, files, shm)),
+        Err(e) => {
+            remove_pod_host_state(id, &pod.cgroup, shm, files);
+            Err(e)
+        }
+    }
+}
+
+/// The process holding the pod's namespaces: the runtime's own sandbox root, or our pause.
+async fn start_root(
+    shim: &Shim,
+    pod: &Arc<Pod>,
+    restore: Option<(PodOptions, Option<PathBuf>)>,
+) -> Result<(i32, bool)> {
+    let id = pod.id.as_str();
     let root = PodRoot {
         id: id.to_string(),
         bundle: pod.bundle.clone(),
@@ -184,7 +207,21 @@ async fn start_pod(shim: &Shim, pod: &Arc<Pod>) -> Result<Started> {
             }
         }
     }
-    Ok((pid, by_runtime, files, shm))
+    Ok((pid, by_runtime))
+}
+
+/// Unmounts the pod's /dev/shm, removes its files and its cgroup (in every hierarchy).
+fn remove_pod_host_state(id: &str, cgroup_path: &str, shm: Option<PathBuf>, files: Vec<PathBuf>) {
+    if let Some(shm) = shm {
+        task::unmount(&shm);
+        let _ = std::fs::remove_dir(&shm);
+    }
+    for f in files {
+        let _ = std::fs::remove_file(f);
+    }
+    if let Err(e) = cgroup::remove(id, cgroup_path) {
+        warn!("{e}");
+    }
 }
 
 pub async fn stop(shim: &Shim, id: &str, timeout_secs: u32) -> Result<()> {
@@ -259,16 +296,7 @@ pub async fn shutdown(shim: &Shim, id: &str) -> Result<()> {
         run.shut_down = true;
         (run.shm.take(), std::mem::take(&mut run.files))
     };
-    if let Some(shm) = shm {
-        task::unmount(&shm);
-        let _ = std::fs::remove_dir(&shm);
-    }
-    for f in files {
-        let _ = std::fs::remove_file(f);
-    }
-    if let Err(e) = cgroup::remove(id, &pod.cgroup) {
-        warn!("{e}");
-    }
+    remove_pod_host_state(id, &pod.cgroup, shm, files);
     info!("pod {id}: shut down");
     if shim.is_empty() {
         shim.shutdown.cancel();

@@ -21,6 +21,9 @@ pub struct Pod {
     pub cgroup: String,
     run: Mutex<PodRun>,
     exited: watch::Sender<Option<Exit>>,
+    /// Created from a checkpoint and not yet released by FinishRestore: every container
+    /// created meanwhile must come from the checkpoint too.
+    restoring: std::sync::atomic::AtomicBool,
 }
 
 /// Where the pod is in its life; behind a plain mutex, never held across an await.
@@ -52,11 +55,26 @@ impl Pod {
             bundle,
             netns,
             config_bytes,
-            config,
             cgroup,
+            restoring: std::sync::atomic::AtomicBool::new(
+                config
+                    .annotations
+                    .contains_key(stasis_api::layout::RESTORE_ANNOTATION),
+            ),
+            config,
             run: Mutex::new(PodRun::default()),
             exited: watch::channel(None).0,
         }
+    }
+
+    pub fn is_restoring(&self) -> bool {
+        self.restoring.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// FinishRestore: the pod is whole again; later containers are ordinary ones.
+    pub fn restore_finished(&self) {
+        self.restoring
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn run(&self) -> MutexGuard<'_, PodRun> {

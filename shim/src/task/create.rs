@@ -85,6 +85,7 @@ pub async fn create(shim: &Shim, req: api::CreateTaskRequest) -> Result<api::Cre
     // A restore comes either from containerd (Task API: `checkpoint` holds CRIU images) or
     // from a pod checkpoint (CRI: an annotation names the container's checkpoint dir).
     let restore_dir = spec.annotation(RESTORE_ANNOTATION).map(PathBuf::from);
+    refuse_unrestored_container_of_restoring_pod(shim, &id, &spec, restore_dir.is_some())?;
     if let Some(dir) = &restore_dir {
         // Reads the whole rootfs diff: off the async threads.
         let (owned, dir, runtime) = (id.clone(), dir.clone(), shim.runtime.clone());
@@ -227,6 +228,34 @@ fn check_runtime_options(shim: &Shim, req: &api::CreateTaskRequest) -> Result<()
         )),
         _ => Ok(()),
     }
+}
+
+/// While a pod is being restored, a container of it without the restore annotation means
+/// containerd dropped the annotation (the handler does not allow `io.stasis.*` container
+/// annotations): it would start fresh and silently lose its checkpoint, so it is refused.
+fn refuse_unrestored_container_of_restoring_pod(
+    shim: &Shim,
+    id: &str,
+    spec: &ContainerSpec,
+    from_checkpoint: bool,
+) -> Result<()> {
+    let Some(pod) = shim.pod() else {
+        return Ok(());
+    };
+    if from_checkpoint
+        || !pod.is_restoring()
+        || spec.annotation(CRI_SANDBOX_ID) != Some(pod.id.as_str())
+        || !spec.joins_pod()
+    {
+        return Ok(());
+    }
+    Err(Error::precondition(
+        id,
+        format!(
+            "pod {} is being restored from a checkpoint, but this container arrived without the {RESTORE_ANNOTATION} annotation: containerd passes io.stasis.* container annotations only when the runtime handler allows them (container_annotations = [\"io.stasis.*\"]); it would have started fresh instead of from the checkpoint",
+            pod.id
+        ),
+    ))
 }
 
 /// A container of this shim's pod goes below the pod cgroup, whatever path CRI chose.

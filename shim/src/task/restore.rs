@@ -97,6 +97,9 @@ pub(super) async fn restore_init(
 
 /// Lets every container held after a pod restore run. Returns their ids.
 pub async fn finish_restore(shim: &Shim) -> Result<Vec<String>> {
+    if let Some(pod) = shim.pod() {
+        pod.restore_finished();
+    }
     let mut resumed = Vec::new();
     let mut containers = shim.all();
     containers.sort_by(|a, b| a.id.cmp(&b.id));

@@ -328,3 +328,159 @@ async fn second_checkpoint_of_the_same_pod_is_refused() -> Result<()> {
     client.stop_and_remove_pod(&pod_id).await?;
     c.finish()
 }
+
+/// A well-formed outer archive whose inner parts are hostile: a rootfs diff escaping the root,
+/// leading through a symlink it creates, or holding a device; a deletion list leaving the
+/// root; volume tars with a device or an escape. Each reaches the shim's checks and is refused
+/// before any container exists: no file outside, the host volume untouched, no pod left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_content_inside_a_valid_archive_is_refused() -> Result<()> {
+    let c = Containerd::start("archive-inner")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut client = c.cri().await?;
+    let host_volume = c.dir.join("host-volume");
+    std::fs::create_dir_all(&host_volume)?;
+    std::fs::write(host_volume.join("keep.txt"), "checkpointed")?;
+    let pod = pod_config("inner", &c.dir.join("logs"));
+    let pod_id = client.run_pod(&pod).await?;
+    let mut cfg = container_config(
+        "app",
+        image,
+        &["sh", "-c", "echo written > /in-rootfs; sleep 100000"],
+    );
+    cfg.mounts.push(cri::Mount {
+        container_path: "/shared".into(),
+        host_path: host_volume.display().to_string(),
+        ..Default::default()
+    });
+    cfg.annotations
+        .insert("io.stasis.checkpoint.volumes".into(), "/shared".into());
+    let id = client.run_container(&pod_id, &pod, cfg).await?;
+    let mut written = false;
+    for _ in 0..100 {
+        if client.exec(&id, &["cat", "/in-rootfs"]).await?.0 == 0 {
+            written = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(written, "the container never wrote its file");
+    let good = c.dir.join("inner.tar");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "inner",
+        "--output",
+        good.to_str().unwrap(),
+    ])?;
+    client.stop_and_remove_pod(&pod_id).await?;
+    // The host copy changes after the checkpoint: a refused restore must leave it so.
+    std::fs::write(host_volume.join("keep.txt"), "after the checkpoint")?;
+
+    let base = c.dir.join("inner-unpacked");
+    std::fs::create_dir_all(&base)?;
+    tar::Archive::new(std::fs::File::open(&good)?).unpack(&base)?;
+    let opts: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base.join("pod.options"))?)?;
+    let cdir = opts["containers"]["app"]
+        .as_str()
+        .context("pod.options names no app")?
+        .to_string();
+    let canary = c.dir.join("escaped");
+    let tar_of = |entries: &[(&str, tar::EntryType, Option<&str>)]| -> Result<Vec<u8>> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, link) in entries {
+            raw_entry(&mut b, name, *kind, *link, b"x");
+        }
+        Ok(b.into_inner()?)
+    };
+    let outside = c.dir.to_str().unwrap().to_string();
+    let cases: Vec<(&str, &str, Vec<u8>, &str)> = vec![
+        (
+            "diff-dotdot",
+            "rootfs-diff.tar",
+            tar_of(&[("../../escaped", tar::EntryType::Regular, None)])?,
+            "leads outside",
+        ),
+        (
+            "diff-through-symlink",
+            "rootfs-diff.tar",
+            tar_of(&[
+                ("evil", tar::EntryType::Symlink, Some(outside.as_str())),
+                ("evil/escaped", tar::EntryType::Regular, None),
+            ])?,
+            "goes through the symlink",
+        ),
+        (
+            "diff-device",
+            "rootfs-diff.tar",
+            tar_of(&[("dev-null", tar::EntryType::Char, None)])?,
+            "which a restore refuses",
+        ),
+        (
+            "deleted-leaves-root",
+            "deleted.files",
+            br#"["../../escaped"]"#.to_vec(),
+            "leaves the root file system",
+        ),
+        (
+            "volume-device",
+            "checkpoint/volumes/0.tar",
+            tar_of(&[("null", tar::EntryType::Char, None)])?,
+            "which a restore refuses",
+        ),
+        (
+            "volume-dotdot",
+            "checkpoint/volumes/0.tar",
+            tar_of(&[("../escaped", tar::EntryType::Regular, None)])?,
+            "leads outside",
+        ),
+    ];
+    ensure!(
+        base.join(&cdir).join("checkpoint/volumes/0.tar").exists(),
+        "the checkpoint holds no volume capture to tamper with"
+    );
+    let pods_before = c.pod_count().await?;
+    for (name, file, bytes, expect) in cases {
+        let dir = c.dir.join(format!("inner-{name}"));
+        let status = std::process::Command::new("cp")
+            .args(["-a"])
+            .arg(&base)
+            .arg(&dir)
+            .status()?;
+        ensure!(status.success(), "copy the unpacked archive");
+        std::fs::write(dir.join(&cdir).join(file), bytes)?;
+        let archive = c.dir.join(format!("inner-{name}.tar"));
+        let mut b = tar::Builder::new(std::fs::File::create(&archive)?);
+        b.follow_symlinks(false);
+        b.append_dir_all(".", &dir)?;
+        b.into_inner()?;
+        let out = c.stasisctl(&["pod", "restore", archive.to_str().unwrap()])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "{name}: the restore succeeded");
+        ensure!(
+            err.contains(expect),
+            "{name}: the error does not say {expect:?}: {err}"
+        );
+        ensure!(!canary.exists(), "{name}: a file was written outside");
+        ensure!(
+            std::fs::read_to_string(host_volume.join("keep.txt"))? == "after the checkpoint",
+            "{name}: the host volume was changed"
+        );
+        ensure!(
+            c.pod_count().await? == pods_before,
+            "{name}: the refused restore left a pod"
+        );
+    }
+    // The untampered archive restores, and then the volume holds its checkpointed contents.
+    let new_pod = c
+        .stasisctl_ok(&["pod", "restore", good.to_str().unwrap()])?
+        .trim()
+        .to_string();
+    ensure!(
+        std::fs::read_to_string(host_volume.join("keep.txt"))? == "checkpointed",
+        "the good archive did not restore the volume"
+    );
+    client.stop_and_remove_pod(&new_pod).await?;
+    c.finish()
+}

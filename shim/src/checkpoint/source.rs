@@ -3,11 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use stasis_api::layout::{ContainerMeta, PodOptions};
+use stasis_api::layout::{ContainerMeta, PodOptions, CHECKPOINT_DIR};
 
 use crate::{
     error::{Error, Result},
-    fscapture::rootfs,
+    fscapture::{rootfs, volumes},
     runtime::OciRuntime,
 };
 
@@ -52,5 +52,6 @@ pub fn check_container_dir(id: &str, dir: &Path, runtime: &dyn OciRuntime) -> Re
             format!("{} holds no {engine} checkpoint images", image.display()),
         ));
     }
-    rootfs::validate(id, dir)
+    rootfs::validate(id, dir)?;
+    volumes::validate(id, &dir.join(CHECKPOINT_DIR))
 }

@@ -138,29 +138,48 @@ pub fn validate(id: &str, dir: &Path) -> Result<()> {
     if !tar_path.exists() {
         return Ok(());
     }
-    let file =
-        std::fs::File::open(&tar_path).map_err(|e| Error::io(id, "open rootfs-diff.tar", e))?;
+    validate_tar(id, DIFF_TAR, &tar_path)
+}
+
+/// Checks every entry of the tar at `path` (`what` names it in errors) before anything is
+/// unpacked: no absolute paths or `..`, no devices or fifos, hard links only to paths inside,
+/// and no entry below a symlink the same archive creates (it could point anywhere).
+pub fn validate_tar(id: &str, what: &str, path: &Path) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(id, format!("open {what}"), e))?;
     let mut archive = tar::Archive::new(file);
+    let mut links: Vec<PathBuf> = Vec::new();
     for entry in archive
         .entries()
-        .map_err(|e| Error::invalid(id, format!("rootfs-diff.tar: {e}")))?
+        .map_err(|e| Error::invalid(id, format!("{what}: {e}")))?
     {
-        let entry = entry.map_err(|e| Error::invalid(id, format!("rootfs-diff.tar: {e}")))?;
-        check_entry(id, &entry)?;
+        let entry = entry.map_err(|e| Error::invalid(id, format!("{what}: {e}")))?;
+        let p = check_entry(id, what, &entry)?;
+        if let Some(link) = links.iter().find(|l| p.starts_with(l) && p != **l) {
+            return Err(Error::invalid(
+                id,
+                format!(
+                    "{what} entry {:?} goes through the symlink {:?} the archive creates",
+                    p, link
+                ),
+            ));
+        }
+        if entry.header().entry_type() == tar::EntryType::Symlink {
+            links.push(p);
+        }
     }
     Ok(())
 }
 
-fn check_entry<R: std::io::Read>(id: &str, entry: &tar::Entry<R>) -> Result<PathBuf> {
+fn check_entry<R: std::io::Read>(id: &str, what: &str, entry: &tar::Entry<R>) -> Result<PathBuf> {
     let path = entry
         .path()
-        .map_err(|e| Error::invalid(id, format!("rootfs-diff.tar: {e}")))?
+        .map_err(|e| Error::invalid(id, format!("{what}: {e}")))?
         .into_owned();
     let name = path.display().to_string();
     if path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir)) {
         return Err(Error::invalid(
             id,
-            format!("rootfs-diff.tar entry {name:?} leaves the root file system"),
+            format!("{what} entry {name:?} leads outside the directory it is unpacked into"),
         ));
     }
     match entry.header().entry_type() {
@@ -182,18 +201,22 @@ fn check_entry<R: std::io::Read>(id: &str, entry: &tar::Entry<R>) -> Result<Path
             {
                 return Err(Error::invalid(
                     id,
-                    format!("rootfs-diff.tar hard link {name:?} points outside"),
+                    format!("{what} hard link {name:?} points outside"),
                 ));
             }
         }
         other => {
             return Err(Error::invalid(
                 id,
-                format!("rootfs-diff.tar entry {name:?} is a {other:?}, which a restore refuses"),
+                format!("{what} entry {name:?} is a {other:?}, which a restore refuses"),
             ))
         }
     }
-    Ok(path)
+    // `./` prefixes (what `append_dir_all(".")` writes) name the same place.
+    Ok(path
+        .components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect())
 }
 
 /// Applies deletions, then the diff, to the mounted rootfs of the restored container.
@@ -225,7 +248,7 @@ pub fn apply(id: &str, dir: &Path, rootfs: &Path) -> Result<()> {
         .map_err(|e| Error::invalid(id, format!("rootfs-diff.tar: {e}")))?
     {
         let mut entry = entry.map_err(|e| Error::invalid(id, format!("rootfs-diff.tar: {e}")))?;
-        let path = check_entry(id, &entry)?;
+        let path = check_entry(id, DIFF_TAR, &entry)?;
         // A file that replaces a directory (or the reverse) must go first.
         let target = inside(id, rootfs, &path.display().to_string())?;
         if let Ok(meta) = std::fs::symlink_metadata(&target) {

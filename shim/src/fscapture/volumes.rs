@@ -71,6 +71,36 @@ pub fn capture(id: &str, spec: &ContainerSpec, image: &Path) -> Result<Vec<Captu
     Ok(captured)
 }
 
+/// Checks the captured volumes beside `image` before anything is restored: a sane index and
+/// archives that pass the same entry checks as a rootfs diff (no devices, no escapes, no links
+/// leading out).
+pub fn validate(id: &str, image: &Path) -> Result<()> {
+    let index = image.join(INDEX);
+    if !index.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read(&index).map_err(|e| Error::io(id, "read volume index", e))?;
+    let captured: Vec<Captured> = serde_json::from_slice(&text)
+        .map_err(|e| Error::invalid(id, format!("volume index: {e}")))?;
+    for c in captured {
+        if Path::new(&c.archive)
+            .components()
+            .any(|p| !matches!(p, Component::Normal(_)))
+        {
+            return Err(Error::invalid(
+                id,
+                format!("volume archive path {:?} leaves the checkpoint", c.archive),
+            ));
+        }
+        super::rootfs::validate_tar(
+            id,
+            &format!("volume archive {} ({})", c.archive, c.destination),
+            &image.join(&c.archive),
+        )?;
+    }
+    Ok(())
+}
+
 /// Puts captured volume contents back into the new container's volumes (matched by
 /// destination), replacing what they held. Entries that would leave the volume are refused.
 pub fn restore(id: &str, spec: &ContainerSpec, image: &Path) -> Result<()> {
@@ -81,6 +111,8 @@ pub fn restore(id: &str, spec: &ContainerSpec, image: &Path) -> Result<()> {
     let text = std::fs::read(&index).map_err(|e| Error::io(id, "read volume index", e))?;
     let captured: Vec<Captured> = serde_json::from_slice(&text)
         .map_err(|e| Error::invalid(id, format!("volume index: {e}")))?;
+    // Every archive is checked before any volume is touched.
+    validate(id, image)?;
     for c in captured {
         if Path::new(&c.archive)
             .components()

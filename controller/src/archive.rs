@@ -313,3 +313,147 @@ pub fn human(bytes: u64) -> String {
         format!("{v:.1} {}", UNITS[u])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scratch directory of its own per test (no shared state, removed at the end).
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let p = std::env::temp_dir()
+                .join(format!("stasis-archive-test-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Scratch(p)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The layout a shim writes for a one-container pod.
+    fn checkpoint_dir(root: &Path) -> PathBuf {
+        let dir = root.join("ckpt");
+        let c = dir.join("abc-web");
+        std::fs::create_dir_all(c.join("checkpoint")).unwrap();
+        std::fs::write(
+            dir.join("pod.options"),
+            r#"{"version":1,"containers":{"web":"abc-web"},"annotations":{"io.stasis.engine":"runc"}}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("pod.dump"),
+            r#"{"metadata":{"name":"web-pod","namespace":"default"}}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            c.join("config.dump"),
+            r#"{"id":"abc","rootfsImageName":"busybox","checkpointedTime":"2026-12-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        std::fs::write(c.join("container-config.json"), "{}").unwrap();
+        std::fs::write(
+            c.join("stasis.json"),
+            r#"{"engine":"runc","frozen_ms":12.5,"checkpoint_bytes":4096,"was_paused":true}"#,
+        )
+        .unwrap();
+        std::fs::write(c.join("checkpoint/pages-1.img"), vec![7u8; 4096]).unwrap();
+        dir
+    }
+
+    #[test]
+    fn written_archives_inspect_and_extract_in_every_compression() {
+        let s = Scratch::new("roundtrip");
+        let dir = checkpoint_dir(&s.0);
+        for (compression, name) in [
+            (Compression::None, "a.tar"),
+            (Compression::Gzip, "a.tar.gz"),
+            (Compression::Zstd, "a.tar.zst"),
+        ] {
+            let dest = s.0.join(name);
+            let size = write(&dir, &dest, compression).unwrap();
+            assert_eq!(size, std::fs::metadata(&dest).unwrap().len());
+            let sum = inspect(&dest).unwrap();
+            assert_eq!(sum.pod_name, "web-pod", "{name}");
+            assert_eq!(sum.engine, "runc");
+            assert_eq!(sum.containers.len(), 1);
+            let c = &sum.containers[0];
+            assert_eq!(
+                (c.name.as_str(), c.id.as_str(), c.image.as_str()),
+                ("web", "abc", "busybox")
+            );
+            assert!(c.was_paused && c.frozen_ms == 12.5 && c.checkpoint_bytes == 4096);
+            let out = s.0.join(format!("x-{name}"));
+            let opts = extract(&dest, &out).unwrap();
+            assert_eq!(opts.containers["web"], "abc-web");
+            assert_eq!(
+                std::fs::read(out.join("abc-web/checkpoint/pages-1.img")).unwrap(),
+                vec![7u8; 4096]
+            );
+            // No temporary file left beside the archive.
+            let partial: Vec<_> = std::fs::read_dir(&s.0)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+                .collect();
+            assert!(partial.is_empty(), "{partial:?}");
+        }
+    }
+
+    #[test]
+    fn hostile_or_incomplete_archives_are_refused_and_leave_nothing() {
+        let s = Scratch::new("hostile");
+        // An entry climbing out of the target, written byte for byte.
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..9].copy_from_slice(b"../escape");
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append(&h, &b"x"[..]).unwrap();
+        let evil = s.0.join("evil.tar");
+        std::fs::write(&evil, b.into_inner().unwrap()).unwrap();
+        let out = s.0.join("out");
+        let e = extract(&evil, &out).unwrap_err().to_string();
+        assert!(e.contains("..") || e.contains("outside"), "{e}");
+        assert!(!out.exists(), "the refused extraction left its directory");
+        assert!(!s.0.join("escape").exists());
+
+        // A pod.options naming a directory the archive lacks.
+        let dir = checkpoint_dir(&s.0);
+        std::fs::write(
+            dir.join("pod.options"),
+            r#"{"version":1,"containers":{"web":"missing"}}"#,
+        )
+        .unwrap();
+        let bad = s.0.join("bad.tar");
+        write(&dir, &bad, Compression::None).unwrap();
+        let e = extract(&bad, &out).unwrap_err().to_string();
+        assert!(e.contains("does not contain"), "{e}");
+        assert!(!out.exists());
+
+        // A version this reader does not know.
+        std::fs::write(
+            dir.join("pod.options"),
+            r#"{"version":9,"containers":{"web":"abc-web"}}"#,
+        )
+        .unwrap();
+        write(&dir, &bad, Compression::None).unwrap();
+        let e = format!("{:#}", inspect(&bad).unwrap_err());
+        assert!(e.contains("version 9"), "{e}");
+    }
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(3 << 30), "3.0 GiB");
+    }
+}

@@ -17,7 +17,9 @@ use crate::{
     cri::{self, api},
     pod::{self, CheckpointArgs, RestoreArgs, Target},
     shim,
-    workload::{container_config, counter_loop, exec, pod_config, read_counter},
+    workload::{
+        container_config, counter_loop, memory_token, pod_config, read_counter, violations,
+    },
 };
 
 pub struct BenchArgs {
@@ -141,7 +143,7 @@ async fn start_pod(
 async fn check_restored(
     rt: &mut cri::Runtime,
     pod_id: &str,
-    before: &[(String, u64)],
+    before: &[(String, u64, String)],
 ) -> Result<String> {
     let restored = cri::pod_containers(rt, pod_id).await?;
     if restored.len() != before.len() {
@@ -157,24 +159,35 @@ async fn check_restored(
             .as_ref()
             .map(|m| m.name.clone())
             .unwrap_or_default();
-        let was = before
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| *v)
-            .unwrap_or(0);
+        let Some((_, was, token)) = before.iter().find(|(n, _, _)| *n == name) else {
+            return Ok(format!("violated: {name} was not in the checkpointed pod"));
+        };
+        // A value only the process's memory held: a process started afresh would differ.
+        let now_token = memory_token(rt, &c.id, COUNTER).await?;
+        if now_token != *token {
+            return Ok(format!(
+                "violated: {name} memory not restored (token {now_token} != {token})"
+            ));
+        }
         let now = read_counter(rt, &c.id, COUNTER).await?;
-        if now < was {
+        if now < *was {
             return Ok(format!(
                 "violated: {name} counter {now} < {was} at checkpoint"
             ));
         }
-        let (_, v) = exec(rt, &c.id, &["cat", "/violations"]).await?;
-        if !v.trim().is_empty() {
-            return Ok(format!("violated: {name}: {}", v.trim()));
+        let v = violations(rt, &c.id).await?;
+        if !v.is_empty() {
+            return Ok(format!("violated: {name}: {v}"));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let later = read_counter(rt, &c.id, COUNTER).await?;
-        if later <= now {
+        let mut moved = false;
+        for _ in 0..100 {
+            if read_counter(rt, &c.id, COUNTER).await? > now {
+                moved = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !moved {
             return Ok(format!("violated: {name} does not run after restore"));
         }
     }
@@ -198,10 +211,25 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
     )
     .await?;
     let result = async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
         let mut before = Vec::new();
         for (cname, id) in &ids {
-            before.push((cname.clone(), read_counter(&mut rt, id, COUNTER).await?));
+            // Running before it is checkpointed: the counter moves.
+            let first = read_counter(&mut rt, id, COUNTER).await?;
+            let mut moved = false;
+            for _ in 0..200 {
+                if read_counter(&mut rt, id, COUNTER).await? > first {
+                    moved = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::ensure!(moved, "{cname}: its counter never moved");
+            let token = memory_token(&mut rt, id, COUNTER).await?;
+            before.push((
+                cname.clone(),
+                read_counter(&mut rt, id, COUNTER).await?,
+                token,
+            ));
         }
         let archive = a.work_dir.join(format!("{name}.tar"));
         let args = CheckpointArgs {

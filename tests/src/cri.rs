@@ -168,6 +168,51 @@ pub async fn read_counter(cri: &mut CriClient, id: &str, file: &str) -> Result<u
     stasis_controller::workload::read_counter(&mut cri.runtime, id, file).await
 }
 
+/// Waits (up to 10 s) until the counter `file` in `id` passes `value`: its loop runs.
+pub async fn wait_counter_above(
+    cri: &mut CriClient,
+    id: &str,
+    file: &str,
+    value: u64,
+) -> Result<()> {
+    for _ in 0..200 {
+        if read_counter(cri, id, file).await? > value {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("{id}: {file} stuck at or below {value} for 10 s: the loop does not run")
+}
+
+/// Waits until the counter `file` in `id` moves (read it, then see it pass that value).
+pub async fn wait_counter_moving(cri: &mut CriClient, id: &str, file: &str) -> Result<u64> {
+    let now = read_counter(cri, id, file).await?;
+    wait_counter_above(cri, id, file, now).await?;
+    Ok(now)
+}
+
+/// Waits (up to 10 s) until container `id` has an established TCP connection (state 01 in
+/// /proc/net/tcp), rather than sleeping and hoping.
+pub async fn wait_tcp_established(cri: &mut CriClient, id: &str) -> Result<()> {
+    for _ in 0..200 {
+        let (_, out, _) = cri.exec(id, &["cat", "/proc/net/tcp"]).await?;
+        if out
+            .lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().nth(3) == Some("01"))
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("{id}: no established TCP connection within 10 s")
+}
+
+/// A container workload holding an established loopback TCP connection (a server and a
+/// client that retries until it is connected).
+pub const TCP_WORKLOAD: &str = "nc -ll -p 9000 -e cat & while true; do \
+    (while true; do echo hi; sleep 1; done) | nc 127.0.0.1 9000; sleep 0.1; done";
+
 /// The token only the counter loop's memory holds (see `counter_loop`).
 pub async fn memory_token(cri: &mut CriClient, id: &str, file: &str) -> Result<String> {
     stasis_controller::workload::memory_token(&mut cri.runtime, id, file).await

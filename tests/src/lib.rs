@@ -150,6 +150,40 @@ impl Containerd {
             .len())
     }
 
+    /// What exists, counted from every side: CRI pods, CRI containers, shim processes. A
+    /// refused operation must leave all three as they were, not just the pod count.
+    pub async fn footprint(&self) -> Result<Footprint> {
+        let mut cri = self.cri().await?;
+        let containers = cri
+            .runtime
+            .list_containers(cri::cri::ListContainersRequest::default())
+            .await?
+            .into_inner()
+            .containers
+            .len();
+        Ok(Footprint {
+            pods: self.pod_count().await?,
+            containers,
+            shims: self.shim_pids().len(),
+        })
+    }
+
+    /// Waits (up to 15 s: a removed pod's shim exits a moment later) for the footprint to be
+    /// `expected`; fails showing what differs.
+    pub async fn expect_footprint(&self, expected: Footprint) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let now = self.footprint().await?;
+            if now == expected {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("expected {expected:?}, found {now:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.join("containerd.sock")
     }
@@ -419,6 +453,66 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// `ctr tasks exec` of `cmd` in task `id` with a fresh exec id: (succeeded, stdout).
+    pub fn exec_in(&self, id: &str, cmd: &[&str]) -> Result<(bool, String)> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let exec_id = format!(
+            "x{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let mut args = vec!["tasks", "exec", "--exec-id", exec_id.as_str(), id];
+        args.extend(cmd);
+        let out = self.ctr(&args)?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    }
+
+    /// The value of a counter file in task `id` (retried: the writer may be mid-write).
+    pub fn counter(&self, id: &str, file: &str) -> Result<u64> {
+        let mut last = String::new();
+        for _ in 0..50 {
+            let (_, out) = self.exec_in(id, &["cat", file])?;
+            if let Ok(v) = out.trim().parse() {
+                return Ok(v);
+            }
+            last = out;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("counter {file} in {id} unreadable: {last:?}")
+    }
+
+    /// Waits (up to 10 s) until the counter `file` in task `id` moves; returns where it was.
+    pub fn wait_counter_moving(&self, id: &str, file: &str) -> Result<u64> {
+        let first = self.counter(id, file)?;
+        self.wait_for(&format!("{id} counting"), Duration::from_secs(10), || {
+            Ok(self.counter(id, file)? > first)
+        })?;
+        Ok(first)
+    }
+
+    /// The in-memory token of the `cri::counter_loop` writing `file` in task `id` (asked with
+    /// SIGUSR1, the answer removed again so it is never in a checkpoint's files).
+    pub fn memory_token(&self, id: &str, file: &str) -> Result<String> {
+        let ask = format!("rm -f {file}.token; kill -USR1 $(cat {file}.pid)");
+        let (ok, out) = self.exec_in(id, &["sh", "-c", &ask])?;
+        if !ok {
+            bail!("{id}: cannot signal the counter loop: {out}");
+        }
+        for _ in 0..100 {
+            let (ok, out) = self.exec_in(
+                id,
+                &["sh", "-c", &format!("cat {file}.token && rm {file}.token")],
+            )?;
+            if ok && !out.trim().is_empty() {
+                return Ok(out.trim().to_string());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("{id}: the counter loop never answered with its token")
     }
 
     /// Pids of stasis shims serving this containerd.
@@ -710,6 +804,99 @@ impl Drop for Containerd {
     }
 }
 
+/// Pods, containers and shims of a containerd (see `Containerd::footprint`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    pub pods: usize,
+    pub containers: usize,
+    pub shims: usize,
+}
+
+/// `ctr events` of a containerd, read as it arrives, so a test waits for the event itself.
+pub struct EventWatch {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl EventWatch {
+    /// Starts `ctr events` and returns once it is subscribed: a throwaway container's start
+    /// event has come through (no fixed wait).
+    pub fn start(c: &Containerd, image: &str) -> Result<EventWatch> {
+        let mut child = c
+            .ctr_command()
+            .arg("events")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("events stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut w = EventWatch {
+            child,
+            lines,
+            seen: Vec::new(),
+        };
+        for attempt in 0..5 {
+            let id = format!("subscribed{attempt}");
+            c.ctr_ok(&[
+                "run",
+                "--rm",
+                "--runtime",
+                STASIS_RUNTIME,
+                image,
+                &id,
+                "true",
+            ])?;
+            if w.wait("/tasks/start", &id, Duration::from_secs(5)).is_ok() {
+                return Ok(w);
+            }
+        }
+        bail!("ctr events never delivered anything")
+    }
+
+    /// Waits until an event of `topic` mentioning `needle` has arrived.
+    pub fn wait(&mut self, topic: &str, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self
+                .seen
+                .iter()
+                .find(|l| l.contains(topic) && l.contains(needle))
+            {
+                return Ok(l.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "no {topic} event for {needle} within {timeout:?}; saw:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+            if let Ok(l) = self.lines.recv_timeout(left) {
+                self.seen.push(l);
+            }
+        }
+    }
+}
+
+impl Drop for EventWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A direct ttrpc client to the shim serving container `id`, bypassing containerd: for the
 /// cases containerd itself would refuse before the shim sees them.
 pub fn shim_task_client(c: &Containerd, id: &str) -> Result<containerd_shim_protos::TaskClient> {
@@ -759,18 +946,26 @@ pub fn run_on_pty(mut cmd: Command, input: &[u8], timeout: Duration) -> Result<(
     drop(slave);
     let mut master = std::fs::File::from(pty.master);
     let mut reader = master.try_clone()?;
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = printed.clone();
     let collector = std::thread::spawn(move || {
-        let mut out = Vec::new();
         let mut buf = [0u8; 4096];
         while let Ok(n) = reader.read(&mut buf) {
             if n == 0 {
                 break;
             }
-            out.extend_from_slice(&buf[..n]);
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
         }
-        out
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    // Type only once the program is there to read: it has printed something (a prompt).
+    let ready = Instant::now() + Duration::from_secs(20);
+    while printed.lock().unwrap().is_empty() {
+        if Instant::now() > ready {
+            let _ = child.kill();
+            bail!("the program on the pty printed nothing within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     master.write_all(input)?;
     let deadline = Instant::now() + timeout;
     let status = loop {
@@ -784,7 +979,8 @@ pub fn run_on_pty(mut cmd: Command, input: &[u8], timeout: Duration) -> Result<(
         std::thread::sleep(Duration::from_millis(50));
     };
     drop(master);
-    let out = collector.join().unwrap_or_default();
+    let _ = collector.join();
+    let out = printed.lock().unwrap().clone();
     Ok((
         String::from_utf8_lossy(&out).into_owned(),
         status.code().unwrap_or(-1),

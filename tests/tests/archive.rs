@@ -65,7 +65,26 @@ async fn archives_are_readable_and_hostile_ones_refused() -> Result<()> {
             container_config("db", image, &["sleep", "100000"]),
         )
         .await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut written = false;
+    for _ in 0..100 {
+        let ids = client
+            .runtime
+            .list_containers(cri::ListContainersRequest::default())
+            .await?
+            .into_inner()
+            .containers;
+        let web = ids
+            .iter()
+            .find(|c| c.metadata.as_ref().is_some_and(|m| m.name == "web"));
+        if let Some(web) = web {
+            if client.exec(&web.id, &["cat", "/hello"]).await?.0 == 0 {
+                written = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(written, "web never wrote /hello");
     let good = c.dir.join("good.tar.zst");
     c.stasisctl_ok(&[
         "pod",
@@ -135,7 +154,7 @@ async fn archives_are_readable_and_hostile_ones_refused() -> Result<()> {
     }
 
     // Hostile and broken archives: refused with a clear error, nothing created or written.
-    let pods_before = c.pod_count().await?;
+    let pods_before = c.footprint().await?;
     let work = c.dir.join("restore-work");
     let canary = c.dir.join("escaped");
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -238,10 +257,9 @@ async fn archives_are_readable_and_hostile_ones_refused() -> Result<()> {
             .unwrap_or_default();
         ensure!(left.is_empty(), "{name}: restore left {left:?}");
     }
-    ensure!(
-        c.pod_count().await? == pods_before,
-        "a hostile archive created a pod"
-    );
+    c.expect_footprint(pods_before)
+        .await
+        .context("a hostile archive created a pod")?;
     ensure!(!Path::new("/escaped").exists());
     client.stop_and_remove_pod(&pod_id).await?;
     c.finish()
@@ -440,7 +458,7 @@ async fn hostile_content_inside_a_valid_archive_is_refused() -> Result<()> {
         base.join(&cdir).join("checkpoint/volumes/0.tar").exists(),
         "the checkpoint holds no volume capture to tamper with"
     );
-    let pods_before = c.pod_count().await?;
+    let pods_before = c.footprint().await?;
     for (name, file, bytes, expect) in cases {
         let dir = c.dir.join(format!("inner-{name}"));
         let status = std::process::Command::new("cp")
@@ -467,10 +485,9 @@ async fn hostile_content_inside_a_valid_archive_is_refused() -> Result<()> {
             std::fs::read_to_string(host_volume.join("keep.txt"))? == "after the checkpoint",
             "{name}: the host volume was changed"
         );
-        ensure!(
-            c.pod_count().await? == pods_before,
-            "{name}: the refused restore left a pod"
-        );
+        c.expect_footprint(pods_before)
+            .await
+            .with_context(|| format!("{name}: the refused restore left a pod"))?;
     }
     // The untampered archive restores, and then the volume holds its checkpointed contents.
     let new_pod = c

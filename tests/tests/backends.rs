@@ -10,7 +10,7 @@ use anyhow::{bail, ensure, Context, Result};
 use stasis_e2e::{
     cri::{
         container_config, containers_by_name, counter_loop, cri, memory_token, pod_config,
-        read_counter, violations,
+        read_counter, violations, wait_counter_above, wait_counter_moving,
     },
     Containerd,
 };
@@ -45,7 +45,7 @@ async fn pod_round_trip(name: &str, handler: &str, gvisor: bool) -> Result<()> {
     for id in &ids {
         // Running: the counter moves.
         let first = read_counter(&mut cri, id, "/counter").await?;
-        wait_until_counter_above(&mut cri, id, first).await?;
+        wait_counter_above(&mut cri, id, "/counter", first).await?;
         tokens.push(memory_token(&mut cri, id, "/counter").await?);
         before.push(read_counter(&mut cri, id, "/counter").await?);
     }
@@ -88,7 +88,7 @@ async fn pod_round_trip(name: &str, handler: &str, gvisor: bool) -> Result<()> {
         );
     }
     let live = read_counter(&mut cri, &ids[0], "/counter").await?;
-    wait_until_counter_above(&mut cri, &ids[0], live).await?;
+    wait_counter_above(&mut cri, &ids[0], "/counter", live).await?;
     cri.stop_and_remove_pod(&pod_id).await?;
 
     let new_pod = c
@@ -148,7 +148,7 @@ async fn pod_round_trip(name: &str, handler: &str, gvisor: bool) -> Result<()> {
         );
         let v = violations(&mut cri, id).await?;
         ensure!(v.is_empty(), "{name}: file ahead of memory: {v}");
-        wait_until_counter_above(&mut cri, id, now).await?;
+        wait_counter_above(&mut cri, id, "/counter", now).await?;
     }
     // CRIU (and gVisor) give every process its saved PID back.
     let pids_after = loop_pids(&mut cri, &restored[0].1).await?;
@@ -223,7 +223,7 @@ async fn archive_of_one_backend_is_refused_by_the_other() -> Result<()> {
         (&runc_archive, "stasis-gvisor", "runc", "runsc"),
         (&gvisor_archive, "stasis", "runsc", "runc"),
     ] {
-        let pods = c.pod_count().await?;
+        let pods = c.footprint().await?;
         let out = c.stasisctl(&[
             "pod",
             "restore",
@@ -241,7 +241,9 @@ async fn archive_of_one_backend_is_refused_by_the_other() -> Result<()> {
                 && err.contains(&format!("runs on the {runs_on} backend")),
             "error does not name both backends: {err}"
         );
-        ensure!(c.pod_count().await? == pods, "a pod was left behind: {err}");
+        c.expect_footprint(pods)
+            .await
+            .with_context(|| format!("a pod was left behind: {err}"))?;
         eprintln!("refused as expected: {}", err.lines().last().unwrap_or(""));
     }
     c.finish()
@@ -362,7 +364,9 @@ async fn bench_compares_handlers_in_one_table() -> Result<()> {
     );
     eprintln!("{table}");
     // Nothing left behind by the bench.
-    ensure!(c.pod_count().await? == 0, "the bench left pods behind");
+    c.expect_footprint(stasis_e2e::Footprint::default())
+        .await
+        .context("the bench left pods, containers or shims behind")?;
     c.finish()
 }
 
@@ -388,7 +392,7 @@ async fn gvisor_pod_volume_is_captured_with_the_sandbox() -> Result<()> {
     cfg.annotations
         .insert("io.stasis.checkpoint.volumes".into(), "/shared".into());
     let id = cri.run_container(&pod_id, &pod, cfg).await?;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    wait_counter_moving(&mut cri, &id, "/shared/counter").await?;
     let before = read_counter(&mut cri, &id, "/shared/counter").await?;
     let archive = c.dir.join("gv.tar");
     c.stasisctl_ok(&[
@@ -400,11 +404,7 @@ async fn gvisor_pod_volume_is_captured_with_the_sandbox() -> Result<()> {
         archive.to_str().unwrap(),
     ])?;
     // The pod ran on after the checkpoint (the sandbox was paused only around it).
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    ensure!(
-        read_counter(&mut cri, &id, "/shared/counter").await? > before,
-        "stalled"
-    );
+    wait_counter_above(&mut cri, &id, "/shared/counter", before).await?;
     cri.stop_and_remove_pod(&pod_id).await?;
     // The volume moves on without the pod: the restore must put back what the memory saw.
     std::fs::write(vol.join("counter"), "999999\n")?;
@@ -471,11 +471,71 @@ async fn gvisor_refuses_checkpoints_it_could_not_restore() -> Result<()> {
         "unclear error: {err}"
     );
 
+    // Pausing one container would pause the whole sandbox: refused, and it keeps running.
+    let out = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(c.socket())
+        .args(["-n", "k8s.io", "tasks", "pause", &id])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("cannot pause one container of a pod"),
+        "pausing one container of a gVisor pod: {err}"
+    );
+    // Resources cannot change under gVisor: refused through CRI with runsc's reason.
+    let err = cri
+        .runtime
+        .update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: id.clone(),
+            linux: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: 64 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .err()
+        .context("CRI updated the resources of a gVisor container")?;
+    ensure!(
+        err.message().contains("cannot change the resources"),
+        "unclear update error: {err}"
+    );
+    // gVisor saves sockets and locks itself: CRIU's options are refused by name.
+    let out = c.stasisctl(&[
+        "pod",
+        "checkpoint",
+        "gr",
+        "--leave-running",
+        "--tcp-established",
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("--tcp-established"),
+        "--tcp-established under gVisor: {err}"
+    );
+    ensure!(!archive.exists(), "a refused checkpoint left an archive");
+    let now = read_counter(&mut cri, &id, "/counter").await?;
+    wait_counter_above(&mut cri, &id, "/counter", now).await?;
+
     // An exec still running: gVisor would write an image it cannot restore.
     let mut other = cri.clone();
     let exec_id = id.clone();
-    let exec = tokio::spawn(async move { other.exec(&exec_id, &["sleep", "3"]).await });
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let exec = tokio::spawn(async move {
+        other
+            .exec(&exec_id, &["sh", "-c", "touch /exec-running; sleep 3"])
+            .await
+    });
+    let mut running = false;
+    for _ in 0..100 {
+        if cri.exec(&id, &["test", "-e", "/exec-running"]).await?.0 == 0 {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(running, "the exec never started");
     let out = checkpoint(&c)?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(
@@ -544,7 +604,7 @@ async fn gvisor_task_checkpoint_and_restore() -> Result<()> {
     let c = Containerd::start("backend-gvisor-task")?;
     let image = c.import_busybox()?;
     let runtime = "io.containerd.stasis-gvisor.v2";
-    let loop_ = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.02; done";
+    let loop_ = counter_loop("/count");
     c.ctr_ok(&[
         "run",
         "-d",
@@ -554,47 +614,46 @@ async fn gvisor_task_checkpoint_and_restore() -> Result<()> {
         "g1",
         "sh",
         "-c",
-        loop_,
+        &loop_,
     ])?;
-    let counter = |exec: &str| -> Result<u64> {
-        let out = c.ctr_ok(&["tasks", "exec", "--exec-id", exec, "g1", "cat", "/count"])?;
-        out.trim()
-            .parse()
-            .with_context(|| format!("counter {out:?}"))
-    };
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let before = counter("e0")?;
+    c.wait_counter_moving("g1", "/count")?;
+    let token = c.memory_token("g1", "/count")?;
+    let before = c.counter("g1", "/count")?;
     c.checkpoint_exit_and_restore("g1").await?;
-    let after = counter("e1")?;
+    let restored = c.memory_token("g1", "/count")?;
+    ensure!(
+        restored == token,
+        "memory token {restored} != checkpointed {token}: not restored from memory"
+    );
+    let after = c.counter("g1", "/count")?;
     ensure!(
         after >= before,
         "restored counter {after} < {before}: memory not restored"
     );
+    c.wait_counter_moving("g1", "/count")?;
     c.ctr_ok(&["tasks", "kill", "-s", "KILL", "g1"])?;
     c.finish()
-}
-
-/// Waits (up to 10 s) until the counter in `id` passes `value`: the loop runs.
-async fn wait_until_counter_above(
-    cri: &mut stasis_e2e::cri::CriClient,
-    id: &str,
-    value: u64,
-) -> Result<()> {
-    for _ in 0..200 {
-        if read_counter(cri, id, "/counter").await? > value {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::bail!("{id}: counter stuck at {value}: the loop does not run")
 }
 
 /// PIDs (in the pod's shared PID namespace) of the counter loops, sorted.
 async fn loop_pids(cri: &mut stasis_e2e::cri::CriClient, id: &str) -> Result<Vec<u32>> {
     // The pattern is split so this shell's own command line does not match it.
-    let script = r#"for p in /proc/[0-9]*; do if grep -q "/dev/uran""dom" $p/cmdline 2>/dev/null; then basename $p; fi; done"#;
+    // A loop's `$(…)` subshells share its command line for a moment: keep only processes
+    // whose parent is not a loop too (pid and ppid from /proc/<pid>/stat).
+    let script = r#"for p in /proc/[0-9]*; do if grep -q "/dev/uran""dom" $p/cmdline 2>/dev/null; then cut -d' ' -f1,4 $p/stat; fi; done"#;
     let out = cri.exec_ok(id, &["sh", "-c", script]).await?;
-    let mut pids: Vec<u32> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let pairs: Vec<(u32, u32)> = out
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace().map(|v| v.parse::<u32>());
+            Some((f.next()?.ok()?, f.next()?.ok()?))
+        })
+        .collect();
+    let mut pids: Vec<u32> = pairs
+        .iter()
+        .filter(|(_, ppid)| !pairs.iter().any(|(p, _)| p == ppid))
+        .map(|(p, _)| *p)
+        .collect();
     pids.sort();
     Ok(pids)
 }
@@ -606,7 +665,7 @@ async fn loop_pids(cri: &mut stasis_e2e::cri::CriClient, id: &str) -> Result<Vec
 async fn restore_without_annotations_fails_clearly() -> Result<()> {
     let c = Containerd::start("backend-no-annotations")?;
     let archive = checkpoint_pod(&c, "stasis", "plain").await?;
-    let pods = c.pod_count().await?;
+    let pods = c.footprint().await?;
     let out = c.stasisctl(&[
         "pod",
         "restore",
@@ -623,10 +682,9 @@ async fn restore_without_annotations_fails_clearly() -> Result<()> {
         err.contains("io.stasis.restore-from") && err.contains("container_annotations"),
         "the error does not say what is missing: {err}"
     );
-    ensure!(
-        c.pod_count().await? == pods,
-        "the failed restore left a pod behind"
-    );
+    c.expect_footprint(pods)
+        .await
+        .context("the failed restore left a pod behind")?;
     // The same archive restores under a handler that passes the annotations.
     let new_pod = c
         .stasisctl_ok(&["pod", "restore", archive.to_str().unwrap()])?

@@ -7,7 +7,7 @@ use anyhow::{ensure, Result};
 use stasis_e2e::{
     cri::{
         container_config, containers_by_name, counter_loop, cri, pod_config, read_counter,
-        violations,
+        violations, wait_counter_above, wait_counter_moving, wait_tcp_established, TCP_WORKLOAD,
     },
     Containerd,
 };
@@ -40,12 +40,13 @@ async fn twenty_live_pod_checkpoints_restore_consistently() -> Result<()> {
     std::fs::create_dir_all(&vol)?;
     let pod = pod_config("chain", &c.dir.join("logs"));
     let mut pod_id = cri.run_pod(&pod).await?;
-    cri.run_container(
-        &pod_id,
-        &pod,
-        container_config("rootfs", image, &["sh", "-c", &counter_loop("/counter")]),
-    )
-    .await?;
+    let rootfs_id = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("rootfs", image, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
     cri.run_container(
         &pod_id,
         &pod,
@@ -59,7 +60,14 @@ async fn twenty_live_pod_checkpoints_restore_consistently() -> Result<()> {
         ),
     )
     .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (_, id, _) in containers_by_name(&mut cri, &pod_id).await? {
+        let file = if id == rootfs_id {
+            "/counter"
+        } else {
+            "/shared/counter"
+        };
+        wait_counter_moving(&mut cri, &id, file).await?;
+    }
     for round in 0..20 {
         let names = containers_by_name(&mut cri, &pod_id).await?;
         let mut before = std::collections::HashMap::new();
@@ -159,7 +167,7 @@ async fn one_instant(name: &str, handler: &str) -> Result<()> {
     for round in 0..rounds {
         // A publishes before each checkpoint (its counter moves).
         let start = read_counter(&mut cri, &a_id, "/shared/a").await?;
-        wait_for_counter_above(&mut cri, &a_id, "/shared/a", start + 20).await?;
+        wait_counter_above(&mut cri, &a_id, "/shared/a", start + 20).await?;
         let archive = c.dir.join(format!("instant-{round}.tar"));
         c.stasisctl_ok(&[
             "pod",
@@ -256,28 +264,13 @@ async fn restore_and_check_b(
         .map(|(_, id, _)| id.clone())
         .ok_or_else(|| anyhow::anyhow!("no container a after restore: {restored:?}"))?;
     let now = read_counter(cri, &a, "/shared/a").await?;
-    wait_for_counter_above(cri, &a, "/shared/a", now + 50).await?;
+    wait_counter_above(cri, &a, "/shared/a", now + 50).await?;
     for (name, id, _) in &restored {
         let v = violations(cri, id).await?;
         ensure!(v.is_empty(), "round {round}: {name} after restore: {v}");
     }
     cri.stop_and_remove_pod(&new_pod).await?;
     Ok(())
-}
-
-async fn wait_for_counter_above(
-    cri: &mut stasis_e2e::cri::CriClient,
-    id: &str,
-    file: &str,
-    value: u64,
-) -> Result<()> {
-    for _ in 0..400 {
-        if read_counter(cri, id, file).await? > value {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    anyhow::bail!("{id}: {file} did not pass {value} within 10 s")
 }
 
 /// The containers of a pod are dumped in parallel: the pod's frozen window is shorter than
@@ -377,7 +370,7 @@ async fn stopping_checkpoint_and_paused_containers() -> Result<()> {
         )
         .await?;
     let started = read_counter(&mut cri, &p, "/counter").await?;
-    wait_for_counter_above(&mut cri, &p, "/counter", started).await?;
+    wait_counter_above(&mut cri, &p, "/counter", started).await?;
     // CRI has no pause; the Task API does (this is what `ctr t pause` sends to the shim).
     let ctr = |args: &[&str]| {
         std::process::Command::new("ctr")
@@ -419,7 +412,7 @@ async fn stopping_checkpoint_and_paused_containers() -> Result<()> {
         freezer(&r)?
     );
     let moved = read_counter(&mut cri, &r, "/counter").await?;
-    wait_for_counter_above(&mut cri, &r, "/counter", moved).await?;
+    wait_counter_above(&mut cri, &r, "/counter", moved).await?;
     ensure!(ctr(&["tasks", "resume", &p])?.status.success(), "resume");
 
     // Without --leave-running the containers stop; the restore brings them back running.
@@ -478,11 +471,10 @@ async fn a_failing_dump_fails_the_pod_checkpoint_cleanly() -> Result<()> {
     let mut cri = c.cri().await?;
     let pod = pod_config("fl", &c.dir.join("logs"));
     let pod_id = cri.run_pod(&pod).await?;
-    let tcp = "nc -ll -p 9000 -e cat & sleep 0.5; (while true; do echo hi; sleep 1; done) | nc 127.0.0.1 9000";
     let mut ids = Vec::new();
     for (name, cmd) in [
         ("one", counter_loop("/counter")),
-        ("tcp", tcp.to_string()),
+        ("tcp", TCP_WORKLOAD.to_string()),
         ("three", counter_loop("/counter")),
     ] {
         ids.push(
@@ -494,7 +486,10 @@ async fn a_failing_dump_fails_the_pod_checkpoint_cleanly() -> Result<()> {
             .await?,
         );
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_tcp_established(&mut cri, &ids[1]).await?;
+    for id in [&ids[0], &ids[2]] {
+        wait_counter_moving(&mut cri, id, "/counter").await?;
+    }
     let archive = c.dir.join("fail.tar");
     let out = c.stasisctl(&[
         "pod",
@@ -531,12 +526,7 @@ async fn a_failing_dump_fails_the_pod_checkpoint_cleanly() -> Result<()> {
         ensure!(state.trim() == "THAWED", "{id} left {state}");
     }
     // It still counts.
-    let a = read_counter(&mut cri, &ids[0], "/counter").await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    ensure!(
-        read_counter(&mut cri, &ids[0], "/counter").await? > a,
-        "container one does not run"
-    );
+    wait_counter_moving(&mut cri, &ids[0], "/counter").await?;
     cri.stop_and_remove_pod(&pod_id).await?;
     c.finish()
 }

@@ -444,16 +444,9 @@ fn bad_input_gets_clear_errors() -> Result<()> {
 
 #[test]
 fn events_reach_containerd_including_oom() -> Result<()> {
-    use std::io::Read;
     let c = Containerd::start("events")?;
     let image = c.import_busybox()?;
-    let mut events = c
-        .ctr_command()
-        .arg("events")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(500));
+    let mut events = stasis_e2e::EventWatch::start(&c, image)?;
     // 16 MiB limit, a 64 MiB buffer: the OOM killer must act.
     let out = c.ctr(&[
         "run",
@@ -474,29 +467,16 @@ fn events_reach_containerd_including_oom() -> Result<()> {
         out.status.code() == Some(137),
         "OOM-killed task should exit 137: {out:?}"
     );
+    events.wait("/tasks/oom", "oom1", Duration::from_secs(15))?;
     c.ctr_ok(&run_args(image, "ev1", &["true"], false))?;
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = events.kill();
-    let mut text = String::new();
-    events
-        .stdout
-        .take()
-        .context("events stdout")?
-        .read_to_string(&mut text)?;
-    let _ = events.wait();
     for topic in [
         "/tasks/create",
         "/tasks/start",
         "/tasks/exit",
         "/tasks/delete",
-        "/tasks/oom",
     ] {
-        ensure!(text.contains(topic), "no {topic} event in:\n{text}");
+        events.wait(topic, "ev1", Duration::from_secs(15))?;
     }
-    ensure!(
-        text.lines()
-            .any(|l| l.contains("/tasks/oom") && l.contains("oom1")),
-        "OOM event does not name oom1:\n{text}"
-    );
+    drop(events);
     c.finish()
 }

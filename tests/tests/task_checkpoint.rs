@@ -11,39 +11,12 @@ use stasis_e2e::{Containerd, STASIS_RUNTIME};
 /// the root file system); plus a token that only its memory holds.
 use stasis_e2e::cri::counter_loop;
 
-/// `ctr tasks exec` of `cmd` in `id` with a fresh exec id: (exit status ok, stdout).
 fn exec(c: &Containerd, id: &str, cmd: &[&str]) -> Result<(bool, String)> {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let exec_id = format!(
-        "x{}",
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    let mut args = vec!["tasks", "exec", "--exec-id", exec_id.as_str(), id];
-    args.extend(cmd);
-    let out = c.ctr(&args)?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    ))
+    c.exec_in(id, cmd)
 }
 
-/// The counter loop's in-memory token (asked with SIGUSR1, the answer removed again).
 fn memory_token(c: &Containerd, id: &str, file: &str) -> Result<String> {
-    let ask = format!("rm -f {file}.token; kill -USR1 $(cat {file}.pid)");
-    let (ok, out) = exec(c, id, &["sh", "-c", &ask])?;
-    ensure!(ok, "{id}: cannot signal the counter loop: {out}");
-    for _ in 0..100 {
-        let (ok, out) = exec(
-            c,
-            id,
-            &["sh", "-c", &format!("cat {file}.token && rm {file}.token")],
-        )?;
-        if ok && !out.trim().is_empty() {
-            return Ok(out.trim().to_string());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    anyhow::bail!("{id}: the counter loop never answered with its token")
+    c.memory_token(id, file)
 }
 
 fn read_counter(c: &Containerd, id: &str, file: &str, n: usize) -> Result<u64> {
@@ -298,9 +271,28 @@ fn failed_dump_reports_criu_reason_and_leaves_nothing() -> Result<()> {
     let c = Containerd::start("ck-fail")?;
     let image = c.import_busybox()?;
     // An established TCP connection inside the container, which CRIU refuses without open_tcp.
-    c.ctr_ok(&["run", "-d", "--runtime", STASIS_RUNTIME, image, "tcp1", "sh", "-c",
-        "nc -ll -p 9000 -e cat & sleep 0.5; (while true; do echo hi; sleep 1; done) | nc 127.0.0.1 9000"])?;
-    std::thread::sleep(Duration::from_millis(1500));
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        STASIS_RUNTIME,
+        image,
+        "tcp1",
+        "sh",
+        "-c",
+        stasis_e2e::cri::TCP_WORKLOAD,
+    ])?;
+    c.wait_for(
+        "an established TCP connection in tcp1",
+        Duration::from_secs(10),
+        || {
+            let (_, tcp) = exec(&c, "tcp1", &["cat", "/proc/net/tcp"])?;
+            Ok(tcp
+                .lines()
+                .skip(1)
+                .any(|l| l.split_whitespace().nth(3) == Some("01")))
+        },
+    )?;
     let dest = c.dir.join("img-tcp");
     let out = c.ctr(&[
         "tasks",
@@ -358,7 +350,7 @@ async fn cri_checkpoint_container_is_readable_by_checkpointctl() -> Result<()> {
             container_config("counter", image, &["sh", "-c", &counter_loop("/counter")]),
         )
         .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    stasis_e2e::cri::wait_counter_moving(&mut client, &id, "/counter").await?;
     let archive = c.dir.join("counter-checkpoint.tar");
     client
         .runtime
@@ -422,21 +414,26 @@ async fn checkpoint_with_exit_stops_the_task_and_restores() -> Result<()> {
         "x1",
         "sh",
         "-c",
-        "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.02; done",
+        &counter_loop("/count"),
     ])?;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wait_for_progress(&c, "x1", "/count")?;
+    let token = memory_token(&c, "x1", "/count")?;
     let before = read_counter(&c, "x1", "/count", 0)?;
     c.checkpoint_exit_and_restore("x1").await?;
+    let restored = memory_token(&c, "x1", "/count")?;
+    ensure!(
+        restored == token,
+        "memory token {restored} != checkpointed {token}: not restored from memory"
+    );
     let after = read_counter(&c, "x1", "/count", 1)?;
     ensure!(after >= before, "restored counter {after} < {before}");
+    let v = violations(&c, "x1")?;
+    ensure!(v.is_empty(), "file ahead of memory after restore: {v}");
+    wait_for_progress(&c, "x1", "/count")?;
     remove(&c, "x1")?;
     c.finish()
 }
 
-/// Waits (up to 10 s) until the counter in `file` moves twice: the loop runs.
 fn wait_for_progress(c: &Containerd, id: &str, file: &str) -> Result<()> {
-    let first = read_counter(c, id, file, 900)?;
-    c.wait_for(&format!("{id} counting"), Duration::from_secs(10), || {
-        Ok(read_counter(c, id, file, 901)? > first + 1)
-    })
+    c.wait_counter_moving(id, file).map(drop)
 }

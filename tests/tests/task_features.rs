@@ -11,7 +11,7 @@ use containerd_shim_protos::{
     ttrpc::{self, context},
 };
 use stasis_e2e::{
-    processes_matching, shim_connection, shim_task_client, Containerd, STASIS_RUNTIME,
+    processes_matching, shim_connection, shim_task_client, Containerd, EventWatch, STASIS_RUNTIME,
 };
 
 fn run_detached(c: &Containerd, image: &str, id: &str, extra: &[&str], cmd: &[&str]) -> Result<()> {
@@ -317,65 +317,10 @@ fn shutdown_ends_the_shim_only_when_it_serves_nothing() -> Result<()> {
 fn pause_resume_and_exec_events_reach_containerd() -> Result<()> {
     let c = Containerd::start("events-more")?;
     let image = c.import_busybox()?;
-    let mut events = c
-        .ctr_command()
-        .arg("events")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = events.stdout.take().context("events stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    // Subscribed once our own container's start event arrives (no fixed wait).
-    let mut seen = Vec::new();
+    let mut events = EventWatch::start(&c, image)?;
     let mut wait_for_event = |topic: &str, id: &str| -> Result<()> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            if seen
-                .iter()
-                .any(|l: &String| l.contains(topic) && l.contains(id))
-            {
-                return Ok(());
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            ensure!(
-                !left.is_zero(),
-                "no {topic} event for {id}; saw:\n{}",
-                seen.join("\n")
-            );
-            if let Ok(l) = rx.recv_timeout(left) {
-                seen.push(l);
-            }
-        }
+        events.wait(topic, id, Duration::from_secs(15)).map(drop)
     };
-    let mut attempt = 0;
-    loop {
-        let id = format!("probe{attempt}");
-        c.ctr_ok(&[
-            "run",
-            "--rm",
-            "--runtime",
-            STASIS_RUNTIME,
-            image,
-            &id,
-            "true",
-        ])?;
-        if wait_for_event("/tasks/start", &id).is_ok() {
-            break;
-        }
-        attempt += 1;
-        ensure!(attempt < 5, "ctr events never delivered anything");
-    }
     run_detached(&c, image, "e1", &[], &["sleep", "1000"])?;
     c.ctr_ok(&["tasks", "pause", "e1"])?;
     wait_for_event("/tasks/paused", "e1")?;
@@ -384,8 +329,6 @@ fn pause_resume_and_exec_events_reach_containerd() -> Result<()> {
     c.ctr_ok(&["tasks", "exec", "--exec-id", "x1", "e1", "true"])?;
     wait_for_event("/tasks/exec-added", "x1")?;
     wait_for_event("/tasks/exec-started", "x1")?;
-    let _ = events.kill();
-    let _ = events.wait();
     remove(&c, "e1")?;
     c.finish()
 }

@@ -219,6 +219,13 @@ pub fn serve(flags: &Flags) -> Result<(), BoxError> {
             _ = shim.shutdown.cancelled() => {}
             _ = term.recv() => info!("SIGTERM: shutting down"),
         }
+        // A checkpoint under way finishes (its thaw above all) before the shim exits.
+        shim.work.close();
+        if !shim.work.is_empty() {
+            info!("waiting for {} checkpoint(s) to finish", shim.work.len());
+            let bound = runtime::DEFAULT_CHECKPOINT_TIMEOUT + std::time::Duration::from_secs(30);
+            let _ = tokio::time::timeout(bound, shim.work.wait()).await;
+        }
         // Let the reply to Shutdown leave before the socket goes away.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let _ = server.shutdown().await;

@@ -19,6 +19,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::oneshot,
 };
+use tokio_util::sync::CancellationToken;
 
 /// How long an exit nobody has asked for yet is kept: long enough for a caller that learns a
 /// pid from a pid file after the process already died.
@@ -88,10 +89,15 @@ fn reap_all() {
 fn deliver(exit: Exit) {
     let mut t = table().lock().unwrap();
     if let Some(waiters) = t.waiters.remove(&exit.pid) {
+        let mut delivered = false;
         for w in waiters {
-            let _ = w.send(exit);
+            delivered |= w.send(exit).is_ok();
         }
-        return;
+        // A waiter that gave up (its future dropped) must not swallow the exit: whoever asks
+        // next still gets it.
+        if delivered {
+            return;
+        }
     }
     let now = Instant::now();
     t.unclaimed
@@ -136,8 +142,77 @@ pub async fn run(mut cmd: Command) -> std::io::Result<Output> {
 }
 
 /// Runs `cmd` with whatever stdio it was given; `capture` says stdout/stderr are pipes to read.
-pub async fn run_with_stdio(mut cmd: Command, capture: bool) -> std::io::Result<Output> {
+pub async fn run_with_stdio(cmd: Command, capture: bool) -> std::io::Result<Output> {
+    run_cancellable(cmd, capture, None).await
+}
+
+/// Like `run_with_stdio`, but the command runs in a process group of its own and `cancel`
+/// stops it: the whole group (a runtime and the CRIU it started) is killed and waited for
+/// before this returns `ErrorKind::Interrupted`, so nothing of it can act afterwards.
+pub async fn run_cancellable(
+    mut cmd: Command,
+    capture: bool,
+    cancel: Option<&CancellationToken>,
+) -> std::io::Result<Output> {
+    let Some(cancel) = cancel else {
+        return run_to_end(cmd, capture).await;
+    };
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
+    let (pid_tx, pid_rx) = oneshot::channel();
+    let run = run_reporting_pid(cmd, capture, pid_tx);
+    tokio::pin!(run);
+    tokio::select! {
+        r = &mut run => r,
+        _ = cancel.cancelled() => {
+            match pid_rx.await {
+                Ok(pid) => kill_group_and_wait(pid).await,
+                // It never started: nothing to stop.
+                Err(_) => {}
+            }
+            Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "cancelled"))
+        }
+    }
+}
+
+/// SIGKILLs process group `pgid` and waits (bounded) until its leader is reaped and no member
+/// is left.
+async fn kill_group_and_wait(pgid: i32) {
+    use nix::sys::signal::{killpg, Signal};
+    let group = Pid::from_raw(pgid);
+    let _ = killpg(group, Signal::SIGKILL);
+    let _ = tokio::time::timeout(Duration::from_secs(10), wait(pgid)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while killpg(group, None).is_ok() && Instant::now() < deadline {
+        let _ = killpg(group, Signal::SIGKILL);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if killpg(group, None).is_ok() {
+        warn!("process group {pgid} still has members 10 s after SIGKILL");
+    }
+}
+
+async fn run_reporting_pid(
+    cmd: Command,
+    capture: bool,
+    pid: oneshot::Sender<i32>,
+) -> std::io::Result<Output> {
+    run_inner(cmd, capture, Some(pid)).await
+}
+
+async fn run_to_end(cmd: Command, capture: bool) -> std::io::Result<Output> {
+    run_inner(cmd, capture, None).await
+}
+
+async fn run_inner(
+    mut cmd: Command,
+    capture: bool,
+    report: Option<oneshot::Sender<i32>>,
+) -> std::io::Result<Output> {
     let mut child = cmd.spawn()?;
+    if let Some(tx) = report {
+        let _ = tx.send(child.id() as i32);
+    }
     let pid = child.id() as i32;
     let (stdout, stderr) = if capture {
         let out = child.stdout.take();
@@ -184,6 +259,36 @@ mod tests {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "kill -9 $$"]);
         assert_eq!(run(cmd).await.unwrap().status, 128 + 9);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_command_and_its_children_are_gone_when_it_returns() {
+        start().unwrap();
+        let cancel = CancellationToken::new();
+        let mut cmd = Command::new("sh");
+        // A child of its own in the same group, like CRIU under runc.
+        cmd.args(["-c", "sleep 100 & echo $! > /proc/self/fd/1; sleep 100"]);
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let c2 = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            c2.cancel();
+        });
+        let started = Instant::now();
+        let r = run_cancellable(cmd, false, Some(&cancel)).await;
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::Interrupted);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // No `sleep 100` of that group is left.
+        let left = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .map(|c| c == b"sleep\0100\0")
+                    .unwrap_or(false)
+            })
+            .count();
+        assert_eq!(left, 0, "the command's children outlived the cancel");
     }
 
     #[tokio::test]

@@ -12,8 +12,11 @@ use std::{
 use log::{info, warn};
 use stasis_api::layout::{CHECKPOINT_DIR, DUMP_LOG, STATS_DUMP};
 
+use tokio_util::sync::CancellationToken;
+
 use super::{
-    timed_out, CheckpointOpts, ContainerTarget, OciRuntime, PodCapture, PodCheckpoint, Timings,
+    cancel_after, timed_out, CheckpointOpts, ContainerTarget, OciRuntime, PodCapture,
+    PodCheckpoint, Timings, DEFAULT_CHECKPOINT_TIMEOUT,
 };
 use crate::{
     cgroup::freezer::{self, Freezer},
@@ -57,6 +60,14 @@ pub async fn checkpoint_container<R: OciRuntime + ?Sized>(
     if let Some(f) = &freezer {
         freeze(id, f).await?;
     }
+    // The bound containerd does not set: a dump past it is stopped before the thaw.
+    let mut opts = opts.clone();
+    let cancel = opts
+        .cancel
+        .get_or_insert_with(CancellationToken::new)
+        .clone();
+    let timer = cancel_after(&cancel, DEFAULT_CHECKPOINT_TIMEOUT);
+    let opts = &opts;
     let result = async {
         let t = Instant::now();
         runtime.checkpoint(id, opts).await?;
@@ -72,6 +83,7 @@ pub async fn checkpoint_container<R: OciRuntime + ?Sized>(
         Ok::<_, Error>((dump, t.elapsed()))
     }
     .await;
+    drop(timer);
     let frozen = match &freezer {
         Some(f) => {
             let thawed = thaw(id, f).await;
@@ -135,18 +147,20 @@ pub async fn checkpoint_pod<R: OciRuntime + ?Sized>(
     }
 
     let work = std::env::temp_dir().join(format!("stasis-pod-dump-{}", std::process::id()));
+    // Past the bound, every dump is stopped (runc and CRIU killed and waited for) before
+    // anything is thawed: a CRIU still running could otherwise re-freeze or write later.
+    let limit = job.timeout.unwrap_or(DEFAULT_CHECKPOINT_TIMEOUT);
+    let cancel = CancellationToken::new();
+    let timer = cancel_after(&cancel, limit);
     let dumps = job
         .containers
         .iter()
-        .map(|c| dump_one(runtime, c, &work, job));
-    let joined = futures::future::join_all(dumps);
-    let outcome = match job.timeout {
-        Some(limit) => match tokio::time::timeout(limit, joined).await {
-            Ok(r) => r,
-            Err(_) => vec![Err(timed_out(job.pod_id, "checkpoint", limit))],
-        },
-        None => joined.await,
-    };
+        .map(|c| dump_one(runtime, c, &work, job, &cancel));
+    let mut outcome = futures::future::join_all(dumps).await;
+    drop(timer);
+    if cancel.is_cancelled() {
+        outcome.insert(0, Err(timed_out(job.pod_id, "checkpoint", limit)));
+    }
     if !job.leave_running && outcome.iter().all(|r| r.is_ok()) {
         for c in job.containers {
             if let Err(e) = runtime.kill(&c.id, libc::SIGKILL as u32, true).await {
@@ -194,6 +208,7 @@ async fn dump_one<R: OciRuntime + ?Sized>(
     c: &ContainerTarget,
     work: &Path,
     job: &PodCheckpoint<'_>,
+    cancel: &CancellationToken,
 ) -> Result<Timings> {
     let copts = CheckpointOpts {
         image_path: c.dir.join(CHECKPOINT_DIR),
@@ -204,6 +219,7 @@ async fn dump_one<R: OciRuntime + ?Sized>(
         tcp_established: job.tcp_established,
         file_locks: job.file_locks,
         shell_job: c.terminal,
+        cancel: Some(cancel.clone()),
         ..Default::default()
     };
     let t = Instant::now();

@@ -53,6 +53,9 @@ pub struct CheckpointOpts {
     pub file_locks: bool,
     pub empty_ns: Vec<String>,
     pub cgroups_mode: String,
+    /// Stops the dump: the runtime and CRIU are killed and waited for before `checkpoint`
+    /// returns, so nothing of them can freeze, thaw or write afterwards.
+    pub cancel: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// What a runtime needs to start a pod of its own (see `OciRuntime::start_pod`).
@@ -286,5 +289,31 @@ pub trait OciRuntime: Send + Sync {
 
 /// The error for a step that ran past its bound.
 pub fn timed_out(id: &str, step: &str, after: Duration) -> Error {
-    Error::other(id, step, format!("timed out after {} s", after.as_secs()))
+    Error::other(
+        id,
+        step,
+        format!(
+            "timed out after {} s (the runtime and CRIU were stopped before the pod was thawed)",
+            after.as_secs()
+        ),
+    )
+}
+
+/// How long a checkpoint may take when the caller sets no bound of its own.
+pub const DEFAULT_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Cancels `token` once `limit` has passed (unless the returned guard is dropped first).
+pub fn cancel_after(
+    token: &tokio_util::sync::CancellationToken,
+    limit: Duration,
+) -> tokio_util::sync::DropGuard {
+    let timer = tokio_util::sync::CancellationToken::new();
+    let (t, stop) = (token.clone(), timer.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(limit) => t.cancel(),
+            _ = stop.cancelled() => {}
+        }
+    });
+    timer.drop_guard()
 }

@@ -75,12 +75,32 @@ impl Runc {
 
     /// Runs a command whose output we can read, turning a failure into an error that carries
     /// runc's own words.
-    pub(super) async fn run(&self, id: &str, step: &str, mut cmd: Command) -> Result<Vec<u8>> {
+    pub(super) async fn run(&self, id: &str, step: &str, cmd: Command) -> Result<Vec<u8>> {
+        self.run_cancellable(id, step, cmd, None).await
+    }
+
+    /// `run`, stopped (the runtime's whole process group killed and waited for) if `cancel`
+    /// fires first.
+    pub(super) async fn run_cancellable(
+        &self,
+        id: &str,
+        step: &str,
+        mut cmd: Command,
+        cancel: Option<&tokio_util::sync::CancellationToken>,
+    ) -> Result<Vec<u8>> {
         debug!("{}: {step}: {:?}", id, cmd);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let out = reaper::run(cmd)
-            .await
-            .map_err(|e| self.spawn_failed(id, step, e))?;
+        let out = match reaper::run_cancellable(cmd, true, cancel).await {
+            Ok(out) => out,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                return Err(Error::other(
+                    id,
+                    format!("{} {step}", self.engine),
+                    "cancelled; the runtime and its helpers were stopped",
+                ))
+            }
+            Err(e) => return Err(self.spawn_failed(id, step, e)),
+        };
         if !out.success() {
             return Err(Error::Runtime {
                 id: id.to_string(),
@@ -285,7 +305,7 @@ impl OciRuntime for Runc {
             cmd.arg("--leave-running");
         }
         cmd.arg(id);
-        self.run(id, "checkpoint", cmd)
+        self.run_cancellable(id, "checkpoint", cmd, opts.cancel.as_ref())
             .await
             .map(drop)
             .map_err(|e| with_criu_reason(e, &opts.work_path.join("dump.log"), self.engine))

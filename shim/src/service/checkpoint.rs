@@ -26,14 +26,14 @@ use crate::{
 
 pub struct CheckpointService {
     shim: Arc<Shim>,
-    gate: CheckpointGate,
+    gate: Arc<CheckpointGate>,
 }
 
 impl CheckpointService {
     pub fn new(shim: Arc<Shim>) -> Self {
         CheckpointService {
             shim,
-            gate: CheckpointGate::default(),
+            gate: Arc::default(),
         }
     }
 }
@@ -59,6 +59,13 @@ fn validate_dir(path: &Path, runtime: &dyn OciRuntime) -> Result<ValidateRestore
     })
 }
 
+/// The result of work spawned so that it outlives its request.
+pub(super) async fn detached<T>(work: tokio::task::JoinHandle<Result<T>>) -> Result<T> {
+    work.await.map_err(|e| {
+        crate::error::Error::other("checkpoint", "run", format!("worker failed: {e}"))
+    })?
+}
+
 #[async_trait]
 impl Checkpoint for CheckpointService {
     async fn checkpoint_pod(
@@ -66,7 +73,14 @@ impl Checkpoint for CheckpointService {
         _ctx: &TtrpcContext,
         req: CheckpointPodRequest,
     ) -> ttrpc::Result<CheckpointPodResponse> {
-        rpc(checkpoint::checkpoint_pod(&self.shim, &self.gate, req).await)
+        // Its own task: a caller that gives up (deadline, cancelled request) does not stop
+        // the checkpoint half-way; it runs to its end, thaw and clean-up included.
+        let (shim, gate) = (self.shim.clone(), self.gate.clone());
+        let work = shim
+            .clone()
+            .work
+            .spawn(async move { checkpoint::checkpoint_pod(&shim, &gate, req).await });
+        rpc(detached(work).await)
     }
 
     async fn finish_restore(

@@ -72,7 +72,15 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::CheckpointTaskRequest,
     ) -> ttrpc::Result<Empty> {
-        rpc(task::checkpoint(&self.0, req).await.map(|_| Empty::new()))
+        // Its own task: a caller that gives up does not stop the checkpoint half-way.
+        let shim = self.0.clone();
+        let work = shim
+            .clone()
+            .work
+            .spawn(async move { task::checkpoint(&shim, req).await });
+        rpc(super::checkpoint::detached(work)
+            .await
+            .map(|_| Empty::new()))
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> ttrpc::Result<Empty> {

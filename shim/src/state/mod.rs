@@ -30,6 +30,9 @@ pub struct Shim {
     pub events: Events,
     /// Cancelled when the shim should exit.
     pub shutdown: CancellationToken,
+    /// Work that must finish even if its request goes away (checkpoints): the shim waits for
+    /// it before exiting.
+    pub work: tokio_util::task::TaskTracker,
 }
 
 impl Shim {
@@ -40,6 +43,7 @@ impl Shim {
             runtime,
             events,
             shutdown: CancellationToken::new(),
+            work: tokio_util::task::TaskTracker::new(),
         })
     }
 

@@ -59,6 +59,7 @@ pub async fn checkpoint(shim: &Shim, req: api::CheckpointTaskRequest) -> Result<
         file_locks: o.file_locks,
         empty_ns: o.empty_namespaces.clone(),
         cgroups_mode: o.cgroups_mode.clone(),
+        cancel: None,
     };
     let target = ContainerTarget {
         id: req.id.clone(),

@@ -234,7 +234,10 @@ impl OciRuntime for Runsc {
             cmd.arg("--leave-running");
         }
         cmd.arg(id);
-        self.cli.run(id, "checkpoint", cmd).await.map(drop)
+        self.cli
+            .run_cancellable(id, "checkpoint", cmd, opts.cancel.as_ref())
+            .await
+            .map(drop)
     }
 
     async fn restore(

@@ -18,8 +18,8 @@ use crate::{
     error::{Error, Result},
     fscapture::volumes,
     runtime::{
-        timed_out, CheckpointOpts, ContainerTarget, OciRuntime, Operation, PodCapture,
-        PodCheckpoint, Timings,
+        cancel_after, timed_out, CheckpointOpts, ContainerTarget, OciRuntime, Operation,
+        PodCapture, PodCheckpoint, Timings, DEFAULT_CHECKPOINT_TIMEOUT,
     },
     util::blocking,
 };
@@ -185,13 +185,20 @@ pub async fn checkpoint_pod(runsc: &Runsc, job: &PodCheckpoint<'_>) -> Result<Po
     if with_volumes {
         runsc.pause(pod_id).await?;
     }
+    let limit = job.timeout.unwrap_or(DEFAULT_CHECKPOINT_TIMEOUT);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let timer = cancel_after(&cancel, limit);
+    let copts = CheckpointOpts {
+        cancel: Some(cancel.clone()),
+        ..copts
+    };
     let captured = async {
-        let dumped = runsc.checkpoint(pod_id, &copts);
-        let dumped = match job.timeout {
-            Some(limit) => tokio::time::timeout(limit, dumped)
-                .await
-                .unwrap_or_else(|_| Err(timed_out(pod_id, "checkpoint", limit))),
-            None => dumped.await,
+        let dumped = runsc.checkpoint(pod_id, &copts).await;
+        // Past the bound runsc was killed and waited for: say so plainly.
+        let dumped = if cancel.is_cancelled() {
+            Err(timed_out(pod_id, "checkpoint", limit))
+        } else {
+            dumped
         };
         dumped.map_err(|e| Error::Runtime {
             id: format!("pod {pod_id}"),
@@ -206,6 +213,7 @@ pub async fn checkpoint_pod(runsc: &Runsc, job: &PodCheckpoint<'_>) -> Result<Po
         Ok::<_, Error>(())
     }
     .await;
+    drop(timer);
     if with_volumes {
         let resumed = resume_sandbox(runsc, pod_id).await;
         if captured.is_ok() {

@@ -1,0 +1,141 @@
+//! Faults during a checkpoint: whatever ends it, the pod is left running and thawed, nothing of
+//! the runtime or CRIU keeps working on it, and nothing is left at or beside the output.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use stasis_e2e::{
+    cri::{container_config, counter_loop, pod_config, wait_counter_moving},
+    Containerd,
+};
+
+/// Processes of runc or CRIU still running (any, on this host: the test holds a checkpoint).
+fn runtime_helpers() -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let exe = std::fs::read_link(e.path().join("exe")).unwrap_or_default();
+        let name = exe.file_name().map(|n| n.to_string_lossy().into_owned());
+        if let Some(n) = name.filter(|n| n == "criu" || n == "runc") {
+            let cmd = std::fs::read(e.path().join("cmdline"))
+                .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+                .unwrap_or_default();
+            if cmd.contains("checkpoint") || n == "criu" {
+                found.push(format!("{} {n}: {cmd}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_pod_checkpoint_stops_criu_and_leaves_the_pod_thawed() -> Result<()> {
+    let c = Containerd::start("fault-timeout")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config("slow", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    // 1 GiB of touched memory: its dump takes seconds here (about 250 MB/s).
+    let big = format!(
+        "a=$(head -c {} /dev/zero | tr '\\0' x); echo ready > /ready; while true; do sleep 1; done",
+        1u64 << 30
+    );
+    let big_id = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("big", image, &["sh", "-c", &big]),
+        )
+        .await?;
+    let counter_id = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("counter", image, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while cri.exec(&big_id, &["cat", "/ready"]).await?.0 != 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the big container never filled its memory"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_counter_moving(&mut cri, &counter_id, "/counter").await?;
+
+    let out_dir = c.dir.join("out");
+    std::fs::create_dir_all(&out_dir)?;
+    let archive = out_dir.join("slow.tar");
+    let started = Instant::now();
+    let out = c.stasisctl(&[
+        "pod",
+        "checkpoint",
+        "slow",
+        "--leave-running",
+        "--timeout",
+        "1",
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "the checkpoint did not time out ({took:?})"
+    );
+    ensure!(
+        err.contains("timed out"),
+        "the error does not say it timed out: {err}"
+    );
+    // When the call returns, runc and CRIU are gone already (killed and waited for).
+    let helpers = runtime_helpers();
+    ensure!(
+        helpers.is_empty(),
+        "runtime helpers still running: {helpers:?}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&out_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    ensure!(left.is_empty(), "files at or beside --output: {left:?}");
+    // And it stays so: never frozen again, both containers run, for a while.
+    let watch_until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < watch_until {
+        for id in [&big_id, &counter_id] {
+            let state = std::fs::read_to_string(
+                std::path::Path::new("/sys/fs/cgroup/freezer/stasis")
+                    .join(&pod_id)
+                    .join(id)
+                    .join("freezer.state"),
+            )
+            .context("read freezer.state")?;
+            ensure!(
+                state.trim() == "THAWED",
+                "{id} is {state} after the timeout"
+            );
+        }
+        ensure!(runtime_helpers().is_empty(), "a runtime helper came back");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    wait_counter_moving(&mut cri, &counter_id, "/counter").await?;
+    ensure!(
+        cri.exec(&big_id, &["true"]).await?.0 == 0,
+        "the big container does not answer"
+    );
+    // The same pod checkpoints fine with time enough.
+    let ok = c.stasisctl(&[
+        "pod",
+        "checkpoint",
+        "slow",
+        "--leave-running",
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    ensure!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    cri.stop_and_remove_pod(&pod_id).await?;
+    c.finish()
+}

@@ -165,10 +165,9 @@ pub async fn run_cancellable(
     tokio::select! {
         r = &mut run => r,
         _ = cancel.cancelled() => {
-            match pid_rx.await {
-                Ok(pid) => kill_group_and_wait(pid).await,
-                // It never started: nothing to stop.
-                Err(_) => {}
+            // No pid means it never started: nothing to stop.
+            if let Ok(pid) = pid_rx.await {
+                kill_group_and_wait(pid).await;
             }
             Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "cancelled"))
         }
@@ -284,7 +283,7 @@ mod tests {
             .flatten()
             .filter(|e| {
                 std::fs::read(e.path().join("cmdline"))
-                    .map(|c| c == b"sleep\0100\0")
+                    .map(|c| c == b"sleep\x00100\x00")
                     .unwrap_or(false)
             })
             .count();

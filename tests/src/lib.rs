@@ -168,6 +168,19 @@ impl Containerd {
         })
     }
 
+    /// The footprint once it is steady: every pod has its one shim and no removed pod's shim
+    /// is still on its way out (all pods of these tests are stasis pods).
+    pub async fn settled_footprint(&self) -> Result<Footprint> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let now = self.footprint().await?;
+            if now.shims == now.pods || Instant::now() > deadline {
+                return Ok(now);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits (up to 15 s: a removed pod's shim exits a moment later) for the footprint to be
     /// `expected`; fails showing what differs.
     pub async fn expect_footprint(&self, expected: Footprint) -> Result<()> {

@@ -154,7 +154,7 @@ async fn archives_are_readable_and_hostile_ones_refused() -> Result<()> {
     }
 
     // Hostile and broken archives: refused with a clear error, nothing created or written.
-    let pods_before = c.footprint().await?;
+    let pods_before = c.settled_footprint().await?;
     let work = c.dir.join("restore-work");
     let canary = c.dir.join("escaped");
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -458,7 +458,7 @@ async fn hostile_content_inside_a_valid_archive_is_refused() -> Result<()> {
         base.join(&cdir).join("checkpoint/volumes/0.tar").exists(),
         "the checkpoint holds no volume capture to tamper with"
     );
-    let pods_before = c.footprint().await?;
+    let pods_before = c.settled_footprint().await?;
     for (name, file, bytes, expect) in cases {
         let dir = c.dir.join(format!("inner-{name}"));
         let status = std::process::Command::new("cp")

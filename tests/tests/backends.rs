@@ -223,7 +223,7 @@ async fn archive_of_one_backend_is_refused_by_the_other() -> Result<()> {
         (&runc_archive, "stasis-gvisor", "runc", "runsc"),
         (&gvisor_archive, "stasis", "runsc", "runc"),
     ] {
-        let pods = c.footprint().await?;
+        let pods = c.settled_footprint().await?;
         let out = c.stasisctl(&[
             "pod",
             "restore",
@@ -665,7 +665,7 @@ async fn loop_pids(cri: &mut stasis_e2e::cri::CriClient, id: &str) -> Result<Vec
 async fn restore_without_annotations_fails_clearly() -> Result<()> {
     let c = Containerd::start("backend-no-annotations")?;
     let archive = checkpoint_pod(&c, "stasis", "plain").await?;
-    let pods = c.footprint().await?;
+    let pods = c.settled_footprint().await?;
     let out = c.stasisctl(&[
         "pod",
         "restore",

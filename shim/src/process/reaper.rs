@@ -266,7 +266,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let mut cmd = Command::new("sh");
         // A child of its own in the same group, like CRIU under runc.
-        cmd.args(["-c", "sleep 100 & echo $! > /proc/self/fd/1; sleep 100"]);
+        cmd.args(["-c", "sleep 4321.5 & sleep 4321.5"]);
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let c2 = cancel.clone();
         tokio::spawn(async move {
@@ -277,13 +277,13 @@ mod tests {
         let r = run_cancellable(cmd, false, Some(&cancel)).await;
         assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::Interrupted);
         assert!(started.elapsed() < Duration::from_secs(5));
-        // No `sleep 100` of that group is left.
+        // No `sleep 4321.5` of that group is left.
         let left = std::fs::read_dir("/proc")
             .unwrap()
             .flatten()
             .filter(|e| {
                 std::fs::read(e.path().join("cmdline"))
-                    .map(|c| c == b"sleep\x00100\x00")
+                    .map(|c| c == b"sleep\x004321.5\x00")
                     .unwrap_or(false)
             })
             .count();

@@ -50,7 +50,7 @@ need() { ! dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok i
 missing=()
 for p in criu runc crun runsc checkpointctl; do need "$p" && missing+=("$p"); done
 base=()
-for p in iptables busybox-static containernetworking-plugins protobuf-compiler iproute2 procps zstd; do need "$p" && base+=("$p"); done
+for p in iptables busybox-static containernetworking-plugins protobuf-compiler iproute2 procps zstd docker-registry; do need "$p" && base+=("$p"); done
 ctd_ok=1
 if ! command -v containerd >/dev/null || ! containerd --version | grep -Eq ' v?2\.'; then ctd_ok=0; fi
 
@@ -70,7 +70,7 @@ fi
 
 # The Debian containerd package starts a system containerd; stasis never uses it (tests run a
 # private one), so leave it alone but make sure it doesn't hold NRI's socket for our instances.
-for b in containerd ctr runc criu iptables-restore busybox; do
+for b in containerd ctr runc criu iptables-restore busybox docker-registry; do
   command -v "$b" >/dev/null || { echo "install-deps: $b still missing after install" >&2; exit 1; }
 done
 command -v runsc >/dev/null || echo "install-deps: note: runsc not installed" >&2

@@ -11,6 +11,11 @@ use tonic::transport::{Channel, Endpoint, Uri};
 pub type Runtime = RuntimeServiceClient<Channel>;
 
 pub async fn connect(socket: &Path) -> Result<Runtime> {
+    Ok(RuntimeServiceClient::new(channel(socket).await?))
+}
+
+/// A gRPC channel to containerd's socket, for any CRI service.
+pub async fn channel(socket: &Path) -> Result<Channel> {
     let path = socket.to_path_buf();
     let channel = Endpoint::try_from("http://[::]:50051")?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -21,7 +26,7 @@ pub async fn connect(socket: &Path) -> Result<Runtime> {
         }))
         .await
         .with_context(|| format!("connect to containerd at {}", socket.display()))?;
-    Ok(RuntimeServiceClient::new(channel))
+    Ok(channel)
 }
 
 /// Finds a pod by id, unique id prefix, or name.

@@ -6,6 +6,7 @@ pub mod api;
 pub mod cri;
 pub mod image;
 pub mod leaks;
+pub mod registry;
 
 use std::{
     path::{Path, PathBuf},

@@ -437,3 +437,104 @@ async fn checkpoint_with_exit_stops_the_task_and_restores() -> Result<()> {
 fn wait_for_progress(c: &Containerd, id: &str, file: &str) -> Result<()> {
     c.wait_counter_moving(id, file).map(drop)
 }
+
+/// A CRI CheckpointContainer archive restores through CRI itself: CreateContainer names the
+/// archive as its image, containerd brings the base image back from the registry the archive
+/// records (a real one on loopback here), and the shim's Task.Create restores the processes
+/// from the archive's images: the same memory (token), the same files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_checkpoint_container_archive_restores_through_cri() -> Result<()> {
+    use stasis_e2e::cri::{
+        container_config, cri, memory_token, pod_config, read_counter, violations,
+        wait_counter_above,
+    };
+    let c = Containerd::start("ck-cri-restore")?;
+    let local = c.import_busybox_for_cri()?;
+    let registry = stasis_e2e::registry::Registry::start(&c.dir)?;
+    let remote = format!("{}/stasis/busybox:test", registry.host);
+    let ctr_k8s = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new("ctr")
+            .arg("--address")
+            .arg(c.socket())
+            .args(["-n", "k8s.io"])
+            .args(args)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    ctr_k8s(&["images", "tag", local, &remote])?;
+    ctr_k8s(&["images", "push", "--plain-http", &remote])?;
+    ctr_k8s(&["images", "rm", &remote])?;
+    // Pulled through CRI, the image carries the registry digest a checkpoint records.
+    let mut images = k8s_cri::v1::image_service_client::ImageServiceClient::new(
+        stasis_controller::cri::channel(&c.socket()).await?,
+    );
+    images
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: remote.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .context("CRI PullImage from the loopback registry")?;
+
+    let mut client = c.cri().await?;
+    let pod = pod_config("crick", &c.dir.join("logs"));
+    let pod_id = client.run_pod(&pod).await?;
+    let id = client
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("counter", &remote, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
+    client
+        .exec_ok(&id, &["sh", "-c", "echo kept > /in-rootfs"])
+        .await?;
+    stasis_e2e::cri::wait_counter_moving(&mut client, &id, "/counter").await?;
+    let token = memory_token(&mut client, &id, "/counter").await?;
+    let before = read_counter(&mut client, &id, "/counter").await?;
+    let archive = c.dir.join("cri-checkpoint.tar");
+    client
+        .runtime
+        .checkpoint_container(cri::CheckpointContainerRequest {
+            container_id: id.clone(),
+            location: archive.display().to_string(),
+            timeout: 60,
+        })
+        .await
+        .context("CRI CheckpointContainer")?;
+    client.stop_and_remove_pod(&pod_id).await?;
+
+    let pod2 = pod_config("crick-restored", &c.dir.join("logs"));
+    let pod2_id = client.run_pod(&pod2).await?;
+    let restored = client
+        .run_container(
+            &pod2_id,
+            &pod2,
+            container_config("counter", &archive.display().to_string(), &[]),
+        )
+        .await
+        .context("CRI CreateContainer from the checkpoint archive")?;
+    let now_token = memory_token(&mut client, &restored, "/counter").await?;
+    ensure!(
+        now_token == token,
+        "restored memory token {now_token} != checkpointed {token}"
+    );
+    let now = read_counter(&mut client, &restored, "/counter").await?;
+    ensure!(now >= before, "counter {now} < {before} at the checkpoint");
+    let v = violations(&mut client, &restored).await?;
+    ensure!(v.is_empty(), "file ahead of memory: {v}");
+    let kept = client.exec_ok(&restored, &["cat", "/in-rootfs"]).await?;
+    ensure!(kept.trim() == "kept", "rootfs file lost: {kept:?}");
+    wait_counter_above(&mut client, &restored, "/counter", now).await?;
+    client.stop_and_remove_pod(&pod2_id).await?;
+    drop(registry);
+    c.finish()
+}

@@ -469,6 +469,20 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
         }
     }
 
+    /// Kills task `id`, waits for it to stop, deletes it and its container.
+    pub fn remove_task(&self, id: &str) -> Result<()> {
+        let _ = self.ctr(&["tasks", "kill", "-s", "KILL", id]);
+        self.wait_for(&format!("{id} stopped"), Duration::from_secs(10), || {
+            Ok(matches!(
+                self.task_status(id)?.as_deref(),
+                None | Some("STOPPED")
+            ))
+        })?;
+        let _ = self.ctr(&["tasks", "delete", id]);
+        self.ctr_ok(&["containers", "delete", id])?;
+        Ok(())
+    }
+
     /// `ctr tasks exec` of `cmd` in task `id` with a fresh exec id: (succeeded, stdout).
     pub fn exec_in(&self, id: &str, cmd: &[&str]) -> Result<(bool, String)> {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

@@ -57,16 +57,7 @@ fn violations(c: &Containerd, id: &str) -> Result<String> {
 }
 
 fn remove(c: &Containerd, id: &str) -> Result<()> {
-    let _ = c.ctr(&["tasks", "kill", "-s", "KILL", id]);
-    c.wait_for(&format!("{id} stopped"), Duration::from_secs(10), || {
-        Ok(matches!(
-            c.task_status(id)?.as_deref(),
-            None | Some("STOPPED")
-        ))
-    })?;
-    let _ = c.ctr(&["tasks", "delete", id]);
-    c.ctr_ok(&["containers", "delete", id])?;
-    Ok(())
+    c.remove_task(id)
 }
 
 /// Runs the chain: checkpoint live, remove the original, restore into a fresh container, check

@@ -26,16 +26,7 @@ fn run_detached(c: &Containerd, image: &str, id: &str, extra: &[&str], cmd: &[&s
 }
 
 fn remove(c: &Containerd, id: &str) -> Result<()> {
-    let _ = c.ctr(&["tasks", "kill", "-s", "KILL", id]);
-    c.wait_for(&format!("{id} stopped"), Duration::from_secs(10), || {
-        Ok(matches!(
-            c.task_status(id)?.as_deref(),
-            None | Some("STOPPED")
-        ))
-    })?;
-    let _ = c.ctr(&["tasks", "delete", id]);
-    c.ctr_ok(&["containers", "delete", id])?;
-    Ok(())
+    c.remove_task(id)
 }
 
 fn shims_serving(c: &Containerd, id: &str) -> Vec<i32> {

@@ -53,5 +53,5 @@ pub fn check_container_dir(id: &str, dir: &Path, runtime: &dyn OciRuntime) -> Re
         ));
     }
     rootfs::validate(id, dir)?;
-    volumes::validate(id, &dir.join(CHECKPOINT_DIR))
+    volumes::validate(id, &dir.join(CHECKPOINT_DIR)).map(drop)
 }

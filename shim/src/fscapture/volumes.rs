@@ -73,16 +73,16 @@ pub fn capture(id: &str, spec: &ContainerSpec, image: &Path) -> Result<Vec<Captu
 
 /// Checks the captured volumes beside `image` before anything is restored: a sane index and
 /// archives that pass the same entry checks as a rootfs diff (no devices, no escapes, no links
-/// leading out).
-pub fn validate(id: &str, image: &Path) -> Result<()> {
+/// leading out). Returns the index (empty when nothing was captured).
+pub fn validate(id: &str, image: &Path) -> Result<Vec<Captured>> {
     let index = image.join(INDEX);
     if !index.exists() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let text = std::fs::read(&index).map_err(|e| Error::io(id, "read volume index", e))?;
     let captured: Vec<Captured> = serde_json::from_slice(&text)
         .map_err(|e| Error::invalid(id, format!("volume index: {e}")))?;
-    for c in captured {
+    for c in &captured {
         if Path::new(&c.archive)
             .components()
             .any(|p| !matches!(p, Component::Normal(_)))
@@ -98,31 +98,14 @@ pub fn validate(id: &str, image: &Path) -> Result<()> {
             &image.join(&c.archive),
         )?;
     }
-    Ok(())
+    Ok(captured)
 }
 
 /// Puts captured volume contents back into the new container's volumes (matched by
-/// destination), replacing what they held. Entries that would leave the volume are refused.
+/// destination), replacing what they held. Every archive is checked before any volume is
+/// touched.
 pub fn restore(id: &str, spec: &ContainerSpec, image: &Path) -> Result<()> {
-    let index = image.join(INDEX);
-    if !index.exists() {
-        return Ok(());
-    }
-    let text = std::fs::read(&index).map_err(|e| Error::io(id, "read volume index", e))?;
-    let captured: Vec<Captured> = serde_json::from_slice(&text)
-        .map_err(|e| Error::invalid(id, format!("volume index: {e}")))?;
-    // Every archive is checked before any volume is touched.
-    validate(id, image)?;
-    for c in captured {
-        if Path::new(&c.archive)
-            .components()
-            .any(|p| !matches!(p, Component::Normal(_)))
-        {
-            return Err(Error::invalid(
-                id,
-                format!("volume archive path {:?} leaves the checkpoint", c.archive),
-            ));
-        }
+    for c in validate(id, image)? {
         let Some(src) = spec.mounts().iter().find_map(|m| {
             (m.destination() == Path::new(&c.destination))
                 .then(|| m.source().as_ref().map(|s| s.display().to_string()))?

@@ -1,0 +1,235 @@
+//! The end of a test: the leak check (`Containerd::finish`) and the forced cleanup (`Drop`)
+//! that leaves nothing behind even when a test failed.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+
+use crate::{cri, leaks, mounts_under, Containerd};
+
+pub(crate) fn cleanup_dir(dir: &Path) {
+    let mut mounts = mounts_under(dir);
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mounts {
+        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+impl Containerd {
+    /// Stops and removes every CRI pod (best effort, for teardown).
+    /// gVisor sandboxes of this containerd's pods that a failed test left behind (their state
+    /// lives in the shared runsc root, their bundles below our directory).
+    fn remove_gvisor_sandboxes(&self) {
+        let root = "/run/stasis/runsc/k8s.io";
+        let Ok(out) = Command::new("runsc")
+            .args(["--root", root, "list", "-format=json"])
+            .output()
+        else {
+            return;
+        };
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let mine = self.dir.display().to_string();
+        for c in list {
+            let (Some(id), Some(bundle)) = (c["id"].as_str(), c["bundle"].as_str()) else {
+                continue;
+            };
+            if bundle.starts_with(&mine) {
+                let _ = Command::new("runsc")
+                    .args(["--root", root, "delete", "-force", id])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+
+    fn remove_cri_pods(&self) {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        let socket = self.socket();
+        let _ = std::thread::spawn(move || {
+            rt.block_on(async {
+                let Ok(mut c) = cri::CriClient::connect(&socket).await else {
+                    return;
+                };
+                let Ok(pods) = c
+                    .runtime
+                    .list_pod_sandbox(cri::cri::ListPodSandboxRequest::default())
+                    .await
+                else {
+                    return;
+                };
+                for p in pods.into_inner().items {
+                    let _ = c.stop_and_remove_pod(&p.id).await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+impl Containerd {
+    /// Every pod and container id this containerd's log names (see `leaks::ids_in_log`).
+    pub fn ids_seen(&self) -> std::collections::BTreeSet<String> {
+        leaks::ids_in_log(
+            &std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default(),
+        )
+    }
+
+    /// What is left of this test's pods and containers right now: processes, mounts, cgroups
+    /// (every hierarchy), shim sockets, runtime state.
+    pub fn leftovers(&self) -> Vec<String> {
+        let ids = self.ids_seen();
+        let containerd = self.child.as_ref().map(|c| c.id() as i32);
+        let mut left = leaks::processes(
+            &self.dir,
+            &ids,
+            &self.namespace,
+            &containerd.into_iter().collect::<Vec<_>>(),
+        );
+        left.extend(
+            mounts_under(&self.dir)
+                .into_iter()
+                .map(|m| format!("mount {m}")),
+        );
+        left.extend(leaks::cgroups(&ids, &self.namespace));
+        left.extend(leaks::sockets(&self.socket(), &ids, &self.namespace));
+        left.extend(leaks::runtime_state(&ids, &self.namespace));
+        left
+    }
+
+    /// Ends the test: removes what is still there the way a user would (tasks and containers
+    /// through containerd, pods through CRI), waits for the shims to go, then fails listing
+    /// anything left behind. Every test that starts a containerd ends with this.
+    pub fn finish(mut self) -> Result<()> {
+        self.remove_through_apis();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut left = self.leftovers();
+        while !left.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            left = self.leftovers();
+        }
+        if left.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "the test left behind after its pods and containers were removed:\n  {}\ncontainerd log tail:\n{}",
+            left.join("\n  "),
+            self.log_tail(30)
+        )
+    }
+
+    /// Tasks first, through containerd, so shims clean up after themselves; then CRI pods.
+    fn remove_through_apis(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        if let Ok(out) = self.ctr_ok(&["tasks", "ls", "-q"]) {
+            for id in out.lines() {
+                let _ = self.ctr(&["tasks", "kill", "-s", "KILL", id]);
+                let _ = self.ctr(&["tasks", "delete", "-f", id]);
+            }
+        }
+        if let Ok(out) = self.ctr_ok(&["containers", "ls", "-q"]) {
+            for id in out.lines() {
+                let _ = self.ctr(&["containers", "delete", id]);
+            }
+        }
+        self.remove_cri_pods();
+    }
+
+    /// After a failed test: whatever of its ids is left in the shared places (cgroups, runtime
+    /// state), removed so the next test starts clean.
+    fn force_remove_ids(&self) {
+        let ids = self.ids_seen();
+        for root in leaks::cgroup_roots() {
+            for id in &ids {
+                for dir in [
+                    root.join("stasis").join(id),
+                    root.join(&self.namespace).join(id),
+                ] {
+                    remove_cgroup_tree(&dir);
+                }
+            }
+            let _ = std::fs::remove_dir(root.join(&self.namespace));
+        }
+        for engine in ["runc", "crun"] {
+            for ns in leaks::namespaces(&self.namespace) {
+                for id in &ids {
+                    let _ = std::fs::remove_dir_all(
+                        Path::new("/run/stasis").join(engine).join(&ns).join(id),
+                    );
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(Path::new("/run/stasis/runc").join(&self.namespace));
+        let _ = std::fs::remove_dir_all(Path::new("/run/stasis/crun").join(&self.namespace));
+    }
+}
+
+/// Removes a cgroup and its children (deepest first), thawing frozen ones so their processes
+/// can be killed by whoever owns them.
+fn remove_cgroup_tree(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if e.path().is_dir() {
+            remove_cgroup_tree(&e.path());
+        }
+    }
+    let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
+    let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
+    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    for _ in 0..20 {
+        if std::fs::remove_dir(dir).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Containerd {
+    /// The forced cleanup, whether or not the test passed: nothing of it may outlive the test
+    /// (a leak is reported by `finish`, not hidden here: `finish` runs first).
+    fn drop(&mut self) {
+        self.remove_through_apis();
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.network().0])
+            .stderr(Stdio::null())
+            .status();
+        for pid in self.shim_pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        self.remove_gvisor_sandboxes();
+        self.force_remove_ids();
+        if std::env::var_os("STASIS_KEEP").is_none() {
+            cleanup_dir(&self.dir);
+        }
+    }
+}

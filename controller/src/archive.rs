@@ -32,36 +32,112 @@ pub enum Compression {
     Zstd,
 }
 
-/// Writes `dir` as an archive at `dest`: first to a temporary name beside it, renamed into
-/// place only when complete, so a failure never leaves a partial archive at `dest`.
+/// A name nobody can guess or pre-create: 64 random bits from the kernel.
+pub fn random_suffix() -> Result<String> {
+    let mut bytes = [0u8; 8];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("read /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes `dir` as an archive at `dest`, durably and atomically: into a fresh private file
+/// (0600, never an existing one) beside `dest`, every error up to the end of the compressed
+/// stream counted, the file synced, then renamed into place without replacing anything that
+/// appeared at `dest` meanwhile, and the directory synced. A failure (a full disk above all)
+/// leaves nothing at or beside `dest`.
 pub fn write(dir: &Path, dest: &Path, compression: Compression) -> Result<u64> {
-    let partial = dest.with_extension(format!("partial-{}", std::process::id()));
-    let result = (|| -> Result<()> {
-        let file =
-            File::create(&partial).with_context(|| format!("create {}", partial.display()))?;
-        let writer: Box<dyn Write> = match compression {
-            Compression::None => Box::new(std::io::BufWriter::new(file)),
-            Compression::Gzip => Box::new(flate2::write::GzEncoder::new(
-                file,
-                flate2::Compression::fast(),
-            )),
-            Compression::Zstd => Box::new(zstd::Encoder::new(file, 3)?.auto_finish()),
-        };
-        let mut tar = tar::Builder::new(writer);
+    use std::os::unix::fs::OpenOptionsExt;
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = dest
+        .file_name()
+        .with_context(|| format!("{} names no file", dest.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let partial = parent.join(format!(".{name}.partial-{}", random_suffix()?));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&partial)
+        .with_context(|| format!("create {}", partial.display()))?;
+    let written = write_stream(dir, file, compression)
+        .and_then(|file| file.sync_all().context("sync the archive"))
+        .and_then(|()| rename_new(&partial, dest))
+        .and_then(|()| {
+            File::open(&parent)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("sync {}", parent.display()))
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(explain_full_disk(e, dest));
+    }
+    Ok(std::fs::metadata(dest)?.len())
+}
+
+/// The tar stream of `dir`, compressed, with the end of every layer checked: a compressor's
+/// final block failing (ENOSPC) is an error, not a silently truncated archive.
+fn write_stream(dir: &Path, file: File, compression: Compression) -> Result<File> {
+    fn tar_into<W: Write>(dir: &Path, w: W) -> Result<W> {
+        let mut tar = tar::Builder::new(w);
         tar.follow_symlinks(false);
         tar.mode(tar::HeaderMode::Deterministic);
         // Directory entries first (checkpointctl wants one for checkpoint/).
         tar.append_dir_all(".", dir)?;
-        tar.into_inner()?.flush()?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&partial);
-        return Err(e);
+        Ok(tar.into_inner()?)
     }
-    std::fs::rename(&partial, dest)
-        .with_context(|| format!("move archive to {}", dest.display()))?;
-    Ok(std::fs::metadata(dest)?.len())
+    let file = match compression {
+        Compression::None => {
+            let mut w = tar_into(dir, std::io::BufWriter::new(file))?;
+            w.flush()?;
+            w.into_inner().map_err(|e| e.into_error())?
+        }
+        Compression::Gzip => tar_into(
+            dir,
+            flate2::write::GzEncoder::new(file, flate2::Compression::fast()),
+        )?
+        .finish()?,
+        // The frame carries a checksum of its content, so a reader notices a corrupted frame.
+        Compression::Zstd => {
+            let mut enc = zstd::Encoder::new(file, 3)?;
+            enc.include_checksum(true)?;
+            tar_into(dir, enc)?.finish()?
+        }
+    };
+    Ok(file)
+}
+
+/// Renames `from` to `to` unless something exists at `to` (RENAME_NOREPLACE).
+fn rename_new(from: &Path, to: &Path) -> Result<()> {
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE).map_err(|e| {
+        if e == nix::errno::Errno::EEXIST {
+            anyhow::anyhow!("{} already exists; it was not replaced", to.display())
+        } else {
+            anyhow::anyhow!("move the archive to {}: {e}", to.display())
+        }
+    })
+}
+
+/// A full disk said plainly, with where.
+fn explain_full_disk(e: anyhow::Error, dest: &Path) -> anyhow::Error {
+    let full = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+    });
+    if full {
+        e.context(format!(
+            "no space left on the file system of {}; nothing was left there",
+            dest.display()
+        ))
+    } else {
+        e
+    }
 }
 
 fn open(path: &Path) -> Result<Box<dyn Read>> {
@@ -445,9 +521,38 @@ mod tests {
             r#"{"version":9,"containers":{"web":"abc-web"}}"#,
         )
         .unwrap();
+        std::fs::remove_file(&bad).unwrap();
         write(&dir, &bad, Compression::None).unwrap();
         let e = format!("{:#}", inspect(&bad).unwrap_err());
         assert!(e.contains("version 9"), "{e}");
+    }
+
+    #[test]
+    fn archives_are_private_and_never_replace_a_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let s = Scratch::new("private");
+        let dir = checkpoint_dir(&s.0);
+        let dest = s.0.join("a.tar.zst");
+        write(&dir, &dest, Compression::Zstd).unwrap();
+        let mode = std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the archive is readable by others: {mode:o}");
+        // Something at the destination stays as it was, and nothing is left beside it.
+        std::fs::remove_file(&dest).unwrap();
+        std::fs::write(&dest, "someone else's").unwrap();
+        let e = write(&dir, &dest, Compression::Zstd)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already exists"), "{e}");
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "someone else's");
+        let names: Vec<String> = std::fs::read_dir(&s.0)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.contains("partial")),
+            "a partial file was left: {names:?}"
+        );
     }
 
     #[test]

@@ -297,12 +297,26 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
     }
     let client =
         shim::checkpoint_client(&t.address, &t.namespace, &pod.id, &pod.runtime_handler).await?;
+    if a.output.symlink_metadata().is_ok() {
+        bail!(
+            "{} already exists; choose another --output (an archive is never replaced)",
+            a.output.display()
+        );
+    }
+    // A fresh private directory beside the output: a random name, 0700, never one that
+    // already exists (somebody else's, or a link).
     let staging = parent.join(format!(
         ".{}.stasis-{}",
         a.output.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
+        archive::random_suffix()?
     ));
-    std::fs::create_dir_all(&staging).with_context(|| format!("create {}", staging.display()))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging)
+            .with_context(|| format!("create {}", staging.display()))?;
+    }
     let staging = staging.canonicalize()?;
     eprintln!(
         "checkpointing pod {name} ({}) with {} container(s){}…",

@@ -146,3 +146,96 @@ async fn a_timed_out_pod_checkpoint_stops_criu_and_leaves_the_pod_thawed() -> Re
     cri.stop_and_remove_pod(&pod_id).await?;
     c.finish()
 }
+
+/// A full disk while the images are written (the output's file system holds the staging
+/// directory) and while the archive is packaged: the checkpoint fails saying so, the pod runs
+/// on thawed, and nothing is left on that file system.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_the_checkpoint_cleanly() -> Result<()> {
+    let c = Containerd::start("fault-enospc")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config("full", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    // 64 MiB of touched memory: images of about that size.
+    let big = format!(
+        "a=$(head -c {} /dev/zero | tr '\\0' x); echo ready > /ready; while true; do sleep 1; done",
+        64u64 << 20
+    );
+    let big_id = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("big", image, &["sh", "-c", &big]),
+        )
+        .await?;
+    let counter_id = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("counter", image, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cri.exec(&big_id, &["cat", "/ready"]).await?.0 != 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the big container never filled its memory"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_counter_moving(&mut cri, &counter_id, "/counter").await?;
+    // 16 MiB: the dump itself runs out of space. 100 MiB: the dump fits, the archive does not.
+    for (size, phase) in [("16m", "dump"), ("100m", "packaging")] {
+        let fs = c.dir.join(format!("small-{phase}"));
+        std::fs::create_dir_all(&fs)?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&fs)
+            .status()?;
+        ensure!(mounted.success(), "mount a {size} tmpfs");
+        let archive = fs.join("full.tar");
+        let out = c.stasisctl(&[
+            "pod",
+            "checkpoint",
+            "full",
+            "--leave-running",
+            "--output",
+            archive.to_str().unwrap(),
+        ])?;
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let left: Vec<_> = std::fs::read_dir(&fs)?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        let _ = std::process::Command::new("umount").arg(&fs).status();
+        ensure!(
+            !out.status.success(),
+            "{phase}: the checkpoint succeeded on a full disk"
+        );
+        ensure!(
+            err.contains("space") || err.contains("ENOSPC"),
+            "{phase}: the error does not say the disk is full: {err}"
+        );
+        ensure!(
+            left.is_empty(),
+            "{phase}: files left on the full file system: {left:?}"
+        );
+        for id in [&big_id, &counter_id] {
+            let state = std::fs::read_to_string(
+                std::path::Path::new("/sys/fs/cgroup/freezer/stasis")
+                    .join(&pod_id)
+                    .join(id)
+                    .join("freezer.state"),
+            )?;
+            ensure!(state.trim() == "THAWED", "{phase}: {id} is {state}");
+        }
+        ensure!(
+            runtime_helpers().is_empty(),
+            "{phase}: runtime helpers left"
+        );
+        wait_counter_moving(&mut cri, &counter_id, "/counter").await?;
+    }
+    cri.stop_and_remove_pod(&pod_id).await?;
+    c.finish()
+}

@@ -107,10 +107,25 @@ fn deliver(exit: Exit) {
 
 /// Waits for `pid` (a child or adopted process) to exit, even if it already has.
 pub async fn wait(pid: i32) -> Exit {
+    wait_inner(pid, None).await
+}
+
+/// Waits for the process `pid` that was started at or after `since`: an exit of an earlier
+/// process that had the same pid (pids are reused) is stale and never returned.
+pub async fn wait_since(pid: i32, since: Instant) -> Exit {
+    wait_inner(pid, Some(since)).await
+}
+
+async fn wait_inner(pid: i32, since: Option<Instant>) -> Exit {
     let rx = {
         let mut t = table().lock().unwrap();
-        if let Some((exit, _)) = t.unclaimed.remove(&pid) {
-            return exit;
+        if let Some((exit, seen)) = t.unclaimed.remove(&pid) {
+            match since {
+                Some(since) if seen < since => {
+                    debug!("pid {pid}: ignoring the exit of an earlier process with that pid");
+                }
+                _ => return exit,
+            }
         }
         let (tx, rx) = oneshot::channel();
         t.waiters.entry(pid).or_default().push(tx);
@@ -208,6 +223,7 @@ async fn run_inner(
     capture: bool,
     report: Option<oneshot::Sender<i32>>,
 ) -> std::io::Result<Output> {
+    let since = Instant::now();
     let mut child = cmd.spawn()?;
     if let Some(tx) = report {
         let _ = tx.send(child.id() as i32);
@@ -233,7 +249,7 @@ async fn run_inner(
     };
     // `child` is dropped without wait(): std never reaps on drop, the reaper does.
     drop(child);
-    let exit = wait(pid).await;
+    let exit = wait_since(pid, since).await;
     Ok(Output {
         status: exit.status,
         stdout,
@@ -288,6 +304,29 @@ mod tests {
             })
             .count();
         assert_eq!(left, 0, "the command's children outlived the cancel");
+    }
+
+    #[tokio::test]
+    async fn a_stale_exit_of_a_reused_pid_is_not_delivered() {
+        // An exit nobody claimed, for a pid no real process here has.
+        let pid = i32::MAX - 7;
+        deliver(Exit {
+            pid,
+            status: 9,
+            at: time::OffsetDateTime::now_utc(),
+        });
+        let since = Instant::now();
+        let later = tokio::time::timeout(Duration::from_millis(200), wait_since(pid, since)).await;
+        assert!(later.is_err(), "a process started later got the old exit");
+        // An exit after `since` is delivered.
+        let waiter = tokio::spawn(wait_since(pid, since));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        deliver(Exit {
+            pid,
+            status: 3,
+            at: time::OffsetDateTime::now_utc(),
+        });
+        assert_eq!(waiter.await.unwrap().status, 3);
     }
 
     #[tokio::test]

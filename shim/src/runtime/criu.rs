@@ -42,6 +42,47 @@ async fn thaw(id: &str, f: &SharedFreezer) -> Result<()> {
     blocking(id, "thaw", move || f.thaw()).await
 }
 
+/// The cgroups this checkpoint froze and has not thawed yet. Whatever ends the checkpoint
+/// (an error, a panic, its future dropped), dropping the guard thaws them: a thaw is one
+/// write, quick enough to do right there.
+#[derive(Default)]
+struct Frozen(Vec<(String, SharedFreezer)>);
+
+impl Frozen {
+    async fn freeze(&mut self, id: &str, f: &SharedFreezer) -> Result<()> {
+        // Held before the freeze is asked for: a freeze cut short must still be undone.
+        self.0.push((id.to_string(), f.clone()));
+        freeze(id, f).await
+    }
+
+    async fn thaw(&mut self, id: &str) -> Result<()> {
+        let Some(i) = self.0.iter().position(|(held, _)| held == id) else {
+            return Ok(());
+        };
+        let (id, f) = self.0.remove(i);
+        thaw(&id, &f).await
+    }
+
+    async fn thaw_all(&mut self) {
+        while let Some((id, _)) = self.0.first().cloned() {
+            if let Err(e) = self.thaw(&id).await {
+                warn!("{id}: thaw: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for (id, f) in self.0.drain(..) {
+            warn!("{id}: checkpoint ended early, thawing");
+            if let Err(e) = f.thaw() {
+                log::error!("{id}: thaw after an interrupted checkpoint: {e}");
+            }
+        }
+    }
+}
+
 /// One container (Task API): freeze → dump → volumes → thaw. A stopping dump needs no freeze
 /// (CRIU ends the processes), nor does a container the user paused.
 pub async fn checkpoint_container<R: OciRuntime + ?Sized>(
@@ -57,8 +98,9 @@ pub async fn checkpoint_container<R: OciRuntime + ?Sized>(
         None
     };
     let frozen_at = Instant::now();
+    let mut held = Frozen::default();
     if let Some(f) = &freezer {
-        freeze(id, f).await?;
+        held.freeze(id, f).await?;
     }
     // The bound containerd does not set: a dump past it is stopped before the thaw.
     let mut opts = opts.clone();
@@ -85,8 +127,8 @@ pub async fn checkpoint_container<R: OciRuntime + ?Sized>(
     .await;
     drop(timer);
     let frozen = match &freezer {
-        Some(f) => {
-            let thawed = thaw(id, f).await;
+        Some(_) => {
+            let thawed = held.thaw(id).await;
             let window = frozen_at.elapsed();
             thawed?;
             window
@@ -119,30 +161,23 @@ pub async fn checkpoint_pod<R: OciRuntime + ?Sized>(
     for c in job.containers {
         freezers.push(freezer_of(&c.id, &c.cgroup_path)?);
     }
-    freeze(job.pod_id, &pod_freezer).await?;
+    let mut held = Frozen::default();
+    held.freeze(job.pod_id, &pod_freezer).await?;
     let frozen_at = Instant::now();
-    let mut froze: Vec<usize> = Vec::new();
     let mut failed = None;
     for (i, c) in job.containers.iter().enumerate() {
         if c.paused {
             continue;
         }
-        match freeze(&c.id, &freezers[i]).await {
-            Ok(()) => froze.push(i),
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
+        if let Err(e) = held.freeze(&c.id, &freezers[i]).await {
+            failed = Some(e);
+            break;
         }
     }
     // CRIU cannot seize tasks below a frozen parent; the containers stay frozen by their own.
-    let thawed_pod = thaw(job.pod_id, &pod_freezer).await;
+    let thawed_pod = held.thaw(job.pod_id).await;
     if let Some(e) = failed.or(thawed_pod.err()) {
-        for &i in &froze {
-            if let Err(e) = thaw(&job.containers[i].id, &freezers[i]).await {
-                warn!("{}: thaw: {e}", job.containers[i].id);
-            }
-        }
+        held.thaw_all().await;
         return Err(e);
     }
 
@@ -170,10 +205,13 @@ pub async fn checkpoint_pod<R: OciRuntime + ?Sized>(
     }
     // Thaw what we froze; a stopping dump also releases containers the user had paused, as
     // their processes are gone.
-    for (i, c) in job.containers.iter().enumerate() {
-        if !c.paused || !job.leave_running {
-            if let Err(e) = thaw(&c.id, &freezers[i]).await {
-                warn!("{}: thaw: {e}", c.id);
+    held.thaw_all().await;
+    if !job.leave_running {
+        for (i, c) in job.containers.iter().enumerate() {
+            if c.paused {
+                if let Err(e) = thaw(&c.id, &freezers[i]).await {
+                    warn!("{}: thaw: {e}", c.id);
+                }
             }
         }
     }

@@ -221,9 +221,10 @@ pub trait OciRuntime: Send + Sync {
     /// Adjusts a container's spec before `create`.
     fn adapt_container_spec(&self, _spec: &mut ContainerSpec) {}
 
-    /// Waits for a container's init process to end. Host processes are reaped by the shim.
-    async fn wait_init(&self, _id: &str, pid: i32) -> Exit {
-        reaper::wait(pid).await
+    /// Waits for a container's init process (started at or after `since`) to end. Host
+    /// processes are reaped by the shim.
+    async fn wait_init(&self, _id: &str, pid: i32, since: std::time::Instant) -> Exit {
+        reaper::wait_since(pid, since).await
     }
 
     /// Refuses an operation this backend cannot do on one container (`in_pod`: the container

@@ -113,6 +113,7 @@ pub async fn start(shim: &Shim, id: &str) -> Result<sb::StartSandboxResponse> {
         run.starting = true;
     }
     // The pod's state is not locked while the runtime works: Status and Pids still answer.
+    let since = std::time::Instant::now();
     let started = start_pod(shim, &pod).await;
     let mut run = pod.run();
     run.starting = false;
@@ -130,9 +131,9 @@ pub async fn start(shim: &Shim, id: &str) -> Result<sb::StartSandboxResponse> {
     let pod_id = id.to_string();
     tokio::spawn(async move {
         let exit = if by_runtime {
-            runtime.wait_init(&pod_id, pid).await
+            runtime.wait_init(&pod_id, pid, since).await
         } else {
-            reaper::wait(pid).await
+            reaper::wait_since(pid, since).await
         };
         info!("pod {pod_id}: pause process {pid} exited ({})", exit.status);
         watched.record_exit(exit);

@@ -113,6 +113,8 @@ pub async fn create(shim: &Shim, req: api::CreateTaskRequest) -> Result<api::Cre
     }
 
     let spec = Arc::new(spec);
+    // The init process is started after this instant (its pid's earlier owners do not count).
+    let since = std::time::Instant::now();
     let mut rollback = Rollback {
         shim,
         id: &id,
@@ -176,7 +178,7 @@ pub async fn create(shim: &Shim, req: api::CreateTaskRequest) -> Result<api::Cre
     let pid = container.live().init.pid;
     if image.is_none() {
         watch::oom(shim, &id, &container.cgroup_path);
-        watch::exit(shim, container.clone(), String::new(), pid);
+        watch::exit(shim, container.clone(), String::new(), pid, since);
     }
     shim.events
         .publish(

@@ -54,6 +54,7 @@ pub(super) async fn restore_init(
         .map_err(|e| Error::io(&id, "create restore work dir", e))?;
     let mut prepared = stdio::prepare(&id, &stdio_cfg)?;
     let pid_file = container.bundle.join("init.pid");
+    let since = std::time::Instant::now();
     let runtime_io = prepared.take_runtime();
     if let Err(e) = shim
         .runtime
@@ -85,7 +86,7 @@ pub(super) async fn restore_init(
     };
     container.transition(Transition::Restore { held })?;
     watch::oom(shim, &id, &container.cgroup_path);
-    watch::exit(shim, container.clone(), String::new(), pid);
+    watch::exit(shim, container.clone(), String::new(), pid, since);
     info!(
         "{id}: restored from {} in {:?}, pid {pid}{}",
         image.display(),

@@ -76,6 +76,7 @@ async fn start_exec(shim: &Shim, req: &api::StartRequest) -> Result<api::StartRe
     };
     let mut prepared = stdio::prepare(&req.id, &stdio_cfg)?;
     let pid_file = bundle.join(format!("{}.pid", req.exec_id));
+    let since = std::time::Instant::now();
     let runtime_io = prepared.take_runtime();
     if let Err(e) = shim
         .runtime
@@ -98,7 +99,7 @@ async fn start_exec(shim: &Shim, req: &api::StartRequest) -> Result<api::StartRe
         exec.io = io;
         exec.status = Status::RUNNING;
     }
-    watch::exit(shim, container.clone(), req.exec_id.clone(), pid);
+    watch::exit(shim, container.clone(), req.exec_id.clone(), pid, since);
     shim.events
         .publish(
             topics::TASK_EXEC_STARTED_EVENT_TOPIC,

@@ -150,7 +150,7 @@ impl OciRuntime for FakeRuntime {
         Self::write_pid(pid_file)
     }
 
-    async fn wait_init(&self, id: &str, pid: i32) -> Exit {
+    async fn wait_init(&self, id: &str, pid: i32, _since: std::time::Instant) -> Exit {
         let mut rx = self.exit_channel(id).subscribe();
         let status = *rx.wait_for(|s| s.is_some()).await.unwrap();
         Exit {

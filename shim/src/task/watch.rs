@@ -1,7 +1,7 @@
 //! Watchers started with a process: its exit (recorded, output drained, containerd told) and
 //! the OOM events of its cgroup.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use containerd_shim_protos::{
     api::Status,
@@ -42,15 +42,16 @@ pub fn oom(shim: &Shim, id: &str, cgroup_path: &str) {
 }
 
 /// Waits for a process to exit, then records it, drains its output and tells containerd.
-pub fn exit(shim: &Shim, container: Arc<Container>, exec_id: String, pid: i32) {
+/// `since`: when the process was started (a pid's earlier owner's exit is not its exit).
+pub fn exit(shim: &Shim, container: Arc<Container>, exec_id: String, pid: i32, since: Instant) {
     let events = shim.events.clone();
     let runtime = shim.runtime.clone();
     tokio::spawn(async move {
         let id = container.id.clone();
         let exit = if exec_id.is_empty() {
-            runtime.wait_init(&id, pid).await
+            runtime.wait_init(&id, pid, since).await
         } else {
-            reaper::wait(pid).await
+            reaper::wait_since(pid, since).await
         };
         debug!("{id}/{exec_id}: pid {pid} exited with {}", exit.status);
         // Deliver all output before containerd hears of the exit.

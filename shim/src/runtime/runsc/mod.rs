@@ -283,11 +283,11 @@ impl OciRuntime for Runsc {
 
     /// The container's processes live in gVisor's kernel, not on the host: `runsc wait`
     /// reports how the container's init ended.
-    async fn wait_init(&self, id: &str, pid: i32) -> Exit {
+    async fn wait_init(&self, id: &str, pid: i32, since: std::time::Instant) -> Exit {
         // A root container's sandbox process is the shim's child and ends with the root's
         // exit status (once it is gone `runsc wait` cannot tell it any more): reap it.
         if !self.joined.lock().unwrap().contains(id) {
-            return reaper::wait(pid).await;
+            return reaper::wait_since(pid, since).await;
         }
         let status = loop {
             let mut cmd = self.cli.command();

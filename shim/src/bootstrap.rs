@@ -183,6 +183,10 @@ pub fn serve(flags: &Flags) -> Result<(), BoxError> {
     let listener = unsafe {
         <std::os::unix::net::UnixListener as std::os::fd::FromRawFd>::from_raw_fd(LISTENER_FD)
     };
+    // It reached us without FD_CLOEXEC; no child (pause process, runc, CRIU) may inherit it,
+    // or the socket would keep accepting connections after this shim died.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(LISTENER_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
     let socket = listener
         .local_addr()
         .ok()
@@ -259,6 +263,15 @@ pub fn delete(flags: &Flags) -> Result<(), BoxError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // A pod whose shim died (never while a shim still answers on its socket): its containers'
+    // runtime state goes with it.
+    let dead_pod = (!shim_alive(flags))
+        .then(|| crate::state::pod::PodRecord::load(&bundle))
+        .flatten();
+    let mut ids = vec![flags.id.clone()];
+    if let Some(record) = &dead_pod {
+        ids.extend(record.containers.iter().cloned());
+    }
     rt.block_on(async {
         reaper::start()?;
         // A container's own bundle does not say which backend ran it: ask each one that
@@ -283,16 +296,20 @@ pub fn delete(flags: &Flags) -> Result<(), BoxError> {
                 continue;
             }
             let runtime = runtime::build(&backend, &flags.namespace);
-            if let Err(e) = runtime.delete(&flags.id, true).await {
-                eprintln!(
-                    "containerd-shim-stasis-v2: {engine} delete {}: {e}",
-                    flags.id
-                );
+            for id in &ids {
+                if let Err(e) = runtime.delete(id, true).await {
+                    eprintln!("containerd-shim-stasis-v2: {engine} delete {id}: {e}");
+                }
             }
         }
         Ok::<_, BoxError>(())
     })?;
     crate::task::unmount(&bundle.join("rootfs"));
+    // A pod whose shim died: its pause process, cgroups (thawed), shm mount and files. Never
+    // while a shim still answers on the pod's socket.
+    if dead_pod.is_some() {
+        crate::sandbox::remove_after_crash(&flags.id, &bundle);
+    }
     remove_dead_socket(flags);
     let resp = DeleteResponse {
         exit_status: 128 + libc::SIGKILL as u32,
@@ -302,6 +319,11 @@ pub fn delete(flags: &Flags) -> Result<(), BoxError> {
     std::io::stdout().write_all(&resp.write_to_bytes()?)?;
     std::io::stdout().flush()?;
     Ok(())
+}
+
+fn shim_alive(flags: &Flags) -> bool {
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &flags.id);
+    std::os::unix::net::UnixStream::connect(socket_path(&address)).is_ok()
 }
 
 /// The socket of a shim that died (SIGKILL) stays behind: remove it when nothing listens on

@@ -239,3 +239,97 @@ async fn a_full_disk_fails_the_checkpoint_cleanly() -> Result<()> {
     cri.stop_and_remove_pod(&pod_id).await?;
     c.finish()
 }
+
+/// The pod's shim SIGKILLed, at rest and in the middle of a checkpoint (containers frozen,
+/// CRIU dumping): once the pod is stopped and removed through CRI, nothing of it is left, no
+/// cgroup frozen (the harness's leak check covers processes, mounts, cgroups in every
+/// hierarchy, sockets and runtime state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()> {
+    let c = Containerd::start("fault-shimkill")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    for during_checkpoint in [false, true] {
+        let name = if during_checkpoint { "dumping" } else { "idle" };
+        let pod = pod_config(name, &c.dir.join("logs"));
+        let pod_id = cri.run_pod(&pod).await?;
+        let big = format!(
+            "a=$(head -c {} /dev/zero | tr '\\0' x); echo ready > /ready; while true; do sleep 1; done",
+            1u64 << 30
+        );
+        let big_id = cri
+            .run_container(
+                &pod_id,
+                &pod,
+                container_config("big", image, &["sh", "-c", &big]),
+            )
+            .await?;
+        let counter_id = cri
+            .run_container(
+                &pod_id,
+                &pod,
+                container_config("counter", image, &["sh", "-c", &counter_loop("/counter")]),
+            )
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while cri.exec(&big_id, &["cat", "/ready"]).await?.0 != 0 {
+            ensure!(
+                Instant::now() < deadline,
+                "the big container never filled its memory"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        wait_counter_moving(&mut cri, &counter_id, "/counter").await?;
+        let shim = stasis_e2e::processes_matching(&[
+            "containerd-shim-stasis-v2",
+            &c.socket().display().to_string(),
+            &format!("-id {pod_id} "),
+        ]);
+        ensure!(shim.len() == 1, "the pod's shim: {shim:?}");
+        let mut checkpoint = None;
+        if during_checkpoint {
+            let archive = c.dir.join(format!("{name}.tar"));
+            let exe = stasis_e2e::built_binary("stasisctl")?;
+            checkpoint = Some(
+                std::process::Command::new(exe)
+                    .arg("--address")
+                    .arg(c.socket())
+                    .args(["pod", "checkpoint", name, "--leave-running", "--output"])
+                    .arg(&archive)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()?,
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !runtime_helpers().iter().any(|h| h.contains("criu")) {
+                ensure!(Instant::now() < deadline, "CRIU never started dumping");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(shim[0]),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        if let Some(child) = checkpoint {
+            let out = child.wait_with_output()?;
+            ensure!(
+                !out.status.success(),
+                "the checkpoint succeeded although its shim died"
+            );
+        }
+        // What kubelet does with a pod whose shim is gone: stop and remove it, retrying while
+        // containerd is still taking note of the dead shim.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match cri.stop_and_remove_pod(&pod_id).await {
+                Ok(()) => break,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("{name}: retrying stop/remove: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e.context(format!("{name}: stop and remove the pod"))),
+            }
+        }
+    }
+    c.finish()
+}

@@ -108,6 +108,75 @@ pub fn remove(id: &str, path: &str) -> Result<()> {
     removed
 }
 
+/// After a shim died: every cgroup at and below `path`, in every hierarchy, is thawed, its
+/// processes are killed, and the directories are removed bottom-up. Returns what could not be
+/// removed.
+pub fn tear_down_tree(path: &str) -> Vec<std::path::PathBuf> {
+    let rel = path.trim_start_matches('/');
+    if rel.is_empty() {
+        return Vec::new();
+    }
+    let dirs: Vec<std::path::PathBuf> = mounted_roots()
+        .into_iter()
+        .map(|root| root.join(rel))
+        .filter(|d| d.is_dir())
+        .collect();
+    let mut all = Vec::new();
+    for d in &dirs {
+        collect_tree(d, &mut all);
+    }
+    // Thaw first: a frozen process cannot die.
+    for d in &all {
+        let _ = std::fs::write(d.join("freezer.state"), "THAWED");
+        let _ = std::fs::write(d.join("cgroup.freeze"), "0");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut alive = 0;
+        for d in &all {
+            let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                alive += 1;
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        if alive == 0 || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Deepest first (collect_tree lists parents before children).
+    let mut left = Vec::new();
+    for d in all.iter().rev() {
+        let mut removed = false;
+        for _ in 0..50 {
+            if std::fs::remove_dir(d).is_ok() || !d.exists() {
+                removed = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if !removed {
+            left.push(d.clone());
+        }
+    }
+    left
+}
+
+fn collect_tree(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    out.push(dir.to_path_buf());
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                collect_tree(&e.path(), out);
+            }
+        }
+    }
+}
+
 /// Mount points of every cgroup hierarchy (v1 controllers and named ones, the unified tree).
 fn mounted_roots() -> Vec<std::path::PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();

@@ -19,7 +19,7 @@ use crate::{
     error::{Error, Result},
     process::{pidns, reaper},
     runtime::PodRoot,
-    state::{timestamp, Pod, Shim},
+    state::{pod::PodRecord, timestamp, Pod, Shim},
     task,
 };
 
@@ -126,6 +126,7 @@ pub async fn start(shim: &Shim, id: &str) -> Result<sb::StartSandboxResponse> {
     run.started = true;
     run.created_at = Some(now);
     drop(run);
+    pod.save_record(shim.ids());
     let runtime = shim.runtime.clone();
     let watched = pod.clone();
     let pod_id = id.to_string();
@@ -209,6 +210,26 @@ async fn start_root(
         }
     }
     Ok((pid, by_runtime))
+}
+
+/// After the pod's shim died (`delete`): everything its record names goes, whatever state the
+/// shim left it in (frozen cgroups are thawed before their processes are killed).
+pub fn remove_after_crash(id: &str, bundle: &std::path::Path) {
+    let Some(record) = PodRecord::load(bundle) else {
+        return;
+    };
+    if record.pid > 0 {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(record.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let left = cgroup::tear_down_tree(&record.cgroup);
+    if !left.is_empty() {
+        warn!("pod {id}: cgroups left after the cleanup: {left:?}");
+    }
+    remove_pod_host_state(id, &record.cgroup, record.shm, record.files);
+    let _ = std::fs::remove_file(bundle.join(PodRecord::FILE));
 }
 
 /// Unmounts the pod's /dev/shm, removes its files and its cgroup (in every hierarchy).
@@ -298,6 +319,7 @@ pub async fn shutdown(shim: &Shim, id: &str) -> Result<()> {
         (run.shm.take(), std::mem::take(&mut run.files))
     };
     remove_pod_host_state(id, &pod.cgroup, shm, files);
+    let _ = std::fs::remove_file(pod.bundle.join(PodRecord::FILE));
     info!("pod {id}: shut down");
     if shim.is_empty() {
         shim.shutdown.cancel();

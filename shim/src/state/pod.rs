@@ -41,6 +41,36 @@ pub struct PodRun {
     pub root_by_runtime: bool,
 }
 
+/// What a pod holds on the host, kept in its bundle (`stasis-pod.json`) from StartSandbox on,
+/// so that `containerd-shim-stasis-v2 delete`, run by containerd after the shim died, can
+/// remove it all: processes, cgroups (thawed first), the /dev/shm mount, the pod files.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct PodRecord {
+    pub pid: i32,
+    pub cgroup: String,
+    pub shm: Option<PathBuf>,
+    pub files: Vec<PathBuf>,
+    /// The pod's containers, whose runtime state must go too.
+    #[serde(default)]
+    pub containers: Vec<String>,
+}
+
+impl PodRecord {
+    pub const FILE: &'static str = "stasis-pod.json";
+
+    pub fn save(&self, bundle: &Path) -> std::io::Result<()> {
+        let text = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        let tmp = bundle.join(format!("{}.tmp", Self::FILE));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(tmp, bundle.join(Self::FILE))
+    }
+
+    pub fn load(bundle: &Path) -> Option<Self> {
+        let text = std::fs::read(bundle.join(Self::FILE)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+}
+
 impl Pod {
     pub fn new(
         id: String,
@@ -95,6 +125,28 @@ impl Pod {
 
     pub fn record_exit(&self, exit: Exit) {
         self.exited.send_replace(Some(exit));
+    }
+
+    /// Keeps the pod's record current (after StartSandbox, and as containers come and go).
+    pub fn save_record(&self, containers: Vec<String>) {
+        let run = self.run();
+        if !run.started {
+            return;
+        }
+        let record = PodRecord {
+            pid: run.pid,
+            cgroup: self.cgroup.clone(),
+            shm: run.shm.clone(),
+            files: run.files.clone(),
+            containers,
+        };
+        drop(run);
+        if let Err(e) = record.save(&self.bundle) {
+            log::warn!(
+                "pod {}: cannot keep its record for a cleanup after a crash: {e}",
+                self.id
+            );
+        }
     }
 
     pub fn name(&self) -> &str {

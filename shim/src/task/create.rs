@@ -175,6 +175,9 @@ pub async fn create(shim: &Shim, req: api::CreateTaskRequest) -> Result<api::Cre
         }
     };
 
+    if let Some(pod) = shim.pod() {
+        pod.save_record(shim.ids());
+    }
     let pid = container.live().init.pid;
     if image.is_none() {
         watch::oom(shim, &id, &container.cgroup_path);

@@ -82,6 +82,9 @@ pub async fn delete(shim: &Shim, req: api::DeleteRequest) -> Result<api::DeleteR
         }
     };
     shim.remove(&req.id);
+    if let Some(pod) = shim.pod() {
+        pod.save_record(shim.ids());
+    }
     shim.events
         .publish(
             topics::TASK_DELETE_EVENT_TOPIC,

@@ -376,8 +376,33 @@ pub struct RestoreArgs {
     pub work_dir: PathBuf,
 }
 
+/// SIGINT or SIGTERM while a restore runs: noticed, so that the half-restored pod and the
+/// unpacked checkpoint are removed instead of left behind.
+struct Interrupt {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Interrupt {
+    fn listen() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Interrupt {
+            int: signal(SignalKind::interrupt()).context("listen for SIGINT")?,
+            term: signal(SignalKind::terminate()).context("listen for SIGTERM")?,
+        })
+    }
+
+    async fn received(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+}
+
 pub async fn restore(t: &Target, a: RestoreArgs) -> Result<String> {
     let started = Instant::now();
+    let mut interrupt = Interrupt::listen()?;
     std::fs::create_dir_all(&a.work_dir)
         .with_context(|| format!("create {}", a.work_dir.display()))?;
     let dir = a.work_dir.join(format!(
@@ -388,7 +413,7 @@ pub async fn restore(t: &Target, a: RestoreArgs) -> Result<String> {
     // Everything about the archive is checked before anything is created.
     let options = archive::extract(&a.archive, &dir)
         .with_context(|| format!("cannot restore {}", a.archive.display()))?;
-    let result = restore_extracted(t, &a, &dir, &options).await;
+    let result = restore_extracted(t, &a, &dir, &options, &mut interrupt).await;
     let _ = std::fs::remove_dir_all(&dir);
     let pod_id = result?;
     eprintln!(
@@ -403,6 +428,7 @@ async fn restore_extracted(
     a: &RestoreArgs,
     dir: &Path,
     options: &archive::PodOptions,
+    interrupt: &mut Interrupt,
 ) -> Result<String> {
     let dir = dir.canonicalize()?;
     let mut pod: api::PodSandboxConfig =
@@ -445,7 +471,7 @@ async fn restore_extracted(
         .with_context(|| format!("create pod {pod_name} (handler {})", a.runtime_handler))?
         .into_inner()
         .pod_sandbox_id;
-    let outcome = async {
+    let work = async {
         let client =
             shim::checkpoint_client(&t.address, &t.namespace, &pod_id, &a.runtime_handler).await?;
         let v = client
@@ -501,8 +527,11 @@ async fn restore_extracted(
             .map_err(|e| shim::explain(e, &pod_id, &a.runtime_handler))
             .context("resume the restored containers")?;
         Ok(())
-    }
-    .await;
+    };
+    let outcome = tokio::select! {
+        r = work => r,
+        signal = interrupt.received() => Err(anyhow::anyhow!("interrupted by {signal}")),
+    };
     if let Err(e) = outcome {
         let _ = rt
             .stop_pod_sandbox(api::StopPodSandboxRequest {

@@ -333,3 +333,144 @@ async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()
     }
     c.finish()
 }
+
+/// stasisctl interrupted in the middle of a restore (a container restored and held, the rest
+/// not yet): SIGINT removes the half-restored pod and the unpacked checkpoint; after SIGKILL
+/// the shim's hold bound stops the held container, so nothing stays frozen either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_restore_leaves_nothing_frozen() -> Result<()> {
+    use std::io::BufRead;
+    let c = Containerd::start("fault-restore")?;
+    // This test's shims give a restore 3 s to finish (the default is 120 s).
+    std::fs::create_dir_all(c.config_dir())?;
+    std::fs::write(c.config_dir().join("runc.toml"), "restore_hold_secs = 3\n")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config("held", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    for name in ["one", "two", "three"] {
+        let id = cri
+            .run_container(
+                &pod_id,
+                &pod,
+                container_config(name, image, &["sh", "-c", &counter_loop("/counter")]),
+            )
+            .await?;
+        wait_counter_moving(&mut cri, &id, "/counter").await?;
+    }
+    let archive = c.dir.join("held.tar");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "held",
+        "--leave-running",
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    cri.stop_and_remove_pod(&pod_id).await?;
+
+    for signal in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGKILL,
+    ] {
+        let work = c.dir.join(format!("work-{signal}"));
+        let mut child = std::process::Command::new(stasis_e2e::built_binary("stasisctl")?)
+            .arg("--address")
+            .arg(c.socket())
+            .args(["pod", "restore"])
+            .arg(&archive)
+            .arg("--work-dir")
+            .arg(&work)
+            .args(["--name", &format!("held-{signal}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        // Interrupt once the first container is back and held.
+        let mut said = Vec::new();
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(60))
+                .with_context(|| format!("{signal}: no container was restored; said {said:?}"))?;
+            let held = line.contains("restored container");
+            said.push(line);
+            if held {
+                break;
+            }
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)?;
+        let status = child.wait()?;
+        let rest: Vec<String> = rx.try_iter().collect();
+        ensure!(!status.success(), "{signal}: the restore succeeded");
+        let restored = cri
+            .runtime
+            .list_pod_sandbox(stasis_e2e::cri::cri::ListPodSandboxRequest::default())
+            .await?
+            .into_inner()
+            .items
+            .into_iter()
+            .find(|p| {
+                p.metadata
+                    .as_ref()
+                    .is_some_and(|m| m.name == format!("held-{signal}"))
+            });
+        if signal == nix::sys::signal::Signal::SIGINT {
+            ensure!(
+                rest.iter()
+                    .any(|l| l.contains("interrupted") && l.contains("removed")),
+                "SIGINT: stasisctl did not say it removed the pod: {rest:?}"
+            );
+            ensure!(
+                restored.is_none(),
+                "SIGINT: the half-restored pod is still there"
+            );
+            let left: Vec<_> = std::fs::read_dir(&work)
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            ensure!(
+                left.is_empty(),
+                "SIGINT: the unpacked checkpoint is left: {left:?}"
+            );
+        } else {
+            let pod = restored.context("SIGKILL: the restored pod is gone")?;
+            // Past the hold bound no container of it is frozen any more.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let frozen: Vec<String> = std::fs::read_dir(
+                    std::path::Path::new("/sys/fs/cgroup/freezer/stasis").join(&pod.id),
+                )
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| {
+                            std::fs::read_to_string(e.path().join("freezer.state"))
+                                .is_ok_and(|s| s.trim() != "THAWED")
+                        })
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+                if frozen.is_empty() {
+                    break;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "SIGKILL: containers still frozen 15 s later: {frozen:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            // The operator (or kubelet) removes the abandoned pod; nothing of it is left.
+            cri.stop_and_remove_pod(&pod.id).await?;
+            let _ = std::fs::remove_dir_all(&work);
+        }
+    }
+    c.finish()
+}

@@ -72,6 +72,23 @@ pub struct BackendConfig {
     /// Extra global flags put before every subcommand (for runsc: `--platform=…`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runtime_args: Vec<String>,
+    /// How long a container restored from a pod checkpoint is held (frozen) waiting for the
+    /// pod's FinishRestore before the shim gives up on the restore and stops it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_hold_secs: Option<u64>,
+}
+
+impl BackendConfig {
+    /// Default bound on a restore hold: long enough for big pods, short enough that a
+    /// restore whose driver died does not leave frozen containers around for long.
+    pub const DEFAULT_RESTORE_HOLD_SECS: u64 = 120;
+
+    pub fn restore_hold(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.restore_hold_secs
+                .unwrap_or(Self::DEFAULT_RESTORE_HOLD_SECS),
+        )
+    }
 }
 
 /// containerd's `runtimeoptions.v1.Options`.
@@ -148,7 +165,7 @@ impl BackendConfig {
             return Ok(Some(BackendConfig {
                 engine,
                 binary: Some(PathBuf::from(o.binary_name)),
-                runtime_args: Vec::new(),
+                ..Default::default()
             }));
         }
         Err(Error::invalid(

@@ -33,18 +33,35 @@ pub struct Shim {
     /// Work that must finish even if its request goes away (checkpoints): the shim waits for
     /// it before exiting.
     pub work: tokio_util::task::TaskTracker,
+    /// How long a restored container waits, frozen, for its pod's FinishRestore.
+    pub restore_hold: std::time::Duration,
 }
 
 impl Shim {
     pub fn new(runtime: Arc<dyn OciRuntime>, events: Events) -> Arc<Self> {
-        Arc::new(Shim {
+        Self::with_restore_hold(runtime, events, None)
+    }
+
+    pub fn with_restore_hold(
+        runtime: Arc<dyn OciRuntime>,
+        events: Events,
+        hold: Option<std::time::Duration>,
+    ) -> Arc<Self> {
+        let mut shim = Shim {
             containers: Default::default(),
             pod: Default::default(),
             runtime,
             events,
             shutdown: CancellationToken::new(),
             work: tokio_util::task::TaskTracker::new(),
-        })
+            restore_hold: std::time::Duration::from_secs(
+                crate::runtime::config::BackendConfig::DEFAULT_RESTORE_HOLD_SECS,
+            ),
+        };
+        if let Some(hold) = hold {
+            shim.restore_hold = hold;
+        }
+        Arc::new(shim)
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Container>>> {

@@ -85,6 +85,9 @@ pub(super) async fn restore_init(
         None => false,
     };
     container.transition(Transition::Restore { held })?;
+    if held {
+        watch_hold(shim, container.clone());
+    }
     watch::oom(shim, &id, &container.cgroup_path);
     watch::exit(shim, container.clone(), String::new(), pid, since);
     info!(
@@ -94,6 +97,30 @@ pub(super) async fn restore_init(
         if held { ", held for its pod" } else { "" }
     );
     Ok(pid)
+}
+
+/// A held container is never frozen indefinitely: if its pod's FinishRestore has not come
+/// within the hold bound (the restore's driver died, say), the restore is given up and the
+/// container stopped, so that nothing of a half-restored pod runs or stays frozen.
+fn watch_hold(shim: &Shim, container: Arc<Container>) {
+    let runtime = shim.runtime.clone();
+    let hold = shim.restore_hold;
+    tokio::spawn(async move {
+        tokio::time::sleep(hold).await;
+        let _op = container.op.lock().await;
+        if container.state() != State::Held {
+            return;
+        }
+        let id = &container.id;
+        warn!("{id}: FinishRestore did not come within {hold:?}; stopping the held container");
+        if let Err(e) = runtime.kill(id, libc::SIGKILL as u32, true).await {
+            warn!("{id}: stop the held container: {e}");
+        }
+        // SIGKILL reaches frozen processes only once they are thawed.
+        if let Err(e) = runtime.release_restored(id, &container.cgroup_path).await {
+            warn!("{id}: thaw the held container: {e}");
+        }
+    });
 }
 
 /// Lets every container held after a pod restore run. Returns their ids.

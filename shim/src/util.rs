@@ -16,6 +16,14 @@ where
         .map_err(|e| Error::other(id, step, format!("worker failed: {e}")))?
 }
 
+/// A name nobody can guess or pre-create: 64 random bits from the kernel.
+pub fn random_suffix() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Bytes of every regular file below `p` (symlinks not followed).
 pub fn dir_size(p: &Path) -> u64 {
     let Ok(rd) = std::fs::read_dir(p) else {

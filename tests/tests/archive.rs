@@ -453,6 +453,15 @@ async fn hostile_content_inside_a_valid_archive_is_refused() -> Result<()> {
             tar_of(&[("../escaped", tar::EntryType::Regular, None)])?,
             "leads outside",
         ),
+        (
+            "volume-truncated",
+            "checkpoint/volumes/0.tar",
+            {
+                let whole = std::fs::read(base.join(&cdir).join("checkpoint/volumes/0.tar"))?;
+                whole[..whole.len() / 2].to_vec()
+            },
+            "volume archive",
+        ),
     ];
     ensure!(
         base.join(&cdir).join("checkpoint/volumes/0.tar").exists(),

@@ -112,8 +112,8 @@ async fn twenty_live_pod_checkpoints_restore_consistently() -> Result<()> {
                 "round {round}: {name} counter {now} < {}",
                 before[name]
             );
-            let (_, v, _) = cri.exec(id, &["cat", "/violations"]).await?;
-            ensure!(v.trim().is_empty(), "round {round}: {name} violations: {v}");
+            let v = violations(&mut cri, id).await?;
+            ensure!(v.is_empty(), "round {round}: {name} violations: {v}");
         }
     }
     cri.stop_and_remove_pod(&pod_id).await?;

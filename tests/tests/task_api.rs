@@ -78,17 +78,19 @@ fn long_running_container_lifecycle() -> Result<()> {
     let freezer = Path::new("/sys/fs/cgroup/freezer")
         .join(&c.namespace)
         .join("l1/freezer.state");
-    let unified = Path::new("/sys/fs/cgroup")
+    // On a pure cgroup v2 host the kernel's word is `frozen 1` in cgroup.events (cgroup.freeze
+    // is only what was asked).
+    let events = Path::new("/sys/fs/cgroup")
         .join(&c.namespace)
-        .join("l1/cgroup.freeze");
+        .join("l1/cgroup.events");
     let frozen = || -> Result<bool> {
         if freezer.exists() {
             Ok(std::fs::read_to_string(&freezer)?.trim() == "FROZEN")
         } else {
-            Ok(std::fs::read_to_string(&unified)
+            Ok(std::fs::read_to_string(&events)
                 .context("no freezer file")?
-                .trim()
-                == "1")
+                .lines()
+                .any(|l| l.trim() == "frozen 1"))
         }
     };
     c.ctr_ok(&["tasks", "pause", "l1"])?;

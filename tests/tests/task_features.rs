@@ -140,14 +140,23 @@ fn kill_all_reaches_every_process_and_update_changes_limits() -> Result<()> {
         &["sh", "-c", "sleep 1000 & sleep 1001 & wait"],
     )?;
     let client = shim_task_client(&c, "k1")?;
-    let pids = client.pids(
-        context::with_timeout(5_000_000_000),
-        &api::PidsRequest {
-            id: "k1".into(),
-            ..Default::default()
-        },
-    )?;
-    let pids: Vec<u32> = pids.processes.iter().map(|p| p.pid).collect();
+    // The shell starts its two sleeps right after it runs: wait for all three.
+    let list = || -> Result<Vec<u32>> {
+        let r = client.pids(
+            context::with_timeout(5_000_000_000),
+            &api::PidsRequest {
+                id: "k1".into(),
+                ..Default::default()
+            },
+        )?;
+        Ok(r.processes.iter().map(|p| p.pid).collect())
+    };
+    let mut pids = list()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pids.len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        pids = list()?;
+    }
     ensure!(pids.len() >= 3, "expected sh and two sleeps, got {pids:?}");
 
     // update (ctr 2.1 has no `tasks update`; containerd's Update reaches the shim as this):

@@ -102,9 +102,16 @@ pub fn validate(id: &str, image: &Path) -> Result<Vec<Captured>> {
 }
 
 /// Puts captured volume contents back into the new container's volumes (matched by
-/// destination), replacing what they held. Every archive is checked before any volume is
-/// touched.
-pub fn restore(id: &str, spec: &ContainerSpec, image: &Path) -> Result<()> {
+/// destination). Every archive is checked before any volume is touched, and a volume's host
+/// copy is replaced only once its checkpointed contents are completely unpacked beside it
+/// (then swapped in with one atomic exchange). `claim` says whether this host directory is
+/// still to be restored (a volume shared by several containers of a pod is restored once).
+pub fn restore(
+    id: &str,
+    spec: &ContainerSpec,
+    image: &Path,
+    mut claim: impl FnMut(&Path) -> bool,
+) -> Result<()> {
     for c in validate(id, image)? {
         let Some(src) = spec.mounts().iter().find_map(|m| {
             (m.destination() == Path::new(&c.destination))
@@ -119,41 +126,87 @@ pub fn restore(id: &str, spec: &ContainerSpec, image: &Path) -> Result<()> {
             ));
         };
         let target = Path::new(&src);
-        // Replace the contents, keep the directory (it is the bind-mount source).
-        for e in std::fs::read_dir(target)
-            .map_err(|e| Error::io(id, format!("read volume {src}"), e))?
-            .flatten()
-        {
-            let p = e.path();
-            let _ = if p.is_dir() && !p.is_symlink() {
-                std::fs::remove_dir_all(&p)
-            } else {
-                std::fs::remove_file(&p)
-            };
+        if !claim(target) {
+            continue;
         }
-        let file = std::fs::File::open(image.join(&c.archive))
-            .map_err(|e| Error::io(id, format!("open {}", c.archive), e))?;
-        let mut archive = tar::Archive::new(file);
-        archive.set_preserve_permissions(true);
-        archive.set_overwrite(true);
-        for entry in archive
+        replace_with_archive(id, &image.join(&c.archive), target, &c.destination)?;
+    }
+    Ok(())
+}
+
+/// Unpacks `archive` beside `target`, then swaps the result in for `target` (RENAME_EXCHANGE)
+/// and removes the old contents. Where the exchange is impossible (`target` is a mount
+/// point), the old entries are removed and the new ones moved in, still only after the whole
+/// archive was unpacked.
+fn replace_with_archive(id: &str, archive: &Path, target: &Path, dest: &str) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = target
+        .parent()
+        .ok_or_else(|| Error::invalid(id, format!("volume {dest}: no parent directory")))?;
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let suffix = crate::util::random_suffix().map_err(|e| Error::io(id, "random name", e))?;
+    let staging = parent.join(format!(".{name}.stasis-restore-{suffix}"));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(|e| Error::io(id, format!("create {}", staging.display()), e))?;
+    let unpacked = (|| -> Result<()> {
+        let file = std::fs::File::open(archive)
+            .map_err(|e| Error::io(id, format!("open {}", archive.display()), e))?;
+        let mut tar = tar::Archive::new(file);
+        tar.set_preserve_permissions(true);
+        tar.set_overwrite(true);
+        for entry in tar
             .entries()
             .map_err(|e| Error::io(id, "read volume archive", e))?
         {
             let mut entry = entry.map_err(|e| Error::io(id, "read volume archive", e))?;
-            // unpack_in refuses entries that would land outside `target`.
+            // unpack_in refuses entries that would land outside the staging directory.
             let inside = entry
-                .unpack_in(target)
-                .map_err(|e| Error::io(id, format!("restore volume {}", c.destination), e))?;
+                .unpack_in(&staging)
+                .map_err(|e| Error::io(id, format!("restore volume {dest}"), e))?;
             if !inside {
                 return Err(Error::invalid(
                     id,
-                    format!(
-                        "volume archive {} has an entry outside the volume",
-                        c.archive
-                    ),
+                    format!("volume archive of {dest} has an entry outside the volume"),
                 ));
             }
+        }
+        // The volume directory keeps the mode it had (the archive's `.` may have set another).
+        if let Ok(meta) = std::fs::metadata(target) {
+            let _ = std::fs::set_permissions(
+                &staging,
+                std::fs::Permissions::from_mode(meta.permissions().mode()),
+            );
+        }
+        Ok(())
+    })();
+    if let Err(e) = unpacked {
+        crate::util::remove_any(&staging);
+        return Err(e);
+    }
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    match renameat2(
+        AT_FDCWD,
+        &staging,
+        AT_FDCWD,
+        target,
+        RenameFlags::RENAME_EXCHANGE,
+    ) {
+        // `staging` now holds the old contents.
+        Ok(()) => crate::util::remove_any(&staging),
+        Err(_) => {
+            crate::util::empty_dir(target);
+            let entries = std::fs::read_dir(&staging)
+                .map_err(|e| Error::io(id, format!("read {}", staging.display()), e))?;
+            for e in entries.flatten() {
+                std::fs::rename(e.path(), target.join(e.file_name()))
+                    .map_err(|err| Error::io(id, format!("move into volume {dest}"), err))?;
+            }
+            let _ = std::fs::remove_dir(&staging);
         }
     }
     Ok(())

@@ -24,6 +24,8 @@ pub struct Pod {
     /// Created from a checkpoint and not yet released by FinishRestore: every container
     /// created meanwhile must come from the checkpoint too.
     restoring: std::sync::atomic::AtomicBool,
+    /// Host directories of volumes already restored for this pod (a shared volume once).
+    restored_volumes: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 /// Where the pod is in its life; behind a plain mutex, never held across an await.
@@ -92,9 +94,18 @@ impl Pod {
                     .contains_key(stasis_api::layout::RESTORE_ANNOTATION),
             ),
             config,
+            restored_volumes: Mutex::default(),
             run: Mutex::new(PodRun::default()),
             exited: watch::channel(None).0,
         }
+    }
+
+    /// Whether the volume at `host_dir` is still to be restored for this pod; claims it.
+    pub fn claim_volume(&self, host_dir: &Path) -> bool {
+        self.restored_volumes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(host_dir.to_path_buf())
     }
 
     pub fn is_restoring(&self) -> bool {

@@ -35,8 +35,12 @@ pub(super) async fn restore_init(
         .unwrap_or_else(|| image.to_path_buf());
     {
         let (id, spec) = (id.clone(), container.spec.clone());
+        // Containers of a pod share its volumes: each host directory is restored once.
+        let pod = container.restore_dir.as_ref().and_then(|_| shim.pod());
         blocking(&id.clone(), "restore volumes", move || {
-            volumes::restore(&id, &spec, &volumes_dir)
+            volumes::restore(&id, &spec, &volumes_dir, |dir| {
+                pod.as_ref().is_none_or(|p| p.claim_volume(dir))
+            })
         })
         .await?;
     }

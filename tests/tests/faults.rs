@@ -9,7 +9,10 @@ use stasis_e2e::{
     Containerd,
 };
 
-/// Processes of runc or CRIU still running (any, on this host: the test holds a checkpoint).
+/// The tests of this file look at runc and CRIU host-wide: they run one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Processes of runc or CRIU still running (any, on this host: these tests run alone).
 fn runtime_helpers() -> Vec<String> {
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -29,6 +32,7 @@ fn runtime_helpers() -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_pod_checkpoint_stops_criu_and_leaves_the_pod_thawed() -> Result<()> {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let c = Containerd::start("fault-timeout")?;
     let image = c.import_busybox_for_cri()?;
     let mut cri = c.cri().await?;
@@ -152,6 +156,7 @@ async fn a_timed_out_pod_checkpoint_stops_criu_and_leaves_the_pod_thawed() -> Re
 /// on thawed, and nothing is left on that file system.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_fails_the_checkpoint_cleanly() -> Result<()> {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let c = Containerd::start("fault-enospc")?;
     let image = c.import_busybox_for_cri()?;
     let mut cri = c.cri().await?;
@@ -246,6 +251,7 @@ async fn a_full_disk_fails_the_checkpoint_cleanly() -> Result<()> {
 /// hierarchy, sockets and runtime state).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()> {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let c = Containerd::start("fault-shimkill")?;
     let image = c.import_busybox_for_cri()?;
     let mut cri = c.cri().await?;
@@ -339,6 +345,7 @@ async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()
 /// the shim's hold bound stops the held container, so nothing stays frozen either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_restore_leaves_nothing_frozen() -> Result<()> {
+    let _alone = ONE_AT_A_TIME.lock().await;
     use std::io::BufRead;
     let c = Containerd::start("fault-restore")?;
     // This test's shims give a restore 3 s to finish (the default is 120 s).

@@ -243,11 +243,35 @@ fn twenty_containers_leave_nothing_behind() -> Result<()> {
         cgroups_of(&c.namespace),
         fifos_under(&c.dir),
     );
-    let ids: Vec<String> = (0..20).map(|i| format!("leak{i}")).collect();
-    for id in &ids {
-        let out = c.ctr_ok(&run_args(image, id, &["sh", "-c", "echo $HOSTNAME"], false))?;
+    let mut ids: Vec<String> = (0..20).map(|i| format!("leak{i}")).collect();
+    let mut retried = Vec::new();
+    for id in ids.clone() {
+        let out = match c.ctr_ok(&run_args(
+            image,
+            &id,
+            &["sh", "-c", "echo $HOSTNAME"],
+            false,
+        )) {
+            Ok(out) => out,
+            // runc's init occasionally dies before its first message on this loaded 2-core
+            // host ("read init-p: connection reset by peer"). The failed create must still
+            // leave nothing (checked below with the others); the container is run again once.
+            Err(e) if format!("{e:#}").contains("init-p") => {
+                eprintln!("{id}: runc create failed transiently, running it again: {e:#}");
+                let again = format!("{id}-again");
+                retried.push(again.clone());
+                c.ctr_ok(&run_args(
+                    image,
+                    &again,
+                    &["sh", "-c", "echo $HOSTNAME"],
+                    false,
+                ))?
+            }
+            Err(e) => return Err(e),
+        };
         ensure!(!out.trim().is_empty(), "{id}: no output");
     }
+    ids.extend(retried);
     // Shims exit after their container is deleted; give the last one a moment.
     c.wait_for("shims to exit", Duration::from_secs(10), || {
         Ok(c.shim_pids().len() == before.0)

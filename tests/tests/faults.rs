@@ -416,7 +416,11 @@ async fn an_interrupted_restore_leaves_nothing_frozen() -> Result<()> {
         }
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)?;
         let status = child.wait()?;
-        let rest: Vec<String> = rx.try_iter().collect();
+        // Everything it printed, up to its end of output.
+        let mut rest = Vec::new();
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+            rest.push(line);
+        }
         ensure!(!status.success(), "{signal}: the restore succeeded");
         let restored = cri
             .runtime

@@ -117,7 +117,7 @@ async fn archives_are_readable_and_hostile_ones_refused() -> Result<()> {
     let unpacked = c.dir.join("unpacked");
     std::fs::create_dir_all(&unpacked)?;
     // The zstd archive itself, through the zstd CLI (installed by scripts/install-deps.sh; a
-    // missing CLI fails the test rather than skipping this part).
+    // missing CLI fails the test rather than leaving this part out).
     let out = std::process::Command::new("bash")
         .arg("-c")
         .arg(format!(

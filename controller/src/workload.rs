@@ -121,6 +121,27 @@ pub async fn violations(rt: &mut Runtime, id: &str) -> Result<String> {
     Ok(out.trim().to_string())
 }
 
+/// A container holding `mib` MiB of touched memory (a shell variable) that a dump must copy;
+/// it writes /ready once the memory is filled (see `wait_ready`).
+pub fn memory_hog(mib: u64) -> String {
+    format!(
+        "a=$(head -c {} /dev/zero | tr '\\0' x); echo ready > /ready; while true; do sleep 1; done",
+        mib << 20
+    )
+}
+
+/// Waits until `file` exists in container `id` (a hog's /ready), for up to `timeout`.
+pub async fn wait_ready(rt: &mut Runtime, id: &str, file: &str, timeout: Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    while exec(rt, id, &["cat", file]).await?.0 != 0 {
+        if std::time::Instant::now() > deadline {
+            bail!("{id}: {file} did not appear within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 /// ExecSync of `cmd` in container `id`: exit code and stdout.
 pub async fn exec(rt: &mut Runtime, id: &str, cmd: &[&str]) -> Result<(i32, String)> {
     let r = rt

@@ -6,7 +6,7 @@ use std::{collections::HashMap, path::Path};
 use anyhow::{Context, Result};
 pub use k8s_cri::v1 as cri;
 /// The workload builders stasisctl bench uses too.
-pub use stasis_controller::workload::{container_config, counter_loop, pod_config};
+pub use stasis_controller::workload::{container_config, counter_loop, memory_hog, pod_config};
 
 /// The runtime handler the harness configures for stasis.
 pub const STASIS_HANDLER: &str = "stasis";
@@ -212,6 +212,28 @@ pub async fn wait_tcp_established(cri: &mut CriClient, id: &str) -> Result<()> {
 /// client that retries until it is connected).
 pub const TCP_WORKLOAD: &str = "nc -ll -p 9000 -e cat & while true; do \
     (while true; do echo hi; sleep 1; done) | nc 127.0.0.1 9000; sleep 0.1; done";
+
+/// Waits until `file` exists in container `id` (a `memory_hog`'s /ready).
+pub async fn wait_ready(
+    cri: &mut CriClient,
+    id: &str,
+    file: &str,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    stasis_controller::workload::wait_ready(&mut cri.runtime, id, file, timeout).await
+}
+
+/// The kernel's freezer state (cgroup v1 `freezer.state`) of container `id` of a stasis pod
+/// (the pod cgroup is /stasis/<pod id>, each container below it).
+pub fn pod_freezer_state(pod_id: &str, id: &str) -> Result<String> {
+    let path = std::path::Path::new("/sys/fs/cgroup/freezer/stasis")
+        .join(pod_id)
+        .join(id)
+        .join("freezer.state");
+    std::fs::read_to_string(&path)
+        .map(|s| s.trim().to_string())
+        .with_context(|| format!("read {}", path.display()))
+}
 
 /// The token only the counter loop's memory holds (see `counter_loop`).
 pub async fn memory_token(cri: &mut CriClient, id: &str, file: &str) -> Result<String> {

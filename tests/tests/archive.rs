@@ -281,20 +281,7 @@ async fn second_checkpoint_of_the_same_pod_is_refused() -> Result<()> {
             container_config("big", image, &["sh", "-c", hold]),
         )
         .await?;
-    let mut ready = false;
-    for _ in 0..300 {
-        if client
-            .exec(&id, &["cat", "/ready"])
-            .await
-            .map(|r| r.0 == 0)
-            .unwrap_or(false)
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    ensure!(ready, "the big container never filled its memory");
+    stasis_e2e::cri::wait_ready(&mut client, &id, "/ready", Duration::from_secs(30)).await?;
     let stasisctl = stasis_e2e::built_binary("stasisctl")?;
     let run = |n: u32| {
         let out = c.dir.join(format!("busy-{n}.tar"));

@@ -5,9 +5,43 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use stasis_e2e::{
-    cri::{container_config, counter_loop, pod_config, wait_counter_moving},
+    cri::{
+        container_config, counter_loop, memory_hog, pod_config, pod_freezer_state,
+        wait_counter_moving, wait_ready, CriClient,
+    },
     Containerd,
 };
+
+/// A pod of two containers: one holding `mib` MiB of touched memory (its dump takes a while:
+/// about 250 MB/s here), one running the counter loop; returns once both run.
+async fn hog_and_counter_pod(
+    c: &Containerd,
+    cri: &mut CriClient,
+    image: &str,
+    name: &str,
+    mib: u64,
+) -> Result<(String, String, String)> {
+    let pod = pod_config(name, &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let hog = memory_hog(mib);
+    let big_id = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("big", image, &["sh", "-c", &hog]),
+        )
+        .await?;
+    let counter_id = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("counter", image, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
+    wait_ready(cri, &big_id, "/ready", Duration::from_secs(120)).await?;
+    wait_counter_moving(cri, &counter_id, "/counter").await?;
+    Ok((pod_id, big_id, counter_id))
+}
 
 /// The tests of this file look at runc and CRIU host-wide: they run one at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -36,36 +70,8 @@ async fn a_timed_out_pod_checkpoint_stops_criu_and_leaves_the_pod_thawed() -> Re
     let c = Containerd::start("fault-timeout")?;
     let image = c.import_busybox_for_cri()?;
     let mut cri = c.cri().await?;
-    let pod = pod_config("slow", &c.dir.join("logs"));
-    let pod_id = cri.run_pod(&pod).await?;
-    // 2 GiB of touched memory: its dump takes about 8 s here (about 250 MB/s).
-    let big = format!(
-        "a=$(head -c {} /dev/zero | tr '\\0' x); echo ready > /ready; while true; do sleep 1; done",
-        2u64 << 30
-    );
-    let big_id = cri
-        .run_container(
-            &pod_id,
-            &pod,
-            container_config("big", image, &["sh", "-c", &big]),
-        )
-        .await?;
-    let counter_id = cri
-        .run_container(
-            &pod_id,
-            &pod,
-            container_config("counter", image, &["sh", "-c", &counter_loop("/counter")]),
-        )
-        .await?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while cri.exec(&big_id, &["cat", "/ready"]).await?.0 != 0 {
-        ensure!(
-            Instant::now() < deadline,
-            "the big container never filled its memory"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    wait_counter_moving(&mut cri, &counter_id, "/counter").await?;
+    let (pod_id, big_id, counter_id) =
+        hog_and_counter_pod(&c, &mut cri, image, "slow", 2048).await?;
 
     let out_dir = c.dir.join("out");
     std::fs::create_dir_all(&out_dir)?;
@@ -113,17 +119,8 @@ async fn a_timed_out_pod_checkpoint_stops_criu_and_leaves_the_pod_thawed() -> Re
     let watch_until = Instant::now() + Duration::from_secs(15);
     while Instant::now() < watch_until {
         for id in [&big_id, &counter_id] {
-            let state = std::fs::read_to_string(
-                std::path::Path::new("/sys/fs/cgroup/freezer/stasis")
-                    .join(&pod_id)
-                    .join(id)
-                    .join("freezer.state"),
-            )
-            .context("read freezer.state")?;
-            ensure!(
-                state.trim() == "THAWED",
-                "{id} is {state} after the timeout"
-            );
+            let state = pod_freezer_state(&pod_id, id)?;
+            ensure!(state == "THAWED", "{id} is {state} after the timeout");
         }
         ensure!(runtime_helpers().is_empty(), "a runtime helper came back");
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -160,36 +157,7 @@ async fn a_full_disk_fails_the_checkpoint_cleanly() -> Result<()> {
     let c = Containerd::start("fault-enospc")?;
     let image = c.import_busybox_for_cri()?;
     let mut cri = c.cri().await?;
-    let pod = pod_config("full", &c.dir.join("logs"));
-    let pod_id = cri.run_pod(&pod).await?;
-    // 64 MiB of touched memory: images of about that size.
-    let big = format!(
-        "a=$(head -c {} /dev/zero | tr '\\0' x); echo ready > /ready; while true; do sleep 1; done",
-        64u64 << 20
-    );
-    let big_id = cri
-        .run_container(
-            &pod_id,
-            &pod,
-            container_config("big", image, &["sh", "-c", &big]),
-        )
-        .await?;
-    let counter_id = cri
-        .run_container(
-            &pod_id,
-            &pod,
-            container_config("counter", image, &["sh", "-c", &counter_loop("/counter")]),
-        )
-        .await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while cri.exec(&big_id, &["cat", "/ready"]).await?.0 != 0 {
-        ensure!(
-            Instant::now() < deadline,
-            "the big container never filled its memory"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    wait_counter_moving(&mut cri, &counter_id, "/counter").await?;
+    let (pod_id, big_id, counter_id) = hog_and_counter_pod(&c, &mut cri, image, "full", 64).await?;
     // 16 MiB: the dump itself runs out of space. 100 MiB: the dump fits, the archive does not.
     for (size, phase) in [("16m", "dump"), ("100m", "packaging")] {
         let fs = c.dir.join(format!("small-{phase}"));
@@ -227,13 +195,8 @@ async fn a_full_disk_fails_the_checkpoint_cleanly() -> Result<()> {
             "{phase}: files left on the full file system: {left:?}"
         );
         for id in [&big_id, &counter_id] {
-            let state = std::fs::read_to_string(
-                std::path::Path::new("/sys/fs/cgroup/freezer/stasis")
-                    .join(&pod_id)
-                    .join(id)
-                    .join("freezer.state"),
-            )?;
-            ensure!(state.trim() == "THAWED", "{phase}: {id} is {state}");
+            let state = pod_freezer_state(&pod_id, id)?;
+            ensure!(state == "THAWED", "{phase}: {id} is {state}");
         }
         ensure!(
             runtime_helpers().is_empty(),
@@ -257,35 +220,7 @@ async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()
     let mut cri = c.cri().await?;
     for during_checkpoint in [false, true] {
         let name = if during_checkpoint { "dumping" } else { "idle" };
-        let pod = pod_config(name, &c.dir.join("logs"));
-        let pod_id = cri.run_pod(&pod).await?;
-        let big = format!(
-            "a=$(head -c {} /dev/zero | tr '\\0' x); echo ready > /ready; while true; do sleep 1; done",
-            1u64 << 30
-        );
-        let big_id = cri
-            .run_container(
-                &pod_id,
-                &pod,
-                container_config("big", image, &["sh", "-c", &big]),
-            )
-            .await?;
-        let counter_id = cri
-            .run_container(
-                &pod_id,
-                &pod,
-                container_config("counter", image, &["sh", "-c", &counter_loop("/counter")]),
-            )
-            .await?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while cri.exec(&big_id, &["cat", "/ready"]).await?.0 != 0 {
-            ensure!(
-                Instant::now() < deadline,
-                "the big container never filled its memory"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        wait_counter_moving(&mut cri, &counter_id, "/counter").await?;
+        let (pod_id, _, _) = hog_and_counter_pod(&c, &mut cri, image, name, 1024).await?;
         let shim = stasis_e2e::processes_matching(&[
             "containerd-shim-stasis-v2",
             &c.socket().display().to_string(),

@@ -6,8 +6,9 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use stasis_e2e::{
     cri::{
-        container_config, containers_by_name, counter_loop, cri, pod_config, read_counter,
-        violations, wait_counter_above, wait_counter_moving, wait_tcp_established, TCP_WORKLOAD,
+        container_config, containers_by_name, counter_loop, cri, memory_hog, pod_config,
+        pod_freezer_state, read_counter, violations, wait_counter_above, wait_counter_moving,
+        wait_ready, wait_tcp_established, TCP_WORKLOAD,
     },
     Containerd,
 };
@@ -282,10 +283,7 @@ async fn containers_are_dumped_in_parallel() -> Result<()> {
     let mut cri = c.cri().await?;
     let pod = pod_config("parallel", &c.dir.join("logs"));
     let pod_id = cri.run_pod(&pod).await?;
-    let hog = format!(
-        "a=$(head -c {} /dev/zero | tr '\\0' x); echo ready > /ready; while true; do sleep 1; done",
-        96 << 20
-    );
+    let hog = memory_hog(96);
     let mut ids = Vec::new();
     for n in ["one", "two"] {
         ids.push(
@@ -298,16 +296,7 @@ async fn containers_are_dumped_in_parallel() -> Result<()> {
         );
     }
     for id in &ids {
-        let mut ready = false;
-        for _ in 0..300 {
-            let (code, _, _) = cri.exec(id, &["cat", "/ready"]).await?;
-            if code == 0 {
-                ready = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        ensure!(ready, "{id} never filled its memory");
+        wait_ready(&mut cri, id, "/ready", Duration::from_secs(30)).await?;
     }
     let archive = c.dir.join("parallel.tar");
     c.stasisctl_ok(&[
@@ -392,15 +381,7 @@ async fn stopping_checkpoint_and_paused_containers() -> Result<()> {
     ])?;
     // The kernel's word, not the shim's: the freezer state of each container's cgroup (the
     // pod cgroup is /stasis/<pod id>, each container below it).
-    let freezer = |id: &str| {
-        let path = std::path::Path::new("/sys/fs/cgroup/freezer/stasis")
-            .join(&pod_id)
-            .join(id)
-            .join("freezer.state");
-        std::fs::read_to_string(&path)
-            .map(|s| s.trim().to_string())
-            .map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))
-    };
+    let freezer = |id: &str| pod_freezer_state(&pod_id, id);
     ensure!(
         freezer(&p)? == "FROZEN",
         "the paused container after a live checkpoint is {}",
@@ -518,12 +499,8 @@ async fn a_failing_dump_fails_the_pod_checkpoint_cleanly() -> Result<()> {
             cri.container_status(id).await?.state == cri::ContainerState::ContainerRunning as i32,
             "{id} not running"
         );
-        let cg = std::path::Path::new("/sys/fs/cgroup/freezer/stasis")
-            .join(&pod_id)
-            .join(id)
-            .join("freezer.state");
-        let state = std::fs::read_to_string(&cg)?;
-        ensure!(state.trim() == "THAWED", "{id} left {state}");
+        let state = pod_freezer_state(&pod_id, id)?;
+        ensure!(state == "THAWED", "{id} left {state}");
     }
     // It still counts.
     wait_counter_moving(&mut cri, &ids[0], "/counter").await?;

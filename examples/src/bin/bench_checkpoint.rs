@@ -19,8 +19,7 @@ fn workload(mib: u64) -> String {
     if mib == 0 {
         "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.01; done".to_string()
     } else {
-        // A shell variable holding `mib` MiB: memory the dump must copy.
-        format!("a=$(head -c {} /dev/zero | tr '\\0' x); echo ready > /ready; while true; do sleep 1; done", mib << 20)
+        stasis_controller::workload::memory_hog(mib)
     }
 }
 

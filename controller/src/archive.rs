@@ -21,6 +21,8 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use stasis_api::layout::{self, CheckpointedConfig, ContainerMeta};
@@ -47,6 +49,16 @@ pub fn random_suffix() -> Result<String> {
 /// appeared at `dest` meanwhile, and the directory synced. A failure (a full disk above all)
 /// leaves nothing at or beside `dest`.
 pub fn write(dir: &Path, dest: &Path, compression: Compression) -> Result<u64> {
+    write_cancellable(dir, dest, compression, &AtomicBool::new(false))
+}
+
+/// [`write`], giving up (and leaving nothing) once `cancel` is set.
+pub fn write_cancellable(
+    dir: &Path,
+    dest: &Path,
+    compression: Compression,
+    cancel: &AtomicBool,
+) -> Result<u64> {
     use std::os::unix::fs::OpenOptionsExt;
     let parent = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -65,14 +77,21 @@ pub fn write(dir: &Path, dest: &Path, compression: Compression) -> Result<u64> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(&partial)
         .with_context(|| format!("create {}", partial.display()))?;
-    let written = write_stream(dir, file, compression)
-        .and_then(|file| file.sync_all().context("sync the archive"))
-        .and_then(|()| rename_new(&partial, dest))
-        .and_then(|()| {
-            File::open(&parent)
-                .and_then(|d| d.sync_all())
-                .with_context(|| format!("sync {}", parent.display()))
-        });
+    let written = write_stream(
+        dir,
+        Cancellable {
+            inner: file,
+            cancel,
+        },
+        compression,
+    )
+    .and_then(|w| w.inner.sync_all().context("sync the archive"))
+    .and_then(|()| rename_new(&partial, dest))
+    .and_then(|()| {
+        File::open(&parent)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("sync {}", parent.display()))
+    });
     if let Err(e) = written {
         let _ = std::fs::remove_file(&partial);
         return Err(explain_full_disk(e, dest));
@@ -82,7 +101,7 @@ pub fn write(dir: &Path, dest: &Path, compression: Compression) -> Result<u64> {
 
 /// The tar stream of `dir`, compressed, with the end of every layer checked: a compressor's
 /// final block failing (ENOSPC) is an error, not a silently truncated archive.
-fn write_stream(dir: &Path, file: File, compression: Compression) -> Result<File> {
+fn write_stream<W: Write>(dir: &Path, file: W, compression: Compression) -> Result<W> {
     fn tar_into<W: Write>(dir: &Path, w: W) -> Result<W> {
         let mut tar = tar::Builder::new(w);
         tar.follow_symlinks(false);
@@ -110,6 +129,68 @@ fn write_stream(dir: &Path, file: File, compression: Compression) -> Result<File
         }
     };
     Ok(file)
+}
+
+/// A writer that fails once its flag is set: how an interrupted packaging stops.
+struct Cancellable<'a, W> {
+    inner: W,
+    cancel: &'a AtomicBool,
+}
+
+impl<W: Write> Write for Cancellable<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "archive writing interrupted",
+            ));
+        }
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Reads the archive at `path` back in full (every compressed frame's checksum included) and
+/// checks it holds exactly the regular files and bytes of `dir`, the directory it was made
+/// from.
+pub fn verify(path: &Path, dir: &Path) -> Result<()> {
+    fn walk(p: &Path, files: &mut u64, bytes: &mut u64) {
+        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+            match e.path().symlink_metadata() {
+                Ok(m) if m.is_dir() => walk(&e.path(), files, bytes),
+                Ok(m) if m.is_file() => {
+                    *files += 1;
+                    *bytes += m.len();
+                }
+                _ => {}
+            }
+        }
+    }
+    let (mut want_files, mut want_bytes) = (0, 0);
+    walk(dir, &mut want_files, &mut want_bytes);
+    let (mut files, mut bytes) = (0u64, 0u64);
+    let mut tar = tar::Archive::new(open(path)?);
+    for entry in tar
+        .entries()
+        .with_context(|| format!("read back {}", path.display()))?
+    {
+        let mut entry = entry.with_context(|| format!("read back {}", path.display()))?;
+        if entry.header().entry_type().is_file() {
+            files += 1;
+            bytes += std::io::copy(&mut entry, &mut std::io::sink())
+                .with_context(|| format!("read back {}", path.display()))?;
+        }
+    }
+    if (files, bytes) != (want_files, want_bytes) {
+        bail!(
+            "{} reads back as {files} files, {bytes} bytes; {want_files} files, {want_bytes} bytes were written",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Renames `from` to `to` unless something exists at `to` (RENAME_NOREPLACE).

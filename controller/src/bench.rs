@@ -241,6 +241,7 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
             tcp_established: false,
             file_locks: false,
             timeout: 0,
+            space_check: true,
         };
         match pod::checkpoint_pod(t, args).await {
             Ok(o) => {

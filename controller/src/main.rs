@@ -106,6 +106,10 @@ enum PodCommand {
         /// Give up after this many seconds (the pod is thawed); 0 = no limit.
         #[arg(long, default_value_t = 0)]
         timeout: u32,
+        /// Skip the early check that the output's file system has room for about twice the
+        /// pod's resident memory plus writable layers (a full disk still fails cleanly).
+        #[arg(long)]
+        skip_space_check: bool,
     },
     /// Restore a pod archive as a new running pod; prints the new pod id.
     Restore {
@@ -155,6 +159,7 @@ async fn run(cli: Cli) -> Result<()> {
                 tcp_established,
                 file_locks,
                 timeout,
+                skip_space_check,
             } => {
                 let compress = match compress {
                     CompressArg::None => Compression::None,
@@ -172,6 +177,7 @@ async fn run(cli: Cli) -> Result<()> {
                         tcp_established,
                         file_locks,
                         timeout,
+                        space_check: !skip_space_check,
                     },
                 )
                 .await

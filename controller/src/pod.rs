@@ -8,8 +8,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use stasis_api::{
     checkpoint::{
-        CheckpointOptions, CheckpointPodRequest, ContainerInfo, FinishRestoreRequest,
-        ValidateRestoreRequest,
+        CheckpointOptions, CheckpointPodRequest, ContainerInfo, FinishCheckpointRequest,
+        FinishRestoreRequest, ValidateRestoreRequest,
     },
     RESTORE_ANNOTATION,
 };
@@ -85,6 +85,8 @@ pub struct CheckpointArgs {
     pub tcp_established: bool,
     pub file_locks: bool,
     pub timeout: u32,
+    /// Refuse early when the output's file system cannot hold the estimate.
+    pub space_check: bool,
 }
 
 /// What CRI knows of a container, as the Checkpoint service wants it.
@@ -295,6 +297,18 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
             pod.id
         );
     }
+    let estimate = estimate(&mut rt, &containers).await;
+    let free = free_bytes(parent)?;
+    if a.space_check && estimate.total() > free {
+        bail!(
+            "pod {name}: the checkpoint needs ~{} on the file system of {} (memory in use {} + writable layers {}, staged there and then archived), it has {} free; free some space, write elsewhere, or pass --skip-space-check",
+            human(estimate.total()),
+            parent.display(),
+            human(estimate.memory),
+            human(estimate.layers),
+            human(free)
+        );
+    }
     let client =
         shim::checkpoint_client(&t.address, &t.namespace, &pod.id, &pod.runtime_handler).await?;
     if a.output.symlink_metadata().is_ok() {
@@ -337,6 +351,14 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
             tcp_established: a.tcp_established,
             file_locks: a.file_locks,
             timeout_secs: a.timeout,
+            // A stopping checkpoint keeps the pod frozen until the archive is safe; this
+            // bound (time to package the estimate at a slow 20 MB/s, plus a minute) is how
+            // long the shim waits for us before it lets the pod run on.
+            hold_secs: if a.leave_running {
+                0
+            } else {
+                (60 + estimate.total() / 20_000_000).min(3600) as u32
+            },
             ..Default::default()
         })
         .into(),
@@ -347,18 +369,92 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
     } else {
         3600
     };
-    let resp = match client.checkpoint_pod(ttrpc_ctx(secs), &req).await {
+    let mut interrupt = Interrupt::listen()?;
+    let asked = tokio::select! {
+        r = client.checkpoint_pod(ttrpc_ctx(secs), &req) => r.map_err(|e| {
+            shim::explain(e, &pod.id, &pod.runtime_handler)
+                .context(format!("checkpoint of pod {name} failed"))
+        }),
+        // Dropping the call tells the shim its caller is gone: the pod is thawed and runs on.
+        signal = interrupt.received() => Err(anyhow::anyhow!(
+            "interrupted by {signal}: checkpoint of pod {name} abandoned, the pod runs on"
+        )),
+    };
+    let resp = match asked {
         Ok(r) => r,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&staging);
-            return Err(shim::explain(e, &pod.id, &pod.runtime_handler)
-                .context(format!("checkpoint of pod {name} failed")));
+            return Err(e);
         }
     };
     let t_pack = Instant::now();
-    let written = archive::write(&staging, &a.output, a.compress);
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let packaging = {
+        let (staging, output, cancel) = (staging.clone(), a.output.clone(), cancel.clone());
+        let compress = a.compress;
+        tokio::task::spawn_blocking(move || {
+            let size = archive::write_cancellable(&staging, &output, compress, &cancel)?;
+            // Read back in full before anything is stopped: a stopping checkpoint's archive
+            // is the pod from now on.
+            archive::verify(&output, &staging).inspect_err(|_| {
+                let _ = std::fs::remove_file(&output);
+            })?;
+            Ok::<_, anyhow::Error>(size)
+        })
+    };
+    tokio::pin!(packaging);
+    let written = tokio::select! {
+        r = &mut packaging => r.context("packaging worker")?,
+        signal = interrupt.received() => {
+            cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = packaging.await;
+            Err(anyhow::anyhow!("interrupted by {signal} while writing the archive; nothing was left at {}", a.output.display()))
+        }
+    };
     let _ = std::fs::remove_dir_all(&staging);
-    let size = written?;
+    let size = match written {
+        Ok(size) => size,
+        Err(e) if !a.leave_running => {
+            let finished = client
+                .finish_checkpoint(
+                    ttrpc_ctx(120),
+                    &FinishCheckpointRequest {
+                        sandbox_id: pod.id.clone(),
+                        stop: false,
+                        ..Default::default()
+                    },
+                )
+                .await;
+            return Err(match finished {
+                Ok(_) => e.context(format!(
+                    "pod {name}: no archive was written; the pod was not stopped and runs on"
+                )),
+                Err(f) => e.context(format!(
+                    "pod {name}: no archive was written; resuming the pod failed too ({}), its shim lets it run on when its hold ends",
+                    shim::explain(f, &pod.id, &pod.runtime_handler)
+                )),
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    if !a.leave_running {
+        client
+            .finish_checkpoint(
+                ttrpc_ctx(120),
+                &FinishCheckpointRequest {
+                    sandbox_id: pod.id.clone(),
+                    stop: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| {
+                shim::explain(e, &pod.id, &pod.runtime_handler).context(format!(
+                    "pod {name}: the archive {} is complete, but stopping the pod failed; it may still run",
+                    a.output.display()
+                ))
+            })?;
+    }
     Ok(CheckpointOutcome {
         pod_name: name,
         pod_id: pod.id.clone(),
@@ -367,6 +463,55 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
         packaging_ms: t_pack.elapsed().as_secs_f64() * 1000.0,
         total_ms: started.elapsed().as_secs_f64() * 1000.0,
     })
+}
+
+/// What a checkpoint of some containers will need on disk, from what CRI reports.
+#[derive(Default)]
+struct SpaceEstimate {
+    memory: u64,
+    layers: u64,
+}
+
+impl SpaceEstimate {
+    /// Staged uncompressed and then archived on the same file system: twice the capture.
+    fn total(&self) -> u64 {
+        2 * (self.memory + self.layers)
+    }
+}
+
+/// Resident memory (what CRIU writes) and writable layers of the containers, per CRI stats;
+/// a container CRI has no stats for counts as nothing (the check is a courtesy, the write
+/// itself still fails cleanly on a full disk).
+async fn estimate(rt: &mut cri::Runtime, containers: &[ContainerInfo]) -> SpaceEstimate {
+    let mut e = SpaceEstimate::default();
+    for c in containers {
+        let Ok(stats) = rt
+            .container_stats(api::ContainerStatsRequest {
+                container_id: c.id.clone(),
+            })
+            .await
+        else {
+            continue;
+        };
+        let Some(stats) = stats.into_inner().stats else {
+            continue;
+        };
+        if let Some(m) = stats.memory {
+            let rss = m.rss_bytes.map(|v| v.value).unwrap_or_default();
+            let ws = m.working_set_bytes.map(|v| v.value).unwrap_or_default();
+            e.memory += if rss > 0 { rss } else { ws };
+        }
+        if let Some(l) = stats.writable_layer {
+            e.layers += l.used_bytes.map(|v| v.value).unwrap_or_default();
+        }
+    }
+    e
+}
+
+fn free_bytes(dir: &Path) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir)
+        .with_context(|| format!("free space of {}", dir.display()))?;
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
 pub struct RestoreArgs {

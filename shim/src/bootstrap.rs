@@ -221,7 +221,11 @@ pub fn serve(flags: &Flags) -> Result<(), BoxError> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = shim.shutdown.cancelled() => {}
-            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = term.recv() => {
+                info!("SIGTERM: shutting down");
+                // Ends a checkpoint hold at once (the pod runs on) instead of at its bound.
+                shim.shutdown.cancel();
+            }
         }
         // A checkpoint under way finishes (its thaw above all) before the shim exits.
         shim.work.close();

@@ -55,3 +55,10 @@ pub fn remove_any(p: &Path) {
         Err(_) => Ok(()),
     };
 }
+
+/// Flushes the whole file system holding `dir` to disk (syncfs): what a stopping checkpoint
+/// needs before it ends the container whose images are there.
+pub fn sync_fs(id: &str, dir: &Path) -> Result<()> {
+    let d = std::fs::File::open(dir).map_err(|e| Error::io(id, "open checkpoint dir", e))?;
+    nix::unistd::syncfs(&d).map_err(|e| Error::io(id, "sync checkpoint to disk", e.into()))
+}

@@ -17,6 +17,12 @@ pub(crate) fn cleanup_dir(dir: &Path) {
     for m in mounts {
         let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
     }
+    // STASIS_E2E_KEEP_LOGS=1 keeps containerd's log (with the shims' lines) for a look.
+    if std::env::var_os("STASIS_E2E_KEEP_LOGS").is_some() {
+        let log = dir.join("containerd.log");
+        let kept = std::path::PathBuf::from(format!("{}.log", dir.display()));
+        let _ = std::fs::copy(&log, &kept);
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 

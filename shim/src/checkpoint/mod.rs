@@ -17,25 +17,181 @@ use log::{info, warn};
 use stasis_api::checkpoint::{
     CheckpointPodRequest, CheckpointPodResponse, ContainerInfo, Timings as WireTimings,
 };
+use tokio::sync::{oneshot, OwnedMutexGuard};
 
 use crate::{
     error::{Error, Result},
-    runtime::{ContainerTarget, PodCheckpoint},
+    runtime::{ContainerTarget, HeldPod, PodCheckpoint},
     state::{Container, Shim, State},
     util::{self, empty_dir},
 };
 
-/// Serialises pod checkpoints: a second one of the same pod is refused, not queued.
-#[derive(Default)]
-pub struct CheckpointGate(tokio::sync::Mutex<()>);
+/// How a held stopping checkpoint is told to end: stop (true) or release (false), and where
+/// the outcome goes.
+type FinishTx = oneshot::Sender<(bool, oneshot::Sender<Result<Vec<String>>>)>;
 
+/// Serialises pod checkpoints (a second one of the same pod is refused, not queued) and
+/// carries the finish channel of a stopping checkpoint that holds the pod.
+#[derive(Default)]
+pub struct CheckpointGate {
+    busy: Arc<tokio::sync::Mutex<()>>,
+    finish: std::sync::Mutex<Option<FinishTx>>,
+}
+
+impl CheckpointGate {
+    fn finish_slot(&self) -> std::sync::MutexGuard<'_, Option<FinishTx>> {
+        self.finish.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The longest a stopping checkpoint keeps a pod frozen waiting for FinishCheckpoint.
+pub const MAX_HOLD: Duration = Duration::from_secs(3600);
+
+/// A stopping checkpoint's containers, kept still after their capture until its output is
+/// safe. It owns the pod's checkpoint slot and the containers' operation locks while it
+/// lasts; dropped without an end (a panic), it lets the containers run on.
+pub struct Hold {
+    runtime: Arc<dyn crate::runtime::OciRuntime>,
+    pod: Option<HeldPod>,
+    _busy: OwnedMutexGuard<()>,
+    _ops: Vec<OwnedMutexGuard<()>>,
+}
+
+impl Hold {
+    fn ids(p: &HeldPod) -> Vec<String> {
+        p.containers.iter().map(|c| c.id.clone()).collect()
+    }
+
+    /// The output is safe: the held containers are stopped.
+    pub async fn stop(mut self) -> Result<Vec<String>> {
+        let pod = self.pod.take().expect("a hold ends once");
+        match self.runtime.stop_held(&pod).await {
+            Ok(()) => {
+                info!("pod {}: stopped after its checkpoint", pod.pod_id);
+                Ok(Self::ids(&pod))
+            }
+            Err(e) => {
+                // Whatever the stop did not end runs on rather than staying frozen.
+                let _ = self.runtime.release_held(&pod).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The containers run on, thawed (a failed or abandoned stopping checkpoint).
+    pub async fn release(mut self) -> Result<Vec<String>> {
+        let pod = self.pod.take().expect("a hold ends once");
+        self.runtime.release_held(&pod).await?;
+        info!("pod {}: left running after its checkpoint", pod.pod_id);
+        Ok(Self::ids(&pod))
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(pod) = self.pod.take() {
+            warn!("pod {}: checkpoint hold dropped, resuming", pod.pod_id);
+            let runtime = self.runtime.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { runtime.release_held(&pod).await });
+            }
+        }
+    }
+}
+
+/// Runs a pod checkpoint to its end, whatever happens to the request: the response goes to
+/// `reply` once the capture is written; a stopping checkpoint with a hold then keeps the pod
+/// frozen until FinishCheckpoint, its hold bound, the shim's shutdown, or the caller vanishing
+/// before the reply (each but the first lets the pod run on).
+pub async fn run(
+    shim: Arc<Shim>,
+    gate: Arc<CheckpointGate>,
+    req: CheckpointPodRequest,
+    reply: oneshot::Sender<Result<CheckpointPodResponse>>,
+) {
+    let pod_id = req.sandbox_id.clone();
+    let bound = Duration::from_secs(
+        req.options
+            .as_ref()
+            .map(|o| o.hold_secs as u64)
+            .unwrap_or_default(),
+    )
+    .min(MAX_HOLD);
+    let (resp, hold) = match checkpoint_pod(&shim, &gate, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = reply.send(Err(e));
+            return;
+        }
+    };
+    let Some(hold) = hold else {
+        let _ = reply.send(Ok(resp));
+        return;
+    };
+    let (tx, rx) = oneshot::channel();
+    *gate.finish_slot() = Some(tx);
+    if reply.send(Ok(resp)).is_err() {
+        gate.finish_slot().take();
+        warn!("pod {pod_id}: the checkpoint's caller is gone; left running");
+        let _ = hold.release().await;
+        return;
+    }
+    tokio::select! {
+        asked = rx => match asked {
+            Ok((stop, done)) => {
+                let outcome = if stop { hold.stop().await } else { hold.release().await };
+                let _ = done.send(outcome);
+            }
+            Err(_) => {
+                let _ = hold.release().await;
+            }
+        },
+        _ = tokio::time::sleep(bound) => {
+            gate.finish_slot().take();
+            warn!("pod {pod_id}: no FinishCheckpoint within {bound:?}; left running");
+            let _ = hold.release().await;
+        }
+        _ = shim.shutdown.cancelled() => {
+            gate.finish_slot().take();
+            warn!("pod {pod_id}: shim shutting down during a checkpoint hold; left running");
+            let _ = hold.release().await;
+        }
+    }
+}
+
+/// Ends the hold of a stopping checkpoint (FinishCheckpoint).
+pub async fn finish(gate: &CheckpointGate, pod_id: &str, stop: bool) -> Result<Vec<String>> {
+    let tx = gate.finish_slot().take().ok_or_else(|| {
+        Error::precondition(
+            pod_id,
+            "no checkpoint of this pod is waiting to finish (a hold that passed its bound left the pod running)",
+        )
+    })?;
+    let (done, outcome) = oneshot::channel();
+    tx.send((stop, done)).map_err(|_| {
+        Error::precondition(
+            pod_id,
+            "the checkpoint hold ended meanwhile; the pod runs on",
+        )
+    })?;
+    outcome.await.map_err(|_| {
+        Error::other(
+            pod_id,
+            "finish checkpoint",
+            "the hold ended without an outcome",
+        )
+    })?
+}
+
+/// Captures the selected containers; a stopping checkpoint returns its [`Hold`] when the
+/// request asked for one (else the containers are stopped here, once the output is synced).
 pub async fn checkpoint_pod(
     shim: &Shim,
     gate: &CheckpointGate,
     req: CheckpointPodRequest,
-) -> Result<CheckpointPodResponse> {
+) -> Result<(CheckpointPodResponse, Option<Hold>)> {
     let pod = shim.require_pod(&req.sandbox_id)?;
-    let _busy = gate.0.try_lock().map_err(|_| {
+    let busy = gate.busy.clone().try_lock_owned().map_err(|_| {
         Error::precondition(
             &req.sandbox_id,
             "a checkpoint of this pod is already running",
@@ -84,7 +240,7 @@ pub async fn checkpoint_pod(
     }
     let mut guards = Vec::new();
     for c in &selected {
-        guards.push(c.op.lock().await);
+        guards.push(c.op.clone().lock_owned().await);
     }
     let mut targets = Vec::new();
     let mut names = Vec::new();
@@ -131,7 +287,7 @@ pub async fn checkpoint_pod(
         out: &out,
         containers: &targets,
         unselected_running: &unselected_running,
-        leave_running: opts.leave_running,
+        hold: !opts.leave_running,
         tcp_established: opts.tcp_established,
         file_locks: opts.file_locks,
         timeout: (opts.timeout_secs > 0).then(|| Duration::from_secs(opts.timeout_secs as u64)),
@@ -174,7 +330,40 @@ pub async fn checkpoint_pod(
         Ok::<_, Error>((capture, results))
     }
     .await;
-    drop(guards);
+    // From here a stopping checkpoint's containers are held still (its hold must end).
+    let mut hold = match &written {
+        Ok(_) if !opts.leave_running => Some(Hold {
+            runtime: shim.runtime.clone(),
+            pod: Some(HeldPod {
+                pod_id: pod.id.clone(),
+                containers: targets.clone(),
+            }),
+            _busy: busy,
+            _ops: guards,
+        }),
+        _ => {
+            drop(guards);
+            None
+        }
+    };
+    if hold.is_some() && opts.hold_secs == 0 {
+        // Nobody will say the output is safe: it is, once synced; then the pod stops.
+        let (id, dir) = (pod.id.clone(), out.clone());
+        let synced =
+            util::blocking(&pod.id, "sync checkpoint", move || util::sync_fs(&id, &dir)).await;
+        let h = hold.take().expect("held");
+        let ended = match synced {
+            Ok(()) => h.stop().await,
+            Err(e) => {
+                let _ = h.release().await;
+                Err(e)
+            }
+        };
+        if let Err(e) = ended {
+            empty_dir(&out);
+            return Err(e);
+        }
+    }
     let (capture, results) = match written {
         Ok(r) => r,
         Err(e) => {
@@ -204,7 +393,7 @@ pub async fn checkpoint_pod(
         .map(|t| t.files)
         .max()
         .unwrap_or_default();
-    Ok(CheckpointPodResponse {
+    let resp = CheckpointPodResponse {
         containers: results,
         timings: Some(WireTimings {
             frozen_ms: metadata::ms(capture.frozen),
@@ -216,5 +405,6 @@ pub async fn checkpoint_pod(
         .into(),
         engine,
         ..Default::default()
-    })
+    };
+    Ok((resp, hold))
 }

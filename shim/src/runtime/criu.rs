@@ -15,7 +15,7 @@ use stasis_api::layout::{CHECKPOINT_DIR, DUMP_LOG, STATS_DUMP};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    cancel_after, timed_out, CheckpointOpts, ContainerTarget, OciRuntime, PodCapture,
+    cancel_after, timed_out, CheckpointOpts, ContainerTarget, HeldPod, OciRuntime, PodCapture,
     PodCheckpoint, Timings, DEFAULT_CHECKPOINT_TIMEOUT,
 };
 use crate::{
@@ -83,8 +83,10 @@ impl Drop for Frozen {
     }
 }
 
-/// One container (Task API): freeze → dump → volumes → thaw. A stopping dump needs no freeze
-/// (CRIU ends the processes), nor does a container the user paused.
+/// One container (Task API): freeze → dump (live) → volumes → synced, then stop it if asked,
+/// thaw. The dump is always taken live under our freeze: a stopping checkpoint ends the
+/// container only once the images and volumes are complete on disk, so a failure at any step
+/// leaves it running (or paused, as it was).
 pub async fn checkpoint_container<R: OciRuntime + ?Sized>(
     runtime: &R,
     target: &ContainerTarget,
@@ -92,18 +94,16 @@ pub async fn checkpoint_container<R: OciRuntime + ?Sized>(
 ) -> Result<Timings> {
     let id = target.id.as_str();
     let start = Instant::now();
-    let freezer = if opts.leave_running && !target.paused {
-        Some(freezer_of(id, &target.cgroup_path)?)
-    } else {
-        None
-    };
+    let freezer = freezer_of(id, &target.cgroup_path)?;
     let frozen_at = Instant::now();
     let mut held = Frozen::default();
-    if let Some(f) = &freezer {
-        held.freeze(id, f).await?;
+    if !target.paused {
+        held.freeze(id, &freezer).await?;
     }
+    let stop = !opts.leave_running;
     // The bound containerd does not set: a dump past it is stopped before the thaw.
     let mut opts = opts.clone();
+    opts.leave_running = true;
     let cancel = opts
         .cancel
         .get_or_insert_with(CancellationToken::new)
@@ -119,22 +119,31 @@ pub async fn checkpoint_container<R: OciRuntime + ?Sized>(
         let image = opts.image_path.clone();
         let owned = id.to_string();
         blocking(id, "capture volumes", move || {
-            volumes::capture(&owned, &spec, &image).map(drop)
+            volumes::capture(&owned, &spec, &image)?;
+            // Complete on disk before a stopping checkpoint ends the container.
+            crate::util::sync_fs(&owned, &image)
         })
         .await?;
         Ok::<_, Error>((dump, t.elapsed()))
     }
     .await;
     drop(timer);
-    let frozen = match &freezer {
-        Some(_) => {
-            let thawed = held.thaw(id).await;
-            let window = frozen_at.elapsed();
-            thawed?;
-            window
+    if stop && result.is_ok() {
+        // Killed while frozen: nothing runs between the capture and the end.
+        if let Err(e) = runtime.kill(id, libc::SIGKILL as u32, true).await {
+            warn!("{id}: stop after checkpoint: {e}");
         }
-        None => Duration::ZERO,
+        if target.paused {
+            thaw(id, &freezer).await?;
+        }
+    }
+    let thawed = held.thaw(id).await;
+    let frozen = if target.paused {
+        Duration::ZERO
+    } else {
+        frozen_at.elapsed()
     };
+    thawed?;
     let (dump, files) = result?;
     // The dump log belongs with the images (checkpointctl and people read it there).
     let _ = std::fs::copy(
@@ -150,8 +159,9 @@ pub async fn checkpoint_container<R: OciRuntime + ?Sized>(
 }
 
 /// A pod: freeze the pod cgroup (one instant for all), freeze each running container's own
-/// cgroup, thaw the pod cgroup, dump every container in parallel and capture its files, stop
-/// them if asked, thaw. Any failure thaws what was frozen.
+/// cgroup, thaw the pod cgroup, dump every container in parallel and capture its files, then
+/// thaw, or keep them frozen for a stopping checkpoint (`job.hold`). Any failure thaws what
+/// was frozen.
 pub async fn checkpoint_pod<R: OciRuntime + ?Sized>(
     runtime: &R,
     job: &PodCheckpoint<'_>,
@@ -196,24 +206,11 @@ pub async fn checkpoint_pod<R: OciRuntime + ?Sized>(
     if cancel.is_cancelled() {
         outcome.insert(0, Err(timed_out(job.pod_id, "checkpoint", limit)));
     }
-    if !job.leave_running && outcome.iter().all(|r| r.is_ok()) {
-        for c in job.containers {
-            if let Err(e) = runtime.kill(&c.id, libc::SIGKILL as u32, true).await {
-                warn!("{}: stop after checkpoint: {e}", c.id);
-            }
-        }
-    }
-    // Thaw what we froze; a stopping dump also releases containers the user had paused, as
-    // their processes are gone.
-    held.thaw_all().await;
-    if !job.leave_running {
-        for (i, c) in job.containers.iter().enumerate() {
-            if c.paused {
-                if let Err(e) = thaw(&c.id, &freezers[i]).await {
-                    warn!("{}: thaw: {e}", c.id);
-                }
-            }
-        }
+    if job.hold && outcome.iter().all(|r| r.is_ok()) {
+        // The hold passes to the caller (`stop_held` or `release_held` ends it).
+        held.0.clear();
+    } else {
+        held.thaw_all().await;
     }
     let frozen = frozen_at.elapsed();
     let _ = std::fs::remove_dir_all(&work);
@@ -240,6 +237,43 @@ pub async fn checkpoint_pod<R: OciRuntime + ?Sized>(
     })
 }
 
+/// Stops the containers a stopping pod checkpoint held: killed while still frozen, then
+/// thawed so that the kill lands (containers the user had paused too: their processes go).
+pub async fn stop_held<R: OciRuntime + ?Sized>(runtime: &R, held: &HeldPod) -> Result<()> {
+    let mut first = None;
+    for c in &held.containers {
+        if let Err(e) = runtime.kill(&c.id, libc::SIGKILL as u32, true).await {
+            warn!("{}: stop after checkpoint: {e}", c.id);
+        }
+    }
+    for c in &held.containers {
+        let thawed = match freezer_of(&c.id, &c.cgroup_path) {
+            Ok(f) => thaw(&c.id, &f).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = thawed {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// Ends a hold without stopping: every held container thawed (paused ones were not held).
+pub async fn release_held<R: OciRuntime + ?Sized>(_runtime: &R, held: &HeldPod) -> Result<()> {
+    let mut first = None;
+    for c in held.containers.iter().filter(|c| !c.paused) {
+        let thawed = match freezer_of(&c.id, &c.cgroup_path) {
+            Ok(f) => thaw(&c.id, &f).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = thawed {
+            log::error!("{}: release after checkpoint: {e}", c.id);
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
 /// Dumps one frozen container of a pod into its directory and captures its files.
 async fn dump_one<R: OciRuntime + ?Sized>(
     runtime: &R,
@@ -251,8 +285,8 @@ async fn dump_one<R: OciRuntime + ?Sized>(
     let copts = CheckpointOpts {
         image_path: c.dir.join(CHECKPOINT_DIR),
         work_path: work.join(&c.id),
-        // Always dumped live under our freeze; a stopping checkpoint kills them after the
-        // capture (runc would otherwise wait for frozen processes to die).
+        // Always dumped live under our freeze; a stopping checkpoint ends them once its output
+        // is safe (runc would otherwise wait for frozen processes to die).
         leave_running: true,
         tcp_established: job.tcp_established,
         file_locks: job.file_locks,

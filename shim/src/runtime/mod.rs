@@ -111,7 +111,11 @@ pub struct PodCheckpoint<'a> {
     pub containers: &'a [ContainerTarget],
     /// Running containers of the pod that were not selected.
     pub unselected_running: &'a [String],
-    pub leave_running: bool,
+    /// Keep the captured containers still (frozen, or paused) when the capture succeeds: a
+    /// stopping checkpoint stops them only once its output is safe (`stop_held`), or lets
+    /// them run on (`release_held`). Without it they are thawed right after the capture.
+    /// A backend never stops containers within `checkpoint_pod`.
+    pub hold: bool,
     pub tcp_established: bool,
     pub file_locks: bool,
     /// Gives up (thawing everything) past this bound.
@@ -126,6 +130,13 @@ pub struct PodCapture {
     pub containers: Vec<Timings>,
     /// The last PID of the pod's PID namespace, when the restore must allocate above it.
     pub last_pid: Option<u32>,
+}
+
+/// The containers a stopping checkpoint keeps still after their capture.
+#[derive(Clone)]
+pub struct HeldPod {
+    pub pod_id: String,
+    pub containers: Vec<ContainerTarget>,
 }
 
 /// Operations a backend may refuse for a container (see `check_operation`).
@@ -285,6 +296,16 @@ pub trait OciRuntime: Send + Sync {
     /// container is left as it was (running, or paused by the user).
     async fn checkpoint_pod(&self, job: &PodCheckpoint<'_>) -> Result<PodCapture> {
         criu::checkpoint_pod(self, job).await
+    }
+
+    /// Stops the containers a stopping checkpoint held, its output being safe now.
+    async fn stop_held(&self, held: &HeldPod) -> Result<()> {
+        criu::stop_held(self, held).await
+    }
+
+    /// Ends a hold without stopping: the containers run on (those the user paused stay so).
+    async fn release_held(&self, held: &HeldPod) -> Result<()> {
+        criu::release_held(self, held).await
     }
 }
 

@@ -10,7 +10,10 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
+use std::os::fd::{AsFd, FromRawFd};
+
 use nix::{
+    poll::{poll, PollFd, PollFlags, PollTimeout},
     sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal},
     sys::wait::{waitpid, WaitPidFlag, WaitStatus},
     unistd::{fork, ForkResult, Pid},
@@ -19,6 +22,17 @@ use nix::{
 use crate::error::{Error, Result};
 
 const HOSTNAME_ENV: &str = "STASIS_POD_HOSTNAME";
+
+/// The descriptor on which the pause process holds the read end of its lifeline: a pipe whose
+/// only write end is the shim's. When the shim dies, however it dies, the pipe hangs up and
+/// the pause process exits, taking the pod's PID namespace (every container process) with it.
+/// A parent-death signal would not do: it follows the thread that forked, and the launcher in
+/// between exits at once.
+const LIFELINE_FD: i32 = 3;
+
+/// The shim's end of every lifeline: never closed while the shim lives, close-on-exec so no
+/// runtime helper inherits it.
+static LIFELINES: std::sync::Mutex<Vec<std::os::fd::OwnedFd>> = std::sync::Mutex::new(Vec::new());
 
 /// Starts the pause process in new IPC, UTS and PID namespaces joined to `netns` (if any),
 /// with `hostname`; returns its pid (as seen from the shim).
@@ -36,9 +50,16 @@ pub fn spawn(pod: &str, netns: &str, hostname: &str) -> Result<i32> {
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let netns_fd = netns_file.as_ref().map(|f| f.as_raw_fd());
-    // SAFETY: only async-signal-safe calls (setns, unshare) between fork and exec.
+    let (life_read, life_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Error::io(pod, "create pause lifeline", e.into()))?;
+    let life_fd = life_read.as_raw_fd();
+    // SAFETY: only async-signal-safe calls (dup2, setns, unshare) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // dup2 leaves the copy open across exec (no close-on-exec flag).
+            if libc::dup2(life_fd, LIFELINE_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             if let Some(fd) = netns_fd {
                 if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -53,6 +74,11 @@ pub fn spawn(pod: &str, netns: &str, hostname: &str) -> Result<i32> {
     let mut child = cmd
         .spawn()
         .map_err(|e| Error::io(pod, "start pause process", e))?;
+    drop(life_read);
+    LIFELINES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(life_write);
     let mut line = String::new();
     let stdout = child.stdout.take().expect("piped stdout");
     BufReader::new(stdout)
@@ -111,7 +137,9 @@ pub fn main() -> ! {
         let _ = sigaction(Signal::SIGINT, &term);
         let _ = sigaction(Signal::SIGCHLD, &chld);
     }
-    // Containers' processes may be reparented here: reap them.
+    // SAFETY: the lifeline descriptor was opened for us by `spawn` and is owned here alone.
+    let lifeline = unsafe { std::os::fd::OwnedFd::from_raw_fd(LIFELINE_FD) };
+    // Containers' processes may be reparented here: reap them. Signals interrupt the poll.
     loop {
         if TERMINATE.load(Ordering::SeqCst) {
             std::process::exit(0);
@@ -122,6 +150,12 @@ pub fn main() -> ! {
                 Ok(_) => continue,
             }
         }
-        nix::unistd::pause();
+        let mut fds = [PollFd::new(lifeline.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::NONE).is_ok()
+            && fds[0].revents().is_some_and(|r| !r.is_empty())
+        {
+            // The shim is gone (the pipe never carries data): end the pod's processes.
+            std::process::exit(0);
+        }
     }
 }

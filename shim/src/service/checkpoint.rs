@@ -9,7 +9,8 @@ use async_trait::async_trait;
 use containerd_shim_protos::ttrpc::{self, r#async::TtrpcContext};
 use stasis_api::{
     checkpoint::{
-        CheckpointPodRequest, CheckpointPodResponse, FinishRestoreRequest, FinishRestoreResponse,
+        CheckpointPodRequest, CheckpointPodResponse, FinishCheckpointRequest,
+        FinishCheckpointResponse, FinishRestoreRequest, FinishRestoreResponse,
         ValidateRestoreRequest, ValidateRestoreResponse,
     },
     checkpoint_ttrpc::Checkpoint,
@@ -76,11 +77,30 @@ impl Checkpoint for CheckpointService {
         // Its own task: a caller that gives up (deadline, cancelled request) does not stop
         // the checkpoint half-way; it runs to its end, thaw and clean-up included.
         let (shim, gate) = (self.shim.clone(), self.gate.clone());
-        let work = shim
-            .clone()
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        shim.clone()
             .work
-            .spawn(async move { checkpoint::checkpoint_pod(&shim, &gate, req).await });
-        rpc(detached(work).await)
+            .spawn(checkpoint::run(shim, gate, req, reply));
+        rpc(answer.await.unwrap_or_else(|_| {
+            Err(crate::error::Error::other(
+                "checkpoint",
+                "run",
+                "the checkpoint worker ended without an answer",
+            ))
+        }))
+    }
+
+    async fn finish_checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        req: FinishCheckpointRequest,
+    ) -> ttrpc::Result<FinishCheckpointResponse> {
+        rpc(self.shim.require_pod(&req.sandbox_id))?;
+        let ids = rpc(checkpoint::finish(&self.gate, &req.sandbox_id, req.stop).await)?;
+        Ok(FinishCheckpointResponse {
+            container_ids: ids,
+            ..Default::default()
+        })
     }
 
     async fn finish_restore(

@@ -122,7 +122,8 @@ pub struct Container {
     /// Serialises the operations that change the container (start, pause, resume, exec,
     /// checkpoint, kill, delete). Queries never take it, so a long restore or dump does not
     /// stall State, Pids, Wait or Connect.
-    pub op: tokio::sync::Mutex<()>,
+    /// Shared so that a pod checkpoint can keep it across requests while it holds the pod.
+    pub op: Arc<tokio::sync::Mutex<()>>,
     live: Mutex<Live>,
 }
 
@@ -141,7 +142,7 @@ impl Container {
             spec,
             rootfs_upper: None,
             restore_dir: None,
-            op: tokio::sync::Mutex::new(()),
+            op: Arc::default(),
             live: Mutex::new(Live {
                 state,
                 init,

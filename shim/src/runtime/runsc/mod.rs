@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use super::{
-    config::Engine, CheckpointOpts, ContainerTarget, OciRuntime, Operation, PodCapture,
+    config::Engine, CheckpointOpts, ContainerTarget, HeldPod, OciRuntime, Operation, PodCapture,
     PodCheckpoint, PodRoot, ProcessStdio, Runc, RuntimeState, Timings,
 };
 use crate::{
@@ -390,6 +390,14 @@ impl OciRuntime for Runsc {
 
     async fn checkpoint_pod(&self, job: &PodCheckpoint<'_>) -> Result<PodCapture> {
         sandbox::checkpoint_pod(self, job).await
+    }
+
+    async fn stop_held(&self, held: &HeldPod) -> Result<()> {
+        sandbox::stop_held(self, held).await
+    }
+
+    async fn release_held(&self, held: &HeldPod) -> Result<()> {
+        sandbox::release_held(self, held).await
     }
 }
 

@@ -18,7 +18,7 @@ use crate::{
     error::{Error, Result},
     fscapture::volumes,
     runtime::{
-        cancel_after, timed_out, CheckpointOpts, ContainerTarget, OciRuntime, Operation,
+        cancel_after, timed_out, CheckpointOpts, ContainerTarget, HeldPod, OciRuntime, Operation,
         PodCapture, PodCheckpoint, Timings, DEFAULT_CHECKPOINT_TIMEOUT,
     },
     util::blocking,
@@ -76,6 +76,24 @@ async fn capture_volumes(target: &ContainerTarget, image: &Path) -> Result<()> {
     .await
 }
 
+/// Stops the containers of a sandbox a stopping checkpoint held paused. runsc refuses to
+/// signal a paused sandbox, so the kills follow the resume at once (the one moment gVisor
+/// runs between a stopping checkpoint and its end).
+pub async fn stop_held(runsc: &Runsc, held: &HeldPod) -> Result<()> {
+    let resumed = resume_sandbox(runsc, &held.pod_id).await;
+    for c in &held.containers {
+        if let Err(e) = runsc.kill(&c.id, libc::SIGKILL as u32, true).await {
+            warn!("{}: stop after checkpoint: {e}", c.id);
+        }
+    }
+    resumed
+}
+
+/// Ends a hold without stopping: the sandbox resumes.
+pub async fn release_held(runsc: &Runsc, held: &HeldPod) -> Result<()> {
+    resume_sandbox(runsc, &held.pod_id).await
+}
+
 /// Resumes a sandbox paused for a volume copy. Never leaves it paused silently: retries
 /// once, and an error the caller returns if the checkpoint itself succeeded.
 async fn resume_sandbox(runsc: &Runsc, id: &str) -> Result<()> {
@@ -97,21 +115,38 @@ pub async fn checkpoint_container(
 ) -> Result<Timings> {
     let id = target.id.as_str();
     let start = Instant::now();
-    let pause = opts.leave_running && !target.paused && volumes::wanted(&target.spec);
+    // A stopping checkpoint is taken live with the sandbox paused and ends the container only
+    // once the image and volumes are on disk: a failure leaves it running.
+    let stop = !opts.leave_running;
+    let pause = !target.paused && (stop || volumes::wanted(&target.spec));
     if pause {
         runsc.pause(id).await?;
     }
+    let live = CheckpointOpts {
+        leave_running: true,
+        ..opts.clone()
+    };
     let result = async {
         let t = Instant::now();
-        runsc.checkpoint(id, opts).await?;
+        runsc.checkpoint(id, &live).await?;
         let dump = t.elapsed();
         let t = Instant::now();
         capture_volumes(target, &opts.image_path).await?;
+        let (owned, image) = (id.to_string(), opts.image_path.clone());
+        blocking(id, "sync", move || crate::util::sync_fs(&owned, &image)).await?;
         Ok::<_, Error>((dump, t.elapsed()))
     }
     .await;
-    let frozen = if pause {
+    let stopping = stop && result.is_ok();
+    let frozen = if pause || stopping {
         let resumed = resume_sandbox(runsc, id).await;
+        if stopping {
+            // runsc refuses to signal a paused sandbox ("cannot signal container in state
+            // paused"): the kill follows the resume at once, whoever had paused it.
+            if let Err(e) = runsc.kill(id, libc::SIGKILL as u32, true).await {
+                warn!("{id}: stop after checkpoint: {e}");
+            }
+        }
         let window = start.elapsed();
         if result.is_ok() {
             resumed?;
@@ -181,8 +216,10 @@ pub async fn checkpoint_pod(runsc: &Runsc, job: &PodCheckpoint<'_>) -> Result<Po
     // Volumes live on the host, outside gVisor's image: capturing them at the same instant
     // needs the whole sandbox paused around the checkpoint and the copy.
     let with_volumes = job.containers.iter().any(|c| volumes::wanted(&c.spec));
+    // Paused for volumes, and for a stopping checkpoint's hold.
+    let pause = with_volumes || job.hold;
     let t = Instant::now();
-    if with_volumes {
+    if pause {
         runsc.pause(pod_id).await?;
     }
     let limit = job.timeout.unwrap_or(DEFAULT_CHECKPOINT_TIMEOUT);
@@ -214,7 +251,8 @@ pub async fn checkpoint_pod(runsc: &Runsc, job: &PodCheckpoint<'_>) -> Result<Po
     }
     .await;
     drop(timer);
-    if with_volumes {
+    // A hold keeps the sandbox paused until `stop_held` or `release_held`.
+    if pause && !(job.hold && captured.is_ok()) {
         let resumed = resume_sandbox(runsc, pod_id).await;
         if captured.is_ok() {
             resumed?;
@@ -222,13 +260,6 @@ pub async fn checkpoint_pod(runsc: &Runsc, job: &PodCheckpoint<'_>) -> Result<Po
     }
     captured?;
     let frozen = t.elapsed();
-    if !job.leave_running {
-        for c in job.containers {
-            if let Err(e) = runsc.kill(&c.id, libc::SIGKILL as u32, true).await {
-                warn!("{}: stop after checkpoint: {e}", c.id);
-            }
-        }
-    }
     Ok(PodCapture {
         frozen,
         containers: job

@@ -5,6 +5,7 @@
 pub mod archive;
 pub mod bench;
 pub mod cri;
+pub mod guard;
 pub mod pod;
 pub mod shim;
 pub mod workload;

@@ -63,6 +63,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// (internal) The watchdog a restore starts to clean up if stasisctl is killed.
+    #[command(name = "__restore-guard", hide = true)]
+    RestoreGuard { dir: PathBuf },
     /// Show what a pod checkpoint archive holds.
     Inspect {
         archive: PathBuf,
@@ -224,6 +227,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::RestoreGuard { dir } => stasis_controller::guard::run(&target.address, dir).await,
         Command::Inspect { archive, format } => {
             let s = archive::inspect(&archive)?;
             match format {

@@ -17,6 +17,7 @@ use stasis_api::{
 use crate::{
     archive::{self, human, Compression},
     cri::{self, api},
+    guard::RestoreGuard,
     shim,
 };
 
@@ -384,7 +385,12 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
         Ok(r) => r,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&staging);
-            return Err(e);
+            // The shim stops nothing before the archive is safe, whatever failed.
+            return Err(if a.leave_running {
+                e
+            } else {
+                e.context(format!("pod {name} was not stopped and runs on"))
+            });
         }
     };
     let t_pack = Instant::now();
@@ -550,16 +556,22 @@ pub async fn restore(t: &Target, a: RestoreArgs) -> Result<String> {
     let mut interrupt = Interrupt::listen()?;
     std::fs::create_dir_all(&a.work_dir)
         .with_context(|| format!("create {}", a.work_dir.display()))?;
-    let dir = a.work_dir.join(format!(
-        "restore-{}-{}",
-        std::process::id(),
-        started.elapsed().as_nanos()
-    ));
+    let dir = a
+        .work_dir
+        .join(format!("restore-{}", archive::random_suffix()?));
+    // Cleans up if this process is killed outright from here on.
+    let mut guard = RestoreGuard::start(&t.address, &dir)?;
     // Everything about the archive is checked before anything is created.
-    let options = archive::extract(&a.archive, &dir)
-        .with_context(|| format!("cannot restore {}", a.archive.display()))?;
-    let result = restore_extracted(t, &a, &dir, &options, &mut interrupt).await;
+    let options = match archive::extract(&a.archive, &dir) {
+        Ok(o) => o,
+        Err(e) => {
+            guard.done();
+            return Err(e.context(format!("cannot restore {}", a.archive.display())));
+        }
+    };
+    let result = restore_extracted(t, &a, &dir, &options, &mut interrupt, &mut guard).await;
     let _ = std::fs::remove_dir_all(&dir);
+    guard.done();
     let pod_id = result?;
     eprintln!(
         "restored in {:.0} ms",
@@ -574,6 +586,7 @@ async fn restore_extracted(
     dir: &Path,
     options: &archive::PodOptions,
     interrupt: &mut Interrupt,
+    guard: &mut RestoreGuard,
 ) -> Result<String> {
     let dir = dir.canonicalize()?;
     let mut pod: api::PodSandboxConfig =
@@ -616,6 +629,7 @@ async fn restore_extracted(
         .with_context(|| format!("create pod {pod_name} (handler {})", a.runtime_handler))?
         .into_inner()
         .pod_sandbox_id;
+    guard.pod(&pod_id);
     let work = async {
         let client =
             shim::checkpoint_client(&t.address, &t.namespace, &pod_id, &a.runtime_handler).await?;

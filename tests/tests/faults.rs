@@ -159,8 +159,17 @@ async fn a_full_disk_fails_the_checkpoint_cleanly() -> Result<()> {
     let mut cri = c.cri().await?;
     let (pod_id, big_id, counter_id) = hog_and_counter_pod(&c, &mut cri, image, "full", 64).await?;
     // 16 MiB: the dump itself runs out of space. 100 MiB: the dump fits, the archive does not.
-    for (size, phase) in [("16m", "dump"), ("100m", "packaging")] {
-        let fs = c.dir.join(format!("small-{phase}"));
+    // A stopping checkpoint holds the pod frozen until its archive is safe: it never is here,
+    // so the pod runs on. The early estimate would refuse all of these; it is skipped to reach
+    // the late faults, and checked on its own last.
+    for (size, phase, stopping) in [
+        ("16m", "dump", false),
+        ("16m", "dump", true),
+        ("100m", "packaging", false),
+        ("100m", "packaging", true),
+        ("100m", "estimate", false),
+    ] {
+        let fs = c.dir.join(format!("small-{phase}-{stopping}"));
         std::fs::create_dir_all(&fs)?;
         let mounted = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -168,15 +177,22 @@ async fn a_full_disk_fails_the_checkpoint_cleanly() -> Result<()> {
             .status()?;
         ensure!(mounted.success(), "mount a {size} tmpfs");
         let archive = fs.join("full.tar");
-        let out = c.stasisctl(&[
+        let mut args = vec![
             "pod",
             "checkpoint",
             "full",
-            "--leave-running",
             "--output",
             archive.to_str().unwrap(),
-        ])?;
+        ];
+        if !stopping {
+            args.push("--leave-running");
+        }
+        if phase != "estimate" {
+            args.push("--skip-space-check");
+        }
+        let out = c.stasisctl(&args)?;
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        eprintln!("{phase} (stopping: {stopping}): {err}");
         let left: Vec<_> = std::fs::read_dir(&fs)?
             .flatten()
             .map(|e| e.path())
@@ -190,6 +206,18 @@ async fn a_full_disk_fails_the_checkpoint_cleanly() -> Result<()> {
             err.contains("space") || err.contains("ENOSPC"),
             "{phase}: the error does not say the disk is full: {err}"
         );
+        if phase == "estimate" {
+            ensure!(
+                err.contains("needs ~") && err.contains("free"),
+                "the early refusal does not say what is needed and what is free: {err}"
+            );
+        }
+        if stopping {
+            ensure!(
+                err.contains("runs on"),
+                "{phase}: the stopping checkpoint does not say the pod runs on: {err}"
+            );
+        }
         ensure!(
             left.is_empty(),
             "{phase}: files left on the full file system: {left:?}"
@@ -277,7 +305,7 @@ async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()
 
 /// stasisctl interrupted in the middle of a restore (a container restored and held, the rest
 /// not yet): SIGINT removes the half-restored pod and the unpacked checkpoint; after SIGKILL
-/// the shim's hold bound stops the held container, so nothing stays frozen either way.
+/// its watchdog does. (The shim's hold bound, 3 s here, thaws a held container meanwhile.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_restore_leaves_nothing_frozen() -> Result<()> {
     let _alone = ONE_AT_A_TIME.lock().await;
@@ -387,35 +415,43 @@ async fn an_interrupted_restore_leaves_nothing_frozen() -> Result<()> {
                 "SIGINT: the unpacked checkpoint is left: {left:?}"
             );
         } else {
-            let pod = restored.context("SIGKILL: the restored pod is gone")?;
-            // Past the hold bound no container of it is frozen any more.
-            let deadline = Instant::now() + Duration::from_secs(15);
+            // stasisctl could not clean up itself: its watchdog (in its own session) removes
+            // the half-restored pod and the unpacked checkpoint.
+            let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                let frozen: Vec<String> = std::fs::read_dir(
-                    std::path::Path::new("/sys/fs/cgroup/freezer/stasis").join(&pod.id),
-                )
-                .map(|d| {
-                    d.flatten()
-                        .filter(|e| {
-                            std::fs::read_to_string(e.path().join("freezer.state"))
-                                .is_ok_and(|s| s.trim() != "THAWED")
-                        })
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default();
-                if frozen.is_empty() {
+                let pods = cri
+                    .runtime
+                    .list_pod_sandbox(stasis_e2e::cri::cri::ListPodSandboxRequest::default())
+                    .await?
+                    .into_inner()
+                    .items;
+                let left = pods.iter().any(|p| {
+                    p.metadata
+                        .as_ref()
+                        .is_some_and(|m| m.name == format!("held-{signal}"))
+                });
+                let unpacked: Vec<_> = std::fs::read_dir(&work)
+                    .map(|d| d.flatten().map(|e| e.path()).collect())
+                    .unwrap_or_default();
+                if !left && unpacked.is_empty() {
                     break;
                 }
                 ensure!(
                     Instant::now() < deadline,
-                    "SIGKILL: containers still frozen 15 s later: {frozen:?}"
+                    "SIGKILL: 30 s later the pod is {} and the work dir holds {unpacked:?}",
+                    if left { "still there" } else { "gone" }
                 );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            // The operator (or kubelet) removes the abandoned pod; nothing of it is left.
-            cri.stop_and_remove_pod(&pod.id).await?;
-            let _ = std::fs::remove_dir_all(&work);
+            let mut said = rest;
+            while let Ok(line) = rx.recv_timeout(Duration::from_secs(2)) {
+                said.push(line);
+            }
+            ensure!(
+                said.iter().any(|l| l.contains("removed the new pod")),
+                "SIGKILL: the watchdog did not say it removed the pod: {said:?}"
+            );
+            let _ = restored;
         }
     }
     c.finish()

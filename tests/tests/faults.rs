@@ -456,3 +456,264 @@ async fn an_interrupted_restore_leaves_nothing_frozen() -> Result<()> {
     }
     c.finish()
 }
+
+/// Waits until CRIU is dumping (somewhere on this host: these tests run alone).
+async fn wait_for_criu() -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !runtime_helpers().iter().any(|h| h.contains("criu")) {
+        ensure!(Instant::now() < deadline, "CRIU never started dumping");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Waits until no runc or CRIU runs any more.
+async fn wait_helpers_gone(within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = runtime_helpers();
+        if left.is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "runtime helpers still running: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `stasisctl pod checkpoint POD --leave-running --output ARCHIVE` started in the background.
+fn checkpoint_in_background(
+    c: &Containerd,
+    pod: &str,
+    archive: &std::path::Path,
+) -> Result<std::process::Child> {
+    Ok(
+        std::process::Command::new(stasis_e2e::built_binary("stasisctl")?)
+            .arg("--address")
+            .arg(c.socket())
+            .args(["pod", "checkpoint", pod, "--leave-running", "--output"])
+            .arg(archive)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?,
+    )
+}
+
+/// A caller of the shim's Checkpoint service whose deadline passes in the middle of the dump:
+/// the checkpoint is not cut off half-way (nothing stays frozen, CRIU ends), and as nobody
+/// will hear of it, the output directory is emptied again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_deadline_passing_mid_dump_leaves_the_pod_thawed() -> Result<()> {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let c = Containerd::start("fault-deadline")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let (pod_id, big_id, counter_id) =
+        hog_and_counter_pod(&c, &mut cri, image, "deadline", 512).await?;
+    let out = c.dir.join("deadline-out");
+    std::fs::create_dir(&out)?;
+    let client = stasis_controller::shim::checkpoint_client(
+        &c.socket().display().to_string(),
+        "k8s.io",
+        &pod_id,
+        "stasis",
+    )
+    .await?;
+    let req = stasis_api::checkpoint::CheckpointPodRequest {
+        sandbox_id: pod_id.clone(),
+        output_path: out.display().to_string(),
+        options: Some(stasis_api::checkpoint::CheckpointOptions {
+            leave_running: true,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let answer = client
+        .checkpoint_pod(ttrpc::context::with_timeout(300_000_000), &req)
+        .await;
+    eprintln!(
+        "caller with a 300 ms deadline answered after {:?}: {answer:?}",
+        started.elapsed()
+    );
+    ensure!(answer.is_err(), "the checkpoint finished within 300 ms");
+    // The dump goes on to its end in the shim; then everything is as before.
+    wait_helpers_gone(Duration::from_secs(60)).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<_> = std::fs::read_dir(&out)?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the abandoned checkpoint's output is left: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..10 {
+        for id in [&big_id, &counter_id] {
+            let state = pod_freezer_state(&pod_id, id)?;
+            ensure!(
+                state == "THAWED",
+                "{id} is {state} after the abandoned call"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    wait_counter_moving(&mut cri, &counter_id, "/counter").await?;
+    cri.stop_and_remove_pod(&pod_id).await?;
+    c.finish()
+}
+
+/// CRI stop, a task kill and an exec against containers of a pod while it is being
+/// checkpointed: none deadlocks; each waits for the capture and then happens, and the
+/// archive holds every container as it was at the checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_kill_and_exec_during_a_pod_checkpoint_wait_for_it() -> Result<()> {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let c = Containerd::start("fault-concurrent")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let (pod_id, big_id, counter_id) =
+        hog_and_counter_pod(&c, &mut cri, image, "busy", 768).await?;
+    let pod = pod_config("busy", &c.dir.join("logs"));
+    let mut extra = Vec::new();
+    for name in ["stopped", "killed"] {
+        let id = cri
+            .run_container(
+                &pod_id,
+                &pod,
+                container_config(name, image, &["sh", "-c", &counter_loop("/counter")]),
+            )
+            .await?;
+        wait_counter_moving(&mut cri, &id, "/counter").await?;
+        extra.push(id);
+    }
+    let archive = c.dir.join("busy.tar");
+    let checkpoint = checkpoint_in_background(&c, "busy", &archive)?;
+    wait_for_criu().await?;
+    let bound = Duration::from_secs(60);
+    let mut stopper = c.cri().await?;
+    let stop = stopper
+        .runtime
+        .stop_container(stasis_e2e::cri::cri::StopContainerRequest {
+            container_id: extra[0].clone(),
+            timeout: 1,
+        });
+    let kill = tokio::task::spawn_blocking({
+        let mut cmd = std::process::Command::new("ctr");
+        cmd.arg("--address").arg(c.socket()).args([
+            "--namespace",
+            "k8s.io",
+            "tasks",
+            "kill",
+            "-s",
+            "KILL",
+            &extra[1],
+        ]);
+        move || cmd.output()
+    });
+    let mut execer = c.cri().await?;
+    let exec = execer.exec(&counter_id, &["cat", "/counter"]);
+    let (stopped, killed, execed) =
+        tokio::time::timeout(bound, async { tokio::join!(stop, kill, exec) })
+            .await
+            .context("stop, kill and exec did not all return within 60 s: a deadlock")?;
+    stopped.context("CRI StopContainer during the checkpoint")?;
+    let killed = killed??;
+    ensure!(
+        killed.status.success(),
+        "ctr tasks kill: {}",
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    let (code, _, _) = execed.context("exec during the checkpoint")?;
+    ensure!(code == 0, "exec during the checkpoint exited {code}");
+    let out = checkpoint.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "the checkpoint failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = stasis_controller::archive::inspect(&archive)?;
+    ensure!(
+        summary.containers.len() == 4,
+        "the archive holds {} containers, not 4",
+        summary.containers.len()
+    );
+    for id in &extra {
+        let state = cri.container_status(id).await?.state;
+        ensure!(
+            state == stasis_e2e::cri::cri::ContainerState::ContainerExited as i32,
+            "{id} is not EXITED after its stop/kill"
+        );
+    }
+    for id in [&big_id, &counter_id] {
+        let state = pod_freezer_state(&pod_id, id)?;
+        ensure!(state == "THAWED", "{id} is {state}");
+    }
+    wait_counter_moving(&mut cri, &counter_id, "/counter").await?;
+    cri.stop_and_remove_pod(&pod_id).await?;
+    c.finish()
+}
+
+/// containerd restarted while a pod is being checkpointed: the checkpoint (between stasisctl
+/// and the shim) completes or fails cleanly, and the pod is usable afterwards through CRI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_restarted_during_a_checkpoint() -> Result<()> {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let mut c = Containerd::start("fault-ctrd-restart")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let (pod_id, big_id, counter_id) =
+        hog_and_counter_pod(&c, &mut cri, image, "restarted", 768).await?;
+    let archive = c.dir.join("restarted.tar");
+    let checkpoint = checkpoint_in_background(&c, "restarted", &archive)?;
+    wait_for_criu().await?;
+    c.restart()?;
+    let out = checkpoint.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "checkpoint across a containerd restart: {:?}: {err}",
+        out.status
+    );
+    if out.status.success() {
+        let summary = stasis_controller::archive::inspect(&archive)?;
+        ensure!(summary.containers.len() == 2, "incomplete archive");
+    } else {
+        ensure!(
+            !archive.exists(),
+            "a failed checkpoint left {}",
+            archive.display()
+        );
+    }
+    wait_helpers_gone(Duration::from_secs(60)).await?;
+    let mut cri = c.cri().await?;
+    for id in [&big_id, &counter_id] {
+        let state = pod_freezer_state(&pod_id, id)?;
+        ensure!(state == "THAWED", "{id} is {state}");
+    }
+    wait_counter_moving(&mut cri, &counter_id, "/counter").await?;
+    ensure!(
+        cri.exec(&big_id, &["true"]).await?.0 == 0,
+        "the pod does not answer after the restart"
+    );
+    // And it checkpoints again.
+    let again = c.dir.join("again.tar");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "restarted",
+        "--leave-running",
+        "--output",
+        again.to_str().unwrap(),
+    ])?;
+    cri.stop_and_remove_pod(&pod_id).await?;
+    c.finish()
+}

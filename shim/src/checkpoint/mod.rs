@@ -110,6 +110,7 @@ pub async fn run(
     reply: oneshot::Sender<Result<CheckpointPodResponse>>,
 ) {
     let pod_id = req.sandbox_id.clone();
+    let out = PathBuf::from(&req.output_path);
     let bound = Duration::from_secs(
         req.options
             .as_ref()
@@ -125,14 +126,19 @@ pub async fn run(
         }
     };
     let Some(hold) = hold else {
-        let _ = reply.send(Ok(resp));
+        if reply.send(Ok(resp)).is_err() {
+            // Nobody learns of this checkpoint: it would only leave the pod's memory behind.
+            warn!("pod {pod_id}: the checkpoint's caller is gone; its output removed");
+            empty_dir(&out);
+        }
         return;
     };
     let (tx, rx) = oneshot::channel();
     *gate.finish_slot() = Some(tx);
     if reply.send(Ok(resp)).is_err() {
         gate.finish_slot().take();
-        warn!("pod {pod_id}: the checkpoint's caller is gone; left running");
+        warn!("pod {pod_id}: the checkpoint's caller is gone; output removed, left running");
+        empty_dir(&out);
         let _ = hold.release().await;
         return;
     }

@@ -246,8 +246,9 @@ async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()
     let c = Containerd::start("fault-shimkill")?;
     let image = c.import_busybox_for_cri()?;
     let mut cri = c.cri().await?;
-    for during_checkpoint in [false, true] {
-        let name = if during_checkpoint { "dumping" } else { "idle" };
+    // At rest; while CRIU dumps (containers frozen); and while stasisctl packages the archive
+    // of a stopping checkpoint (containers held frozen until the archive is safe).
+    for name in ["idle", "dumping", "holding"] {
         let (pod_id, _, _) = hog_and_counter_pod(&c, &mut cri, image, name, 1024).await?;
         let shim = stasis_e2e::processes_matching(&[
             "containerd-shim-stasis-v2",
@@ -256,23 +257,37 @@ async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()
         ]);
         ensure!(shim.len() == 1, "the pod's shim: {shim:?}");
         let mut checkpoint = None;
-        if during_checkpoint {
-            let archive = c.dir.join(format!("{name}.tar"));
+        let out_dir = c.dir.join(format!("out-{name}"));
+        std::fs::create_dir_all(&out_dir)?;
+        let archive = out_dir.join(format!("{name}.tar"));
+        if name != "idle" {
             let exe = stasis_e2e::built_binary("stasisctl")?;
-            checkpoint = Some(
-                std::process::Command::new(exe)
-                    .arg("--address")
-                    .arg(c.socket())
-                    .args(["pod", "checkpoint", name, "--leave-running", "--output"])
-                    .arg(&archive)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()?,
-            );
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !runtime_helpers().iter().any(|h| h.contains("criu")) {
-                ensure!(Instant::now() < deadline, "CRIU never started dumping");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut cmd = std::process::Command::new(exe);
+            cmd.arg("--address")
+                .arg(c.socket())
+                .args(["pod", "checkpoint", name, "--output"])
+                .arg(&archive)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped());
+            if name == "dumping" {
+                cmd.arg("--leave-running");
+            }
+            checkpoint = Some(cmd.spawn()?);
+        }
+        if name == "dumping" {
+            wait_for_criu().await?;
+        }
+        if name == "holding" {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let packaging = std::fs::read_dir(&out_dir)?
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().contains(".partial-"));
+                if packaging {
+                    break;
+                }
+                ensure!(Instant::now() < deadline, "stasisctl never started packaging");
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
         nix::sys::signal::kill(
@@ -281,10 +296,20 @@ async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()
         )?;
         if let Some(child) = checkpoint {
             let out = child.wait_with_output()?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            eprintln!("{name}: checkpoint with its shim killed: {err}");
             ensure!(
                 !out.status.success(),
                 "the checkpoint succeeded although its shim died"
             );
+            if name == "holding" {
+                // The archive was safe before anything was to be stopped: it stays, complete.
+                ensure!(
+                    err.contains("is complete"),
+                    "holding: stasisctl does not say the archive is complete: {err}"
+                );
+                stasis_controller::archive::inspect(&archive)?;
+            }
         }
         // What kubelet does with a pod whose shim is gone: stop and remove it, retrying while
         // containerd is still taking note of the dead shim.

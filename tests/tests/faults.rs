@@ -286,7 +286,10 @@ async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()
                 if packaging {
                     break;
                 }
-                ensure!(Instant::now() < deadline, "stasisctl never started packaging");
+                ensure!(
+                    Instant::now() < deadline,
+                    "stasisctl never started packaging"
+                );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }

@@ -607,6 +607,12 @@ async fn restore_extracted(
         );
         configs.push((name.clone(), config));
     }
+    // A container that brings back a volume swaps a new directory in for the host's: every
+    // container mounting that directory must be created after that, so those come first.
+    configs.sort_by_key(|(_, c)| {
+        !c.annotations
+            .contains_key(stasis_api::layout::VOLUMES_ANNOTATION)
+    });
     let md = pod.metadata.get_or_insert_with(Default::default);
     if let Some(n) = &a.name {
         md.name = n.clone();

@@ -732,7 +732,18 @@ async fn containerd_restarted_during_a_checkpoint() -> Result<()> {
         cri.exec(&big_id, &["true"]).await?.0 == 0,
         "the pod does not answer after the restart"
     );
-    // And it checkpoints again.
+    // The shim's events reach the restarted containerd (its publisher reconnects).
+    let plain = c.import_busybox()?;
+    let mut events = stasis_e2e::EventWatch::start(&c, plain)?;
+    cri.runtime
+        .stop_container(stasis_e2e::cri::cri::StopContainerRequest {
+            container_id: counter_id.clone(),
+            timeout: 1,
+        })
+        .await?;
+    events.wait("/tasks/exit", &counter_id, Duration::from_secs(15))?;
+    // And it checkpoints and restores again: nothing the pod's containers mount went stale
+    // (containerd's restart removed CRI's copies of the pod's files).
     let again = c.dir.join("again.tar");
     c.stasisctl_ok(&[
         "pod",
@@ -743,5 +754,10 @@ async fn containerd_restarted_during_a_checkpoint() -> Result<()> {
         again.to_str().unwrap(),
     ])?;
     cri.stop_and_remove_pod(&pod_id).await?;
+    let restored = c
+        .stasisctl_ok(&["pod", "restore", again.to_str().unwrap()])?
+        .trim()
+        .to_string();
+    cri.stop_and_remove_pod(&restored).await?;
     c.finish()
 }

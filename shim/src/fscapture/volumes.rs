@@ -110,7 +110,7 @@ pub fn restore(
     id: &str,
     spec: &ContainerSpec,
     image: &Path,
-    mut claim: impl FnMut(&Path) -> bool,
+    mut claim: impl FnMut(&Path) -> Result<bool>,
 ) -> Result<()> {
     for c in validate(id, image)? {
         let Some(src) = spec.mounts().iter().find_map(|m| {
@@ -126,7 +126,7 @@ pub fn restore(
             ));
         };
         let target = Path::new(&src);
-        if !claim(target) {
+        if !claim(target)? {
             continue;
         }
         replace_with_archive(id, &image.join(&c.archive), target, &c.destination)?;

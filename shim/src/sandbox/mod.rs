@@ -239,7 +239,11 @@ fn remove_pod_host_state(id: &str, cgroup_path: &str, shm: Option<PathBuf>, file
         let _ = std::fs::remove_dir(&shm);
     }
     for f in files {
-        let _ = std::fs::remove_file(f);
+        let _ = std::fs::remove_file(&f);
+        // Its directory too, once empty (ours in the bundle, CRI's we made).
+        if let Some(dir) = f.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
     if let Err(e) = cgroup::remove(id, cgroup_path) {
         warn!("{e}");
@@ -283,6 +287,9 @@ pub async fn stop(shim: &Shim, id: &str, timeout_secs: u32) -> Result<()> {
 pub async fn status(shim: &Shim, id: &str, verbose: bool) -> Result<sb::SandboxStatusResponse> {
     let pod = shim.require_pod(id)?;
     let run = pod.run().clone();
+    if run.started && pod.exit().is_none() {
+        files::link_pod_files(&pod);
+    }
     let exit = pod.exit();
     let state = if run.started && exit.is_none() {
         READY

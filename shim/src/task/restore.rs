@@ -37,9 +37,36 @@ pub(super) async fn restore_init(
         let (id, spec) = (id.clone(), container.spec.clone());
         // Containers of a pod share its volumes: each host directory is restored once.
         let pod = container.restore_dir.as_ref().and_then(|_| shim.pod());
+        // A directory another container already mounts cannot be swapped under it: that
+        // container would keep the old, deleted one.
+        let mounted: Vec<(String, std::path::PathBuf)> = shim
+            .all()
+            .into_iter()
+            .filter(|c| c.id != container.id)
+            .flat_map(|c| {
+                c.spec
+                    .mounts()
+                    .iter()
+                    .filter_map(|m| m.source().clone())
+                    .map(|s| (c.id.clone(), s))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         blocking(&id.clone(), "restore volumes", move || {
             volumes::restore(&id, &spec, &volumes_dir, |dir| {
-                pod.as_ref().is_none_or(|p| p.claim_volume(dir))
+                if !pod.as_ref().is_none_or(|p| p.claim_volume(dir)) {
+                    return Ok(false);
+                }
+                if let Some((other, _)) = mounted.iter().find(|(_, s)| s == dir) {
+                    return Err(Error::precondition(
+                        &id,
+                        format!(
+                            "volume {} is mounted by container {other} already; restore the containers that capture volumes before the others that mount them",
+                            dir.display()
+                        ),
+                    ));
+                }
+                Ok(true)
             })
         })
         .await?;

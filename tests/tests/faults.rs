@@ -314,6 +314,31 @@ async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()
                 stasis_controller::archive::inspect(&archive)?;
             }
         }
+        // Before anybody removes the pod: containerd's clean-up of the dead shim (`delete`)
+        // thaws what the checkpoint froze, on its own.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let dir = std::path::Path::new("/sys/fs/cgroup/freezer/stasis").join(&pod_id);
+            let frozen: Vec<String> = std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| {
+                            std::fs::read_to_string(e.path().join("freezer.state"))
+                                .is_ok_and(|s| s.trim() != "THAWED")
+                        })
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            if frozen.is_empty() {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{name}: containers still frozen 15 s after their shim died: {frozen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         // What kubelet does with a pod whose shim is gone: stop and remove it, retrying while
         // containerd is still taking note of the dead shim.
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -268,11 +268,16 @@ impl Soak {
     /// or broken) it is recovered from the last good archive, or counted lost.
     async fn settle(&mut self, counts: &mut Counts) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        counts.frozen_left += self.frozen();
-        if self.check_running().await.is_ok() {
-            return Ok(());
+        if self.shim_pid().is_some() {
+            // A living pod must be thawed by now, whatever the fault did.
+            counts.frozen_left += self.frozen();
+            if self.check_running().await.is_ok() {
+                return Ok(());
+            }
         }
+        // Its shim is dead (or the pod broken): once removed, nothing of it may stay frozen.
         let _ = self.remove_pod().await;
+        counts.frozen_left += self.frozen();
         match self.last_good.clone() {
             Some(archive) => self.restore(&archive, counts).await,
             None => {

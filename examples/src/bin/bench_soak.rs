@@ -156,26 +156,37 @@ impl Soak {
         Ok(())
     }
 
-    /// How many of the pod's containers are frozen (checked a little after a fault).
+    /// How many of the pod's containers are frozen (checked a little after a fault); each is
+    /// reported.
     fn frozen(&self) -> usize {
         let dir = Path::new("/sys/fs/cgroup/freezer/stasis").join(&self.pod_id);
-        std::fs::read_dir(dir)
+        let frozen: Vec<String> = std::fs::read_dir(dir)
             .map(|d| {
                 d.flatten()
-                    .filter(|e| {
-                        std::fs::read_to_string(e.path().join("freezer.state"))
-                            .is_ok_and(|s| s.trim() != "THAWED")
+                    .filter_map(|e| {
+                        let state = std::fs::read_to_string(e.path().join("freezer.state")).ok()?;
+                        (state.trim() != "THAWED").then(|| {
+                            format!("{} {}", e.file_name().to_string_lossy(), state.trim())
+                        })
                     })
-                    .count()
+                    .collect()
             })
-            .unwrap_or(0)
+            .unwrap_or_default();
+        for f in &frozen {
+            eprintln!("frozen: pod {} container {f}", self.pod_id);
+        }
+        frozen.len()
     }
 
     /// New violations logged in any container (cleared once read, so each is counted once).
     async fn take_violations(&mut self) -> Result<Vec<String>> {
         let mut found = Vec::new();
         for (name, id, _) in self.containers().await? {
-            let v = violations(&mut self.cri, &id).await?;
+            // containerd waits for an exec's output without end ("drain_exec_sync_io_timeout"
+            // is 0): bound it here, so a stuck exec fails the round instead of the soak.
+            let v = tokio::time::timeout(Duration::from_secs(60), violations(&mut self.cri, &id))
+                .await
+                .with_context(|| format!("an exec in {name} did not return within 60 s"))??;
             if !v.trim().is_empty() {
                 found.push(format!("{name}: {}", v.trim()));
                 let _ = self.cri.exec(&id, &["rm", "-f", "/violations"]).await;
@@ -287,14 +298,20 @@ impl Soak {
         }
     }
 
+    /// The pod's serving shim (not the `delete` containerd runs after one died).
     fn shim_pid(&self) -> Option<i32> {
         stasis_e2e::processes_matching(&[
             "containerd-shim-stasis-v2",
             &self.c.socket().display().to_string(),
             &format!("-id {} ", self.pod_id),
         ])
-        .first()
-        .copied()
+        .into_iter()
+        .find(|pid| {
+            !std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+                .unwrap_or_default()
+                .contains(" delete")
+        })
     }
 
     async fn inject(&mut self, fault: Fault, dice: &mut Dice, counts: &mut Counts) -> Result<()> {

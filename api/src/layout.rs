@@ -41,8 +41,21 @@ pub const DUMP_RECORD: &str = "stasis-dump.json";
 pub const VOLUMES_INDEX: &str = "volumes.json";
 pub const VOLUMES_DIR: &str = "volumes";
 
-/// Annotation (pod or container) that makes the shim restore from a checkpoint directory.
+/// Annotation (pod or container) that makes the shim restore from a checkpoint that root
+/// prepared in the restore store: `<id>` on the pod, `<id>/<container dir>` on a container.
+/// Never a path: an ordinary CRI client cannot make the shim restore what it made itself.
 pub const RESTORE_ANNOTATION: &str = "io.stasis.restore-from";
+/// Where restores are prepared (unpacked archives), root's and 0700; each under a fresh
+/// random id, claimed by the pod restored from it.
+pub const RESTORE_STORE: &str = "/var/lib/stasis/restores";
+
+/// Whether `id` has the shape of a restore id: 32 lowercase hex digits.
+pub fn is_restore_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
 /// Container annotation listing the bind-mount destinations (comma separated, or `*` for every
 /// writable bind mount) whose contents a checkpoint captures with the memory.
 pub const VOLUMES_ANNOTATION: &str = "io.stasis.checkpoint.volumes";

@@ -105,7 +105,9 @@ fn write_stream<W: Write>(dir: &Path, file: W, compression: Compression) -> Resu
     fn tar_into<W: Write>(dir: &Path, w: W) -> Result<W> {
         let mut tar = tar::Builder::new(w);
         tar.follow_symlinks(false);
-        tar.mode(tar::HeaderMode::Deterministic);
+        // Modes as they are: CRIU's page images and the configs with environment secrets
+        // are 0600 and stay so for whoever unpacks the archive.
+        tar.mode(tar::HeaderMode::Complete);
         // Directory entries first (checkpointctl wants one for checkpoint/).
         tar.append_dir_all(".", dir)?;
         Ok(tar.into_inner()?)
@@ -278,7 +280,20 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<PodOptions> {
     if dest.exists() {
         bail!("{} already exists", dest.display());
     }
-    std::fs::create_dir_all(dest)?;
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let room = free_space(parent)?;
+    // Before anything is unpacked or held in memory: what the archive would ask for.
+    check_bounds(archive, room)?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dest)
+            .with_context(|| format!("create {}", dest.display()))?;
+    }
     let result = (|| -> Result<PodOptions> {
         let mut tar = tar::Archive::new(open(archive)?);
         tar.set_preserve_permissions(true);
@@ -302,8 +317,11 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<PodOptions> {
         }
         let options = read_pod_options(dest)?;
         for (name, dir) in &options.containers {
+            if !is_plain_name(dir) {
+                bail!("hostile archive: pod.options names container {name:?} in directory {dir:?}, which is not a plain directory name");
+            }
             let d = dest.join(dir);
-            if Path::new(dir).components().count() != 1 || !d.is_dir() {
+            if !d.is_dir() {
                 bail!("pod.options names container {name:?} in directory {dir:?}, which the archive does not contain");
             }
             // Which images a container needs is the runtime's business (CRIU images in
@@ -328,6 +346,74 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<PodOptions> {
 pub use stasis_api::layout::PodOptions;
 
 /// Reads `pod.options` from an unpacked archive, saying plainly when it is missing.
+/// Bytes free for an unprivileged writer on the file system of `dir`.
+// The statvfs field types differ between targets: the conversions are not useless everywhere.
+#[allow(clippy::useless_conversion)]
+pub fn free_space(dir: &Path) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir)
+        .with_context(|| format!("free space of {}", dir.display()))?;
+    Ok(u64::from(st.blocks_available()) * u64::from(st.fragment_size()))
+}
+
+/// Largest PAX extension or GNU long name/link record accepted (real ones are a few hundred
+/// bytes; the tar reader would hold a hostile one in memory whole).
+const MAX_META_RECORD: u64 = 64 * 1024;
+/// Most entries an archive may have (a pod checkpoint has tens to thousands).
+const MAX_ENTRIES: u64 = 1_000_000;
+
+/// A first pass over the raw headers: every metadata record small, the entry count bounded,
+/// and the unpacked total within `room` (the free space where it is unpacked). Data is
+/// skipped, not stored, so a compression bomb costs time, not memory or disk.
+fn check_bounds(archive: &Path, room: u64) -> Result<()> {
+    let mut tar = tar::Archive::new(open(archive)?);
+    let (mut count, mut total) = (0u64, 0u64);
+    for entry in tar.entries().context("read archive")?.raw(true) {
+        let entry = entry.map_err(|e| anyhow::anyhow!("archive is truncated or corrupt: {e}"))?;
+        let header = entry.header();
+        let size = header.entry_size().unwrap_or(u64::MAX);
+        let kind = header.entry_type();
+        if (kind.is_pax_local_extensions()
+            || kind.is_pax_global_extensions()
+            || kind.is_gnu_longname()
+            || kind.is_gnu_longlink())
+            && size > MAX_META_RECORD
+        {
+            bail!(
+                "hostile archive: a {} record of {} (at most {} accepted)",
+                if kind.is_gnu_longname() || kind.is_gnu_longlink() {
+                    "long-name"
+                } else {
+                    "PAX header"
+                },
+                human(size),
+                human(MAX_META_RECORD)
+            );
+        }
+        count += 1;
+        total = total.saturating_add(size);
+        if count > MAX_ENTRIES {
+            bail!("hostile archive: more than {MAX_ENTRIES} entries");
+        }
+        if total > room {
+            bail!(
+                "the archive unpacks to more than {} and only {} are free where it is unpacked; nothing was written",
+                human(total),
+                human(room)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A single plain path component: no separators, not `.`/`..`, not hidden.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 pub fn read_pod_options(dir: &Path) -> Result<PodOptions> {
     if !dir.join(layout::POD_OPTIONS).exists() {
         bail!("archive has no pod.options");
@@ -364,6 +450,7 @@ pub struct Summary {
 
 /// Reads the metadata of an archive without unpacking the images.
 pub fn inspect(path: &Path) -> Result<Summary> {
+    check_bounds(path, u64::MAX)?;
     let mut files: std::collections::HashMap<String, Vec<u8>> = Default::default();
     let mut sizes: std::collections::HashMap<String, u64> = Default::default();
     let mut tar = tar::Archive::new(open(path)?);

@@ -254,7 +254,6 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
                         archive: archive.clone(),
                         name: Some(format!("{name}-restored")),
                         runtime_handler: handler.to_string(),
-                        work_dir: a.work_dir.join("restore"),
                     },
                 )
                 .await;

@@ -113,5 +113,9 @@ pub async fn run(address: &str, dir: PathBuf) -> Result<()> {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+    // The restore's claim beside it (`<id>.pod`), if the pod got that far.
+    if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) {
+        let _ = std::fs::remove_file(parent.join(format!("{}.pod", name.to_string_lossy())));
+    }
     Ok(())
 }

@@ -115,6 +115,10 @@ enum PodCommand {
         skip_space_check: bool,
     },
     /// Restore a pod archive as a new running pod; prints the new pod id.
+    ///
+    /// The archive is unpacked into the restore store (/var/lib/stasis/restores, root's,
+    /// 0700) under a fresh random id, which the new pod and its containers name; the unpacked
+    /// copy is removed afterwards, also when the restore fails or is interrupted.
     Restore {
         archive: PathBuf,
         /// Name of the new pod (default: the checkpointed pod's name).
@@ -123,9 +127,6 @@ enum PodCommand {
         /// CRI runtime handler for the new pod.
         #[arg(long, default_value = "stasis")]
         runtime_handler: String,
-        /// Where the archive is unpacked while restoring (removed afterwards).
-        #[arg(long, default_value = "/var/lib/stasis/restore")]
-        work_dir: PathBuf,
     },
 }
 
@@ -189,7 +190,6 @@ async fn run(cli: Cli) -> Result<()> {
                 archive,
                 name,
                 runtime_handler,
-                work_dir,
             } => {
                 let id = pod::restore(
                     &target,
@@ -197,7 +197,6 @@ async fn run(cli: Cli) -> Result<()> {
                         archive,
                         name,
                         runtime_handler,
-                        work_dir,
                     },
                 )
                 .await?;

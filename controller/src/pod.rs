@@ -106,13 +106,17 @@ async fn container_info(rt: &mut cri::Runtime, c: &api::Container) -> Result<Con
         .get("info")
         .and_then(|s| serde_json::from_str(s).ok())
         .unwrap_or_default();
-    // containerd's verbose info carries the CRI ContainerConfig it was created with.
-    let config_json = match info.get("config") {
-        Some(cfg) if serde_json::from_value::<api::ContainerConfig>(cfg.clone()).is_ok() => {
-            cfg.to_string()
-        }
-        _ => serde_json::to_string(&config_from_status(&status, &info))?,
-    };
+    // containerd's verbose info carries the CRI ContainerConfig it was created with: its
+    // security settings must come back exactly, so there is no guessing it from the status.
+    let config = info.get("config").with_context(|| {
+        format!(
+            "container {}: containerd's verbose status has no ContainerConfig",
+            c.id
+        )
+    })?;
+    let config = config_from_info(config)
+        .with_context(|| format!("container {}: containerd's ContainerConfig", c.id))?;
+    let config_json = serde_json::to_string(&config)?;
     let created = status.created_at;
     Ok(ContainerInfo {
         id: c.id.clone(),
@@ -134,48 +138,78 @@ async fn container_info(rt: &mut cri::Runtime, c: &api::Container) -> Result<Con
     })
 }
 
-/// A ContainerConfig rebuilt from the status and the runtime spec, when containerd's verbose
-/// info has no usable config.
-fn config_from_status(
-    status: &api::ContainerStatus,
-    info: &serde_json::Value,
-) -> api::ContainerConfig {
-    let spec = &info["runtimeSpec"];
-    let strings = |v: &serde_json::Value| -> Vec<String> {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    api::ContainerConfig {
-        metadata: status.metadata.clone(),
-        image: status.image.clone(),
-        command: strings(&spec["process"]["args"]),
-        working_dir: spec["process"]["cwd"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-        envs: strings(&spec["process"]["env"])
-            .into_iter()
-            .filter_map(|kv| {
-                kv.split_once('=').map(|(k, v)| api::KeyValue {
-                    key: k.into(),
-                    value: v.into(),
-                })
-            })
-            .collect(),
-        mounts: status.mounts.clone(),
-        labels: status.labels.clone(),
-        annotations: status.annotations.clone(),
-        log_path: Path::new(&status.log_path)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        ..Default::default()
+/// containerd marshals the CRI ContainerConfig with Go's `omitempty`: zero values are left
+/// out, and the CRI types here want every field. Each missing field gets back the zero value
+/// Go dropped: the first of null, "", 0, false, [], {} that its type takes.
+pub fn config_from_info(value: &serde_json::Value) -> Result<api::ContainerConfig> {
+    use serde_json::{json, Value};
+    let zeros = [
+        json!(null),
+        json!(""),
+        json!(0),
+        json!(false),
+        json!([]),
+        json!({}),
+    ];
+    let mut v = value.clone();
+    let mut tried: std::collections::HashMap<String, usize> = Default::default();
+    for _ in 0..10_000 {
+        let err = match serde_path_to_error::deserialize::<_, api::ContainerConfig>(v.clone()) {
+            Ok(c) => return Ok(c),
+            Err(e) => e,
+        };
+        let path = err.path().to_string();
+        let message = err.inner().to_string();
+        if let Some(field) = message
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+        {
+            let full = if path == "." {
+                field.to_string()
+            } else {
+                format!("{path}.{field}")
+            };
+            let Some(Value::Object(map)) = slot(&mut v, &path) else {
+                bail!("{message} at {path}");
+            };
+            map.insert(field.to_string(), zeros[0].clone());
+            tried.insert(full, 0);
+        } else if let Some(i) = tried.get(&path).copied() {
+            let Some(next) = zeros.get(i + 1) else {
+                bail!("{message} at {path}");
+            };
+            let Some(place) = slot(&mut v, &path) else {
+                bail!("{message} at {path}");
+            };
+            *place = next.clone();
+            tried.insert(path, i + 1);
+        } else {
+            bail!("{message} at {path}");
+        }
     }
+    bail!("too many missing fields")
+}
+
+/// The value at a serde_path_to_error path ("." for the root, "a.b[2].c").
+fn slot<'a>(v: &'a mut serde_json::Value, path: &str) -> Option<&'a mut serde_json::Value> {
+    if path == "." {
+        return Some(v);
+    }
+    let mut at = v;
+    for part in path.split('.') {
+        let (key, indexes) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !key.is_empty() {
+            at = at.get_mut(key)?;
+        }
+        for index in indexes.split(']').filter(|s| !s.is_empty()) {
+            let n: usize = index.trim_start_matches('[').parse().ok()?;
+            at = at.get_mut(n)?;
+        }
+    }
+    Some(at)
 }
 
 fn format_unix_nanos(nanos: i64) -> String {
@@ -299,7 +333,7 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
         );
     }
     let estimate = estimate(&mut rt, &containers).await;
-    let free = free_bytes(parent)?;
+    let free = archive::free_space(parent)?;
     if a.space_check && estimate.total() > free {
         bail!(
             "pod {name}: the checkpoint needs ~{} on the file system of {} (memory in use {} + writable layers {}, staged there and then archived), it has {} free; free some space, write elsewhere, or pass --skip-space-check",
@@ -514,17 +548,10 @@ async fn estimate(rt: &mut cri::Runtime, containers: &[ContainerInfo]) -> SpaceE
     e
 }
 
-fn free_bytes(dir: &Path) -> Result<u64> {
-    let st = nix::sys::statvfs::statvfs(dir)
-        .with_context(|| format!("free space of {}", dir.display()))?;
-    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
-}
-
 pub struct RestoreArgs {
     pub archive: PathBuf,
     pub name: Option<String>,
     pub runtime_handler: String,
-    pub work_dir: PathBuf,
 }
 
 /// SIGINT or SIGTERM while a restore runs: noticed, so that the half-restored pod and the
@@ -554,11 +581,11 @@ impl Interrupt {
 pub async fn restore(t: &Target, a: RestoreArgs) -> Result<String> {
     let started = Instant::now();
     let mut interrupt = Interrupt::listen()?;
-    std::fs::create_dir_all(&a.work_dir)
-        .with_context(|| format!("create {}", a.work_dir.display()))?;
-    let dir = a
-        .work_dir
-        .join(format!("restore-{}", archive::random_suffix()?));
+    let store = open_restore_store()?;
+    // 128 random bits: nobody can guess or pre-create it.
+    let restore_id = format!("{}{}", archive::random_suffix()?, archive::random_suffix()?);
+    let dir = store.join(&restore_id);
+    eprintln!("unpacking {} as restore {restore_id}", a.archive.display());
     // Cleans up if this process is killed outright from here on.
     let mut guard = RestoreGuard::start(&t.address, &dir)?;
     // Everything about the archive is checked before anything is created.
@@ -569,8 +596,17 @@ pub async fn restore(t: &Target, a: RestoreArgs) -> Result<String> {
             return Err(e.context(format!("cannot restore {}", a.archive.display())));
         }
     };
-    let result = restore_extracted(t, &a, &dir, &options, &mut interrupt, &mut guard).await;
+    let result = restore_extracted(
+        t,
+        &a,
+        (&restore_id, &dir),
+        &options,
+        &mut interrupt,
+        &mut guard,
+    )
+    .await;
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(store.join(format!("{restore_id}.pod")));
     guard.done();
     let pod_id = result?;
     eprintln!(
@@ -580,10 +616,31 @@ pub async fn restore(t: &Target, a: RestoreArgs) -> Result<String> {
     Ok(pod_id)
 }
 
+/// The restore store (`stasis_api::layout::RESTORE_STORE`): created 0700 if missing, and
+/// refused unless it is a real directory of root's closed to others (the shim checks the
+/// same).
+fn open_restore_store() -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let store = PathBuf::from(stasis_api::layout::RESTORE_STORE);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&store)
+        .with_context(|| format!("create {}", store.display()))?;
+    let meta = store.symlink_metadata()?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+        bail!(
+            "{} must be a directory of root's with mode 0700 (restores are prepared there)",
+            store.display()
+        );
+    }
+    Ok(store)
+}
+
 async fn restore_extracted(
     t: &Target,
     a: &RestoreArgs,
-    dir: &Path,
+    (restore_id, dir): (&str, &Path),
     options: &archive::PodOptions,
     interrupt: &mut Interrupt,
     guard: &mut RestoreGuard,
@@ -603,7 +660,7 @@ async fn restore_extracted(
             })?;
         config.annotations.insert(
             RESTORE_ANNOTATION.to_string(),
-            dir.join(cdir).display().to_string(),
+            format!("{restore_id}/{cdir}"),
         );
         configs.push((name.clone(), config));
     }
@@ -623,7 +680,7 @@ async fn restore_extracted(
     // (gVisor) brings the pod back at its start, and every runtime refuses an archive of
     // another backend before any container exists.
     pod.annotations
-        .insert(RESTORE_ANNOTATION.to_string(), dir.display().to_string());
+        .insert(RESTORE_ANNOTATION.to_string(), restore_id.to_string());
     let pod_name = md.name.clone();
     let mut rt = cri::connect(Path::new(&t.address)).await?;
     let pod_id = rt
@@ -713,4 +770,38 @@ async fn restore_extracted(
         )));
     }
     Ok(pod_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What containerd's verbose info holds (Go omitempty: zero values left out).
+    #[test]
+    fn a_config_with_omitted_zero_values_keeps_its_security_settings() {
+        let go = serde_json::json!({
+            "metadata": {"name": "web"},
+            "image": {"image": "busybox"},
+            "command": ["sh"],
+            "linux": {
+                "security_context": {
+                    "capabilities": {"drop_capabilities": ["ALL"], "add_capabilities": ["CHOWN"]},
+                    "run_as_user": {"value": 1000},
+                    "readonly_rootfs": true,
+                    "namespace_options": {"pid": 1}
+                }
+            },
+            "mounts": [{"container_path": "/data", "host_path": "/var/lib/x"}]
+        });
+        let c = config_from_info(&go).unwrap();
+        let sc = c.linux.unwrap().security_context.unwrap();
+        assert_eq!(sc.capabilities.unwrap().drop_capabilities, ["ALL"]);
+        assert_eq!(sc.run_as_user.unwrap().value, 1000);
+        assert!(sc.readonly_rootfs);
+        assert_eq!(sc.namespace_options.unwrap().pid, 1);
+        assert_eq!(c.mounts[0].host_path, "/var/lib/x");
+        assert!(!c.mounts[0].readonly);
+        // Not a config at all: an error, never a guess.
+        assert!(config_from_info(&serde_json::json!({"linux": 5})).is_err());
+    }
 }

@@ -132,8 +132,12 @@ pub fn start(flags: &Flags) -> Result<(), BoxError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let listener = std::os::unix::net::UnixListener::bind(&path)
-        .map_err(|e| format!("bind shim socket {}: {e}", path.display()))?;
+    // Only root may talk to the shim: the socket is 0600 from its first moment, whatever
+    // umask containerd runs with.
+    let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(&path);
+    nix::sys::stat::umask(old_umask);
+    let listener = bound.map_err(|e| format!("bind shim socket {}: {e}", path.display()))?;
 
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.current_dir(&bundle)

@@ -62,3 +62,35 @@ pub fn sync_fs(id: &str, dir: &Path) -> Result<()> {
     let d = std::fs::File::open(dir).map_err(|e| Error::io(id, "open checkpoint dir", e))?;
     nix::unistd::syncfs(&d).map_err(|e| Error::io(id, "sync checkpoint to disk", e.into()))
 }
+
+/// Where the shim keeps its own scratch directories: root's, 0700.
+const PRIVATE_BASE: &str = "/run/stasis/work";
+
+/// A fresh scratch directory nobody else can have prepared: `<PRIVATE_BASE>/<what>-<random>`,
+/// 0700, under a base that must be a real directory owned by root and closed to others (a
+/// predictable path under /tmp could be pre-created or planted with symlinks by any user).
+pub fn private_dir(id: &str, what: &str) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let base = Path::new(PRIVATE_BASE);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(base)
+        .map_err(|e| Error::io(id, format!("create {PRIVATE_BASE}"), e))?;
+    let meta = base
+        .symlink_metadata()
+        .map_err(|e| Error::io(id, format!("check {PRIVATE_BASE}"), e))?;
+    if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o077 != 0 {
+        return Err(Error::precondition(
+            id,
+            format!("{PRIVATE_BASE} must be a directory owned by root with mode 0700"),
+        ));
+    }
+    let suffix = random_suffix().map_err(|e| Error::io(id, "random name", e))?;
+    let dir = base.join(format!("{what}-{suffix}"));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| Error::io(id, format!("create {}", dir.display()), e))?;
+    Ok(dir)
+}

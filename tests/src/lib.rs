@@ -81,3 +81,20 @@ pub fn shim_binary() -> Result<PathBuf> {
     }
     built_binary(SHIM_BINARY)
 }
+
+/// The restore id stasisctl printed ("unpacking … as restore <id>"), if any.
+pub fn restore_id(stderr: &str) -> Option<String> {
+    stderr.lines().find_map(|l| {
+        l.split_once(" as restore ")
+            .map(|(_, id)| id.trim().to_string())
+    })
+}
+
+/// What a restore left in the restore store under `id` (its directory and its claim).
+pub fn restore_leftovers(id: &str) -> Vec<std::path::PathBuf> {
+    let store = std::path::Path::new(stasis_api::layout::RESTORE_STORE);
+    [store.join(id), store.join(format!("{id}.pod"))]
+        .into_iter()
+        .filter(|p| p.symlink_metadata().is_ok())
+        .collect()
+}

@@ -155,7 +155,6 @@ async fn archives_are_readable_and_hostile_ones_refused() -> Result<()> {
 
     // Hostile and broken archives: refused with a clear error, nothing created or written.
     let pods_before = c.settled_footprint().await?;
-    let work = c.dir.join("restore-work");
     let canary = c.dir.join("escaped");
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         (
@@ -235,13 +234,7 @@ async fn archives_are_readable_and_hostile_ones_refused() -> Result<()> {
     for (name, bytes, expect) in cases {
         let path = c.dir.join(format!("hostile-{name}.tar"));
         std::fs::write(&path, bytes)?;
-        let out = c.stasisctl(&[
-            "pod",
-            "restore",
-            path.to_str().unwrap(),
-            "--work-dir",
-            work.to_str().unwrap(),
-        ])?;
+        let out = c.stasisctl(&["pod", "restore", path.to_str().unwrap()])?;
         let err = String::from_utf8_lossy(&out.stderr);
         ensure!(!out.status.success(), "{name}: restore succeeded");
         ensure!(
@@ -252,8 +245,8 @@ async fn archives_are_readable_and_hostile_ones_refused() -> Result<()> {
             !canary.exists(),
             "{name}: a file was written outside the restore directory"
         );
-        let left: Vec<_> = std::fs::read_dir(&work)
-            .map(|d| d.flatten().map(|e| e.path()).collect())
+        let left = stasis_e2e::restore_id(&err)
+            .map(|id| stasis_e2e::restore_leftovers(&id))
             .unwrap_or_default();
         ensure!(left.is_empty(), "{name}: restore left {left:?}");
     }

@@ -396,14 +396,11 @@ async fn an_interrupted_restore_leaves_nothing_frozen() -> Result<()> {
         nix::sys::signal::Signal::SIGINT,
         nix::sys::signal::Signal::SIGKILL,
     ] {
-        let work = c.dir.join(format!("work-{signal}"));
         let mut child = std::process::Command::new(stasis_e2e::built_binary("stasisctl")?)
             .arg("--address")
             .arg(c.socket())
             .args(["pod", "restore"])
             .arg(&archive)
-            .arg("--work-dir")
-            .arg(&work)
             .args(["--name", &format!("held-{signal}")])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -460,9 +457,8 @@ async fn an_interrupted_restore_leaves_nothing_frozen() -> Result<()> {
                 restored.is_none(),
                 "SIGINT: the half-restored pod is still there"
             );
-            let left: Vec<_> = std::fs::read_dir(&work)
-                .map(|d| d.flatten().map(|e| e.path()).collect())
-                .unwrap_or_default();
+            let id = stasis_e2e::restore_id(&said.join("\n")).context("the restore id")?;
+            let left = stasis_e2e::restore_leftovers(&id);
             ensure!(
                 left.is_empty(),
                 "SIGINT: the unpacked checkpoint is left: {left:?}"
@@ -483,9 +479,9 @@ async fn an_interrupted_restore_leaves_nothing_frozen() -> Result<()> {
                         .as_ref()
                         .is_some_and(|m| m.name == format!("held-{signal}"))
                 });
-                let unpacked: Vec<_> = std::fs::read_dir(&work)
-                    .map(|d| d.flatten().map(|e| e.path()).collect())
-                    .unwrap_or_default();
+                let unpacked = stasis_e2e::restore_leftovers(
+                    &stasis_e2e::restore_id(&said.join("\n")).context("the restore id")?,
+                );
                 if !left && unpacked.is_empty() {
                     break;
                 }

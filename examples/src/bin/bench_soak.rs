@@ -213,10 +213,7 @@ impl Soak {
 
     fn restore_command(&self, archive: &Path) -> Result<Command> {
         let mut cmd = self.stasisctl()?;
-        cmd.args(["pod", "restore"])
-            .arg(archive)
-            .arg("--work-dir")
-            .arg(self.c.dir.join("restore-work"));
+        cmd.args(["pod", "restore"]).arg(archive);
         Ok(cmd)
     }
 

@@ -55,3 +55,99 @@ pub fn check_container_dir(id: &str, dir: &Path, runtime: &dyn OciRuntime) -> Re
     rootfs::validate(id, dir)?;
     volumes::validate(id, &dir.join(CHECKPOINT_DIR)).map(drop)
 }
+
+/// A directory only we can have made: a real directory (not a link), owned by the shim's
+/// own user (root), closed to everybody else.
+fn check_private(id: &str, dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = dir
+        .symlink_metadata()
+        .map_err(|e| Error::precondition(id, format!("restore source {}: {e}", dir.display())))?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+        return Err(Error::precondition(
+            id,
+            format!(
+                "restore source {} is not a private directory of root's (0700): restores are prepared by stasisctl only",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Resolves a restore annotation to a directory of the restore `store`: `<id>` (a pod) or
+/// `<id>/<container dir>` (a container). Returns the id and the directory. A path, anything
+/// but a well-formed id and a plain directory name, an unknown id, or a store that is not
+/// root's alone are refused: only root prepares restores.
+pub fn resolve_restore(store: &Path, owner: &str, value: &str) -> Result<(String, PathBuf)> {
+    let refuse = |why: &str| {
+        Error::precondition(
+            owner,
+            format!(
+                "{} {value:?} {why}: it names a restore prepared by stasisctl (an id, never a path)",
+                stasis_api::layout::RESTORE_ANNOTATION
+            ),
+        )
+    };
+    let (id, sub) = match value.split_once('/') {
+        Some((id, sub)) => (id, Some(sub)),
+        None => (value, None),
+    };
+    if !stasis_api::layout::is_restore_id(id) {
+        return Err(refuse("is not a restore id"));
+    }
+    if let Some(sub) = sub {
+        let plain = !sub.is_empty()
+            && !sub.starts_with('.')
+            && sub
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !plain {
+            return Err(refuse("names no plain container directory"));
+        }
+    }
+    check_private(owner, store)?;
+    let dir = store.join(id);
+    check_private(owner, &dir).map_err(|_| refuse("is not a prepared restore"))?;
+    let dir = match sub {
+        Some(sub) => {
+            let d = dir.join(sub);
+            match d.symlink_metadata() {
+                Ok(m) if m.is_dir() => d,
+                _ => return Err(refuse("names no container of that restore")),
+            }
+        }
+        None => dir,
+    };
+    Ok((id.to_string(), dir))
+}
+
+/// Marks restore `id` as used by pod `pod` (a file `<id>.pod` beside it, made exclusively):
+/// a second pod naming the same restore is refused.
+pub fn claim_restore(store: &Path, pod: &str, id: &str) -> Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let claim = store.join(format!("{id}.pod"));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&claim)
+    {
+        Ok(mut f) => f
+            .write_all(pod.as_bytes())
+            .map_err(|e| Error::io(pod, "claim the restore", e)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let owner = std::fs::read_to_string(&claim).unwrap_or_default();
+            if owner == pod {
+                Ok(())
+            } else {
+                Err(Error::precondition(
+                    pod,
+                    format!("restore {id} is used by pod {owner} already"),
+                ))
+            }
+        }
+        Err(e) => Err(Error::io(pod, "claim the restore", e)),
+    }
+}

@@ -191,7 +191,13 @@ pub async fn checkpoint_pod<R: OciRuntime + ?Sized>(
         return Err(e);
     }
 
-    let work = std::env::temp_dir().join(format!("stasis-pod-dump-{}", std::process::id()));
+    let work = match crate::util::private_dir(job.pod_id, "pod-dump") {
+        Ok(w) => w,
+        Err(e) => {
+            held.thaw_all().await;
+            return Err(e);
+        }
+    };
     // Past the bound, every dump is stopped (runc and CRIU killed and waited for) before
     // anything is thawed: a CRIU still running could otherwise re-freeze or write later.
     let limit = job.timeout.unwrap_or(DEFAULT_CHECKPOINT_TIMEOUT);

@@ -94,10 +94,17 @@ pub async fn create(shim: &Shim, req: sb::CreateSandboxRequest) -> Result<()> {
 /// backend is refused here, before anything runs; a backend that restores sandboxes whole
 /// says which image it starts from.
 fn restore_source(shim: &Shim, pod: &Pod) -> Result<Option<(PodOptions, Option<PathBuf>)>> {
-    let Some(dir) = pod.config.annotations.get(RESTORE_ANNOTATION) else {
+    let Some(value) = pod.config.annotations.get(RESTORE_ANNOTATION) else {
         return Ok(None);
     };
-    let dir = PathBuf::from(dir);
+    if value.contains('/') {
+        return Err(Error::precondition(
+            &pod.id,
+            format!("{RESTORE_ANNOTATION} {value:?} on a pod must be a restore id alone"),
+        ));
+    }
+    let (restore_id, dir) = source::resolve_restore(&shim.restore_store, &pod.id, value)?;
+    source::claim_restore(&shim.restore_store, &pod.id, &restore_id)?;
     let (options, _) = source::check_pod_dir(&pod.id, &dir, shim.runtime.name())?;
     let image = shim.runtime.pod_restore_image(&pod.id, &dir)?;
     Ok(Some((options, image)))
@@ -153,6 +160,7 @@ type Started = (i32, bool, Vec<PathBuf>, Option<PathBuf>);
 /// source is checked before anything is created; a failure after that removes what was made.
 async fn start_pod(shim: &Shim, pod: &Arc<Pod>) -> Result<Started> {
     let id = pod.id.as_str();
+    refuse_host_pid(pod)?;
     let restore = restore_source(shim, pod)?;
     cgroup::create(id, &pod.cgroup)?;
     let (files, shm) = match files::write_pod_files(pod) {
@@ -169,6 +177,28 @@ async fn start_pod(shim: &Shim, pod: &Arc<Pod>) -> Result<Started> {
             Err(e)
         }
     }
+}
+
+/// The pod's processes live in the PID namespace of its pause process (or gVisor's sandbox);
+/// the node's PID namespace cannot be given, so saying yes would silently give a private one.
+/// (Checked at start: containerd 2.1.9 leaves the shim of a pod whose CreateSandbox failed
+/// running, but cleans up after a failed StartSandbox.)
+fn refuse_host_pid(pod: &Pod) -> Result<()> {
+    let pid_mode = pod
+        .config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.as_ref())
+        .map(|n| n.pid)
+        .unwrap_or_default();
+    if pid_mode == k8s_cri::v1::NamespaceMode::Node as i32 {
+        return Err(Error::invalid(
+            &pod.id,
+            "the pod asks for the node's PID namespace (hostPID), which stasis does not provide: its pods always have a PID namespace of their own",
+        ));
+    }
+    Ok(())
 }
 
 /// The process holding the pod's namespaces: the runtime's own sandbox root, or our pause.

@@ -91,6 +91,94 @@ pub fn spawn(pod: &str, netns: &str, hostname: &str) -> Result<i32> {
         .map_err(|_| Error::other(pod, "start pause process", format!("bad pid {line:?}")))
 }
 
+/// An empty, read-only root in a mount namespace of its own, no capabilities (none to gain:
+/// no_new_privs), not dumpable (its /proc files closed to others).
+fn confine() -> std::io::Result<()> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    let err = |e: nix::Error| std::io::Error::from(e);
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(err)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(err)?;
+    // Any directory will do as the mount point: in this private namespace it only becomes
+    // the new root.
+    let at = ["/mnt", "/tmp", "/run"]
+        .into_iter()
+        .find(|d| std::path::Path::new(d).is_dir())
+        .unwrap_or("/tmp");
+    mount(
+        Some("stasis-pause"),
+        at,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=4k,mode=0555"),
+    )
+    .map_err(err)?;
+    nix::unistd::chdir(at).map_err(err)?;
+    // pivot_root(".", "."): the old root ends up stacked on the new one, then detached.
+    nix::unistd::pivot_root(".", ".").map_err(err)?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(err)?;
+    nix::unistd::chdir("/").map_err(err)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(err)?;
+    // SAFETY: prctl and capset with constant arguments and a local, well-formed buffer.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        let _ = libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+        // Past the last capability the kernel knows, the drop fails harmlessly.
+        for cap in 0..64 {
+            libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+        }
+        // capset(2), version 3: every set empty.
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let header = Header {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let data = [Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 static TERMINATE: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_terminate(_: libc::c_int) {
@@ -119,6 +207,12 @@ pub fn main() -> ! {
         if !h.is_empty() {
             let _ = nix::unistd::sethostname(&h);
         }
+    }
+    // PID 1 of the pod, reachable from every container (`/proc/1/root`, `nsenter -t 1`): it
+    // must give nothing of the host away.
+    if let Err(e) = confine() {
+        eprintln!("pause: confine: {e}");
+        std::process::exit(1);
     }
     // PID 1 only receives signals it has handlers for.
     let term = SigAction::new(

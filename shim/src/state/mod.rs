@@ -35,6 +35,8 @@ pub struct Shim {
     pub work: tokio_util::task::TaskTracker,
     /// How long a restored container waits, frozen, for its pod's FinishRestore.
     pub restore_hold: std::time::Duration,
+    /// Where restores are prepared; restore annotations name ids in it.
+    pub restore_store: std::path::PathBuf,
 }
 
 impl Shim {
@@ -57,10 +59,23 @@ impl Shim {
             restore_hold: std::time::Duration::from_secs(
                 crate::runtime::config::BackendConfig::DEFAULT_RESTORE_HOLD_SECS,
             ),
+            restore_store: stasis_api::layout::RESTORE_STORE.into(),
         };
         if let Some(hold) = hold {
             shim.restore_hold = hold;
         }
+        Arc::new(shim)
+    }
+
+    /// A shim whose restores come from `store` (tests; the real one is fixed).
+    #[cfg(test)]
+    pub fn with_restore_store(
+        runtime: Arc<dyn OciRuntime>,
+        events: Events,
+        store: std::path::PathBuf,
+    ) -> Arc<Self> {
+        let mut shim = Arc::into_inner(Self::new(runtime, events)).expect("a fresh shim");
+        shim.restore_store = store;
         Arc::new(shim)
     }
 

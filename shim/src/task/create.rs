@@ -84,7 +84,10 @@ pub async fn create(shim: &Shim, req: api::CreateTaskRequest) -> Result<api::Cre
     }
     // A restore comes either from containerd (Task API: `checkpoint` holds CRIU images) or
     // from a pod checkpoint (CRI: an annotation names the container's checkpoint dir).
-    let restore_dir = spec.annotation(RESTORE_ANNOTATION).map(PathBuf::from);
+    let restore_dir = match spec.annotation(RESTORE_ANNOTATION) {
+        None => None,
+        Some(value) => Some(restore_source(shim, &id, value)?),
+    };
     refuse_unrestored_container_of_restoring_pod(shim, &id, &spec, restore_dir.is_some())?;
     if let Some(dir) = &restore_dir {
         // Reads the whole rootfs diff: off the async threads.
@@ -296,4 +299,28 @@ fn mount_rootfs(
         }
     }
     Ok(Some(target))
+}
+
+/// The checkpoint directory a container's restore annotation names: in the restore store,
+/// and for a container of a pod, only a restore of that same pod (a CRI client cannot point
+/// a container of an ordinary pod at a restore, or at another pod's).
+fn restore_source(shim: &Shim, id: &str, value: &str) -> Result<PathBuf> {
+    let (restore_id, dir) = source::resolve_restore(&shim.restore_store, id, value)?;
+    if let Some(pod) = shim.pod() {
+        let pods = pod
+            .config
+            .annotations
+            .get(RESTORE_ANNOTATION)
+            .map(|v| v.split('/').next().unwrap_or_default().to_string());
+        if pods.as_deref() != Some(restore_id.as_str()) {
+            return Err(Error::precondition(
+                id,
+                format!(
+                    "names restore {restore_id}, but its pod {} is not being restored from it",
+                    pod.id
+                ),
+            ));
+        }
+    }
+    Ok(dir)
 }

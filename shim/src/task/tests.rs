@@ -214,8 +214,16 @@ fn fixture(runtime: FakeRuntime, name: &str) -> Fixture {
     std::fs::create_dir_all(&dir).unwrap();
     let runtime = Arc::new(runtime);
     let events = Arc::new(Recorder::default());
+    let store = dir.join("restores");
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&store)
+            .unwrap();
+    }
     Fixture {
-        shim: Shim::new(runtime.clone(), events.clone()),
+        shim: Shim::with_restore_store(runtime.clone(), events.clone(), store),
         runtime,
         events,
         dir,
@@ -421,11 +429,29 @@ async fn a_failed_create_leaves_nothing_and_can_be_retried() {
 #[tokio::test]
 async fn a_pod_restore_holds_containers_until_finish_restore() {
     let f = fixture(FakeRuntime::default(), "hold");
-    let ckpt = f.dir.join("ckpt-web");
+    // A path is never a restore source; an id root prepared in the store is.
+    let by_path = f
+        .create(
+            "stray",
+            serde_json::json!({ RESTORE_ANNOTATION: f.dir.display().to_string() }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&by_path), Code::FAILED_PRECONDITION);
+    let restore_id = "0123456789abcdef0123456789abcdef";
+    let prepared = f.shim.restore_store.join(restore_id);
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&prepared)
+            .unwrap();
+    }
+    let ckpt = prepared.join("ckpt-web");
     std::fs::create_dir_all(ckpt.join("checkpoint")).unwrap();
     f.create(
         "web",
-        serde_json::json!({ RESTORE_ANNOTATION: ckpt.display().to_string() }),
+        serde_json::json!({ RESTORE_ANNOTATION: format!("{restore_id}/ckpt-web") }),
     )
     .await
     .unwrap();

@@ -1,0 +1,355 @@
+//! The trust boundary: what a pod, a CRI client or an archive cannot get from stasis.
+
+use std::{io::Write, time::Instant};
+
+use anyhow::{ensure, Context, Result};
+use stasis_e2e::{
+    cri::{container_config, counter_loop, cri, pod_config, wait_counter_moving},
+    Containerd,
+};
+
+/// The pod's PID 1 (stasis's pause process) gives a container nothing of the host: no
+/// capabilities, a root of its own with nothing in it, /proc files closed to others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pods_pid_1_gives_nothing_of_the_host_away() -> Result<()> {
+    let c = Containerd::start("trust-pause")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config("confined", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let id = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("probe", image, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
+    wait_counter_moving(&mut cri, &id, "/counter").await?;
+    // A canary only the host's root file system has.
+    let canary = c.dir.join("host-canary");
+    std::fs::write(&canary, "host secret")?;
+    let (_, status, _) = cri.exec(&id, &["cat", "/proc/1/status"]).await?;
+    let cap_eff = status
+        .lines()
+        .find(|l| l.starts_with("CapEff:"))
+        .context("CapEff in /proc/1/status")?;
+    ensure!(
+        cap_eff.split_whitespace().nth(1) == Some("0000000000000000"),
+        "the pod's PID 1 has capabilities: {cap_eff}"
+    );
+    let (_, listing, err) = cri
+        .exec(&id, &["sh", "-c", "ls -a /proc/1/root/ 2>&1; echo ."])
+        .await?;
+    ensure!(
+        !listing.contains("etc") && !listing.contains("usr") && !listing.contains("tmp"),
+        "/proc/1/root shows a file system: {listing}{err}"
+    );
+    let reach = format!("cat /proc/1/root{} 2>&1", canary.display());
+    let (_, through, _) = cri.exec(&id, &["sh", "-c", &reach]).await?;
+    ensure!(
+        !through.contains("host secret"),
+        "the host's canary is readable through the pod's PID 1"
+    );
+    let (code, entered, _) = cri
+        .exec(&id, &["sh", "-c", "nsenter -t 1 -m cat /etc/hostname 2>&1"])
+        .await?;
+    ensure!(
+        code != 0,
+        "nsenter into the mount namespace of PID 1 worked: {entered}"
+    );
+    cri.stop_and_remove_pod(&pod_id).await?;
+    c.finish()
+}
+
+/// A pod asking for the node's PID namespace is refused at RunPodSandbox, saying why,
+/// instead of silently getting a private one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_asking_for_the_host_pid_namespace_is_refused() -> Result<()> {
+    let c = Containerd::start("trust-hostpid")?;
+    let mut cri = c.cri().await?;
+    let mut pod = pod_config("hostpid", &c.dir.join("logs"));
+    pod.linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|s| s.namespace_options.as_mut())
+        .context("namespace options")?
+        .pid = cri::NamespaceMode::Node as i32;
+    let err = match cri.run_pod(&pod).await {
+        Ok(id) => anyhow::bail!("a hostPID pod was created: {id}"),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(
+        err.contains("hostPID") || err.contains("node's PID namespace"),
+        "the refusal does not say why: {err}"
+    );
+    c.finish()
+}
+
+/// A zstd archive of a few KiB whose header promises a huge PAX record, or entries larger
+/// than the disk: refused from the headers alone, quickly and in little memory, leaving
+/// nothing in the work directory. A container directory named `..` is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_bombs_are_refused_from_their_headers() -> Result<()> {
+    let c = Containerd::start("trust-bombs")?;
+
+    let bombs = [
+        ("pax", header_bomb(tar::EntryType::XHeader, 2 << 30)?),
+        (
+            "longname",
+            header_bomb(tar::EntryType::GNULongName, 1 << 30)?,
+        ),
+        // 64 TiB: more than any disk here has free.
+        (
+            "huge-entry",
+            header_bomb(tar::EntryType::Regular, 64 << 40)?,
+        ),
+    ];
+    for (name, bytes) in &bombs {
+        let path = c.dir.join(format!("{name}.tar.zst"));
+        std::fs::write(&path, bytes)?;
+        ensure!(
+            bytes.len() < 8192,
+            "{name}: the bomb is {} bytes",
+            bytes.len()
+        );
+        for command in ["inspect", "restore"] {
+            let mut args = vec![];
+            if command == "restore" {
+                args.extend(["pod", "restore", path.to_str().unwrap()]);
+            } else {
+                args.extend(["inspect", path.to_str().unwrap()]);
+            }
+            let started = Instant::now();
+            let (out, max_rss_kib) = stasisctl_measured(&c, &args)?;
+            let took = started.elapsed();
+            let err = String::from_utf8_lossy(&out.stderr);
+            eprintln!("{name} {command}: {took:?}, peak {max_rss_kib} KiB: {err}");
+            ensure!(!out.status.success(), "{name}: {command} accepted the bomb");
+            ensure!(
+                err.contains("hostile archive")
+                    || err.contains("free")
+                    || err.contains("truncated"),
+                "{name}: {command} does not say why: {err}"
+            );
+            ensure!(
+                max_rss_kib < 256 * 1024,
+                "{name}: {command} peaked at {max_rss_kib} KiB"
+            );
+            ensure!(
+                took.as_secs() < 20,
+                "{name}: {command} took {took:?} to refuse"
+            );
+            let left = stasis_e2e::restore_id(&err)
+                .map(|id| stasis_e2e::restore_leftovers(&id))
+                .unwrap_or_default();
+            ensure!(left.is_empty(), "{name}: {command} left {left:?}");
+        }
+    }
+
+    // pod.options naming ".." as a container directory.
+    let mut b = tar::Builder::new(Vec::new());
+    let opts = serde_json::to_vec(&serde_json::json!({
+        "version": 1, "containers": {"c": ".."}, "annotations": {}
+    }))?;
+    append(&mut b, "pod.options", &opts)?;
+    append(&mut b, "pod.dump", b"{}")?;
+    let path = c.dir.join("dotdot.tar");
+    std::fs::write(&path, b.into_inner()?)?;
+    let out = c.stasisctl(&["pod", "restore", path.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("not a plain directory name"),
+        "a '..' container directory was not refused: {err}"
+    );
+    c.finish()
+}
+
+fn append(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) -> Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o600);
+    h.set_cksum();
+    b.append_data(&mut h, name, data)?;
+    Ok(())
+}
+
+/// A zstd stream holding one tar header of `kind` that claims `size` bytes, and a little of
+/// them: the rest never comes (a reader that believed the header would try to hold or write
+/// it all).
+fn header_bomb(kind: tar::EntryType, size: u64) -> Result<Vec<u8>> {
+    let mut h = tar::Header::new_gnu();
+    h.set_path("bomb")?;
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    h.set_size(size);
+    h.set_cksum();
+    let mut enc = zstd::Encoder::new(Vec::new(), 3)?;
+    enc.write_all(h.as_bytes())?;
+    enc.write_all(&vec![0u8; 1 << 20])?;
+    Ok(enc.finish()?)
+}
+
+/// Runs stasisctl and returns its output with its peak resident memory (KiB, from wait4).
+fn stasisctl_measured(c: &Containerd, args: &[&str]) -> Result<(std::process::Output, i64)> {
+    let child = std::process::Command::new(stasis_e2e::built_binary("stasisctl")?)
+        .arg("--address")
+        .arg(c.socket())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id() as i32;
+    let mut stdout = child.stdout.context("stdout")?;
+    let mut stderr = child.stderr.context("stderr")?;
+    let reader = std::thread::spawn(move || {
+        let mut err = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stderr, &mut err);
+        err
+    });
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut stdout, &mut out)?;
+    let err = reader.join().unwrap_or_default();
+    let mut status = 0;
+    // SAFETY: wait4 on our own child with valid out-pointers.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    ensure!(rc == pid, "wait4: {}", std::io::Error::last_os_error());
+    let status = std::os::unix::process::ExitStatusExt::from_raw(status);
+    Ok((
+        std::process::Output {
+            status,
+            stdout: out,
+            stderr: err,
+        },
+        usage.ru_maxrss,
+    ))
+}
+
+/// A CRI client naming a restore in its own annotations: a path (its own directory), an id
+/// nobody prepared, or, on a container of an ordinary pod, anything: refused, nothing
+/// restored, nothing left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_restores_stasisctl_prepared_are_honoured() -> Result<()> {
+    let c = Containerd::start("trust-restore-from")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let planted = c.dir.join("planted");
+    std::fs::create_dir_all(&planted)?;
+    for (n, value) in [
+        ("path", planted.display().to_string()),
+        ("unknown", "0123456789abcdef0123456789abcdef".to_string()),
+        (
+            "climb",
+            "0123456789abcdef0123456789abcdef/../..".to_string(),
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut pod = pod_config(&format!("planted{n}"), &c.dir.join("logs"));
+        pod.annotations.insert(
+            stasis_api::layout::RESTORE_ANNOTATION.to_string(),
+            value.1.clone(),
+        );
+        let err = match cri.run_pod(&pod).await {
+            Ok(id) => anyhow::bail!(
+                "{}: a pod restoring from {:?} started: {id}",
+                value.0,
+                value.1
+            ),
+            Err(e) => format!("{e:#}"),
+        };
+        ensure!(
+            err.contains("restore"),
+            "{}: the refusal does not say why: {err}",
+            value.0
+        );
+    }
+    // A container of an ordinary pod naming a restore.
+    let pod = pod_config("ordinary", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let mut cfg = container_config("sneaky", image, &["sh", "-c", "sleep 1000"]);
+    cfg.annotations.insert(
+        stasis_api::layout::RESTORE_ANNOTATION.to_string(),
+        format!("{}/x", "0123456789abcdef0123456789abcdef"),
+    );
+    let err = match cri.run_container(&pod_id, &pod, cfg).await {
+        Ok(id) => anyhow::bail!("a container restoring from a stray id started: {id}"),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(
+        err.contains("restore"),
+        "the refusal does not say why: {err}"
+    );
+    cri.stop_and_remove_pod(&pod_id).await?;
+    c.finish()
+}
+
+/// A container that ran with fewer capabilities comes back with exactly those: its restored
+/// process and a new exec in it (the config containerd recorded travels in the archive, not a
+/// guess from the status).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_settings_come_back_with_the_restore() -> Result<()> {
+    let c = Containerd::start("trust-secctx")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config("secctx", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let mut cfg = container_config("lean", image, &["sh", "-c", &counter_loop("/counter")]);
+    let sc = cfg
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .context("security context")?;
+    sc.capabilities = Some(cri::Capability {
+        drop_capabilities: vec!["ALL".into()],
+        add_capabilities: vec!["CHOWN".into(), "KILL".into()],
+        ..Default::default()
+    });
+    let id = cri.run_container(&pod_id, &pod, cfg).await?;
+    wait_counter_moving(&mut cri, &id, "/counter").await?;
+    let caps = |cri: &mut stasis_e2e::cri::CriClient, id: String| {
+        let mut cri = cri.clone();
+        async move {
+            let (_, init, _) = cri
+                .exec(
+                    &id,
+                    &["sh", "-c", "grep CapEff /proc/$(cat /counter.pid)/status"],
+                )
+                .await?;
+            let (_, exec, _) = cri
+                .exec(&id, &["grep", "CapEff", "/proc/self/status"])
+                .await?;
+            Ok::<_, anyhow::Error>((init.trim().to_string(), exec.trim().to_string()))
+        }
+    };
+    let before = caps(&mut cri, id.clone()).await?;
+    ensure!(
+        before.0.ends_with("0000000000000021"),
+        "the original process has {:?}",
+        before.0
+    );
+    let archive = c.dir.join("secctx.tar");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "secctx",
+        "--leave-running",
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    cri.stop_and_remove_pod(&pod_id).await?;
+    let restored = c
+        .stasisctl_ok(&["pod", "restore", archive.to_str().unwrap()])?
+        .trim()
+        .to_string();
+    let list = stasis_e2e::cri::containers_by_name(&mut cri, &restored).await?;
+    let (_, new_id, _) = list.first().context("restored container")?.clone();
+    let after = caps(&mut cri, new_id).await?;
+    ensure!(
+        after == before,
+        "capabilities changed across the restore: {before:?} -> {after:?}"
+    );
+    cri.stop_and_remove_pod(&restored).await?;
+    c.finish()
+}

@@ -20,6 +20,11 @@ use serde::{Deserialize, Serialize};
 
 pub const POD_OPTIONS: &str = "pod.options";
 pub const POD_DUMP: &str = "pod.dump";
+/// Archive manifest at the root: `{"version":1,"files":{path:{"size":N,"sha256":hex}}}` for
+/// every other regular file of the archive; a reader checks all of it before anything is
+/// created.
+pub const MANIFEST: &str = "manifest.json";
+pub const MANIFEST_VERSION: u32 = 1;
 /// Where a runtime that checkpoints whole sandboxes puts the pod's one image.
 pub const SANDBOX_IMAGE_DIR: &str = "sandbox";
 /// A container's CRIU images (and captured volumes), inside its directory.

@@ -18,6 +18,7 @@
 use std::{
     fs::File,
     io::{BufReader, Read, Write},
+    os::unix::fs::OpenOptionsExt,
     path::{Component, Path, PathBuf},
 };
 
@@ -59,7 +60,6 @@ pub fn write_cancellable(
     compression: Compression,
     cancel: &AtomicBool,
 ) -> Result<u64> {
-    use std::os::unix::fs::OpenOptionsExt;
     let parent = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -131,6 +131,144 @@ fn write_stream<W: Write>(dir: &Path, file: W, compression: Compression) -> Resu
         }
     };
     Ok(file)
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Manifest {
+    version: u32,
+    files: std::collections::BTreeMap<String, FileSum>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, PartialEq)]
+struct FileSum {
+    size: u64,
+    sha256: String,
+}
+
+/// Every regular file below `dir` (relative paths, sorted), but the manifest itself.
+fn regular_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    fn walk(root: &Path, at: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        for e in std::fs::read_dir(at).with_context(|| format!("read {}", at.display()))? {
+            let p = e?.path();
+            let m = p.symlink_metadata()?;
+            if m.is_dir() {
+                walk(root, &p, out)?;
+            } else if m.is_file() {
+                let rel = p.strip_prefix(root).unwrap_or(&p).to_path_buf();
+                if rel != Path::new(layout::MANIFEST) {
+                    out.push(rel);
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+fn sum_of(path: &Path) -> Result<FileSum> {
+    use sha2::Digest;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    let size = std::io::copy(&mut f, &mut hasher)?;
+    let sha256 = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(FileSum { size, sha256 })
+}
+
+/// Closes every file and directory below `dir` to group and others (owner bits kept): a
+/// pod checkpoint is memory and environment, secret as a whole, and the archive's entries
+/// keep these modes wherever it is unpacked.
+pub fn make_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for e in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let p = e?.path();
+        let m = p.symlink_metadata()?;
+        if m.file_type().is_symlink() {
+            continue;
+        }
+        let mode = m.permissions().mode() & 0o7700;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("make {} private", p.display()))?;
+        if m.is_dir() {
+            make_private(&p)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the manifest of `dir` (size and SHA-256 of every regular file) into it, 0600.
+pub fn write_manifest(dir: &Path) -> Result<()> {
+    let mut files = std::collections::BTreeMap::new();
+    for rel in regular_files(dir)? {
+        files.insert(rel.display().to_string(), sum_of(&dir.join(&rel))?);
+    }
+    let manifest = Manifest {
+        version: layout::MANIFEST_VERSION,
+        files,
+    };
+    let path = dir.join(layout::MANIFEST);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(&serde_json::to_vec(&manifest)?)?;
+    Ok(())
+}
+
+/// Checks an unpacked archive against its manifest: the version known, every file listed
+/// there with its size and SHA-256, nothing unlisted. Names the first file that differs.
+pub fn check_manifest(dir: &Path) -> Result<()> {
+    let path = dir.join(layout::MANIFEST);
+    let text = std::fs::read(&path).context(
+        "archive has no manifest.json (written by a stasis before archives carried one, or stripped)",
+    )?;
+    let manifest: Manifest =
+        serde_json::from_slice(&text).context("archive manifest.json is not a manifest")?;
+    if manifest.version != layout::MANIFEST_VERSION {
+        bail!(
+            "archive manifest version {} is unknown (this stasisctl reads {})",
+            manifest.version,
+            layout::MANIFEST_VERSION
+        );
+    }
+    let present = regular_files(dir)?;
+    for rel in &present {
+        let key = rel.display().to_string();
+        let Some(want) = manifest.files.get(&key) else {
+            bail!("archive file {key} is not in its manifest: the archive was changed");
+        };
+        let got = sum_of(&dir.join(rel))?;
+        if got != *want {
+            bail!(
+                "archive file {key} is corrupt or was changed ({} bytes, sha256 {}; the manifest says {} bytes, sha256 {})",
+                got.size,
+                got.sha256,
+                want.size,
+                want.sha256
+            );
+        }
+    }
+    if let Some(missing) = manifest
+        .files
+        .keys()
+        .find(|k| !present.iter().any(|p| p.display().to_string() == **k))
+    {
+        bail!("archive file {missing} listed in the manifest is missing");
+    }
+    Ok(())
 }
 
 /// A writer that fails once its flag is set: how an interrupted packaging stops.
@@ -334,6 +472,8 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<PodOptions> {
         if !dest.join("pod.dump").is_file() {
             bail!("archive has no pod.dump");
         }
+        // Last: what it says about each file is worth checking only once the layout is sane.
+        check_manifest(dest)?;
         Ok(options)
     })();
     if result.is_err() {

@@ -433,6 +433,8 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
         let (staging, output, cancel) = (staging.clone(), a.output.clone(), cancel.clone());
         let compress = a.compress;
         tokio::task::spawn_blocking(move || {
+            archive::make_private(&staging)?;
+            archive::write_manifest(&staging)?;
             let size = archive::write_cancellable(&staging, &output, compress, &cancel)?;
             // Read back in full before anything is stopped: a stopping checkpoint's archive
             // is the pod from now on.

@@ -457,6 +457,10 @@ async fn hostile_content_inside_a_valid_archive_is_refused() -> Result<()> {
             .status()?;
         ensure!(status.success(), "copy the unpacked archive");
         std::fs::write(dir.join(&cdir).join(file), bytes)?;
+        // A deliberate attacker writes a matching manifest too (only a signature would stop
+        // that): what must stop these is the shim's checks of the contents.
+        std::fs::remove_file(dir.join("manifest.json"))?;
+        stasis_controller::archive::write_manifest(&dir)?;
         let archive = c.dir.join(format!("inner-{name}.tar"));
         let mut b = tar::Builder::new(std::fs::File::create(&archive)?);
         b.follow_symlinks(false);

@@ -353,3 +353,90 @@ async fn security_settings_come_back_with_the_restore() -> Result<()> {
     cri.stop_and_remove_pod(&restored).await?;
     c.finish()
 }
+
+/// Damage the tar format cannot see: 4 KiB inverted in the middle of a CRIU page image (the
+/// tar still valid), and a truncated zstd frame. Both refused before anything is created,
+/// the first naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_archives_are_refused_naming_the_file() -> Result<()> {
+    let c = Containerd::start("trust-corrupt")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config("corrupt", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let id = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("app", image, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
+    wait_counter_moving(&mut cri, &id, "/counter").await?;
+    for compress in ["none", "zstd"] {
+        let archive = c.dir.join(format!("good-{compress}.tar"));
+        c.stasisctl_ok(&[
+            "pod",
+            "checkpoint",
+            "corrupt",
+            "--leave-running",
+            "--compress",
+            compress,
+            "--output",
+            archive.to_str().unwrap(),
+        ])?;
+    }
+    cri.stop_and_remove_pod(&pod_id).await?;
+    let footprint = c.settled_footprint().await?;
+
+    // Entry modes survive packaging: CRIU's page images are 0600 in the archive.
+    let good = c.dir.join("good-none.tar");
+    let mut pages = None;
+    let mut tar = tar::Archive::new(std::fs::File::open(&good)?);
+    for entry in tar.entries()? {
+        let entry = entry?;
+        let path = entry.path()?.display().to_string();
+        if path.contains("/checkpoint/pages-") {
+            ensure!(
+                entry.header().mode()? & 0o077 == 0,
+                "{path} is readable by others in the archive"
+            );
+            pages = Some((path, entry.raw_file_position(), entry.size()));
+        }
+    }
+    let (pages_path, offset, size) = pages.context("no pages image in the archive")?;
+    ensure!(size >= 3 * 4096, "the pages image is too small to damage");
+    use std::os::unix::fs::PermissionsExt;
+    ensure!(
+        std::fs::metadata(&good)?.permissions().mode() & 0o777 == 0o600,
+        "the archive is not 0600"
+    );
+
+    let mut bytes = std::fs::read(&good)?;
+    let middle = offset as usize + (size as usize / 2 / 4096) * 4096;
+    for b in &mut bytes[middle..middle + 4096] {
+        *b = !*b;
+    }
+    let flipped = c.dir.join("flipped.tar");
+    std::fs::write(&flipped, &bytes)?;
+    let out = c.stasisctl(&["pod", "restore", flipped.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    let file = pages_path.trim_start_matches("./");
+    ensure!(
+        !out.status.success() && err.contains("corrupt") && err.contains(file),
+        "a damaged page image was not refused naming {file}: {err}"
+    );
+
+    let zst = std::fs::read(c.dir.join("good-zstd.tar"))?;
+    let truncated = c.dir.join("truncated.tar.zst");
+    std::fs::write(&truncated, &zst[..zst.len() * 2 / 3])?;
+    let out = c.stasisctl(&["pod", "restore", truncated.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && (err.contains("truncated") || err.contains("corrupt")),
+        "a truncated zstd archive was not refused: {err}"
+    );
+    c.expect_footprint(footprint)
+        .await
+        .context("a refused restore left a pod")?;
+    c.finish()
+}

@@ -755,6 +755,7 @@ mod tests {
     fn written_archives_inspect_and_extract_in_every_compression() {
         let s = Scratch::new("roundtrip");
         let dir = checkpoint_dir(&s.0);
+        write_manifest(&dir).unwrap();
         for (compression, name) in [
             (Compression::None, "a.tar"),
             (Compression::Gzip, "a.tar.gz"),
@@ -788,6 +789,16 @@ mod tests {
                 .collect();
             assert!(partial.is_empty(), "{partial:?}");
         }
+        // One changed byte after the manifest was written: refused, naming the file.
+        std::fs::write(dir.join("abc-web/checkpoint/pages-1.img"), vec![8u8; 4096]).unwrap();
+        let dest = s.0.join("changed.tar");
+        write(&dir, &dest, Compression::None).unwrap();
+        let err = extract(&dest, &s.0.join("x-changed")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("abc-web/checkpoint/pages-1.img is corrupt"),
+            "{err:#}"
+        );
+        assert!(!s.0.join("x-changed").exists());
     }
 
     #[test]

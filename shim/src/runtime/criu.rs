@@ -280,6 +280,23 @@ pub async fn release_held<R: OciRuntime + ?Sized>(_runtime: &R, held: &HeldPod) 
     first.map_or(Ok(()), Err)
 }
 
+/// CRIU does not always say that a dump failed for lack of space (a helper of it just
+/// "exited, status=2"): checked right away, while the partial images still fill the disk.
+fn with_full_disk(message: String, out: &Path) -> String {
+    if message.contains("No space left") {
+        return message;
+    }
+    match nix::sys::statvfs::statvfs(out) {
+        Ok(st) if (st.blocks_available() as u128) * (st.fragment_size() as u128) < 4 << 20 => {
+            format!(
+                "{message}; no space left on the file system of {} (ENOSPC)",
+                out.display()
+            )
+        }
+        _ => message,
+    }
+}
+
 /// Dumps one frozen container of a pod into its directory and captures its files.
 async fn dump_one<R: OciRuntime + ?Sized>(
     runtime: &R,
@@ -311,7 +328,7 @@ async fn dump_one<R: OciRuntime + ?Sized>(
         .map_err(|e| Error::Runtime {
             id: c.label.clone(),
             step: "dump".into(),
-            message: e.to_string(),
+            message: with_full_disk(e.to_string(), job.out),
         })?;
     let dump = t.elapsed();
     let t = Instant::now();

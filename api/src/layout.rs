@@ -54,6 +54,15 @@ pub const RESTORE_ANNOTATION: &str = "io.stasis.restore-from";
 /// random id, claimed by the pod restored from it.
 pub const RESTORE_STORE: &str = "/var/lib/stasis/restores";
 
+/// A single plain path component: no separators, not `.`/`..`, not hidden.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// Whether `id` has the shape of a restore id: 32 lowercase hex digits.
 pub fn is_restore_id(id: &str) -> bool {
     id.len() == 32

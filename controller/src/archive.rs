@@ -455,7 +455,7 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<PodOptions> {
         }
         let options = read_pod_options(dest)?;
         for (name, dir) in &options.containers {
-            if !is_plain_name(dir) {
+            if !layout::is_plain_name(dir) {
                 bail!("hostile archive: pod.options names container {name:?} in directory {dir:?}, which is not a plain directory name");
             }
             let d = dest.join(dir);
@@ -543,15 +543,6 @@ fn check_bounds(archive: &Path, room: u64) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// A single plain path component: no separators, not `.`/`..`, not hidden.
-pub fn is_plain_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 pub fn read_pod_options(dir: &Path) -> Result<PodOptions> {

@@ -235,6 +235,22 @@ pub fn pod_freezer_state(pod_id: &str, id: &str) -> Result<String> {
         .with_context(|| format!("read {}", path.display()))
 }
 
+/// The containers of pod `pod_id` whose freezer is not THAWED, as "<id> <state>".
+pub fn pod_frozen_containers(pod_id: &str) -> Vec<String> {
+    let dir = std::path::Path::new("/sys/fs/cgroup/freezer/stasis").join(pod_id);
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let state = std::fs::read_to_string(e.path().join("freezer.state")).ok()?;
+                    (state.trim() != "THAWED")
+                        .then(|| format!("{} {}", e.file_name().to_string_lossy(), state.trim()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The token only the counter loop's memory holds (see `counter_loop`).
 pub async fn memory_token(cri: &mut CriClient, id: &str, file: &str) -> Result<String> {
     stasis_controller::workload::memory_token(&mut cri.runtime, id, file).await

@@ -318,18 +318,7 @@ async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()
         // thaws what the checkpoint froze, on its own.
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let dir = std::path::Path::new("/sys/fs/cgroup/freezer/stasis").join(&pod_id);
-            let frozen: Vec<String> = std::fs::read_dir(&dir)
-                .map(|d| {
-                    d.flatten()
-                        .filter(|e| {
-                            std::fs::read_to_string(e.path().join("freezer.state"))
-                                .is_ok_and(|s| s.trim() != "THAWED")
-                        })
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default();
+            let frozen = stasis_e2e::cri::pod_frozen_containers(&pod_id);
             if frozen.is_empty() {
                 break;
             }

@@ -159,19 +159,7 @@ impl Soak {
     /// How many of the pod's containers are frozen (checked a little after a fault); each is
     /// reported.
     fn frozen(&self) -> usize {
-        let dir = Path::new("/sys/fs/cgroup/freezer/stasis").join(&self.pod_id);
-        let frozen: Vec<String> = std::fs::read_dir(dir)
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| {
-                        let state = std::fs::read_to_string(e.path().join("freezer.state")).ok()?;
-                        (state.trim() != "THAWED").then(|| {
-                            format!("{} {}", e.file_name().to_string_lossy(), state.trim())
-                        })
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let frozen = stasis_e2e::cri::pod_frozen_containers(&self.pod_id);
         for f in &frozen {
             eprintln!("frozen: pod {} container {f}", self.pod_id);
         }

@@ -96,15 +96,8 @@ pub fn resolve_restore(store: &Path, owner: &str, value: &str) -> Result<(String
     if !stasis_api::layout::is_restore_id(id) {
         return Err(refuse("is not a restore id"));
     }
-    if let Some(sub) = sub {
-        let plain = !sub.is_empty()
-            && !sub.starts_with('.')
-            && sub
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if !plain {
-            return Err(refuse("names no plain container directory"));
-        }
+    if sub.is_some_and(|s| !stasis_api::layout::is_plain_name(s)) {
+        return Err(refuse("names no plain container directory"));
     }
     check_private(owner, store)?;
     let dir = store.join(id);

@@ -577,6 +577,8 @@ pub struct Summary {
     /// Size of the one image of a runtime that saves whole sandboxes (`sandbox/`), else 0.
     pub sandbox_image_bytes: u64,
     pub containers: Vec<ContainerSummary>,
+    /// What the pod and container configs ask for beyond an ordinary pod (host paths included).
+    pub requests: Vec<crate::policy::Request>,
 }
 
 /// Reads the metadata of an archive without unpacking the images.
@@ -609,7 +611,11 @@ pub fn inspect(path: &Path) -> Result<Summary> {
             .unwrap_or_default();
         if matches!(
             name.as_str(),
-            layout::POD_OPTIONS | layout::POD_DUMP | layout::CONFIG_DUMP | layout::CONTAINER_META
+            layout::POD_OPTIONS
+                | layout::POD_DUMP
+                | layout::CONFIG_DUMP
+                | layout::CONTAINER_META
+                | layout::CONTAINER_CONFIG
         ) && entry.size() < 16 << 20
         {
             let mut buf = Vec::new();
@@ -627,7 +633,15 @@ pub fn inspect(path: &Path) -> Result<Summary> {
         .and_then(|b| serde_json::from_slice(b).ok())
         .unwrap_or_default();
     let mut containers = Vec::new();
+    let mut configs = Vec::new();
     for (name, dir) in &options.containers {
+        if let Some(c) = files
+            .get(&format!("{dir}/{}", layout::CONTAINER_CONFIG))
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+            .and_then(|v| crate::pod::from_go_json::<crate::cri::api::ContainerConfig>(&v).ok())
+        {
+            configs.push((name.clone(), c));
+        }
         let config: CheckpointedConfig = files
             .get(&format!("{dir}/{}", layout::CONFIG_DUMP))
             .and_then(|b| layout::parse_json(layout::CONFIG_DUMP, b).ok())
@@ -671,6 +685,10 @@ pub fn inspect(path: &Path) -> Result<Summary> {
         engine: options.engine().to_string(),
         sandbox_image_bytes: sizes.get("sandbox").copied().unwrap_or(0),
         containers,
+        requests: crate::policy::requests(
+            &crate::pod::from_go_json(&pod).unwrap_or_default(),
+            &configs,
+        ),
     })
 }
 

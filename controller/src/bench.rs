@@ -16,6 +16,7 @@ use crate::{
     archive::{human, Compression},
     cri::{self, api},
     pod::{self, CheckpointArgs, RestoreArgs, Target},
+    policy::Policy,
     shim,
     workload::{
         container_config, counter_loop, memory_token, pod_config, read_counter, violations,
@@ -254,6 +255,9 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
                         archive: archive.clone(),
                         name: Some(format!("{name}-restored")),
                         runtime_handler: handler.to_string(),
+                        // The bench's own pods, restored from archives it just wrote.
+                        policy: Policy::default(),
+                        replace_volumes: false,
                     },
                 )
                 .await;

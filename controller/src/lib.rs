@@ -7,5 +7,6 @@ pub mod bench;
 pub mod cri;
 pub mod guard;
 pub mod pod;
+pub mod policy;
 pub mod shim;
 pub mod workload;

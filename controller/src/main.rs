@@ -8,6 +8,7 @@ use stasis_controller::{
     archive::{self, human, Compression},
     bench,
     pod::{self, CheckpointArgs, RestoreArgs, Target},
+    policy::Policy,
 };
 
 /// Checkpoint and restore whole Kubernetes pods: every container captured at one instant.
@@ -127,6 +128,24 @@ enum PodCommand {
         /// CRI runtime handler for the new pod.
         #[arg(long, default_value = "stasis")]
         runtime_handler: String,
+        /// Accept these requests of the archive (comma separated or repeated): privileged,
+        /// host-namespaces, capabilities, seccomp-unconfined, apparmor-unconfined,
+        /// cgroup-parent, devices. Without them such an archive is refused, every item listed,
+        /// before anything is created.
+        #[arg(long = "allow", value_name = "ITEMS")]
+        allow: Vec<String>,
+        /// Also accept host-path mounts below PREFIX (repeatable); the node policy already
+        /// allows kubelet's pod volume directory.
+        #[arg(long = "allow-host-path", value_name = "PREFIX")]
+        allow_host_paths: Vec<PathBuf>,
+        /// The node's restore policy (JSON: allow, host_path_prefixes, cgroup_roots).
+        /// Default: /etc/stasis/restore-policy.json if it exists, else built-in defaults.
+        #[arg(long, env = "STASIS_RESTORE_POLICY", value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// Replace the contents of non-empty host volumes with the checkpointed ones (without
+        /// it, captured volumes restore only into empty directories).
+        #[arg(long)]
+        replace_volumes: bool,
     },
 }
 
@@ -190,13 +209,21 @@ async fn run(cli: Cli) -> Result<()> {
                 archive,
                 name,
                 runtime_handler,
+                allow,
+                allow_host_paths,
+                policy,
+                replace_volumes,
             } => {
+                let mut policy = Policy::load(policy.as_deref())?;
+                policy.widen(&allow, &allow_host_paths)?;
                 let id = pod::restore(
                     &target,
                     RestoreArgs {
                         archive,
                         name,
                         runtime_handler,
+                        policy,
+                        replace_volumes,
                     },
                 )
                 .await?;
@@ -257,6 +284,14 @@ async fn run(cli: Cli) -> Result<()> {
                             c.checkpointed,
                             if c.was_paused { " (paused)" } else { "" }
                         );
+                    }
+                    if s.requests.is_empty() {
+                        println!("requests  nothing beyond an ordinary pod");
+                    } else {
+                        println!("requests  (checked against the restore policy by pod restore)");
+                        for r in &s.requests {
+                            println!("  {r}");
+                        }
                     }
                 }
             }

@@ -18,6 +18,7 @@ use crate::{
     archive::{self, human, Compression},
     cri::{self, api},
     guard::RestoreGuard,
+    policy::{self, Policy},
     shim,
 };
 
@@ -142,6 +143,11 @@ async fn container_info(rt: &mut cri::Runtime, c: &api::Container) -> Result<Con
 /// out, and the CRI types here want every field. Each missing field gets back the zero value
 /// Go dropped: the first of null, "", 0, false, [], {} that its type takes.
 pub fn config_from_info(value: &serde_json::Value) -> Result<api::ContainerConfig> {
+    from_go_json(value)
+}
+
+/// Any CRI type from Go's `omitempty` JSON (see `config_from_info`).
+pub fn from_go_json<T: serde::de::DeserializeOwned>(value: &serde_json::Value) -> Result<T> {
     use serde_json::{json, Value};
     let zeros = [
         json!(null),
@@ -154,7 +160,7 @@ pub fn config_from_info(value: &serde_json::Value) -> Result<api::ContainerConfi
     let mut v = value.clone();
     let mut tried: std::collections::HashMap<String, usize> = Default::default();
     for _ in 0..10_000 {
-        let err = match serde_path_to_error::deserialize::<_, api::ContainerConfig>(v.clone()) {
+        let err = match serde_path_to_error::deserialize::<_, T>(v.clone()) {
             Ok(c) => return Ok(c),
             Err(e) => e,
         };
@@ -554,6 +560,10 @@ pub struct RestoreArgs {
     pub archive: PathBuf,
     pub name: Option<String>,
     pub runtime_handler: String,
+    /// What the archive may ask for (node policy widened by the operator's flags).
+    pub policy: Policy,
+    /// Replace the contents of non-empty host volumes with the captured ones.
+    pub replace_volumes: bool,
 }
 
 /// SIGINT or SIGTERM while a restore runs: noticed, so that the half-restored pod and the
@@ -648,16 +658,21 @@ async fn restore_extracted(
     guard: &mut RestoreGuard,
 ) -> Result<String> {
     let dir = dir.canonicalize()?;
+    // Read as containerd writes CRI types (zero values may be left out).
     let mut pod: api::PodSandboxConfig =
-        serde_json::from_slice(&std::fs::read(dir.join("pod.dump"))?)
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(dir.join("pod.dump"))?)
+            .map_err(anyhow::Error::from)
+            .and_then(|v| from_go_json(&v))
             .context("pod.dump is not a CRI PodSandboxConfig")?;
     let mut configs = Vec::new();
     for (name, cdir) in &options.containers {
         let path = dir.join(cdir).join("container-config.json");
         let text = std::fs::read(&path)
             .with_context(|| format!("container {name}: no container-config.json"))?;
-        let mut config: api::ContainerConfig =
-            serde_json::from_slice(&text).with_context(|| {
+        let mut config: api::ContainerConfig = serde_json::from_slice::<serde_json::Value>(&text)
+            .map_err(anyhow::Error::from)
+            .and_then(|v| from_go_json(&v))
+            .with_context(|| {
                 format!("container {name}: container-config.json is not a CRI ContainerConfig")
             })?;
         config.annotations.insert(
@@ -666,6 +681,9 @@ async fn restore_extracted(
         );
         configs.push((name.clone(), config));
     }
+    // The archive is untrusted: what it asks for is checked before anything is created.
+    a.policy.check(&policy::requests(&pod, &configs))?;
+    check_volume_targets(&dir, options, &configs, a.replace_volumes)?;
     // A container that brings back a volume swaps a new directory in for the host's: every
     // container mounting that directory must be created after that, so those come first.
     configs.sort_by_key(|(_, c)| {
@@ -772,6 +790,57 @@ async fn restore_extracted(
         )));
     }
     Ok(pod_id)
+}
+
+/// Captured volume contents go back into empty host directories only, unless the operator
+/// says `--replace-volumes`: a host directory is never wiped silently.
+fn check_volume_targets(
+    dir: &Path,
+    options: &archive::PodOptions,
+    configs: &[(String, api::ContainerConfig)],
+    replace: bool,
+) -> Result<()> {
+    let mut full = Vec::new();
+    for (name, config) in configs {
+        let Some(cdir) = options.containers.get(name) else {
+            continue;
+        };
+        let index = dir
+            .join(cdir)
+            .join(stasis_api::layout::CHECKPOINT_DIR)
+            .join(stasis_api::layout::VOLUMES_INDEX);
+        let Ok(text) = std::fs::read(&index) else {
+            continue;
+        };
+        let captured: Vec<stasis_api::layout::CapturedVolume> = serde_json::from_slice(&text)
+            .with_context(|| format!("container {name}: {} is not valid", index.display()))?;
+        for v in captured {
+            let Some(m) = config
+                .mounts
+                .iter()
+                .find(|m| Path::new(&m.container_path) == Path::new(&v.destination))
+            else {
+                continue;
+            };
+            let host = Path::new(&m.host_path);
+            let non_empty = std::fs::read_dir(host)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false);
+            if non_empty {
+                full.push(format!(
+                    "container {name}: {} (mounted at {})",
+                    m.host_path, v.destination
+                ));
+            }
+        }
+    }
+    if full.is_empty() || replace {
+        return Ok(());
+    }
+    bail!(
+        "the archive brings back volume contents, and these host directories are not empty:\n  - {}\nnothing was created; pass --replace-volumes to replace their contents with the checkpointed ones",
+        full.join("\n  - ")
+    )
 }
 
 #[cfg(test)]

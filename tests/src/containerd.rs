@@ -494,14 +494,26 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
 impl Containerd {
     /// `stasisctl` (the workspace's build) against this containerd's CRI namespace.
     pub fn stasisctl(&self, args: &[&str]) -> Result<Output> {
-        let exe = built_binary("stasisctl")?;
-        let out = Command::new(exe)
+        let out = self.stasisctl_command()?.args(args).output()?;
+        Ok(out)
+    }
+
+    /// `stasisctl --address <this containerd> --namespace k8s.io`, under this node's restore
+    /// policy: host paths below the harness directory are the node's volume directory.
+    pub fn stasisctl_command(&self) -> Result<Command> {
+        let policy = self.dir.join("restore-policy.json");
+        if !policy.exists() {
+            std::fs::write(
+                &policy,
+                serde_json::json!({ "host_path_prefixes": [self.dir] }).to_string(),
+            )?;
+        }
+        let mut cmd = Command::new(built_binary("stasisctl")?);
+        cmd.env("STASIS_RESTORE_POLICY", &policy)
             .arg("--address")
             .arg(self.socket())
-            .args(["--namespace", "k8s.io"])
-            .args(args)
-            .output()?;
-        Ok(out)
+            .args(["--namespace", "k8s.io"]);
+        Ok(cmd)
     }
 
     /// `stasisctl` that must succeed; returns stdout.

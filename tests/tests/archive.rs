@@ -466,7 +466,12 @@ async fn hostile_content_inside_a_valid_archive_is_refused() -> Result<()> {
         b.follow_symlinks(false);
         b.append_dir_all(".", &dir)?;
         b.into_inner()?;
-        let out = c.stasisctl(&["pod", "restore", archive.to_str().unwrap()])?;
+        let out = c.stasisctl(&[
+            "pod",
+            "restore",
+            archive.to_str().unwrap(),
+            "--replace-volumes",
+        ])?;
         let err = String::from_utf8_lossy(&out.stderr);
         ensure!(!out.status.success(), "{name}: the restore succeeded");
         ensure!(
@@ -482,9 +487,31 @@ async fn hostile_content_inside_a_valid_archive_is_refused() -> Result<()> {
             .await
             .with_context(|| format!("{name}: the refused restore left a pod"))?;
     }
-    // The untampered archive restores, and then the volume holds its checkpointed contents.
+    // A host volume is never wiped silently: the untampered archive is refused while the
+    // volume holds files, naming it, until --replace-volumes says so.
+    let out = c.stasisctl(&["pod", "restore", good.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success()
+            && err.contains("--replace-volumes")
+            && err.contains(&*host_volume.to_string_lossy()),
+        "a restore over a non-empty volume without --replace-volumes: {err}"
+    );
+    ensure!(
+        std::fs::read_to_string(host_volume.join("keep.txt"))? == "after the checkpoint",
+        "the refused restore changed the host volume"
+    );
+    c.expect_footprint(pods_before)
+        .await
+        .context("the refused restore left a pod")?;
+    // With it, the volume holds its checkpointed contents.
     let new_pod = c
-        .stasisctl_ok(&["pod", "restore", good.to_str().unwrap()])?
+        .stasisctl_ok(&[
+            "pod",
+            "restore",
+            good.to_str().unwrap(),
+            "--replace-volumes",
+        ])?
         .trim()
         .to_string();
     ensure!(

@@ -415,6 +415,7 @@ async fn gvisor_pod_volume_is_captured_with_the_sandbox() -> Result<()> {
             archive.to_str().unwrap(),
             "--runtime-handler",
             "stasis-gvisor",
+            "--replace-volumes",
         ])?
         .trim()
         .to_string();

@@ -261,11 +261,8 @@ async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()
         std::fs::create_dir_all(&out_dir)?;
         let archive = out_dir.join(format!("{name}.tar"));
         if name != "idle" {
-            let exe = stasis_e2e::built_binary("stasisctl")?;
-            let mut cmd = std::process::Command::new(exe);
-            cmd.arg("--address")
-                .arg(c.socket())
-                .args(["pod", "checkpoint", name, "--output"])
+            let mut cmd = c.stasisctl_command()?;
+            cmd.args(["pod", "checkpoint", name, "--output"])
                 .arg(&archive)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped());
@@ -385,9 +382,8 @@ async fn an_interrupted_restore_leaves_nothing_frozen() -> Result<()> {
         nix::sys::signal::Signal::SIGINT,
         nix::sys::signal::Signal::SIGKILL,
     ] {
-        let mut child = std::process::Command::new(stasis_e2e::built_binary("stasisctl")?)
-            .arg("--address")
-            .arg(c.socket())
+        let mut child = c
+            .stasisctl_command()?
             .args(["pod", "restore"])
             .arg(&archive)
             .args(["--name", &format!("held-{signal}")])
@@ -527,16 +523,12 @@ fn checkpoint_in_background(
     pod: &str,
     archive: &std::path::Path,
 ) -> Result<std::process::Child> {
-    Ok(
-        std::process::Command::new(stasis_e2e::built_binary("stasisctl")?)
-            .arg("--address")
-            .arg(c.socket())
-            .args(["pod", "checkpoint", pod, "--leave-running", "--output"])
-            .arg(archive)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?,
-    )
+    Ok(c.stasisctl_command()?
+        .args(["pod", "checkpoint", pod, "--leave-running", "--output"])
+        .arg(archive)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?)
 }
 
 /// A caller of the shim's Checkpoint service whose deadline passes in the middle of the dump:

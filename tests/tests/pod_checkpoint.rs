@@ -90,8 +90,14 @@ async fn twenty_live_pod_checkpoints_restore_consistently() -> Result<()> {
             archive.to_str().unwrap(),
         ])?;
         cri.stop_and_remove_pod(&pod_id).await?;
+        // The volume directory still holds what the pod wrote: replacing it is asked for.
         pod_id = c
-            .stasisctl_ok(&["pod", "restore", archive.to_str().unwrap()])?
+            .stasisctl_ok(&[
+                "pod",
+                "restore",
+                archive.to_str().unwrap(),
+                "--replace-volumes",
+            ])?
             .trim()
             .to_string();
         std::fs::remove_file(&archive)?;
@@ -255,6 +261,7 @@ async fn restore_and_check_b(
             &format!("instant-restored-{round}"),
             "--runtime-handler",
             handler,
+            "--replace-volumes",
         ])?
         .trim()
         .to_string();

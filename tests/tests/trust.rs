@@ -191,9 +191,8 @@ fn header_bomb(kind: tar::EntryType, size: u64) -> Result<Vec<u8>> {
 
 /// Runs stasisctl and returns its output with its peak resident memory (KiB, from wait4).
 fn stasisctl_measured(c: &Containerd, args: &[&str]) -> Result<(std::process::Output, i64)> {
-    let child = std::process::Command::new(stasis_e2e::built_binary("stasisctl")?)
-        .arg("--address")
-        .arg(c.socket())
+    let child = c
+        .stasisctl_command()?
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -438,5 +437,276 @@ async fn corrupted_archives_are_refused_naming_the_file() -> Result<()> {
     c.expect_footprint(footprint)
         .await
         .context("a refused restore left a pod")?;
+    c.finish()
+}
+
+/// Unpacks `src`, lets `edit` change the files, writes a matching manifest (what an attacker
+/// without a signing key can do) and packs the result as `dest`.
+fn rewrite_archive(
+    src: &std::path::Path,
+    dest: &std::path::Path,
+    edit: impl FnOnce(&std::path::Path) -> Result<()>,
+) -> Result<()> {
+    let dir = dest.with_extension("unpacked");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    tar::Archive::new(std::fs::File::open(src)?).unpack(&dir)?;
+    edit(&dir)?;
+    std::fs::remove_file(dir.join("manifest.json"))?;
+    stasis_controller::archive::write_manifest(&dir)?;
+    let mut b = tar::Builder::new(std::fs::File::create(dest)?);
+    b.follow_symlinks(false);
+    b.append_dir_all(".", &dir)?;
+    b.into_inner()?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Edits the JSON file `name` at the root of an unpacked archive or in its one container.
+fn edit_json(
+    dir: &std::path::Path,
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Result<()> {
+    let path = if dir.join(name).exists() {
+        dir.join(name)
+    } else {
+        std::fs::read_dir(dir)?
+            .flatten()
+            .map(|e| e.path().join(name))
+            .find(|p| p.exists())
+            .with_context(|| format!("no {name} in the archive"))?
+    };
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    edit(&mut v);
+    std::fs::write(&path, serde_json::to_vec(&v)?)?;
+    Ok(())
+}
+
+/// An archive edited to ask for privileged mode, the host's `/` and the host PID namespace
+/// is refused before anything is created, every item listed; `inspect` shows the requests;
+/// with the items allowed by name the restore honours them (the host canary is readable, the
+/// exec has every capability); an ordinary pod with a volume below an allowed prefix
+/// restores with no flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_requests_are_refused_unless_allowed_by_name() -> Result<()> {
+    let c = Containerd::start("trust-policy")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let vol = c.dir.join("volume");
+    std::fs::create_dir_all(&vol)?;
+    let canary = c.dir.join("host-canary");
+    std::fs::write(&canary, "host secret")?;
+    let pod = pod_config("asks", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let mut cfg = container_config("app", image, &["sh", "-c", &counter_loop("/counter")]);
+    cfg.mounts.push(cri::Mount {
+        container_path: "/data".into(),
+        host_path: vol.display().to_string(),
+        ..Default::default()
+    });
+    let id = cri.run_container(&pod_id, &pod, cfg).await?;
+    wait_counter_moving(&mut cri, &id, "/counter").await?;
+    let good = c.dir.join("asks.tar");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "asks",
+        "--leave-running",
+        "--output",
+        good.to_str().unwrap(),
+    ])?;
+    cri.stop_and_remove_pod(&pod_id).await?;
+    let footprint = c.settled_footprint().await?;
+
+    // Ordinary: the volume lives below the node policy's prefix (the harness directory).
+    let inspect = c.stasisctl_ok(&["inspect", good.to_str().unwrap()])?;
+    ensure!(
+        inspect.contains("requests") && inspect.contains(&*vol.to_string_lossy()),
+        "inspect shows no requests section: {inspect}"
+    );
+    let plain = c
+        .stasisctl_ok(&["pod", "restore", good.to_str().unwrap(), "--name", "plain"])?
+        .trim()
+        .to_string();
+    cri.stop_and_remove_pod(&plain).await?;
+
+    let wide = |dest: &std::path::Path, host_pid: bool| {
+        rewrite_archive(&good, dest, |dir| {
+            edit_json(dir, "pod.dump", |v| {
+                let sc = &mut v["linux"]["security_context"];
+                sc["privileged"] = true.into();
+                if host_pid {
+                    sc["namespace_options"]["pid"] = 2.into();
+                }
+            })?;
+            edit_json(dir, "container-config.json", |v| {
+                v["linux"]["security_context"]["privileged"] = true.into();
+                v["mounts"][0]["host_path"] = "/".into();
+            })
+        })
+    };
+    let asking = c.dir.join("asking.tar");
+    wide(&asking, true)?;
+    let inspect = c.stasisctl_ok(&["inspect", asking.to_str().unwrap()])?;
+    for want in ["pod: privileged mode", "host path / mounted at /data"] {
+        ensure!(
+            inspect.contains(want),
+            "inspect does not show {want:?}: {inspect}"
+        );
+    }
+    let out = c.stasisctl(&["pod", "restore", asking.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "the widened archive was restored");
+    for want in [
+        "pod: privileged mode",
+        "pod: the node's PID namespace",
+        "container app: privileged mode",
+        "container app: host path / mounted at /data",
+        "--allow host-namespaces,privileged",
+        "--allow-host-path /",
+    ] {
+        ensure!(
+            err.contains(want),
+            "the refusal does not list {want:?}: {err}"
+        );
+    }
+    let restore_id = stasis_e2e::restore_id(&err).context("restore id")?;
+    ensure!(
+        stasis_e2e::restore_leftovers(&restore_id).is_empty(),
+        "the refused restore left its unpacked copy"
+    );
+    c.expect_footprint(footprint)
+        .await
+        .context("the refused restore created something")?;
+
+    // Allowed by name, the requests are honoured, not ignored. (The host PID namespace is
+    // left out: the shim refuses it whatever the policy says.)
+    let allowed = c.dir.join("allowed.tar");
+    wide(&allowed, false)?;
+    let out = c.stasisctl(&[
+        "pod",
+        "restore",
+        allowed.to_str().unwrap(),
+        "--allow",
+        "privileged",
+    ])?;
+    ensure!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("--allow-host-path /"),
+        "the host's / was accepted without --allow-host-path"
+    );
+    let new_pod = c
+        .stasisctl_ok(&[
+            "pod",
+            "restore",
+            allowed.to_str().unwrap(),
+            "--allow",
+            "privileged",
+            "--allow-host-path",
+            "/",
+        ])?
+        .trim()
+        .to_string();
+    let list = stasis_e2e::cri::containers_by_name(&mut cri, &new_pod).await?;
+    let (_, new_id, _) = list.first().context("restored container")?.clone();
+    let seen = cri
+        .exec_ok(&new_id, &["cat", &format!("/data{}", canary.display())])
+        .await?;
+    ensure!(
+        seen == "host secret",
+        "the host's / is not at /data: {seen:?}"
+    );
+    let caps = cri
+        .exec_ok(&new_id, &["grep", "CapEff", "/proc/self/status"])
+        .await?;
+    ensure!(
+        !caps.contains("00000000a80425fb"),
+        "the privileged restore has the default capabilities: {caps}"
+    );
+    cri.stop_and_remove_pod(&new_pod).await?;
+    c.finish()
+}
+
+/// Owners and special bits in a writable layer and a volume: files of uid 1000 and a setuid
+/// busybox of uid 1000 come back owned by 1000, and nothing comes back setuid-root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owners_and_setuid_bits_come_back_with_their_owner() -> Result<()> {
+    let c = Containerd::start("trust-owners")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let vol = c.dir.join("volume");
+    std::fs::create_dir_all(&vol)?;
+    let pod = pod_config("owners", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    // CRIU cannot dump a process of uid 1000 here (no CAP_SYS_RESOURCE), so root makes the
+    // files and gives them away.
+    let setup = "cp /bin/busybox /suid && chown 1000:1000 /suid && chmod 4755 /suid && \
+                 echo mine > /owned && chown 1000:1001 /owned && chmod 640 /owned && \
+                 echo vol > /data/owned && chown 1000:1001 /data/owned && \
+                 cp /bin/busybox /data/suid && chown 1000:1000 /data/suid && chmod 4755 /data/suid";
+    let mut cfg = container_config(
+        "app",
+        image,
+        &[
+            "sh",
+            "-c",
+            &format!("{setup}; {}", counter_loop("/counter")),
+        ],
+    );
+    cfg.mounts.push(cri::Mount {
+        container_path: "/data".into(),
+        host_path: vol.display().to_string(),
+        ..Default::default()
+    });
+    cfg.annotations
+        .insert("io.stasis.checkpoint.volumes".into(), "/data".into());
+    let id = cri.run_container(&pod_id, &pod, cfg).await?;
+    wait_counter_moving(&mut cri, &id, "/counter").await?;
+    let stat = "stat -c '%n %u:%g %a' /suid /owned /data/owned /data/suid";
+    let before = cri.exec_ok(&id, &["sh", "-c", stat]).await?;
+    ensure!(
+        before.contains("/suid 1000:1000 4755") && before.contains("/owned 1000:1001 640"),
+        "set-up: {before}"
+    );
+    let archive = c.dir.join("owners.tar");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "owners",
+        "--leave-running",
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    cri.stop_and_remove_pod(&pod_id).await?;
+    // The volume starts empty for the restore (its contents come from the archive).
+    std::fs::remove_dir_all(&vol)?;
+    std::fs::create_dir_all(&vol)?;
+    let new_pod = c
+        .stasisctl_ok(&["pod", "restore", archive.to_str().unwrap()])?
+        .trim()
+        .to_string();
+    let list = stasis_e2e::cri::containers_by_name(&mut cri, &new_pod).await?;
+    let (_, new_id, _) = list.first().context("restored container")?.clone();
+    let after = cri.exec_ok(&new_id, &["sh", "-c", stat]).await?;
+    ensure!(
+        after == before,
+        "owners or modes changed: {before:?} -> {after:?}"
+    );
+    let setuid_root = cri
+        .exec_ok(
+            &new_id,
+            &[
+                "sh",
+                "-c",
+                "find / -xdev -user 0 -perm -4000 2>/dev/null; true",
+            ],
+        )
+        .await?;
+    ensure!(
+        setuid_root.is_empty(),
+        "setuid-root files after the restore: {setuid_root}"
+    );
+    cri.stop_and_remove_pod(&new_pod).await?;
     c.finish()
 }

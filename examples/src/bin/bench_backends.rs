@@ -6,8 +6,6 @@
 //!     sudo scripts/bench.sh backends [--containers 1,4] [--runs 3] [--format json]
 //!         [--handler stasis --handler stasis-gvisor …]
 
-use std::process::Command;
-
 use anyhow::{ensure, Result};
 use stasis_e2e::Containerd;
 
@@ -25,10 +23,8 @@ fn main() -> Result<()> {
     let c = Containerd::start("bench-backends")?;
     let image = c.import_busybox_for_cri()?;
     let work = c.dir.join("bench");
-    let mut cmd = Command::new(stasis_e2e::built_binary("stasisctl")?);
-    cmd.arg("--address")
-        .arg(c.socket())
-        .arg("bench")
+    let mut cmd = c.stasisctl_command()?;
+    cmd.arg("bench")
         .args(["--image", image])
         .arg("--work-dir")
         .arg(&work)

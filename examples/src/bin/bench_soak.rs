@@ -184,9 +184,7 @@ impl Soak {
     }
 
     fn stasisctl(&self) -> Result<Command> {
-        let mut cmd = Command::new(stasis_e2e::built_binary("stasisctl")?);
-        cmd.arg("--address").arg(self.c.socket());
-        Ok(cmd)
+        self.c.stasisctl_command()
     }
 
     fn checkpoint_command(&self, archive: &Path, live: bool) -> Result<Command> {
@@ -201,7 +199,9 @@ impl Soak {
 
     fn restore_command(&self, archive: &Path) -> Result<Command> {
         let mut cmd = self.stasisctl()?;
-        cmd.args(["pod", "restore"]).arg(archive);
+        // The shared volume still holds what the removed pod wrote.
+        cmd.args(["pod", "restore", "--replace-volumes"])
+            .arg(archive);
         Ok(cmd)
     }
 

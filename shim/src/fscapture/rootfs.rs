@@ -241,6 +241,9 @@ pub fn apply(id: &str, dir: &Path, rootfs: &Path) -> Result<()> {
         std::fs::File::open(&tar_path).map_err(|e| Error::io(id, "open rootfs-diff.tar", e))?;
     let mut archive = tar::Archive::new(file);
     archive.set_preserve_permissions(true);
+    // Numeric owners first, then modes (the tar crate's order): a setuid bit only ever comes
+    // back on the owner it had, never on root by default.
+    archive.set_preserve_ownerships(true);
     archive.set_overwrite(true);
     archive.set_unpack_xattrs(false);
     for entry in archive

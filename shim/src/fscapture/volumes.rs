@@ -158,6 +158,9 @@ fn replace_with_archive(id: &str, archive: &Path, target: &Path, dest: &str) -> 
             .map_err(|e| Error::io(id, format!("open {}", archive.display()), e))?;
         let mut tar = tar::Archive::new(file);
         tar.set_preserve_permissions(true);
+        // Numeric owners first, then modes (the tar crate's order): a setuid bit only ever comes
+        // back on the owner it had, never on root by default.
+        tar.set_preserve_ownerships(true);
         tar.set_overwrite(true);
         for entry in tar
             .entries()

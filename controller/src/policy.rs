@@ -1,0 +1,511 @@
+//! What a restore may ask for: an archive is untrusted, so whatever its `pod.dump` and
+//! `container-config.json` request beyond an ordinary pod (about Kubernetes' "baseline" pod
+//! security level) is refused unless the node's policy or the operator allows it by name.
+//!
+//! Items: `privileged`, `host-namespaces` (network, PID, IPC of the node), `capabilities`
+//! (added beyond the runtime's default set), `seccomp-unconfined`, `apparmor-unconfined`,
+//! `cgroup-parent` (outside the node's pod cgroup roots), `devices` (host devices), and host
+//! paths, governed by prefixes since every real pod has some (emptyDir and hostPath volumes).
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    path::{Component, Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::cri::api;
+
+/// The node policy file read by default.
+pub const DEFAULT_POLICY_FILE: &str = "/etc/stasis/restore-policy.json";
+
+/// Capabilities containerd and runc give every container: adding one of these widens nothing.
+const DEFAULT_CAPS: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+];
+
+/// The kinds of request an `--allow` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Item {
+    Privileged,
+    HostNamespaces,
+    Capabilities,
+    SeccompUnconfined,
+    ApparmorUnconfined,
+    CgroupParent,
+    Devices,
+    /// Governed by prefixes, not by name.
+    #[serde(skip)]
+    HostPath,
+}
+
+impl Item {
+    pub const NAMES: &'static [(&'static str, Item)] = &[
+        ("privileged", Item::Privileged),
+        ("host-namespaces", Item::HostNamespaces),
+        ("capabilities", Item::Capabilities),
+        ("seccomp-unconfined", Item::SeccompUnconfined),
+        ("apparmor-unconfined", Item::ApparmorUnconfined),
+        ("cgroup-parent", Item::CgroupParent),
+        ("devices", Item::Devices),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Item::NAMES
+            .iter()
+            .find(|(_, i)| *i == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("host-path")
+    }
+
+    pub fn parse(s: &str) -> Result<Item> {
+        Item::NAMES
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, i)| *i)
+            .with_context(|| {
+                format!(
+                    "unknown --allow item {s:?}; known: {} (host paths: --allow-host-path PREFIX)",
+                    Item::NAMES
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+    }
+}
+
+/// One thing an archive asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Request {
+    pub item: Item,
+    /// `pod` or `container NAME`.
+    pub by: String,
+    /// What exactly, e.g. "host PID namespace", "/ mounted at /host".
+    pub what: String,
+    /// A host path, for host-path requests (checked against prefixes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} [{}]", self.by, self.what, self.item.name())
+    }
+}
+
+/// The node's policy (a JSON file), widened by the operator's flags.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Items allowed on this node without a flag.
+    #[serde(default)]
+    pub allow: BTreeSet<Item>,
+    /// Host paths below these prefixes may be mounted (default: kubelet's pod volumes).
+    #[serde(default = "default_host_paths")]
+    pub host_path_prefixes: Vec<PathBuf>,
+    /// Cgroup parents below these are accepted (default: `/kubepods` and stasis's own root).
+    #[serde(default = "default_cgroup_roots")]
+    pub cgroup_roots: Vec<PathBuf>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            allow: BTreeSet::new(),
+            host_path_prefixes: default_host_paths(),
+            cgroup_roots: default_cgroup_roots(),
+        }
+    }
+}
+
+fn default_host_paths() -> Vec<PathBuf> {
+    vec![PathBuf::from("/var/lib/kubelet/pods")]
+}
+
+fn default_cgroup_roots() -> Vec<PathBuf> {
+    vec![PathBuf::from("/kubepods"), PathBuf::from("/stasis")]
+}
+
+impl Policy {
+    /// The node policy: `path` if given (it must exist), else the default file if present,
+    /// else the built-in defaults.
+    pub fn load(path: Option<&Path>) -> Result<Policy> {
+        let (file, must) = match path {
+            Some(p) => (p, true),
+            None => (Path::new(DEFAULT_POLICY_FILE), false),
+        };
+        match std::fs::read(file) {
+            Ok(text) => {
+                let de = &mut serde_json::Deserializer::from_slice(&text);
+                let mut p: Policy = serde_path_to_error::deserialize(de)
+                    .with_context(|| format!("restore policy {} is not valid", file.display()))?;
+                for prefix in p.host_path_prefixes.iter().chain(&p.cgroup_roots) {
+                    if !prefix.is_absolute() {
+                        bail!(
+                            "restore policy {}: {} is not an absolute path",
+                            file.display(),
+                            prefix.display()
+                        );
+                    }
+                }
+                p.host_path_prefixes
+                    .iter_mut()
+                    .for_each(|x| *x = lexical(x));
+                Ok(p)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must => Ok(Policy::default()),
+            Err(e) => Err(e).with_context(|| format!("read restore policy {}", file.display())),
+        }
+    }
+
+    /// Adds the operator's `--allow` items and `--allow-host-path` prefixes.
+    pub fn widen(&mut self, items: &[String], host_paths: &[PathBuf]) -> Result<()> {
+        for s in items.iter().flat_map(|s| s.split(',')) {
+            let s = s.trim();
+            if !s.is_empty() {
+                self.allow.insert(Item::parse(s)?);
+            }
+        }
+        for p in host_paths {
+            if !p.is_absolute() {
+                bail!("--allow-host-path {}: not an absolute path", p.display());
+            }
+            self.host_path_prefixes.push(lexical(p));
+        }
+        Ok(())
+    }
+
+    fn allows(&self, r: &Request) -> bool {
+        if self.allow.contains(&r.item) {
+            return true;
+        }
+        match (r.item, &r.path) {
+            (Item::HostPath, Some(p)) => {
+                let p = lexical(Path::new(p));
+                self.host_path_prefixes.iter().any(|x| p.starts_with(x))
+            }
+            (Item::CgroupParent, Some(p)) => {
+                let p = lexical(Path::new(p));
+                self.cgroup_roots.iter().any(|x| p.starts_with(x))
+            }
+            _ => false,
+        }
+    }
+
+    /// Refuses, listing every item, whatever `requests` holds that the policy does not allow.
+    pub fn check(&self, requests: &[Request]) -> Result<()> {
+        let refused: Vec<&Request> = requests.iter().filter(|r| !self.allows(r)).collect();
+        if refused.is_empty() {
+            return Ok(());
+        }
+        let mut msg = format!(
+            "the archive asks for {} thing{} this node's restore policy does not allow:",
+            refused.len(),
+            if refused.len() == 1 { "" } else { "s" }
+        );
+        for r in &refused {
+            msg.push_str(&format!("\n  - {r}"));
+        }
+        let items: BTreeSet<&str> = refused
+            .iter()
+            .filter(|r| r.item != Item::HostPath)
+            .map(|r| r.item.name())
+            .collect();
+        msg.push_str("\nnothing was created. If you trust this archive, allow them by name:");
+        if !items.is_empty() {
+            msg.push_str(&format!(
+                " --allow {}",
+                items.into_iter().collect::<Vec<_>>().join(",")
+            ));
+        }
+        for r in refused.iter().filter(|r| r.item == Item::HostPath) {
+            if let Some(p) = &r.path {
+                msg.push_str(&format!(" --allow-host-path {p}"));
+            }
+        }
+        bail!(msg)
+    }
+}
+
+/// `a/./b/../c` → `a/c` without touching the file system (the path is the archive's, not ours).
+fn lexical(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+const NODE: i32 = api::NamespaceMode::Node as i32;
+const UNCONFINED: i32 = api::security_profile::ProfileType::Unconfined as i32;
+
+fn host_namespaces(by: &str, ns: Option<&api::NamespaceOption>, out: &mut Vec<Request>) {
+    let Some(ns) = ns else { return };
+    for (mode, name) in [(ns.network, "network"), (ns.pid, "PID"), (ns.ipc, "IPC")] {
+        if mode == NODE {
+            out.push(Request {
+                item: Item::HostNamespaces,
+                by: by.to_string(),
+                what: format!("the node's {name} namespace"),
+                path: None,
+            });
+        }
+    }
+}
+
+fn profiles(
+    by: &str,
+    seccomp: (Option<&api::SecurityProfile>, &str),
+    apparmor: (Option<&api::SecurityProfile>, &str),
+    out: &mut Vec<Request>,
+) {
+    let unconfined = |(p, legacy): (Option<&api::SecurityProfile>, &str)| {
+        p.map(|p| p.profile_type == UNCONFINED).unwrap_or(false) || legacy == "unconfined"
+    };
+    if unconfined(seccomp) {
+        out.push(Request {
+            item: Item::SeccompUnconfined,
+            by: by.to_string(),
+            what: "no seccomp filter (unconfined)".into(),
+            path: None,
+        });
+    }
+    if unconfined(apparmor) {
+        out.push(Request {
+            item: Item::ApparmorUnconfined,
+            by: by.to_string(),
+            what: "no AppArmor profile (unconfined)".into(),
+            path: None,
+        });
+    }
+}
+
+/// Everything the pod and container configs of an archive ask for beyond an ordinary pod.
+// The deprecated string fields still reach the runtime from older clients: read them too.
+#[allow(deprecated)]
+pub fn requests(
+    pod: &api::PodSandboxConfig,
+    containers: &[(String, api::ContainerConfig)],
+) -> Vec<Request> {
+    let mut out = Vec::new();
+    if let Some(linux) = &pod.linux {
+        if !linux.cgroup_parent.is_empty() {
+            out.push(Request {
+                item: Item::CgroupParent,
+                by: "pod".into(),
+                what: format!("cgroup parent {}", linux.cgroup_parent),
+                path: Some(linux.cgroup_parent.clone()),
+            });
+        }
+        if let Some(sc) = &linux.security_context {
+            if sc.privileged {
+                out.push(Request {
+                    item: Item::Privileged,
+                    by: "pod".into(),
+                    what: "privileged mode".into(),
+                    path: None,
+                });
+            }
+            host_namespaces("pod", sc.namespace_options.as_ref(), &mut out);
+            profiles(
+                "pod",
+                (sc.seccomp.as_ref(), &sc.seccomp_profile_path),
+                (sc.apparmor.as_ref(), ""),
+                &mut out,
+            );
+        }
+    }
+    for (name, c) in containers {
+        let by = format!("container {name}");
+        if let Some(sc) = c.linux.as_ref().and_then(|l| l.security_context.as_ref()) {
+            if sc.privileged {
+                out.push(Request {
+                    item: Item::Privileged,
+                    by: by.clone(),
+                    what: "privileged mode".into(),
+                    path: None,
+                });
+            }
+            host_namespaces(&by, sc.namespace_options.as_ref(), &mut out);
+            if let Some(caps) = &sc.capabilities {
+                let added: Vec<&str> = caps
+                    .add_capabilities
+                    .iter()
+                    .chain(&caps.add_ambient_capabilities)
+                    .map(|c| c.trim_start_matches("CAP_"))
+                    .filter(|c| !DEFAULT_CAPS.contains(&c.to_ascii_uppercase().as_str()))
+                    .collect();
+                if !added.is_empty() {
+                    out.push(Request {
+                        item: Item::Capabilities,
+                        by: by.clone(),
+                        what: format!("added capabilities {}", added.join(", ")),
+                        path: None,
+                    });
+                }
+            }
+            profiles(
+                &by,
+                (sc.seccomp.as_ref(), &sc.seccomp_profile_path),
+                (sc.apparmor.as_ref(), &sc.apparmor_profile),
+                &mut out,
+            );
+        }
+        for m in &c.mounts {
+            out.push(Request {
+                item: Item::HostPath,
+                by: by.clone(),
+                what: format!("host path {} mounted at {}", m.host_path, m.container_path),
+                path: Some(m.host_path.clone()),
+            });
+        }
+        for d in &c.devices {
+            out.push(Request {
+                item: Item::Devices,
+                by: by.clone(),
+                what: format!("host device {} at {}", d.host_path, d.container_path),
+                path: None,
+            });
+        }
+        for d in &c.cdi_devices {
+            out.push(Request {
+                item: Item::Devices,
+                by: by.clone(),
+                what: format!("CDI device {}", d.name),
+                path: None,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(json: serde_json::Value) -> api::PodSandboxConfig {
+        crate::pod::from_go_json(&json).unwrap()
+    }
+
+    fn container(json: serde_json::Value) -> api::ContainerConfig {
+        crate::pod::from_go_json(&json).unwrap()
+    }
+
+    fn defaults() -> Policy {
+        assert!(Policy::load(Some(Path::new("/nonexistent"))).is_err());
+        Policy::default()
+    }
+
+    #[test]
+    fn an_ordinary_pod_asks_for_nothing_refused() {
+        let p = pod(serde_json::json!({"metadata": {"name": "web"}}));
+        let c = container(serde_json::json!({
+            "metadata": {"name": "app"},
+            "mounts": [{"container_path": "/data",
+                        "host_path": "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/d"}],
+            "linux": {"security_context": {"capabilities": {"add_capabilities": ["CHOWN"]}}}
+        }));
+        let reqs = requests(&p, &[("app".into(), c)]);
+        defaults().check(&reqs).unwrap();
+    }
+
+    #[test]
+    fn every_widening_item_is_listed_and_flags_allow_them() {
+        let p = pod(serde_json::json!({
+            "linux": {"cgroup_parent": "/system.slice",
+                      "security_context": {"privileged": true,
+                                           "namespace_options": {"pid": 2, "network": 2}}}
+        }));
+        let c = container(serde_json::json!({
+            "metadata": {"name": "app"},
+            "mounts": [{"container_path": "/host", "host_path": "/"},
+                       {"container_path": "/x", "host_path": "/var/lib/kubelet/pods/../../../etc"}],
+            "devices": [{"container_path": "/dev/sda", "host_path": "/dev/sda"}],
+            "linux": {"security_context": {
+                "privileged": true,
+                "capabilities": {"add_capabilities": ["SYS_ADMIN", "CHOWN"]},
+                "seccomp": {"profile_type": 1},
+                "apparmor_profile": "unconfined"}}
+        }));
+        let reqs = requests(&p, &[("app".into(), c)]);
+        let err = defaults().check(&reqs).unwrap_err().to_string();
+        for want in [
+            "pod: privileged mode",
+            "pod: the node's PID namespace",
+            "pod: the node's network namespace",
+            "pod: cgroup parent /system.slice",
+            "container app: privileged mode",
+            "added capabilities SYS_ADMIN",
+            "no seccomp filter",
+            "no AppArmor profile",
+            "host path / mounted at /host",
+            "host path /var/lib/kubelet/pods/../../../etc",
+            "host device /dev/sda",
+            "--allow-host-path /",
+        ] {
+            assert!(err.contains(want), "{want:?} missing in:\n{err}");
+        }
+        assert!(!err.contains("CHOWN"), "{err}");
+        let mut p = defaults();
+        p.widen(
+            &["privileged,host-namespaces".into(), "capabilities".into()],
+            &[PathBuf::from("/")],
+        )
+        .unwrap();
+        let err = p.check(&reqs).unwrap_err().to_string();
+        assert!(!err.contains("privileged mode"), "{err}");
+        assert!(!err.contains("host path"), "{err}");
+        assert!(err.contains("cgroup parent"), "{err}");
+        p.widen(
+            &["cgroup-parent,devices,seccomp-unconfined,apparmor-unconfined".into()],
+            &[],
+        )
+        .unwrap();
+        p.check(&reqs).unwrap();
+        assert!(p.widen(&["everything".into()], &[]).is_err());
+    }
+
+    #[test]
+    fn a_policy_file_is_strict() {
+        let dir = std::env::temp_dir().join(format!("stasis-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("p.json");
+        std::fs::write(
+            &f,
+            r#"{"allow": ["devices"], "host_path_prefixes": ["/srv/volumes"]}"#,
+        )
+        .unwrap();
+        let p = Policy::load(Some(&f)).unwrap();
+        assert!(p.allow.contains(&Item::Devices));
+        assert_eq!(p.cgroup_roots, default_cgroup_roots());
+        std::fs::write(&f, r#"{"alow": []}"#).unwrap();
+        assert!(Policy::load(Some(&f)).is_err());
+        std::fs::write(&f, r#"{"host_path_prefixes": ["srv"]}"#).unwrap();
+        assert!(Policy::load(Some(&f)).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

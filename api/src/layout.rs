@@ -20,11 +20,17 @@ use serde::{Deserialize, Serialize};
 
 pub const POD_OPTIONS: &str = "pod.options";
 pub const POD_DUMP: &str = "pod.dump";
-/// Archive manifest at the root: `{"version":1,"files":{path:{"size":N,"sha256":hex}}}` for
+/// Archive manifest at the root: `{"version":2,"files":{path:{"size":N,"sha256":hex}}}` for
 /// every other regular file of the archive; a reader checks all of it before anything is
 /// created.
 pub const MANIFEST: &str = "manifest.json";
-pub const MANIFEST_VERSION: u32 = 1;
+/// The archive format version the manifest states. 2: `manifest.sig` may sit beside the
+/// manifest (not listed in it). Readers refuse versions they do not know.
+pub const MANIFEST_VERSION: u32 = 2;
+/// Versions this build reads (1: no signature file).
+pub const MANIFEST_VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=2;
+/// Ed25519 signature of `manifest.json` (JSON: algorithm, public_key, signature; hex).
+pub const SIGNATURE: &str = "manifest.sig";
 /// Where a runtime that checkpoints whole sandboxes puts the pod's one image.
 pub const SANDBOX_IMAGE_DIR: &str = "sandbox";
 /// A container's CRIU images (and captured volumes), inside its directory.

@@ -17,7 +17,7 @@
 
 use std::{
     fs::File,
-    io::{BufReader, Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     os::unix::fs::OpenOptionsExt,
     path::{Component, Path, PathBuf},
 };
@@ -27,6 +27,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use stasis_api::layout::{self, CheckpointedConfig, ContainerMeta};
+
+use crate::seal::{self, Opening};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -50,16 +52,25 @@ pub fn random_suffix() -> Result<String> {
 /// appeared at `dest` meanwhile, and the directory synced. A failure (a full disk above all)
 /// leaves nothing at or beside `dest`.
 pub fn write(dir: &Path, dest: &Path, compression: Compression) -> Result<u64> {
-    write_cancellable(dir, dest, compression, &AtomicBool::new(false))
+    write_cancellable(dir, dest, compression, &[], &AtomicBool::new(false)).map(|w| w.bytes)
 }
 
-/// [`write`], giving up (and leaving nothing) once `cancel` is set.
+/// What was written: its size and the SHA-256 of the file's bytes (what a read-back of an
+/// archive encrypted to others can be checked against).
+pub struct Written {
+    pub bytes: u64,
+    pub sha256: [u8; 32],
+}
+
+/// [`write`], encrypted to `recipients` when there are any, giving up (and leaving nothing)
+/// once `cancel` is set.
 pub fn write_cancellable(
     dir: &Path,
     dest: &Path,
     compression: Compression,
+    recipients: &[age::x25519::Recipient],
     cancel: &AtomicBool,
-) -> Result<u64> {
+) -> Result<Written> {
     let parent = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -77,26 +88,60 @@ pub fn write_cancellable(
         .custom_flags(libc::O_NOFOLLOW)
         .open(&partial)
         .with_context(|| format!("create {}", partial.display()))?;
-    let written = write_stream(
-        dir,
-        Cancellable {
-            inner: file,
-            cancel,
-        },
-        compression,
-    )
-    .and_then(|w| w.inner.sync_all().context("sync the archive"))
-    .and_then(|()| rename_new(&partial, dest))
-    .and_then(|()| {
-        File::open(&parent)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("sync {}", parent.display()))
-    });
+    let out = Cancellable {
+        inner: file,
+        cancel,
+        hasher: sha2::Sha256::default(),
+        bytes: 0,
+    };
+    let stream = if recipients.is_empty() {
+        write_stream(dir, out, compression)
+    } else {
+        seal::encrypt(out, recipients)
+            .and_then(|enc| write_stream(dir, enc, compression))
+            .and_then(|enc| enc.finish().context("finish the encryption"))
+    };
+    let mut sum = ([0u8; 32], 0);
+    let written = stream
+        .and_then(|w| {
+            use sha2::Digest;
+            sum = (w.hasher.finalize().into(), w.bytes);
+            w.inner.sync_all().context("sync the archive")
+        })
+        .and_then(|()| rename_new(&partial, dest))
+        .and_then(|()| {
+            File::open(&parent)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("sync {}", parent.display()))
+        });
     if let Err(e) = written {
         let _ = std::fs::remove_file(&partial);
         return Err(explain_full_disk(e, dest));
     }
-    Ok(std::fs::metadata(dest)?.len())
+    Ok(Written {
+        bytes: sum.1,
+        sha256: sum.0,
+    })
+}
+
+/// Reads the file at `path` back and checks it holds exactly what was written.
+pub fn verify_bytes(path: &Path, written: &Written) -> Result<()> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let n = std::io::copy(
+        &mut File::open(path).with_context(|| format!("read back {}", path.display()))?,
+        &mut hasher,
+    )
+    .with_context(|| format!("read back {}", path.display()))?;
+    let sum: [u8; 32] = hasher.finalize().into();
+    if n != written.bytes || sum != written.sha256 {
+        bail!(
+            "{} reads back as {n} bytes that differ from the {} bytes written",
+            path.display(),
+            written.bytes
+        );
+    }
+    Ok(())
 }
 
 /// The tar stream of `dir`, compressed, with the end of every layer checked: a compressor's
@@ -155,7 +200,7 @@ fn regular_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 walk(root, &p, out)?;
             } else if m.is_file() {
                 let rel = p.strip_prefix(root).unwrap_or(&p).to_path_buf();
-                if rel != Path::new(layout::MANIFEST) {
+                if rel != Path::new(layout::MANIFEST) && rel != Path::new(layout::SIGNATURE) {
                     out.push(rel);
                 }
             }
@@ -237,11 +282,12 @@ pub fn check_manifest(dir: &Path) -> Result<()> {
     )?;
     let manifest: Manifest =
         serde_json::from_slice(&text).context("archive manifest.json is not a manifest")?;
-    if manifest.version != layout::MANIFEST_VERSION {
+    if !layout::MANIFEST_VERSIONS_READ.contains(&manifest.version) {
         bail!(
-            "archive manifest version {} is unknown (this stasisctl reads {})",
+            "archive format version {} is unknown (this stasisctl reads {} to {}); use a newer stasisctl",
             manifest.version,
-            layout::MANIFEST_VERSION
+            layout::MANIFEST_VERSIONS_READ.start(),
+            layout::MANIFEST_VERSIONS_READ.end()
         );
     }
     let present = regular_files(dir)?;
@@ -271,10 +317,13 @@ pub fn check_manifest(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A writer that fails once its flag is set: how an interrupted packaging stops.
+/// A writer that fails once its flag is set (how an interrupted packaging stops), hashing
+/// what it passes on.
 struct Cancellable<'a, W> {
     inner: W,
     cancel: &'a AtomicBool,
+    hasher: sha2::Sha256,
+    bytes: u64,
 }
 
 impl<W: Write> Write for Cancellable<'_, W> {
@@ -285,7 +334,10 @@ impl<W: Write> Write for Cancellable<'_, W> {
                 "archive writing interrupted",
             ));
         }
-        self.inner.write(buf)
+        let n = self.inner.write(buf)?;
+        sha2::Digest::update(&mut self.hasher, &buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -312,7 +364,7 @@ pub fn verify(path: &Path, dir: &Path) -> Result<()> {
     let (mut want_files, mut want_bytes) = (0, 0);
     walk(dir, &mut want_files, &mut want_bytes);
     let (mut files, mut bytes) = (0u64, 0u64);
-    let mut tar = tar::Archive::new(open(path)?);
+    let mut tar = tar::Archive::new(open(path, &Opening::default())?);
     for entry in tar
         .entries()
         .with_context(|| format!("read back {}", path.display()))?
@@ -361,17 +413,32 @@ fn explain_full_disk(e: anyhow::Error, dest: &Path) -> anyhow::Error {
     }
 }
 
-fn open(path: &Path) -> Result<Box<dyn Read>> {
-    let mut file = File::open(path).with_context(|| format!("open archive {}", path.display()))?;
-    let mut magic = [0u8; 4];
-    let n = file.read(&mut magic)?;
-    drop(file);
-    let file = BufReader::new(File::open(path)?);
-    Ok(match &magic[..n.min(4)] {
-        [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(file)),
-        [0x28, 0xb5, 0x2f, 0xfd] => Box::new(zstd::Decoder::with_buffer(file)?),
-        _ => Box::new(file),
+/// The tar stream of an archive: decrypted (age) when it is encrypted, then decompressed as
+/// its first bytes say.
+fn open(path: &Path, opening: &Opening) -> Result<Box<dyn Read>> {
+    let mut file = BufReader::new(
+        File::open(path).with_context(|| format!("open archive {}", path.display()))?,
+    );
+    let plain: Box<dyn Read> = if seal::is_encrypted(file.fill_buf()?) {
+        seal::decrypt(file, opening)?
+    } else {
+        Box::new(file)
+    };
+    let mut plain = BufReader::new(plain);
+    let head = plain.fill_buf()?;
+    Ok(match head {
+        [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(plain)),
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Box::new(zstd::Decoder::with_buffer(plain)?),
+        _ => Box::new(plain),
     })
+}
+
+/// Whether the archive at `path` is encrypted.
+pub fn is_encrypted(path: &Path) -> Result<bool> {
+    let mut file = BufReader::new(
+        File::open(path).with_context(|| format!("open archive {}", path.display()))?,
+    );
+    Ok(seal::is_encrypted(file.fill_buf()?))
 }
 
 /// The entry's path inside the archive, if it is one we accept.
@@ -415,6 +482,12 @@ fn safe_path(entry: &tar::Entry<impl Read>) -> Result<PathBuf> {
 /// Extracts `archive` into `dest` (created; must not exist), checking every entry first.
 /// On any error `dest` is removed again: nothing is left anywhere.
 pub fn extract(archive: &Path, dest: &Path) -> Result<PodOptions> {
+    extract_with(archive, dest, &Opening::default())
+}
+
+/// [`extract`], decrypting with `opening`'s identities and, when it names a key, refusing an
+/// archive not signed by it.
+pub fn extract_with(archive: &Path, dest: &Path, opening: &Opening) -> Result<PodOptions> {
     if dest.exists() {
         bail!("{} already exists", dest.display());
     }
@@ -424,7 +497,7 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<PodOptions> {
         .unwrap_or(Path::new("."));
     let room = free_space(parent)?;
     // Before anything is unpacked or held in memory: what the archive would ask for.
-    check_bounds(archive, room)?;
+    check_bounds(archive, room, opening)?;
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -433,7 +506,7 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<PodOptions> {
             .with_context(|| format!("create {}", dest.display()))?;
     }
     let result = (|| -> Result<PodOptions> {
-        let mut tar = tar::Archive::new(open(archive)?);
+        let mut tar = tar::Archive::new(open(archive, opening)?);
         tar.set_preserve_permissions(true);
         tar.set_unpack_xattrs(false);
         for entry in tar.entries().context("read archive")? {
@@ -473,6 +546,10 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<PodOptions> {
             bail!("archive has no pod.dump");
         }
         // Last: what it says about each file is worth checking only once the layout is sane.
+        // The signature first: a signed manifest vouches for every file it lists.
+        if let Some(key) = &opening.verify {
+            seal::check_signature(dest, key)?;
+        }
         check_manifest(dest)?;
         Ok(options)
     })();
@@ -504,8 +581,8 @@ const MAX_ENTRIES: u64 = 1_000_000;
 /// A first pass over the raw headers: every metadata record small, the entry count bounded,
 /// and the unpacked total within `room` (the free space where it is unpacked). Data is
 /// skipped, not stored, so a compression bomb costs time, not memory or disk.
-fn check_bounds(archive: &Path, room: u64) -> Result<()> {
-    let mut tar = tar::Archive::new(open(archive)?);
+fn check_bounds(archive: &Path, room: u64, opening: &Opening) -> Result<()> {
+    let mut tar = tar::Archive::new(open(archive, opening)?);
     let (mut count, mut total) = (0u64, 0u64);
     for entry in tar.entries().context("read archive")?.raw(true) {
         let entry = entry.map_err(|e| anyhow::anyhow!("archive is truncated or corrupt: {e}"))?;
@@ -567,10 +644,14 @@ pub struct ContainerSummary {
     pub was_paused: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Summary {
     pub archive: String,
     pub archive_bytes: u64,
+    /// Encrypted (age); without an identity nothing else is known.
+    pub encrypted: bool,
+    /// The key the archive says signed it (checked only by `pod restore --verify-key`).
+    pub signed_by: Option<String>,
     pub pod_name: String,
     pub pod_namespace: String,
     pub engine: String,
@@ -583,10 +664,24 @@ pub struct Summary {
 
 /// Reads the metadata of an archive without unpacking the images.
 pub fn inspect(path: &Path) -> Result<Summary> {
-    check_bounds(path, u64::MAX)?;
+    inspect_with(path, &Opening::default())
+}
+
+/// [`inspect`]; an encrypted archive shows only that, unless `opening` can decrypt it.
+pub fn inspect_with(path: &Path, opening: &Opening) -> Result<Summary> {
+    let encrypted = is_encrypted(path)?;
+    if encrypted && opening.identities.is_empty() {
+        return Ok(Summary {
+            archive: path.display().to_string(),
+            archive_bytes: std::fs::metadata(path)?.len(),
+            encrypted,
+            ..Default::default()
+        });
+    }
+    check_bounds(path, u64::MAX, opening)?;
     let mut files: std::collections::HashMap<String, Vec<u8>> = Default::default();
     let mut sizes: std::collections::HashMap<String, u64> = Default::default();
-    let mut tar = tar::Archive::new(open(path)?);
+    let mut tar = tar::Archive::new(open(path, opening)?);
     for entry in tar.entries().context("read archive")? {
         let mut entry =
             entry.map_err(|e| anyhow::anyhow!("archive is truncated or corrupt: {e}"))?;
@@ -612,6 +707,7 @@ pub fn inspect(path: &Path) -> Result<Summary> {
         if matches!(
             name.as_str(),
             layout::POD_OPTIONS
+                | layout::SIGNATURE
                 | layout::POD_DUMP
                 | layout::CONFIG_DUMP
                 | layout::CONTAINER_META
@@ -669,9 +765,15 @@ pub fn inspect(path: &Path) -> Result<Summary> {
             was_paused: meta_or_default.was_paused,
         });
     }
+    let signed_by = match files.get(layout::SIGNATURE) {
+        Some(text) => Some(seal::fingerprint(&seal::signer(text)?)),
+        None => None,
+    };
     Ok(Summary {
         archive: path.display().to_string(),
         archive_bytes: std::fs::metadata(path)?.len(),
+        encrypted,
+        signed_by,
         pod_name: pod
             .pointer("/metadata/name")
             .and_then(|v| v.as_str())
@@ -881,6 +983,88 @@ mod tests {
             !names.iter().any(|n| n.contains("partial")),
             "a partial file was left: {names:?}"
         );
+    }
+
+    /// Signed and encrypted archives round-trip; the wrong key, no identity, a tampered
+    /// signed archive and an unknown format version are refused, leaving nothing.
+    #[test]
+    fn sealed_archives_open_only_with_the_right_keys() {
+        let s = Scratch::new("sealed");
+        let dir = checkpoint_dir(&s.0);
+        write_manifest(&dir).unwrap();
+        seal::generate(seal::KeyKind::Signing, &s.0.join("sign")).unwrap();
+        let key = seal::load_signing_key(&s.0.join("sign")).unwrap();
+        seal::sign_manifest(&dir, &key).unwrap();
+        let recipient = seal::generate(seal::KeyKind::Encryption, &s.0.join("id")).unwrap();
+        seal::generate(seal::KeyKind::Encryption, &s.0.join("other")).unwrap();
+        let recipients = seal::load_recipients(recipient.trim()).unwrap();
+        let dest = s.0.join("a.tar.zst.age");
+        let w = write_cancellable(
+            &dir,
+            &dest,
+            Compression::Zstd,
+            &recipients,
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        verify_bytes(&dest, &w).unwrap();
+        let bytes = std::fs::read(&dest).unwrap();
+        assert!(
+            !bytes.windows(7).any(|w| w == b"web-pod"),
+            "plaintext in the archive"
+        );
+        let sum = inspect(&dest).unwrap();
+        assert!(sum.encrypted && sum.pod_name.is_empty());
+        let right = Opening {
+            identities: seal::load_identities(&s.0.join("id")).unwrap(),
+            verify: Some(key.verifying_key()),
+        };
+        let sum = inspect_with(&dest, &right).unwrap();
+        assert_eq!(sum.pod_name, "web-pod");
+        assert_eq!(sum.signed_by, Some(seal::fingerprint(&key.verifying_key())));
+        extract_with(&dest, &s.0.join("ok"), &right).unwrap();
+        let out = s.0.join("refused");
+        let e = extract(&dest, &out).unwrap_err().to_string();
+        assert!(e.contains("--identity"), "{e}");
+        let wrong = Opening {
+            identities: seal::load_identities(&s.0.join("other")).unwrap(),
+            verify: None,
+        };
+        let e = extract_with(&dest, &out, &wrong).unwrap_err().to_string();
+        assert!(e.contains("other recipients"), "{e}");
+        // Signed by another key, unsigned, or changed after signing (manifest rewritten).
+        let stranger = Opening {
+            identities: right.identities.clone(),
+            verify: Some(
+                ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng).verifying_key(),
+            ),
+        };
+        let e = format!("{:#}", extract_with(&dest, &out, &stranger).unwrap_err());
+        assert!(e.contains("is signed by"), "{e}");
+        std::fs::write(dir.join("pod.dump"), r#"{"metadata":{"name":"evil"}}"#).unwrap();
+        std::fs::remove_file(dir.join(layout::MANIFEST)).unwrap();
+        write_manifest(&dir).unwrap();
+        let tampered = s.0.join("tampered.tar");
+        write(&dir, &tampered, Compression::None).unwrap();
+        let e = format!("{:#}", extract_with(&tampered, &out, &right).unwrap_err());
+        assert!(e.contains("changed after it was signed"), "{e}");
+        std::fs::remove_file(dir.join(layout::SIGNATURE)).unwrap();
+        let unsigned = s.0.join("unsigned.tar");
+        write(&dir, &unsigned, Compression::None).unwrap();
+        let e = format!("{:#}", extract_with(&unsigned, &out, &right).unwrap_err());
+        assert!(e.contains("not signed"), "{e}");
+        // A format from the future.
+        let text = std::fs::read_to_string(dir.join(layout::MANIFEST)).unwrap();
+        std::fs::write(
+            dir.join(layout::MANIFEST),
+            text.replacen("\"version\":2", "\"version\":9", 1),
+        )
+        .unwrap();
+        let future = s.0.join("future.tar");
+        write(&dir, &future, Compression::None).unwrap();
+        let e = format!("{:#}", extract(&future, &out).unwrap_err());
+        assert!(e.contains("format version 9 is unknown"), "{e}");
+        assert!(!out.exists(), "a refused archive left {}", out.display());
     }
 
     #[test]

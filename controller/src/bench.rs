@@ -243,6 +243,7 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
             file_locks: false,
             timeout: 0,
             space_check: true,
+            sealing: Default::default(),
         };
         match pod::checkpoint_pod(t, args).await {
             Ok(o) => {
@@ -258,6 +259,7 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
                         // The bench's own pods, restored from archives it just wrote.
                         policy: Policy::default(),
                         replace_volumes: false,
+                        opening: Default::default(),
                     },
                 )
                 .await;

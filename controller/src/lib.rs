@@ -8,5 +8,6 @@ pub mod cri;
 pub mod guard;
 pub mod pod;
 pub mod policy;
+pub mod seal;
 pub mod shim;
 pub mod workload;

@@ -9,7 +9,22 @@ use stasis_controller::{
     bench,
     pod::{self, CheckpointArgs, RestoreArgs, Target},
     policy::Policy,
+    seal::{self, Opening, Sealing},
 };
+
+/// Identities and the verifying key from their files.
+fn opening(
+    identity: Option<&std::path::Path>,
+    verify: Option<&std::path::Path>,
+) -> Result<Opening> {
+    Ok(Opening {
+        identities: identity
+            .map(seal::load_identities)
+            .transpose()?
+            .unwrap_or_default(),
+        verify: verify.map(seal::load_verifying_key).transpose()?,
+    })
+}
 
 /// Checkpoint and restore whole Kubernetes pods: every container captured at one instant.
 ///
@@ -67,12 +82,41 @@ enum Command {
     /// (internal) The watchdog a restore starts to clean up if stasisctl is killed.
     #[command(name = "__restore-guard", hide = true)]
     RestoreGuard { dir: PathBuf },
-    /// Show what a pod checkpoint archive holds.
+    /// Make a key pair for signing (Ed25519) or encrypting (age X25519) archives.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Show what a pod checkpoint archive holds, and what it asks for.
     Inspect {
         archive: PathBuf,
+        /// age identity file, to see inside an encrypted archive.
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Write a new private key to OUTPUT (0600; never replaces a file) and its public half to
+    /// OUTPUT.pub, and print the public half. Signing keys are PKCS#8/SPKI PEM; encryption
+    /// identities are age files, their public half an `age1…` recipient.
+    Generate {
+        #[arg(long = "type", value_enum)]
+        kind: KeyKindArg,
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KeyKindArg {
+    /// Ed25519, for --sign-key / --verify-key.
+    Signing,
+    /// age X25519, for --encrypt-to / --identity.
+    Encryption,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -114,6 +158,14 @@ enum PodCommand {
         /// pod's resident memory plus writable layers (a full disk still fails cleanly).
         #[arg(long)]
         skip_space_check: bool,
+        /// Sign the archive's manifest with this Ed25519 private key (PKCS#8 PEM, from
+        /// `stasisctl key generate --type signing` or `openssl genpkey -algorithm ed25519`).
+        #[arg(long, value_name = "KEY")]
+        sign_key: Option<PathBuf>,
+        /// Encrypt the archive (age format) to this X25519 recipient (`age1…`) or to every
+        /// recipient in this file; repeatable. Only their identities can restore or inspect it.
+        #[arg(long = "encrypt-to", value_name = "RECIPIENT")]
+        encrypt_to: Vec<String>,
     },
     /// Restore a pod archive as a new running pod; prints the new pod id.
     ///
@@ -146,6 +198,12 @@ enum PodCommand {
         /// it, captured volumes restore only into empty directories).
         #[arg(long)]
         replace_volumes: bool,
+        /// Refuse the archive unless its manifest is signed by this Ed25519 public key (PEM).
+        #[arg(long, value_name = "PUB")]
+        verify_key: Option<PathBuf>,
+        /// age identity file to decrypt an encrypted archive.
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
     },
 }
 
@@ -183,7 +241,22 @@ async fn run(cli: Cli) -> Result<()> {
                 file_locks,
                 timeout,
                 skip_space_check,
+                sign_key,
+                encrypt_to,
             } => {
+                let sealing = Sealing {
+                    sign: sign_key
+                        .as_deref()
+                        .map(seal::load_signing_key)
+                        .transpose()?,
+                    recipients: encrypt_to
+                        .iter()
+                        .map(|r| seal::load_recipients(r))
+                        .collect::<Result<Vec<_>>>()?
+                        .into_iter()
+                        .flatten()
+                        .collect(),
+                };
                 let compress = match compress {
                     CompressArg::None => Compression::None,
                     CompressArg::Gzip => Compression::Gzip,
@@ -201,6 +274,7 @@ async fn run(cli: Cli) -> Result<()> {
                         file_locks,
                         timeout,
                         space_check: !skip_space_check,
+                        sealing,
                     },
                 )
                 .await
@@ -213,7 +287,10 @@ async fn run(cli: Cli) -> Result<()> {
                 allow_host_paths,
                 policy,
                 replace_volumes,
+                verify_key,
+                identity,
             } => {
+                let opening = opening(identity.as_deref(), verify_key.as_deref())?;
                 let mut policy = Policy::load(policy.as_deref())?;
                 policy.widen(&allow, &allow_host_paths)?;
                 let id = pod::restore(
@@ -224,6 +301,7 @@ async fn run(cli: Cli) -> Result<()> {
                         runtime_handler,
                         policy,
                         replace_volumes,
+                        opening,
                     },
                 )
                 .await?;
@@ -254,12 +332,44 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::RestoreGuard { dir } => stasis_controller::guard::run(&target.address, dir).await,
-        Command::Inspect { archive, format } => {
-            let s = archive::inspect(&archive)?;
+        Command::Key {
+            command: KeyCommand::Generate { kind, output },
+        } => {
+            let kind = match kind {
+                KeyKindArg::Signing => seal::KeyKind::Signing,
+                KeyKindArg::Encryption => seal::KeyKind::Encryption,
+            };
+            print!("{}", seal::generate(kind, &output)?);
+            eprintln!(
+                "private key {} (keep it secret), public {}.pub",
+                output.display(),
+                output.display()
+            );
+            Ok(())
+        }
+        Command::Inspect {
+            archive,
+            identity,
+            format,
+        } => {
+            let s = archive::inspect_with(&archive, &opening(identity.as_deref(), None)?)?;
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+                Format::Table if s.encrypted && s.pod_name.is_empty() => {
+                    println!("archive   {} ({})", s.archive, human(s.archive_bytes));
+                    println!("encrypted yes (age): pass --identity FILE to see the pod it holds");
+                }
                 Format::Table => {
                     println!("archive   {} ({})", s.archive, human(s.archive_bytes));
+                    if s.encrypted {
+                        println!("encrypted yes (age)");
+                    }
+                    match &s.signed_by {
+                        Some(k) => println!(
+                            "signed    by {k} (not verified here: pod restore --verify-key does)"
+                        ),
+                        None => println!("signed    no"),
+                    }
                     println!("pod       {} (namespace {})", s.pod_name, s.pod_namespace);
                     println!("engine    {}", s.engine);
                     if s.sandbox_image_bytes > 0 {

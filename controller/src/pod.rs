@@ -19,6 +19,7 @@ use crate::{
     cri::{self, api},
     guard::RestoreGuard,
     policy::{self, Policy},
+    seal::{self, Opening, Sealing},
     shim,
 };
 
@@ -89,6 +90,8 @@ pub struct CheckpointArgs {
     pub timeout: u32,
     /// Refuse early when the output's file system cannot hold the estimate.
     pub space_check: bool,
+    /// Signing key and encryption recipients of the archive.
+    pub sealing: Sealing,
 }
 
 /// What CRI knows of a container, as the Checkpoint service wants it.
@@ -438,16 +441,26 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
     let packaging = {
         let (staging, output, cancel) = (staging.clone(), a.output.clone(), cancel.clone());
         let compress = a.compress;
+        let (sign, recipients) = (a.sealing.sign.clone(), a.sealing.recipients.clone());
         tokio::task::spawn_blocking(move || {
             archive::make_private(&staging)?;
             archive::write_manifest(&staging)?;
-            let size = archive::write_cancellable(&staging, &output, compress, &cancel)?;
+            if let Some(key) = &sign {
+                seal::sign_manifest(&staging, key)?;
+            }
+            let written =
+                archive::write_cancellable(&staging, &output, compress, &recipients, &cancel)?;
             // Read back in full before anything is stopped: a stopping checkpoint's archive
-            // is the pod from now on.
-            archive::verify(&output, &staging).inspect_err(|_| {
+            // is the pod from now on. (One encrypted to others is checked byte for byte.)
+            let checked = if recipients.is_empty() {
+                archive::verify(&output, &staging)
+            } else {
+                archive::verify_bytes(&output, &written)
+            };
+            checked.inspect_err(|_| {
                 let _ = std::fs::remove_file(&output);
             })?;
-            Ok::<_, anyhow::Error>(size)
+            Ok::<_, anyhow::Error>(written.bytes)
         })
     };
     tokio::pin!(packaging);
@@ -564,6 +577,8 @@ pub struct RestoreArgs {
     pub policy: Policy,
     /// Replace the contents of non-empty host volumes with the captured ones.
     pub replace_volumes: bool,
+    /// Identities to decrypt the archive; a key it must be signed by.
+    pub opening: Opening,
 }
 
 /// SIGINT or SIGTERM while a restore runs: noticed, so that the half-restored pod and the
@@ -601,7 +616,7 @@ pub async fn restore(t: &Target, a: RestoreArgs) -> Result<String> {
     // Cleans up if this process is killed outright from here on.
     let mut guard = RestoreGuard::start(&t.address, &dir)?;
     // Everything about the archive is checked before anything is created.
-    let options = match archive::extract(&a.archive, &dir) {
+    let options = match archive::extract_with(&a.archive, &dir, &a.opening) {
         Ok(o) => o,
         Err(e) => {
             guard.done();

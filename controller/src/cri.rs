@@ -9,6 +9,7 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 pub type Runtime = RuntimeServiceClient<Channel>;
+pub type Images = k8s_cri::v1::image_service_client::ImageServiceClient<Channel>;
 
 pub async fn connect(socket: &Path) -> Result<Runtime> {
     Ok(RuntimeServiceClient::new(channel(socket).await?))

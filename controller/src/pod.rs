@@ -694,6 +694,20 @@ async fn restore_extracted(
             RESTORE_ANNOTATION.to_string(),
             format!("{restore_id}/{cdir}"),
         );
+        // The base image is the one the checkpoint was taken on (its digest), never whatever
+        // its tag names today: the rootfs diff and the memory belong to that image.
+        let recorded: stasis_api::layout::CheckpointedConfig = stasis_api::layout::parse_json(
+            "config.dump",
+            &std::fs::read(dir.join(cdir).join(stasis_api::layout::CONFIG_DUMP))?,
+        )
+        .with_context(|| format!("container {name}"))?;
+        if !recorded.rootfs_image_ref.is_empty() {
+            let image = config.image.get_or_insert_with(Default::default);
+            if image.user_specified_image.is_empty() {
+                image.user_specified_image = image.image.clone();
+            }
+            image.image = recorded.rootfs_image_ref.clone();
+        }
         configs.push((name.clone(), config));
     }
     // The archive is untrusted: what it asks for is checked before anything is created.
@@ -717,7 +731,9 @@ async fn restore_extracted(
     pod.annotations
         .insert(RESTORE_ANNOTATION.to_string(), restore_id.to_string());
     let pod_name = md.name.clone();
-    let mut rt = cri::connect(Path::new(&t.address)).await?;
+    let channel = cri::channel(Path::new(&t.address)).await?;
+    check_base_images(&mut cri::Images::new(channel.clone()), &configs).await?;
+    let mut rt = cri::Runtime::new(channel);
     let pod_id = rt
         .run_pod_sandbox(api::RunPodSandboxRequest {
             config: Some(pod.clone()),
@@ -805,6 +821,43 @@ async fn restore_extracted(
         )));
     }
     Ok(pod_id)
+}
+
+/// Every base image, by the digest its checkpoint recorded, must be on this node.
+async fn check_base_images(
+    images: &mut cri::Images,
+    configs: &[(String, api::ContainerConfig)],
+) -> Result<()> {
+    let mut missing = Vec::new();
+    for (name, c) in configs {
+        let Some(spec) = &c.image else { continue };
+        let found = images
+            .image_status(api::ImageStatusRequest {
+                image: Some(api::ImageSpec {
+                    image: spec.image.clone(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await
+            .with_context(|| format!("look up the base image of container {name}"))?
+            .into_inner()
+            .image
+            .is_some();
+        if !found {
+            missing.push(format!(
+                "container {name}: {} ({})",
+                spec.image, spec.user_specified_image
+            ));
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "base images the checkpoint was taken on are not on this node:\n  - {}\nnothing was created; pull them by these digests first",
+            missing.join("\n  - ")
+        );
+    }
+    Ok(())
 }
 
 /// Captured volume contents go back into empty host directories only, unless the operator

@@ -516,6 +516,7 @@ async fn archive_requests_are_refused_unless_allowed_by_name() -> Result<()> {
         "--output",
         good.to_str().unwrap(),
     ])?;
+    let original_image = cri.container_status(&id).await?.image_ref;
     cri.stop_and_remove_pod(&pod_id).await?;
     let footprint = c.settled_footprint().await?;
 
@@ -529,7 +530,28 @@ async fn archive_requests_are_refused_unless_allowed_by_name() -> Result<()> {
         .stasisctl_ok(&["pod", "restore", good.to_str().unwrap(), "--name", "plain"])?
         .trim()
         .to_string();
+    let list = stasis_e2e::cri::containers_by_name(&mut cri, &plain).await?;
+    let (_, plain_id, _) = list.first().context("restored container")?.clone();
+    let restored_image = cri.container_status(&plain_id).await?.image_ref;
+    ensure!(
+        restored_image == original_image,
+        "the restored container runs image {restored_image}, the checkpoint was of {original_image}"
+    );
     cri.stop_and_remove_pod(&plain).await?;
+
+    // The base image is the recorded digest: one that is not on the node is refused.
+    let foreign = c.dir.join("foreign-image.tar");
+    rewrite_archive(&good, &foreign, |dir| {
+        edit_json(dir, "config.dump", |v| {
+            v["rootfsImageRef"] = format!("sha256:{}", "0".repeat(64)).into();
+        })
+    })?;
+    let out = c.stasisctl(&["pod", "restore", foreign.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("not on this node") && err.contains("sha256:000"),
+        "a checkpoint of an image the node lacks: {err}"
+    );
 
     let wide = |dest: &std::path::Path, host_pid: bool| {
         rewrite_archive(&good, dest, |dir| {

@@ -94,3 +94,39 @@ pub fn private_dir(id: &str, what: &str) -> Result<std::path::PathBuf> {
         .map_err(|e| Error::io(id, format!("create {}", dir.display()), e))?;
     Ok(dir)
 }
+
+/// Creates a new file for a checkpoint, 0600, never through a symlink and never over an
+/// existing file: a checkpoint holds memory and environment secrets, and its directory may
+/// have been handed to us by someone else.
+pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// [`create_private`] with `data` in it.
+pub fn write_private(path: &Path, data: impl AsRef<[u8]>) -> std::io::Result<()> {
+    use std::io::Write;
+    create_private(path)?.write_all(data.as_ref())
+}
+
+/// Copies a regular file into a new private file; neither side is opened through a symlink
+/// (CRIU's logs and stats are copied this way: a planted link copies nothing).
+pub fn copy_private(from: &Path, to: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut src = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(from)?;
+    if !src.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", from.display()),
+        ));
+    }
+    std::io::copy(&mut src, &mut create_private(to)?)
+}

@@ -884,3 +884,128 @@ async fn signed_and_encrypted_archives_round_trip() -> Result<()> {
     cri.stop_and_remove_pod(&new_pod).await?;
     c.finish()
 }
+
+/// An unprivileged user who plants the paths older stasis versions used (the shim's
+/// `/tmp/stasis-pod-dump-<pid>`, the staging directory `.<archive>.stasis-<pid>` beside the
+/// output) full of symlinks to a root-only secret and to a file of root's gains nothing:
+/// nothing is written through the links, nothing of the secret reaches the archive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planted_symlinks_at_old_predictable_paths_gain_nothing() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Containerd::start("trust-planted")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config("planted", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let id = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("app", image, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
+    wait_counter_moving(&mut cri, &id, "/counter").await?;
+    // Root's secret and a file of root's the attacker would like overwritten.
+    let secret_text = format!("TOPSECRET-{}", std::process::id());
+    let secret = c.dir.join("secret");
+    std::fs::write(&secret, &secret_text)?;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))?;
+    let victim = c.dir.join("victim");
+    std::fs::write(&victim, "unchanged")?;
+    // A shared output directory, as /tmp is.
+    let shared = c.dir.join("shared");
+    std::fs::create_dir_all(&shared)?;
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777))?;
+    let last_pid: u32 = std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")?
+        .trim()
+        .parse()?;
+    let shim_pids = stasis_e2e::processes_matching(&[
+        stasis_e2e::SHIM_BINARY,
+        &c.socket().display().to_string(),
+    ]);
+    ensure!(!shim_pids.is_empty(), "no shim process found");
+    let pids: Vec<u32> = shim_pids
+        .iter()
+        .map(|p| *p as u32)
+        .chain(last_pid + 1..last_pid + 300)
+        .collect();
+    let mut planted = Vec::new();
+    for pid in &pids {
+        planted.push(format!("/tmp/stasis-pod-dump-{pid}"));
+        planted.push(format!("{}/.planted.tar.stasis-{pid}", shared.display()));
+    }
+    // Somebody else's paths stay theirs.
+    planted.retain(|p| std::path::Path::new(p).symlink_metadata().is_err());
+    let script = format!(
+        "set -e\n\
+         for d in \"$@\"; do mkdir -p \"$d\"\n\
+           for f in dump.log pod.options pod.dump manifest.json config.dump; do ln -sf {v} \"$d/$f\"; done\n\
+           ln -sf {s} \"$d/stats-dump\"\n\
+         done\n",
+        v = victim.display(),
+        s = secret.display()
+    );
+    let status = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            &script,
+            "plant",
+        ])
+        .args(&planted)
+        .status()?;
+    ensure!(status.success(), "planting as nobody failed");
+    let archive = shared.join("planted.tar");
+    let result = c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "planted",
+        "--leave-running",
+        "--output",
+        archive.to_str().unwrap(),
+    ]);
+    let cleanup = || {
+        for p in &planted {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    };
+    if let Err(e) = result {
+        cleanup();
+        return Err(e);
+    }
+    let bytes = std::fs::read(&archive)?;
+    let leaked = bytes
+        .windows(secret_text.len())
+        .any(|w| w == secret_text.as_bytes());
+    let victim_now = std::fs::read_to_string(&victim)?;
+    let still_links = planted.iter().all(|p| {
+        std::fs::read_dir(p)
+            .map(|d| d.flatten().all(|e| e.path().is_symlink()))
+            .unwrap_or(false)
+    });
+    cleanup();
+    ensure!(!leaked, "the root-only secret was copied into the archive");
+    ensure!(
+        victim_now == "unchanged",
+        "a file was written through a planted link: {victim_now:?}"
+    );
+    ensure!(
+        still_links,
+        "something was written into a planted directory"
+    );
+    ensure!(
+        std::fs::metadata(&archive)?.permissions().mode() & 0o777 == 0o600,
+        "the archive is not 0600"
+    );
+    // The archive is whole: it restores.
+    cri.stop_and_remove_pod(&pod_id).await?;
+    let new_pod = c
+        .stasisctl_ok(&["pod", "restore", archive.to_str().unwrap()])?
+        .trim()
+        .to_string();
+    cri.stop_and_remove_pod(&new_pod).await?;
+    c.finish()
+}

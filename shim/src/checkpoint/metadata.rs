@@ -69,7 +69,7 @@ pub fn write_container(
 ) -> Result<ContainerResult> {
     let id = &c.id;
     let write = |name: &str, data: &[u8]| {
-        std::fs::write(c.dir.join(name), data)
+        crate::util::write_private(&c.dir.join(name), data)
             .map_err(|e| Error::io(id, format!("write {name}"), e))
     };
     let now = rfc3339(time::OffsetDateTime::now_utc());
@@ -193,9 +193,10 @@ pub fn write_pod(
             .annotations
             .insert(LAST_PID_ANNOTATION.into(), last.to_string());
     }
-    std::fs::write(out.join(POD_OPTIONS), options.to_json())
+    crate::util::write_private(&out.join(POD_OPTIONS), options.to_json())
         .map_err(|e| Error::io(&pod.id, "write pod.options", e))?;
     let dump = serde_json::to_vec_pretty(&pod.config)
         .map_err(|e| Error::other(&pod.id, "encode pod.dump", e))?;
-    std::fs::write(out.join(POD_DUMP), dump).map_err(|e| Error::io(&pod.id, "write pod.dump", e))
+    crate::util::write_private(&out.join(POD_DUMP), dump)
+        .map_err(|e| Error::io(&pod.id, "write pod.dump", e))
 }

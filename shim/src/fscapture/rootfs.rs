@@ -36,8 +36,8 @@ fn is_opaque(dir: &Path) -> bool {
 /// Returns the size of the tar.
 pub fn capture(id: &str, upper: &Path, dest: &Path) -> Result<u64> {
     let tar_path = dest.join(DIFF_TAR);
-    let file =
-        std::fs::File::create(&tar_path).map_err(|e| Error::io(id, "create rootfs-diff.tar", e))?;
+    let file = crate::util::create_private(&tar_path)
+        .map_err(|e| Error::io(id, "create rootfs-diff.tar", e))?;
     let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
     tar.follow_symlinks(false);
     let mut deleted: Vec<String> = Vec::new();
@@ -82,7 +82,7 @@ pub fn capture(id: &str, upper: &Path, dest: &Path) -> Result<u64> {
         .map_err(|e| Error::io(id, "finish rootfs-diff.tar", e))?;
     let list =
         serde_json::to_vec(&deleted).map_err(|e| Error::other(id, "encode deleted.files", e))?;
-    std::fs::write(dest.join(DELETED), list)
+    crate::util::write_private(&dest.join(DELETED), list)
         .map_err(|e| Error::io(id, "write deleted.files", e))?;
     Ok(std::fs::metadata(&tar_path).map(|m| m.len()).unwrap_or(0))
 }

@@ -53,7 +53,7 @@ pub fn capture(id: &str, spec: &ContainerSpec, image: &Path) -> Result<Vec<Captu
     let mut captured = Vec::new();
     for (n, (dest, src)) in volumes.iter().enumerate() {
         let archive = format!("{DIR}/{n}.tar");
-        let file = std::fs::File::create(image.join(&archive))
+        let file = crate::util::create_private(&image.join(&archive))
             .map_err(|e| Error::io(id, format!("create {archive}"), e))?;
         let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
         tar.follow_symlinks(false);
@@ -67,7 +67,8 @@ pub fn capture(id: &str, spec: &ContainerSpec, image: &Path) -> Result<Vec<Captu
     }
     let index = serde_json::to_vec_pretty(&captured)
         .map_err(|e| Error::other(id, "encode volume index", e))?;
-    std::fs::write(image.join(INDEX), index).map_err(|e| Error::io(id, "write volume index", e))?;
+    crate::util::write_private(&image.join(INDEX), index)
+        .map_err(|e| Error::io(id, "write volume index", e))?;
     Ok(captured)
 }
 

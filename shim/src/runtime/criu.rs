@@ -146,9 +146,9 @@ pub async fn checkpoint_container<R: OciRuntime + ?Sized>(
     thawed?;
     let (dump, files) = result?;
     // The dump log belongs with the images (checkpointctl and people read it there).
-    let _ = std::fs::copy(
-        opts.work_path.join(DUMP_LOG),
-        opts.image_path.join(DUMP_LOG),
+    let _ = crate::util::copy_private(
+        &opts.work_path.join(DUMP_LOG),
+        &opts.image_path.join(DUMP_LOG),
     );
     Ok(Timings {
         frozen,
@@ -347,7 +347,7 @@ async fn dump_one<R: OciRuntime + ?Sized>(
     })
     .await?;
     for f in [DUMP_LOG, STATS_DUMP] {
-        let _ = std::fs::copy(copts.work_path.join(f), c.dir.join(f));
+        let _ = crate::util::copy_private(&copts.work_path.join(f), &c.dir.join(f));
     }
     Ok(Timings {
         dump,

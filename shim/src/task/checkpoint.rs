@@ -137,7 +137,7 @@ fn record(o: &CheckpointOpts, t: &Timings) {
         total_ms: ms(t.total),
     };
     if let Ok(text) = serde_json::to_vec(&record) {
-        let _ = std::fs::write(o.image_path.join(DUMP_RECORD), text);
+        let _ = crate::util::write_private(&o.image_path.join(DUMP_RECORD), text);
     }
 }
 

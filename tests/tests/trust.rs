@@ -294,7 +294,16 @@ async fn security_settings_come_back_with_the_restore() -> Result<()> {
     let mut cri = c.cri().await?;
     let pod = pod_config("secctx", &c.dir.join("logs"));
     let pod_id = cri.run_pod(&pod).await?;
-    let mut cfg = container_config("lean", image, &["sh", "-c", &counter_loop("/counter")]);
+    // A read-only root: the counter lives in a volume.
+    let counter = "/state/counter";
+    let state = c.dir.join("secctx-volume");
+    std::fs::create_dir_all(&state)?;
+    let mut cfg = container_config("lean", image, &["sh", "-c", &counter_loop(counter)]);
+    cfg.mounts.push(cri::Mount {
+        container_path: "/state".into(),
+        host_path: state.display().to_string(),
+        ..Default::default()
+    });
     let sc = cfg
         .linux
         .as_mut()
@@ -305,28 +314,58 @@ async fn security_settings_come_back_with_the_restore() -> Result<()> {
         add_capabilities: vec!["CHOWN".into(), "KILL".into()],
         ..Default::default()
     });
+    sc.readonly_rootfs = true;
+    sc.run_as_user = Some(cri::Int64Value { value: 0 });
+    sc.run_as_group = Some(cri::Int64Value { value: 0 });
+    sc.supplemental_groups = vec![1234];
+    sc.no_new_privs = true;
     let id = cri.run_container(&pod_id, &pod, cfg).await?;
-    wait_counter_moving(&mut cri, &id, "/counter").await?;
-    let caps = |cri: &mut stasis_e2e::cri::CriClient, id: String| {
+    wait_counter_moving(&mut cri, &id, counter).await?;
+    // Identity and privileges of the restored process itself and of a new exec, and what CRI
+    // says the container was created with.
+    let look = |cri: &mut stasis_e2e::cri::CriClient, id: String| {
         let mut cri = cri.clone();
         async move {
-            let (_, init, _) = cri
-                .exec(
+            let fields = "grep -E '^(Uid|Gid|Groups|CapEff|CapBnd|NoNewPrivs|Seccomp):'";
+            let init = cri
+                .exec_ok(
                     &id,
-                    &["sh", "-c", "grep CapEff /proc/$(cat /counter.pid)/status"],
+                    &[
+                        "sh",
+                        "-c",
+                        &format!("{fields} /proc/$(cat {counter}.pid)/status"),
+                    ],
                 )
                 .await?;
-            let (_, exec, _) = cri
-                .exec(&id, &["grep", "CapEff", "/proc/self/status"])
+            let exec = cri
+                .exec_ok(&id, &["sh", "-c", &format!("{fields} /proc/self/status")])
                 .await?;
-            Ok::<_, anyhow::Error>((init.trim().to_string(), exec.trim().to_string()))
+            let (code, _, _) = cri
+                .exec(&id, &["sh", "-c", "echo x > /rootfs-write"])
+                .await?;
+            let info = cri
+                .runtime
+                .container_status(cri::ContainerStatusRequest {
+                    container_id: id.clone(),
+                    verbose: true,
+                })
+                .await?
+                .into_inner()
+                .info;
+            let info: serde_json::Value =
+                serde_json::from_str(info.get("info").context("verbose info")?)?;
+            let config = stasis_controller::pod::config_from_info(&info["config"])?;
+            let context = config
+                .linux
+                .and_then(|l| l.security_context)
+                .context("no security context in CRI's config")?;
+            Ok::<_, anyhow::Error>((init, exec, code != 0, format!("{context:?}")))
         }
     };
-    let before = caps(&mut cri, id.clone()).await?;
+    let before = look(&mut cri, id.clone()).await?;
     ensure!(
-        before.0.ends_with("0000000000000021"),
-        "the original process has {:?}",
-        before.0
+        before.0.contains("0000000000000021") && before.2,
+        "the original container: {before:?}"
     );
     let archive = c.dir.join("secctx.tar");
     c.stasisctl_ok(&[
@@ -344,10 +383,25 @@ async fn security_settings_come_back_with_the_restore() -> Result<()> {
         .to_string();
     let list = stasis_e2e::cri::containers_by_name(&mut cri, &restored).await?;
     let (_, new_id, _) = list.first().context("restored container")?.clone();
-    let after = caps(&mut cri, new_id).await?;
+    let after = look(&mut cri, new_id).await?;
     ensure!(
-        after == before,
-        "capabilities changed across the restore: {before:?} -> {after:?}"
+        after.0 == before.0,
+        "the restored process changed:\n{}\n->\n{}",
+        before.0,
+        after.0
+    );
+    ensure!(
+        after.1 == before.1,
+        "a new exec changed:\n{}\n->\n{}",
+        before.1,
+        after.1
+    );
+    ensure!(after.2, "the restored root file system is writable");
+    ensure!(
+        after.3 == before.3,
+        "CRI's security context changed:\n{}\n->\n{}",
+        before.3,
+        after.3
     );
     cri.stop_and_remove_pod(&restored).await?;
     c.finish()

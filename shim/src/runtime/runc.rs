@@ -334,7 +334,71 @@ impl OciRuntime for Runc {
         cmd.arg(id);
         self.run_with_process_stdio(id, "restore", cmd, stdio)
             .await
-            .map_err(|e| with_criu_reason(e, &opts.work_path.join("restore.log"), self.engine))
+            .map_err(|e| with_criu_reason(e, &opts.work_path.join("restore.log"), self.engine))?;
+        // runc makes a read-only root only when it creates a container, not when CRIU restores
+        // one (the root comes back writable): do what its create does.
+        let readonly = crate::spec::ContainerSpec::load(id, bundle)?
+            .typed()
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false);
+        if readonly {
+            let pid = crate::process::stdio::read_pid(id, pid_file)?;
+            if let Err(e) = remount_root_readonly(pid) {
+                let _ = self.delete(id, true).await;
+                return Err(Error::io(
+                    id,
+                    "make the restored root file system read-only",
+                    e,
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Remounts `/` read-only in the mount namespace of `pid`, keeping its other flags. setns into
+/// a mount namespace is refused to a multi-threaded process, so a forked child does it.
+fn remount_root_readonly(pid: i32) -> std::io::Result<()> {
+    use nix::{
+        mount::MsFlags,
+        sys::{statvfs::FsFlags, wait::WaitStatus},
+        unistd::ForkResult,
+    };
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))?;
+    // Only async-signal-safe system calls in the child: setns, statvfs, mount, _exit.
+    match unsafe { nix::unistd::fork() }.map_err(std::io::Error::from)? {
+        ForkResult::Child => {
+            let code = (|| -> nix::Result<()> {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNS)?;
+                let have = nix::sys::statvfs::statvfs("/")?.flags();
+                let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+                for (st, ms) in [
+                    (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+                    (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+                    (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+                    (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+                    (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+                    (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+                ] {
+                    if have.contains(st) {
+                        flags |= ms;
+                    }
+                }
+                nix::mount::mount(None::<&str>, "/", None::<&str>, flags, None::<&str>)
+            })()
+            .map(|()| 0)
+            .unwrap_or_else(|e| e as i32);
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => match nix::sys::wait::waitpid(child, None)? {
+            WaitStatus::Exited(_, 0) => Ok(()),
+            WaitStatus::Exited(_, errno) => Err(std::io::Error::from_raw_os_error(errno)),
+            other => Err(std::io::Error::other(format!(
+                "remount helper ended: {other:?}"
+            ))),
+        },
     }
 }
 

@@ -81,6 +81,9 @@ pub fn is_restore_id(id: &str) -> bool {
 pub const VOLUMES_ANNOTATION: &str = "io.stasis.checkpoint.volumes";
 /// `pod.options` annotation: the backend that wrote the checkpoint.
 pub const ENGINE_ANNOTATION: &str = "io.stasis.engine";
+/// `pod.options` annotation: the CRI runtime handler the pod ran under (what a restore or a
+/// migration uses unless told otherwise).
+pub const RUNTIME_HANDLER_ANNOTATION: &str = "io.stasis.runtime-handler";
 /// `pod.options` annotation: the checkpointed pod's sandbox id.
 pub const SANDBOX_ID_ANNOTATION: &str = "io.stasis.sandbox-id";
 /// `pod.options` annotation: the last PID handed out in the pod's PID namespace.

@@ -144,6 +144,11 @@ pub fn verify_bytes(path: &Path, written: &Written) -> Result<()> {
     Ok(())
 }
 
+/// `dir` as a plain tar stream into `w` (what a migration sends).
+pub fn write_tar<W: Write>(dir: &Path, w: W) -> Result<W> {
+    write_stream(dir, w, Compression::None)
+}
+
 /// The tar stream of `dir`, compressed, with the end of every layer checked: a compressor's
 /// final block failing (ENOSPC) is an error, not a silently truncated archive.
 fn write_stream<W: Write>(dir: &Path, file: W, compression: Compression) -> Result<W> {
@@ -488,6 +493,32 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<PodOptions> {
 /// [`extract`], decrypting with `opening`'s identities and, when it names a key, refusing an
 /// archive not signed by it.
 pub fn extract_with(archive: &Path, dest: &Path, opening: &Opening) -> Result<PodOptions> {
+    into_new_dir(
+        dest,
+        // Before anything is unpacked or held in memory: what the archive would ask for.
+        |room| check_bounds(archive, room, opening),
+        |_| open(archive, opening).and_then(|r| unpack_checked(r, dest, u64::MAX, opening)),
+    )
+}
+
+/// Unpacks a tar stream that comes from a peer (a migration) into `dest` (created; must not
+/// exist), with the checks of [`extract`]; the headers cannot be looked at first, so the
+/// total is bounded while unpacking, by the free space.
+pub fn extract_stream(stream: impl Read, dest: &Path) -> Result<PodOptions> {
+    into_new_dir(
+        dest,
+        |_| Ok(()),
+        |room| unpack_checked(stream, dest, room, &Opening::default()),
+    )
+}
+
+/// Runs `check(room)` (room: free bytes where `dest` goes), creates `dest` (0700; it must
+/// not exist) and runs `unpack(room)`; on any error `dest` is removed again.
+fn into_new_dir(
+    dest: &Path,
+    check: impl FnOnce(u64) -> Result<()>,
+    unpack: impl FnOnce(u64) -> Result<PodOptions>,
+) -> Result<PodOptions> {
     if dest.exists() {
         bail!("{} already exists", dest.display());
     }
@@ -496,8 +527,7 @@ pub fn extract_with(archive: &Path, dest: &Path, opening: &Opening) -> Result<Po
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let room = free_space(parent)?;
-    // Before anything is unpacked or held in memory: what the archive would ask for.
-    check_bounds(archive, room, opening)?;
+    check(room)?;
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -505,16 +535,40 @@ pub fn extract_with(archive: &Path, dest: &Path, opening: &Opening) -> Result<Po
             .create(dest)
             .with_context(|| format!("create {}", dest.display()))?;
     }
-    let result = (|| -> Result<PodOptions> {
-        let mut tar = tar::Archive::new(open(archive, opening)?);
+    let result = unpack(room);
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(dest);
+    }
+    result
+}
+
+/// Unpacks into the existing `dest`, refusing hostile entries and more than `room` bytes,
+/// then checks the layout, the signature (if asked) and the manifest.
+fn unpack_checked(
+    stream: impl Read,
+    dest: &Path,
+    room: u64,
+    opening: &Opening,
+) -> Result<PodOptions> {
+    {
+        let mut tar = tar::Archive::new(stream);
         tar.set_preserve_permissions(true);
         tar.set_unpack_xattrs(false);
+        let mut unpacked = 0u64;
         for entry in tar.entries().context("read archive")? {
             let mut entry =
                 entry.map_err(|e| anyhow::anyhow!("archive is truncated or corrupt: {e}"))?;
             let path = safe_path(&entry)?;
             if path.as_os_str().is_empty() {
                 continue;
+            }
+            unpacked = unpacked.saturating_add(entry.size());
+            if unpacked > room {
+                bail!(
+                    "the pod's files need more than {} and only {} are free where they are unpacked",
+                    human(unpacked),
+                    human(room)
+                );
             }
             let inside = entry.unpack_in(dest).map_err(|e| {
                 anyhow::anyhow!("archive is truncated or corrupt at {}: {e}", path.display())
@@ -552,11 +606,7 @@ pub fn extract_with(archive: &Path, dest: &Path, opening: &Opening) -> Result<Po
         }
         check_manifest(dest)?;
         Ok(options)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(dest);
     }
-    result
 }
 
 /// `pod.options`, parsed as the shim writes it (one type for both sides).

@@ -244,6 +244,8 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
             timeout: 0,
             space_check: true,
             sealing: Default::default(),
+            delivery: Default::default(),
+            hold_secs: None,
         };
         match pod::checkpoint_pod(t, args).await {
             Ok(o) => {
@@ -255,7 +257,7 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
                     RestoreArgs {
                         archive: archive.clone(),
                         name: Some(format!("{name}-restored")),
-                        runtime_handler: handler.to_string(),
+                        runtime_handler: Some(handler.to_string()),
                         // The bench's own pods, restored from archives it just wrote.
                         policy: Policy::default(),
                         replace_volumes: false,

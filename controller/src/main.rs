@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use stasis_controller::{
     archive::{self, human, Compression},
-    bench,
+    bench, migrate,
     pod::{self, CheckpointArgs, RestoreArgs, Target},
     policy::Policy,
     seal::{self, Opening, Sealing},
@@ -82,6 +82,11 @@ enum Command {
     /// (internal) The watchdog a restore starts to clean up if stasisctl is killed.
     #[command(name = "__restore-guard", hide = true)]
     RestoreGuard { dir: PathBuf },
+    /// Receive pods from other nodes (`migrate listen`), and make the key both sides share.
+    Migrate {
+        #[command(subcommand)]
+        command: MigrateCommand,
+    },
     /// Make a key pair for signing (Ed25519) or encrypting (age X25519) archives.
     Key {
         #[command(subcommand)]
@@ -95,6 +100,63 @@ enum Command {
         identity: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
+    },
+}
+
+/// What a restored (or received) pod may ask for.
+#[derive(clap::Args)]
+struct AdmitArgs {
+    /// Accept these requests of the archive (comma separated or repeated): privileged,
+    /// host-namespaces, capabilities, seccomp-unconfined, apparmor-unconfined,
+    /// cgroup-parent, devices. Without them such an archive is refused, every item listed,
+    /// before anything is created.
+    #[arg(long = "allow", value_name = "ITEMS")]
+    allow: Vec<String>,
+    /// Also accept host-path mounts below PREFIX (repeatable); the node policy already
+    /// allows kubelet's pod volume directory.
+    #[arg(long = "allow-host-path", value_name = "PREFIX")]
+    allow_host_paths: Vec<PathBuf>,
+    /// The node's restore policy (JSON: allow, host_path_prefixes, cgroup_roots).
+    /// Default: /etc/stasis/restore-policy.json if it exists, else built-in defaults.
+    #[arg(long, env = "STASIS_RESTORE_POLICY", value_name = "FILE")]
+    policy: Option<PathBuf>,
+    /// Replace the contents of non-empty host volumes with the checkpointed ones (without
+    /// it, captured volumes restore only into empty directories).
+    #[arg(long)]
+    replace_volumes: bool,
+}
+
+impl AdmitArgs {
+    fn policy(&self) -> Result<Policy> {
+        let mut policy = Policy::load(self.policy.as_deref())?;
+        policy.widen(&self.allow, &self.allow_host_paths)?;
+        Ok(policy)
+    }
+}
+
+#[derive(Subcommand)]
+enum MigrateCommand {
+    /// Write a new shared migration key (0600; never replaces a file). Copy it to both nodes.
+    Keygen {
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+    /// On the target node: receive pods sent by `pod migrate` and restore them into this
+    /// node's containerd (--address). Peers must hold the same key (a Noise session: the key
+    /// is proven before anything is sent, and the stream is encrypted and authenticated).
+    /// Received pods pass the same restore policy as archives. Prints each new pod id.
+    Listen {
+        /// Address to listen on, e.g. 0.0.0.0:7443.
+        #[arg(long)]
+        listen: String,
+        /// Shared key from `stasisctl migrate keygen` (the same file on both nodes).
+        #[arg(long = "key-file", value_name = "K")]
+        key_file: PathBuf,
+        #[command(flatten)]
+        admit: AdmitArgs,
+        /// Exit after this many migrations (default: serve until stopped).
+        #[arg(long, default_value_t = 0)]
+        count: u32,
     },
 }
 
@@ -167,6 +229,31 @@ enum PodCommand {
         #[arg(long = "encrypt-to", value_name = "RECIPIENT")]
         encrypt_to: Vec<String>,
     },
+    /// Move POD to the node where `stasisctl migrate listen` runs; prints the new pod id there.
+    ///
+    /// The pod is frozen once, captured as for a checkpoint and streamed (no archive on
+    /// either node); the target restores it and lets it run; only then is the pod here
+    /// stopped and removed. Any failure before that leaves it running here, and nothing on the
+    /// target. The pod gets a new IP address; established TCP connections are not moved.
+    Migrate {
+        /// Pod id, unique id prefix, or pod name.
+        pod: String,
+        /// The receiver, ADDR:PORT.
+        #[arg(long)]
+        to: String,
+        /// Shared key from `stasisctl migrate keygen` (the same file on both nodes).
+        #[arg(long = "key-file", value_name = "K")]
+        key_file: PathBuf,
+        /// Name of the pod on the target (default: the same).
+        #[arg(long)]
+        name: Option<String>,
+        /// Runtime handler on the target (default: the one the pod runs under here).
+        #[arg(long)]
+        runtime_handler: Option<String>,
+        /// Give up the capture after this many seconds (the pod runs on); 0 = no limit.
+        #[arg(long, default_value_t = 0)]
+        timeout: u32,
+    },
     /// Restore a pod archive as a new running pod; prints the new pod id.
     ///
     /// The archive is unpacked into the restore store (/var/lib/stasis/restores, root's,
@@ -177,27 +264,12 @@ enum PodCommand {
         /// Name of the new pod (default: the checkpointed pod's name).
         #[arg(long)]
         name: Option<String>,
-        /// CRI runtime handler for the new pod.
-        #[arg(long, default_value = "stasis")]
-        runtime_handler: String,
-        /// Accept these requests of the archive (comma separated or repeated): privileged,
-        /// host-namespaces, capabilities, seccomp-unconfined, apparmor-unconfined,
-        /// cgroup-parent, devices. Without them such an archive is refused, every item listed,
-        /// before anything is created.
-        #[arg(long = "allow", value_name = "ITEMS")]
-        allow: Vec<String>,
-        /// Also accept host-path mounts below PREFIX (repeatable); the node policy already
-        /// allows kubelet's pod volume directory.
-        #[arg(long = "allow-host-path", value_name = "PREFIX")]
-        allow_host_paths: Vec<PathBuf>,
-        /// The node's restore policy (JSON: allow, host_path_prefixes, cgroup_roots).
-        /// Default: /etc/stasis/restore-policy.json if it exists, else built-in defaults.
-        #[arg(long, env = "STASIS_RESTORE_POLICY", value_name = "FILE")]
-        policy: Option<PathBuf>,
-        /// Replace the contents of non-empty host volumes with the checkpointed ones (without
-        /// it, captured volumes restore only into empty directories).
+        /// CRI runtime handler for the new pod (default: the one the pod ran under, as the
+        /// archive records it; "stasis" for archives that record none).
         #[arg(long)]
-        replace_volumes: bool,
+        runtime_handler: Option<String>,
+        #[command(flatten)]
+        admit: AdmitArgs,
         /// Refuse the archive unless its manifest is signed by this Ed25519 public key (PEM).
         #[arg(long, value_name = "PUB")]
         verify_key: Option<PathBuf>,
@@ -231,6 +303,36 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pod { command } => match command {
             PodCommand::Ls => pod::ls(&target).await,
+            PodCommand::Migrate {
+                pod,
+                to,
+                key_file,
+                name,
+                runtime_handler,
+                timeout,
+            } => {
+                let m = migrate::migrate(
+                    &target,
+                    migrate::MigrateArgs {
+                        pod: pod.clone(),
+                        to: to.clone(),
+                        key: key_file,
+                        name,
+                        runtime_handler,
+                        timeout,
+                    },
+                )
+                .await?;
+                eprintln!(
+                    "pod {pod} moved to {to} as {}: downtime {:.0} ms (frozen here until running there), {} sent, {:.0} ms in all",
+                    m.target_pod,
+                    m.downtime_ms,
+                    archive::human(m.bytes_sent),
+                    m.total_ms
+                );
+                println!("{}", m.target_pod);
+                Ok(())
+            }
             PodCommand::Checkpoint {
                 pod,
                 output,
@@ -275,6 +377,8 @@ async fn run(cli: Cli) -> Result<()> {
                         timeout,
                         space_check: !skip_space_check,
                         sealing,
+                        delivery: Default::default(),
+                        hold_secs: None,
                     },
                 )
                 .await
@@ -283,24 +387,19 @@ async fn run(cli: Cli) -> Result<()> {
                 archive,
                 name,
                 runtime_handler,
-                allow,
-                allow_host_paths,
-                policy,
-                replace_volumes,
+                admit,
                 verify_key,
                 identity,
             } => {
                 let opening = opening(identity.as_deref(), verify_key.as_deref())?;
-                let mut policy = Policy::load(policy.as_deref())?;
-                policy.widen(&allow, &allow_host_paths)?;
                 let id = pod::restore(
                     &target,
                     RestoreArgs {
                         archive,
                         name,
                         runtime_handler,
-                        policy,
-                        replace_volumes,
+                        policy: admit.policy()?,
+                        replace_volumes: admit.replace_volumes,
                         opening,
                     },
                 )
@@ -332,6 +431,34 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::RestoreGuard { dir } => stasis_controller::guard::run(&target.address, dir).await,
+        Command::Migrate { command } => match command {
+            MigrateCommand::Keygen { output } => {
+                migrate::keygen(&output)?;
+                eprintln!(
+                    "wrote {}; copy it (mode 0600) to the other node",
+                    output.display()
+                );
+                Ok(())
+            }
+            MigrateCommand::Listen {
+                listen,
+                key_file,
+                admit,
+                count,
+            } => {
+                migrate::listen(
+                    &target,
+                    migrate::ListenArgs {
+                        listen,
+                        key: key_file,
+                        policy: admit.policy()?,
+                        replace_volumes: admit.replace_volumes,
+                        count,
+                    },
+                )
+                .await
+            }
+        },
         Command::Key {
             command: KeyCommand::Generate { kind, output },
         } => {

@@ -2,6 +2,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::atomic::AtomicBool,
     time::Instant,
 };
 
@@ -92,7 +93,26 @@ pub struct CheckpointArgs {
     pub space_check: bool,
     /// Signing key and encryption recipients of the archive.
     pub sealing: Sealing,
+    /// What becomes of the captured pod: an archive at `output`, or something else.
+    pub delivery: Delivery,
+    /// How long the shim holds a stopping checkpoint's pod frozen for us (default: from the
+    /// space estimate).
+    pub hold_secs: Option<u32>,
 }
+
+/// Where a captured pod goes once its files are staged, manifested and signed.
+#[derive(Default)]
+pub enum Delivery {
+    /// Packaged into the archive file `output`.
+    #[default]
+    Archive,
+    /// Handed to this (a migration stream), which returns the bytes it delivered. Success
+    /// means the pod's data is safe elsewhere: a stopping checkpoint then stops the pod.
+    Custom(Deliver),
+}
+
+/// Takes the staged directory (and a cancel flag); returns the bytes it delivered.
+pub type Deliver = Box<dyn FnOnce(&Path, &AtomicBool) -> Result<u64> + Send>;
 
 /// What CRI knows of a container, as the Checkpoint service wants it.
 async fn container_info(rt: &mut cri::Runtime, c: &api::Container) -> Result<ContainerInfo> {
@@ -292,7 +312,7 @@ pub async fn checkpoint(t: &Target, a: CheckpointArgs) -> Result<()> {
 }
 
 /// Checkpoints a pod through its shim's Checkpoint service and writes the archive.
-pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointOutcome> {
+pub async fn checkpoint_pod(t: &Target, mut a: CheckpointArgs) -> Result<CheckpointOutcome> {
     let started = Instant::now();
     let mut rt = cri::connect(Path::new(&t.address)).await?;
     let pod = cri::find_pod(&mut rt, &a.pod).await?;
@@ -401,7 +421,8 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
             hold_secs: if a.leave_running {
                 0
             } else {
-                (60 + estimate.total() / 20_000_000).min(3600) as u32
+                a.hold_secs
+                    .unwrap_or((60 + estimate.total() / 20_000_000).min(3600) as u32)
             },
             ..Default::default()
         })
@@ -438,15 +459,25 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
     };
     let t_pack = Instant::now();
     let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let undelivered = match a.delivery {
+        Delivery::Archive => "no archive was written",
+        Delivery::Custom(_) => "the pod was not delivered",
+    };
     let packaging = {
         let (staging, output, cancel) = (staging.clone(), a.output.clone(), cancel.clone());
         let compress = a.compress;
         let (sign, recipients) = (a.sealing.sign.clone(), a.sealing.recipients.clone());
+        let handler = pod.runtime_handler.clone();
+        let delivery = std::mem::take(&mut a.delivery);
         tokio::task::spawn_blocking(move || {
+            record_runtime_handler(&staging, &handler)?;
             archive::make_private(&staging)?;
             archive::write_manifest(&staging)?;
             if let Some(key) = &sign {
                 seal::sign_manifest(&staging, key)?;
+            }
+            if let Delivery::Custom(deliver) = delivery {
+                return deliver(&staging, &cancel);
             }
             let written =
                 archive::write_cancellable(&staging, &output, compress, &recipients, &cancel)?;
@@ -488,10 +519,10 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
                 .await;
             return Err(match finished {
                 Ok(_) => e.context(format!(
-                    "pod {name}: no archive was written; the pod was not stopped and runs on"
+                    "pod {name}: {undelivered}; the pod was not stopped and runs on"
                 )),
                 Err(f) => e.context(format!(
-                    "pod {name}: no archive was written; resuming the pod failed too ({}), its shim lets it run on when its hold ends",
+                    "pod {name}: {undelivered}; resuming the pod failed too ({}), its shim lets it run on when its hold ends",
                     shim::explain(f, &pod.id, &pod.runtime_handler)
                 )),
             });
@@ -524,6 +555,22 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
         packaging_ms: t_pack.elapsed().as_secs_f64() * 1000.0,
         total_ms: started.elapsed().as_secs_f64() * 1000.0,
     })
+}
+
+/// Notes in `pod.options` which CRI runtime handler the pod ran under (the shim knows its
+/// engine, not the handler's name), so a restore can default to it.
+fn record_runtime_handler(staging: &Path, handler: &str) -> Result<()> {
+    if handler.is_empty() {
+        return Ok(());
+    }
+    let mut options = archive::read_pod_options(staging)?;
+    options.annotations.insert(
+        stasis_api::layout::RUNTIME_HANDLER_ANNOTATION.into(),
+        handler.into(),
+    );
+    let path = staging.join(stasis_api::layout::POD_OPTIONS);
+    std::fs::remove_file(&path).with_context(|| format!("replace {}", path.display()))?;
+    seal::write_new_private(&path, &options.to_json())
 }
 
 /// What a checkpoint of some containers will need on disk, from what CRI reports.
@@ -572,7 +619,8 @@ async fn estimate(rt: &mut cri::Runtime, containers: &[ContainerInfo]) -> SpaceE
 pub struct RestoreArgs {
     pub archive: PathBuf,
     pub name: Option<String>,
-    pub runtime_handler: String,
+    /// CRI runtime handler for the new pod; None: the one the archive records, else "stasis".
+    pub runtime_handler: Option<String>,
     /// What the archive may ask for (node policy widened by the operator's flags).
     pub policy: Policy,
     /// Replace the contents of non-empty host volumes with the captured ones.
@@ -606,6 +654,19 @@ impl Interrupt {
 }
 
 pub async fn restore(t: &Target, a: RestoreArgs) -> Result<String> {
+    restore_with(t, &a, |dir| {
+        archive::extract_with(&a.archive, dir, &a.opening)
+    })
+    .await
+}
+
+/// A restore whose files `unpack` puts into the fresh restore directory it is given (from an
+/// archive file, or a migration stream); everything else as [`restore`].
+pub async fn restore_with(
+    t: &Target,
+    a: &RestoreArgs,
+    unpack: impl FnOnce(&Path) -> Result<archive::PodOptions>,
+) -> Result<String> {
     let started = Instant::now();
     let mut interrupt = Interrupt::listen()?;
     let store = open_restore_store()?;
@@ -616,7 +677,7 @@ pub async fn restore(t: &Target, a: RestoreArgs) -> Result<String> {
     // Cleans up if this process is killed outright from here on.
     let mut guard = RestoreGuard::start(&t.address, &dir)?;
     // Everything about the archive is checked before anything is created.
-    let options = match archive::extract_with(&a.archive, &dir, &a.opening) {
+    let options = match unpack(&dir) {
         Ok(o) => o,
         Err(e) => {
             guard.done();
@@ -625,7 +686,7 @@ pub async fn restore(t: &Target, a: RestoreArgs) -> Result<String> {
     };
     let result = restore_extracted(
         t,
-        &a,
+        a,
         (&restore_id, &dir),
         &options,
         &mut interrupt,
@@ -731,22 +792,32 @@ async fn restore_extracted(
     pod.annotations
         .insert(RESTORE_ANNOTATION.to_string(), restore_id.to_string());
     let pod_name = md.name.clone();
+    let recorded = options
+        .annotations
+        .get(stasis_api::layout::RUNTIME_HANDLER_ANNOTATION);
+    let handler = match (&a.runtime_handler, recorded) {
+        (Some(h), _) => h.clone(),
+        (None, Some(h)) => {
+            eprintln!("runtime handler {h} (the one the pod ran under)");
+            h.clone()
+        }
+        (None, None) => "stasis".to_string(),
+    };
     let channel = cri::channel(Path::new(&t.address)).await?;
     check_base_images(&mut cri::Images::new(channel.clone()), &configs).await?;
     let mut rt = cri::Runtime::new(channel);
     let pod_id = rt
         .run_pod_sandbox(api::RunPodSandboxRequest {
             config: Some(pod.clone()),
-            runtime_handler: a.runtime_handler.clone(),
+            runtime_handler: handler.clone(),
         })
         .await
-        .with_context(|| format!("create pod {pod_name} (handler {})", a.runtime_handler))?
+        .with_context(|| format!("create pod {pod_name} (handler {handler})"))?
         .into_inner()
         .pod_sandbox_id;
     guard.pod(&pod_id);
     let work = async {
-        let client =
-            shim::checkpoint_client(&t.address, &t.namespace, &pod_id, &a.runtime_handler).await?;
+        let client = shim::checkpoint_client(&t.address, &t.namespace, &pod_id, &handler).await?;
         let v = client
             .validate_restore(
                 ttrpc_ctx(60),
@@ -756,13 +827,13 @@ async fn restore_extracted(
                 },
             )
             .await
-            .map_err(|e| shim::explain(e, &pod_id, &a.runtime_handler))
+            .map_err(|e| shim::explain(e, &pod_id, &handler))
             .with_context(|| format!("archive written by the {} backend", options.engine()))?;
         if v.engine != options.engine() {
             bail!(
                 "archive was written by the {} backend; runtime handler {:?} uses {}",
                 options.engine(),
-                a.runtime_handler,
+                handler,
                 v.engine
             );
         }
@@ -797,7 +868,7 @@ async fn restore_extracted(
                 },
             )
             .await
-            .map_err(|e| shim::explain(e, &pod_id, &a.runtime_handler))
+            .map_err(|e| shim::explain(e, &pod_id, &handler))
             .context("resume the restored containers")?;
         Ok(())
     };

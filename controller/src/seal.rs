@@ -142,6 +142,13 @@ fn create_private(path: &Path, mode: u32) -> Result<std::fs::File> {
         .with_context(|| format!("create {} (it must not exist)", path.display()))
 }
 
+/// Writes `data` to a new file at `path` (0600, never through a link, never over a file).
+pub fn write_new_private(path: &Path, data: &[u8]) -> Result<()> {
+    create_private(path, 0o600)?
+        .write_all(data)
+        .with_context(|| format!("write {}", path.display()))
+}
+
 /// Signs the manifest of the staged checkpoint `dir` (writes `manifest.sig`, 0600).
 pub fn sign_manifest(dir: &Path, key: &SigningKey) -> Result<()> {
     let manifest = std::fs::read(dir.join(layout::MANIFEST)).context("read the manifest")?;

@@ -84,16 +84,31 @@ impl CriClient {
         container_id: &str,
         cmd: &[&str],
     ) -> Result<(i32, String, String)> {
-        let r = self
-            .runtime
-            .exec_sync(cri::ExecSyncRequest {
-                container_id: container_id.to_string(),
-                cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                timeout: 20,
-            })
-            .await
-            .with_context(|| format!("ExecSync {cmd:?} in {container_id}"))?
-            .into_inner();
+        let request = cri::ExecSyncRequest {
+            container_id: container_id.to_string(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 20,
+        };
+        let mut attempt = 0;
+        let r = loop {
+            match self.runtime.exec_sync(request.clone()).await {
+                Ok(r) => break r.into_inner(),
+                // runc's init occasionally dies before its first message on this loaded
+                // 2-core host ("read init-p: connection reset by peer", also seen with plain
+                // `ctr run`): the process never started, so it is run again, at most twice.
+                Err(e) if e.message().contains("read init-p") && attempt < 2 => {
+                    attempt += 1;
+                    eprintln!(
+                        "ExecSync {cmd:?} in {container_id}: runc failed transiently ({}), again",
+                        e.message()
+                    );
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::from(e)
+                        .context(format!("ExecSync {cmd:?} in {container_id}")))
+                }
+            }
+        };
         Ok((
             r.exit_code,
             String::from_utf8_lossy(&r.stdout).into_owned(),

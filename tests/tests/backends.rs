@@ -91,6 +91,7 @@ async fn pod_round_trip(name: &str, handler: &str, gvisor: bool) -> Result<()> {
     wait_counter_above(&mut cri, &ids[0], "/counter", live).await?;
     cri.stop_and_remove_pod(&pod_id).await?;
 
+    // No --runtime-handler: the archive records the handler the pod ran under.
     let new_pod = c
         .stasisctl_ok(&[
             "pod",
@@ -98,8 +99,6 @@ async fn pod_round_trip(name: &str, handler: &str, gvisor: bool) -> Result<()> {
             archive.to_str().unwrap(),
             "--name",
             "rt-restored",
-            "--runtime-handler",
-            handler,
         ])?
         .trim()
         .to_string();

@@ -1,0 +1,565 @@
+//! Moving a running pod to another node: `pod migrate` on the source streams the pod's
+//! checkpoint to `migrate listen` on the target, which restores it; no archive is written on
+//! either side.
+//!
+//! The link is a Noise session (`snow`, pattern NNpsk0 over X25519, ChaCha20-Poly1305,
+//! BLAKE2s): both peers prove they hold the shared key before anything is sent, and every
+//! byte after that is encrypted and authenticated. The key is 32 random bytes, hex, in a 0600
+//! file (`migrate keygen`).
+//!
+//! Order of events, so that a failure never loses the pod: the source pod is frozen and
+//! captured (held frozen by its shim), its files streamed; the target restores and lets the
+//! new pod run; only when the target says so is the source stopped and removed. Any failure
+//! before that thaws the source (it runs on) and removes whatever the target created.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    os::unix::fs::{MetadataExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    sync::atomic::AtomicBool,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    archive::{self, human, Compression},
+    pod::{self, CheckpointArgs, Delivery, RestoreArgs, Target},
+    policy::Policy,
+    seal::Opening,
+};
+
+const NOISE: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+/// Binds the session to this protocol and its version.
+const PROLOGUE: &[u8] = b"stasis pod migration v1";
+/// Largest plaintext of one frame (a Noise message is at most 65535 bytes with its tag).
+const FRAME: usize = 65535 - 16 - 1;
+/// How long the source pod may stay frozen for the target to restore it.
+const HOLD_SECS: u32 = 600;
+/// Where a migrating pod is staged on the source (root's, 0700).
+const STAGING: &str = "/var/lib/stasis/migrations";
+
+/// Writes a new shared key to `output` (0600, never over an existing file).
+pub fn keygen(output: &Path) -> Result<()> {
+    let mut key = [0u8; 32];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut key);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(output)
+        .and_then(|mut f| f.write_all(format!("{}\n", hex::encode(key)).as_bytes()))
+        .with_context(|| format!("write {} (it must not exist)", output.display()))
+}
+
+/// Reads a key file, refusing one others may read.
+pub fn load_key(path: &Path) -> Result<[u8; 32]> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("open key file {}", path.display()))?;
+    let meta = f.metadata()?;
+    if meta.mode() & 0o077 != 0 || meta.uid() != nix::unistd::geteuid().as_raw() {
+        bail!(
+            "key file {} must be yours with mode 0600 (it is {:o}, uid {})",
+            path.display(),
+            meta.mode() & 0o777,
+            meta.uid()
+        );
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text)?;
+    hex::decode(text.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .with_context(|| {
+            format!(
+                "{} is not a migration key (64 hex digits, from stasisctl migrate keygen)",
+                path.display()
+            )
+        })
+}
+
+/// One end of an authenticated, encrypted session.
+pub struct Channel {
+    stream: TcpStream,
+    noise: snow::TransportState,
+    buf: Vec<u8>,
+}
+
+/// What a frame carries.
+const DATA: u8 = b'D';
+const END: u8 = b'E';
+const CONTROL: u8 = b'J';
+
+fn builder(key: &[u8; 32]) -> Result<snow::Builder<'_>> {
+    Ok(snow::Builder::new(NOISE.parse()?)
+        .prologue(PROLOGUE)?
+        .psk(0, key)?)
+}
+
+fn write_frame(stream: &mut TcpStream, frame: &[u8]) -> std::io::Result<()> {
+    stream.write_all(&(frame.len() as u16).to_be_bytes())?;
+    stream.write_all(frame)
+}
+
+fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len)?;
+    buf.resize(u16::from_be_bytes(len) as usize, 0);
+    stream.read_exact(buf)
+}
+
+impl Channel {
+    /// Connects and proves the key (the initiator's side).
+    pub fn connect(to: &str, key: &[u8; 32]) -> Result<Channel> {
+        let mut stream = TcpStream::connect(to).with_context(|| format!("connect to {to}"))?;
+        stream.set_nodelay(true)?;
+        let mut hs = builder(key)?.build_initiator()?;
+        let mut msg = vec![0u8; 65535];
+        let n = hs.write_message(&[], &mut msg)?;
+        write_frame(&mut stream, &msg[..n])?;
+        let mut frame = Vec::new();
+        read_frame(&mut stream, &mut frame).with_context(|| {
+            format!("{to} closed the connection: it is not a stasis receiver, or its key differs")
+        })?;
+        hs.read_message(&frame, &mut msg)
+            .map_err(|_| anyhow::anyhow!("{to} does not hold the same migration key"))?;
+        Ok(Channel {
+            stream,
+            noise: hs.into_transport_mode()?,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Answers a connection, refusing a peer without the key (the responder's side).
+    pub fn accept(mut stream: TcpStream, key: &[u8; 32]) -> Result<Channel> {
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut hs = builder(key)?.build_responder()?;
+        let mut frame = Vec::new();
+        let mut msg = vec![0u8; 65535];
+        read_frame(&mut stream, &mut frame).context("read the peer's greeting")?;
+        hs.read_message(&frame, &mut msg)
+            .map_err(|_| anyhow::anyhow!("the peer does not hold the migration key"))?;
+        let n = hs.write_message(&[], &mut msg)?;
+        write_frame(&mut stream, &msg[..n])?;
+        stream.set_read_timeout(Some(Duration::from_secs(600)))?;
+        Ok(Channel {
+            stream,
+            noise: hs.into_transport_mode()?,
+            buf: Vec::new(),
+        })
+    }
+
+    fn send(&mut self, kind: u8, data: &[u8]) -> std::io::Result<()> {
+        let mut plain = Vec::with_capacity(data.len() + 1);
+        plain.push(kind);
+        plain.extend_from_slice(data);
+        let mut sealed = vec![0u8; plain.len() + 16];
+        let n = self
+            .noise
+            .write_message(&plain, &mut sealed)
+            .map_err(std::io::Error::other)?;
+        write_frame(&mut self.stream, &sealed[..n])
+    }
+
+    fn recv(&mut self) -> std::io::Result<(u8, Vec<u8>)> {
+        let mut frame = Vec::new();
+        read_frame(&mut self.stream, &mut frame)?;
+        let mut plain = vec![0u8; frame.len()];
+        let n = self.noise.read_message(&frame, &mut plain).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "a frame failed authentication: the stream was changed or cut",
+            )
+        })?;
+        plain.truncate(n);
+        if plain.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "empty frame",
+            ));
+        }
+        let kind = plain.remove(0);
+        Ok((kind, plain))
+    }
+
+    fn send_json<T: Serialize>(&mut self, value: &T) -> Result<()> {
+        Ok(self.send(CONTROL, &serde_json::to_vec(value)?)?)
+    }
+
+    fn recv_json<T: for<'de> Deserialize<'de>>(&mut self) -> Result<T> {
+        let (kind, data) = self.recv()?;
+        if kind != CONTROL {
+            bail!("protocol error: expected a control message");
+        }
+        Ok(serde_json::from_slice(&data)?)
+    }
+
+    /// A writer of the data stream; `finish` marks its end.
+    fn writer(&mut self) -> DataWriter<'_> {
+        DataWriter {
+            channel: self,
+            pending: Vec::with_capacity(FRAME),
+            sent: 0,
+        }
+    }
+
+    /// A reader of the data stream, ending where the sender's `finish` was.
+    fn reader(&mut self) -> DataReader<'_> {
+        DataReader {
+            channel: self,
+            at: 0,
+            ended: false,
+            received: 0,
+        }
+    }
+}
+
+struct DataWriter<'a> {
+    channel: &'a mut Channel,
+    pending: Vec<u8>,
+    sent: u64,
+}
+
+impl Write for DataWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(FRAME - self.pending.len());
+        self.pending.extend_from_slice(&buf[..n]);
+        if self.pending.len() == FRAME {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            self.channel.send(DATA, &self.pending)?;
+            self.sent += self.pending.len() as u64;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+}
+
+impl DataWriter<'_> {
+    fn finish(mut self) -> std::io::Result<u64> {
+        self.flush()?;
+        self.channel.send(END, &[])?;
+        Ok(self.sent)
+    }
+}
+
+struct DataReader<'a> {
+    channel: &'a mut Channel,
+    at: usize,
+    ended: bool,
+    received: u64,
+}
+
+impl Read for DataReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.channel.buf.len() {
+            if self.ended {
+                return Ok(0);
+            }
+            let (kind, data) = self.channel.recv()?;
+            match kind {
+                DATA => {
+                    self.received += data.len() as u64;
+                    self.channel.buf = data;
+                    self.at = 0;
+                }
+                END => self.ended = true,
+                // The sender gave up half-way (its error follows as a control message).
+                CONTROL => {
+                    let e: Outcome = serde_json::from_slice(&data).unwrap_or_default();
+                    return Err(std::io::Error::other(format!(
+                        "the source gave up: {}",
+                        e.error.unwrap_or_default()
+                    )));
+                }
+                _ => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "protocol error: unknown frame",
+                    ))
+                }
+            }
+        }
+        let n = out.len().min(self.channel.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.channel.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// The source's first message.
+#[derive(Serialize, Deserialize, Default)]
+struct Offer {
+    pod: String,
+    name: Option<String>,
+    runtime_handler: Option<String>,
+}
+
+/// The target's answer once it has restored (or failed to).
+#[derive(Serialize, Deserialize, Default)]
+struct Outcome {
+    pod_id: Option<String>,
+    error: Option<String>,
+    restore_ms: f64,
+}
+
+pub struct MigrateArgs {
+    pub pod: String,
+    pub to: String,
+    pub key: PathBuf,
+    pub name: Option<String>,
+    pub runtime_handler: Option<String>,
+    pub timeout: u32,
+}
+
+/// What a migration did, for the caller to print.
+pub struct Migrated {
+    pub target_pod: String,
+    pub downtime_ms: f64,
+    pub total_ms: f64,
+    pub bytes_sent: u64,
+}
+
+/// Moves pod `a.pod` to the receiver at `a.to`.
+pub async fn migrate(t: &Target, a: MigrateArgs) -> Result<Migrated> {
+    let started = Instant::now();
+    let key = load_key(&a.key)?;
+    // The peer and the key are checked before anything of the pod is touched.
+    let to = a.to.clone();
+    let mut channel = tokio::task::spawn_blocking(move || Channel::connect(&to, &key)).await??;
+    channel.send_json(&Offer {
+        pod: a.pod.clone(),
+        name: a.name.clone(),
+        runtime_handler: a.runtime_handler.clone(),
+    })?;
+    let staging_parent = private_dir(Path::new(STAGING))?;
+    let output = staging_parent.join(format!("{}.{}", a.pod, archive::random_suffix()?));
+    let outcome = std::sync::Arc::new(std::sync::Mutex::new(None::<(String, f64, u64)>));
+    let delivered = outcome.clone();
+    let to = a.to.clone();
+    let deliver = move |dir: &Path, _cancel: &AtomicBool| -> Result<u64> {
+        let sent = (|| -> Result<u64> {
+            let mut w = channel.writer();
+            archive::write_tar(dir, &mut w)?;
+            Ok(w.finish()?)
+        })()
+        .with_context(|| format!("send the pod to {to} (the connection was lost)"))?;
+        // The pod stays frozen (held by its shim) until this answer: wait a little less
+        // than the hold, so that a silent target ends in a thawed source, not a stopped one.
+        channel
+            .stream
+            .set_read_timeout(Some(Duration::from_secs(HOLD_SECS as u64 - 30)))?;
+        let answer: Outcome = channel
+            .recv_json()
+            .with_context(|| format!("no answer from {to}"))?;
+        match (answer.pod_id, answer.error) {
+            (Some(id), None) => {
+                *delivered.lock().unwrap() = Some((id, answer.restore_ms, sent));
+                Ok(sent)
+            }
+            (_, e) => bail!(
+                "{to} could not restore the pod: {}",
+                e.unwrap_or_else(|| "no reason given".into())
+            ),
+        }
+    };
+    let frozen_at = Instant::now();
+    let result = pod::checkpoint_pod(
+        t,
+        CheckpointArgs {
+            pod: a.pod.clone(),
+            output,
+            leave_running: false,
+            compress: Compression::None,
+            containers: Vec::new(),
+            tcp_established: false,
+            file_locks: false,
+            timeout: a.timeout,
+            space_check: true,
+            sealing: Default::default(),
+            delivery: Delivery::Custom(Box::new(deliver)),
+            hold_secs: Some(HOLD_SECS),
+        },
+    )
+    .await;
+    let _ = std::fs::remove_dir(&staging_parent);
+    let o = result.with_context(|| format!("migration of pod {} to {} failed", a.pod, a.to))?;
+    let (target_pod, _restore_ms, bytes_sent) = outcome
+        .lock()
+        .unwrap()
+        .take()
+        .context("the receiver's answer was lost")?;
+    let downtime_ms = frozen_at.elapsed().as_secs_f64() * 1000.0;
+    // The target runs and the source was stopped (its containers killed while frozen): now
+    // the source pod goes.
+    let mut rt = crate::cri::connect(Path::new(&t.address)).await?;
+    let _ = rt
+        .stop_pod_sandbox(crate::cri::api::StopPodSandboxRequest {
+            pod_sandbox_id: o.pod_id.clone(),
+        })
+        .await;
+    rt.remove_pod_sandbox(crate::cri::api::RemovePodSandboxRequest {
+        pod_sandbox_id: o.pod_id.clone(),
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "pod {} runs on {} as {target_pod}, but removing the stopped source pod failed",
+            a.pod, a.to
+        )
+    })?;
+    Ok(Migrated {
+        target_pod,
+        downtime_ms,
+        total_ms: started.elapsed().as_secs_f64() * 1000.0,
+        bytes_sent,
+    })
+}
+
+/// A directory of root's closed to others (created 0700 if missing).
+fn private_dir(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("create {}", dir.display()))?;
+    let meta = dir.symlink_metadata()?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+        bail!(
+            "{} must be a directory of root's with mode 0700",
+            dir.display()
+        );
+    }
+    let d = dir.join(archive::random_suffix()?);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&d)
+        .with_context(|| format!("create {}", d.display()))?;
+    Ok(d)
+}
+
+pub struct ListenArgs {
+    pub listen: String,
+    pub key: PathBuf,
+    pub policy: Policy,
+    pub replace_volumes: bool,
+    /// Stop after this many migrations (0: serve until stopped).
+    pub count: u32,
+}
+
+/// Receives migrations one at a time and restores them into this node's containerd.
+pub async fn listen(t: &Target, a: ListenArgs) -> Result<()> {
+    let key = load_key(&a.key)?;
+    let listener =
+        TcpListener::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;
+    eprintln!(
+        "waiting for migrations on {} (restoring into {})",
+        listener.local_addr()?,
+        t.address
+    );
+    let mut served = 0;
+    loop {
+        let (stream, peer) = {
+            let l = listener.try_clone()?;
+            tokio::task::spawn_blocking(move || l.accept()).await??
+        };
+        let mut channel =
+            match tokio::task::spawn_blocking(move || Channel::accept(stream, &key)).await? {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("refused {peer}: {e:#}");
+                    continue;
+                }
+            };
+        let started = Instant::now();
+        let result = receive(t, &a, &mut channel, &peer.to_string()).await;
+        let answer = match &result {
+            Ok(id) => Outcome {
+                pod_id: Some(id.clone()),
+                error: None,
+                restore_ms: started.elapsed().as_secs_f64() * 1000.0,
+            },
+            Err(e) => Outcome {
+                pod_id: None,
+                error: Some(format!("{e:#}")),
+                restore_ms: 0.0,
+            },
+        };
+        let sent = channel.send_json(&answer);
+        match (&result, sent) {
+            (Ok(id), Ok(())) => {
+                println!("{id}");
+                eprintln!(
+                    "restored a pod from {peer} as {id} in {:.0} ms",
+                    started.elapsed().as_secs_f64() * 1000.0
+                );
+            }
+            (Ok(id), Err(e)) => {
+                // The source never learns its pod moved: it lets its pod run on, so this copy
+                // must go.
+                eprintln!("{peer} is gone before it heard of pod {id} ({e}); removing it");
+                remove_pod(t, id).await;
+            }
+            (Err(e), _) => eprintln!("migration from {peer} failed: {e:#}"),
+        }
+        served += 1;
+        if a.count > 0 && served >= a.count {
+            return Ok(());
+        }
+    }
+}
+
+async fn remove_pod(t: &Target, id: &str) {
+    if let Ok(mut rt) = crate::cri::connect(Path::new(&t.address)).await {
+        let _ = rt
+            .stop_pod_sandbox(crate::cri::api::StopPodSandboxRequest {
+                pod_sandbox_id: id.to_string(),
+            })
+            .await;
+        let _ = rt
+            .remove_pod_sandbox(crate::cri::api::RemovePodSandboxRequest {
+                pod_sandbox_id: id.to_string(),
+            })
+            .await;
+    }
+}
+
+/// One migration: the offer, the pod's files into the restore store, the restore.
+async fn receive(t: &Target, a: &ListenArgs, channel: &mut Channel, peer: &str) -> Result<String> {
+    let offer: Offer = channel.recv_json()?;
+    eprintln!("receiving pod {} from {peer}", offer.pod);
+    let args = RestoreArgs {
+        archive: PathBuf::from(format!("pod {} from {peer}", offer.pod)),
+        name: offer.name,
+        runtime_handler: offer.runtime_handler,
+        policy: a.policy.clone(),
+        replace_volumes: a.replace_volumes,
+        opening: Opening::default(),
+    };
+    pod::restore_with(t, &args, |dir| {
+        let mut r = channel.reader();
+        let options = archive::extract_stream(&mut r, dir)?;
+        // The tar ends before the stream does: read to the sender's end mark, so that a
+        // stream cut short is an error, not a restore.
+        std::io::copy(&mut r, &mut std::io::sink())?;
+        if !r.ended {
+            bail!("the stream from {peer} ended early");
+        }
+        eprintln!("received {} from {peer}", human(r.received));
+        Ok(options)
+    })
+    .await
+}

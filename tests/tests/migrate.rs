@@ -1,0 +1,445 @@
+//! Moving a running pod between two nodes: two private containerd daemons on this machine,
+//! each with its own root, state, socket, CNI bridge and subnet; the stream on loopback.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use anyhow::{ensure, Context, Result};
+use stasis_e2e::{
+    cri::{
+        container_config, containers_by_name, counter_loop, cri, pod_config, pod_freezer_state,
+        read_counter, violations, wait_counter_above, wait_counter_moving,
+    },
+    Containerd,
+};
+
+/// A running `migrate listen`: the process, its address, and its log lines as they come.
+struct Listener {
+    child: Child,
+    addr: String,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+/// `stasisctl [--address ADDRESS] migrate listen` with `node`'s policy, for `count`
+/// migrations.
+fn listener_at(
+    node: &Containerd,
+    address: Option<&str>,
+    key: &Path,
+    extra: &[&str],
+    count: u32,
+) -> Result<Listener> {
+    let mut cmd = match address {
+        None => node.stasisctl_command()?,
+        Some(a) => {
+            let mut c = std::process::Command::new(stasis_e2e::built_binary("stasisctl")?);
+            c.args(["--address", a]);
+            c
+        }
+    };
+    let mut child = cmd
+        .args(["migrate", "listen", "--listen", "127.0.0.1:0", "--key-file"])
+        .arg(key)
+        .args(["--count", &count.to_string()])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stderr = BufReader::new(child.stderr.take().context("stderr")?);
+    let mut line = String::new();
+    stderr.read_line(&mut line)?;
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .with_context(|| format!("no address in {line:?}"))?
+        .to_string();
+    // Keep reading its log so it never blocks on a full pipe.
+    let (tx, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in stderr.lines().map_while(Result::ok) {
+            eprintln!("[listen] {l}");
+            let _ = tx.send(l);
+        }
+    });
+    Ok(Listener { child, addr, log })
+}
+
+fn listener(node: &Containerd, key: &Path, extra: &[&str], count: u32) -> Result<Listener> {
+    listener_at(node, None, key, extra, count)
+}
+
+/// Two "nodes" (private containerd daemons) with busybox imported in both, and a migration
+/// key made on the first: (a, b, image, key).
+fn two_nodes(name: &str) -> Result<(Containerd, Containerd, &'static str, std::path::PathBuf)> {
+    let a = Containerd::start(&format!("{name}-a"))?;
+    let b = Containerd::start(&format!("{name}-b"))?;
+    let image = a.import_busybox_for_cri()?;
+    b.import_busybox_for_cri()?;
+    let key = a.dir.join("migration.key");
+    a.stasisctl_ok(&["migrate", "keygen", "--output", key.to_str().unwrap()])?;
+    Ok((a, b, image, key))
+}
+
+fn migrate(node: &Containerd, pod: &str, to: &str, key: &Path) -> Result<std::process::Output> {
+    Ok(node
+        .stasisctl_command()?
+        .args(["pod", "migrate", pod, "--to", to, "--key-file"])
+        .arg(key)
+        .output()?)
+}
+
+/// A two-container pod (a counter in the rootfs; one in a shared volume captured with the
+/// memory) moved back and forth between two nodes: each time every counter continues from
+/// memory, no file is ahead of memory, the source pod is gone and the target is visible to
+/// CRI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_moves_back_and_forth_between_two_nodes() -> Result<()> {
+    let (a, b, image, key) = two_nodes("migrate")?;
+    let vol = a.dir.join("shared-volume");
+    std::fs::create_dir_all(&vol)?;
+    let vol_arg = vol.display().to_string();
+    let pod = pod_config("mover", &a.dir.join("logs"));
+    let mut cri_a = a.cri().await?;
+    let mut cri_b = b.cri().await?;
+    let mut pod_id = cri_a.run_pod(&pod).await?;
+    cri_a
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("rootfs", image, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
+    let mut cfg = container_config(
+        "volume",
+        image,
+        &["sh", "-c", &counter_loop("/shared/counter")],
+    );
+    cfg.mounts.push(cri::Mount {
+        container_path: "/shared".into(),
+        host_path: vol_arg.clone(),
+        ..Default::default()
+    });
+    cfg.annotations
+        .insert("io.stasis.checkpoint.volumes".into(), "/shared".into());
+    cri_a.run_container(&pod_id, &pod, cfg).await?;
+    let file = |name: &str| {
+        if name == "volume" {
+            "/shared/counter"
+        } else {
+            "/counter"
+        }
+    };
+    for (name, id, _) in containers_by_name(&mut cri_a, &pod_id).await? {
+        wait_counter_moving(&mut cri_a, &id, file(&name)).await?;
+    }
+    let rounds = 10;
+    for round in 0..rounds {
+        // Even rounds a → b, odd rounds b → a.
+        let (src, dst) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let (cri_src, cri_dst) = if round % 2 == 0 {
+            (&mut cri_a, &mut cri_b)
+        } else {
+            (&mut cri_b, &mut cri_a)
+        };
+        let mut before = std::collections::HashMap::new();
+        for (name, id, _) in containers_by_name(cri_src, &pod_id).await? {
+            before.insert(name.clone(), read_counter(cri_src, &id, file(&name)).await?);
+        }
+        // The same host directory on both "nodes": it holds the running pod's files.
+        let recv = listener(
+            dst,
+            &key,
+            &["--allow-host-path", &vol_arg, "--replace-volumes"],
+            1,
+        )?;
+        let out = migrate(src, &pod_id, &recv.addr, &key)?;
+        let listened = recv.child.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "round {round}: migrate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            listened.status.success(),
+            "round {round}: the listener failed"
+        );
+        let new_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        ensure!(
+            String::from_utf8_lossy(&listened.stdout).trim() == new_pod,
+            "round {round}: the listener restored another pod than the sender reports"
+        );
+        // The source is gone, the target visible to CRI, every counter continued.
+        ensure!(
+            containers_by_name(cri_src, &pod_id)
+                .await
+                .map(|l| l.is_empty())
+                .unwrap_or(true),
+            "round {round}: the source pod still has containers"
+        );
+        let restored = containers_by_name(cri_dst, &new_pod).await?;
+        ensure!(restored.len() == 2, "round {round}: restored {restored:?}");
+        for (name, id, state) in &restored {
+            ensure!(
+                *state == cri::ContainerState::ContainerRunning as i32,
+                "round {round}: {name} is not running"
+            );
+            let now = read_counter(cri_dst, id, file(name)).await?;
+            let was = before[name];
+            ensure!(
+                now >= was,
+                "round {round}: {name} restarted or went back: {was} -> {now}"
+            );
+            wait_counter_above(cri_dst, id, file(name), now).await?;
+            let v = violations(cri_dst, id).await?;
+            ensure!(v.is_empty(), "round {round}: {name}: {v}");
+        }
+        pod_id = new_pod;
+    }
+    let last = if rounds % 2 == 0 {
+        &mut cri_a
+    } else {
+        &mut cri_b
+    };
+    last.stop_and_remove_pod(&pod_id).await?;
+    a.finish()?;
+    b.finish()
+}
+
+/// Faults: a peer without the key is refused before anything is restored; the receiver
+/// killed before the target runs, and a target whose containerd is unreachable, leave the
+/// source pod running and thawed and nothing on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_migration_leaves_the_pod_running_where_it_was() -> Result<()> {
+    let (a, b, image, key) = two_nodes("migfault")?;
+    let wrong = a.dir.join("wrong.key");
+    a.stasisctl_ok(&["migrate", "keygen", "--output", wrong.to_str().unwrap()])?;
+    let mut cri_a = a.cri().await?;
+    let pod = pod_config("stayer", &a.dir.join("logs"));
+    let pod_id = cri_a.run_pod(&pod).await?;
+    let id = cri_a
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("app", image, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
+    wait_counter_moving(&mut cri_a, &id, "/counter").await?;
+    let b_before = b.settled_footprint().await?;
+    let still_here = |cri: &mut stasis_e2e::cri::CriClient, what: &'static str| {
+        let mut cri = cri.clone();
+        let (pod_id, id) = (pod_id.clone(), id.clone());
+        async move {
+            let state = pod_freezer_state(&pod_id, &id)?;
+            ensure!(state == "THAWED", "{what}: the source container is {state}");
+            let now = read_counter(&mut cri, &id, "/counter").await?;
+            wait_counter_above(&mut cri, &id, "/counter", now)
+                .await
+                .with_context(|| format!("{what}: the source pod does not run on"))
+        }
+    };
+
+    // A peer without the key.
+    let mut recv = listener(&b, &key, &[], 1)?;
+    let out = migrate(&a, "stayer", &recv.addr, &wrong)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "a migration with the wrong key succeeded"
+    );
+    ensure!(
+        err.contains("key") || err.contains("closed the connection"),
+        "the wrong key is not named: {err}"
+    );
+    recv.log
+        .recv_timeout(Duration::from_secs(10))
+        .ok()
+        .filter(|l| l.contains("refused"))
+        .context("the listener does not say it refused the peer")?;
+    let _ = recv.child.kill();
+    let _ = recv.child.wait();
+    still_here(&mut cri_a, "wrong key").await?;
+    b.expect_footprint(b_before).await.context("wrong key")?;
+
+    // The receiver killed while the pod is being captured for it.
+    let mut recv = listener(&b, &key, &[], 1)?;
+    let sender = a
+        .stasisctl_command()?
+        .args(["pod", "migrate", "stayer", "--to", &recv.addr, "--key-file"])
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    loop {
+        let line = recv
+            .log
+            .recv_timeout(Duration::from_secs(30))
+            .context("the listener never saw the pod coming")?;
+        if line.contains("receiving pod") {
+            break;
+        }
+    }
+    let _ = recv.child.kill();
+    let _ = recv.child.wait();
+    let out = sender.wait_with_output()?;
+    ensure!(
+        !out.status.success(),
+        "the migration succeeded although its receiver was killed"
+    );
+    eprintln!("receiver killed: {}", String::from_utf8_lossy(&out.stderr));
+    still_here(&mut cri_a, "receiver killed").await?;
+    b.expect_footprint(b_before)
+        .await
+        .context("receiver killed: the target is not clean")?;
+
+    // The target's containerd unreachable.
+    let recv = listener_at(&b, Some("/nonexistent/containerd.sock"), &key, &[], 1)?;
+    let out = migrate(&a, "stayer", &recv.addr, &key)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = recv.child.wait_with_output();
+    ensure!(
+        !out.status.success(),
+        "a migration into no containerd succeeded"
+    );
+    ensure!(
+        err.contains("could not restore") && err.contains("containerd"),
+        "the error does not say the target's containerd failed: {err}"
+    );
+    still_here(&mut cri_a, "containerd unreachable").await?;
+    b.expect_footprint(b_before).await?;
+
+    cri_a.stop_and_remove_pod(&pod_id).await?;
+    a.finish()?;
+    b.finish()
+}
+
+/// A gVisor pod (one image of the whole sandbox) moves the same way, and lands under the
+/// runtime handler it ran under without being told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gvisor_pod_moves_too() -> Result<()> {
+    let (a, b, image, key) = two_nodes("miggv")?;
+    let mut cri_a = a.cri().await?;
+    let mut cri_b = b.cri().await?;
+    let pod = pod_config("gvmover", &a.dir.join("logs"));
+    let pod_id = cri_a.run_pod_with(&pod, "stasis-gvisor").await?;
+    let id = cri_a
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("app", image, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
+    wait_counter_moving(&mut cri_a, &id, "/counter").await?;
+    let before = read_counter(&mut cri_a, &id, "/counter").await?;
+    let recv = listener(&b, &key, &[], 1)?;
+    let out = migrate(&a, "gvmover", &recv.addr, &key)?;
+    let _ = recv.child.wait_with_output();
+    ensure!(
+        out.status.success(),
+        "gVisor migration failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let status = cri_b
+        .runtime
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: new_pod.clone(),
+            verbose: false,
+        })
+        .await?
+        .into_inner()
+        .status
+        .context("pod status")?;
+    ensure!(
+        status.runtime_handler == "stasis-gvisor",
+        "the pod landed under {:?}",
+        status.runtime_handler
+    );
+    let (_, new_id, _) = containers_by_name(&mut cri_b, &new_pod)
+        .await?
+        .first()
+        .context("restored container")?
+        .clone();
+    let now = read_counter(&mut cri_b, &new_id, "/counter").await?;
+    ensure!(now >= before, "the counter went back: {before} -> {now}");
+    wait_counter_above(&mut cri_b, &new_id, "/counter", now).await?;
+    ensure!(
+        containers_by_name(&mut cri_a, &pod_id)
+            .await
+            .map(|l| l.is_empty())
+            .unwrap_or(true),
+        "the source pod is still there"
+    );
+    cri_b.stop_and_remove_pod(&new_pod).await?;
+    a.finish()?;
+    b.finish()
+}
+
+/// Asks the hog for the MD5 of the memory it holds (computed by the process itself, from
+/// its own variable) and returns it.
+async fn memory_sum(cri: &mut stasis_e2e::cri::CriClient, id: &str) -> Result<String> {
+    cri.exec_ok(id, &["sh", "-c", "rm -f /sum; kill -USR1 $(cat /hog.pid)"])
+        .await?;
+    for _ in 0..600 {
+        let (code, out, _) = cri.exec(id, &["cat", "/sum"]).await?;
+        if code == 0 && !out.trim().is_empty() {
+            return Ok(out
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("{id}: no memory checksum within 60 s")
+}
+
+/// 512 MiB of random bytes in a process's memory arrive whole: the process's own checksum of
+/// its memory is the same after the move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_a_gib_of_memory_arrives_intact() -> Result<()> {
+    let (a, b, image, key) = two_nodes("migmem")?;
+    let mut cri_a = a.cri().await?;
+    let mut cri_b = b.cri().await?;
+    let pod = pod_config("memory", &a.dir.join("logs"));
+    let pod_id = cri_a.run_pod(&pod).await?;
+    // NUL bytes cannot live in a shell variable: they become 1s, the rest stays random.
+    let hog = "a=$(head -c 536870912 /dev/urandom | tr '\\0' '\\1'); \
+               trap 'printf %s \"$a\" | md5sum > /sum.tmp; mv /sum.tmp /sum' USR1; \
+               echo $$ > /hog.pid; echo ready > /ready; while true; do sleep 1; done";
+    let id = cri_a
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("hog", image, &["sh", "-c", hog]),
+        )
+        .await?;
+    stasis_e2e::cri::wait_ready(&mut cri_a, &id, "/ready", Duration::from_secs(120)).await?;
+    let before = memory_sum(&mut cri_a, &id).await?;
+    let recv = listener(&b, &key, &[], 1)?;
+    let out = migrate(&a, "memory", &recv.addr, &key)?;
+    let _ = recv.child.wait_with_output();
+    ensure!(
+        out.status.success(),
+        "migration failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    let new_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (_, new_id, _) = containers_by_name(&mut cri_b, &new_pod)
+        .await?
+        .first()
+        .context("restored container")?
+        .clone();
+    let after = memory_sum(&mut cri_b, &new_id).await?;
+    ensure!(
+        after == before,
+        "the memory changed in transit: md5 {before} -> {after}"
+    );
+    cri_b.stop_and_remove_pod(&new_pod).await?;
+    a.finish()?;
+    b.finish()
+}

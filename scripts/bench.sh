@@ -5,6 +5,7 @@
 #   sudo scripts/bench.sh pod [--sizes 1,2,4,8] [--memory 0,256]
 #   sudo scripts/bench.sh soak [--rounds 200] [--baseline 10] [--seed N]
 #   sudo scripts/bench.sh backends [--containers 1,4] [--runs N] [--format json] [--handler H …]
+#   sudo scripts/bench.sh migrate [--memory 0,256,1024] [--runs N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HOME="${HOME:-/root}"

@@ -1,0 +1,205 @@
+//! Benchmark: moving a pod between two nodes (two private containerd daemons on this machine,
+//! the stream on loopback), streamed by `stasisctl pod migrate` against the archive route in
+//! the same run (`pod checkpoint` to a file, copy the file, `pod restore` on the target), for
+//! pods with 0, 256 and 1024 MiB of touched memory.
+//!
+//!     sudo scripts/bench.sh migrate [--memory 0,256,1024] [--runs N]
+//!
+//! Downtime is from the start of the capture (the pod freezes a moment later) until the pod
+//! runs on the target; "total" also counts removing the source.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context, Result};
+use stasis_e2e::{
+    cri::{container_config, pod_config},
+    Containerd,
+};
+use stasis_examples::{human, median, print_table};
+
+fn workload(mib: u64) -> String {
+    if mib == 0 {
+        "i=0; while true; do i=$((i+1)); echo $i > /ready; sleep 0.01; done".to_string()
+    } else {
+        stasis_controller::workload::memory_hog(mib)
+    }
+}
+
+async fn start_pod(c: &Containerd, name: &str, image: &str, mib: u64) -> Result<String> {
+    let mut cri = c.cri().await?;
+    let pod = pod_config(name, &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let id = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("app", image, &["sh", "-c", &workload(mib)]),
+        )
+        .await?;
+    stasis_e2e::cri::wait_ready(&mut cri, &id, "/ready", Duration::from_secs(300)).await?;
+    Ok(pod_id)
+}
+
+/// One streamed migration a → b: (downtime, total, bytes) as `pod migrate` reports them.
+fn streamed(
+    a: &Containerd,
+    b: &Containerd,
+    pod: &str,
+    key: &std::path::Path,
+) -> Result<(Duration, Duration, u64, String)> {
+    let mut listen = b
+        .stasisctl_command()?
+        .args([
+            "migrate",
+            "listen",
+            "--listen",
+            "127.0.0.1:0",
+            "--count",
+            "1",
+            "--key-file",
+        ])
+        .arg(key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stderr = BufReader::new(listen.stderr.take().context("stderr")?);
+    let mut line = String::new();
+    stderr.read_line(&mut line)?;
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .context("listener address")?
+        .to_string();
+    std::thread::spawn(move || for _ in stderr.lines() {});
+    let t0 = Instant::now();
+    let out = a
+        .stasisctl_command()?
+        .args(["pod", "migrate", pod, "--to", &addr, "--key-file"])
+        .arg(key)
+        .output()?;
+    let total = t0.elapsed();
+    let _ = listen.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "migrate failed: {err}");
+    // "… downtime 1234 ms (…), 12.3 MiB sent, …"
+    let number_before = |marker: &str| -> Option<f64> {
+        let i = err.find(marker)?;
+        err[..i].split_whitespace().last()?.parse().ok()
+    };
+    let downtime = number_before(" ms (frozen").context("downtime in the report")?;
+    let sent = err
+        .split(", ")
+        .find(|p| p.ends_with(" sent"))
+        .map(|p| p.trim_end_matches(" sent").to_string())
+        .unwrap_or_default();
+    let bytes = parse_human(&sent);
+    Ok((
+        Duration::from_secs_f64(downtime / 1000.0),
+        total,
+        bytes,
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    ))
+}
+
+fn parse_human(s: &str) -> u64 {
+    let mut it = s.split_whitespace();
+    let v: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let unit = match it.next().unwrap_or("B") {
+        "KiB" => 1u64 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => 1,
+    };
+    (v * unit as f64) as u64
+}
+
+/// The archive route a → b: stopping checkpoint to a file, copy, restore on b.
+fn through_archive(a: &Containerd, b: &Containerd, pod: &str) -> Result<(Duration, u64, String)> {
+    let file = a.dir.join(format!("{pod}.tar"));
+    let copy = b.dir.join(format!("{pod}.tar"));
+    let t0 = Instant::now();
+    a.stasisctl_ok(&["pod", "checkpoint", pod, "--output", file.to_str().unwrap()])?;
+    std::fs::copy(&file, &copy)?;
+    let new_pod = b
+        .stasisctl_ok(&["pod", "restore", copy.to_str().unwrap()])?
+        .trim()
+        .to_string();
+    let downtime = t0.elapsed();
+    let bytes = std::fs::metadata(&file)?.len();
+    std::fs::remove_file(&file)?;
+    std::fs::remove_file(&copy)?;
+    Ok((downtime, bytes, new_pod))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("bench_migrate [--memory 0,256,1024] [--runs N]: streamed pod migration vs checkpoint+copy+restore through an archive");
+        return Ok(());
+    }
+    let flag = |name: &str| stasis_examples::flag(&args, name);
+    let memories: Vec<u64> = flag("--memory")
+        .unwrap_or_else(|| "0,256,1024".into())
+        .split(',')
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()?;
+    let runs: usize = flag("--runs").map(|r| r.parse()).transpose()?.unwrap_or(1);
+    let a = Containerd::start("bench-mig-a")?;
+    let b = Containerd::start("bench-mig-b")?;
+    let image = a.import_busybox_for_cri()?;
+    b.import_busybox_for_cri()?;
+    let key = a.dir.join("migration.key");
+    a.stasisctl_ok(&["migrate", "keygen", "--output", key.to_str().unwrap()])?;
+    let mut rows = vec![vec![
+        "pod memory".to_string(),
+        "migrate downtime".into(),
+        "migrate total".into(),
+        "sent".into(),
+        "archive route downtime".into(),
+        "archive".into(),
+        "downtime / archive route (<=0.6 at 1 GiB)".into(),
+    ]];
+    for &mib in &memories {
+        let (mut down, mut total, mut via_archive) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut sent, mut archive_bytes) = (0, 0);
+        for run in 0..runs {
+            let name = format!("m{mib}-{run}");
+            let pod = start_pod(&a, &name, image, mib).await?;
+            let (d, t, bytes, moved) = streamed(&a, &b, &pod, &key)?;
+            b.cri().await?.stop_and_remove_pod(&moved).await?;
+            down.push(d);
+            total.push(t);
+            sent = bytes;
+            let name = format!("f{mib}-{run}");
+            let pod = start_pod(&a, &name, image, mib).await?;
+            let (d, bytes, restored) = through_archive(&a, &b, &pod)?;
+            let mut cri_a = a.cri().await?;
+            cri_a.stop_and_remove_pod(&pod).await?;
+            b.cri().await?.stop_and_remove_pod(&restored).await?;
+            via_archive.push(d);
+            archive_bytes = bytes;
+        }
+        let (d, t, v) = (
+            median(&mut down),
+            median(&mut total),
+            median(&mut via_archive),
+        );
+        rows.push(vec![
+            format!("{mib} MiB"),
+            format!("{:.0} ms", d.as_secs_f64() * 1000.0),
+            format!("{:.0} ms", t.as_secs_f64() * 1000.0),
+            human(sent),
+            format!("{:.0} ms", v.as_secs_f64() * 1000.0),
+            human(archive_bytes),
+            format!("{:.2}x", d.as_secs_f64() / v.as_secs_f64()),
+        ]);
+    }
+    print_table(&rows);
+    a.finish()?;
+    b.finish()
+}

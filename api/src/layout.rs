@@ -59,6 +59,35 @@ pub const RESTORE_ANNOTATION: &str = "io.stasis.restore-from";
 /// Where restores are prepared (unpacked archives), root's and 0700; each under a fresh
 /// random id, claimed by the pod restored from it.
 pub const RESTORE_STORE: &str = "/var/lib/stasis/restores";
+/// Beside a restore's directory in the store: `<id>.options`, how stasisctl wants it restored
+/// (JSON, `RestoreOptions`).
+pub const RESTORE_OPTIONS_SUFFIX: &str = ".options";
+
+/// How a prepared restore is to be carried out (written by stasisctl, read by the shim).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct RestoreOptions {
+    /// Resume containers before their memory is in: pages are served on demand (CRIU
+    /// lazy-pages over userfaultfd) and pulled in the background.
+    pub lazy: bool,
+}
+
+impl RestoreOptions {
+    /// The options of the restore whose container or pod directory is `dir` (below
+    /// `<store>/<id>`); defaults when there are none.
+    pub fn for_dir(dir: &Path) -> Self {
+        let mut at = dir;
+        while let Some(parent) = at.parent() {
+            if parent == Path::new(RESTORE_STORE) {
+                let mut name = at.as_os_str().to_owned();
+                name.push(RESTORE_OPTIONS_SUFFIX);
+                return read_json(Path::new(&name)).unwrap_or_default();
+            }
+            at = parent;
+        }
+        Self::default()
+    }
+}
 
 /// A single plain path component: no separators, not `.`/`..`, not hidden.
 pub fn is_plain_name(name: &str) -> bool {

@@ -262,6 +262,7 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
                         policy: Policy::default(),
                         replace_volumes: false,
                         opening: Default::default(),
+                        lazy: false,
                     },
                 )
                 .await;

@@ -276,6 +276,11 @@ enum PodCommand {
         /// age identity file to decrypt an encrypted archive.
         #[arg(long, value_name = "FILE")]
         identity: Option<PathBuf>,
+        /// Resume the containers before their memory is in: pages are served on demand (CRIU
+        /// lazy-pages over userfaultfd) and pulled in the background; reports the time to
+        /// running and to the last page. runc/crun only (runsc restores eagerly).
+        #[arg(long)]
+        lazy: bool,
     },
 }
 
@@ -390,6 +395,7 @@ async fn run(cli: Cli) -> Result<()> {
                 admit,
                 verify_key,
                 identity,
+                lazy,
             } => {
                 let opening = opening(identity.as_deref(), verify_key.as_deref())?;
                 let id = pod::restore(
@@ -401,6 +407,7 @@ async fn run(cli: Cli) -> Result<()> {
                         policy: admit.policy()?,
                         replace_volumes: admit.replace_volumes,
                         opening,
+                        lazy,
                     },
                 )
                 .await?;

@@ -548,6 +548,7 @@ async fn receive(t: &Target, a: &ListenArgs, channel: &mut Channel, peer: &str) 
         policy: a.policy.clone(),
         replace_volumes: a.replace_volumes,
         opening: Opening::default(),
+        lazy: false,
     };
     pod::restore_with(t, &args, |dir| {
         let mut r = channel.reader();

@@ -627,6 +627,9 @@ pub struct RestoreArgs {
     pub replace_volumes: bool,
     /// Identities to decrypt the archive; a key it must be signed by.
     pub opening: Opening,
+    /// Let containers run before their memory is in (served on demand, pulled in the
+    /// background); stasisctl returns once every page is in.
+    pub lazy: bool,
 }
 
 /// SIGINT or SIGTERM while a restore runs: noticed, so that the half-restored pod and the
@@ -684,6 +687,12 @@ pub async fn restore_with(
             return Err(e.context(format!("cannot restore {}", a.archive.display())));
         }
     };
+    let options_file = store.join(format!(
+        "{restore_id}{}",
+        stasis_api::layout::RESTORE_OPTIONS_SUFFIX
+    ));
+    let restore_options = stasis_api::layout::RestoreOptions { lazy: a.lazy };
+    seal::write_new_private(&options_file, &serde_json::to_vec(&restore_options)?)?;
     let result = restore_extracted(
         t,
         a,
@@ -693,15 +702,52 @@ pub async fn restore_with(
         &mut guard,
     )
     .await;
+    let running = started.elapsed();
+    if a.lazy && result.is_ok() {
+        eprintln!(
+            "running after {:.0} ms; its memory is still coming in",
+            running.as_secs_f64() * 1000.0
+        );
+        // The lazy-pages daemons serve pages from the unpacked images: keep them until the
+        // last one is in.
+        wait_for_lazy_pages(&dir).await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(store.join(format!("{restore_id}.pod")));
+    let _ = std::fs::remove_file(&options_file);
     guard.done();
     let pod_id = result?;
-    eprintln!(
-        "restored in {:.0} ms",
-        started.elapsed().as_secs_f64() * 1000.0
-    );
+    if a.lazy {
+        eprintln!(
+            "restored: running after {:.0} ms, every page in after {:.0} ms",
+            running.as_secs_f64() * 1000.0,
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+    } else {
+        eprintln!("restored in {:.0} ms", running.as_secs_f64() * 1000.0);
+    }
     Ok(pod_id)
+}
+
+/// Waits until no `criu lazy-pages` daemon serves pages from below `dir` (each exits once its
+/// container has every page).
+async fn wait_for_lazy_pages(dir: &Path) {
+    let needle = dir.display().to_string();
+    loop {
+        let serving = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .any(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("lazy-pages") && c.contains(&needle)
+            });
+        if !serving {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// The restore store (`stasis_api::layout::RESTORE_STORE`): created 0700 if missing, and

@@ -302,3 +302,34 @@ pub async fn containers_by_name(
         })
         .collect())
 }
+
+/// A container holding `mib` MiB of random bytes in a shell variable (NUL bytes, which a
+/// variable cannot hold, become 1s); on SIGUSR1 it writes the MD5 of that memory to /sum.
+/// It writes /ready once the memory is filled.
+pub fn checksum_hog(mib: u64) -> String {
+    format!(
+        "a=$(head -c {} /dev/urandom | tr '\\0' '\\1'); \
+         trap 'printf %s \"$a\" | md5sum > /sum.tmp; mv /sum.tmp /sum' USR1; \
+         echo $$ > /hog.pid; echo ready > /ready; while true; do sleep 1; done",
+        mib << 20
+    )
+}
+
+/// Asks the hog for the MD5 of the memory it holds (computed by the process itself, from
+/// its own variable) and returns it.
+pub async fn memory_sum(cri: &mut CriClient, id: &str) -> Result<String> {
+    cri.exec_ok(id, &["sh", "-c", "rm -f /sum; kill -USR1 $(cat /hog.pid)"])
+        .await?;
+    for _ in 0..600 {
+        let (code, out, _) = cri.exec(id, &["cat", "/sum"]).await?;
+        if code == 0 && !out.trim().is_empty() {
+            return Ok(out
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("{id}: no memory checksum within 60 s")
+}

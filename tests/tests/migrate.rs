@@ -378,25 +378,6 @@ async fn a_gvisor_pod_moves_too() -> Result<()> {
     b.finish()
 }
 
-/// Asks the hog for the MD5 of the memory it holds (computed by the process itself, from
-/// its own variable) and returns it.
-async fn memory_sum(cri: &mut stasis_e2e::cri::CriClient, id: &str) -> Result<String> {
-    cri.exec_ok(id, &["sh", "-c", "rm -f /sum; kill -USR1 $(cat /hog.pid)"])
-        .await?;
-    for _ in 0..600 {
-        let (code, out, _) = cri.exec(id, &["cat", "/sum"]).await?;
-        if code == 0 && !out.trim().is_empty() {
-            return Ok(out
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_string());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("{id}: no memory checksum within 60 s")
-}
-
 /// 512 MiB of random bytes in a process's memory arrive whole: the process's own checksum of
 /// its memory is the same after the move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,19 +387,16 @@ async fn half_a_gib_of_memory_arrives_intact() -> Result<()> {
     let mut cri_b = b.cri().await?;
     let pod = pod_config("memory", &a.dir.join("logs"));
     let pod_id = cri_a.run_pod(&pod).await?;
-    // NUL bytes cannot live in a shell variable: they become 1s, the rest stays random.
-    let hog = "a=$(head -c 536870912 /dev/urandom | tr '\\0' '\\1'); \
-               trap 'printf %s \"$a\" | md5sum > /sum.tmp; mv /sum.tmp /sum' USR1; \
-               echo $$ > /hog.pid; echo ready > /ready; while true; do sleep 1; done";
+    let hog = stasis_e2e::cri::checksum_hog(512);
     let id = cri_a
         .run_container(
             &pod_id,
             &pod,
-            container_config("hog", image, &["sh", "-c", hog]),
+            container_config("hog", image, &["sh", "-c", &hog]),
         )
         .await?;
     stasis_e2e::cri::wait_ready(&mut cri_a, &id, "/ready", Duration::from_secs(120)).await?;
-    let before = memory_sum(&mut cri_a, &id).await?;
+    let before = stasis_e2e::cri::memory_sum(&mut cri_a, &id).await?;
     let recv = listener(&b, &key, &[], 1)?;
     let out = migrate(&a, "memory", &recv.addr, &key)?;
     let _ = recv.child.wait_with_output();
@@ -434,7 +412,7 @@ async fn half_a_gib_of_memory_arrives_intact() -> Result<()> {
         .first()
         .context("restored container")?
         .clone();
-    let after = memory_sum(&mut cri_b, &new_id).await?;
+    let after = stasis_e2e::cri::memory_sum(&mut cri_b, &new_id).await?;
     ensure!(
         after == before,
         "the memory changed in transit: md5 {before} -> {after}"

@@ -53,6 +53,8 @@ pub struct CheckpointOpts {
     pub file_locks: bool,
     pub empty_ns: Vec<String>,
     pub cgroups_mode: String,
+    /// Restore with memory served on demand by a `criu lazy-pages` daemon in `work_path`.
+    pub lazy_pages: bool,
     /// Stops the dump: the runtime and CRIU are killed and waited for before `checkpoint`
     /// returns, so nothing of them can freeze, thaw or write afterwards.
     pub cancel: Option<tokio_util::sync::CancellationToken>,

@@ -480,6 +480,9 @@ fn criu_args(cmd: &mut Command, opts: &CheckpointOpts) {
     if !opts.cgroups_mode.is_empty() {
         cmd.arg("--manage-cgroups-mode").arg(&opts.cgroups_mode);
     }
+    if opts.lazy_pages {
+        cmd.arg("--lazy-pages");
+    }
 }
 
 /// What runc, crun and runsc say when asked to signal a process that is gone.

@@ -60,6 +60,7 @@ pub async fn checkpoint(shim: &Shim, req: api::CheckpointTaskRequest) -> Result<
         empty_ns: o.empty_namespaces.clone(),
         cgroups_mode: o.cgroups_mode.clone(),
         cancel: None,
+        lazy_pages: false,
     };
     let target = ContainerTarget {
         id: req.id.clone(),

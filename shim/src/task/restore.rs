@@ -5,14 +5,14 @@
 use std::{path::Path, sync::Arc};
 
 use log::{info, warn};
-use stasis_api::layout::{DumpRecord, CHECKPOINT_DIR};
+use stasis_api::layout::{DumpRecord, RestoreOptions, CHECKPOINT_DIR};
 
 use super::watch;
 use crate::{
     error::{Error, Result},
     fscapture::volumes,
-    process::stdio,
-    runtime::CheckpointOpts,
+    process::{reaper, stdio},
+    runtime::{config::Engine, CheckpointOpts},
     state::{Container, Shim, State, Transition},
     util::blocking,
 };
@@ -83,7 +83,26 @@ pub(super) async fn restore_init(
     };
     std::fs::create_dir_all(&opts.work_path)
         .map_err(|e| Error::io(&id, "create restore work dir", e))?;
-    let mut prepared = stdio::prepare(&id, &stdio_cfg)?;
+    let mut opts = opts;
+    let lazy = match &container.restore_dir {
+        Some(dir) if RestoreOptions::for_dir(dir).lazy => {
+            if shim.runtime.engine() == Engine::Runsc {
+                warn!("{id}: lazy restore is not available for runsc; restoring eagerly");
+                None
+            } else {
+                opts.lazy_pages = true;
+                Some(start_lazy_pages(&id, image, &opts.work_path).await?)
+            }
+        }
+        _ => None,
+    };
+    let mut prepared = match stdio::prepare(&id, &stdio_cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            stop_lazy_pages(lazy);
+            return Err(e);
+        }
+    };
     let pid_file = container.bundle.join("init.pid");
     let since = std::time::Instant::now();
     let runtime_io = prepared.take_runtime();
@@ -94,7 +113,22 @@ pub(super) async fn restore_init(
     {
         prepared.io.copies.abort().await;
         let _ = shim.runtime.delete(&id, true).await;
+        stop_lazy_pages(lazy);
         return Err(e);
+    }
+    if let Some(daemon) = lazy {
+        let id = id.clone();
+        tokio::spawn(async move {
+            let exit = reaper::wait(daemon).await;
+            if exit.status == 0 {
+                info!(
+                    "{id}: every lazily restored page is in, {:?} after the restore began",
+                    start.elapsed()
+                );
+            } else {
+                warn!("{id}: criu lazy-pages ended with status {} (see lazy-pages.log in the restore work dir)", exit.status);
+            }
+        });
     }
     let io = prepared.finish(&id).await?;
     let pid = stdio::read_pid(&id, &pid_file)?;
@@ -173,4 +207,51 @@ pub async fn finish_restore(shim: &Shim) -> Result<Vec<String>> {
     }
     info!("resumed restored containers {resumed:?}");
     Ok(resumed)
+}
+
+/// Starts `criu lazy-pages` serving the memory of `image` for a restore whose CRIU work
+/// directory is `work` (runc's `--work-path`: the daemon's socket lives there); returns its
+/// pid once the socket is there.
+async fn start_lazy_pages(id: &str, image: &Path, work: &Path) -> Result<i32> {
+    let child = std::process::Command::new("criu")
+        .arg("lazy-pages")
+        .arg("--images-dir")
+        .arg(image)
+        .arg("--work-dir")
+        .arg(work)
+        .args(["-o", "lazy-pages.log", "-v4"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| Error::io(id, "start criu lazy-pages", e))?;
+    let pid = child.id() as i32;
+    let socket = work.join("lazy-pages.socket");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !socket.exists() {
+        if std::time::Instant::now() > deadline || !Path::new(&format!("/proc/{pid}")).exists() {
+            stop_lazy_pages(Some(pid));
+            return Err(Error::other(
+                id,
+                "start criu lazy-pages",
+                format!(
+                    "no {} within 10 s (see {})",
+                    socket.display(),
+                    work.join("lazy-pages.log").display()
+                ),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    Ok(pid)
+}
+
+/// Ends a lazy-pages daemon whose restore failed (the reaper collects it).
+fn stop_lazy_pages(pid: Option<i32>) {
+    if let Some(pid) = pid {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
 }

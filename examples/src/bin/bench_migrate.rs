@@ -1,7 +1,8 @@
 //! Benchmark: moving a pod between two nodes (two private containerd daemons on this machine,
 //! the stream on loopback), streamed by `stasisctl pod migrate` against the archive route in
 //! the same run (`pod checkpoint` to a file, copy the file, `pod restore` on the target), for
-//! pods with 0, 256 and 1024 MiB of touched memory.
+//! pods with 0, 256 and 1024 MiB of touched memory; and a second table: eager against lazy
+//! (`--lazy`) local restore of the same archive, page cache dropped before each.
 //!
 //!     sudo scripts/bench.sh migrate [--memory 0,256,1024] [--runs N]
 //!
@@ -135,6 +136,40 @@ fn through_archive(a: &Containerd, b: &Containerd, pod: &str) -> Result<(Duratio
     Ok((downtime, bytes, new_pod))
 }
 
+/// Restores `file` on `node` with the page cache dropped first (the archive read from disk,
+/// as after a copy from another node), removes the pod again; returns (time to running, time
+/// to the last page) as stasisctl reports them.
+async fn timed_restore(
+    node: &Containerd,
+    file: &std::path::Path,
+    lazy: bool,
+) -> Result<(f64, f64)> {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    let mut args = vec!["pod", "restore", file.to_str().unwrap()];
+    if lazy {
+        args.push("--lazy");
+    }
+    let out = node.stasisctl_command()?.args(&args).output()?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(out.status.success(), "restore failed: {err}");
+    let ms_after = |marker: &str| -> Option<f64> {
+        let i = err.find(marker)? + marker.len();
+        err[i..].split_whitespace().next()?.parse().ok()
+    };
+    let times = if lazy {
+        (
+            ms_after("restored: running after ").context("time to running")?,
+            ms_after("every page in after ").context("time to the last page")?,
+        )
+    } else {
+        let t = ms_after("restored in ").context("restore time")?;
+        (t, t)
+    };
+    let new_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    node.cri().await?.stop_and_remove_pod(&new_pod).await?;
+    Ok(times)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -197,6 +232,38 @@ async fn main() -> Result<()> {
             format!("{:.0} ms", v.as_secs_f64() * 1000.0),
             human(archive_bytes),
             format!("{:.2}x", d.as_secs_f64() / v.as_secs_f64()),
+        ]);
+    }
+    print_table(&rows);
+    println!();
+    let mut rows = vec![vec![
+        "pod memory".to_string(),
+        "eager restore".into(),
+        "lazy: running".into(),
+        "lazy: every page in".into(),
+        "running lazy / eager".into(),
+    ]];
+    for &mib in &memories {
+        let name = format!("l{mib}");
+        let pod = start_pod(&a, &name, image, mib).await?;
+        let file = a.dir.join(format!("{name}.tar"));
+        a.stasisctl_ok(&[
+            "pod",
+            "checkpoint",
+            &pod,
+            "--output",
+            file.to_str().unwrap(),
+        ])?;
+        a.cri().await?.stop_and_remove_pod(&pod).await?;
+        let (eager, _) = timed_restore(&a, &file, false).await?;
+        let (running, all) = timed_restore(&a, &file, true).await?;
+        std::fs::remove_file(&file)?;
+        rows.push(vec![
+            format!("{mib} MiB"),
+            format!("{eager:.0} ms"),
+            format!("{running:.0} ms"),
+            format!("{all:.0} ms"),
+            format!("{:.2}x", running / eager),
         ]);
     }
     print_table(&rows);

@@ -46,6 +46,25 @@ pub fn random_suffix() -> Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// A directory of root's that only root may enter (created 0700 if missing); refused when it
+/// is anything else (a link, another owner, open to others).
+pub fn private_root(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("create {}", dir.display()))?;
+    let meta = dir.symlink_metadata()?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+        bail!(
+            "{} must be a directory of root's with mode 0700",
+            dir.display()
+        );
+    }
+    Ok(dir.to_path_buf())
+}
+
 /// Writes `dir` as an archive at `dest`, durably and atomically: into a fresh private file
 /// (0600, never an existing one) beside `dest`, every error up to the end of the compressed
 /// stream counted, the file synced, then renamed into place without replacing anything that

@@ -38,8 +38,6 @@ const PROLOGUE: &[u8] = b"stasis pod migration v1";
 const FRAME: usize = 65535 - 16 - 1;
 /// How long the source pod may stay frozen for the target to restore it.
 const HOLD_SECS: u32 = 600;
-/// Where a migrating pod is staged on the source (root's, 0700).
-const STAGING: &str = "/var/lib/stasis/migrations";
 
 /// Writes a new shared key to `output` (0600, never over an existing file).
 pub fn keygen(output: &Path) -> Result<()> {
@@ -344,8 +342,12 @@ pub async fn migrate(t: &Target, a: MigrateArgs) -> Result<Migrated> {
         name: a.name.clone(),
         runtime_handler: a.runtime_handler.clone(),
     })?;
-    let staging_parent = private_dir(Path::new(STAGING))?;
-    let output = staging_parent.join(format!("{}.{}", a.pod, archive::random_suffix()?));
+    // Not written (the pod is delivered, not archived): names where it is staged.
+    let output = archive::private_root(Path::new(pod::CHECKPOINT_STAGING))?.join(format!(
+        "{}.{}.migration",
+        a.pod,
+        archive::random_suffix()?
+    ));
     let outcome = std::sync::Arc::new(std::sync::Mutex::new(None::<(String, f64, u64)>));
     let delivered = outcome.clone();
     let to = a.to.clone();
@@ -394,7 +396,6 @@ pub async fn migrate(t: &Target, a: MigrateArgs) -> Result<Migrated> {
         },
     )
     .await;
-    let _ = std::fs::remove_dir(&staging_parent);
     let o = result.with_context(|| format!("migration of pod {} to {} failed", a.pod, a.to))?;
     let (target_pod, _restore_ms, bytes_sent) = outcome
         .lock()
@@ -426,29 +427,6 @@ pub async fn migrate(t: &Target, a: MigrateArgs) -> Result<Migrated> {
         total_ms: started.elapsed().as_secs_f64() * 1000.0,
         bytes_sent,
     })
-}
-
-/// A directory of root's closed to others (created 0700 if missing).
-fn private_dir(dir: &Path) -> Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("create {}", dir.display()))?;
-    let meta = dir.symlink_metadata()?;
-    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
-        bail!(
-            "{} must be a directory of root's with mode 0700",
-            dir.display()
-        );
-    }
-    let d = dir.join(archive::random_suffix()?);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&d)
-        .with_context(|| format!("create {}", d.display()))?;
-    Ok(d)
 }
 
 pub struct ListenArgs {

@@ -362,16 +362,9 @@ pub async fn checkpoint_pod(t: &Target, mut a: CheckpointArgs) -> Result<Checkpo
         );
     }
     let estimate = estimate(&mut rt, &containers).await;
-    let free = archive::free_space(parent)?;
-    if a.space_check && estimate.total() > free {
-        bail!(
-            "pod {name}: the checkpoint needs ~{} on the file system of {} (memory in use {} + writable layers {}, staged there and then archived), it has {} free; free some space, write elsewhere, or pass --skip-space-check",
-            human(estimate.total()),
-            parent.display(),
-            human(estimate.memory),
-            human(estimate.layers),
-            human(free)
-        );
+    let stage_in = staging_parent(parent)?;
+    if a.space_check {
+        check_space(&name, &estimate, &stage_in, parent)?;
     }
     let client =
         shim::checkpoint_client(&t.address, &t.namespace, &pod.id, &pod.runtime_handler).await?;
@@ -381,9 +374,9 @@ pub async fn checkpoint_pod(t: &Target, mut a: CheckpointArgs) -> Result<Checkpo
             a.output.display()
         );
     }
-    // A fresh private directory beside the output: a random name, 0700, never one that
-    // already exists (somebody else's, or a link).
-    let staging = parent.join(format!(
+    // A fresh private directory: a random name, 0700, never one that already exists
+    // (somebody else's, or a link).
+    let staging = stage_in.join(format!(
         ".{}.stasis-{}",
         a.output.file_name().unwrap_or_default().to_string_lossy(),
         archive::random_suffix()?
@@ -573,6 +566,53 @@ fn record_runtime_handler(staging: &Path, handler: &str) -> Result<()> {
     seal::write_new_private(&path, &options.to_json())
 }
 
+/// Where the pod is staged before it is archived: beside the output when nobody but root can
+/// rename things there (root's directory, not writable by others, or sticky like /tmp), else
+/// in root's private `/var/lib/stasis/checkpoints` (a user who owns the output directory could
+/// otherwise swap the staging directory for a link while root writes into it).
+fn staging_parent(parent: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = parent
+        .metadata()
+        .with_context(|| format!("directory {}", parent.display()))?;
+    let only_root_renames =
+        meta.uid() == 0 && (meta.mode() & 0o022 == 0 || meta.mode() & 0o1000 != 0);
+    if only_root_renames {
+        return Ok(parent.to_path_buf());
+    }
+    archive::private_root(Path::new(CHECKPOINT_STAGING))
+}
+
+/// Root's private staging area for checkpoints whose output directory is not root's alone.
+pub const CHECKPOINT_STAGING: &str = "/var/lib/stasis/checkpoints";
+
+/// Refuses early when the staging or the output file system cannot hold the checkpoint.
+fn check_space(name: &str, e: &SpaceEstimate, stage_in: &Path, output_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let capture = e.total() / 2;
+    let same = stage_in.metadata()?.dev() == output_dir.metadata()?.dev();
+    let needs: Vec<(&Path, u64)> = if same {
+        vec![(output_dir, 2 * capture)]
+    } else {
+        vec![(stage_in, capture), (output_dir, capture)]
+    };
+    for (dir, need) in needs {
+        let free = archive::free_space(dir)?;
+        if need > free {
+            bail!(
+                "pod {name}: the checkpoint needs ~{} on the file system of {} (memory in use {} + writable layers {}{}), it has {} free; free some space, write elsewhere, or pass --skip-space-check",
+                human(need),
+                dir.display(),
+                human(e.memory),
+                human(e.layers),
+                if same { ", staged there and then archived" } else { "" },
+                human(free)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// What a checkpoint of some containers will need on disk, from what CRI reports.
 #[derive(Default)]
 struct SpaceEstimate {
@@ -754,21 +794,7 @@ async fn wait_for_lazy_pages(dir: &Path) {
 /// refused unless it is a real directory of root's closed to others (the shim checks the
 /// same).
 fn open_restore_store() -> Result<PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    let store = PathBuf::from(stasis_api::layout::RESTORE_STORE);
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&store)
-        .with_context(|| format!("create {}", store.display()))?;
-    let meta = store.symlink_metadata()?;
-    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
-        bail!(
-            "{} must be a directory of root's with mode 0700 (restores are prepared there)",
-            store.display()
-        );
-    }
-    Ok(store)
+    archive::private_root(Path::new(stasis_api::layout::RESTORE_STORE))
 }
 
 async fn restore_extracted(

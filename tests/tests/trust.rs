@@ -1054,6 +1054,34 @@ async fn planted_symlinks_at_old_predictable_paths_gain_nothing() -> Result<()> 
         std::fs::metadata(&archive)?.permissions().mode() & 0o777 == 0o600,
         "the archive is not 0600"
     );
+    // An output directory that a user owns: the pod is staged in root's private area
+    // instead (the user could swap a staging directory beside the output for a link), and
+    // only the archive appears there.
+    let users = c.dir.join("users-dir");
+    std::fs::create_dir_all(&users)?;
+    std::os::unix::fs::chown(&users, Some(65534), Some(65534))?;
+    let theirs = users.join("theirs.tar");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "planted",
+        "--leave-running",
+        "--output",
+        theirs.to_str().unwrap(),
+    ])?;
+    let names: Vec<String> = std::fs::read_dir(&users)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    ensure!(
+        names == ["theirs.tar"],
+        "the user's directory holds {names:?}"
+    );
+    let staged: Vec<_> = std::fs::read_dir(stasis_controller::pod::CHECKPOINT_STAGING)?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("theirs.tar"))
+        .collect();
+    ensure!(staged.is_empty(), "staging left behind: {staged:?}");
     // The archive is whole: it restores.
     cri.stop_and_remove_pod(&pod_id).await?;
     let new_pod = c

@@ -54,6 +54,16 @@ impl Containerd {
         Ok(c)
     }
 
+    /// Two private containerds, `<name>-a` and `<name>-b`: two "nodes" on this machine, each
+    /// with its own root, state, sockets, CNI bridge and subnet. The test ends both with
+    /// `finish`.
+    pub fn start_pair(name: &str) -> Result<(Self, Self)> {
+        Ok((
+            Self::start(&format!("{name}-a"))?,
+            Self::start(&format!("{name}-b"))?,
+        ))
+    }
+
     /// Where the shims of this containerd look for `<engine>.toml` (empty unless a test writes).
     pub fn config_dir(&self) -> PathBuf {
         self.dir.join("etc-stasis")

@@ -75,8 +75,7 @@ fn listener(node: &Containerd, key: &Path, extra: &[&str], count: u32) -> Result
 /// Two "nodes" (private containerd daemons) with busybox imported in both, and a migration
 /// key made on the first: (a, b, image, key).
 fn two_nodes(name: &str) -> Result<(Containerd, Containerd, &'static str, std::path::PathBuf)> {
-    let a = Containerd::start(&format!("{name}-a"))?;
-    let b = Containerd::start(&format!("{name}-b"))?;
+    let (a, b) = Containerd::start_pair(name)?;
     let image = a.import_busybox_for_cri()?;
     b.import_busybox_for_cri()?;
     let key = a.dir.join("migration.key");

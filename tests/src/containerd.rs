@@ -349,6 +349,22 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// The last `lines` lines of containerd's log that name one of the 64-hex ids found in
+    /// `leftovers` (what containerd did about a leaked pod or container).
+    pub fn log_about(&self, leftovers: &[String], lines: usize) -> String {
+        let ids: std::collections::BTreeSet<&str> = leftovers
+            .iter()
+            .flat_map(|l| l.split(|c: char| !c.is_ascii_hexdigit()))
+            .filter(|w| w.len() == 64)
+            .collect();
+        let text = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
+        let about: Vec<&str> = text
+            .lines()
+            .filter(|l| ids.iter().any(|id| l.contains(id)))
+            .collect();
+        about[about.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// `ctr` against this containerd, in the test namespace.
     pub fn ctr_command(&self) -> Command {
         let mut cmd = Command::new("ctr");

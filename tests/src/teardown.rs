@@ -127,8 +127,9 @@ impl Containerd {
             return Ok(());
         }
         bail!(
-            "the test left behind after its pods and containers were removed:\n  {}\ncontainerd log tail:\n{}",
+            "the test left behind after its pods and containers were removed:\n  {}\ncontainerd log lines about them:\n{}\ncontainerd log tail:\n{}",
             left.join("\n  "),
+            self.log_about(&left, 60),
             self.log_tail(30)
         )
     }

@@ -280,6 +280,13 @@ pub fn delete(flags: &Flags) -> Result<(), BoxError> {
     if let Some(record) = &dead_pod {
         ids.extend(record.containers.iter().cloned());
     }
+    // A pod whose shim died: first what must not wait (containerd gives this command a few
+    // seconds, and a busy node may need them all): its pause process, every process of its
+    // cgroups (thawed, then killed), its shm mount and files. Never while a shim still
+    // answers on the pod's socket.
+    if dead_pod.is_some() {
+        crate::sandbox::remove_after_crash(&flags.id, &bundle);
+    }
     rt.block_on(async {
         reaper::start()?;
         // A container's own bundle does not say which backend ran it: ask each one that
@@ -304,7 +311,13 @@ pub fn delete(flags: &Flags) -> Result<(), BoxError> {
                 continue;
             }
             let runtime = runtime::build(&backend, &flags.namespace);
+            let root = runtime::root(engine, &flags.namespace);
             for id in &ids {
+                // runc and crun keep a directory per container: skip the ones they never ran
+                // (each needless runtime call costs time containerd does not give).
+                if engine != Engine::Runsc && !root.join(id).exists() {
+                    continue;
+                }
                 if let Err(e) = runtime.delete(id, true).await {
                     eprintln!("containerd-shim-stasis-v2: {engine} delete {id}: {e}");
                 }
@@ -313,11 +326,6 @@ pub fn delete(flags: &Flags) -> Result<(), BoxError> {
         Ok::<_, BoxError>(())
     })?;
     crate::task::unmount(&bundle.join("rootfs"));
-    // A pod whose shim died: its pause process, cgroups (thawed), shm mount and files. Never
-    // while a shim still answers on the pod's socket.
-    if dead_pod.is_some() {
-        crate::sandbox::remove_after_crash(&flags.id, &bundle);
-    }
     remove_dead_socket(flags);
     let resp = DeleteResponse {
         exit_status: 128 + libc::SIGKILL as u32,

@@ -254,12 +254,55 @@ pub fn remove_after_crash(id: &str, bundle: &std::path::Path) {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
+    // A runtime call the dead shim left running (a checkpoint's runc and CRIU above all)
+    // would freeze the containers again when it ends: stop it first, with its process group.
+    stop_orphaned_runtime_calls(&record.containers);
     let left = cgroup::tear_down_tree(&record.cgroup);
     if !left.is_empty() {
         warn!("pod {id}: cgroups left after the cleanup: {left:?}");
     }
     remove_pod_host_state(id, &record.cgroup, record.shm, record.files);
     let _ = std::fs::remove_file(bundle.join(PodRecord::FILE));
+}
+
+/// Kills the process groups of runtime and CRIU processes working on any of `containers`
+/// (their command lines name the container), and waits a moment for them to go.
+fn stop_orphaned_runtime_calls(containers: &[String]) {
+    if containers.is_empty() {
+        return;
+    }
+    let mut killed = false;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let program = args
+            .first()
+            .map(|a| a.rsplit('/').next().unwrap_or(a).to_string());
+        let is_runtime = matches!(program.as_deref(), Some("runc" | "crun" | "runsc" | "criu"));
+        if is_runtime
+            && args
+                .iter()
+                .any(|a| containers.iter().any(|c| a.contains(c.as_str())))
+        {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            if let Ok(group) = nix::unistd::getpgid(Some(pid)) {
+                let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            }
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            killed = true;
+        }
+    }
+    if killed {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// Unmounts the pod's /dev/shm, removes its files and its cgroup (in every hierarchy).

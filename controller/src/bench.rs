@@ -74,16 +74,7 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 }
 
 async fn remove_pod(rt: &mut cri::Runtime, id: &str) {
-    let _ = rt
-        .stop_pod_sandbox(api::StopPodSandboxRequest {
-            pod_sandbox_id: id.to_string(),
-        })
-        .await;
-    let _ = rt
-        .remove_pod_sandbox(api::RemovePodSandboxRequest {
-            pod_sandbox_id: id.to_string(),
-        })
-        .await;
+    let _ = cri::remove_pod(rt, id).await;
 }
 
 /// Starts a pod of `n` counter containers; returns the pod id, the containers (name, id) and

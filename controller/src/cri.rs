@@ -75,3 +75,18 @@ pub fn state_name(state: i32) -> &'static str {
         _ => "UNKNOWN",
     }
 }
+
+/// Stops (whatever that says) and removes pod `id`; the removal's error is returned.
+pub async fn remove_pod(rt: &mut Runtime, id: &str) -> Result<()> {
+    let _ = rt
+        .stop_pod_sandbox(api::StopPodSandboxRequest {
+            pod_sandbox_id: id.to_string(),
+        })
+        .await;
+    rt.remove_pod_sandbox(api::RemovePodSandboxRequest {
+        pod_sandbox_id: id.to_string(),
+    })
+    .await
+    .with_context(|| format!("remove pod {id}"))?;
+    Ok(())
+}

@@ -406,21 +406,14 @@ pub async fn migrate(t: &Target, a: MigrateArgs) -> Result<Migrated> {
     // The target runs and the source was stopped (its containers killed while frozen): now
     // the source pod goes.
     let mut rt = crate::cri::connect(Path::new(&t.address)).await?;
-    let _ = rt
-        .stop_pod_sandbox(crate::cri::api::StopPodSandboxRequest {
-            pod_sandbox_id: o.pod_id.clone(),
-        })
-        .await;
-    rt.remove_pod_sandbox(crate::cri::api::RemovePodSandboxRequest {
-        pod_sandbox_id: o.pod_id.clone(),
-    })
-    .await
-    .with_context(|| {
-        format!(
-            "pod {} runs on {} as {target_pod}, but removing the stopped source pod failed",
-            a.pod, a.to
-        )
-    })?;
+    crate::cri::remove_pod(&mut rt, &o.pod_id)
+        .await
+        .with_context(|| {
+            format!(
+                "pod {} runs on {} as {target_pod}, but removing the stopped source pod failed",
+                a.pod, a.to
+            )
+        })?;
     Ok(Migrated {
         target_pod,
         downtime_ms,
@@ -502,16 +495,7 @@ pub async fn listen(t: &Target, a: ListenArgs) -> Result<()> {
 
 async fn remove_pod(t: &Target, id: &str) {
     if let Ok(mut rt) = crate::cri::connect(Path::new(&t.address)).await {
-        let _ = rt
-            .stop_pod_sandbox(crate::cri::api::StopPodSandboxRequest {
-                pod_sandbox_id: id.to_string(),
-            })
-            .await;
-        let _ = rt
-            .remove_pod_sandbox(crate::cri::api::RemovePodSandboxRequest {
-                pod_sandbox_id: id.to_string(),
-            })
-            .await;
+        let _ = crate::cri::remove_pod(&mut rt, id).await;
     }
 }
 

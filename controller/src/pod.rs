@@ -949,16 +949,7 @@ async fn restore_extracted(
         signal = interrupt.received() => Err(anyhow::anyhow!("interrupted by {signal}")),
     };
     if let Err(e) = outcome {
-        let _ = rt
-            .stop_pod_sandbox(api::StopPodSandboxRequest {
-                pod_sandbox_id: pod_id.clone(),
-            })
-            .await;
-        let _ = rt
-            .remove_pod_sandbox(api::RemovePodSandboxRequest {
-                pod_sandbox_id: pod_id.clone(),
-            })
-            .await;
+        let _ = cri::remove_pod(&mut rt, &pod_id).await;
         return Err(e.context(format!(
             "restore of pod {pod_name} failed; the new pod was removed"
         )));

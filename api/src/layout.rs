@@ -14,21 +14,26 @@
 //!   stasis.json        ContainerMeta
 //! ```
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use serde::{Deserialize, Serialize};
 
 pub const POD_OPTIONS: &str = "pod.options";
 pub const POD_DUMP: &str = "pod.dump";
-/// Archive manifest at the root: `{"version":2,"files":{path:{"size":N,"sha256":hex}}}` for
+/// Archive manifest at the root: `{"version":3,"files":{path:{"size":N,"sha256":hex}}}` for
 /// every other regular file of the archive; a reader checks all of it before anything is
-/// created.
+/// created (a lazy restore: page images chunk by chunk as they are read).
 pub const MANIFEST: &str = "manifest.json";
 /// The archive format version the manifest states. 2: `manifest.sig` may sit beside the
-/// manifest (not listed in it). Readers refuse versions they do not know.
-pub const MANIFEST_VERSION: u32 = 2;
+/// manifest (not listed in it). 3: page images carry `chunk_size` and `chunks` (SHA-256 of
+/// each chunk), and their `sha256` is that of the concatenated chunk digests. Readers refuse
+/// versions they do not know.
+pub const MANIFEST_VERSION: u32 = 3;
 /// Versions this build reads (1: no signature file).
-pub const MANIFEST_VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=2;
+pub const MANIFEST_VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=3;
 /// Ed25519 signature of `manifest.json` (JSON: algorithm, public_key, signature; hex).
 pub const SIGNATURE: &str = "manifest.sig";
 /// Where a runtime that checkpoints whole sandboxes puts the pod's one image.
@@ -70,23 +75,79 @@ pub struct RestoreOptions {
     /// Resume containers before their memory is in: pages are served on demand (CRIU
     /// lazy-pages over userfaultfd) and pulled in the background.
     pub lazy: bool,
+    /// Page images left in the archive they came in (an uncompressed one): the unpacked
+    /// files are sparse placeholders, and their pages are read from here on demand.
+    pub page_source: Option<PageSource>,
+}
+
+/// In a container's restore directory, once a lazy restore of it is over: `ok`, `eager` (the
+/// runtime restored it eagerly) or `failed: …` (the container was stopped). stasisctl waits
+/// for it before it removes the restore directory.
+pub const LAZY_STATUS: &str = "lazy-pages.status";
+
+/// Page images served from byte ranges of an archive file instead of unpacked copies.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PageSource {
+    /// The archive file (an uncompressed, unencrypted tar).
+    pub archive: PathBuf,
+    /// Path below the restore directory (`<container dir>/checkpoint/pages-N.img`) → where
+    /// its bytes are in the archive.
+    pub files: BTreeMap<String, PageSpan>,
+}
+
+/// One file's bytes inside an archive, with the digests that vouch for each chunk of it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PageSpan {
+    pub offset: u64,
+    pub size: u64,
+    pub chunk_size: u64,
+    /// SHA-256 (hex) of each `chunk_size` piece, the last one possibly shorter.
+    pub chunks: Vec<String>,
+}
+
+/// The chunk size of page images in the manifest: each chunk is checked on its own, so a
+/// lazy restore verifies the pages it reads without reading the whole image first.
+pub const PAGE_CHUNK_SIZE: u64 = 1 << 20;
+
+/// Whether the file at `rel` (below an unpacked checkpoint) is a CRIU page image, the part
+/// of a checkpoint that grows with memory and that a lazy restore can leave in the archive.
+pub fn is_page_image(rel: &Path) -> bool {
+    let parent_is_images = rel
+        .parent()
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == CHECKPOINT_DIR);
+    let name = rel
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    parent_is_images && name.starts_with("pages-") && name.ends_with(".img")
 }
 
 impl RestoreOptions {
     /// The options of the restore whose container or pod directory is `dir` (below
     /// `<store>/<id>`); defaults when there are none.
     pub fn for_dir(dir: &Path) -> Self {
-        let mut at = dir;
-        while let Some(parent) = at.parent() {
-            if parent == Path::new(RESTORE_STORE) {
-                let mut name = at.as_os_str().to_owned();
+        match restore_root(dir) {
+            Some(root) => {
+                let mut name = root.as_os_str().to_owned();
                 name.push(RESTORE_OPTIONS_SUFFIX);
-                return read_json(Path::new(&name)).unwrap_or_default();
+                read_json(Path::new(&name)).unwrap_or_default()
             }
-            at = parent;
+            None => Self::default(),
         }
-        Self::default()
     }
+}
+
+/// The restore directory (`<store>/<id>`) that `dir` is in or is.
+pub fn restore_root(dir: &Path) -> Option<&Path> {
+    let mut at = dir;
+    while let Some(parent) = at.parent() {
+        if parent == Path::new(RESTORE_STORE) {
+            return Some(at);
+        }
+        at = parent;
+    }
+    None
 }
 
 /// A single plain path component: no separators, not `.`/`..`, not hidden.

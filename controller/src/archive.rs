@@ -211,7 +211,12 @@ struct Manifest {
 #[derive(serde::Serialize, serde::Deserialize, PartialEq)]
 struct FileSum {
     size: u64,
+    /// Of the file; of its concatenated chunk digests when it is chunked.
     sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chunk_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    chunks: Vec<String>,
 }
 
 /// Every regular file below `dir` (relative paths, sorted), but the manifest itself.
@@ -237,21 +242,43 @@ fn regular_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn sum_of(path: &Path) -> Result<FileSum> {
+/// The sum of the file at `path`, chunk by chunk when `chunk_size` is given (page images:
+/// a lazy restore checks each chunk it reads on its own).
+fn sum_of(path: &Path, chunk_size: Option<u64>) -> Result<FileSum> {
     use sha2::Digest;
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .with_context(|| format!("open {}", path.display()))?;
-    let mut hasher = sha2::Sha256::new();
-    let size = std::io::copy(&mut f, &mut hasher)?;
-    let sha256 = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok(FileSum { size, sha256 })
+    let Some(chunk) = chunk_size else {
+        let mut hasher = sha2::Sha256::new();
+        let size = std::io::copy(&mut f, &mut hasher)?;
+        return Ok(FileSum {
+            size,
+            sha256: hex::encode(hasher.finalize()),
+            chunk_size: None,
+            chunks: Vec::new(),
+        });
+    };
+    let (mut size, mut chunks, mut top) = (0u64, Vec::new(), sha2::Sha256::new());
+    loop {
+        let mut hasher = sha2::Sha256::new();
+        let n = std::io::copy(&mut (&mut f).take(chunk), &mut hasher)?;
+        if n == 0 {
+            break;
+        }
+        size += n;
+        let digest = hasher.finalize();
+        top.update(digest);
+        chunks.push(hex::encode(digest));
+    }
+    Ok(FileSum {
+        size,
+        sha256: hex::encode(top.finalize()),
+        chunk_size: Some(chunk),
+        chunks,
+    })
 }
 
 /// Closes every file and directory below `dir` to group and others (owner bits kept): a
@@ -279,7 +306,8 @@ pub fn make_private(dir: &Path) -> Result<()> {
 pub fn write_manifest(dir: &Path) -> Result<()> {
     let mut files = std::collections::BTreeMap::new();
     for rel in regular_files(dir)? {
-        files.insert(rel.display().to_string(), sum_of(&dir.join(&rel))?);
+        let chunked = layout::is_page_image(&rel).then_some(layout::PAGE_CHUNK_SIZE);
+        files.insert(rel.display().to_string(), sum_of(&dir.join(&rel), chunked)?);
     }
     let manifest = Manifest {
         version: layout::MANIFEST_VERSION,
@@ -300,6 +328,10 @@ pub fn write_manifest(dir: &Path) -> Result<()> {
 /// Checks an unpacked archive against its manifest: the version known, every file listed
 /// there with its size and SHA-256, nothing unlisted. Names the first file that differs.
 pub fn check_manifest(dir: &Path) -> Result<()> {
+    check_manifest_except(dir, &read_manifest(dir)?, &Default::default())
+}
+
+fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(layout::MANIFEST);
     let text = std::fs::read(&path).context(
         "archive has no manifest.json (written by a stasis before archives carried one, or stripped)",
@@ -314,13 +346,36 @@ pub fn check_manifest(dir: &Path) -> Result<()> {
             layout::MANIFEST_VERSIONS_READ.end()
         );
     }
+    Ok(manifest)
+}
+
+/// [`check_manifest`], but the files in `left_in_archive` (placeholders of page images read
+/// from the archive later, chunk by chunk) are only checked to be listed, with their size
+/// and chunk digests.
+fn check_manifest_except(
+    dir: &Path,
+    manifest: &Manifest,
+    left_in_archive: &std::collections::BTreeMap<String, layout::PageSpan>,
+) -> Result<()> {
     let present = regular_files(dir)?;
     for rel in &present {
         let key = rel.display().to_string();
         let Some(want) = manifest.files.get(&key) else {
             bail!("archive file {key} is not in its manifest: the archive was changed");
         };
-        let got = sum_of(&dir.join(rel))?;
+        if let Some(span) = left_in_archive.get(&key) {
+            if want.size != span.size || want.chunks != span.chunks {
+                bail!("archive file {key} is corrupt or was changed ({} bytes; the manifest says {} bytes)", span.size, want.size);
+            }
+            continue;
+        }
+        if want
+            .chunk_size
+            .is_some_and(|c| !(4096..=1 << 30).contains(&c))
+        {
+            bail!("archive manifest gives {key} an impossible chunk size");
+        }
+        let got = sum_of(&dir.join(rel), want.chunk_size)?;
         if got != *want {
             bail!(
                 "archive file {key} is corrupt or was changed ({} bytes, sha256 {}; the manifest says {} bytes, sha256 {})",
@@ -599,33 +654,202 @@ fn unpack_checked(
                 );
             }
         }
-        let options = read_pod_options(dest)?;
-        for (name, dir) in &options.containers {
-            if !layout::is_plain_name(dir) {
-                bail!("hostile archive: pod.options names container {name:?} in directory {dir:?}, which is not a plain directory name");
-            }
-            let d = dest.join(dir);
-            if !d.is_dir() {
-                bail!("pod.options names container {name:?} in directory {dir:?}, which the archive does not contain");
-            }
-            // Which images a container needs is the runtime's business (CRIU images in
-            // checkpoint/, or one sandbox image for the pod): the shim checks them in
-            // ValidateRestore. Here: the metadata every backend writes.
-            if !d.join("config.dump").is_file() || !d.join("container-config.json").is_file() {
-                bail!("container {name:?} ({dir}) has no config.dump or container-config.json");
-            }
-        }
-        if !dest.join("pod.dump").is_file() {
-            bail!("archive has no pod.dump");
-        }
-        // Last: what it says about each file is worth checking only once the layout is sane.
-        // The signature first: a signed manifest vouches for every file it lists.
-        if let Some(key) = &opening.verify {
-            seal::check_signature(dest, key)?;
-        }
-        check_manifest(dest)?;
-        Ok(options)
     }
+    check_unpacked(dest, opening, &mut LeftInArchive::default())
+}
+
+/// What an unpacked archive must be, checked after unpacking: its layout, the signature (if
+/// asked) and the manifest (the files in `left_in_archive` by their chunk digests only).
+fn check_unpacked(dest: &Path, opening: &Opening, left: &mut LeftInArchive) -> Result<PodOptions> {
+    let options = read_pod_options(dest)?;
+    for (name, dir) in &options.containers {
+        if !layout::is_plain_name(dir) {
+            bail!("hostile archive: pod.options names container {name:?} in directory {dir:?}, which is not a plain directory name");
+        }
+        let d = dest.join(dir);
+        if !d.is_dir() {
+            bail!("pod.options names container {name:?} in directory {dir:?}, which the archive does not contain");
+        }
+        // Which images a container needs is the runtime's business (CRIU images in
+        // checkpoint/, or one sandbox image for the pod): the shim checks them in
+        // ValidateRestore. Here: the metadata every backend writes.
+        if !d.join("config.dump").is_file() || !d.join("container-config.json").is_file() {
+            bail!("container {name:?} ({dir}) has no config.dump or container-config.json");
+        }
+    }
+    if !dest.join("pod.dump").is_file() {
+        bail!("archive has no pod.dump");
+    }
+    // Last: what it says about each file is worth checking only once the layout is sane.
+    // The signature first: a signed manifest vouches for every file it lists.
+    if let Some(key) = &opening.verify {
+        seal::check_signature(dest, key)?;
+    }
+    let manifest = read_manifest(dest)?;
+    left.settle(dest, &manifest)?;
+    check_manifest_except(dest, &manifest, &left.spans)?;
+    Ok(options)
+}
+
+/// Page images a lazy restore leaves in the archive (their unpacked files are sparse
+/// placeholders of the right size).
+#[derive(Default)]
+struct LeftInArchive {
+    archive: PathBuf,
+    spans: std::collections::BTreeMap<String, layout::PageSpan>,
+}
+
+impl LeftInArchive {
+    /// Takes each image's chunk digests from the (checked) manifest; an image the manifest
+    /// gives no chunks (an archive of an older stasis) is unpacked after all, and checked
+    /// whole like every other file.
+    fn settle(&mut self, dest: &Path, manifest: &Manifest) -> Result<()> {
+        let mut unchunked = Vec::new();
+        for (key, span) in self.spans.iter_mut() {
+            match manifest.files.get(key) {
+                Some(FileSum {
+                    chunk_size: Some(c),
+                    chunks,
+                    size,
+                    ..
+                }) if *size == span.size
+                    && (4096..=1 << 30).contains(c)
+                    && chunks.len() as u64 == size.div_ceil(*c) =>
+                {
+                    span.chunk_size = *c;
+                    span.chunks = chunks.clone();
+                }
+                _ => unchunked.push(key.clone()),
+            }
+        }
+        for key in unchunked {
+            let span = self.spans.remove(&key).expect("listed above");
+            let mut from = File::open(&self.archive)
+                .with_context(|| format!("open archive {}", self.archive.display()))?;
+            std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(span.offset))?;
+            let mut to = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(dest.join(&key))
+                .with_context(|| format!("unpack {key}"))?;
+            let n = std::io::copy(&mut from.take(span.size), &mut to)
+                .with_context(|| format!("unpack {key}"))?;
+            if n != span.size {
+                bail!("archive is truncated at {key}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether pages can be read straight from the archive at `path`: an uncompressed,
+/// unencrypted tar.
+pub fn is_plain_tar(path: &Path) -> Result<bool> {
+    let mut file = BufReader::new(
+        File::open(path).with_context(|| format!("open archive {}", path.display()))?,
+    );
+    let head = file.fill_buf()?;
+    Ok(!seal::is_encrypted(head)
+        && !head.starts_with(&[0x1f, 0x8b])
+        && !head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]))
+}
+
+/// [`extract_with`] for a lazy restore from an uncompressed archive: everything is unpacked
+/// and checked but the page images, which stay in the archive (sparse placeholders take
+/// their place); returns where their bytes are and the digests of their chunks, for the
+/// shim to serve pages from. Nothing grows with the pod's memory here.
+pub fn extract_leaving_pages(
+    archive: &Path,
+    dest: &Path,
+    opening: &Opening,
+) -> Result<(PodOptions, layout::PageSource)> {
+    let archive = archive
+        .canonicalize()
+        .with_context(|| format!("open archive {}", archive.display()))?;
+    let mut left = LeftInArchive {
+        archive: archive.clone(),
+        ..Default::default()
+    };
+    let options = into_new_dir(
+        dest,
+        |_| {
+            let mut tar = tar::Archive::new(File::open(&archive)?);
+            bound_entries(tar.entries_with_seek().context("read archive")?, u64::MAX)
+        },
+        |room| {
+            let mut tar = tar::Archive::new(File::open(&archive)?);
+            tar.set_preserve_permissions(true);
+            tar.set_unpack_xattrs(false);
+            let mut unpacked = 0u64;
+            for entry in tar.entries_with_seek().context("read archive")? {
+                let mut entry =
+                    entry.map_err(|e| anyhow::anyhow!("archive is truncated or corrupt: {e}"))?;
+                let path = safe_path(&entry)?;
+                if path.as_os_str().is_empty() {
+                    continue;
+                }
+                if entry.header().entry_type().is_file()
+                    && layout::is_page_image(&path)
+                    && entry.size() > 0
+                {
+                    let at = dest.join(&path);
+                    if let Some(parent) = at.parent() {
+                        use std::os::unix::fs::DirBuilderExt;
+                        std::fs::DirBuilder::new()
+                            .recursive(true)
+                            .mode(0o700)
+                            .create(parent)
+                            .with_context(|| format!("create {}", parent.display()))?;
+                    }
+                    let placeholder = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&at)
+                        .with_context(|| format!("hostile archive: {} twice", path.display()))?;
+                    placeholder.set_len(entry.size())?;
+                    left.spans.insert(
+                        path.display().to_string(),
+                        layout::PageSpan {
+                            offset: entry.raw_file_position(),
+                            size: entry.size(),
+                            ..Default::default()
+                        },
+                    );
+                    continue;
+                }
+                if left.spans.contains_key(&path.display().to_string()) {
+                    bail!("hostile archive: {} twice", path.display());
+                }
+                unpacked = unpacked.saturating_add(entry.size());
+                if unpacked > room {
+                    bail!(
+                        "the pod's files need more than {} and only {} are free where they are unpacked",
+                        human(unpacked),
+                        human(room)
+                    );
+                }
+                let inside = entry.unpack_in(dest).map_err(|e| {
+                    anyhow::anyhow!("archive is truncated or corrupt at {}: {e}", path.display())
+                })?;
+                if !inside {
+                    bail!(
+                        "hostile archive: entry {} would land outside the target",
+                        path.display()
+                    );
+                }
+            }
+            check_unpacked(dest, opening, &mut left)
+        },
+    )?;
+    Ok((
+        options,
+        layout::PageSource {
+            archive,
+            files: left.spans,
+        },
+    ))
 }
 
 /// `pod.options`, parsed as the shim writes it (one type for both sides).
@@ -652,8 +876,13 @@ const MAX_ENTRIES: u64 = 1_000_000;
 /// skipped, not stored, so a compression bomb costs time, not memory or disk.
 fn check_bounds(archive: &Path, room: u64, opening: &Opening) -> Result<()> {
     let mut tar = tar::Archive::new(open(archive, opening)?);
+    bound_entries(tar.entries().context("read archive")?, room)
+}
+
+/// [`check_bounds`] over entries already opened (a seekable reader skips the file data).
+fn bound_entries<R: Read>(entries: tar::Entries<'_, R>, room: u64) -> Result<()> {
     let (mut count, mut total) = (0u64, 0u64);
-    for entry in tar.entries().context("read archive")?.raw(true) {
+    for entry in entries.raw(true) {
         let entry = entry.map_err(|e| anyhow::anyhow!("archive is truncated or corrupt: {e}"))?;
         let header = entry.header();
         let size = header.entry_size().unwrap_or(u64::MAX);
@@ -1054,6 +1283,50 @@ mod tests {
         );
     }
 
+    /// A lazy restore's unpack leaves page images in an uncompressed archive: sparse
+    /// placeholders of the right size, spans pointing at the images' bytes, chunk digests from
+    /// the manifest; everything else unpacked and checked. A compressed archive cannot.
+    #[test]
+    fn page_images_stay_in_an_uncompressed_archive() {
+        let s = Scratch::new("leave");
+        let dir = checkpoint_dir(&s.0);
+        let pages: Vec<u8> = (0..(2 * layout::PAGE_CHUNK_SIZE + 4096))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(dir.join("abc-web/checkpoint/pages-1.img"), &pages).unwrap();
+        write_manifest(&dir).unwrap();
+        let plain = s.0.join("a.tar");
+        write(&dir, &plain, Compression::None).unwrap();
+        assert!(is_plain_tar(&plain).unwrap());
+        let out = s.0.join("out");
+        let (options, source) = extract_leaving_pages(&plain, &out, &Opening::default()).unwrap();
+        assert_eq!(options.containers["web"], "abc-web");
+        let span = &source.files["abc-web/checkpoint/pages-1.img"];
+        assert_eq!((span.size, span.chunks.len()), (pages.len() as u64, 3));
+        let bytes = std::fs::read(&source.archive).unwrap();
+        let at = span.offset as usize;
+        assert_eq!(&bytes[at..at + pages.len()], &pages[..]);
+        let placeholder = out.join("abc-web/checkpoint/pages-1.img");
+        let m = std::fs::metadata(&placeholder).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(m.len(), pages.len() as u64);
+        assert!(
+            m.blocks() * 512 < 64 * 1024,
+            "the placeholder is not sparse"
+        );
+        assert!(out.join("abc-web/config.dump").is_file());
+        // The eager path still reads chunked images whole and checks them.
+        let whole = s.0.join("whole");
+        extract(&plain, &whole).unwrap();
+        assert_eq!(
+            std::fs::read(whole.join("abc-web/checkpoint/pages-1.img")).unwrap(),
+            pages
+        );
+        let zst = s.0.join("a.tar.zst");
+        write(&dir, &zst, Compression::Zstd).unwrap();
+        assert!(!is_plain_tar(&zst).unwrap());
+    }
+
     /// Signed and encrypted archives round-trip; the wrong key, no identity, a tampered
     /// signed archive and an unknown format version are refused, leaving nothing.
     #[test]
@@ -1126,7 +1399,7 @@ mod tests {
         let text = std::fs::read_to_string(dir.join(layout::MANIFEST)).unwrap();
         std::fs::write(
             dir.join(layout::MANIFEST),
-            text.replacen("\"version\":2", "\"version\":9", 1),
+            text.replacen("\"version\":3", "\"version\":9", 1),
         )
         .unwrap();
         let future = s.0.join("future.tar");

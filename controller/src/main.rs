@@ -253,6 +253,11 @@ enum PodCommand {
         /// Give up the capture after this many seconds (the pod runs on); 0 = no limit.
         #[arg(long, default_value_t = 0)]
         timeout: u32,
+        /// Let the pod run on the target before its memory is mapped: pages are served on
+        /// demand from the received images and pulled in the background (runc/crun; gVisor
+        /// restores eagerly).
+        #[arg(long)]
+        lazy: bool,
     },
     /// Restore a pod archive as a new running pod; prints the new pod id.
     ///
@@ -278,7 +283,10 @@ enum PodCommand {
         identity: Option<PathBuf>,
         /// Resume the containers before their memory is in: pages are served on demand (CRIU
         /// lazy-pages over userfaultfd) and pulled in the background; reports the time to
-        /// running and to the last page. runc/crun only (runsc restores eagerly).
+        /// running and to the last page. From an uncompressed archive the pages are read
+        /// from the archive itself (each chunk checked against the manifest as it is read),
+        /// so the time to running does not grow with memory. runc/crun only (runsc restores
+        /// eagerly).
         #[arg(long)]
         lazy: bool,
     },
@@ -315,6 +323,7 @@ async fn run(cli: Cli) -> Result<()> {
                 name,
                 runtime_handler,
                 timeout,
+                lazy,
             } => {
                 let m = migrate::migrate(
                     &target,
@@ -325,6 +334,7 @@ async fn run(cli: Cli) -> Result<()> {
                         name,
                         runtime_handler,
                         timeout,
+                        lazy,
                     },
                 )
                 .await?;

@@ -303,6 +303,9 @@ struct Offer {
     pod: String,
     name: Option<String>,
     runtime_handler: Option<String>,
+    /// Restore lazily on the target: its containers run before their memory is mapped.
+    #[serde(default)]
+    lazy: bool,
 }
 
 /// The target's answer once it has restored (or failed to).
@@ -320,6 +323,7 @@ pub struct MigrateArgs {
     pub name: Option<String>,
     pub runtime_handler: Option<String>,
     pub timeout: u32,
+    pub lazy: bool,
 }
 
 /// What a migration did, for the caller to print.
@@ -341,6 +345,7 @@ pub async fn migrate(t: &Target, a: MigrateArgs) -> Result<Migrated> {
         pod: a.pod.clone(),
         name: a.name.clone(),
         runtime_handler: a.runtime_handler.clone(),
+        lazy: a.lazy,
     })?;
     // Not written (the pod is delivered, not archived): names where it is staged.
     let output = archive::private_root(Path::new(pod::CHECKPOINT_STAGING))?.join(format!(
@@ -456,7 +461,8 @@ pub async fn listen(t: &Target, a: ListenArgs) -> Result<()> {
                 }
             };
         let started = Instant::now();
-        let result = receive(t, &a, &mut channel, &peer.to_string()).await;
+        let restored = receive(t, &a, &mut channel, &peer.to_string()).await;
+        let result = restored.as_ref().map(|r| r.pod_id.clone());
         let answer = match &result {
             Ok(id) => Outcome {
                 pod_id: Some(id.clone()),
@@ -486,6 +492,13 @@ pub async fn listen(t: &Target, a: ListenArgs) -> Result<()> {
             }
             (Err(e), _) => eprintln!("migration from {peer} failed: {e:#}"),
         }
+        // The source has its answer (its downtime ends with it); a lazily restored pod
+        // pulls the rest of its memory from the received images meanwhile.
+        if let Ok(restored) = restored {
+            if let Err(e) = restored.finish(t).await {
+                eprintln!("{e:#}");
+            }
+        }
         served += 1;
         if a.count > 0 && served >= a.count {
             return Ok(());
@@ -500,7 +513,12 @@ async fn remove_pod(t: &Target, id: &str) {
 }
 
 /// One migration: the offer, the pod's files into the restore store, the restore.
-async fn receive(t: &Target, a: &ListenArgs, channel: &mut Channel, peer: &str) -> Result<String> {
+async fn receive(
+    t: &Target,
+    a: &ListenArgs,
+    channel: &mut Channel,
+    peer: &str,
+) -> Result<pod::Restored> {
     let offer: Offer = channel.recv_json()?;
     eprintln!("receiving pod {} from {peer}", offer.pod);
     let args = RestoreArgs {
@@ -510,7 +528,7 @@ async fn receive(t: &Target, a: &ListenArgs, channel: &mut Channel, peer: &str) 
         policy: a.policy.clone(),
         replace_volumes: a.replace_volumes,
         opening: Opening::default(),
-        lazy: false,
+        lazy: offer.lazy,
     };
     pod::restore_with(t, &args, |dir| {
         let mut r = channel.reader();
@@ -522,7 +540,7 @@ async fn receive(t: &Target, a: &ListenArgs, channel: &mut Channel, peer: &str) 
             bail!("the stream from {peer} ended early");
         }
         eprintln!("received {} from {peer}", human(r.received));
-        Ok(options)
+        Ok((options, None))
     })
     .await
 }

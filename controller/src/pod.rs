@@ -12,6 +12,7 @@ use stasis_api::{
         CheckpointOptions, CheckpointPodRequest, ContainerInfo, FinishCheckpointRequest,
         FinishRestoreRequest, ValidateRestoreRequest,
     },
+    layout::PageSource,
     RESTORE_ANNOTATION,
 };
 
@@ -697,19 +698,102 @@ impl Interrupt {
 }
 
 pub async fn restore(t: &Target, a: RestoreArgs) -> Result<String> {
-    restore_with(t, &a, |dir| {
-        archive::extract_with(&a.archive, dir, &a.opening)
+    // A lazy restore from an uncompressed archive leaves the page images in it: the shim
+    // reads pages from there on demand, so nothing that grows with memory is unpacked.
+    let leave_pages = a.lazy && archive::is_plain_tar(&a.archive)?;
+    if a.lazy && !leave_pages {
+        eprintln!(
+            "{} is compressed or encrypted: its pages are unpacked before the pod runs (an uncompressed archive, --compress none, is restored lazily without that)",
+            a.archive.display()
+        );
+    }
+    let restored = restore_with(t, &a, |dir| {
+        if leave_pages {
+            let (options, source) = archive::extract_leaving_pages(&a.archive, dir, &a.opening)?;
+            Ok((options, Some(source)))
+        } else {
+            Ok((archive::extract_with(&a.archive, dir, &a.opening)?, None))
+        }
     })
-    .await
+    .await?;
+    restored.finish(t).await
+}
+
+/// A restored pod whose restore directory may still be in use: its lazily restored
+/// containers pull pages from it until [`Restored::finish`].
+pub struct Restored {
+    pub pod_id: String,
+    lazy: bool,
+    started: Instant,
+    running: std::time::Duration,
+    dir: PathBuf,
+    files: Vec<PathBuf>,
+    guard: RestoreGuard,
+}
+
+impl Restored {
+    /// Waits until every page of a lazy restore is in, then removes the restore directory.
+    /// An error if a container stopped before its memory was all in.
+    pub async fn finish(self, t: &Target) -> Result<String> {
+        let mut lost = Vec::new();
+        if self.lazy {
+            // The restore directory serves the lazy-pages daemons: kept until each container
+            // says how its restore ended (the shim stops one whose pages could not all be
+            // served: a changed archive, a failed daemon).
+            for (name, status) in wait_for_lazy_pages(&self.dir).await {
+                if status.starts_with("failed") {
+                    lost.push(format!("{name} ({status})"));
+                }
+            }
+        }
+        if !lost.is_empty() {
+            // Not the pod that was checkpointed: it goes, as after any failed restore.
+            let removed = match cri::connect(Path::new(&t.address)).await {
+                Ok(mut rt) => cri::remove_pod(&mut rt, &self.pod_id).await,
+                Err(e) => Err(e),
+            };
+            remove_restore_files(&self.dir, &self.files);
+            self.guard.done();
+            bail!(
+                "pod {}: {} stopped before all of its memory was restored (the shim's log says why); {}",
+                self.pod_id,
+                lost.join(", "),
+                match removed {
+                    Ok(()) => "the pod was removed".to_string(),
+                    Err(e) => format!("removing the pod failed: {e:#}"),
+                }
+            );
+        }
+        remove_restore_files(&self.dir, &self.files);
+        self.guard.done();
+        if self.lazy {
+            eprintln!(
+                "restored: running after {:.0} ms, every page in after {:.0} ms",
+                self.running.as_secs_f64() * 1000.0,
+                self.started.elapsed().as_secs_f64() * 1000.0
+            );
+        } else {
+            eprintln!("restored in {:.0} ms", self.running.as_secs_f64() * 1000.0);
+        }
+        Ok(self.pod_id)
+    }
+}
+
+fn remove_restore_files(dir: &Path, files: &[PathBuf]) {
+    let _ = std::fs::remove_dir_all(dir);
+    for f in files {
+        let _ = std::fs::remove_file(f);
+    }
 }
 
 /// A restore whose files `unpack` puts into the fresh restore directory it is given (from an
-/// archive file, or a migration stream); everything else as [`restore`].
+/// archive file, or a migration stream), saying which page images it left in an archive;
+/// returns once the pod runs (see [`Restored`]).
 pub async fn restore_with(
     t: &Target,
     a: &RestoreArgs,
-    unpack: impl FnOnce(&Path) -> Result<archive::PodOptions>,
-) -> Result<String> {
+    unpack: impl FnOnce(&Path) -> Result<(archive::PodOptions, Option<PageSource>)>,
+) -> Result<Restored> {
     let started = Instant::now();
     let mut interrupt = Interrupt::listen()?;
     let store = open_restore_store()?;
@@ -720,7 +804,7 @@ pub async fn restore_with(
     // Cleans up if this process is killed outright from here on.
     let mut guard = RestoreGuard::start(&t.address, &dir)?;
     // Everything about the archive is checked before anything is created.
-    let options = match unpack(&dir) {
+    let (options, page_source) = match unpack(&dir) {
         Ok(o) => o,
         Err(e) => {
             guard.done();
@@ -731,8 +815,19 @@ pub async fn restore_with(
         "{restore_id}{}",
         stasis_api::layout::RESTORE_OPTIONS_SUFFIX
     ));
-    let restore_options = stasis_api::layout::RestoreOptions { lazy: a.lazy };
-    seal::write_new_private(&options_file, &serde_json::to_vec(&restore_options)?)?;
+    let files = vec![
+        store.join(format!("{restore_id}.pod")),
+        options_file.clone(),
+    ];
+    let restore_options = stasis_api::layout::RestoreOptions {
+        lazy: a.lazy,
+        page_source,
+    };
+    if let Err(e) = seal::write_new_private(&options_file, &serde_json::to_vec(&restore_options)?) {
+        remove_restore_files(&dir, &files);
+        guard.done();
+        return Err(e);
+    }
     let result = restore_extracted(
         t,
         a,
@@ -743,37 +838,55 @@ pub async fn restore_with(
     )
     .await;
     let running = started.elapsed();
-    if a.lazy && result.is_ok() {
-        eprintln!(
-            "running after {:.0} ms; its memory is still coming in",
-            running.as_secs_f64() * 1000.0
-        );
-        // The lazy-pages daemons serve pages from the unpacked images: keep them until the
-        // last one is in.
-        wait_for_lazy_pages(&dir).await;
+    match result {
+        Ok(pod_id) => {
+            if a.lazy {
+                eprintln!(
+                    "running after {:.0} ms; its memory is still coming in",
+                    running.as_secs_f64() * 1000.0
+                );
+            }
+            Ok(Restored {
+                pod_id,
+                lazy: a.lazy,
+                started,
+                running,
+                dir,
+                files,
+                guard,
+            })
+        }
+        Err(e) => {
+            remove_restore_files(&dir, &files);
+            guard.done();
+            Err(e)
+        }
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_file(store.join(format!("{restore_id}.pod")));
-    let _ = std::fs::remove_file(&options_file);
-    guard.done();
-    let pod_id = result?;
-    if a.lazy {
-        eprintln!(
-            "restored: running after {:.0} ms, every page in after {:.0} ms",
-            running.as_secs_f64() * 1000.0,
-            started.elapsed().as_secs_f64() * 1000.0
-        );
-    } else {
-        eprintln!("restored in {:.0} ms", running.as_secs_f64() * 1000.0);
-    }
-    Ok(pod_id)
 }
 
-/// Waits until no `criu lazy-pages` daemon serves pages from below `dir` (each exits once its
-/// container has every page).
-async fn wait_for_lazy_pages(dir: &Path) {
+/// Waits until every container of the restore in `dir` has said how its lazy restore ended
+/// (`layout::LAZY_STATUS`), or, should a shim die before it says so, until no `criu
+/// lazy-pages` daemon serves pages from below `dir` for 10 s. Returns (container, status).
+async fn wait_for_lazy_pages(dir: &Path) -> Vec<(String, String)> {
+    let options = archive::read_pod_options(dir).unwrap_or_default();
     let needle = dir.display().to_string();
+    let mut idle_since: Option<Instant> = None;
     loop {
+        let statuses: Vec<_> = options
+            .containers
+            .iter()
+            .map(|(name, cdir)| {
+                let status =
+                    std::fs::read_to_string(dir.join(cdir).join(stasis_api::layout::LAZY_STATUS));
+                (name.clone(), status.ok().map(|s| s.trim().to_string()))
+            })
+            .collect();
+        if statuses.iter().all(|(_, s)| s.is_some()) {
+            return statuses
+                .into_iter()
+                .map(|(n, s)| (n, s.unwrap_or_default()))
+                .collect();
+        }
         let serving = std::fs::read_dir("/proc")
             .into_iter()
             .flatten()
@@ -783,8 +896,23 @@ async fn wait_for_lazy_pages(dir: &Path) {
                 let c = String::from_utf8_lossy(&c);
                 c.contains("lazy-pages") && c.contains(&needle)
             });
-        if !serving {
-            return;
+        if serving {
+            idle_since = None;
+        } else if idle_since
+            .get_or_insert_with(Instant::now)
+            .elapsed()
+            .as_secs()
+            >= 10
+        {
+            return statuses
+                .into_iter()
+                .map(|(n, s)| {
+                    (
+                        n,
+                        s.unwrap_or_else(|| "failed: no word from its shim".into()),
+                    )
+                })
+                .collect();
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }

@@ -1,6 +1,9 @@
 //! Shared pieces of the demo and the benchmarks.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use stasis_e2e::Containerd;
 
 /// Median of a set of durations.
 pub fn median(samples: &mut [Duration]) -> Duration {
@@ -41,4 +44,53 @@ pub fn human(bytes: u64) -> String {
     } else {
         format!("{:.1} KiB", v / 1024.0)
     }
+}
+
+/// Runs `sh -c script` as container `id` through ctr with `runtime` and waits until the
+/// file `probe` inside it is not empty.
+pub fn ctr_start(
+    c: &Containerd,
+    runtime: &str,
+    image: &str,
+    id: &str,
+    script: &str,
+    probe: &str,
+) -> Result<()> {
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        runtime,
+        image,
+        id,
+        "sh",
+        "-c",
+        script,
+    ])?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = c.ctr(&["tasks", "exec", "--exec-id", "probe", id, "cat", probe])?;
+        if out.status.success() && !out.stdout.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{id}: workload not ready");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Kills and deletes a container started through ctr.
+pub fn ctr_remove(c: &Containerd, id: &str) {
+    let _ = c.ctr(&["tasks", "kill", "-s", "KILL", id]);
+    for _ in 0..50 {
+        if c.ctr(&["tasks", "delete", id])
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = c.ctr(&["containers", "delete", id]);
 }

@@ -12,9 +12,10 @@ use stasis_e2e::{
     Containerd,
 };
 
-/// A pod with 512 MiB of random memory and a counter, checkpointed live and restored with
-/// `--lazy`: the memory's own checksum is the same, the counter continues, the lazy-pages
-/// daemon did serve the restore, and nothing of it is left.
+/// A pod with 512 MiB of random memory and a counter, checkpointed live into an uncompressed
+/// archive and restored with `--lazy`: the memory's own checksum is the same, the counter
+/// continues, the lazy-pages daemon did serve the restore with pages read from the archive
+/// itself, and nothing of it is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lazy_restore_brings_every_page_back() -> Result<()> {
     let c = Containerd::start("lazy")?;
@@ -78,6 +79,14 @@ async fn a_lazy_restore_brings_every_page_back() -> Result<()> {
     let text = std::fs::read_to_string(&log)
         .with_context(|| format!("no lazy-pages log at {}", log.display()))?;
     ensure!(!text.is_empty(), "the lazy-pages log is empty");
+    // The archive is uncompressed: pages came from it, not from an unpacked copy.
+    ensure!(
+        c.log_tail(100_000).lines().any(|l| l.contains(&hog)
+            && l.contains("page requests")
+            && l.contains("from the archive")),
+        "the shim served no pages from the archive: {}",
+        c.log_about(std::slice::from_ref(&hog), 20)
+    );
     let after = memory_sum(&mut cri, &hog).await?;
     ensure!(after == before, "memory changed: md5 {before} -> {after}");
     let now = read_counter(&mut cri, &counter, "/counter").await?;
@@ -94,5 +103,78 @@ async fn a_lazy_restore_brings_every_page_back() -> Result<()> {
         "a lazy-pages daemon is left"
     );
     cri.stop_and_remove_pod(&new_pod).await?;
+    c.finish()
+}
+
+/// A byte of a page image changed inside an uncompressed archive: the lazy restore reads
+/// pages from the archive and checks each chunk against the manifest, so the change is
+/// caught when its chunk is needed; the container never runs on with memory that is not its
+/// own, the restore fails naming what happened, and no pod is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_page_in_the_archive_stops_the_lazy_restore() -> Result<()> {
+    let c = Containerd::start("lazy-tamper")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config("tamper", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let hog = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("hog", image, &["sh", "-c", &checksum_hog(64)]),
+        )
+        .await?;
+    wait_ready(&mut cri, &hog, "/ready", Duration::from_secs(60)).await?;
+    let archive = c.dir.join("tamper.tar");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "tamper",
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    cri.stop_and_remove_pod(&pod_id).await?;
+    // The largest page image holds the hog's memory: flip one byte in its middle.
+    let (mut at, mut largest) = (0u64, 0u64);
+    let mut tar = tar::Archive::new(std::fs::File::open(&archive)?);
+    for entry in tar.entries_with_seek()? {
+        let entry = entry?;
+        let path = entry.path()?.display().to_string();
+        if path.contains("/pages-") && entry.size() > largest {
+            largest = entry.size();
+            at = entry.raw_file_position() + entry.size() / 2;
+        }
+    }
+    ensure!(
+        largest > 32 << 20,
+        "no page image of the hog's size in the archive"
+    );
+    let mut bytes = std::fs::read(&archive)?;
+    bytes[at as usize] ^= 0x55;
+    std::fs::write(&archive, bytes)?;
+
+    let out = c.stasisctl(&["pod", "restore", archive.to_str().unwrap(), "--lazy"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}");
+    ensure!(
+        !out.status.success(),
+        "a changed archive was restored: {err}"
+    );
+    ensure!(
+        err.contains("stopped before all of its memory was restored")
+            || err.contains("does not match the archive's manifest"),
+        "the error does not say what happened: {err}"
+    );
+    let pods = cri
+        .runtime
+        .list_pod_sandbox(stasis_e2e::cri::cri::ListPodSandboxRequest::default())
+        .await?
+        .into_inner()
+        .items;
+    ensure!(
+        pods.is_empty(),
+        "pods left after the failed restore: {:?}",
+        pods.iter().map(|p| &p.id).collect::<Vec<_>>()
+    );
     c.finish()
 }

@@ -83,18 +83,25 @@ fn two_nodes(name: &str) -> Result<(Containerd, Containerd, &'static str, std::p
     Ok((a, b, image, key))
 }
 
-fn migrate(node: &Containerd, pod: &str, to: &str, key: &Path) -> Result<std::process::Output> {
+fn migrate(
+    node: &Containerd,
+    pod: &str,
+    to: &str,
+    key: &Path,
+    extra: &[&str],
+) -> Result<std::process::Output> {
     Ok(node
         .stasisctl_command()?
         .args(["pod", "migrate", pod, "--to", to, "--key-file"])
         .arg(key)
+        .args(extra)
         .output()?)
 }
 
 /// A two-container pod (a counter in the rootfs; one in a shared volume captured with the
-/// memory) moved back and forth between two nodes: each time every counter continues from
-/// memory, no file is ahead of memory, the source pod is gone and the target is visible to
-/// CRI.
+/// memory) moved back and forth between two nodes, eagerly and with `--lazy` (both ways
+/// each): each time every counter continues from memory, no file is ahead of memory, the
+/// source pod is gone and the target is visible to CRI.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_moves_back_and_forth_between_two_nodes() -> Result<()> {
     let (a, b, image, key) = two_nodes("migrate")?;
@@ -155,7 +162,9 @@ async fn a_pod_moves_back_and_forth_between_two_nodes() -> Result<()> {
             &["--allow-host-path", &vol_arg, "--replace-volumes"],
             1,
         )?;
-        let out = migrate(src, &pod_id, &recv.addr, &key)?;
+        // Rounds 0 and 1 eager, 2 and 3 lazy, …: each direction both ways.
+        let lazy: &[&str] = if round % 4 >= 2 { &["--lazy"] } else { &[] };
+        let out = migrate(src, &pod_id, &recv.addr, &key, lazy)?;
         let listened = recv.child.wait_with_output()?;
         ensure!(
             out.status.success(),
@@ -243,7 +252,7 @@ async fn a_failed_migration_leaves_the_pod_running_where_it_was() -> Result<()> 
 
     // A peer without the key.
     let mut recv = listener(&b, &key, &[], 1)?;
-    let out = migrate(&a, "stayer", &recv.addr, &wrong)?;
+    let out = migrate(&a, "stayer", &recv.addr, &wrong, &[])?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(
         !out.status.success(),
@@ -296,7 +305,7 @@ async fn a_failed_migration_leaves_the_pod_running_where_it_was() -> Result<()> 
 
     // The target's containerd unreachable.
     let recv = listener_at(&b, Some("/nonexistent/containerd.sock"), &key, &[], 1)?;
-    let out = migrate(&a, "stayer", &recv.addr, &key)?;
+    let out = migrate(&a, "stayer", &recv.addr, &key, &[])?;
     let err = String::from_utf8_lossy(&out.stderr);
     let _ = recv.child.wait_with_output();
     ensure!(
@@ -315,8 +324,8 @@ async fn a_failed_migration_leaves_the_pod_running_where_it_was() -> Result<()> 
     b.finish()
 }
 
-/// A gVisor pod (one image of the whole sandbox) moves the same way, and lands under the
-/// runtime handler it ran under without being told.
+/// A gVisor pod (one image of the whole sandbox) moves the same way, there and back (with
+/// `--lazy`), and lands under the runtime handler it ran under without being told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gvisor_pod_moves_too() -> Result<()> {
     let (a, b, image, key) = two_nodes("miggv")?;
@@ -334,7 +343,7 @@ async fn a_gvisor_pod_moves_too() -> Result<()> {
     wait_counter_moving(&mut cri_a, &id, "/counter").await?;
     let before = read_counter(&mut cri_a, &id, "/counter").await?;
     let recv = listener(&b, &key, &[], 1)?;
-    let out = migrate(&a, "gvmover", &recv.addr, &key)?;
+    let out = migrate(&a, "gvmover", &recv.addr, &key, &[])?;
     let _ = recv.child.wait_with_output();
     ensure!(
         out.status.success(),
@@ -372,7 +381,33 @@ async fn a_gvisor_pod_moves_too() -> Result<()> {
             .unwrap_or(true),
         "the source pod is still there"
     );
-    cri_b.stop_and_remove_pod(&new_pod).await?;
+    // And back with --lazy (this runsc has no background restore: it restores eagerly and
+    // says so).
+    let recv = listener(&a, &key, &[], 1)?;
+    let out = migrate(&b, "gvmover", &recv.addr, &key, &["--lazy"])?;
+    let _ = recv.child.wait_with_output();
+    ensure!(
+        out.status.success(),
+        "lazy gVisor migration failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (_, back_id, _) = containers_by_name(&mut cri_a, &back)
+        .await?
+        .first()
+        .context("container moved back")?
+        .clone();
+    let again = read_counter(&mut cri_a, &back_id, "/counter").await?;
+    ensure!(again >= now, "the counter went back: {now} -> {again}");
+    wait_counter_above(&mut cri_a, &back_id, "/counter", again).await?;
+    ensure!(
+        containers_by_name(&mut cri_b, &new_pod)
+            .await
+            .map(|l| l.is_empty())
+            .unwrap_or(true),
+        "the pod is still on the second node"
+    );
+    cri_a.stop_and_remove_pod(&back).await?;
     a.finish()?;
     b.finish()
 }
@@ -397,7 +432,7 @@ async fn half_a_gib_of_memory_arrives_intact() -> Result<()> {
     stasis_e2e::cri::wait_ready(&mut cri_a, &id, "/ready", Duration::from_secs(120)).await?;
     let before = stasis_e2e::cri::memory_sum(&mut cri_a, &id).await?;
     let recv = listener(&b, &key, &[], 1)?;
-    let out = migrate(&a, "memory", &recv.addr, &key)?;
+    let out = migrate(&a, "memory", &recv.addr, &key, &[])?;
     let _ = recv.child.wait_with_output();
     ensure!(
         out.status.success(),

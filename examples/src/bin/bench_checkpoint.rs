@@ -24,43 +24,12 @@ fn workload(mib: u64) -> String {
 }
 
 fn start(c: &Containerd, runtime: &str, image: &str, id: &str, mib: u64) -> Result<()> {
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        runtime,
-        image,
-        id,
-        "sh",
-        "-c",
-        &workload(mib),
-    ])?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let probe = if mib == 0 { "/count" } else { "/ready" };
-        let out = c.ctr(&["tasks", "exec", "--exec-id", "probe", id, "cat", probe])?;
-        if out.status.success() && !out.stdout.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{id}: workload not ready");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let probe = if mib == 0 { "/count" } else { "/ready" };
+    stasis_examples::ctr_start(c, runtime, image, id, &workload(mib), probe)
 }
 
 fn remove(c: &Containerd, id: &str) {
-    let _ = c.ctr(&["tasks", "kill", "-s", "KILL", id]);
-    for _ in 0..50 {
-        if c.ctr(&["tasks", "delete", id])
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = c.ctr(&["containers", "delete", id]);
+    stasis_examples::ctr_remove(c, id)
 }
 
 fn timed(f: impl FnOnce() -> Result<()>) -> Result<Duration> {

@@ -1,8 +1,9 @@
 //! Benchmark: moving a pod between two nodes (two private containerd daemons on this machine,
-//! the stream on loopback), streamed by `stasisctl pod migrate` against the archive route in
-//! the same run (`pod checkpoint` to a file, copy the file, `pod restore` on the target), for
-//! pods with 0, 256 and 1024 MiB of touched memory; and a second table: eager against lazy
-//! (`--lazy`) local restore of the same archive, page cache dropped before each.
+//! the stream on loopback), streamed by `stasisctl pod migrate` (eager and `--lazy`) against
+//! the archive route in the same run (`pod checkpoint` to a file, copy the file, `pod restore`
+//! on the target), for pods with 0, 256 and 1024 MiB of touched memory; and a second table:
+//! eager against lazy (`--lazy`) local restore of the same uncompressed archive, page cache
+//! dropped before each, next to `ctr c restore` of the same workload through runc-v2.
 //!
 //!     sudo scripts/bench.sh migrate [--memory 0,256,1024] [--runs N]
 //!
@@ -51,6 +52,7 @@ fn streamed(
     b: &Containerd,
     pod: &str,
     key: &std::path::Path,
+    extra: &[&str],
 ) -> Result<(Duration, Duration, u64, String)> {
     let mut listen = b
         .stasisctl_command()?
@@ -81,6 +83,7 @@ fn streamed(
         .stasisctl_command()?
         .args(["pod", "migrate", pod, "--to", &addr, "--key-file"])
         .arg(key)
+        .args(extra)
         .output()?;
     let total = t0.elapsed();
     let _ = listen.wait();
@@ -170,6 +173,31 @@ async fn timed_restore(
     Ok(times)
 }
 
+/// containerd's own path for the same workload: a container through runc-v2, checkpointed
+/// live with `ctr c checkpoint --task --rw`, removed, then (page cache dropped) restored with
+/// `ctr c restore --live --rw`; returns the restore's milliseconds.
+fn runc_v2_restore(c: &Containerd, image: &str, id: &str, mib: u64) -> Result<f64> {
+    stasis_examples::ctr_start(
+        c,
+        stasis_e2e::RUNC_RUNTIME,
+        image,
+        id,
+        &workload(mib),
+        "/ready",
+    )?;
+    let ck = format!("ck-{id}");
+    c.ctr_ok(&["containers", "checkpoint", "--task", "--rw", id, &ck])?;
+    stasis_examples::ctr_remove(c, id);
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    let restored = format!("r-{id}");
+    let t = Instant::now();
+    c.ctr_ok(&["containers", "restore", "--live", "--rw", &restored, &ck])?;
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    stasis_examples::ctr_remove(c, &restored);
+    let _ = c.ctr(&["images", "rm", &ck]);
+    Ok(ms)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -195,21 +223,29 @@ async fn main() -> Result<()> {
         "migrate downtime".into(),
         "migrate total".into(),
         "sent".into(),
+        "--lazy downtime".into(),
         "archive route downtime".into(),
         "archive".into(),
         "downtime / archive route (<=0.6 at 1 GiB)".into(),
+        "--lazy / archive route".into(),
     ]];
     for &mib in &memories {
         let (mut down, mut total, mut via_archive) = (Vec::new(), Vec::new(), Vec::new());
+        let mut lazy_down = Vec::new();
         let (mut sent, mut archive_bytes) = (0, 0);
         for run in 0..runs {
             let name = format!("m{mib}-{run}");
             let pod = start_pod(&a, &name, image, mib).await?;
-            let (d, t, bytes, moved) = streamed(&a, &b, &pod, &key)?;
+            let (d, t, bytes, moved) = streamed(&a, &b, &pod, &key, &[])?;
             b.cri().await?.stop_and_remove_pod(&moved).await?;
             down.push(d);
             total.push(t);
             sent = bytes;
+            let name = format!("z{mib}-{run}");
+            let pod = start_pod(&a, &name, image, mib).await?;
+            let (d, _, _, moved) = streamed(&a, &b, &pod, &key, &["--lazy"])?;
+            b.cri().await?.stop_and_remove_pod(&moved).await?;
+            lazy_down.push(d);
             let name = format!("f{mib}-{run}");
             let pod = start_pod(&a, &name, image, mib).await?;
             let (d, bytes, restored) = through_archive(&a, &b, &pod)?;
@@ -219,19 +255,22 @@ async fn main() -> Result<()> {
             via_archive.push(d);
             archive_bytes = bytes;
         }
-        let (d, t, v) = (
+        let (d, t, v, z) = (
             median(&mut down),
             median(&mut total),
             median(&mut via_archive),
+            median(&mut lazy_down),
         );
         rows.push(vec![
             format!("{mib} MiB"),
             format!("{:.0} ms", d.as_secs_f64() * 1000.0),
             format!("{:.0} ms", t.as_secs_f64() * 1000.0),
             human(sent),
+            format!("{:.0} ms", z.as_secs_f64() * 1000.0),
             format!("{:.0} ms", v.as_secs_f64() * 1000.0),
             human(archive_bytes),
             format!("{:.2}x", d.as_secs_f64() / v.as_secs_f64()),
+            format!("{:.2}x", z.as_secs_f64() / v.as_secs_f64()),
         ]);
     }
     print_table(&rows);
@@ -241,8 +280,13 @@ async fn main() -> Result<()> {
         "eager restore".into(),
         "lazy: running".into(),
         "lazy: every page in".into(),
-        "running lazy / eager".into(),
+        "running lazy / eager (<=0.2 at 1 GiB)".into(),
+        "lazy running / 0 MiB's (<=1.5)".into(),
+        "ctr c restore (runc-v2)".into(),
+        "eager / runc-v2 (<=1.2)".into(),
     ]];
+    let ctr_image = a.import_busybox()?;
+    let mut lazy_at_zero = None;
     for &mib in &memories {
         let name = format!("l{mib}");
         let pod = start_pod(&a, &name, image, mib).await?;
@@ -258,12 +302,21 @@ async fn main() -> Result<()> {
         let (eager, _) = timed_restore(&a, &file, false).await?;
         let (running, all) = timed_restore(&a, &file, true).await?;
         std::fs::remove_file(&file)?;
+        if mib == 0 {
+            lazy_at_zero = Some(running);
+        }
+        let runc = runc_v2_restore(&a, ctr_image, &format!("c{mib}"), mib)?;
         rows.push(vec![
             format!("{mib} MiB"),
             format!("{eager:.0} ms"),
             format!("{running:.0} ms"),
             format!("{all:.0} ms"),
             format!("{:.2}x", running / eager),
+            lazy_at_zero
+                .map(|z| format!("{:.2}x", running / z))
+                .unwrap_or_else(|| "-".into()),
+            format!("{runc:.0} ms"),
+            format!("{:.2}x", eager / runc),
         ]);
     }
     print_table(&rows);

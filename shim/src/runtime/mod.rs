@@ -7,6 +7,7 @@
 pub mod config;
 pub mod criu;
 mod crun;
+pub mod pages;
 mod runc;
 mod runsc;
 

@@ -39,6 +39,11 @@ impl Runc {
         }
     }
 
+    /// Where the runtime keeps its state.
+    pub fn state_root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn with_args(mut self, args: Vec<String>) -> Self {
         self.args = args;
         self

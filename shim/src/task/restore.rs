@@ -4,15 +4,15 @@
 
 use std::{path::Path, sync::Arc};
 
-use log::{info, warn};
-use stasis_api::layout::{DumpRecord, RestoreOptions, CHECKPOINT_DIR};
+use log::{error, info, warn};
+use stasis_api::layout::{self, DumpRecord, RestoreOptions, CHECKPOINT_DIR};
 
 use super::watch;
 use crate::{
     error::{Error, Result},
     fscapture::volumes,
     process::{reaper, stdio},
-    runtime::{config::Engine, CheckpointOpts},
+    runtime::{config::Engine, pages, CheckpointOpts},
     state::{Container, Shim, State, Transition},
     util::blocking,
 };
@@ -84,17 +84,37 @@ pub(super) async fn restore_init(
     std::fs::create_dir_all(&opts.work_path)
         .map_err(|e| Error::io(&id, "create restore work dir", e))?;
     let mut opts = opts;
-    let lazy = match &container.restore_dir {
-        Some(dir) if RestoreOptions::for_dir(dir).lazy => {
-            if shim.runtime.engine() == Engine::Runsc {
-                warn!("{id}: lazy restore is not available for runsc; restoring eagerly");
-                None
-            } else {
-                opts.lazy_pages = true;
-                Some(start_lazy_pages(&id, image, &opts.work_path).await?)
+    let restore_options = container
+        .restore_dir
+        .as_deref()
+        .map(RestoreOptions::for_dir)
+        .unwrap_or_default();
+    let lazy = if !restore_options.lazy {
+        None
+    } else if shim.runtime.engine() == Engine::Runsc {
+        warn!("{id}: lazy restore is not available for runsc; restoring eagerly");
+        report_lazy_status(&id, container.restore_dir.as_deref(), "eager");
+        None
+    } else {
+        opts.lazy_pages = true;
+        let from_archive = match (
+            &restore_options.page_source,
+            container.restore_dir.as_deref(),
+        ) {
+            (Some(source), Some(dir)) => {
+                let rel = layout::restore_root(dir)
+                    .and_then(|root| image.strip_prefix(root).ok())
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default();
+                let (owned, image, source) = (id.clone(), image.to_path_buf(), source.clone());
+                blocking(&id, "read pages from the archive", move || {
+                    pages::ArchivePages::open(&owned, &image, &rel, &source)
+                })
+                .await?
             }
-        }
-        _ => None,
+            _ => None,
+        };
+        Some(start_lazy_pages(&id, image, &opts.work_path, from_archive).await?)
     };
     let mut prepared = match stdio::prepare(&id, &stdio_cfg) {
         Ok(p) => p,
@@ -117,7 +137,8 @@ pub(super) async fn restore_init(
         return Err(e);
     }
     if let Some(daemon) = lazy {
-        let id = id.clone();
+        let (id, runtime) = (id.clone(), shim.runtime.clone());
+        let restore_dir = container.restore_dir.clone();
         tokio::spawn(async move {
             let exit = reaper::wait(daemon).await;
             if exit.status == 0 {
@@ -125,8 +146,22 @@ pub(super) async fn restore_init(
                     "{id}: every lazily restored page is in, {:?} after the restore began",
                     start.elapsed()
                 );
+                report_lazy_status(&id, restore_dir.as_deref(), "ok");
             } else {
-                warn!("{id}: criu lazy-pages ended with status {} (see lazy-pages.log in the restore work dir)", exit.status);
+                // Pages it never got would read as zeros once the daemon's userfaultfd is
+                // gone: the container must not run on with memory that is not its own.
+                error!("{id}: criu lazy-pages ended with status {} before every page was in (see lazy-pages.log in the restore work dir); stopping the container", exit.status);
+                if let Err(e) = runtime.kill(&id, libc::SIGKILL as u32, true).await {
+                    warn!("{id}: stop the container: {e}");
+                }
+                report_lazy_status(
+                    &id,
+                    restore_dir.as_deref(),
+                    &format!(
+                        "failed: criu lazy-pages ended with status {}; container stopped",
+                        exit.status
+                    ),
+                );
             }
         });
     }
@@ -211,10 +246,16 @@ pub async fn finish_restore(shim: &Shim) -> Result<Vec<String>> {
 
 /// Starts `criu lazy-pages` serving the memory of `image` for a restore whose CRIU work
 /// directory is `work` (runc's `--work-path`: the daemon's socket lives there); returns its
-/// pid once the socket is there.
-async fn start_lazy_pages(id: &str, image: &Path, work: &Path) -> Result<i32> {
-    let child = std::process::Command::new("criu")
-        .arg("lazy-pages")
+/// pid once the socket is there. With `from_archive`, the daemon gets its pages from our
+/// page server over a socket pair (nothing listens on the network) instead of the images.
+async fn start_lazy_pages(
+    id: &str,
+    image: &Path,
+    work: &Path,
+    from_archive: Option<pages::ArchivePages>,
+) -> Result<i32> {
+    let mut cmd = std::process::Command::new("criu");
+    cmd.arg("lazy-pages")
         .arg("--images-dir")
         .arg(image)
         .arg("--work-dir")
@@ -222,9 +263,37 @@ async fn start_lazy_pages(id: &str, image: &Path, work: &Path) -> Result<i32> {
         .args(["-o", "lazy-pages.log", "-v4"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let server = match from_archive {
+        Some(pages) => {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+                .map_err(|e| Error::io(id, "create the page server socket", e))?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+            cmd.args(["--page-server", "--ps-socket", &fd.to_string()]);
+            // SAFETY: between fork and exec; fcntl is async-signal-safe.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    // The daemon's end survives the exec: clear its close-on-exec flag.
+                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            Some((pages, ours, theirs))
+        }
+        None => None,
+    };
+    let child = cmd
         .spawn()
         .map_err(|e| Error::io(id, "start criu lazy-pages", e))?;
+    if let Some((pages, ours, theirs)) = server {
+        drop(theirs);
+        std::thread::Builder::new()
+            .name(format!("pages-{}", &id[..id.len().min(8)]))
+            .spawn(move || pages.serve(ours))
+            .map_err(|e| Error::io(id, "start the page server", e))?;
+    }
     let pid = child.id() as i32;
     let socket = work.join("lazy-pages.socket");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -244,6 +313,16 @@ async fn start_lazy_pages(id: &str, image: &Path, work: &Path) -> Result<i32> {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     Ok(pid)
+}
+
+/// Tells stasisctl how the lazy restore of a container of a pod ended (see
+/// `layout::LAZY_STATUS`).
+fn report_lazy_status(id: &str, restore_dir: Option<&Path>, status: &str) {
+    if let Some(dir) = restore_dir {
+        if let Err(e) = crate::util::write_private(&dir.join(layout::LAZY_STATUS), status) {
+            warn!("{id}: record how its lazy restore ended: {e}");
+        }
+    }
 }
 
 /// Ends a lazy-pages daemon whose restore failed (the reaper collects it).

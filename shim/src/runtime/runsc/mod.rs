@@ -50,6 +50,20 @@ impl Runsc {
     }
 }
 
+/// Removes what runsc keeps for a deleted sandbox root `id` and every container of its
+/// sandbox (`<sandbox>_sandbox:<container>.state|.lock`): a runsc call that races the
+/// sandbox's end (a kill right after a held sandbox's resume) loads a state file that is gone
+/// and leaves its lock file behind for good.
+fn forget_sandbox(root: &Path, id: &str) {
+    let prefix = format!("{id}_sandbox:");
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            log::debug!("{id}: remove runsc's {}", entry.path().display());
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Whether the bundle's container joins a pod's sandbox (CRI's container-type annotation).
 fn joins_sandbox(id: &str, bundle: &Path) -> bool {
     ContainerSpec::load(id, bundle).is_ok_and(|s| s.joins_pod())
@@ -194,8 +208,12 @@ impl OciRuntime for Runsc {
 
     async fn delete(&self, id: &str, force: bool) -> Result<()> {
         self.start_stdio.lock().unwrap().remove(id);
-        self.joined.lock().unwrap().remove(id);
-        self.cli.delete(id, force).await
+        let joined = self.joined.lock().unwrap().remove(id);
+        let deleted = self.cli.delete(id, force).await;
+        if !joined {
+            forget_sandbox(self.cli.state_root(), id);
+        }
+        deleted
     }
 
     async fn pause(&self, id: &str) -> Result<()> {

@@ -1,0 +1,491 @@
+//! Pages of a lazy restore read straight from the archive the checkpoint came in.
+//!
+//! A lazy restore from an uncompressed archive leaves CRIU's page images (`pages-N.img`) in
+//! the archive: stasisctl unpacks sparse placeholders instead and names the byte range of
+//! each image in the restore options, with the SHA-256 of every chunk from the archive's
+//! manifest. Before the restore, the pages CRIU reads eagerly (those not marked lazy in the
+//! pagemaps: stacks, shared memory, file mappings) are copied into the placeholders; the lazy
+//! ones are served on demand to `criu lazy-pages` over a socket pair, speaking CRIU's
+//! page-server protocol (`criu/page-xfer.c`). Every chunk is checked against its digest
+//! before any byte of it is used, so a changed archive fails the restore instead of feeding
+//! it foreign memory.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::{Read, Write},
+    os::unix::{
+        fs::{FileExt, OpenOptionsExt},
+        net::UnixStream,
+    },
+    path::Path,
+};
+
+use log::{debug, info, warn};
+use prost::Message;
+use sha2::Digest;
+use stasis_api::layout::{PageSource, PageSpan};
+
+use crate::error::{Error, Result};
+
+const PAGE_SIZE: u64 = 4096;
+/// CRIU image magics (criu/include/magic.h): every image but the raw ones starts with the
+/// common magic and then its own.
+const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
+const PAGEMAP_MAGIC: u32 = 0x5608_4025;
+
+/// Pagemap entry flags (criu/include/pagemap.h).
+const PE_PARENT: u32 = 1 << 0;
+const PE_LAZY: u32 = 1 << 1;
+const PE_PRESENT: u32 = 1 << 2;
+
+/// Page-server commands (criu/include/page-xfer.h); the upper 16 bits carry flags.
+const PS_IOV_ADD_F: u32 = 6;
+const PS_IOV_GET: u32 = 7;
+const PS_IOV_CLOSE: u32 = 0x1023;
+const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
+const PS_CMD_BITS: u32 = 16;
+
+/// `pagemap_head` of CRIU's images/pagemap.proto.
+#[derive(Clone, PartialEq, Message)]
+struct PagemapHead {
+    #[prost(uint32, required, tag = "1")]
+    pages_id: u32,
+}
+
+/// `pagemap_entry` of CRIU's images/pagemap.proto.
+#[derive(Clone, PartialEq, Message)]
+struct PagemapEntry {
+    #[prost(uint64, required, tag = "1")]
+    vaddr: u64,
+    #[prost(uint32, required, tag = "2")]
+    nr_pages: u32,
+    #[prost(bool, optional, tag = "3")]
+    in_parent: Option<bool>,
+    #[prost(uint32, optional, tag = "4")]
+    flags: Option<u32>,
+}
+
+/// A run of pages of one pagemap whose bytes are in its pages image.
+#[derive(Debug, Clone, PartialEq)]
+struct Run {
+    vaddr: u64,
+    pages: u64,
+    /// Where the run starts in the pages image.
+    offset: u64,
+    lazy: bool,
+}
+
+/// One pagemap image: which pages image holds its pages, and where each run is.
+#[derive(Debug)]
+struct Pagemap {
+    pages_id: u32,
+    runs: Vec<Run>,
+}
+
+fn parse_pagemap(bytes: &[u8]) -> std::result::Result<Pagemap, String> {
+    let word = |at: usize| -> std::result::Result<u32, String> {
+        bytes
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+            .ok_or_else(|| "truncated".to_string())
+    };
+    if word(0)? != IMG_COMMON_MAGIC || word(4)? != PAGEMAP_MAGIC {
+        return Err("not a CRIU pagemap image".into());
+    }
+    let mut at = 8;
+    let mut next = || -> std::result::Result<Option<&[u8]>, String> {
+        if at == bytes.len() {
+            return Ok(None);
+        }
+        let len = word(at)? as usize;
+        let body = bytes
+            .get(at + 4..at + 4 + len)
+            .ok_or_else(|| "truncated entry".to_string())?;
+        at += 4 + len;
+        Ok(Some(body))
+    };
+    let head = next()?.ok_or("no pagemap head")?;
+    let head = PagemapHead::decode(head).map_err(|e| e.to_string())?;
+    let (mut runs, mut offset) = (Vec::new(), 0u64);
+    while let Some(body) = next()? {
+        let e = PagemapEntry::decode(body).map_err(|e| e.to_string())?;
+        let flags = e.flags.unwrap_or(if e.in_parent.unwrap_or(false) {
+            PE_PARENT
+        } else {
+            PE_PRESENT
+        });
+        if flags & PE_PRESENT == 0 {
+            continue;
+        }
+        let pages = u64::from(e.nr_pages);
+        runs.push(Run {
+            vaddr: e.vaddr,
+            pages,
+            offset,
+            lazy: flags & PE_LAZY != 0,
+        });
+        offset += pages * PAGE_SIZE;
+    }
+    Ok(Pagemap {
+        pages_id: head.pages_id,
+        runs,
+    })
+}
+
+/// An image's bytes in the archive, read chunk by chunk, each checked before use. The last
+/// chunk read is kept: the lazy-pages daemon asks for neighbouring pages one after another.
+struct CheckedSpan {
+    archive: std::sync::Arc<File>,
+    key: String,
+    span: PageSpan,
+    chunk: Option<(u64, Vec<u8>)>,
+}
+
+impl CheckedSpan {
+    fn chunk(&mut self, index: u64) -> std::result::Result<&[u8], String> {
+        if self.chunk.as_ref().is_none_or(|(i, _)| *i != index) {
+            let start = index * self.span.chunk_size;
+            let len = self
+                .span
+                .chunk_size
+                .min(self.span.size.saturating_sub(start));
+            let want = self
+                .span
+                .chunks
+                .get(index as usize)
+                .ok_or_else(|| format!("{}: no chunk {index}", self.key))?;
+            let mut buf = vec![0u8; len as usize];
+            self.archive
+                .read_exact_at(&mut buf, self.span.offset + start)
+                .map_err(|e| format!("{}: read the archive: {e}", self.key))?;
+            if hex::encode(sha2::Sha256::digest(&buf)) != *want {
+                return Err(format!(
+                    "{}: chunk {index} does not match the archive's manifest (the archive was changed)",
+                    self.key
+                ));
+            }
+            self.chunk = Some((index, buf));
+        }
+        Ok(&self.chunk.as_ref().unwrap().1)
+    }
+
+    /// Fills `buf` with the image's bytes at `offset`.
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
+        if offset + buf.len() as u64 > self.span.size {
+            return Err(format!("{}: read past its end", self.key));
+        }
+        let cs = self.span.chunk_size;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let chunk = self.chunk(at / cs)?;
+            let from = (at % cs) as usize;
+            let n = (chunk.len() - from).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&chunk[from..from + n]);
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// The pages of one container's images left in an archive.
+pub struct ArchivePages {
+    id: String,
+    /// pid → its pagemap's present runs, and the checked span of its pages image.
+    tasks: HashMap<u64, (Vec<Run>, usize)>,
+    spans: Vec<CheckedSpan>,
+}
+
+impl ArchivePages {
+    /// Reads the pagemaps in `image` and finds the archive spans of their pages images
+    /// (`rel`: the image directory below the restore directory, as the source names it).
+    /// Ok(None): the source holds none of this image's pages.
+    pub fn open(
+        id: &str,
+        image: &Path,
+        rel: &Path,
+        source: &PageSource,
+    ) -> Result<Option<ArchivePages>> {
+        let archive = std::sync::Arc::new(File::open(&source.archive).map_err(|e| {
+            Error::io(
+                id,
+                format!("open the archive {}", source.archive.display()),
+                e,
+            )
+        })?);
+        let mut pages = ArchivePages {
+            id: id.to_string(),
+            tasks: HashMap::new(),
+            spans: Vec::new(),
+        };
+        let mut by_pages_id: HashMap<u32, usize> = HashMap::new();
+        let entries =
+            std::fs::read_dir(image).map_err(|e| Error::io(id, "read the restore images", e))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(task) = name
+                .strip_prefix("pagemap-")
+                .and_then(|n| n.strip_suffix(".img"))
+            else {
+                continue;
+            };
+            let bytes =
+                std::fs::read(e.path()).map_err(|e| Error::io(id, format!("read {name}"), e))?;
+            let map =
+                parse_pagemap(&bytes).map_err(|m| Error::invalid(id, format!("{name}: {m}")))?;
+            let key = rel
+                .join(format!("pages-{}.img", map.pages_id))
+                .display()
+                .to_string();
+            let Some(span) = source.files.get(&key) else {
+                continue;
+            };
+            let index = *by_pages_id.entry(map.pages_id).or_insert_with(|| {
+                pages.spans.push(CheckedSpan {
+                    archive: archive.clone(),
+                    key: key.clone(),
+                    span: span.clone(),
+                    chunk: None,
+                });
+                pages.spans.len() - 1
+            });
+            // The eager pages: where CRIU's restore reads them, in the placeholder.
+            let local = image.join(format!("pages-{}.img", map.pages_id));
+            let placeholder = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&local)
+                .map_err(|e| Error::io(id, format!("open {}", local.display()), e))?;
+            let mut copied = 0u64;
+            for run in map.runs.iter().filter(|r| !r.lazy) {
+                let mut buf = vec![0u8; (run.pages * PAGE_SIZE) as usize];
+                pages.spans[index]
+                    .read(run.offset, &mut buf)
+                    .map_err(|m| Error::invalid(id, m))?;
+                placeholder
+                    .write_all_at(&buf, run.offset)
+                    .map_err(|e| Error::io(id, format!("write {}", local.display()), e))?;
+                copied += buf.len() as u64;
+            }
+            debug!("{id}: {name}: {copied} bytes of eager pages copied from the archive");
+            // Shared memory has pagemaps of its own (pagemap-shmem-N): never lazy.
+            if let Ok(pid) = task.parse::<u64>() {
+                pages.tasks.insert(pid, (map.runs, index));
+            }
+        }
+        Ok((!pages.spans.is_empty()).then_some(pages))
+    }
+
+    /// Up to `want` pages of `pid` from `vaddr` on: as many as sit together in one pages
+    /// image. None when `vaddr` is not a page of its pagemap.
+    fn find(&self, pid: u64, vaddr: u64, want: u64) -> Option<(usize, u64, u64)> {
+        let (runs, span) = self.tasks.get(&pid)?;
+        let i = runs.partition_point(|r| r.vaddr + r.pages * PAGE_SIZE <= vaddr);
+        let first = runs.get(i).filter(|r| r.vaddr <= vaddr)?;
+        let offset = first.offset + (vaddr - first.vaddr);
+        let mut pages = (first.vaddr + first.pages * PAGE_SIZE - vaddr) / PAGE_SIZE;
+        // Runs that follow on in memory follow on in the image too.
+        let mut end = first.vaddr + first.pages * PAGE_SIZE;
+        for r in &runs[i + 1..] {
+            if pages >= want || r.vaddr != end {
+                break;
+            }
+            pages += r.pages;
+            end += r.pages * PAGE_SIZE;
+        }
+        Some((*span, offset, pages.min(want)))
+    }
+
+    /// Serves the lazy-pages daemon on `sock` until it says it is done or goes away.
+    pub fn serve(mut self, mut sock: UnixStream) {
+        let id = self.id.clone();
+        let (mut requests, mut bytes) = (0u64, 0u64);
+        let result = loop {
+            let mut raw = [0u8; 24];
+            match sock.read_exact(&mut raw) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+                Err(e) => break Err(format!("read a request: {e}")),
+            }
+            let cmd = u32::from_le_bytes(raw[0..4].try_into().unwrap());
+            let nr = u32::from_le_bytes(raw[4..8].try_into().unwrap());
+            let vaddr = u64::from_le_bytes(raw[8..16].try_into().unwrap());
+            let dst = u64::from_le_bytes(raw[16..24].try_into().unwrap());
+            match cmd & ((1 << PS_CMD_BITS) - 1) {
+                PS_IOV_GET => {
+                    let Some((span, offset, pages)) = self.find(dst, vaddr, u64::from(nr)) else {
+                        break Err(format!(
+                            "task {dst} asked for pages at {vaddr:#x} its images do not hold"
+                        ));
+                    };
+                    let mut reply = vec![0u8; 24 + (pages * PAGE_SIZE) as usize];
+                    let cmd = (PE_PRESENT << PS_CMD_BITS) | PS_IOV_ADD_F;
+                    reply[0..4].copy_from_slice(&cmd.to_le_bytes());
+                    reply[4..8].copy_from_slice(&(pages as u32).to_le_bytes());
+                    reply[8..16].copy_from_slice(&vaddr.to_le_bytes());
+                    reply[16..24].copy_from_slice(&dst.to_le_bytes());
+                    if let Err(m) = self.spans[span].read(offset, &mut reply[24..]) {
+                        break Err(m);
+                    }
+                    if let Err(e) = sock.write_all(&reply) {
+                        break Err(format!("send pages: {e}"));
+                    }
+                    requests += 1;
+                    bytes += pages * PAGE_SIZE;
+                }
+                PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE => {
+                    let _ = sock.write_all(&0i32.to_le_bytes());
+                    break Ok(());
+                }
+                other => break Err(format!("unknown page-server command {other:#x}")),
+            }
+        };
+        match result {
+            Ok(()) => {
+                info!("{id}: served {requests} page requests ({bytes} bytes) from the archive")
+            }
+            // The daemon then fails the pages it waits for: the container cannot run on
+            // with memory that is missing or not its own.
+            Err(m) => {
+                warn!("{id}: page server: {m}; the lazily restored container cannot get its memory")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(entries: &[(u64, u32, u32)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
+        out.extend_from_slice(&PAGEMAP_MAGIC.to_le_bytes());
+        let head = PagemapHead { pages_id: 3 }.encode_to_vec();
+        out.extend_from_slice(&(head.len() as u32).to_le_bytes());
+        out.extend_from_slice(&head);
+        for &(vaddr, nr_pages, flags) in entries {
+            let e = PagemapEntry {
+                vaddr,
+                nr_pages,
+                in_parent: None,
+                flags: Some(flags),
+            }
+            .encode_to_vec();
+            out.extend_from_slice(&(e.len() as u32).to_le_bytes());
+            out.extend_from_slice(&e);
+        }
+        out
+    }
+
+    #[test]
+    fn pagemaps_give_each_run_its_place_in_the_pages_image() {
+        let map = parse_pagemap(&image(&[
+            (0x1000, 2, PE_PRESENT),
+            (0x8000, 1, PE_PARENT),
+            (0x10000, 4, PE_PRESENT | PE_LAZY),
+        ]))
+        .unwrap();
+        assert_eq!(map.pages_id, 3);
+        assert_eq!(
+            map.runs,
+            vec![
+                Run {
+                    vaddr: 0x1000,
+                    pages: 2,
+                    offset: 0,
+                    lazy: false
+                },
+                Run {
+                    vaddr: 0x10000,
+                    pages: 4,
+                    offset: 2 * PAGE_SIZE,
+                    lazy: true
+                },
+            ]
+        );
+        assert!(parse_pagemap(b"not an image").is_err());
+        let mut cut = image(&[(0x1000, 2, PE_PRESENT)]);
+        cut.truncate(cut.len() - 1);
+        assert!(parse_pagemap(&cut).is_err());
+    }
+
+    #[test]
+    fn requests_are_served_from_checked_chunks() {
+        let archive =
+            std::env::temp_dir().join(format!("stasis-pages-test-{}", std::process::id()));
+        // 100 bytes of something else, then an image of 3 pages.
+        let image_bytes: Vec<u8> = (0..3 * PAGE_SIZE)
+            .map(|i| (i / PAGE_SIZE) as u8 + 1)
+            .collect();
+        let mut file = vec![7u8; 100];
+        file.extend_from_slice(&image_bytes);
+        std::fs::write(&archive, &file).unwrap();
+        let chunk_size = 2 * PAGE_SIZE;
+        let chunks = image_bytes
+            .chunks(chunk_size as usize)
+            .map(|c| hex::encode(sha2::Sha256::digest(c)))
+            .collect();
+        let span = PageSpan {
+            offset: 100,
+            size: 3 * PAGE_SIZE,
+            chunk_size,
+            chunks,
+        };
+        let mut checked = CheckedSpan {
+            archive: std::sync::Arc::new(File::open(&archive).unwrap()),
+            key: "c/checkpoint/pages-3.img".into(),
+            span: span.clone(),
+            chunk: None,
+        };
+        let mut buf = vec![0u8; (2 * PAGE_SIZE) as usize];
+        checked.read(PAGE_SIZE, &mut buf).unwrap();
+        assert!(buf[..PAGE_SIZE as usize].iter().all(|b| *b == 2));
+        assert!(buf[PAGE_SIZE as usize..].iter().all(|b| *b == 3));
+        // A changed byte in the archive: the chunk holding it is refused.
+        file[100 + 2 * PAGE_SIZE as usize + 5] ^= 1;
+        std::fs::write(&archive, &file).unwrap();
+        let mut changed = CheckedSpan {
+            archive: std::sync::Arc::new(File::open(&archive).unwrap()),
+            chunk: None,
+            ..checked
+        };
+        let mut one = vec![0u8; PAGE_SIZE as usize];
+        changed.read(0, &mut one).unwrap();
+        assert!(changed
+            .read(2 * PAGE_SIZE, &mut one)
+            .unwrap_err()
+            .contains("was changed"));
+        std::fs::remove_file(&archive).unwrap();
+
+        let pages = ArchivePages {
+            id: "c".into(),
+            tasks: HashMap::from([(
+                9,
+                (
+                    vec![
+                        Run {
+                            vaddr: 0x1000,
+                            pages: 1,
+                            offset: 0,
+                            lazy: true,
+                        },
+                        Run {
+                            vaddr: 0x2000,
+                            pages: 2,
+                            offset: PAGE_SIZE,
+                            lazy: true,
+                        },
+                    ],
+                    0,
+                ),
+            )]),
+            spans: vec![],
+        };
+        assert_eq!(pages.find(9, 0x1000, 16), Some((0, 0, 3)));
+        assert_eq!(pages.find(9, 0x2000, 1), Some((0, PAGE_SIZE, 1)));
+        assert_eq!(pages.find(9, 0x5000, 1), None);
+        assert_eq!(pages.find(8, 0x1000, 1), None);
+    }
+}

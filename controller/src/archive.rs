@@ -624,38 +624,117 @@ fn unpack_checked(
     room: u64,
     opening: &Opening,
 ) -> Result<PodOptions> {
-    {
-        let mut tar = tar::Archive::new(stream);
-        tar.set_preserve_permissions(true);
-        tar.set_unpack_xattrs(false);
-        let mut unpacked = 0u64;
-        for entry in tar.entries().context("read archive")? {
-            let mut entry =
-                entry.map_err(|e| anyhow::anyhow!("archive is truncated or corrupt: {e}"))?;
-            let path = safe_path(&entry)?;
-            if path.as_os_str().is_empty() {
-                continue;
-            }
-            unpacked = unpacked.saturating_add(entry.size());
-            if unpacked > room {
-                bail!(
-                    "the pod's files need more than {} and only {} are free where they are unpacked",
-                    human(unpacked),
-                    human(room)
-                );
-            }
-            let inside = entry.unpack_in(dest).map_err(|e| {
-                anyhow::anyhow!("archive is truncated or corrupt at {}: {e}", path.display())
-            })?;
-            if !inside {
-                bail!(
-                    "hostile archive: entry {} would land outside the target",
-                    path.display()
-                );
-            }
+    let mut left = room;
+    unpack_entries(stream, dest, &mut left)?;
+    check_unpacked(dest, opening, &mut LeftInArchive::default())
+}
+
+/// Unpacks a tar stream into the existing `dest`, refusing hostile entries and more than
+/// `room` bytes (what is unpacked is taken off it).
+fn unpack_entries(stream: impl Read, dest: &Path, room: &mut u64) -> Result<()> {
+    let mut tar = tar_reader(stream);
+    unpack_each(
+        tar.entries().context("read archive")?,
+        dest,
+        room,
+        |_, _| Ok(false),
+    )
+}
+
+/// A tar reader that unpacks modes as they are and no extended attributes.
+fn tar_reader<R: Read>(r: R) -> tar::Archive<R> {
+    let mut tar = tar::Archive::new(r);
+    tar.set_preserve_permissions(true);
+    tar.set_unpack_xattrs(false);
+    tar
+}
+
+/// Unpacks `entries` into the existing `dest`, refusing hostile entries and more than `room`
+/// bytes (what is unpacked is taken off it). `divert` sees each checked entry first and may
+/// take it over (returns true), in which case it is neither unpacked nor counted.
+fn unpack_each<R: Read>(
+    entries: tar::Entries<'_, R>,
+    dest: &Path,
+    room: &mut u64,
+    mut divert: impl FnMut(&Path, &tar::Entry<'_, R>) -> Result<bool>,
+) -> Result<()> {
+    for entry in entries {
+        let mut entry =
+            entry.map_err(|e| anyhow::anyhow!("archive is truncated or corrupt: {e}"))?;
+        let path = safe_path(&entry)?;
+        if path.as_os_str().is_empty() || divert(&path, &entry)? {
+            continue;
+        }
+        if entry.size() > *room {
+            bail!(
+                "the pod's files need more than the {} free where they are unpacked",
+                human(*room)
+            );
+        }
+        *room -= entry.size();
+        let inside = entry.unpack_in(dest).map_err(|e| {
+            anyhow::anyhow!("archive is truncated or corrupt at {}: {e}", path.display())
+        })?;
+        if !inside {
+            bail!(
+                "hostile archive: entry {} would land outside the target",
+                path.display()
+            );
         }
     }
-    check_unpacked(dest, opening, &mut LeftInArchive::default())
+    Ok(())
+}
+
+/// One tar stream of a layered checkpoint (an image): unpacked at the checkpoint's top, or
+/// into the plain-named directory `dir` below it. `open` gives its bytes; it is read twice.
+pub struct Layer<'a> {
+    pub dir: Option<String>,
+    /// How errors name it (its digest).
+    pub name: String,
+    pub open: Box<dyn Fn() -> Result<Box<dyn Read>> + 'a>,
+}
+
+/// Unpacks the layers of a checkpoint image into `dest` (created; must not exist) with the
+/// checks of [`extract_with`]. Each layer is read through once first, its records bounded and
+/// (by its reader) its digest checked, before anything of it is written; on any error `dest`
+/// is removed again.
+pub fn unpack_layers(dest: &Path, opening: &Opening, layers: Vec<Layer<'_>>) -> Result<PodOptions> {
+    into_new_dir(
+        dest,
+        |_| Ok(()),
+        |room| {
+            for l in &layers {
+                let mut tar = tar::Archive::new((l.open)()?);
+                bound_entries(tar.entries().context("read layer")?, room)
+                    .with_context(|| format!("layer {}", l.name))?;
+                let mut rest = tar.into_inner();
+                std::io::copy(&mut rest, &mut std::io::sink())
+                    .with_context(|| format!("layer {}", l.name))?;
+            }
+            let mut left = room;
+            for l in &layers {
+                let target = match &l.dir {
+                    Some(d) if layout::is_plain_name(d) => {
+                        let t = dest.join(d);
+                        use std::os::unix::fs::DirBuilderExt;
+                        std::fs::DirBuilder::new()
+                            .mode(0o700)
+                            .create(&t)
+                            .with_context(|| format!("hostile image: layer {} unpacks into {d}, which exists already", l.name))?;
+                        t
+                    }
+                    Some(d) => bail!("hostile image: layer {} names directory {d:?}", l.name),
+                    None => dest.to_path_buf(),
+                };
+                let mut reader = (l.open)()?;
+                unpack_entries(&mut reader, &target, &mut left)
+                    .with_context(|| format!("layer {}", l.name))?;
+                std::io::copy(&mut reader, &mut std::io::sink())
+                    .with_context(|| format!("layer {}", l.name))?;
+            }
+            check_unpacked(dest, opening, &mut LeftInArchive::default())
+        },
+    )
 }
 
 /// What an unpacked archive must be, checked after unpacking: its layout, the signature (if
@@ -777,22 +856,25 @@ pub fn extract_leaving_pages(
             bound_entries(tar.entries_with_seek().context("read archive")?, u64::MAX)
         },
         |room| {
-            let mut tar = tar::Archive::new(File::open(&archive)?);
-            tar.set_preserve_permissions(true);
-            tar.set_unpack_xattrs(false);
-            let mut unpacked = 0u64;
-            for entry in tar.entries_with_seek().context("read archive")? {
-                let mut entry =
-                    entry.map_err(|e| anyhow::anyhow!("archive is truncated or corrupt: {e}"))?;
-                let path = safe_path(&entry)?;
-                if path.as_os_str().is_empty() {
-                    continue;
-                }
-                if entry.header().entry_type().is_file()
-                    && layout::is_page_image(&path)
-                    && entry.size() > 0
-                {
-                    let at = dest.join(&path);
+            let mut tar = tar_reader(File::open(&archive)?);
+            let mut left_room = room;
+            let spans = &mut left.spans;
+            unpack_each(
+                tar.entries_with_seek().context("read archive")?,
+                dest,
+                &mut left_room,
+                |path, entry| {
+                    let key = path.display().to_string();
+                    if spans.contains_key(&key) {
+                        bail!("hostile archive: {key} twice");
+                    }
+                    if !(entry.header().entry_type().is_file()
+                        && layout::is_page_image(path)
+                        && entry.size() > 0)
+                    {
+                        return Ok(false);
+                    }
+                    let at = dest.join(path);
                     if let Some(parent) = at.parent() {
                         use std::os::unix::fs::DirBuilderExt;
                         std::fs::DirBuilder::new()
@@ -807,39 +889,19 @@ pub fn extract_leaving_pages(
                         .mode(0o600)
                         .custom_flags(libc::O_NOFOLLOW)
                         .open(&at)
-                        .with_context(|| format!("hostile archive: {} twice", path.display()))?;
+                        .with_context(|| format!("hostile archive: {key} twice"))?;
                     placeholder.set_len(entry.size())?;
-                    left.spans.insert(
-                        path.display().to_string(),
+                    spans.insert(
+                        key,
                         layout::PageSpan {
                             offset: entry.raw_file_position(),
                             size: entry.size(),
                             ..Default::default()
                         },
                     );
-                    continue;
-                }
-                if left.spans.contains_key(&path.display().to_string()) {
-                    bail!("hostile archive: {} twice", path.display());
-                }
-                unpacked = unpacked.saturating_add(entry.size());
-                if unpacked > room {
-                    bail!(
-                        "the pod's files need more than {} and only {} are free where they are unpacked",
-                        human(unpacked),
-                        human(room)
-                    );
-                }
-                let inside = entry.unpack_in(dest).map_err(|e| {
-                    anyhow::anyhow!("archive is truncated or corrupt at {}: {e}", path.display())
-                })?;
-                if !inside {
-                    bail!(
-                        "hostile archive: entry {} would land outside the target",
-                        path.display()
-                    );
-                }
-            }
+                    Ok(true)
+                },
+            )?;
             check_unpacked(dest, opening, &mut left)
         },
     )?;
@@ -985,38 +1047,89 @@ pub fn inspect_with(path: &Path, opening: &Opening) -> Result<Summary> {
             entry.map_err(|e| anyhow::anyhow!("archive is truncated or corrupt: {e}"))?;
         let p = safe_path(&entry)?;
         let key = p.display().to_string();
-        let top = p
-            .components()
-            .next()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if p.components()
-            .nth(1)
-            .map(|c| c.as_os_str() == "checkpoint")
-            .unwrap_or(false)
-            || top == "sandbox"
-        {
-            *sizes.entry(top).or_default() += entry.size();
+        if let Some(part) = memory_part(&p) {
+            *sizes.entry(part).or_default() += entry.size();
         }
         let name = p
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if matches!(
-            name.as_str(),
-            layout::POD_OPTIONS
-                | layout::SIGNATURE
-                | layout::POD_DUMP
-                | layout::CONFIG_DUMP
-                | layout::CONTAINER_META
-                | layout::CONTAINER_CONFIG
-        ) && entry.size() < 16 << 20
-        {
+        if wanted_for_summary(&name, entry.size()) {
             let mut buf = Vec::new();
             entry.read_to_end(&mut buf)?;
             files.insert(key, buf);
         }
     }
+    summarize(
+        files,
+        sizes,
+        path.display().to_string(),
+        std::fs::metadata(path)?.len(),
+        encrypted,
+    )
+}
+
+/// The metadata kept of each file while inspecting: its contents when it is one of these.
+fn wanted_for_summary(name: &str, size: u64) -> bool {
+    matches!(
+        name,
+        layout::POD_OPTIONS
+            | layout::SIGNATURE
+            | layout::POD_DUMP
+            | layout::CONFIG_DUMP
+            | layout::CONTAINER_META
+            | layout::CONTAINER_CONFIG
+    ) && size < 16 << 20
+}
+
+/// The part of the pod's memory a file counts for (its container directory, or the sandbox).
+fn memory_part(p: &Path) -> Option<String> {
+    let top = p
+        .components()
+        .next()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    (p.components()
+        .nth(1)
+        .map(|c| c.as_os_str() == "checkpoint")
+        .unwrap_or(false)
+        || top == "sandbox")
+        .then_some(top)
+}
+
+/// [`inspect`] of an unpacked (and checked) checkpoint directory, named `archive`.
+pub fn inspect_dir(dir: &Path, archive: String, archive_bytes: u64) -> Result<Summary> {
+    let mut files: std::collections::HashMap<String, Vec<u8>> = Default::default();
+    let mut sizes: std::collections::HashMap<String, u64> = Default::default();
+    for rel in regular_files(dir)? {
+        let size = std::fs::symlink_metadata(dir.join(&rel))?.len();
+        if let Some(part) = memory_part(&rel) {
+            *sizes.entry(part).or_default() += size;
+        }
+        let name = rel
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if wanted_for_summary(&name, size) {
+            files.insert(rel.display().to_string(), std::fs::read(dir.join(&rel))?);
+        }
+    }
+    if dir.join(layout::SIGNATURE).is_file() {
+        files.insert(
+            layout::SIGNATURE.to_string(),
+            std::fs::read(dir.join(layout::SIGNATURE))?,
+        );
+    }
+    summarize(files, sizes, archive, archive_bytes, false)
+}
+
+fn summarize(
+    files: std::collections::HashMap<String, Vec<u8>>,
+    sizes: std::collections::HashMap<String, u64>,
+    archive: String,
+    archive_bytes: u64,
+    encrypted: bool,
+) -> Result<Summary> {
     let options = PodOptions::parse(
         files
             .get(layout::POD_OPTIONS)
@@ -1068,8 +1181,8 @@ pub fn inspect_with(path: &Path, opening: &Opening) -> Result<Summary> {
         None => None,
     };
     Ok(Summary {
-        archive: path.display().to_string(),
-        archive_bytes: std::fs::metadata(path)?.len(),
+        archive,
+        archive_bytes,
         encrypted,
         signed_by,
         pod_name: pod

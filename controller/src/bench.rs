@@ -237,6 +237,7 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
             sealing: Default::default(),
             delivery: Default::default(),
             hold_secs: None,
+            image: None,
         };
         match pod::checkpoint_pod(t, args).await {
             Ok(o) => {
@@ -247,6 +248,8 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
                     t,
                     RestoreArgs {
                         archive: archive.clone(),
+                        image: None,
+                        registry: Default::default(),
                         name: Some(format!("{name}-restored")),
                         runtime_handler: Some(handler.to_string()),
                         // The bench's own pods, restored from archives it just wrote.

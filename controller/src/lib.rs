@@ -6,6 +6,7 @@ pub mod archive;
 pub mod bench;
 pub mod cri;
 pub mod guard;
+pub mod image;
 pub mod migrate;
 pub mod pod;
 pub mod policy;

@@ -1,12 +1,12 @@
 //! stasisctl: checkpoint, restore, migrate and inspect whole pods.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use stasis_controller::{
     archive::{self, human, Compression},
-    bench, migrate,
+    bench, image, migrate,
     pod::{self, CheckpointArgs, RestoreArgs, Target},
     policy::Policy,
     seal::{self, Opening, Sealing},
@@ -51,6 +51,14 @@ enum Command {
         #[command(subcommand)]
         command: PodCommand,
     },
+    /// Pod checkpoints as OCI images: build one from an archive, push it to a registry, pull
+    /// it (through containerd's Transfer service; the image lives in containerd's store, in
+    /// --namespace). `pod checkpoint --image REF` writes one directly; `pod restore REF` and
+    /// `inspect REF` read one.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// Compare runtime handlers on the same pod workloads: pod start, pod checkpoint, frozen
     /// window, archive size, restore, and whether restored pods stayed consistent.
     ///
@@ -94,7 +102,8 @@ enum Command {
     },
     /// Show what a pod checkpoint archive holds, and what it asks for.
     Inspect {
-        archive: PathBuf,
+        /// The archive file, or a checkpoint image reference in containerd's store.
+        archive: String,
         /// age identity file, to see inside an encrypted archive.
         #[arg(long, value_name = "FILE")]
         identity: Option<PathBuf>,
@@ -132,6 +141,96 @@ impl AdmitArgs {
         policy.widen(&self.allow, &self.allow_host_paths)?;
         Ok(policy)
     }
+}
+
+/// How to reach a registry (the flags `ctr` and nerdctl take).
+#[derive(clap::Args, Clone)]
+struct RegistryArgs {
+    /// Registry credentials USER:PASSWORD (else those of the registry in the docker config).
+    #[arg(long, short = 'u', value_name = "USER:PASSWORD")]
+    user: Option<String>,
+    /// docker config.json holding registry credentials (default: $DOCKER_CONFIG/config.json
+    /// or ~/.docker/config.json).
+    #[arg(long, value_name = "FILE")]
+    docker_config: Option<PathBuf>,
+    /// Talk plain HTTP to the registry (a local one); TLS otherwise.
+    #[arg(long)]
+    plain_http: bool,
+}
+
+impl RegistryArgs {
+    fn access(&self) -> image::RegistryAccess {
+        image::RegistryAccess {
+            user: self.user.clone(),
+            docker_config: self.docker_config.clone(),
+            plain_http: self.plain_http,
+        }
+    }
+}
+
+/// `image push` / `image pull`, timed; a pulled image must be a pod checkpoint.
+async fn transfer_image(
+    target: &Target,
+    reference: &str,
+    registry: &RegistryArgs,
+    push: bool,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    image::transfer(
+        &target.address,
+        &target.namespace,
+        reference,
+        &registry.access(),
+        push,
+    )
+    .await?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if push {
+        eprintln!("pushed {reference} in {ms:.0} ms");
+    } else {
+        // Only a checkpoint image is worth having here: say at once if it is not.
+        let s = image::summary(&target.address, &target.namespace, reference).await?;
+        eprintln!(
+            "pulled {reference} (pod {}, {} container(s), {}) in {ms:.0} ms",
+            s.pod_name,
+            s.containers.len(),
+            human(s.size)
+        );
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Turn pod archive FILE into checkpoint image REF in containerd's store: the pod's own
+    /// files in the first layer, each container's checkpoint (as checkpointctl reads it) in a
+    /// layer of its own. The archive is checked in full first.
+    Build {
+        archive: PathBuf,
+        reference: String,
+        /// Compression of the layers.
+        #[arg(long, value_enum, default_value = "none")]
+        compress: CompressArg,
+        /// age identity file, for an encrypted archive (the image is not encrypted).
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
+        /// Refuse the archive unless its manifest is signed by this Ed25519 public key (PEM);
+        /// the signature goes into the image with it.
+        #[arg(long, value_name = "PUB")]
+        verify_key: Option<PathBuf>,
+    },
+    /// Push image REF from containerd's store to its registry.
+    Push {
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Pull image REF from its registry into containerd's store.
+    Pull {
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -196,8 +295,17 @@ enum PodCommand {
         /// Pod id, unique id prefix, or pod name.
         pod: String,
         /// Archive to write (must not exist). Nothing is left there if the checkpoint fails.
-        #[arg(long, short)]
-        output: PathBuf,
+        #[arg(
+            long,
+            short,
+            required_unless_present = "image",
+            conflicts_with = "image"
+        )]
+        output: Option<PathBuf>,
+        /// Write the checkpoint as OCI image REF into containerd's image store instead (push
+        /// it with `stasisctl image push`); the layers are compressed as --compress says.
+        #[arg(long, value_name = "REF")]
+        image: Option<String>,
         /// Keep the pod running afterwards (else its containers are stopped).
         #[arg(long)]
         leave_running: bool,
@@ -265,7 +373,11 @@ enum PodCommand {
     /// 0700) under a fresh random id, which the new pod and its containers name; the unpacked
     /// copy is removed afterwards, also when the restore fails or is interrupted.
     Restore {
-        archive: PathBuf,
+        /// The archive file, or a checkpoint image reference (pulled when not in containerd's
+        /// store).
+        archive: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
         /// Name of the new pod (default: the checkpointed pod's name).
         #[arg(long)]
         name: Option<String>,
@@ -297,6 +409,16 @@ enum CompressArg {
     None,
     Gzip,
     Zstd,
+}
+
+impl From<CompressArg> for Compression {
+    fn from(c: CompressArg) -> Self {
+        match c {
+            CompressArg::None => Compression::None,
+            CompressArg::Gzip => Compression::Gzip,
+            CompressArg::Zstd => Compression::Zstd,
+        }
+    }
 }
 
 #[tokio::main]
@@ -351,6 +473,7 @@ async fn run(cli: Cli) -> Result<()> {
             PodCommand::Checkpoint {
                 pod,
                 output,
+                image,
                 leave_running,
                 compress,
                 containers,
@@ -374,18 +497,13 @@ async fn run(cli: Cli) -> Result<()> {
                         .flatten()
                         .collect(),
                 };
-                let compress = match compress {
-                    CompressArg::None => Compression::None,
-                    CompressArg::Gzip => Compression::Gzip,
-                    CompressArg::Zstd => Compression::Zstd,
-                };
                 pod::checkpoint(
                     &target,
                     CheckpointArgs {
                         pod,
-                        output,
+                        output: output.unwrap_or_default(),
                         leave_running,
-                        compress,
+                        compress: compress.into(),
                         containers,
                         tcp_established,
                         file_locks,
@@ -394,12 +512,14 @@ async fn run(cli: Cli) -> Result<()> {
                         sealing,
                         delivery: Default::default(),
                         hold_secs: None,
+                        image,
                     },
                 )
                 .await
             }
             PodCommand::Restore {
                 archive,
+                registry,
                 name,
                 runtime_handler,
                 admit,
@@ -408,10 +528,13 @@ async fn run(cli: Cli) -> Result<()> {
                 lazy,
             } => {
                 let opening = opening(identity.as_deref(), verify_key.as_deref())?;
+                let reference = image::looks_like_reference(&archive).then(|| archive.clone());
                 let id = pod::restore(
                     &target,
                     RestoreArgs {
-                        archive,
+                        archive: PathBuf::from(archive),
+                        image: reference,
+                        registry: registry.access(),
                         name,
                         runtime_handler,
                         policy: admit.policy()?,
@@ -491,12 +614,52 @@ async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Image { command } => match command {
+            ImageCommand::Build {
+                archive: file,
+                reference,
+                compress,
+                identity,
+                verify_key,
+            } => {
+                let opening = opening(identity.as_deref(), verify_key.as_deref())?;
+                let started = std::time::Instant::now();
+                let size = image::build_from_archive(
+                    &target.address,
+                    &target.namespace,
+                    &file,
+                    &reference,
+                    compress.into(),
+                    &opening,
+                )
+                .await?;
+                eprintln!(
+                    "image {reference} ({}) built from {} in {:.0} ms",
+                    human(size),
+                    file.display(),
+                    started.elapsed().as_secs_f64() * 1000.0
+                );
+                Ok(())
+            }
+            ImageCommand::Push {
+                reference,
+                registry,
+            } => transfer_image(&target, &reference, &registry, true).await,
+            ImageCommand::Pull {
+                reference,
+                registry,
+            } => transfer_image(&target, &reference, &registry, false).await,
+        },
         Command::Inspect {
             archive,
             identity,
             format,
         } => {
-            let s = archive::inspect_with(&archive, &opening(identity.as_deref(), None)?)?;
+            let s = if image::looks_like_reference(&archive) {
+                image::inspect(&target.address, &target.namespace, &archive).await?
+            } else {
+                archive::inspect_with(Path::new(&archive), &opening(identity.as_deref(), None)?)?
+            };
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&s)?),
                 Format::Table if s.encrypted && s.pod_name.is_empty() => {

@@ -398,6 +398,7 @@ pub async fn migrate(t: &Target, a: MigrateArgs) -> Result<Migrated> {
             sealing: Default::default(),
             delivery: Delivery::Custom(Box::new(deliver)),
             hold_secs: Some(HOLD_SECS),
+            image: None,
         },
     )
     .await;
@@ -523,6 +524,8 @@ async fn receive(
     eprintln!("receiving pod {} from {peer}", offer.pod);
     let args = RestoreArgs {
         archive: PathBuf::from(format!("pod {} from {peer}", offer.pod)),
+        image: None,
+        registry: Default::default(),
         name: offer.name,
         runtime_handler: offer.runtime_handler,
         policy: a.policy.clone(),

@@ -99,6 +99,9 @@ pub struct CheckpointArgs {
     /// How long the shim holds a stopping checkpoint's pod frozen for us (default: from the
     /// space estimate).
     pub hold_secs: Option<u32>,
+    /// Deliver the pod as checkpoint image REF in containerd's image store instead of an
+    /// archive at `output`.
+    pub image: Option<String>,
 }
 
 /// Where a captured pod goes once its files are staged, manifested and signed.
@@ -272,15 +275,17 @@ pub struct CheckpointOutcome {
 }
 
 pub async fn checkpoint(t: &Target, a: CheckpointArgs) -> Result<()> {
-    let output = a.output.clone();
+    let output = match &a.image {
+        Some(reference) => format!("image {reference}"),
+        None => a.output.display().to_string(),
+    };
     let o = checkpoint_pod(t, a).await?;
     let resp = &o.response;
     let timings = resp.timings.clone().unwrap_or_default();
     println!(
-        "pod {} ({}) checkpointed to {} ({}, engine {})",
+        "pod {} ({}) checkpointed to {output} ({}, engine {})",
         o.pod_name,
         o.pod_id,
-        output.display(),
         human(o.archive_bytes),
         resp.engine
     );
@@ -315,6 +320,28 @@ pub async fn checkpoint(t: &Target, a: CheckpointArgs) -> Result<()> {
 /// Checkpoints a pod through its shim's Checkpoint service and writes the archive.
 pub async fn checkpoint_pod(t: &Target, mut a: CheckpointArgs) -> Result<CheckpointOutcome> {
     let started = Instant::now();
+    if let Some(reference) = a.image.clone() {
+        if !a.sealing.recipients.is_empty() {
+            bail!("--image and --encrypt-to do not go together: a checkpoint image is not encrypted (sign it with --sign-key, keep it in a private registry)");
+        }
+        let store = crate::image::ImageStoreClient::connect(&t.address, &t.namespace).await?;
+        if store.get(&reference).await?.is_some() {
+            bail!("image {reference} already exists; remove it first (`ctr -n {} images rm {reference}`) or choose another reference", t.namespace);
+        }
+        // Not written (the pod goes into containerd's store): names where it is staged.
+        a.output = archive::private_root(Path::new(CHECKPOINT_STAGING))?.join(format!(
+            "{}.{}.image",
+            a.pod,
+            archive::random_suffix()?
+        ));
+        let (address, namespace, compress) = (t.address.clone(), t.namespace.clone(), a.compress);
+        let handle = tokio::runtime::Handle::current();
+        a.delivery = Delivery::Custom(Box::new(move |staging: &Path, _: &AtomicBool| {
+            handle.block_on(crate::image::build_from_dir(
+                &address, &namespace, staging, &reference, compress,
+            ))
+        }));
+    }
     let mut rt = cri::connect(Path::new(&t.address)).await?;
     let pod = cri::find_pod(&mut rt, &a.pod).await?;
     let name = pod
@@ -658,7 +685,12 @@ async fn estimate(rt: &mut cri::Runtime, containers: &[ContainerInfo]) -> SpaceE
 }
 
 pub struct RestoreArgs {
+    /// The archive file; for an image, its reference (for messages).
     pub archive: PathBuf,
+    /// Restore checkpoint image REF (pulled when missing) instead of an archive file.
+    pub image: Option<String>,
+    /// How to reach the registry when the image must be pulled.
+    pub registry: crate::image::RegistryAccess,
     pub name: Option<String>,
     /// CRI runtime handler for the new pod; None: the one the archive records, else "stasis".
     pub runtime_handler: Option<String>,
@@ -698,6 +730,24 @@ impl Interrupt {
 }
 
 pub async fn restore(t: &Target, a: RestoreArgs) -> Result<String> {
+    if let Some(reference) = &a.image {
+        let store = crate::image::ImageStoreClient::connect(&t.address, &t.namespace).await?;
+        if store.get(reference).await?.is_none() {
+            eprintln!("pulling {reference}");
+            crate::image::transfer(&t.address, &t.namespace, reference, &a.registry, false).await?;
+        }
+        if a.lazy {
+            eprintln!("{reference} is an image: its pages are unpacked before the pod runs");
+        }
+        let restored = restore_with(t, &a, |dir| {
+            let options = tokio::task::block_in_place(|| {
+                crate::image::unpack_blocking(&t.address, &t.namespace, reference, dir, &a.opening)
+            })?;
+            Ok((options, None))
+        })
+        .await?;
+        return restored.finish(t).await;
+    }
     // A lazy restore from an uncompressed archive leaves the page images in it: the shim
     // reads pages from there on demand, so nothing that grows with memory is unpacked.
     let leave_pages = a.lazy && archive::is_plain_tar(&a.archive)?;

@@ -18,6 +18,12 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(dir: &Path) -> Result<Registry> {
+        Self::start_with(dir, None)
+    }
+
+    /// A registry that wants HTTP basic auth with this user and password (an htpasswd file
+    /// with a bcrypt hash, the only kind the registry takes).
+    pub fn start_with(dir: &Path, auth: Option<(&str, &str)>) -> Result<Registry> {
         let binary = crate::which("docker-registry").context(
             "docker-registry not found: scripts/install-deps.sh installs Debian's docker-registry",
         )?;
@@ -29,13 +35,21 @@ impl Registry {
         let root = dir.join("registry");
         std::fs::create_dir_all(&root)?;
         let config = root.join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
-                root.join("data").display()
-            ),
-        )?;
+        let mut text = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
+            root.join("data").display()
+        );
+        if let Some((user, password)) = auth {
+            let hash =
+                bcrypt::hash_with_result(password, 5)?.format_for_version(bcrypt::Version::TwoY);
+            let file = root.join("htpasswd");
+            std::fs::write(&file, format!("{user}:{hash}\n"))?;
+            text.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: stasis-test\n    path: {}\n",
+                file.display()
+            ));
+        }
+        std::fs::write(&config, text)?;
         let log = std::fs::File::create(root.join("registry.log"))?;
         let child = Command::new(binary)
             .arg("serve")

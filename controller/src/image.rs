@@ -1,0 +1,1040 @@
+//! Pod checkpoints as OCI images. A checkpoint image is an ordinary OCI image manifest whose
+//! first layer holds the pod's own files (`pod.options`, `pod.dump`, the manifest and its
+//! signature, a gVisor sandbox image) and each further layer one container's checkpoint
+//! directory at its root (what `checkpointctl` reads), marked with the CRI-O/checkpointctl
+//! annotations; stasis's own annotations on the manifest describe the pod. Images are built
+//! into containerd's content store, pushed and pulled by containerd's Transfer service
+//! (registry credentials answered on a Streaming-service stream), and read back through the
+//! Content service with every blob's digest checked as it is read.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::{Read, Write},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use containerd_client::{
+    services::v1::{
+        content_client::ContentClient, images_client::ImagesClient, leases_client::LeasesClient,
+        streaming_client::StreamingClient, transfer_client::TransferClient, CreateImageRequest,
+        DeleteImageRequest, GetImageRequest, Image, ReadContentRequest, StreamInit,
+        TransferOptions, TransferRequest, WriteAction, WriteContentRequest,
+    },
+    to_any,
+    types::{
+        transfer::{
+            AuthRequest, AuthResponse, AuthType, ImageStore, OciRegistry, RegistryResolver,
+        },
+        Descriptor,
+    },
+};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use stasis_api::layout;
+use tonic::{transport::Channel, Request};
+
+use crate::archive::{self, Compression};
+
+const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+const LAYER_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// Manifest annotation that makes an image a stasis pod checkpoint (its value: the archive
+/// format version of the files inside).
+pub const CHECKPOINT_ANNOTATION: &str = "io.stasis.checkpoint.format";
+const POD_NAME_ANNOTATION: &str = "io.stasis.checkpoint.pod-name";
+const ENGINE_ANNOTATION: &str = "io.stasis.checkpoint.engine";
+const CONTAINERS_ANNOTATION: &str = "io.stasis.checkpoint.containers";
+const BASE_IMAGES_ANNOTATION: &str = "io.stasis.checkpoint.base-images";
+const CREATED_ANNOTATION: &str = "org.opencontainers.image.created";
+const SIZE_ANNOTATION: &str = "io.stasis.checkpoint.size";
+/// Layer annotations: which part of the pod checkpoint the layer is.
+const LAYER_PART_ANNOTATION: &str = "io.stasis.checkpoint.part";
+const CONTAINER_DIR_ANNOTATION: &str = "io.stasis.checkpoint.container-dir";
+/// What CRI-O, Podman and checkpointctl look for on a container checkpoint.
+const CRIO_NAME_ANNOTATION: &str = "io.kubernetes.cri-o.annotations.checkpoint.name";
+const CRIU_NAME_ANNOTATION: &str = "org.criu.checkpoint.container.name";
+const CRIU_POD_ANNOTATION: &str = "org.criu.checkpoint.pod.name";
+const CRIU_ENGINE_ANNOTATION: &str = "org.criu.checkpoint.engine.name";
+
+/// containerd garbage-collection labels: what a manifest blob keeps alive.
+const GC_CONFIG_LABEL: &str = "containerd.io/gc.ref.content.config";
+const GC_LAYER_LABEL: &str = "containerd.io/gc.ref.content.l.";
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(rename_all = "camelCase")]
+struct OciDescriptor {
+    media_type: String,
+    digest: String,
+    size: i64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct OciManifest {
+    schema_version: u32,
+    #[serde(default)]
+    media_type: String,
+    config: OciDescriptor,
+    layers: Vec<OciDescriptor>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+/// Registry access: credentials (as `ctr`/nerdctl take them) and plain HTTP for a local
+/// registry.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryAccess {
+    /// `USER:PASSWORD`; else the docker config's entry for the registry, if any.
+    pub user: Option<String>,
+    /// A docker `config.json` to take credentials from (default `~/.docker/config.json`).
+    pub docker_config: Option<PathBuf>,
+    pub plain_http: bool,
+}
+
+impl RegistryAccess {
+    /// (user, secret) for `host`.
+    fn credentials(&self, host: &str) -> Result<Option<(String, String)>> {
+        if let Some(u) = &self.user {
+            let (user, pass) = u.split_once(':').context("--user wants USER:PASSWORD")?;
+            return Ok(Some((user.to_string(), pass.to_string())));
+        }
+        let path = match &self.docker_config {
+            Some(p) => p.clone(),
+            None => match std::env::var_os("DOCKER_CONFIG") {
+                Some(d) => PathBuf::from(d).join("config.json"),
+                None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                    .join(".docker/config.json"),
+            },
+        };
+        let Ok(text) = std::fs::read(&path) else {
+            if self.docker_config.is_some() {
+                bail!("cannot read {}", path.display());
+            }
+            return Ok(None);
+        };
+        #[derive(Deserialize)]
+        struct Entry {
+            #[serde(default)]
+            auth: String,
+        }
+        #[derive(Deserialize)]
+        struct Config {
+            #[serde(default)]
+            auths: HashMap<String, Entry>,
+        }
+        let config: Config = serde_json::from_slice(&text)
+            .with_context(|| format!("{} is not a docker config.json", path.display()))?;
+        let entry = config.auths.iter().find(|(k, _)| {
+            let k = k
+                .trim_start_matches("https://")
+                .trim_start_matches("http://");
+            k.split('/').next() == Some(host)
+        });
+        let Some((_, entry)) = entry else {
+            return Ok(None);
+        };
+        use base64::Engine;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(entry.auth.trim())
+            .with_context(|| format!("{}: the auth of {host} is not base64", path.display()))?;
+        let decoded = String::from_utf8(decoded)?;
+        let (user, pass) = decoded.split_once(':').with_context(|| {
+            format!(
+                "{}: the auth of {host} is not USER:PASSWORD",
+                path.display()
+            )
+        })?;
+        Ok(Some((user.to_string(), pass.to_string())))
+    }
+}
+
+/// The registry host of a reference (`host[:port]/repo:tag`), as containerd resolves it.
+fn registry_host(reference: &str) -> &str {
+    match reference.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            first
+        }
+        _ => "docker.io",
+    }
+}
+
+/// Whether `arg` reads as an image reference rather than a file: it names no existing path
+/// and has the shape `host[:port]/repo[:tag|@digest]` or `repo:tag`.
+pub fn looks_like_reference(arg: &str) -> bool {
+    !Path::new(arg).exists()
+        && !arg.starts_with('/')
+        && !arg.starts_with('.')
+        && !arg.ends_with(".tar")
+        && (arg.contains('/') || arg.contains(':'))
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c))
+}
+
+/// containerd's image and content services in one namespace.
+pub struct ImageStoreClient {
+    channel: Channel,
+    namespace: String,
+    lease: Option<String>,
+}
+
+impl ImageStoreClient {
+    pub async fn connect(address: &str, namespace: &str) -> Result<Self> {
+        Ok(ImageStoreClient {
+            channel: crate::cri::channel(Path::new(address)).await?,
+            namespace: namespace.to_string(),
+            lease: None,
+        })
+    }
+
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        let md = req.metadata_mut();
+        if let Ok(v) = self.namespace.parse() {
+            md.insert("containerd-namespace", v);
+        }
+        if let Some(lease) = &self.lease {
+            if let Ok(v) = lease.parse() {
+                md.insert("containerd-lease", v);
+            }
+        }
+        req
+    }
+
+    /// A lease that keeps what is written meanwhile from containerd's garbage collector,
+    /// until the image names it (and for an hour at most, should we die).
+    async fn take_lease(&mut self) -> Result<()> {
+        let expire = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+        let expire = expire
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let id = format!("stasis-{}", archive::random_suffix()?);
+        let mut leases = LeasesClient::new(self.channel.clone());
+        leases
+            .create(
+                self.request(containerd_client::services::v1::CreateRequest {
+                    id: id.clone(),
+                    labels: HashMap::from([("containerd.io/gc.expire".to_string(), expire)]),
+                }),
+            )
+            .await
+            .context("create a containerd lease")?;
+        self.lease = Some(id);
+        Ok(())
+    }
+
+    async fn drop_lease(&mut self) {
+        if let Some(id) = self.lease.take() {
+            let mut leases = LeasesClient::new(self.channel.clone());
+            let _ = leases
+                .delete(
+                    self.request(containerd_client::services::v1::DeleteRequest {
+                        id,
+                        sync: false,
+                    }),
+                )
+                .await;
+        }
+    }
+
+    /// Writes the file at `path` into the content store; returns its descriptor.
+    async fn write_blob(
+        &self,
+        path: &Path,
+        media_type: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Descriptor> {
+        let (digest, size) = {
+            let path = path.to_path_buf();
+            tokio::task::spawn_blocking(move || -> Result<(String, u64)> {
+                let mut f = std::fs::File::open(&path)?;
+                let mut h = sha2::Sha256::new();
+                let n = std::io::copy(&mut f, &mut h)?;
+                Ok((format!("sha256:{}", hex::encode(h.finalize())), n))
+            })
+            .await??
+        };
+        let reference = format!("stasis-{}", &digest[7..]);
+        let (tx, rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(4);
+        let mut content = ContentClient::new(self.channel.clone());
+        let call = content.write(self.request(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        let feed = {
+            let (path, reference, digest) = (path.to_path_buf(), reference.clone(), digest.clone());
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut f = tokio::fs::File::open(&path).await?;
+                let mut offset = 0i64;
+                loop {
+                    let mut buf = vec![0u8; 1 << 20];
+                    let n = f.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    buf.truncate(n);
+                    let req = WriteContentRequest {
+                        action: WriteAction::Write as i32,
+                        r#ref: reference.clone(),
+                        total: size as i64,
+                        expected: digest.clone(),
+                        offset,
+                        data: buf,
+                        ..Default::default()
+                    };
+                    offset += n as i64;
+                    if tx.send(req).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = tx
+                    .send(WriteContentRequest {
+                        action: WriteAction::Commit as i32,
+                        r#ref: reference,
+                        total: size as i64,
+                        expected: digest,
+                        offset,
+                        labels,
+                        ..Default::default()
+                    })
+                    .await;
+                Ok::<_, std::io::Error>(())
+            })
+        };
+        let mut responses = match call.await {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                feed.abort();
+                return Ok(descriptor(media_type, &digest, size));
+            }
+            Err(s) => bail!("write {} into containerd: {}", path.display(), s.message()),
+        };
+        loop {
+            match responses.message().await {
+                Ok(Some(r)) if r.action == WriteAction::Commit as i32 => break,
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                // Content already there (the same layer twice): fine.
+                Err(s) if s.code() == tonic::Code::AlreadyExists => break,
+                Err(s) => bail!("write {} into containerd: {}", path.display(), s.message()),
+            }
+        }
+        feed.await??;
+        Ok(descriptor(media_type, &digest, size))
+    }
+
+    /// Reads a whole (small) blob, checking its digest.
+    async fn read_small(&self, desc: &Descriptor, limit: i64) -> Result<Vec<u8>> {
+        if desc.size > limit {
+            bail!(
+                "{} is {} bytes; at most {limit} expected",
+                desc.digest,
+                desc.size
+            );
+        }
+        let mut reader = self.blob(desc).await?;
+        let mut out = Vec::new();
+        while let Some(chunk) = reader.next_chunk().await? {
+            out.extend_from_slice(&chunk);
+        }
+        reader.finish()?;
+        Ok(out)
+    }
+
+    /// A blob's bytes as they come from containerd, hashed as they are read.
+    async fn blob(&self, desc: &Descriptor) -> Result<BlobStream> {
+        let mut content = ContentClient::new(self.channel.clone());
+        let stream = content
+            .read(self.request(ReadContentRequest {
+                digest: desc.digest.clone(),
+                offset: 0,
+                size: 0,
+            }))
+            .await
+            .map_err(|s| anyhow::anyhow!("read {} from containerd: {}", desc.digest, s.message()))?
+            .into_inner();
+        Ok(BlobStream {
+            stream,
+            digest: desc.digest.clone(),
+            size: desc.size,
+            hasher: sha2::Sha256::new(),
+            read: 0,
+        })
+    }
+
+    /// The image `name` (its target descriptor), or None.
+    pub async fn get(&self, name: &str) -> Result<Option<Descriptor>> {
+        let mut images = ImagesClient::new(self.channel.clone());
+        match images
+            .get(self.request(GetImageRequest {
+                name: name.to_string(),
+            }))
+            .await
+        {
+            Ok(r) => Ok(r.into_inner().image.and_then(|i| i.target)),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => bail!("look up image {name}: {}", s.message()),
+        }
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let mut images = ImagesClient::new(self.channel.clone());
+        images
+            .delete(self.request(DeleteImageRequest {
+                name: name.to_string(),
+                sync: false,
+                target: None,
+            }))
+            .await
+            .map_err(|s| anyhow::anyhow!("remove image {name}: {}", s.message()))?;
+        Ok(())
+    }
+
+    async fn create(&self, name: &str, target: Descriptor) -> Result<()> {
+        let mut images = ImagesClient::new(self.channel.clone());
+        let now = prost_types::Timestamp::from(std::time::SystemTime::now());
+        images
+            .create(self.request(CreateImageRequest {
+                image: Some(Image {
+                    name: name.to_string(),
+                    labels: HashMap::new(),
+                    target: Some(target),
+                    created_at: Some(now),
+                    updated_at: Some(now),
+                }),
+                source_date_epoch: None,
+            }))
+            .await
+            .map_err(|s| {
+                if s.code() == tonic::Code::AlreadyExists {
+                    anyhow::anyhow!("image {name} already exists; remove it first (`ctr -n NS images rm {name}`) or choose another reference")
+                } else {
+                    anyhow::anyhow!("create image {name}: {}", s.message())
+                }
+            })?;
+        Ok(())
+    }
+}
+
+fn descriptor(media_type: &str, digest: &str, size: u64) -> Descriptor {
+    Descriptor {
+        media_type: media_type.to_string(),
+        digest: digest.to_string(),
+        size: size as i64,
+        annotations: HashMap::new(),
+    }
+}
+
+/// A blob read from containerd, its digest checked once it is all read.
+pub struct BlobStream {
+    stream: tonic::Streaming<containerd_client::services::v1::ReadContentResponse>,
+    digest: String,
+    size: i64,
+    hasher: sha2::Sha256,
+    read: i64,
+}
+
+impl BlobStream {
+    async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>> {
+        let msg = self
+            .stream
+            .message()
+            .await
+            .map_err(|s| anyhow::anyhow!("read {}: {}", self.digest, s.message()))?;
+        Ok(msg.map(|m| {
+            self.hasher.update(&m.data);
+            self.read += m.data.len() as i64;
+            m.data
+        }))
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let got = format!(
+            "sha256:{}",
+            hex::encode(std::mem::take(&mut self.hasher).finalize())
+        );
+        if got != self.digest || self.read != self.size {
+            bail!(
+                "blob {} is corrupt or was changed ({} bytes, {got}; the image says {} bytes): refused",
+                self.digest,
+                self.read,
+                self.size
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A blob as a blocking reader (for tar), for use inside `block_in_place`: reads past the
+/// end check the digest, and a mismatch is an error of the last read.
+struct BlockingBlob {
+    blob: BlobStream,
+    handle: tokio::runtime::Handle,
+    buf: Vec<u8>,
+    at: usize,
+    done: bool,
+}
+
+impl Read for BlockingBlob {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.buf.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.handle.block_on(self.blob.next_chunk()) {
+                Ok(Some(chunk)) => {
+                    self.buf = chunk;
+                    self.at = 0;
+                }
+                Ok(None) => {
+                    self.done = true;
+                    self.blob.finish().map_err(|e| {
+                        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{e:#}"))
+                    })?;
+                }
+                Err(e) => return Err(std::io::Error::other(format!("{e:#}"))),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// What stasis records about a checkpoint image.
+#[derive(Debug, Clone)]
+pub struct ImageSummary {
+    pub reference: String,
+    pub digest: String,
+    pub pod_name: String,
+    pub engine: String,
+    pub containers: Vec<String>,
+    pub size: u64,
+}
+
+/// Builds checkpoint image `reference` from the checkpoint directory `dir` (a staged
+/// checkpoint or an unpacked archive: its manifest already written, maybe signed), with
+/// layers compressed as `compression`. Returns the image's total size.
+pub async fn build_from_dir(
+    address: &str,
+    namespace: &str,
+    dir: &Path,
+    reference: &str,
+    compression: Compression,
+) -> Result<u64> {
+    let options = archive::read_pod_options(dir)?;
+    let pod_dump: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(layout::POD_DUMP))?).unwrap_or_default();
+    let pod_name = pod_dump["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut store = ImageStoreClient::connect(address, namespace).await?;
+    if store.get(reference).await?.is_some() {
+        bail!("image {reference} already exists; remove it first (`ctr -n {namespace} images rm {reference}`) or choose another reference");
+    }
+    let work = tempdir_beside(dir)?;
+    let result = async {
+        store.take_lease().await?;
+        let (suffix, media) = match compression {
+            Compression::None => ("tar", LAYER_TYPE.to_string()),
+            Compression::Gzip => ("tar.gz", format!("{LAYER_TYPE}+gzip")),
+            Compression::Zstd => ("tar.zst", format!("{LAYER_TYPE}+zstd")),
+        };
+        // The pod's own files: everything at the top but the container directories.
+        let container_dirs: Vec<&String> = options.containers.values().collect();
+        let mut layers = Vec::new();
+        let mut diff_ids = Vec::new();
+        let mut parts: Vec<(PathBuf, BTreeMap<String, String>)> = Vec::new();
+        let pod_part = work.join(format!("pod.{suffix}"));
+        let keep: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| {
+                !container_dirs
+                    .iter()
+                    .any(|d| std::ffi::OsStr::new(d.as_str()) == n)
+            })
+            .map(PathBuf::from)
+            .collect();
+        let diff = write_layer(dir, &keep, &pod_part, compression)?;
+        diff_ids.push(diff);
+        parts.push((
+            pod_part,
+            BTreeMap::from([(LAYER_PART_ANNOTATION.to_string(), "pod".to_string())]),
+        ));
+        let mut base_images = BTreeMap::new();
+        for (name, cdir) in &options.containers {
+            let part = work.join(format!("{cdir}.{suffix}"));
+            let cpath = dir.join(cdir);
+            let entries: Vec<PathBuf> = std::fs::read_dir(&cpath)?
+                .flatten()
+                .map(|e| PathBuf::from(e.file_name()))
+                .collect();
+            diff_ids.push(write_layer(&cpath, &entries, &part, compression)?);
+            let recorded: Option<layout::CheckpointedConfig> =
+                std::fs::read(cpath.join(layout::CONFIG_DUMP))
+                    .ok()
+                    .and_then(|b| layout::parse_json(layout::CONFIG_DUMP, &b).ok());
+            if let Some(r) = &recorded {
+                base_images.insert(name.clone(), r.rootfs_image_ref.clone());
+            }
+            parts.push((
+                part,
+                BTreeMap::from([
+                    (LAYER_PART_ANNOTATION.to_string(), "container".to_string()),
+                    (CONTAINER_DIR_ANNOTATION.to_string(), cdir.clone()),
+                    (CRIO_NAME_ANNOTATION.to_string(), name.clone()),
+                    (CRIU_NAME_ANNOTATION.to_string(), name.clone()),
+                    (CRIU_POD_ANNOTATION.to_string(), pod_name.clone()),
+                    (CRIU_ENGINE_ANNOTATION.to_string(), "stasis".to_string()),
+                ]),
+            ));
+        }
+        let mut total = 0u64;
+        for (path, annotations) in parts {
+            let d = store.write_blob(&path, &media, HashMap::new()).await?;
+            total += d.size as u64;
+            layers.push(OciDescriptor {
+                media_type: d.media_type,
+                digest: d.digest,
+                size: d.size,
+                annotations,
+            });
+        }
+        let config = serde_json::json!({
+            "created": now_rfc3339(),
+            "architecture": oci_arch(),
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        let config_path = work.join("config.json");
+        std::fs::write(&config_path, serde_json::to_vec(&config)?)?;
+        let config = store
+            .write_blob(&config_path, CONFIG_TYPE, HashMap::new())
+            .await?;
+        let manifest = OciManifest {
+            schema_version: 2,
+            media_type: MANIFEST_TYPE.to_string(),
+            config: OciDescriptor {
+                media_type: config.media_type.clone(),
+                digest: config.digest.clone(),
+                size: config.size,
+                annotations: BTreeMap::new(),
+            },
+            annotations: BTreeMap::from([
+                (
+                    CHECKPOINT_ANNOTATION.to_string(),
+                    layout::MANIFEST_VERSION.to_string(),
+                ),
+                (POD_NAME_ANNOTATION.to_string(), pod_name.clone()),
+                (ENGINE_ANNOTATION.to_string(), options.engine().to_string()),
+                (
+                    CONTAINERS_ANNOTATION.to_string(),
+                    options
+                        .containers
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+                (
+                    BASE_IMAGES_ANNOTATION.to_string(),
+                    serde_json::to_string(&base_images)?,
+                ),
+                (CREATED_ANNOTATION.to_string(), now_rfc3339()),
+                (SIZE_ANNOTATION.to_string(), total.to_string()),
+            ]),
+            layers,
+        };
+        let mut labels = HashMap::from([(GC_CONFIG_LABEL.to_string(), config.digest.clone())]);
+        for (i, l) in manifest.layers.iter().enumerate() {
+            labels.insert(format!("{GC_LAYER_LABEL}{i}"), l.digest.clone());
+        }
+        let manifest_path = work.join("manifest.json");
+        std::fs::write(&manifest_path, serde_json::to_vec(&manifest)?)?;
+        let target = store
+            .write_blob(&manifest_path, MANIFEST_TYPE, labels)
+            .await?;
+        total += (target.size + config.size) as u64;
+        store.create(reference, target).await?;
+        Ok(total)
+    }
+    .await;
+    store.drop_lease().await;
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// Builds image `reference` from the archive `file`, checked (and unpacked) in full first.
+pub async fn build_from_archive(
+    address: &str,
+    namespace: &str,
+    file: &Path,
+    reference: &str,
+    compression: Compression,
+    opening: &crate::seal::Opening,
+) -> Result<u64> {
+    let work = scratch_dir()?;
+    let unpacked = tokio::task::block_in_place(|| archive::extract_with(file, &work, opening));
+    let result = match unpacked {
+        Ok(_) => build_from_dir(address, namespace, &work, reference, compression).await,
+        Err(e) => Err(e.context(format!("cannot build an image from {}", file.display()))),
+    };
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// `stasisctl inspect REF`: the image unpacked and checked like an archive, then summarised.
+pub async fn inspect(address: &str, namespace: &str, reference: &str) -> Result<archive::Summary> {
+    let s = summary(address, namespace, reference).await?;
+    let work = scratch_dir()?;
+    let result = tokio::task::block_in_place(|| {
+        unpack_blocking(address, namespace, reference, &work, &Default::default())
+    })
+    .and_then(|_| archive::inspect_dir(&work, format!("image {reference} ({})", s.digest), s.size));
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// A fresh name in the private staging directory (not created).
+fn scratch_dir() -> Result<PathBuf> {
+    Ok(
+        archive::private_root(Path::new(crate::pod::CHECKPOINT_STAGING))?
+            .join(format!(".image-{}", archive::random_suffix()?)),
+    )
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn oci_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// A private scratch directory beside `dir` (the same file system).
+fn tempdir_beside(dir: &Path) -> Result<PathBuf> {
+    let parent = dir.parent().unwrap_or(Path::new("/tmp"));
+    let work = parent.join(format!(".stasis-image-{}", archive::random_suffix()?));
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&work)
+        .with_context(|| format!("create {}", work.display()))?;
+    Ok(work)
+}
+
+/// Writes the tar of `entries` (names below `root`) into `dest`, compressed; returns the
+/// diff id (SHA-256 of the uncompressed tar).
+fn write_layer(
+    root: &Path,
+    entries: &[PathBuf],
+    dest: &Path,
+    compression: Compression,
+) -> Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::io::BufWriter::new(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(dest)
+            .with_context(|| format!("create {}", dest.display()))?,
+    );
+    let (file, diff) = match compression {
+        Compression::None => tar_entries(file, root, entries)?,
+        Compression::Gzip => {
+            let enc = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+            let (enc, diff) = tar_entries(enc, root, entries)?;
+            (enc.finish()?, diff)
+        }
+        Compression::Zstd => {
+            let mut enc = zstd::Encoder::new(file, 3)?;
+            enc.include_checksum(true)?;
+            let (enc, diff) = tar_entries(enc, root, entries)?;
+            (enc.finish()?, diff)
+        }
+    };
+    file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(diff)
+}
+
+/// The tar of `entries` into `w`, hashed as it is written.
+fn tar_entries<W: Write>(w: W, root: &Path, entries: &[PathBuf]) -> Result<(W, String)> {
+    struct Hashing<W> {
+        inner: W,
+        hasher: sha2::Sha256,
+    }
+    impl<W: Write> Write for Hashing<W> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = self.inner.write(buf)?;
+            self.hasher.update(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+    }
+    let mut tar = tar::Builder::new(Hashing {
+        inner: w,
+        hasher: sha2::Sha256::new(),
+    });
+    tar.follow_symlinks(false);
+    // Modes as they are: page images and configs stay 0600 wherever they are unpacked.
+    tar.mode(tar::HeaderMode::Complete);
+    let mut sorted = entries.to_vec();
+    sorted.sort();
+    for e in &sorted {
+        let path = root.join(e);
+        if path.symlink_metadata()?.is_dir() {
+            tar.append_dir_all(e, &path)?;
+        } else {
+            tar.append_path_with_name(&path, e)?;
+        }
+    }
+    let mut h = tar.into_inner()?;
+    h.flush()?;
+    Ok((
+        h.inner,
+        format!("sha256:{}", hex::encode(h.hasher.finalize())),
+    ))
+}
+
+/// The manifest of checkpoint image `reference` (pulled first when missing and `pull` says
+/// how), refused unless it is a stasis pod checkpoint.
+async fn checkpoint_manifest(
+    store: &ImageStoreClient,
+    reference: &str,
+) -> Result<(Descriptor, OciManifest)> {
+    let Some(target) = store.get(reference).await? else {
+        bail!("image {reference} is not in containerd's image store (namespace {}); pull it first (`stasisctl image pull`)", store.namespace);
+    };
+    if target.media_type != MANIFEST_TYPE {
+        bail!(
+            "image {reference} is not a stasis pod checkpoint: its target is a {} (a checkpoint image is a single OCI manifest)",
+            target.media_type
+        );
+    }
+    let bytes = store.read_small(&target, 4 << 20).await?;
+    let manifest: OciManifest = serde_json::from_slice(&bytes)
+        .with_context(|| format!("image {reference}: its manifest is not an OCI image manifest"))?;
+    let Some(format) = manifest.annotations.get(CHECKPOINT_ANNOTATION) else {
+        bail!(
+            "image {reference} is not a stasis pod checkpoint: its manifest has no {CHECKPOINT_ANNOTATION} annotation (an ordinary container image, or another engine's checkpoint)"
+        );
+    };
+    let version: u32 = format.parse().unwrap_or(0);
+    if !layout::MANIFEST_VERSIONS_READ.contains(&version) {
+        bail!("image {reference}: checkpoint format {format} is unknown to this stasisctl; use a newer one");
+    }
+    match manifest.layers.first() {
+        Some(l) if l.annotations.get(LAYER_PART_ANNOTATION).map(String::as_str) == Some("pod") => {}
+        _ => bail!(
+            "image {reference}: its first layer is not the pod's (no {LAYER_PART_ANNOTATION}=pod)"
+        ),
+    }
+    Ok((target, manifest))
+}
+
+/// What `inspect REF` shows before the files are read.
+pub async fn summary(address: &str, namespace: &str, reference: &str) -> Result<ImageSummary> {
+    let store = ImageStoreClient::connect(address, namespace).await?;
+    let (target, manifest) = checkpoint_manifest(&store, reference).await?;
+    let a = |k: &str| manifest.annotations.get(k).cloned().unwrap_or_default();
+    Ok(ImageSummary {
+        reference: reference.to_string(),
+        digest: target.digest,
+        pod_name: a(POD_NAME_ANNOTATION),
+        engine: a(ENGINE_ANNOTATION),
+        containers: a(CONTAINERS_ANNOTATION)
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        size: manifest.layers.iter().map(|l| l.size.max(0) as u64).sum(),
+    })
+}
+
+/// Unpacks checkpoint image `reference` into `dest` (created; must not exist) with the
+/// checks of an archive: every blob's digest, hostile entries, the layout, the signature if
+/// asked, the archive's own manifest. To be called inside `block_in_place`.
+pub fn unpack_blocking(
+    address: &str,
+    namespace: &str,
+    reference: &str,
+    dest: &Path,
+    opening: &crate::seal::Opening,
+) -> Result<archive::PodOptions> {
+    let handle = tokio::runtime::Handle::current();
+    let store = handle.block_on(ImageStoreClient::connect(address, namespace))?;
+    let (_, manifest) = handle.block_on(checkpoint_manifest(&store, reference))?;
+    let mut layers = Vec::new();
+    for (i, l) in manifest.layers.iter().enumerate() {
+        let sub = match l.annotations.get(LAYER_PART_ANNOTATION).map(String::as_str) {
+            Some("pod") if i == 0 => None,
+            Some("container") => {
+                let dir = l
+                    .annotations
+                    .get(CONTAINER_DIR_ANNOTATION)
+                    .cloned()
+                    .unwrap_or_default();
+                if !layout::is_plain_name(&dir) {
+                    bail!("hostile image: layer {i} names container directory {dir:?}");
+                }
+                Some(dir)
+            }
+            other => bail!("image {reference}: layer {i} is of an unknown part {other:?}"),
+        };
+        let desc = descriptor(&l.media_type, &l.digest, l.size.max(0) as u64);
+        layers.push((sub, desc));
+    }
+    let open = |desc: &Descriptor| -> Result<Box<dyn Read>> {
+        let blob = handle.block_on(store.blob(desc))?;
+        decompressing(
+            &desc.media_type,
+            BlockingBlob {
+                blob,
+                handle: handle.clone(),
+                buf: Vec::new(),
+                at: 0,
+                done: false,
+            },
+        )
+    };
+    let parts: Vec<archive::Layer> = layers
+        .iter()
+        .map(|(sub, desc)| archive::Layer {
+            dir: sub.clone(),
+            name: desc.digest.clone(),
+            open: Box::new(move || open(desc)),
+        })
+        .collect();
+    archive::unpack_layers(dest, opening, parts)
+}
+
+fn decompressing(media_type: &str, r: impl Read + 'static) -> Result<Box<dyn Read>> {
+    Ok(if media_type.ends_with("+gzip") {
+        Box::new(flate2::read::GzDecoder::new(r))
+    } else if media_type.ends_with("+zstd") {
+        Box::new(zstd::Decoder::new(r)?)
+    } else if media_type == LAYER_TYPE
+        || media_type == "application/vnd.docker.image.rootfs.diff.tar"
+    {
+        Box::new(r)
+    } else {
+        bail!("layer media type {media_type} is not one a checkpoint image uses")
+    })
+}
+
+/// Answers containerd's credential requests on a Streaming-service stream until it closes.
+async fn serve_credentials(
+    channel: Channel,
+    namespace: &str,
+    stream_id: &str,
+    credentials: (String, String),
+) -> Result<tokio::task::JoinHandle<()>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<prost_types::Any>(4);
+    tx.send(to_any(&StreamInit {
+        id: stream_id.to_string(),
+    }))
+    .await
+    .ok();
+    let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Ok(v) = namespace.parse() {
+        req.metadata_mut().insert("containerd-namespace", v);
+    }
+    let mut responses = StreamingClient::new(channel)
+        .stream(req)
+        .await
+        .map_err(|s| anyhow::anyhow!("open a credentials stream to containerd: {}", s.message()))?
+        .into_inner();
+    // The first message acknowledges the stream.
+    responses
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("credentials stream: {}", s.message()))?;
+    Ok(tokio::spawn(async move {
+        while let Ok(Some(any)) = responses.message().await {
+            if AuthRequest::decode(any.value.as_slice()).is_err() {
+                continue;
+            }
+            let answer = AuthResponse {
+                auth_type: AuthType::Credentials as i32,
+                username: credentials.0.clone(),
+                secret: credentials.1.clone(),
+                ..Default::default()
+            };
+            if tx.send(to_any(&answer)).await.is_err() {
+                break;
+            }
+        }
+    }))
+}
+
+/// Pushes (`push`) or pulls image `reference` through containerd's Transfer service.
+pub async fn transfer(
+    address: &str,
+    namespace: &str,
+    reference: &str,
+    access: &RegistryAccess,
+    push: bool,
+) -> Result<()> {
+    let channel = crate::cri::channel(Path::new(address)).await?;
+    let host = registry_host(reference);
+    let mut resolver = RegistryResolver {
+        default_scheme: if access.plain_http { "http" } else { "https" }.to_string(),
+        ..Default::default()
+    };
+    let mut auth_task = None;
+    if let Some(creds) = access.credentials(host)? {
+        let id = format!("stasis-auth-{}", archive::random_suffix()?);
+        auth_task = Some(serve_credentials(channel.clone(), namespace, &id, creds).await?);
+        resolver.auth_stream = id;
+    }
+    let registry = to_any(&OciRegistry {
+        reference: reference.to_string(),
+        resolver: Some(resolver),
+    });
+    let store = to_any(&ImageStore {
+        name: reference.to_string(),
+        ..Default::default()
+    });
+    let (source, destination) = if push {
+        (store, registry)
+    } else {
+        (registry, store)
+    };
+    let mut req = Request::new(TransferRequest {
+        source: Some(source),
+        destination: Some(destination),
+        options: Some(TransferOptions::default()),
+    });
+    if let Ok(v) = namespace.parse() {
+        req.metadata_mut().insert("containerd-namespace", v);
+    }
+    let result = TransferClient::new(channel).transfer(req).await;
+    if let Some(t) = auth_task {
+        t.abort();
+    }
+    result.map_err(|s| {
+        anyhow::anyhow!(
+            "{} {reference}: {}",
+            if push { "push" } else { "pull" },
+            s.message()
+        )
+    })?;
+    Ok(())
+}

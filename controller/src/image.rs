@@ -97,6 +97,11 @@ pub struct RegistryAccess {
 }
 
 impl RegistryAccess {
+    /// (user, secret) for the registry of image `reference`.
+    pub fn credentials_for(&self, reference: &str) -> Result<Option<(String, String)>> {
+        self.credentials(registry_host(reference))
+    }
+
     /// (user, secret) for `host`.
     fn credentials(&self, host: &str) -> Result<Option<(String, String)>> {
         if let Some(u) = &self.user {

@@ -1054,7 +1054,12 @@ async fn restore_extracted(
         (None, None) => "stasis".to_string(),
     };
     let channel = cri::channel(Path::new(&t.address)).await?;
-    check_base_images(&mut cri::Images::new(channel.clone()), &configs).await?;
+    check_base_images(
+        &mut cri::Images::new(channel.clone()),
+        &configs,
+        &a.registry,
+    )
+    .await?;
     let mut rt = cri::Runtime::new(channel);
     let pod_id = rt
         .run_pod_sandbox(api::RunPodSandboxRequest {
@@ -1139,6 +1144,7 @@ async fn restore_extracted(
 async fn check_base_images(
     images: &mut cri::Images,
     configs: &[(String, api::ContainerConfig)],
+    registry: &crate::image::RegistryAccess,
 ) -> Result<()> {
     let mut missing = Vec::new();
     for (name, c) in configs {
@@ -1156,16 +1162,45 @@ async fn check_base_images(
             .into_inner()
             .image
             .is_some();
-        if !found {
-            missing.push(format!(
-                "container {name}: {} ({})",
-                spec.image, spec.user_specified_image
-            ));
+        if found {
+            continue;
         }
+        // Recorded as NAME@DIGEST: exactly that image can be pulled (never what a tag
+        // names today).
+        let why = if spec.image.contains('@') {
+            eprintln!("pulling base image {} for container {name}", spec.image);
+            let auth = registry
+                .credentials_for(&spec.image)?
+                .map(|(username, password)| api::AuthConfig {
+                    username,
+                    password,
+                    ..Default::default()
+                });
+            match images
+                .pull_image(api::PullImageRequest {
+                    image: Some(api::ImageSpec {
+                        image: spec.image.clone(),
+                        ..Default::default()
+                    }),
+                    auth,
+                    sandbox_config: None,
+                })
+                .await
+            {
+                Ok(_) => continue,
+                Err(s) => format!("pulling it failed: {}", s.message()),
+            }
+        } else {
+            "recorded without a digest, so it cannot be pulled".to_string()
+        };
+        missing.push(format!(
+            "container {name}: {} ({}): {why}",
+            spec.image, spec.user_specified_image
+        ));
     }
     if !missing.is_empty() {
         bail!(
-            "base images the checkpoint was taken on are not on this node:\n  - {}\nnothing was created; pull them by these digests first",
+            "base images the checkpoint was taken on are not on this node:\n  - {}\nnothing was created",
             missing.join("\n  - ")
         );
     }

@@ -94,3 +94,37 @@ pub fn ctr_remove(c: &Containerd, id: &str) {
     }
     let _ = c.ctr(&["containers", "delete", id]);
 }
+
+/// A workload that touches `mib` MiB of memory and then writes /ready (0: a counter that
+/// writes /ready from the start).
+pub fn memory_workload(mib: u64) -> String {
+    if mib == 0 {
+        "i=0; while true; do i=$((i+1)); echo $i > /ready; sleep 0.01; done".to_string()
+    } else {
+        stasis_controller::workload::memory_hog(mib)
+    }
+}
+
+/// A stasis pod `name` with one container "app" running [`memory_workload`], ready.
+pub async fn start_memory_pod(c: &Containerd, name: &str, image: &str, mib: u64) -> Result<String> {
+    use stasis_e2e::cri::{container_config, pod_config};
+    let mut cri = c.cri().await?;
+    let pod = pod_config(name, &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let id = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("app", image, &["sh", "-c", &memory_workload(mib)]),
+        )
+        .await?;
+    stasis_e2e::cri::wait_ready(&mut cri, &id, "/ready", Duration::from_secs(300)).await?;
+    Ok(pod_id)
+}
+
+/// Runs `f`, returning how long it took.
+pub fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Duration)> {
+    let t = Instant::now();
+    let v = f()?;
+    Ok((v, t.elapsed()))
+}

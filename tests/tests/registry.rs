@@ -60,16 +60,43 @@ async fn pod_ids(c: &Containerd) -> Result<Vec<String>> {
 }
 
 /// A two-container pod (counters in memory and in files) checkpointed live into an image,
-/// pushed, and restored by reference on a second node that pulls it: every counter continues,
-/// no file is ahead of memory. A container layer, exported with `ctr` and read alone, is a
+/// pushed, and restored by reference on a second node that pulls it and, by its recorded
+/// digest, the base image: every counter continues, no file is ahead of memory. A container layer, exported with `ctr` and read alone, is a
 /// checkpoint checkpointctl shows; `inspect REF` reads the image.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_travels_through_a_registry() -> Result<()> {
     let (a, b) = Containerd::start_pair("registry")?;
-    let image = a.import_busybox_for_cri()?;
-    b.import_busybox_for_cri()?;
+    let local = a.import_busybox_for_cri()?;
     let registry = Registry::start(&a.dir)?;
     let reference = format!("{}/ckpt/web:1", registry.host);
+    // The pod runs an image pulled from the registry (so the checkpoint records it as
+    // NAME@DIGEST); node b has no images at all and must pull it by that digest.
+    let base = format!("{}/stasis/busybox:base", registry.host);
+    for args in [
+        vec!["images", "tag", local, &base],
+        vec!["images", "push", "--plain-http", &base],
+        vec!["images", "rm", &base],
+    ] {
+        let out = ctr_k8s(&a, &args)?;
+        ensure!(
+            out.status.success(),
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    k8s_cri::v1::image_service_client::ImageServiceClient::new(
+        stasis_controller::cri::channel(&a.socket()).await?,
+    )
+    .pull_image(cri::PullImageRequest {
+        image: Some(cri::ImageSpec {
+            image: base.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .context("CRI PullImage of the base image")?;
+    let image = base.as_str();
     let mut cri_a = a.cri().await?;
     let pod = pod_config("web", &a.dir.join("logs"));
     let pod_id = cri_a.run_pod(&pod).await?;
@@ -166,7 +193,10 @@ async fn a_pod_travels_through_a_registry() -> Result<()> {
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "restore by reference failed: {err}");
-    ensure!(err.contains("pulling"), "the restore did not pull: {err}");
+    ensure!(
+        err.contains(&format!("pulling {reference}")) && err.contains("pulling base image"),
+        "the restore did not pull the checkpoint and its base image: {err}"
+    );
     let new_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let mut cri_b = b.cri().await?;
     let restored = containers_by_name(&mut cri_b, &new_pod).await?;

@@ -17,33 +17,15 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use stasis_e2e::{
-    cri::{container_config, pod_config},
-    Containerd,
-};
+use stasis_e2e::Containerd;
 use stasis_examples::{human, median, print_table};
 
 fn workload(mib: u64) -> String {
-    if mib == 0 {
-        "i=0; while true; do i=$((i+1)); echo $i > /ready; sleep 0.01; done".to_string()
-    } else {
-        stasis_controller::workload::memory_hog(mib)
-    }
+    stasis_examples::memory_workload(mib)
 }
 
 async fn start_pod(c: &Containerd, name: &str, image: &str, mib: u64) -> Result<String> {
-    let mut cri = c.cri().await?;
-    let pod = pod_config(name, &c.dir.join("logs"));
-    let pod_id = cri.run_pod(&pod).await?;
-    let id = cri
-        .run_container(
-            &pod_id,
-            &pod,
-            container_config("app", image, &["sh", "-c", &workload(mib)]),
-        )
-        .await?;
-    stasis_e2e::cri::wait_ready(&mut cri, &id, "/ready", Duration::from_secs(300)).await?;
-    Ok(pod_id)
+    stasis_examples::start_memory_pod(c, name, image, mib).await
 }
 
 /// One streamed migration a → b: (downtime, total, bytes) as `pod migrate` reports them.

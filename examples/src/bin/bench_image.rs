@@ -1,0 +1,142 @@
+//! Benchmark: pod checkpoints as OCI images against archive files, in one run on one node
+//! with a loopback registry (Debian's docker-registry): checkpoint to an image vs to a file,
+//! push and pull, restore by reference vs from the file, image size vs archive size, for pods
+//! with 0 and 256 MiB of touched memory.
+//!
+//!     sudo scripts/bench.sh image [--memory 0,256] [--runs N]
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use stasis_e2e::{registry::Registry, Containerd};
+use stasis_examples::{human, median, print_table, start_memory_pod, timed};
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn ratio(a: Duration, b: Duration) -> String {
+    format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64())
+}
+
+/// `stasisctl ARGS` that must succeed; returns its stdout.
+fn ok(c: &Containerd, args: &[&str]) -> Result<String> {
+    let out = c.stasisctl_command()?.args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "stasisctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("bench_image [--memory 0,256] [--runs N]: checkpoint images vs archive files (checkpoint, push, pull, restore, size)");
+        return Ok(());
+    }
+    let flag = |name: &str| stasis_examples::flag(&args, name);
+    let memories: Vec<u64> = flag("--memory")
+        .unwrap_or_else(|| "0,256".into())
+        .split(',')
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()?;
+    let runs: usize = flag("--runs").map(|r| r.parse()).transpose()?.unwrap_or(1);
+    let c = Containerd::start("bench-image")?;
+    let image = c.import_busybox_for_cri()?;
+    let registry = Registry::start(&c.dir)?;
+    let mut rows = vec![vec![
+        "pod memory".to_string(),
+        "ckpt to file".into(),
+        "ckpt to image".into(),
+        "image / file (<=1.1)".into(),
+        "push".into(),
+        "pull".into(),
+        "restore from file".into(),
+        "restore from ref".into(),
+        "ref / file".into(),
+        "archive".into(),
+        "image".into(),
+    ]];
+    for &mib in &memories {
+        let mut s: [Vec<Duration>; 6] = Default::default();
+        let (mut archive_bytes, mut image_bytes) = (0, 0);
+        for run in 0..runs {
+            let name = format!("i{mib}-{run}");
+            let pod = start_memory_pod(&c, &name, image, mib).await?;
+            let file = c.dir.join(format!("{name}.tar"));
+            let reference = format!("{}/bench/{name}:1", registry.host);
+            let (_, t) = timed(|| {
+                ok(
+                    &c,
+                    &[
+                        "pod",
+                        "checkpoint",
+                        &pod,
+                        "--leave-running",
+                        "-o",
+                        file.to_str().unwrap(),
+                    ],
+                )
+            })?;
+            s[0].push(t);
+            let (_, t) = timed(|| {
+                ok(
+                    &c,
+                    &[
+                        "pod",
+                        "checkpoint",
+                        &pod,
+                        "--leave-running",
+                        "--image",
+                        &reference,
+                    ],
+                )
+            })?;
+            s[1].push(t);
+            c.cri().await?.stop_and_remove_pod(&pod).await?;
+            let (_, t) = timed(|| ok(&c, &["image", "push", &reference, "--plain-http"]))?;
+            s[2].push(t);
+            image_bytes = stasis_controller::image::summary(
+                c.socket().to_str().unwrap(),
+                "k8s.io",
+                &reference,
+            )
+            .await?
+            .size;
+            c.ctr_ok(&["-n", "k8s.io", "images", "rm", &reference])?;
+            let (_, t) = timed(|| ok(&c, &["image", "pull", &reference, "--plain-http"]))?;
+            s[3].push(t);
+            let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+            let (restored, t) = timed(|| ok(&c, &["pod", "restore", file.to_str().unwrap()]))?;
+            s[4].push(t);
+            c.cri().await?.stop_and_remove_pod(&restored).await?;
+            let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+            let (restored, t) = timed(|| ok(&c, &["pod", "restore", &reference]))?;
+            s[5].push(t);
+            c.cri().await?.stop_and_remove_pod(&restored).await?;
+            archive_bytes = std::fs::metadata(&file)?.len();
+            std::fs::remove_file(&file)?;
+            c.ctr_ok(&["-n", "k8s.io", "images", "rm", &reference])?;
+        }
+        let m: Vec<Duration> = s.iter_mut().map(|v| median(v)).collect();
+        rows.push(vec![
+            format!("{mib} MiB"),
+            ms(m[0]),
+            ms(m[1]),
+            ratio(m[1], m[0]),
+            ms(m[2]),
+            ms(m[3]),
+            ms(m[4]),
+            ms(m[5]),
+            ratio(m[5], m[4]),
+            human(archive_bytes),
+            human(image_bytes),
+        ]);
+    }
+    print_table(&rows);
+    drop(registry);
+    c.finish()
+}

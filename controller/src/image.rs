@@ -247,88 +247,84 @@ impl ImageStoreClient {
         }
     }
 
-    /// Writes the file at `path` into the content store; returns its descriptor.
-    async fn write_blob(
+    /// Writes `produce`'s output into the content store as one blob, in a single pass: the
+    /// bytes go to containerd as they are made and are hashed on the way; the commit names
+    /// the digest (and `labels`). `produce` runs on a blocking thread and returns a value
+    /// (a layer's diff id) passed back with the descriptor.
+    async fn write_blob<T: Send + 'static>(
         &self,
-        path: &Path,
+        media_type: &str,
+        labels: HashMap<String, String>,
+        produce: impl FnOnce(&mut ContentSink) -> Result<T> + Send + 'static,
+    ) -> Result<(Descriptor, T)> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(4);
+        let reference = format!(
+            "stasis-{}{}",
+            archive::random_suffix()?,
+            archive::random_suffix()?
+        );
+        let ingest = reference.clone();
+        let mut content = ContentClient::new(self.channel.clone());
+        let producer = tokio::task::spawn_blocking(move || {
+            let mut sink = ContentSink {
+                tx,
+                reference,
+                offset: 0,
+                hasher: sha2::Sha256::new(),
+                buf: Vec::with_capacity(CHUNK),
+            };
+            let made = produce(&mut sink)?;
+            let (digest, size) = sink.commit(labels)?;
+            Ok::<_, anyhow::Error>((digest, size, made))
+        });
+        let call = content.write(self.request(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        let mut failure = None;
+        match call.await {
+            Ok(r) => {
+                let mut responses = r.into_inner();
+                loop {
+                    match responses.message().await {
+                        Ok(Some(r)) if r.action == WriteAction::Commit as i32 => break,
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        // The same bytes are there already (an identical layer): fine.
+                        Err(s) if s.code() == tonic::Code::AlreadyExists => break,
+                        Err(s) => {
+                            failure = Some(s.message().to_string());
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(s) => failure = Some(s.message().to_string()),
+        }
+        let produced = producer.await?;
+        if failure.is_some() || produced.is_err() {
+            // Nothing half-written stays in containerd's ingest area.
+            let _ = ContentClient::new(self.channel.clone())
+                .abort(self.request(containerd_client::services::v1::AbortRequest {
+                    r#ref: ingest.clone(),
+                }))
+                .await;
+        }
+        if let Some(f) = failure {
+            bail!("write into containerd's content store: {f}");
+        }
+        let (digest, size, made) = produced?;
+        Ok((descriptor(media_type, &digest, size), made))
+    }
+
+    /// [`Self::write_blob`] of bytes in memory (a config, a manifest).
+    async fn write_bytes(
+        &self,
+        bytes: Vec<u8>,
         media_type: &str,
         labels: HashMap<String, String>,
     ) -> Result<Descriptor> {
-        let (digest, size) = {
-            let path = path.to_path_buf();
-            tokio::task::spawn_blocking(move || -> Result<(String, u64)> {
-                let mut f = std::fs::File::open(&path)?;
-                let mut h = sha2::Sha256::new();
-                let n = std::io::copy(&mut f, &mut h)?;
-                Ok((format!("sha256:{}", hex::encode(h.finalize())), n))
-            })
-            .await??
-        };
-        let reference = format!("stasis-{}", &digest[7..]);
-        let (tx, rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(4);
-        let mut content = ContentClient::new(self.channel.clone());
-        let call = content.write(self.request(tokio_stream::wrappers::ReceiverStream::new(rx)));
-        let feed = {
-            let (path, reference, digest) = (path.to_path_buf(), reference.clone(), digest.clone());
-            tokio::spawn(async move {
-                use tokio::io::AsyncReadExt;
-                let mut f = tokio::fs::File::open(&path).await?;
-                let mut offset = 0i64;
-                loop {
-                    let mut buf = vec![0u8; 1 << 20];
-                    let n = f.read(&mut buf).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    buf.truncate(n);
-                    let req = WriteContentRequest {
-                        action: WriteAction::Write as i32,
-                        r#ref: reference.clone(),
-                        total: size as i64,
-                        expected: digest.clone(),
-                        offset,
-                        data: buf,
-                        ..Default::default()
-                    };
-                    offset += n as i64;
-                    if tx.send(req).await.is_err() {
-                        break;
-                    }
-                }
-                let _ = tx
-                    .send(WriteContentRequest {
-                        action: WriteAction::Commit as i32,
-                        r#ref: reference,
-                        total: size as i64,
-                        expected: digest,
-                        offset,
-                        labels,
-                        ..Default::default()
-                    })
-                    .await;
-                Ok::<_, std::io::Error>(())
-            })
-        };
-        let mut responses = match call.await {
-            Ok(r) => r.into_inner(),
-            Err(s) if s.code() == tonic::Code::AlreadyExists => {
-                feed.abort();
-                return Ok(descriptor(media_type, &digest, size));
-            }
-            Err(s) => bail!("write {} into containerd: {}", path.display(), s.message()),
-        };
-        loop {
-            match responses.message().await {
-                Ok(Some(r)) if r.action == WriteAction::Commit as i32 => break,
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                // Content already there (the same layer twice): fine.
-                Err(s) if s.code() == tonic::Code::AlreadyExists => break,
-                Err(s) => bail!("write {} into containerd: {}", path.display(), s.message()),
-            }
-        }
-        feed.await??;
-        Ok(descriptor(media_type, &digest, size))
+        let (d, ()) = self
+            .write_blob(media_type, labels, move |sink| Ok(sink.write_all(&bytes)?))
+            .await?;
+        Ok(d)
     }
 
     /// Reads a whole (small) blob, checking its digest.
@@ -430,6 +426,78 @@ fn descriptor(media_type: &str, digest: &str, size: u64) -> Descriptor {
         digest: digest.to_string(),
         size: size as i64,
         annotations: HashMap::new(),
+    }
+}
+
+/// How much a content write sends at once.
+const CHUNK: usize = 1 << 20;
+
+/// The writing end of a content-store write: buffers, hashes and sends the bytes.
+struct ContentSink {
+    tx: tokio::sync::mpsc::Sender<WriteContentRequest>,
+    reference: String,
+    offset: u64,
+    hasher: sha2::Sha256,
+    buf: Vec<u8>,
+}
+
+impl ContentSink {
+    fn send(
+        &mut self,
+        action: WriteAction,
+        labels: HashMap<String, String>,
+        expected: String,
+    ) -> std::io::Result<()> {
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        let n = data.len() as u64;
+        let req = WriteContentRequest {
+            action: action as i32,
+            r#ref: self.reference.clone(),
+            total: if action == WriteAction::Commit {
+                self.offset as i64
+            } else {
+                0
+            },
+            expected,
+            offset: (self.offset - if action == WriteAction::Commit { 0 } else { n }) as i64,
+            data,
+            labels,
+        };
+        self.tx.blocking_send(req).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "containerd ended the content write",
+            )
+        })
+    }
+
+    /// Sends what is left and commits; returns (digest, size).
+    fn commit(mut self, labels: HashMap<String, String>) -> Result<(String, u64)> {
+        if !self.buf.is_empty() {
+            self.send(WriteAction::Write, HashMap::new(), String::new())?;
+        }
+        let digest = format!(
+            "sha256:{}",
+            hex::encode(std::mem::take(&mut self.hasher).finalize())
+        );
+        self.send(WriteAction::Commit, labels, digest.clone())?;
+        Ok((digest, self.offset))
+    }
+}
+
+impl Write for ContentSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.hasher.update(data);
+        self.offset += data.len() as u64;
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.send(WriteAction::Write, HashMap::new(), String::new())?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -542,20 +610,15 @@ pub async fn build_from_dir(
     if store.get(reference).await?.is_some() {
         bail!("image {reference} already exists; remove it first (`ctr -n {namespace} images rm {reference}`) or choose another reference");
     }
-    let work = tempdir_beside(dir)?;
     let result = async {
         store.take_lease().await?;
-        let (suffix, media) = match compression {
-            Compression::None => ("tar", LAYER_TYPE.to_string()),
-            Compression::Gzip => ("tar.gz", format!("{LAYER_TYPE}+gzip")),
-            Compression::Zstd => ("tar.zst", format!("{LAYER_TYPE}+zstd")),
+        let media = match compression {
+            Compression::None => LAYER_TYPE.to_string(),
+            Compression::Gzip => format!("{LAYER_TYPE}+gzip"),
+            Compression::Zstd => format!("{LAYER_TYPE}+zstd"),
         };
         // The pod's own files: everything at the top but the container directories.
         let container_dirs: Vec<&String> = options.containers.values().collect();
-        let mut layers = Vec::new();
-        let mut diff_ids = Vec::new();
-        let mut parts: Vec<(PathBuf, BTreeMap<String, String>)> = Vec::new();
-        let pod_part = work.join(format!("pod.{suffix}"));
         let keep: Vec<PathBuf> = std::fs::read_dir(dir)?
             .flatten()
             .map(|e| e.file_name())
@@ -566,21 +629,18 @@ pub async fn build_from_dir(
             })
             .map(PathBuf::from)
             .collect();
-        let diff = write_layer(dir, &keep, &pod_part, compression)?;
-        diff_ids.push(diff);
-        parts.push((
-            pod_part,
+        let mut parts = vec![(
+            dir.to_path_buf(),
+            keep,
             BTreeMap::from([(LAYER_PART_ANNOTATION.to_string(), "pod".to_string())]),
-        ));
+        )];
         let mut base_images = BTreeMap::new();
         for (name, cdir) in &options.containers {
-            let part = work.join(format!("{cdir}.{suffix}"));
             let cpath = dir.join(cdir);
             let entries: Vec<PathBuf> = std::fs::read_dir(&cpath)?
                 .flatten()
                 .map(|e| PathBuf::from(e.file_name()))
                 .collect();
-            diff_ids.push(write_layer(&cpath, &entries, &part, compression)?);
             let recorded: Option<layout::CheckpointedConfig> =
                 std::fs::read(cpath.join(layout::CONFIG_DUMP))
                     .ok()
@@ -589,7 +649,8 @@ pub async fn build_from_dir(
                 base_images.insert(name.clone(), r.rootfs_image_ref.clone());
             }
             parts.push((
-                part,
+                cpath,
+                entries,
                 BTreeMap::from([
                     (LAYER_PART_ANNOTATION.to_string(), "container".to_string()),
                     (CONTAINER_DIR_ANNOTATION.to_string(), cdir.clone()),
@@ -600,10 +661,15 @@ pub async fn build_from_dir(
                 ]),
             ));
         }
-        let mut total = 0u64;
-        for (path, annotations) in parts {
-            let d = store.write_blob(&path, &media, HashMap::new()).await?;
+        let (mut total, mut layers, mut diff_ids) = (0u64, Vec::new(), Vec::new());
+        for (root, entries, annotations) in parts {
+            let (d, diff) = store
+                .write_blob(&media, HashMap::new(), move |sink| {
+                    tar_layer(sink, &root, &entries, compression)
+                })
+                .await?;
             total += d.size as u64;
+            diff_ids.push(diff);
             layers.push(OciDescriptor {
                 media_type: d.media_type,
                 digest: d.digest,
@@ -618,10 +684,8 @@ pub async fn build_from_dir(
             "config": {},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         });
-        let config_path = work.join("config.json");
-        std::fs::write(&config_path, serde_json::to_vec(&config)?)?;
         let config = store
-            .write_blob(&config_path, CONFIG_TYPE, HashMap::new())
+            .write_bytes(serde_json::to_vec(&config)?, CONFIG_TYPE, HashMap::new())
             .await?;
         let manifest = OciManifest {
             schema_version: 2,
@@ -661,10 +725,8 @@ pub async fn build_from_dir(
         for (i, l) in manifest.layers.iter().enumerate() {
             labels.insert(format!("{GC_LAYER_LABEL}{i}"), l.digest.clone());
         }
-        let manifest_path = work.join("manifest.json");
-        std::fs::write(&manifest_path, serde_json::to_vec(&manifest)?)?;
         let target = store
-            .write_blob(&manifest_path, MANIFEST_TYPE, labels)
+            .write_bytes(serde_json::to_vec(&manifest)?, MANIFEST_TYPE, labels)
             .await?;
         total += (target.size + config.size) as u64;
         store.create(reference, target).await?;
@@ -672,7 +734,6 @@ pub async fn build_from_dir(
     }
     .await;
     store.drop_lease().await;
-    let _ = std::fs::remove_dir_all(&work);
     result
 }
 
@@ -729,52 +790,30 @@ fn oci_arch() -> &'static str {
     }
 }
 
-/// A private scratch directory beside `dir` (the same file system).
-fn tempdir_beside(dir: &Path) -> Result<PathBuf> {
-    let parent = dir.parent().unwrap_or(Path::new("/tmp"));
-    let work = parent.join(format!(".stasis-image-{}", archive::random_suffix()?));
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&work)
-        .with_context(|| format!("create {}", work.display()))?;
-    Ok(work)
-}
-
-/// Writes the tar of `entries` (names below `root`) into `dest`, compressed; returns the
-/// diff id (SHA-256 of the uncompressed tar).
-fn write_layer(
+/// The tar of `entries` (names below `root`) into `w`, compressed; returns the diff id
+/// (SHA-256 of the uncompressed tar).
+fn tar_layer(
+    w: &mut ContentSink,
     root: &Path,
     entries: &[PathBuf],
-    dest: &Path,
     compression: Compression,
 ) -> Result<String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::io::BufWriter::new(
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(dest)
-            .with_context(|| format!("create {}", dest.display()))?,
-    );
-    let (file, diff) = match compression {
-        Compression::None => tar_entries(file, root, entries)?,
+    Ok(match compression {
+        Compression::None => tar_entries(w, root, entries)?.1,
         Compression::Gzip => {
-            let enc = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+            let enc = flate2::write::GzEncoder::new(w, flate2::Compression::fast());
             let (enc, diff) = tar_entries(enc, root, entries)?;
-            (enc.finish()?, diff)
+            enc.finish()?;
+            diff
         }
         Compression::Zstd => {
-            let mut enc = zstd::Encoder::new(file, 3)?;
+            let mut enc = zstd::Encoder::new(w, 3)?;
             enc.include_checksum(true)?;
             let (enc, diff) = tar_entries(enc, root, entries)?;
-            (enc.finish()?, diff)
+            enc.finish()?;
+            diff
         }
-    };
-    file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    Ok(diff)
+    })
 }
 
 /// The tar of `entries` into `w`, hashed as it is written.

@@ -30,6 +30,22 @@ fn ok(c: &Containerd, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// `ctr` in CRI's namespace, where stasisctl keeps images.
+fn ctr_k8s(c: &Containerd, args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(c.socket())
+        .args(["-n", "k8s.io"])
+        .args(args)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "ctr {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -106,7 +122,7 @@ async fn main() -> Result<()> {
             )
             .await?
             .size;
-            c.ctr_ok(&["-n", "k8s.io", "images", "rm", &reference])?;
+            ctr_k8s(&c, &["images", "rm", "--sync", &reference])?;
             let (_, t) = timed(|| ok(&c, &["image", "pull", &reference, "--plain-http"]))?;
             s[3].push(t);
             let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
@@ -119,7 +135,7 @@ async fn main() -> Result<()> {
             c.cri().await?.stop_and_remove_pod(&restored).await?;
             archive_bytes = std::fs::metadata(&file)?.len();
             std::fs::remove_file(&file)?;
-            c.ctr_ok(&["-n", "k8s.io", "images", "rm", &reference])?;
+            ctr_k8s(&c, &["images", "rm", "--sync", &reference])?;
         }
         let m: Vec<Duration> = s.iter_mut().map(|v| median(v)).collect();
         rows.push(vec![

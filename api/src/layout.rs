@@ -98,6 +98,10 @@ pub struct PageSource {
 /// One file's bytes inside an archive, with the digests that vouch for each chunk of it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PageSpan {
+    /// The file holding the bytes, when it is not the archive (a checkpoint directory's own
+    /// page image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
     pub offset: u64,
     pub size: u64,
     pub chunk_size: u64,

@@ -803,8 +803,12 @@ impl LeftInArchive {
         }
         for key in unchunked {
             let span = self.spans.remove(&key).expect("listed above");
-            let mut from = File::open(&self.archive)
-                .with_context(|| format!("open archive {}", self.archive.display()))?;
+            let source = span.file.as_ref().unwrap_or(&self.archive);
+            let mut from = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(source)
+                .with_context(|| format!("open {}", source.display()))?;
             std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(span.offset))?;
             let mut to = std::fs::OpenOptions::new()
                 .write(true)
@@ -912,6 +916,178 @@ pub fn extract_leaving_pages(
             files: left.spans,
         },
     ))
+}
+
+/// A restore from a checkpoint directory (what `pod checkpoint --output DIR/` writes): its
+/// files are copied into `dest` (created; must not exist) with the checks of an archive:
+/// only regular files and directories, nothing through a link, the layout, the signature (if
+/// asked), the manifest. With `leave_pages`, page images are not copied: sparse placeholders
+/// take their place and the returned source names the directory's own files, read (chunk by
+/// chunk, checked) by a lazy restore.
+pub fn copy_from_dir(
+    src: &Path,
+    dest: &Path,
+    opening: &Opening,
+    leave_pages: bool,
+) -> Result<(PodOptions, Option<layout::PageSource>)> {
+    fn walk(
+        src: &Path,
+        dest: &Path,
+        rel: &Path,
+        room: &mut u64,
+        leave_pages: bool,
+        spans: &mut std::collections::BTreeMap<String, layout::PageSpan>,
+    ) -> Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        for e in std::fs::read_dir(src.join(rel))
+            .with_context(|| format!("read {}", src.join(rel).display()))?
+        {
+            let e = e?;
+            let rel = rel.join(e.file_name());
+            let from = src.join(&rel);
+            let to = dest.join(&rel);
+            let m = from.symlink_metadata()?;
+            if m.is_dir() {
+                std::fs::DirBuilder::new().mode(0o700).create(&to)?;
+                walk(src, dest, &rel, room, leave_pages, spans)?;
+                continue;
+            }
+            if !m.is_file() {
+                bail!(
+                    "hostile checkpoint directory: {} is not a regular file or directory",
+                    rel.display()
+                );
+            }
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(m.permissions().mode() & 0o700)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&to)
+                .with_context(|| format!("create {}", to.display()))?;
+            if leave_pages && layout::is_page_image(&rel) && m.len() > 0 {
+                out.set_len(m.len())?;
+                spans.insert(
+                    rel.display().to_string(),
+                    layout::PageSpan {
+                        file: Some(from),
+                        offset: 0,
+                        size: m.len(),
+                        ..Default::default()
+                    },
+                );
+                continue;
+            }
+            if m.len() > *room {
+                bail!(
+                    "the pod's files need more than the {} free where they are unpacked",
+                    human(*room)
+                );
+            }
+            *room -= m.len();
+            let mut input = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&from)
+                .with_context(|| format!("open {}", from.display()))?;
+            std::io::copy(&mut input, &mut out)
+                .with_context(|| format!("copy {}", rel.display()))?;
+        }
+        Ok(())
+    }
+    let src = src
+        .canonicalize()
+        .with_context(|| format!("open {}", src.display()))?;
+    let mut left = LeftInArchive::default();
+    let options = into_new_dir(
+        dest,
+        |_| Ok(()),
+        |room| {
+            let mut room = room;
+            walk(
+                &src,
+                dest,
+                Path::new(""),
+                &mut room,
+                leave_pages,
+                &mut left.spans,
+            )?;
+            check_unpacked(dest, opening, &mut left)
+        },
+    )?;
+    let source = (!left.spans.is_empty()).then_some(layout::PageSource {
+        archive: src,
+        files: left.spans,
+    });
+    Ok((options, source))
+}
+
+/// Moves the staged checkpoint `staging` to `dest` (which must not exist): a rename on the
+/// same file system, else a copy into a fresh name beside `dest` renamed into place, so that
+/// nothing partial is ever at `dest`. Returns the bytes it holds.
+pub fn place_dir(staging: &Path, dest: &Path) -> Result<u64> {
+    fn copy_tree(from: &Path, to: &Path) -> Result<u64> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new().mode(0o700).create(to)?;
+        let mut bytes = 0;
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            let m = e.path().symlink_metadata()?;
+            let target = to.join(e.file_name());
+            if m.is_dir() {
+                bytes += copy_tree(&e.path(), &target)?;
+            } else if m.is_file() {
+                let mut input = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(e.path())?;
+                let mut out = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(m.permissions().mode() & 0o700)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&target)?;
+                bytes += std::io::copy(&mut input, &mut out)?;
+                out.sync_all()?;
+            }
+        }
+        Ok(bytes)
+    }
+    fn size_of(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| match e.path().symlink_metadata() {
+                Ok(m) if m.is_dir() => size_of(&e.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    let bytes = size_of(staging);
+    match rename_new(staging, dest) {
+        Ok(()) => return Ok(bytes),
+        Err(e) if dest.symlink_metadata().is_ok() => return Err(e),
+        Err(_) => {}
+    }
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let partial = parent.join(format!(
+        ".{}.stasis-{}",
+        dest.file_name().unwrap_or_default().to_string_lossy(),
+        random_suffix()?
+    ));
+    let copied = copy_tree(staging, &partial).and_then(|b| {
+        rename_new(&partial, dest)?;
+        Ok(b)
+    });
+    if copied.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    copied.map_err(|e| explain_full_disk(e, dest))
 }
 
 /// `pod.options`, parsed as the shim writes it (one type for both sides).

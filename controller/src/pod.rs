@@ -342,6 +342,20 @@ pub async fn checkpoint_pod(t: &Target, mut a: CheckpointArgs) -> Result<Checkpo
             ))
         }));
     }
+    // `--output DIR/`: the checkpoint as a directory (the unpacked layout), not an archive.
+    if a.image.is_none() && a.output.to_string_lossy().ends_with('/') {
+        if !a.sealing.recipients.is_empty() {
+            bail!("a checkpoint directory is not encrypted: --encrypt-to wants an archive file");
+        }
+        let dest = PathBuf::from(a.output.to_string_lossy().trim_end_matches('/'));
+        if dest.symlink_metadata().is_ok() {
+            bail!("{} already exists; choose a new directory", dest.display());
+        }
+        a.output = dest.clone();
+        a.delivery = Delivery::Custom(Box::new(move |staging: &Path, _: &AtomicBool| {
+            archive::place_dir(staging, &dest)
+        }));
+    }
     let mut rt = cri::connect(Path::new(&t.address)).await?;
     let pod = cri::find_pod(&mut rt, &a.pod).await?;
     let name = pod
@@ -744,6 +758,15 @@ pub async fn restore(t: &Target, a: RestoreArgs) -> Result<String> {
                 crate::image::unpack_blocking(&t.address, &t.namespace, reference, dir, &a.opening)
             })?;
             Ok((options, None))
+        })
+        .await?;
+        return restored.finish(t).await;
+    }
+    if a.archive.is_dir() {
+        // A checkpoint directory: copied and checked like an archive; a lazy restore leaves
+        // its page images where they are and reads them from there.
+        let restored = restore_with(t, &a, |dir| {
+            archive::copy_from_dir(&a.archive, dir, &a.opening, a.lazy)
         })
         .await?;
         return restored.finish(t).await;

@@ -1,7 +1,8 @@
-//! Benchmark: pod checkpoints as OCI images against archive files, in one run on one node
-//! with a loopback registry (Debian's docker-registry): checkpoint to an image vs to a file,
-//! push and pull, restore by reference vs from the file, image size vs archive size, for pods
-//! with 0 and 256 MiB of touched memory.
+//! Benchmark: pod checkpoints as OCI images against archive files, in one run on two nodes
+//! (private containerd daemons) with a loopback registry (Debian's docker-registry):
+//! checkpoint to an image vs to a file, push, pull on a node that never had the image,
+//! restore there by reference vs from the file (page cache dropped), image size vs archive
+//! size, for pods with 0 and 256 MiB of touched memory.
 //!
 //!     sudo scripts/bench.sh image [--memory 0,256] [--runs N]
 
@@ -60,8 +61,11 @@ async fn main() -> Result<()> {
         .map(|s| s.parse())
         .collect::<Result<_, _>>()?;
     let runs: usize = flag("--runs").map(|r| r.parse()).transpose()?.unwrap_or(1);
-    let c = Containerd::start("bench-image")?;
+    // Node c checkpoints and pushes; node b has never seen the image: it pulls and restores
+    // (from the file, copied over, and by reference).
+    let (c, b) = Containerd::start_pair("bench-image")?;
     let image = c.import_busybox_for_cri()?;
+    b.import_busybox_for_cri()?;
     let registry = Registry::start(&c.dir)?;
     let mut rows = vec![vec![
         "pod memory".to_string(),
@@ -123,19 +127,22 @@ async fn main() -> Result<()> {
             .await?
             .size;
             ctr_k8s(&c, &["images", "rm", "--sync", &reference])?;
-            let (_, t) = timed(|| ok(&c, &["image", "pull", &reference, "--plain-http"]))?;
+            let (_, t) = timed(|| ok(&b, &["image", "pull", &reference, "--plain-http"]))?;
             s[3].push(t);
+            let copy = b.dir.join(format!("{name}.tar"));
+            std::fs::copy(&file, &copy)?;
             let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-            let (restored, t) = timed(|| ok(&c, &["pod", "restore", file.to_str().unwrap()]))?;
+            let (restored, t) = timed(|| ok(&b, &["pod", "restore", copy.to_str().unwrap()]))?;
             s[4].push(t);
-            c.cri().await?.stop_and_remove_pod(&restored).await?;
+            b.cri().await?.stop_and_remove_pod(&restored).await?;
             let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-            let (restored, t) = timed(|| ok(&c, &["pod", "restore", &reference]))?;
+            let (restored, t) = timed(|| ok(&b, &["pod", "restore", &reference]))?;
             s[5].push(t);
-            c.cri().await?.stop_and_remove_pod(&restored).await?;
+            b.cri().await?.stop_and_remove_pod(&restored).await?;
             archive_bytes = std::fs::metadata(&file)?.len();
             std::fs::remove_file(&file)?;
-            ctr_k8s(&c, &["images", "rm", "--sync", &reference])?;
+            std::fs::remove_file(&copy)?;
+            ctr_k8s(&b, &["images", "rm", "--sync", &reference])?;
         }
         let m: Vec<Duration> = s.iter_mut().map(|v| median(v)).collect();
         rows.push(vec![
@@ -154,5 +161,6 @@ async fn main() -> Result<()> {
     }
     print_table(&rows);
     drop(registry);
-    c.finish()
+    c.finish()?;
+    b.finish()
 }

@@ -192,6 +192,8 @@ impl CheckedSpan {
 /// The pages of one container's images left in an archive.
 pub struct ArchivePages {
     id: String,
+    /// Where the pages come from (the archive, or a checkpoint directory), for the log.
+    from: String,
     /// pid → its pagemap's present runs, and the checked span of its pages image.
     tasks: HashMap<u64, (Vec<Run>, usize)>,
     spans: Vec<CheckedSpan>,
@@ -207,15 +209,25 @@ impl ArchivePages {
         rel: &Path,
         source: &PageSource,
     ) -> Result<Option<ArchivePages>> {
-        let archive = std::sync::Arc::new(File::open(&source.archive).map_err(|e| {
-            Error::io(
-                id,
-                format!("open the archive {}", source.archive.display()),
-                e,
-            )
-        })?);
+        // Each file once (an archive holds every image; a checkpoint directory one each),
+        // never through a link.
+        let mut files: HashMap<std::path::PathBuf, std::sync::Arc<File>> = HashMap::new();
+        let mut open_file = |path: &Path| -> Result<std::sync::Arc<File>> {
+            if let Some(f) = files.get(path) {
+                return Ok(f.clone());
+            }
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)
+                .map_err(|e| Error::io(id, format!("open {}", path.display()), e))?;
+            let f = std::sync::Arc::new(f);
+            files.insert(path.to_path_buf(), f.clone());
+            Ok(f)
+        };
         let mut pages = ArchivePages {
             id: id.to_string(),
+            from: source.archive.display().to_string(),
             tasks: HashMap::new(),
             spans: Vec::new(),
         };
@@ -241,15 +253,20 @@ impl ArchivePages {
             let Some(span) = source.files.get(&key) else {
                 continue;
             };
-            let index = *by_pages_id.entry(map.pages_id).or_insert_with(|| {
-                pages.spans.push(CheckedSpan {
-                    archive: archive.clone(),
-                    key: key.clone(),
-                    span: span.clone(),
-                    chunk: None,
-                });
-                pages.spans.len() - 1
-            });
+            let index = match by_pages_id.get(&map.pages_id) {
+                Some(i) => *i,
+                None => {
+                    let file = open_file(span.file.as_deref().unwrap_or(&source.archive))?;
+                    pages.spans.push(CheckedSpan {
+                        archive: file,
+                        key: key.clone(),
+                        span: span.clone(),
+                        chunk: None,
+                    });
+                    by_pages_id.insert(map.pages_id, pages.spans.len() - 1);
+                    pages.spans.len() - 1
+                }
+            };
             // The eager pages: where CRIU's restore reads them, in the placeholder.
             let local = image.join(format!("pages-{}.img", map.pages_id));
             let placeholder = std::fs::OpenOptions::new()
@@ -268,7 +285,10 @@ impl ArchivePages {
                     .map_err(|e| Error::io(id, format!("write {}", local.display()), e))?;
                 copied += buf.len() as u64;
             }
-            debug!("{id}: {name}: {copied} bytes of eager pages copied from the archive");
+            debug!(
+                "{id}: {name}: {copied} bytes of eager pages copied from {}",
+                pages.from
+            );
             // Shared memory has pagemaps of its own (pagemap-shmem-N): never lazy.
             if let Ok(pid) = task.parse::<u64>() {
                 pages.tasks.insert(pid, (map.runs, index));
@@ -343,7 +363,10 @@ impl ArchivePages {
         };
         match result {
             Ok(()) => {
-                info!("{id}: served {requests} page requests ({bytes} bytes) from the archive")
+                info!(
+                    "{id}: served {requests} page requests ({bytes} bytes) from {}",
+                    self.from
+                )
             }
             // The daemon then fails the pages it waits for: the container cannot run on
             // with memory that is missing or not its own.
@@ -428,6 +451,7 @@ mod tests {
             .map(|c| hex::encode(sha2::Sha256::digest(c)))
             .collect();
         let span = PageSpan {
+            file: None,
             offset: 100,
             size: 3 * PAGE_SIZE,
             chunk_size,
@@ -461,6 +485,7 @@ mod tests {
 
         let pages = ArchivePages {
             id: "c".into(),
+            from: String::new(),
             tasks: HashMap::from([(
                 9,
                 (

@@ -295,6 +295,8 @@ enum PodCommand {
         /// Pod id, unique id prefix, or pod name.
         pod: String,
         /// Archive to write (must not exist). Nothing is left there if the checkpoint fails.
+        /// With a trailing slash (`DIR/`): the checkpoint as a directory (the archive's files
+        /// unpacked, 0700), which `pod restore DIR` reads, lazily without copying its pages.
         #[arg(
             long,
             short,

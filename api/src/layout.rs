@@ -129,15 +129,23 @@ pub fn is_page_image(rel: &Path) -> bool {
 
 impl RestoreOptions {
     /// The options of the restore whose container or pod directory is `dir` (below
-    /// `<store>/<id>`); defaults when there are none.
-    pub fn for_dir(dir: &Path) -> Self {
-        match restore_root(dir) {
-            Some(root) => {
-                let mut name = root.as_os_str().to_owned();
-                name.push(RESTORE_OPTIONS_SUFFIX);
-                read_json(Path::new(&name)).unwrap_or_default()
-            }
-            None => Self::default(),
+    /// `<store>/<id>`); defaults when there are none. An options file that exists and cannot
+    /// be read is an error (never silently an eager restore of images whose pages were left
+    /// elsewhere).
+    pub fn load_for_dir(dir: &Path) -> Result<Self, LayoutError> {
+        let Some(root) = restore_root(dir) else {
+            return Ok(Self::default());
+        };
+        let mut name = root.as_os_str().to_owned();
+        name.push(RESTORE_OPTIONS_SUFFIX);
+        let path = Path::new(&name);
+        match std::fs::read(path) {
+            Ok(bytes) => parse_json(&path.display().to_string(), &bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(LayoutError::Read {
+                file: path.display().to_string(),
+                source,
+            }),
         }
     }
 }

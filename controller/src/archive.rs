@@ -349,7 +349,7 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
     Ok(manifest)
 }
 
-/// [`check_manifest`], but the files in `left_in_archive` (placeholders of page images read
+/// [`check_manifest`], but the files in `left_in_archive` (page images not unpacked, read
 /// from the archive later, chunk by chunk) are only checked to be listed, with their size
 /// and chunk digests.
 fn check_manifest_except(
@@ -357,17 +357,25 @@ fn check_manifest_except(
     manifest: &Manifest,
     left_in_archive: &std::collections::BTreeMap<String, layout::PageSpan>,
 ) -> Result<()> {
+    for (key, span) in left_in_archive {
+        match manifest.files.get(key) {
+            Some(want) if want.size == span.size && want.chunks == span.chunks => {}
+            Some(want) => bail!(
+                "archive file {key} is corrupt or was changed ({} bytes; the manifest says {} bytes)",
+                span.size,
+                want.size
+            ),
+            None => bail!("archive file {key} is not in its manifest: the archive was changed"),
+        }
+    }
     let present = regular_files(dir)?;
     for rel in &present {
         let key = rel.display().to_string();
         let Some(want) = manifest.files.get(&key) else {
             bail!("archive file {key} is not in its manifest: the archive was changed");
         };
-        if let Some(span) = left_in_archive.get(&key) {
-            if want.size != span.size || want.chunks != span.chunks {
-                bail!("archive file {key} is corrupt or was changed ({} bytes; the manifest says {} bytes)", span.size, want.size);
-            }
-            continue;
+        if left_in_archive.contains_key(&key) {
+            bail!("hostile archive: {key} twice");
         }
         if want
             .chunk_size
@@ -386,11 +394,9 @@ fn check_manifest_except(
             );
         }
     }
-    if let Some(missing) = manifest
-        .files
-        .keys()
-        .find(|k| !present.iter().any(|p| p.display().to_string() == **k))
-    {
+    if let Some(missing) = manifest.files.keys().find(|k| {
+        !left_in_archive.contains_key(*k) && !present.iter().any(|p| p.display().to_string() == **k)
+    }) {
         bail!("archive file {missing} listed in the manifest is missing");
     }
     Ok(())
@@ -755,6 +761,14 @@ fn check_unpacked(dest: &Path, opening: &Opening, left: &mut LeftInArchive) -> R
         if !d.join("config.dump").is_file() || !d.join("container-config.json").is_file() {
             bail!("container {name:?} ({dir}) has no config.dump or container-config.json");
         }
+        // The shim's word on how a lazy restore ended lives there: an archive may not bring
+        // its own.
+        if d.join(layout::LAZY_STATUS).symlink_metadata().is_ok() {
+            bail!(
+                "hostile archive: container {name:?} ({dir}) brings a {}",
+                layout::LAZY_STATUS
+            );
+        }
     }
     if !dest.join("pod.dump").is_file() {
         bail!("archive has no pod.dump");
@@ -770,8 +784,7 @@ fn check_unpacked(dest: &Path, opening: &Opening, left: &mut LeftInArchive) -> R
     Ok(options)
 }
 
-/// Page images a lazy restore leaves in the archive (their unpacked files are sparse
-/// placeholders of the right size).
+/// Page images a lazy restore leaves in the archive (not unpacked: the shim makes them).
 #[derive(Default)]
 struct LeftInArchive {
     archive: PathBuf,
@@ -792,7 +805,7 @@ impl LeftInArchive {
                     size,
                     ..
                 }) if *size == span.size
-                    && (4096..=1 << 30).contains(c)
+                    && (4096..=MAX_CHUNK).contains(c)
                     && chunks.len() as u64 == size.div_ceil(*c) =>
                 {
                     span.chunk_size = *c;
@@ -812,6 +825,8 @@ impl LeftInArchive {
             std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(span.offset))?;
             let mut to = std::fs::OpenOptions::new()
                 .write(true)
+                .create_new(true)
+                .mode(0o600)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(dest.join(&key))
                 .with_context(|| format!("unpack {key}"))?;
@@ -824,6 +839,10 @@ impl LeftInArchive {
         Ok(())
     }
 }
+
+/// The largest chunk a manifest may give a page image: the shim holds one chunk per image
+/// in memory while it serves pages.
+const MAX_CHUNK: u64 = 16 << 20;
 
 /// Whether pages can be read straight from the archive at `path`: an uncompressed,
 /// unencrypted tar.
@@ -838,9 +857,9 @@ pub fn is_plain_tar(path: &Path) -> Result<bool> {
 }
 
 /// [`extract_with`] for a lazy restore from an uncompressed archive: everything is unpacked
-/// and checked but the page images, which stay in the archive (sparse placeholders take
-/// their place); returns where their bytes are and the digests of their chunks, for the
-/// shim to serve pages from. Nothing grows with the pod's memory here.
+/// and checked but the page images, which stay in the archive; returns where their bytes
+/// are and the digests of their chunks, for the shim to serve pages from. Nothing grows
+/// with the pod's memory here.
 pub fn extract_leaving_pages(
     archive: &Path,
     dest: &Path,
@@ -878,23 +897,9 @@ pub fn extract_leaving_pages(
                     {
                         return Ok(false);
                     }
-                    let at = dest.join(path);
-                    if let Some(parent) = at.parent() {
-                        use std::os::unix::fs::DirBuilderExt;
-                        std::fs::DirBuilder::new()
-                            .recursive(true)
-                            .mode(0o700)
-                            .create(parent)
-                            .with_context(|| format!("create {}", parent.display()))?;
-                    }
-                    let placeholder = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .custom_flags(libc::O_NOFOLLOW)
-                        .open(&at)
-                        .with_context(|| format!("hostile archive: {key} twice"))?;
-                    placeholder.set_len(entry.size())?;
+                    // Not even a placeholder: the shim makes it, so that a shim that knows
+                    // nothing of page sources fails on the missing image instead of
+                    // restoring zeros.
                     spans.insert(
                         key,
                         layout::PageSpan {
@@ -921,9 +926,8 @@ pub fn extract_leaving_pages(
 /// A restore from a checkpoint directory (what `pod checkpoint --output DIR/` writes): its
 /// files are copied into `dest` (created; must not exist) with the checks of an archive:
 /// only regular files and directories, nothing through a link, the layout, the signature (if
-/// asked), the manifest. With `leave_pages`, page images are not copied: sparse placeholders
-/// take their place and the returned source names the directory's own files, read (chunk by
-/// chunk, checked) by a lazy restore.
+/// asked), the manifest. With `leave_pages`, page images are not copied: the returned source
+/// names the directory's own files, read (chunk by chunk, checked) by a lazy restore.
 pub fn copy_from_dir(
     src: &Path,
     dest: &Path,
@@ -958,15 +962,9 @@ pub fn copy_from_dir(
                     rel.display()
                 );
             }
-            let mut out = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(m.permissions().mode() & 0o700)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&to)
-                .with_context(|| format!("create {}", to.display()))?;
             if leave_pages && layout::is_page_image(&rel) && m.len() > 0 {
-                out.set_len(m.len())?;
+                // Left where it is (the shim makes the local image, see
+                // `extract_leaving_pages`).
                 spans.insert(
                     rel.display().to_string(),
                     layout::PageSpan {
@@ -985,6 +983,13 @@ pub fn copy_from_dir(
                 );
             }
             *room -= m.len();
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(m.permissions().mode() & 0o700)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&to)
+                .with_context(|| format!("create {}", to.display()))?;
             let mut input = std::fs::OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_NOFOLLOW)
@@ -1572,9 +1577,9 @@ mod tests {
         );
     }
 
-    /// A lazy restore's unpack leaves page images in an uncompressed archive: sparse
-    /// placeholders of the right size, spans pointing at the images' bytes, chunk digests from
-    /// the manifest; everything else unpacked and checked. A compressed archive cannot.
+    /// A lazy restore's unpack leaves page images in an uncompressed archive: not unpacked,
+    /// spans pointing at the images' bytes, chunk digests from the manifest; everything else
+    /// unpacked and checked. A compressed archive cannot.
     #[test]
     fn page_images_stay_in_an_uncompressed_archive() {
         let s = Scratch::new("leave");
@@ -1595,14 +1600,8 @@ mod tests {
         let bytes = std::fs::read(&source.archive).unwrap();
         let at = span.offset as usize;
         assert_eq!(&bytes[at..at + pages.len()], &pages[..]);
-        let placeholder = out.join("abc-web/checkpoint/pages-1.img");
-        let m = std::fs::metadata(&placeholder).unwrap();
-        use std::os::unix::fs::MetadataExt;
-        assert_eq!(m.len(), pages.len() as u64);
-        assert!(
-            m.blocks() * 512 < 64 * 1024,
-            "the placeholder is not sparse"
-        );
+        // Left for the shim to make: absent, so an older shim fails instead of restoring zeros.
+        assert!(!out.join("abc-web/checkpoint/pages-1.img").exists());
         assert!(out.join("abc-web/config.dump").is_file());
         // The eager path still reads chunked images whole and checks them.
         let whole = s.0.join("whole");

@@ -91,6 +91,9 @@ struct OciManifest {
 pub struct RegistryAccess {
     /// `USER:PASSWORD`; else the docker config's entry for the registry, if any.
     pub user: Option<String>,
+    /// The registry `user` is for (that of the image the command names): never handed to
+    /// another one (a base image's registry, say).
+    pub user_registry: Option<String>,
     /// A docker `config.json` to take credentials from (default `~/.docker/config.json`).
     pub docker_config: Option<PathBuf>,
     pub plain_http: bool,
@@ -104,7 +107,11 @@ impl RegistryAccess {
 
     /// (user, secret) for `host`.
     fn credentials(&self, host: &str) -> Result<Option<(String, String)>> {
-        if let Some(u) = &self.user {
+        let own = self
+            .user_registry
+            .as_deref()
+            .is_none_or(|r| registry_host(r) == host);
+        if let (Some(u), true) = (&self.user, own) {
             let (user, pass) = u.split_once(':').context("--user wants USER:PASSWORD")?;
             return Ok(Some((user.to_string(), pass.to_string())));
         }
@@ -134,11 +141,13 @@ impl RegistryAccess {
         }
         let config: Config = serde_json::from_slice(&text)
             .with_context(|| format!("{} is not a docker config.json", path.display()))?;
+        // Docker Hub's entry is keyed by its index's address.
+        let wanted = |k: &str| k == host || (host == "docker.io" && k == "index.docker.io");
         let entry = config.auths.iter().find(|(k, _)| {
             let k = k
                 .trim_start_matches("https://")
                 .trim_start_matches("http://");
-            k.split('/').next() == Some(host)
+            k.split('/').next().is_some_and(wanted)
         });
         let Some((_, entry)) = entry else {
             return Ok(None);
@@ -578,6 +587,40 @@ impl Read for BlockingBlob {
     }
 }
 
+/// A layer's decompressed bytes whose end (or failure) is always its blob's end: the blob is
+/// then read to its last byte and its digest checked, so a changed blob is refused as such
+/// (not as whatever the decompressor or tar made of it), whatever stops reading early.
+struct CheckedLayer {
+    decoded: Box<dyn Read>,
+    raw: std::rc::Rc<std::cell::RefCell<BlockingBlob>>,
+}
+
+/// Shares one blob between its decompressor and the [`CheckedLayer`] that checks it.
+struct SharedBlob(std::rc::Rc<std::cell::RefCell<BlockingBlob>>);
+
+impl Read for SharedBlob {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        self.0.borrow_mut().read(out)
+    }
+}
+
+impl CheckedLayer {
+    /// Reads the rest of the raw blob; its digest error, if any.
+    fn drain(&mut self) -> std::io::Result<()> {
+        std::io::copy(&mut *self.raw.borrow_mut(), &mut std::io::sink()).map(drop)
+    }
+}
+
+impl Read for CheckedLayer {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        match self.decoded.read(out) {
+            Ok(0) if !out.is_empty() => self.drain().map(|()| 0),
+            Ok(n) => Ok(n),
+            Err(e) => Err(self.drain().err().unwrap_or(e)),
+        }
+    }
+}
+
 /// What stasis records about a checkpoint image.
 #[derive(Debug, Clone)]
 pub struct ImageSummary {
@@ -947,16 +990,15 @@ pub fn unpack_blocking(
     }
     let open = |desc: &Descriptor| -> Result<Box<dyn Read>> {
         let blob = handle.block_on(store.blob(desc))?;
-        decompressing(
-            &desc.media_type,
-            BlockingBlob {
-                blob,
-                handle: handle.clone(),
-                buf: Vec::new(),
-                at: 0,
-                done: false,
-            },
-        )
+        let raw = std::rc::Rc::new(std::cell::RefCell::new(BlockingBlob {
+            blob,
+            handle: handle.clone(),
+            buf: Vec::new(),
+            at: 0,
+            done: false,
+        }));
+        let decoded = decompressing(&desc.media_type, SharedBlob(raw.clone()))?;
+        Ok(Box::new(CheckedLayer { decoded, raw }))
     };
     let parts: Vec<archive::Layer> = layers
         .iter()
@@ -971,7 +1013,8 @@ pub fn unpack_blocking(
 
 fn decompressing(media_type: &str, r: impl Read + 'static) -> Result<Box<dyn Read>> {
     Ok(if media_type.ends_with("+gzip") {
-        Box::new(flate2::read::GzDecoder::new(r))
+        // Every member to the end: the blob's digest is checked when its last byte is read.
+        Box::new(flate2::read::MultiGzDecoder::new(r))
     } else if media_type.ends_with("+zstd") {
         Box::new(zstd::Decoder::new(r)?)
     } else if media_type == LAYER_TYPE

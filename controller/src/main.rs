@@ -159,9 +159,11 @@ struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    fn access(&self) -> image::RegistryAccess {
+    /// Access to the registry of `reference` (`--user` is for that registry alone).
+    fn access(&self, reference: &str) -> image::RegistryAccess {
         image::RegistryAccess {
             user: self.user.clone(),
+            user_registry: Some(reference.to_string()),
             docker_config: self.docker_config.clone(),
             plain_http: self.plain_http,
         }
@@ -180,7 +182,7 @@ async fn transfer_image(
         &target.address,
         &target.namespace,
         reference,
-        &registry.access(),
+        &registry.access(reference),
         push,
     )
     .await?;
@@ -531,12 +533,13 @@ async fn run(cli: Cli) -> Result<()> {
             } => {
                 let opening = opening(identity.as_deref(), verify_key.as_deref())?;
                 let reference = image::looks_like_reference(&archive).then(|| archive.clone());
+                let registry = registry.access(&archive);
                 let id = pod::restore(
                     &target,
                     RestoreArgs {
                         archive: PathBuf::from(archive),
                         image: reference,
-                        registry: registry.access(),
+                        registry,
                         name,
                         runtime_handler,
                         policy: admit.policy()?,

@@ -336,10 +336,20 @@ pub async fn checkpoint_pod(t: &Target, mut a: CheckpointArgs) -> Result<Checkpo
         ));
         let (address, namespace, compress) = (t.address.clone(), t.namespace.clone(), a.compress);
         let handle = tokio::runtime::Handle::current();
-        a.delivery = Delivery::Custom(Box::new(move |staging: &Path, _: &AtomicBool| {
-            handle.block_on(crate::image::build_from_dir(
+        a.delivery = Delivery::Custom(Box::new(move |staging: &Path, cancel: &AtomicBool| {
+            let built = handle.block_on(crate::image::build_from_dir(
                 &address, &namespace, staging, &reference, compress,
-            ))
+            ))?;
+            // Interrupted meanwhile: the pod runs on, so no image of it may be left.
+            if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(store) = handle.block_on(crate::image::ImageStoreClient::connect(
+                    &address, &namespace,
+                )) {
+                    let _ = handle.block_on(store.delete(&reference));
+                }
+                bail!("interrupted; image {reference} was removed again");
+            }
+            Ok(built)
         }));
     }
     // `--output DIR/`: the checkpoint as a directory (the unpacked layout), not an archive.
@@ -352,8 +362,14 @@ pub async fn checkpoint_pod(t: &Target, mut a: CheckpointArgs) -> Result<Checkpo
             bail!("{} already exists; choose a new directory", dest.display());
         }
         a.output = dest.clone();
-        a.delivery = Delivery::Custom(Box::new(move |staging: &Path, _: &AtomicBool| {
-            archive::place_dir(staging, &dest)
+        a.delivery = Delivery::Custom(Box::new(move |staging: &Path, cancel: &AtomicBool| {
+            let placed = archive::place_dir(staging, &dest)?;
+            // Interrupted meanwhile: the pod runs on, so no checkpoint of it may be left.
+            if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = std::fs::remove_dir_all(&dest);
+                bail!("interrupted; {} was removed again", dest.display());
+            }
+            Ok(placed)
         }));
     }
     let mut rt = cri::connect(Path::new(&t.address)).await?;

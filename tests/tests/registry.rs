@@ -393,42 +393,74 @@ async fn images_that_are_not_good_checkpoints_are_refused() -> Result<()> {
     // A runc checkpoint image whose container layer changes in containerd's store.
     cri.stop_and_remove_pod(&pod_id).await?;
     let (pod_id, _) = counter_pod(&c, image, "mine", "stasis").await?;
-    let mine = "local/ckpt/mine:1";
-    c.stasisctl_ok(&["pod", "checkpoint", "mine", "--image", mine])?;
+    // Two images of it, plain and gzip layers, each with a byte of its container layer
+    // flipped in containerd's store: refused for the digest, not for whatever the
+    // decompressor or tar would make of the bytes.
+    let plain = "local/ckpt/mine:1";
+    let gzipped = "local/ckpt/mine:gz";
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "mine",
+        "--image",
+        plain,
+        "--leave-running",
+    ])?;
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "mine",
+        "--image",
+        gzipped,
+        "--compress",
+        "gzip",
+    ])?;
     cri.stop_and_remove_pod(&pod_id).await?;
-    // The image's container layer, found through its manifest.
     let listed = String::from_utf8_lossy(&ctr_k8s(&c, &["images", "ls"])?.stdout).into_owned();
-    let target = listed
-        .lines()
-        .find(|l| l.starts_with(mine))
-        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
-        .context("the image is not listed")?
-        .to_string();
     let blobs = c
         .dir
         .join("root/io.containerd.content.v1.content/blobs/sha256");
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(blobs.join(&target[7..]))?)?;
-    let layer = manifest["layers"][1]["digest"]
-        .as_str()
-        .context("no container layer")?;
-    let path = blobs.join(&layer[7..]);
+    // An image's container layer, found through its manifest.
+    let layer_of = |reference: &str| -> Result<std::path::PathBuf> {
+        let target = listed
+            .lines()
+            .find(|l| l.starts_with(&format!("{reference} ")))
+            .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
+            .context("the image is not listed")?;
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(blobs.join(&target[7..]))?)?;
+        let layer = manifest["layers"][1]["digest"]
+            .as_str()
+            .context("no container layer")?;
+        Ok(blobs.join(&layer[7..]))
+    };
+    let path = layer_of(plain)?;
     let mut bytes = std::fs::read(&path)?;
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x5a;
     std::fs::write(&path, bytes)?;
-    let out = c.stasisctl(&["pod", "restore", mine])?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{err}");
-    ensure!(!out.status.success(), "a changed layer was restored");
-    ensure!(
-        err.contains("corrupt or was changed"),
-        "the refusal does not say the layer changed: {err}"
-    );
-    ensure!(
-        pod_ids(&c).await?.is_empty(),
-        "a pod was created for the changed image"
-    );
+    let path = layer_of(gzipped)?;
+    let mut bytes = std::fs::read(&path)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&path, bytes)?;
+    for reference in [plain, gzipped] {
+        let out = c.stasisctl(&["pod", "restore", reference])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!("{err}");
+        ensure!(
+            !out.status.success(),
+            "a changed layer of {reference} was restored"
+        );
+        ensure!(
+            err.contains("corrupt or was changed"),
+            "the refusal of {reference} does not say the layer changed: {err}"
+        );
+        ensure!(
+            pod_ids(&c).await?.is_empty(),
+            "a pod was created for the changed image {reference}"
+        );
+    }
     tokio::time::sleep(Duration::from_millis(10)).await;
     c.finish()
 }

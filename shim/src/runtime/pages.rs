@@ -119,13 +119,22 @@ fn parse_pagemap(bytes: &[u8]) -> std::result::Result<Pagemap, String> {
             continue;
         }
         let pages = u64::from(e.nr_pages);
+        let len = pages * PAGE_SIZE;
+        if e.vaddr.checked_add(len).is_none() {
+            return Err(format!(
+                "a run at {:#x} of {pages} pages wraps around",
+                e.vaddr
+            ));
+        }
         runs.push(Run {
             vaddr: e.vaddr,
             pages,
             offset,
             lazy: flags & PE_LAZY != 0,
         });
-        offset += pages * PAGE_SIZE;
+        offset = offset
+            .checked_add(len)
+            .ok_or("the pages add up to more than a 64-bit offset")?;
     }
     Ok(Pagemap {
         pages_id: head.pages_id,
@@ -172,7 +181,10 @@ impl CheckedSpan {
 
     /// Fills `buf` with the image's bytes at `offset`.
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
-        if offset + buf.len() as u64 > self.span.size {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > self.span.size)
+        {
             return Err(format!("{}: read past its end", self.key));
         }
         let cs = self.span.chunk_size;
@@ -201,8 +213,11 @@ pub struct ArchivePages {
 
 impl ArchivePages {
     /// Reads the pagemaps in `image` and finds the archive spans of their pages images
-    /// (`rel`: the image directory below the restore directory, as the source names it).
-    /// Ok(None): the source holds none of this image's pages.
+    /// (`rel`: the image directory below the restore directory, as the source names it);
+    /// makes each pages image (absent until now, so that a shim that knows nothing of page
+    /// sources fails instead of restoring zeros) as a sparse file holding the pages CRIU
+    /// restores eagerly. Ok(None): the source holds none of this image's pages; an error if
+    /// it holds one no pagemap here uses.
     pub fn open(
         id: &str,
         image: &Path,
@@ -234,7 +249,9 @@ impl ArchivePages {
         let mut by_pages_id: HashMap<u32, usize> = HashMap::new();
         let entries =
             std::fs::read_dir(image).map_err(|e| Error::io(id, "read the restore images", e))?;
-        for e in entries.flatten() {
+        let mut placeholders: HashMap<u32, File> = HashMap::new();
+        for e in entries {
+            let e = e.map_err(|e| Error::io(id, "read the restore images", e))?;
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(task) = name
                 .strip_prefix("pagemap-")
@@ -253,6 +270,7 @@ impl ArchivePages {
             let Some(span) = source.files.get(&key) else {
                 continue;
             };
+            let local = image.join(format!("pages-{}.img", map.pages_id));
             let index = match by_pages_id.get(&map.pages_id) {
                 Some(i) => *i,
                 None => {
@@ -264,26 +282,42 @@ impl ArchivePages {
                         chunk: None,
                     });
                     by_pages_id.insert(map.pages_id, pages.spans.len() - 1);
+                    let placeholder = crate::util::create_private(&local)
+                        .map_err(|e| Error::io(id, format!("create {}", local.display()), e))?;
+                    placeholder
+                        .set_len(span.size)
+                        .map_err(|e| Error::io(id, format!("size {}", local.display()), e))?;
+                    placeholders.insert(map.pages_id, placeholder);
                     pages.spans.len() - 1
                 }
             };
-            // The eager pages: where CRIU's restore reads them, in the placeholder.
-            let local = image.join(format!("pages-{}.img", map.pages_id));
-            let placeholder = std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&local)
-                .map_err(|e| Error::io(id, format!("open {}", local.display()), e))?;
+            // The eager pages, where CRIU's restore reads them; a chunk at a time.
+            let placeholder = &placeholders[&map.pages_id];
             let mut copied = 0u64;
+            let step = pages.spans[index].span.chunk_size.max(PAGE_SIZE);
             for run in map.runs.iter().filter(|r| !r.lazy) {
-                let mut buf = vec![0u8; (run.pages * PAGE_SIZE) as usize];
-                pages.spans[index]
-                    .read(run.offset, &mut buf)
-                    .map_err(|m| Error::invalid(id, m))?;
-                placeholder
-                    .write_all_at(&buf, run.offset)
-                    .map_err(|e| Error::io(id, format!("write {}", local.display()), e))?;
-                copied += buf.len() as u64;
+                let end = run.offset + run.pages * PAGE_SIZE;
+                if end > span.size {
+                    return Err(Error::invalid(
+                        id,
+                        format!(
+                            "{name}: pages at {:#x} lie past the end of {key}",
+                            run.vaddr
+                        ),
+                    ));
+                }
+                let mut at = run.offset;
+                while at < end {
+                    let mut buf = vec![0u8; (end - at).min(step) as usize];
+                    pages.spans[index]
+                        .read(at, &mut buf)
+                        .map_err(|m| Error::invalid(id, m))?;
+                    placeholder
+                        .write_all_at(&buf, at)
+                        .map_err(|e| Error::io(id, format!("write {}", local.display()), e))?;
+                    at += buf.len() as u64;
+                    copied += buf.len() as u64;
+                }
             }
             debug!(
                 "{id}: {name}: {copied} bytes of eager pages copied from {}",
@@ -293,6 +327,19 @@ impl ArchivePages {
             if let Ok(pid) = task.parse::<u64>() {
                 pages.tasks.insert(pid, (map.runs, index));
             }
+        }
+        // Every page image the source holds for this container must have been placed: one
+        // left out would be missing (CRIU fails) or, worse, read as zeros.
+        let prefix = format!("{}/", rel.display());
+        if let Some(unused) = source
+            .files
+            .keys()
+            .find(|k| k.starts_with(&prefix) && !pages.spans.iter().any(|s| &s.key == *k))
+        {
+            return Err(Error::invalid(
+                id,
+                format!("{unused} is in the restore's page source, but no pagemap uses it"),
+            ));
         }
         Ok((!pages.spans.is_empty()).then_some(pages))
     }

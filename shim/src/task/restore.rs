@@ -84,11 +84,11 @@ pub(super) async fn restore_init(
     std::fs::create_dir_all(&opts.work_path)
         .map_err(|e| Error::io(&id, "create restore work dir", e))?;
     let mut opts = opts;
-    let restore_options = container
-        .restore_dir
-        .as_deref()
-        .map(RestoreOptions::for_dir)
-        .unwrap_or_default();
+    let restore_options = match container.restore_dir.as_deref() {
+        Some(dir) => RestoreOptions::load_for_dir(dir)
+            .map_err(|e| Error::invalid(&id, format!("restore options: {e}")))?,
+        None => RestoreOptions::default(),
+    };
     let lazy = if !restore_options.lazy {
         None
     } else if shim.runtime.engine() == Engine::Runsc {
@@ -105,7 +105,12 @@ pub(super) async fn restore_init(
                 let rel = layout::restore_root(dir)
                     .and_then(|root| image.strip_prefix(root).ok())
                     .map(Path::to_path_buf)
-                    .unwrap_or_default();
+                    .ok_or_else(|| {
+                        Error::invalid(
+                            &id,
+                            format!("images {} are not in the restore store", image.display()),
+                        )
+                    })?;
                 let (owned, image, source) = (id.clone(), image.to_path_buf(), source.clone());
                 blocking(&id, "read pages from the archive", move || {
                     pages::ArchivePages::open(&owned, &image, &rel, &source)
@@ -287,14 +292,17 @@ async fn start_lazy_pages(
     let child = cmd
         .spawn()
         .map_err(|e| Error::io(id, "start criu lazy-pages", e))?;
+    let pid = child.id() as i32;
     if let Some((pages, ours, theirs)) = server {
         drop(theirs);
-        std::thread::Builder::new()
+        if let Err(e) = std::thread::Builder::new()
             .name(format!("pages-{}", &id[..id.len().min(8)]))
             .spawn(move || pages.serve(ours))
-            .map_err(|e| Error::io(id, "start the page server", e))?;
+        {
+            stop_lazy_pages(Some(pid));
+            return Err(Error::io(id, "start the page server", e));
+        }
     }
-    let pid = child.id() as i32;
     let socket = work.join("lazy-pages.socket");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !socket.exists() {

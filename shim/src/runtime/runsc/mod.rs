@@ -210,7 +210,9 @@ impl OciRuntime for Runsc {
         self.start_stdio.lock().unwrap().remove(id);
         let joined = self.joined.lock().unwrap().remove(id);
         let deleted = self.cli.delete(id, force).await;
-        if !joined {
+        // Only once the root is gone (a not-found counts as gone): the state of a sandbox
+        // that still runs is what lets runsc stop it.
+        if !joined && deleted.is_ok() {
             forget_sandbox(self.cli.state_root(), id);
         }
         deleted

@@ -6,6 +6,10 @@ fn main() {
     if args.get(1).is_some_and(|a| a == "pause") {
         stasis_shim::sandbox::pause::main();
     }
+    // A pod's dead-man switch, likewise before any thread.
+    if args.get(1).is_some_and(|a| a == "watchdog") {
+        stasis_shim::sandbox::watchdog::main(&args);
+    }
     let flags = match containerd_shim::parse(&args[1..]) {
         Ok(f) => f,
         Err(e) => {

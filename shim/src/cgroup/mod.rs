@@ -126,10 +126,7 @@ pub fn tear_down_tree(path: &str) -> Vec<std::path::PathBuf> {
         collect_tree(d, &mut all);
     }
     // Thaw first: a frozen process cannot die.
-    for d in &all {
-        let _ = std::fs::write(d.join("freezer.state"), "THAWED");
-        let _ = std::fs::write(d.join("cgroup.freeze"), "0");
-    }
+    thaw_dirs(&all);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let mut alive = 0;
@@ -164,6 +161,37 @@ pub fn tear_down_tree(path: &str) -> Vec<std::path::PathBuf> {
         }
     }
     left
+}
+
+/// Thaws every cgroup at and below `path`, in every hierarchy; returns how many were frozen.
+pub fn thaw_tree(path: &str) -> usize {
+    let rel = path.trim_start_matches('/');
+    if rel.is_empty() {
+        return 0;
+    }
+    let mut all = Vec::new();
+    for root in mounted_roots() {
+        let d = root.join(rel);
+        if d.is_dir() {
+            collect_tree(&d, &mut all);
+        }
+    }
+    thaw_dirs(&all)
+}
+
+/// Thaws each of `dirs` (v1 freezer.state, v2 cgroup.freeze); returns how many were frozen.
+fn thaw_dirs(dirs: &[std::path::PathBuf]) -> usize {
+    let mut frozen = 0;
+    for d in dirs {
+        let v1 = std::fs::read_to_string(d.join("freezer.state")).unwrap_or_default();
+        let v2 = std::fs::read_to_string(d.join("cgroup.freeze")).unwrap_or_default();
+        if v1.trim() == "FROZEN" || v1.trim() == "FREEZING" || v2.trim() == "1" {
+            frozen += 1;
+        }
+        let _ = std::fs::write(d.join("freezer.state"), "THAWED");
+        let _ = std::fs::write(d.join("cgroup.freeze"), "0");
+    }
+    frozen
 }
 
 fn collect_tree(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {

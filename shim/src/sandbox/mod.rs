@@ -4,6 +4,7 @@
 
 mod files;
 pub mod pause;
+pub mod watchdog;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -239,6 +240,9 @@ async fn start_root(
             }
         }
     }
+    if let Err(e) = watchdog::spawn(id, &pod.bundle) {
+        warn!("pod {id}: no watchdog to thaw the pod should the shim die: {e}");
+    }
     Ok((pid, by_runtime))
 }
 
@@ -267,7 +271,7 @@ pub fn remove_after_crash(id: &str, bundle: &std::path::Path) {
 
 /// Kills the process groups of runtime and CRIU processes working on any of `containers`
 /// (their command lines name the container), and waits a moment for them to go.
-fn stop_orphaned_runtime_calls(containers: &[String]) {
+pub(crate) fn stop_orphaned_runtime_calls(containers: &[String]) {
     if containers.is_empty() {
         return;
     }
@@ -287,7 +291,10 @@ fn stop_orphaned_runtime_calls(containers: &[String]) {
             .first()
             .map(|a| a.rsplit('/').next().unwrap_or(a).to_string());
         let is_runtime = matches!(program.as_deref(), Some("runc" | "crun" | "runsc" | "criu"));
+        // A delete is part of a clean-up (maybe a concurrent one), never what must stop.
+        let deleting = args.iter().any(|a| a == "delete");
         if is_runtime
+            && !deleting
             && args
                 .iter()
                 .any(|a| containers.iter().any(|c| a.contains(c.as_str())))

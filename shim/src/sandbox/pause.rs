@@ -75,10 +75,7 @@ pub fn spawn(pod: &str, netns: &str, hostname: &str) -> Result<i32> {
         .spawn()
         .map_err(|e| Error::io(pod, "start pause process", e))?;
     drop(life_read);
-    LIFELINES
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(life_write);
+    keep_lifeline(life_write);
     let mut line = String::new();
     let stdout = child.stdout.take().expect("piped stdout");
     BufReader::new(stdout)
@@ -89,6 +86,14 @@ pub fn spawn(pod: &str, netns: &str, hostname: &str) -> Result<i32> {
     line.trim()
         .parse()
         .map_err(|_| Error::other(pod, "start pause process", format!("bad pid {line:?}")))
+}
+
+/// Keeps `write` (the shim's end of a lifeline) open as long as the shim lives.
+pub(crate) fn keep_lifeline(write: std::os::fd::OwnedFd) {
+    LIFELINES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(write);
 }
 
 /// An empty, read-only root in a mount namespace of its own, no capabilities (none to gain:

@@ -274,7 +274,7 @@ pub fn delete(flags: &Flags) -> Result<(), BoxError> {
     // A pod whose shim died (never while a shim still answers on its socket): its containers'
     // runtime state goes with it.
     let dead_pod = (!shim_alive(flags))
-        .then(|| crate::state::pod::PodRecord::load(&bundle))
+        .then(|| crate::state::pod::PodRecord::load(&bundle, &flags.id))
         .flatten();
     let mut ids = vec![flags.id.clone()];
     if let Some(record) = &dead_pod {

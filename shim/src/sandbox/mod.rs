@@ -249,7 +249,7 @@ async fn start_root(
 /// After the pod's shim died (`delete`): everything its record names goes, whatever state the
 /// shim left it in (frozen cgroups are thawed before their processes are killed).
 pub fn remove_after_crash(id: &str, bundle: &std::path::Path) {
-    let Some(record) = PodRecord::load(bundle) else {
+    let Some(record) = PodRecord::load(bundle, id) else {
         return;
     };
     if record.pid > 0 {
@@ -266,7 +266,7 @@ pub fn remove_after_crash(id: &str, bundle: &std::path::Path) {
         warn!("pod {id}: cgroups left after the cleanup: {left:?}");
     }
     remove_pod_host_state(id, &record.cgroup, record.shm, record.files);
-    let _ = std::fs::remove_file(bundle.join(PodRecord::FILE));
+    PodRecord::remove(bundle, id);
 }
 
 /// Kills the process groups of runtime and CRIU processes working on any of `containers`
@@ -406,7 +406,7 @@ pub async fn shutdown(shim: &Shim, id: &str) -> Result<()> {
         (run.shm.take(), std::mem::take(&mut run.files))
     };
     remove_pod_host_state(id, &pod.cgroup, shm, files);
-    let _ = std::fs::remove_file(pod.bundle.join(PodRecord::FILE));
+    PodRecord::remove(&pod.bundle, id);
     info!("pod {id}: shut down");
     if shim.is_empty() {
         shim.shutdown.cancel();

@@ -24,11 +24,15 @@ use crate::{
 /// The descriptor on which the watchdog holds the read end of its lifeline.
 const LIFELINE_FD: i32 = 3;
 
+/// The shim's flags, for the watchdog's `delete` (JSON list; in the environment, so that the
+/// watchdog's command line does not look like the shim's).
+const FLAGS_ENV: &str = "STASIS_WATCHDOG_SHIM_FLAGS";
+
 /// Starts the watchdog of pod `pod`, whose record lives in `bundle`. It is given this
 /// shim's own flags (namespace, id, containerd's address), to run `delete` with them.
 pub fn spawn(pod: &str, bundle: &Path) -> Result<()> {
     let exe = std::env::current_exe().map_err(|e| Error::io(pod, "find own binary", e))?;
-    let flags = std::env::args_os()
+    let flags = std::env::args()
         .skip(1)
         .filter(|a| a != "serve")
         .collect::<Vec<_>>();
@@ -36,7 +40,7 @@ pub fn spawn(pod: &str, bundle: &Path) -> Result<()> {
     cmd.arg("watchdog")
         .arg(pod)
         .arg(bundle)
-        .args(flags)
+        .env(FLAGS_ENV, serde_json::to_string(&flags).unwrap_or_default())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -64,8 +68,8 @@ pub fn spawn(pod: &str, bundle: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `containerd-shim-stasis-v2 watchdog POD BUNDLE FLAGS…`: waits for the shim to go, then
-/// thaws the pod and runs `delete` for it.
+/// `containerd-shim-stasis-v2 watchdog POD BUNDLE`: waits for the shim to go, then thaws the
+/// pod and runs `delete` for it with the shim's flags.
 pub fn main(args: &[std::ffi::OsString]) -> ! {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let bundle = args.get(3).map(Path::new).unwrap_or(Path::new("."));
@@ -79,7 +83,11 @@ pub fn main(args: &[std::ffi::OsString]) -> ! {
         }
     }
     // A normal shutdown removed the record: nothing to do.
-    let Some(record) = PodRecord::load(bundle) else {
+    let pod = args
+        .get(2)
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let Some(record) = PodRecord::load(bundle, &pod) else {
         std::process::exit(0);
     };
     super::stop_orphaned_runtime_calls(&record.containers);
@@ -96,13 +104,20 @@ pub fn main(args: &[std::ffi::OsString]) -> ! {
         std::thread::sleep(Duration::from_millis(100));
     }
     // The rest of the clean-up, exactly as containerd would have it done.
-    if let Ok(exe) = std::env::current_exe() {
+    // containerd may have removed the bundle by now: the record's copy in the state root
+    // is what this `delete` goes by then.
+    let flags: Vec<String> = std::env::var(FLAGS_ENV)
+        .ok()
+        .and_then(|f| serde_json::from_str(&f).ok())
+        .unwrap_or_default();
+    if let (Ok(exe), false) = (std::env::current_exe(), flags.is_empty()) {
         let _ = Command::new(exe)
-            .args(args.get(4..).unwrap_or_default())
+            .args(&flags)
+            .env_remove(FLAGS_ENV)
             .arg("-bundle")
             .arg(bundle)
             .arg("delete")
-            .current_dir(bundle)
+            .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

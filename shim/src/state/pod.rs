@@ -59,17 +59,53 @@ pub struct PodRecord {
 
 impl PodRecord {
     pub const FILE: &'static str = "stasis-pod.json";
+    /// Where a copy of each record lives (`<id>.json`): containerd may remove a dead shim's
+    /// bundle before (or while) the clean-up reads the record there.
+    pub const COPIES: &'static str = "/run/stasis/pods";
 
-    pub fn save(&self, bundle: &Path) -> std::io::Result<()> {
-        let text = serde_json::to_vec(self).map_err(std::io::Error::other)?;
-        let tmp = bundle.join(format!("{}.tmp", Self::FILE));
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(tmp, bundle.join(Self::FILE))
+    fn copy_path(id: &str) -> Option<std::path::PathBuf> {
+        stasis_api::layout::is_plain_name(id)
+            .then(|| Path::new(Self::COPIES).join(format!("{id}.json")))
     }
 
-    pub fn load(bundle: &Path) -> Option<Self> {
-        let text = std::fs::read(bundle.join(Self::FILE)).ok()?;
+    pub fn save(&self, bundle: &Path, id: &str) -> std::io::Result<()> {
+        let text = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        let mut places = vec![bundle.to_path_buf()];
+        if let Some(copy) = Self::copy_path(id) {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(Self::COPIES)?;
+            places.push(copy.parent().map(Path::to_path_buf).unwrap_or_default());
+        }
+        for (i, dir) in places.iter().enumerate() {
+            let name = if i == 0 {
+                Self::FILE.to_string()
+            } else {
+                format!("{id}.json")
+            };
+            let tmp = dir.join(format!("{name}.tmp"));
+            std::fs::write(&tmp, &text)?;
+            std::fs::rename(tmp, dir.join(name))?;
+        }
+        Ok(())
+    }
+
+    /// The record of pod `id`: from its bundle, else from the copy.
+    pub fn load(bundle: &Path, id: &str) -> Option<Self> {
+        let text = std::fs::read(bundle.join(Self::FILE))
+            .ok()
+            .or_else(|| std::fs::read(Self::copy_path(id)?).ok())?;
         serde_json::from_slice(&text).ok()
+    }
+
+    /// Removes the record (and its copy): the pod is gone.
+    pub fn remove(bundle: &Path, id: &str) {
+        let _ = std::fs::remove_file(bundle.join(Self::FILE));
+        if let Some(copy) = Self::copy_path(id) {
+            let _ = std::fs::remove_file(copy);
+        }
     }
 }
 
@@ -152,7 +188,7 @@ impl Pod {
             containers,
         };
         drop(run);
-        if let Err(e) = record.save(&self.bundle) {
+        if let Err(e) = record.save(&self.bundle, &self.id) {
             log::warn!(
                 "pod {}: cannot keep its record for a cleanup after a crash: {e}",
                 self.id

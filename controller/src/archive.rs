@@ -711,11 +711,13 @@ pub fn unpack_layers(dest: &Path, opening: &Opening, layers: Vec<Layer<'_>>) -> 
         |room| {
             for l in &layers {
                 let mut tar = tar::Archive::new((l.open)()?);
-                bound_entries(tar.entries().context("read layer")?, room)
-                    .with_context(|| format!("layer {}", l.name))?;
+                let bounded = bound_entries(tar.entries().context("read layer")?, room);
+                // Read to its end whatever tar made of it: a blob that does not match its
+                // digest is refused as such, not as the garbage it decompresses to.
                 let mut rest = tar.into_inner();
                 std::io::copy(&mut rest, &mut std::io::sink())
                     .with_context(|| format!("layer {}", l.name))?;
+                bounded.with_context(|| format!("layer {}", l.name))?;
             }
             let mut left = room;
             for l in &layers {

@@ -376,6 +376,19 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
         cmd
     }
 
+    /// `ctr` in CRI's namespace (k8s.io), where CRI pods' images and stasisctl's live.
+    pub fn ctr_k8s(&self, args: &[&str]) -> Result<Output> {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(self.socket())
+            .args(["-n", "k8s.io"])
+            .args(args)
+            .env("PATH", self.path_env())
+            .stdin(Stdio::null())
+            .output()
+            .context("run ctr")
+    }
+
     pub fn ctr(&self, args: &[&str]) -> Result<Output> {
         let out = self
             .ctr_command()

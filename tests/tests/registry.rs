@@ -15,12 +15,7 @@ use stasis_e2e::{
 };
 
 fn ctr_k8s(c: &Containerd, args: &[&str]) -> Result<std::process::Output> {
-    Ok(std::process::Command::new("ctr")
-        .arg("--address")
-        .arg(c.socket())
-        .args(["-n", "k8s.io"])
-        .args(args)
-        .output()?)
+    c.ctr_k8s(args)
 }
 
 /// A pod `name` under `handler` with one counting container "app" (the counter moving);

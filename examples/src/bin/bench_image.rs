@@ -33,12 +33,7 @@ fn ok(c: &Containerd, args: &[&str]) -> Result<String> {
 
 /// `ctr` in CRI's namespace, where stasisctl keeps images.
 fn ctr_k8s(c: &Containerd, args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new("ctr")
-        .arg("--address")
-        .arg(c.socket())
-        .args(["-n", "k8s.io"])
-        .args(args)
-        .output()?;
+    let out = c.ctr_k8s(args)?;
     ensure!(
         out.status.success(),
         "ctr {args:?}: {}",

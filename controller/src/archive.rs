@@ -430,24 +430,31 @@ impl<W: Write> Write for Cancellable<'_, W> {
     }
 }
 
+/// The regular files below `dir` and their bytes (links and other entries not counted).
+fn tree_size(dir: &Path) -> (u64, u64) {
+    let (mut files, mut bytes) = (0, 0);
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        match e.path().symlink_metadata() {
+            Ok(m) if m.is_dir() => {
+                let (f, b) = tree_size(&e.path());
+                files += f;
+                bytes += b;
+            }
+            Ok(m) if m.is_file() => {
+                files += 1;
+                bytes += m.len();
+            }
+            _ => {}
+        }
+    }
+    (files, bytes)
+}
+
 /// Reads the archive at `path` back in full (every compressed frame's checksum included) and
 /// checks it holds exactly the regular files and bytes of `dir`, the directory it was made
 /// from.
 pub fn verify(path: &Path, dir: &Path) -> Result<()> {
-    fn walk(p: &Path, files: &mut u64, bytes: &mut u64) {
-        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
-            match e.path().symlink_metadata() {
-                Ok(m) if m.is_dir() => walk(&e.path(), files, bytes),
-                Ok(m) if m.is_file() => {
-                    *files += 1;
-                    *bytes += m.len();
-                }
-                _ => {}
-            }
-        }
-    }
-    let (mut want_files, mut want_bytes) = (0, 0);
-    walk(dir, &mut want_files, &mut want_bytes);
+    let (want_files, want_bytes) = tree_size(dir);
     let (mut files, mut bytes) = (0u64, 0u64);
     let mut tar = tar::Archive::new(open(path, &Opening::default())?);
     for entry in tar
@@ -936,72 +943,6 @@ pub fn copy_from_dir(
     opening: &Opening,
     leave_pages: bool,
 ) -> Result<(PodOptions, Option<layout::PageSource>)> {
-    fn walk(
-        src: &Path,
-        dest: &Path,
-        rel: &Path,
-        room: &mut u64,
-        leave_pages: bool,
-        spans: &mut std::collections::BTreeMap<String, layout::PageSpan>,
-    ) -> Result<()> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        for e in std::fs::read_dir(src.join(rel))
-            .with_context(|| format!("read {}", src.join(rel).display()))?
-        {
-            let e = e?;
-            let rel = rel.join(e.file_name());
-            let from = src.join(&rel);
-            let to = dest.join(&rel);
-            let m = from.symlink_metadata()?;
-            if m.is_dir() {
-                std::fs::DirBuilder::new().mode(0o700).create(&to)?;
-                walk(src, dest, &rel, room, leave_pages, spans)?;
-                continue;
-            }
-            if !m.is_file() {
-                bail!(
-                    "hostile checkpoint directory: {} is not a regular file or directory",
-                    rel.display()
-                );
-            }
-            if leave_pages && layout::is_page_image(&rel) && m.len() > 0 {
-                // Left where it is (the shim makes the local image, see
-                // `extract_leaving_pages`).
-                spans.insert(
-                    rel.display().to_string(),
-                    layout::PageSpan {
-                        file: Some(from),
-                        offset: 0,
-                        size: m.len(),
-                        ..Default::default()
-                    },
-                );
-                continue;
-            }
-            if m.len() > *room {
-                bail!(
-                    "the pod's files need more than the {} free where they are unpacked",
-                    human(*room)
-                );
-            }
-            *room -= m.len();
-            let mut out = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(m.permissions().mode() & 0o700)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&to)
-                .with_context(|| format!("create {}", to.display()))?;
-            let mut input = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&from)
-                .with_context(|| format!("open {}", from.display()))?;
-            std::io::copy(&mut input, &mut out)
-                .with_context(|| format!("copy {}", rel.display()))?;
-        }
-        Ok(())
-    }
     let src = src
         .canonicalize()
         .with_context(|| format!("open {}", src.display()))?;
@@ -1011,7 +952,7 @@ pub fn copy_from_dir(
         |_| Ok(()),
         |room| {
             let mut room = room;
-            walk(
+            copy_tree(
                 &src,
                 dest,
                 Path::new(""),
@@ -1029,50 +970,81 @@ pub fn copy_from_dir(
     Ok((options, source))
 }
 
+/// Copies the tree below `src`/`rel` into the existing `dest`/`rel`: directories 0700, files
+/// with their owner bits only, new files only, nothing through a link; anything but regular
+/// files and directories refused. At most `room` bytes (taken off it). With `leave_pages`,
+/// page images are not copied but listed in `spans` (their bytes stay in `src`).
+fn copy_tree(
+    src: &Path,
+    dest: &Path,
+    rel: &Path,
+    room: &mut u64,
+    leave_pages: bool,
+    spans: &mut std::collections::BTreeMap<String, layout::PageSpan>,
+) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    for e in std::fs::read_dir(src.join(rel))
+        .with_context(|| format!("read {}", src.join(rel).display()))?
+    {
+        let e = e?;
+        let rel = rel.join(e.file_name());
+        let from = src.join(&rel);
+        let to = dest.join(&rel);
+        let m = from.symlink_metadata()?;
+        if m.is_dir() {
+            std::fs::DirBuilder::new().mode(0o700).create(&to)?;
+            copy_tree(src, dest, &rel, room, leave_pages, spans)?;
+            continue;
+        }
+        if !m.is_file() {
+            bail!(
+                "hostile checkpoint directory: {} is not a regular file or directory",
+                rel.display()
+            );
+        }
+        if leave_pages && layout::is_page_image(&rel) && m.len() > 0 {
+            // Left where it is (the shim makes the local image, see
+            // `extract_leaving_pages`).
+            spans.insert(
+                rel.display().to_string(),
+                layout::PageSpan {
+                    file: Some(from),
+                    offset: 0,
+                    size: m.len(),
+                    ..Default::default()
+                },
+            );
+            continue;
+        }
+        if m.len() > *room {
+            bail!(
+                "the pod's files need more than the {} free where they are unpacked",
+                human(*room)
+            );
+        }
+        *room -= m.len();
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(m.permissions().mode() & 0o700)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&to)
+            .with_context(|| format!("create {}", to.display()))?;
+        let mut input = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&from)
+            .with_context(|| format!("open {}", from.display()))?;
+        std::io::copy(&mut input, &mut out).with_context(|| format!("copy {}", rel.display()))?;
+    }
+    Ok(())
+}
+
 /// Moves the staged checkpoint `staging` to `dest` (which must not exist): a rename on the
 /// same file system, else a copy into a fresh name beside `dest` renamed into place, so that
 /// nothing partial is ever at `dest`. Returns the bytes it holds.
 pub fn place_dir(staging: &Path, dest: &Path) -> Result<u64> {
-    fn copy_tree(from: &Path, to: &Path) -> Result<u64> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        std::fs::DirBuilder::new().mode(0o700).create(to)?;
-        let mut bytes = 0;
-        for e in std::fs::read_dir(from)? {
-            let e = e?;
-            let m = e.path().symlink_metadata()?;
-            let target = to.join(e.file_name());
-            if m.is_dir() {
-                bytes += copy_tree(&e.path(), &target)?;
-            } else if m.is_file() {
-                let mut input = std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(e.path())?;
-                let mut out = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(m.permissions().mode() & 0o700)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&target)?;
-                bytes += std::io::copy(&mut input, &mut out)?;
-                out.sync_all()?;
-            }
-        }
-        Ok(bytes)
-    }
-    fn size_of(dir: &Path) -> u64 {
-        std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| match e.path().symlink_metadata() {
-                Ok(m) if m.is_dir() => size_of(&e.path()),
-                Ok(m) => m.len(),
-                Err(_) => 0,
-            })
-            .sum()
-    }
-    let bytes = size_of(staging);
+    let (_, bytes) = tree_size(staging);
     match rename_new(staging, dest) {
         Ok(()) => return Ok(bytes),
         Err(e) if dest.symlink_metadata().is_ok() => return Err(e),
@@ -1087,10 +1059,24 @@ pub fn place_dir(staging: &Path, dest: &Path) -> Result<u64> {
         dest.file_name().unwrap_or_default().to_string_lossy(),
         random_suffix()?
     ));
-    let copied = copy_tree(staging, &partial).and_then(|b| {
+    let copied = (|| {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(&partial)?;
+        let mut room = u64::MAX;
+        copy_tree(
+            staging,
+            &partial,
+            Path::new(""),
+            &mut room,
+            false,
+            &mut Default::default(),
+        )?;
+        // On disk before it is there under its name.
+        let dir = File::open(&partial)?;
+        nix::unistd::syncfs(&dir)?;
         rename_new(&partial, dest)?;
-        Ok(b)
-    });
+        Ok(bytes)
+    })();
     if copied.is_err() {
         let _ = std::fs::remove_dir_all(&partial);
     }
@@ -1577,6 +1563,42 @@ mod tests {
             !names.iter().any(|n| n.contains("partial")),
             "a partial file was left: {names:?}"
         );
+    }
+
+    /// A staged checkpoint is placed whole: renamed on one file system, copied (private, then
+    /// renamed) across two (/dev/shm is a tmpfs here); never over an existing directory.
+    #[test]
+    fn staged_checkpoints_are_placed_whole() {
+        use std::os::unix::fs::PermissionsExt;
+        let s = Scratch::new("place");
+        for (i, stage_root) in [s.0.clone(), PathBuf::from("/dev/shm")].iter().enumerate() {
+            let staging = stage_root.join(format!("stasis-place-test-{}-{i}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&staging);
+            std::fs::create_dir_all(staging.join("c/checkpoint")).unwrap();
+            std::fs::write(staging.join("pod.options"), b"{}").unwrap();
+            std::fs::write(staging.join("c/checkpoint/pages-1.img"), vec![1u8; 5000]).unwrap();
+            // As a checkpoint is staged: private throughout.
+            make_private(&staging).unwrap();
+            let dest = s.0.join(format!("placed-{i}"));
+            assert_eq!(place_dir(&staging, &dest).unwrap(), 5002);
+            assert_eq!(
+                std::fs::read(dest.join("c/checkpoint/pages-1.img")).unwrap(),
+                vec![1u8; 5000]
+            );
+            let mode = std::fs::metadata(dest.join("c"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o700);
+            let _ = std::fs::remove_dir_all(&staging);
+            std::fs::create_dir_all(&staging).unwrap();
+            assert!(
+                place_dir(&staging, &dest).is_err(),
+                "placed over {}",
+                dest.display()
+            );
+            let _ = std::fs::remove_dir_all(&staging);
+        }
     }
 
     /// A lazy restore's unpack leaves page images in an uncompressed archive: not unpacked,

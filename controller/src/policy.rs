@@ -4,7 +4,8 @@
 //!
 //! Items: `privileged`, `host-namespaces` (network, PID, IPC of the node), `capabilities`
 //! (added beyond the runtime's default set), `seccomp-unconfined`, `apparmor-unconfined`,
-//! `cgroup-parent` (outside the node's pod cgroup roots), `devices` (host devices), and host
+//! `cgroup-parent` (outside the node's pod cgroup roots), `devices` (host devices), `sysctls`
+//! (pod sysctls outside the policy's list: by default the set kubelet calls safe), and host
 //! paths, governed by prefixes since every real pod has some (emptyDir and hostPath volumes).
 
 use std::{
@@ -50,6 +51,8 @@ pub enum Item {
     ApparmorUnconfined,
     CgroupParent,
     Devices,
+    /// Pod sysctls beyond the policy's `sysctls` list.
+    Sysctls,
     /// Governed by prefixes, not by name.
     #[serde(skip)]
     HostPath,
@@ -64,6 +67,7 @@ impl Item {
         ("apparmor-unconfined", Item::ApparmorUnconfined),
         ("cgroup-parent", Item::CgroupParent),
         ("devices", Item::Devices),
+        ("sysctls", Item::Sysctls),
     ];
 
     pub fn name(self) -> &'static str {
@@ -124,6 +128,10 @@ pub struct Policy {
     /// Cgroup parents below these are accepted (default: `/kubepods` and stasis's own root).
     #[serde(default = "default_cgroup_roots")]
     pub cgroup_roots: Vec<PathBuf>,
+    /// Pod sysctls a restore may set: names, or prefixes ending in `*` (default: the sysctls
+    /// kubelet allows without `--allowed-unsafe-sysctls`).
+    #[serde(default = "default_sysctls")]
+    pub sysctls: Vec<String>,
 }
 
 impl Default for Policy {
@@ -132,8 +140,28 @@ impl Default for Policy {
             allow: BTreeSet::new(),
             host_path_prefixes: default_host_paths(),
             cgroup_roots: default_cgroup_roots(),
+            sysctls: default_sysctls(),
         }
     }
+}
+
+fn default_sysctls() -> Vec<String> {
+    [
+        "kernel.shm_rmid_forced",
+        "net.ipv4.ip_local_port_range",
+        "net.ipv4.ip_unprivileged_port_start",
+        "net.ipv4.ping_group_range",
+        "net.ipv4.tcp_syncookies",
+        "net.ipv4.ip_local_reserved_ports",
+        "net.ipv4.tcp_keepalive_time",
+        "net.ipv4.tcp_fin_timeout",
+        "net.ipv4.tcp_keepalive_intvl",
+        "net.ipv4.tcp_keepalive_probes",
+        "net.ipv4.tcp_rmem",
+        "net.ipv4.tcp_wmem",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn default_host_paths() -> Vec<PathBuf> {
@@ -205,6 +233,14 @@ impl Policy {
             (Item::CgroupParent, Some(p)) => {
                 let p = lexical(Path::new(p));
                 self.cgroup_roots.iter().any(|x| p.starts_with(x))
+            }
+            (Item::Sysctls, Some(name)) => {
+                self.sysctls
+                    .iter()
+                    .any(|allowed| match allowed.strip_suffix('*') {
+                        Some(prefix) => name.starts_with(prefix),
+                        None => name == allowed,
+                    })
             }
             _ => false,
         }
@@ -313,6 +349,31 @@ pub fn requests(
 ) -> Vec<Request> {
     let mut out = Vec::new();
     if let Some(linux) = &pod.linux {
+        for (name, value) in &linux.sysctls {
+            // The slash form names the same sysctl: compare in the dotted form.
+            let slash_form = match (name.find('/'), name.find('.')) {
+                (Some(s), Some(d)) => s < d,
+                (Some(_), None) => true,
+                _ => false,
+            };
+            let dotted = if slash_form {
+                name.chars()
+                    .map(|c| match c {
+                        '/' => '.',
+                        '.' => '/',
+                        c => c,
+                    })
+                    .collect()
+            } else {
+                name.clone()
+            };
+            out.push(Request {
+                item: Item::Sysctls,
+                by: "pod".into(),
+                what: format!("sysctl {dotted}={value}"),
+                path: Some(dotted),
+            });
+        }
         if !linux.cgroup_parent.is_empty() {
             out.push(Request {
                 item: Item::CgroupParent,
@@ -431,6 +492,34 @@ mod tests {
         }));
         let reqs = requests(&p, &[("app".into(), c)]);
         defaults().check(&reqs).unwrap();
+    }
+
+    #[test]
+    fn sysctls_outside_the_list_are_refused_by_name() {
+        let p = pod(serde_json::json!({"linux": {"sysctls": {
+            "net.ipv4.ip_local_port_range": "20000 30000",
+            "net/core/somaxconn": "1000",
+            "kernel.msgmax": "100"
+        }}}));
+        let reqs = requests(&p, &[]);
+        let err = defaults().check(&reqs).unwrap_err().to_string();
+        assert!(
+            err.contains("pod: sysctl net.core.somaxconn=1000 [sysctls]"),
+            "{err}"
+        );
+        assert!(
+            err.contains("pod: sysctl kernel.msgmax=100 [sysctls]"),
+            "{err}"
+        );
+        assert!(!err.contains("ip_local_port_range"), "{err}");
+        assert!(err.contains("--allow sysctls"), "{err}");
+        let mut wider = defaults();
+        wider.sysctls.push("net.core.*".into());
+        wider.sysctls.push("kernel.msgmax".into());
+        wider.check(&reqs).unwrap();
+        let mut by_flag = defaults();
+        by_flag.widen(&["sysctls".into()], &[]).unwrap();
+        by_flag.check(&reqs).unwrap();
     }
 
     #[test]

@@ -352,11 +352,35 @@ fn remove_dead_socket(flags: &Flags) {
     }
 }
 
+/// `-info`: what containerd's runtime introspection asks a shim. Like runc-v2's answer, it
+/// carries the OCI runtime's `features` (for the backend the options on stdin choose), which
+/// is how containerd learns, e.g., that recursive read-only mounts are supported.
 pub fn info() -> Result<(), BoxError> {
-    let info = containerd_shim_protos::types::introspection::RuntimeInfo {
+    use containerd_shim_protos::types::introspection::{RuntimeInfo, RuntimeVersion};
+    let options = drain_stdin();
+    let backend = backend_from_stdin("info", &options)?;
+    let runtime = runtime::build(&backend, "info");
+    let mut info = RuntimeInfo {
         name: "io.containerd.stasis.v2".to_string(),
+        version: protobuf::MessageField::some(RuntimeVersion {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        }),
         ..Default::default()
     };
+    if !options.is_empty() {
+        info.options = protobuf::MessageField::some(
+            protobuf::well_known_types::any::Any::parse_from_bytes(&options)?,
+        );
+    }
+    if let Some(features) = runtime.features() {
+        info.features = protobuf::MessageField::some(protobuf::well_known_types::any::Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/features/Features"
+                .to_string(),
+            value: features,
+            ..Default::default()
+        });
+    }
     std::io::stdout().write_all(&info.write_to_bytes()?)?;
     Ok(())
 }

@@ -24,6 +24,11 @@ pub struct Containerd {
 impl Containerd {
     /// Starts a private containerd for the test `name`.
     pub fn start(name: &str) -> Result<Self> {
+        Self::start_with_cri_settings(name, "")
+    }
+
+    /// A private containerd whose CRI runtime plugin gets `settings` (TOML lines) too.
+    pub fn start_with_cri_settings(name: &str, settings: &str) -> Result<Self> {
         require_prerequisites()?;
         let dir = PathBuf::from(format!("/tmp/stasis-e2e/{name}-{}", std::process::id()));
         if dir.exists() {
@@ -49,7 +54,7 @@ impl Containerd {
             shim_dir,
             dir,
         };
-        c.write_config()?;
+        c.write_config(settings)?;
         c.spawn()?;
         Ok(c)
     }
@@ -154,7 +159,7 @@ impl Containerd {
         self.dir.join("containerd.sock")
     }
 
-    fn write_config(&self) -> Result<()> {
+    fn write_config(&self, cri_settings: &str) -> Result<()> {
         let pause = image::PAUSE_REF;
         let d = self.dir.display();
         let config = format!(
@@ -178,6 +183,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
 
 [plugins.'io.containerd.cri.v1.runtime']
   restrict_oom_score_adj = true
+{cri_settings}
   [plugins.'io.containerd.cri.v1.runtime'.cni]
     bin_dirs = ["/usr/lib/cni"]
     conf_dir = "{d}/cni"

@@ -244,12 +244,18 @@ impl BackendConfig {
     /// Global flags for the runtime: the configured ones, else the engine's defaults. gVisor
     /// on these hosts needs the systrap platform, and its pods run without a network stack
     /// of their own (loopback only) so that a sandbox restores into any new network namespace.
+    /// `--oci-seccomp`: without it runsc ignores the spec's seccomp profile (gVisor's own
+    /// filters protect the host, not the pod from itself).
     pub fn args(&self) -> Vec<String> {
         if !self.runtime_args.is_empty() {
             return self.runtime_args.clone();
         }
         match self.engine {
-            Engine::Runsc => vec!["--platform=systrap".into(), "--network=none".into()],
+            Engine::Runsc => vec![
+                "--platform=systrap".into(),
+                "--network=none".into(),
+                "--oci-seccomp".into(),
+            ],
             Engine::Runc | Engine::Crun => Vec::new(),
         }
     }
@@ -359,7 +365,7 @@ mod tests {
         assert_eq!(name("/x/containerd-shim-stasis-crun-v2"), Engine::Crun);
         assert_eq!(
             BackendConfig::from_binary_name(Path::new("containerd-shim-stasis-runsc-v2")).args(),
-            ["--platform=systrap", "--network=none"]
+            ["--platform=systrap", "--network=none", "--oci-seccomp"]
         );
         let bad = RuntimeOptions {
             config_body: b"engine = \"kata\"".to_vec(),

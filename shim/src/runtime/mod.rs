@@ -232,6 +232,19 @@ pub trait OciRuntime: Send + Sync {
         Ok(None)
     }
 
+    /// Whether the pod's sysctls take effect: the shim writes them in the namespaces of its
+    /// pause process. A runtime that holds the pod itself and ignores them says no, and pods
+    /// asking for sysctls are refused rather than silently left without.
+    fn applies_sysctls(&self) -> bool {
+        true
+    }
+
+    /// The OCI runtime's `features` document (JSON), which `-info` hands to containerd.
+    /// Called from the short-lived `-info` process only.
+    fn features(&self) -> Option<Vec<u8>> {
+        None
+    }
+
     /// Adjusts a container's spec before `create`.
     fn adapt_container_spec(&self, _spec: &mut ContainerSpec) {}
 

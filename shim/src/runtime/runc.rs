@@ -181,6 +181,20 @@ impl OciRuntime for Runc {
         self.engine
     }
 
+    /// `runc features` (and crun's): what the runtime supports, recursive read-only mounts
+    /// among its mount options.
+    fn features(&self) -> Option<Vec<u8>> {
+        let out = std::process::Command::new(&self.binary)
+            .arg("features")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let valid = out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok();
+        valid.then_some(out.stdout)
+    }
+
     async fn create(
         &self,
         id: &str,

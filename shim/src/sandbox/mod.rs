@@ -4,6 +4,7 @@
 
 mod files;
 pub mod pause;
+pub mod sysctls;
 pub mod watchdog;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -162,6 +163,8 @@ type Started = (i32, bool, Vec<PathBuf>, Option<PathBuf>);
 async fn start_pod(shim: &Shim, pod: &Arc<Pod>) -> Result<Started> {
     let id = pod.id.as_str();
     refuse_host_pid(pod)?;
+    let own = sysctls::OwnNamespaces::of(&pod.config, &pod.netns);
+    let settings = pod_sysctls(shim, pod, own).await?;
     let restore = restore_source(shim, pod)?;
     cgroup::create(id, &pod.cgroup)?;
     let (files, shm) = match files::write_pod_files(pod) {
@@ -171,7 +174,7 @@ async fn start_pod(shim: &Shim, pod: &Arc<Pod>) -> Result<Started> {
             return Err(e);
         }
     };
-    match start_root(shim, pod, restore).await {
+    match start_root(shim, pod, restore, own, &settings).await {
         Ok((pid, by_runtime)) => Ok((pid, by_runtime, files, shm)),
         Err(e) => {
             remove_pod_host_state(id, &pod.cgroup, shm, files);
@@ -202,11 +205,36 @@ fn refuse_host_pid(pod: &Pod) -> Result<()> {
     Ok(())
 }
 
+/// The sysctls the pod gets, checked against the namespaces it owns before anything is made.
+async fn pod_sysctls(
+    shim: &Shim,
+    pod: &Pod,
+    own: sysctls::OwnNamespaces,
+) -> Result<Vec<sysctls::Setting>> {
+    if !shim.runtime.applies_sysctls() {
+        sysctls::refuse_any(&pod.id, &pod.config, shim.runtime.name())?;
+        return Ok(Vec::new());
+    }
+    let defaults = if own.net {
+        sysctls::CriDefaults::learn(&pod.id).await
+    } else {
+        sysctls::CriDefaults::default()
+    };
+    let wanted = sysctls::wanted(&pod.config, own, defaults);
+    let settings = sysctls::plan(&pod.id, &wanted, own)?;
+    if !settings.is_empty() {
+        info!("pod {}: sysctls {wanted:?}", pod.id);
+    }
+    Ok(settings)
+}
+
 /// The process holding the pod's namespaces: the runtime's own sandbox root, or our pause.
 async fn start_root(
     shim: &Shim,
     pod: &Arc<Pod>,
     restore: Option<(PodOptions, Option<PathBuf>)>,
+    own: sysctls::OwnNamespaces,
+    settings: &[sysctls::Setting],
 ) -> Result<(i32, bool)> {
     let id = pod.id.as_str();
     let root = PodRoot {
@@ -220,7 +248,13 @@ async fn start_root(
     let (pid, by_runtime) = match shim.runtime.start_pod(&root).await? {
         Some(pid) => (pid, true),
         None => {
-            let pid = pause::spawn(id, &pod.netns, &pod.config.hostname)?;
+            let pid = pause::spawn(
+                id,
+                &pod.netns,
+                &pod.config.hostname,
+                pause::Own { ipc: own.ipc },
+                settings,
+            )?;
             if let Err(e) = cgroup::add_process(id, &pod.cgroup, pid) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),

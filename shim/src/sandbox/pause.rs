@@ -22,6 +22,16 @@ use nix::{
 use crate::error::{Error, Result};
 
 const HOSTNAME_ENV: &str = "STASIS_POD_HOSTNAME";
+/// The pod's sysctls (JSON), written by the launcher in the pod's new namespaces.
+const SYSCTLS_ENV: &str = "STASIS_POD_SYSCTLS";
+/// What the launcher prints instead of a pid when a sysctl cannot be set.
+const SYSCTL_FAILED: &str = "sysctl-failed: ";
+
+/// The namespaces the pause process makes for its pod; without, the pod shares the node's.
+#[derive(Debug, Clone, Copy)]
+pub struct Own {
+    pub ipc: bool,
+}
 
 /// The descriptor on which the pause process holds the read end of its lifeline: a pipe whose
 /// only write end is the shim's. When the shim dies, however it dies, the pipe hangs up and
@@ -34,9 +44,16 @@ const LIFELINE_FD: i32 = 3;
 /// runtime helper inherits it.
 static LIFELINES: std::sync::Mutex<Vec<std::os::fd::OwnedFd>> = std::sync::Mutex::new(Vec::new());
 
-/// Starts the pause process in new IPC, UTS and PID namespaces joined to `netns` (if any),
-/// with `hostname`; returns its pid (as seen from the shim).
-pub fn spawn(pod: &str, netns: &str, hostname: &str) -> Result<i32> {
+/// Starts the pause process in new UTS and PID namespaces and a new IPC namespace (unless the
+/// pod shares the node's), joined to `netns` (if any), with `hostname` and `sysctls` set;
+/// returns its pid (as seen from the shim). A sysctl the kernel refuses fails the pod.
+pub fn spawn(
+    pod: &str,
+    netns: &str,
+    hostname: &str,
+    own: Own,
+    sysctls: &[super::sysctls::Setting],
+) -> Result<i32> {
     let netns_file = if netns.is_empty() {
         None
     } else {
@@ -46,6 +63,10 @@ pub fn spawn(pod: &str, netns: &str, hostname: &str) -> Result<i32> {
     let mut cmd = Command::new(exe);
     cmd.arg("pause")
         .env(HOSTNAME_ENV, hostname)
+        .env(
+            SYSCTLS_ENV,
+            serde_json::to_string(sysctls).unwrap_or_else(|_| "[]".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
@@ -53,6 +74,10 @@ pub fn spawn(pod: &str, netns: &str, hostname: &str) -> Result<i32> {
     let (life_read, life_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| Error::io(pod, "create pause lifeline", e.into()))?;
     let life_fd = life_read.as_raw_fd();
+    let mut flags = libc::CLONE_NEWUTS | libc::CLONE_NEWPID;
+    if own.ipc {
+        flags |= libc::CLONE_NEWIPC;
+    }
     // SAFETY: only async-signal-safe calls (dup2, setns, unshare) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -65,7 +90,7 @@ pub fn spawn(pod: &str, netns: &str, hostname: &str) -> Result<i32> {
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            if libc::unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWPID) < 0 {
+            if libc::unshare(flags) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -83,6 +108,9 @@ pub fn spawn(pod: &str, netns: &str, hostname: &str) -> Result<i32> {
         .map_err(|e| Error::io(pod, "read pause pid", e))?;
     // The launcher exits right away; the reaper collects it.
     drop(child);
+    if let Some(why) = line.trim().strip_prefix(SYSCTL_FAILED) {
+        return Err(Error::invalid(pod, why.to_string()));
+    }
     line.trim()
         .parse()
         .map_err(|_| Error::other(pod, "start pause process", format!("bad pid {line:?}")))
@@ -195,6 +223,17 @@ extern "C" fn on_child(_: libc::c_int) {}
 /// `containerd-shim-stasis-v2 pause`: runs in the new namespaces set up by [`spawn`]. Forks
 /// the real pause (PID 1 of the new PID namespace), prints its pid and exits.
 pub fn main() -> ! {
+    // The launcher is in the pod's network and IPC namespaces already: their sysctls are set
+    // here, before the pod's first process exists.
+    let sysctls = match std::env::var(SYSCTLS_ENV) {
+        Ok(j) => serde_json::from_str::<Vec<super::sysctls::Setting>>(&j)
+            .map_err(|e| format!("the shim's sysctl list: {e}")),
+        Err(_) => Ok(Vec::new()),
+    };
+    if let Err(why) = sysctls.and_then(|s| super::sysctls::apply(&s)) {
+        println!("{SYSCTL_FAILED}{why}");
+        std::process::exit(1);
+    }
     // SAFETY: single-threaded here (called first thing from main).
     match unsafe { fork() } {
         Ok(ForkResult::Parent { child }) => {

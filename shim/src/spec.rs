@@ -119,9 +119,10 @@ impl ContainerSpec {
         }
     }
 
-    /// Drops the host paths of every namespace: the container gets fresh ones (or, under a
-    /// runtime with its own kernel, the sandbox's).
-    pub fn clear_namespace_paths(&mut self) {
+    /// Drops the host paths of every namespace but those of the types in `keep` ("pid"): the
+    /// container gets fresh ones (or, under a runtime with its own kernel, the sandbox's).
+    pub fn clear_namespace_paths(&mut self, keep: &[&str]) {
+        let kept = |typ: &str| keep.contains(&typ);
         if let Some(ns) = self
             .typed
             .linux_mut()
@@ -129,7 +130,12 @@ impl ContainerSpec {
             .and_then(|l| l.namespaces_mut().as_mut())
         {
             for n in ns.iter_mut() {
-                n.set_path(None);
+                let typ = keep.iter().find(|k| {
+                    oci_spec::runtime::LinuxNamespaceType::try_from(**k).ok() == Some(n.typ())
+                });
+                if typ.is_none() {
+                    n.set_path(None);
+                }
             }
         }
         if let Some(ns) = self
@@ -139,6 +145,9 @@ impl ContainerSpec {
         {
             for n in ns.iter_mut() {
                 if let Some(o) = n.as_object_mut() {
+                    if o.get("type").and_then(|t| t.as_str()).is_some_and(kept) {
+                        continue;
+                    }
                     if o.remove("path").is_some() {
                         self.changed = true;
                     }
@@ -159,7 +168,8 @@ mod tests {
         "mounts": [{"destination": "/data", "type": "bind", "source": "/tmp", "options": ["rbind"]}],
         "annotations": {"io.kubernetes.cri.container-type": "container", "x-unknown": "kept"},
         "linux": {"cgroupsPath": "/kubepods/c1",
-                  "namespaces": [{"type": "pid", "path": "/proc/9/ns/pid"}, {"type": "mount"}],
+                  "namespaces": [{"type": "pid", "path": "/proc/9/ns/pid"}, {"type": "mount"},
+                                 {"type": "ipc", "path": "/proc/9/ns/ipc"}],
                   "someFutureField": {"a": 1}}
     }"#;
 
@@ -171,12 +181,13 @@ mod tests {
         assert_eq!(s.cgroups_path(), "/kubepods/c1");
         assert_eq!(s.mounts().len(), 1);
         s.set_cgroups_path("/stasis/pod/c1");
-        s.clear_namespace_paths();
+        s.clear_namespace_paths(&["pid"]);
         assert_eq!(s.cgroups_path(), "/stasis/pod/c1");
         let doc = s.document();
         assert_eq!(doc["linux"]["someFutureField"]["a"], 1);
         assert_eq!(doc["linux"]["cgroupsPath"], "/stasis/pod/c1");
-        assert!(doc["linux"]["namespaces"][0].get("path").is_none());
+        assert_eq!(doc["linux"]["namespaces"][0]["path"], "/proc/9/ns/pid");
+        assert!(doc["linux"]["namespaces"][2].get("path").is_none());
         assert!(s.changed);
     }
 

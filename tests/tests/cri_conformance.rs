@@ -406,3 +406,32 @@ async fn host_ipc_pods_share_the_nodes_ipc_namespace() -> Result<()> {
     c.expect_footprint(footprint).await?;
     c.finish()
 }
+
+/// The containers of a pod share its PID namespace (CRI's default, `NamespaceMode::Pod`), under
+/// runc and under gVisor: one container sees another's processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_of_a_pod_share_its_pid_namespace_under_runc_and_gvisor() -> Result<()> {
+    let c = Containerd::start("cri-podpid")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    for handler in ["stasis", "stasis-gvisor"] {
+        let pod = pod_config(&format!("podpid-{handler}"), &c.dir.join("logs"));
+        let pod_id = cri.run_pod_with(&pod, handler).await?;
+        cri.run_container(
+            &pod_id,
+            &pod,
+            container_config("first", image, &["sleep", "100001"]),
+        )
+        .await?;
+        let second = cri
+            .run_container(&pod_id, &pod, container_config("second", image, SLEEP))
+            .await?;
+        let ps = cri.exec_ok(&second, &["ps", "-o", "args"]).await?;
+        ensure!(
+            ps.contains("sleep 100001"),
+            "{handler}: the second container does not see the first's process:\n{ps}"
+        );
+        cri.stop_and_remove_pod(&pod_id).await?;
+    }
+    c.finish()
+}

@@ -61,27 +61,84 @@ async fn the_pods_pid_1_gives_nothing_of_the_host_away() -> Result<()> {
     c.finish()
 }
 
-/// A pod asking for the node's PID namespace is refused at RunPodSandbox, saying why,
-/// instead of silently getting a private one.
+/// A hostPID pod runs in the node's PID namespace, as under runc. Its processes are the node's
+/// as much as the pod's, so a pod checkpoint or a Task API checkpoint of one of its containers
+/// is refused, naming the pod, and the pod runs on, not frozen; a gVisor pod asking for it is
+/// refused (a sandbox cannot share the node's PID namespace).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pod_asking_for_the_host_pid_namespace_is_refused() -> Result<()> {
+async fn host_pid_pods_run_in_the_nodes_pid_namespace_and_are_never_checkpointed() -> Result<()> {
     let c = Containerd::start("trust-hostpid")?;
+    let image = c.import_busybox_for_cri()?;
     let mut cri = c.cri().await?;
-    let mut pod = pod_config("hostpid", &c.dir.join("logs"));
-    pod.linux
+    let host_pid = |mut pod: cri::PodSandboxConfig| -> Result<cri::PodSandboxConfig> {
+        pod.linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .and_then(|s| s.namespace_options.as_mut())
+            .context("namespace options")?
+            .pid = cri::NamespaceMode::Node as i32;
+        Ok(pod)
+    };
+    let pod = host_pid(pod_config("hostpid", &c.dir.join("logs")))?;
+    let pod_id = cri.run_pod(&pod).await?;
+    let mut cfg = container_config("app", image, &["sh", "-c", &counter_loop("/counter")]);
+    cfg.linux
         .as_mut()
         .and_then(|l| l.security_context.as_mut())
         .and_then(|s| s.namespace_options.as_mut())
-        .context("namespace options")?
+        .context("container namespace options")?
         .pid = cri::NamespaceMode::Node as i32;
-    let err = match cri.run_pod(&pod).await {
-        Ok(id) => anyhow::bail!("a hostPID pod was created: {id}"),
+    let id = cri.run_container(&pod_id, &pod, cfg).await?;
+    wait_counter_moving(&mut cri, &id, "/counter").await?;
+    let theirs = cri.exec_ok(&id, &["readlink", "/proc/self/ns/pid"]).await?;
+    let ours = std::fs::read_link("/proc/self/ns/pid")?;
+    ensure!(
+        theirs == ours.display().to_string(),
+        "a hostPID pod's container is in {theirs}, the node in {}",
+        ours.display()
+    );
+
+    let out = c.stasisctl(&[
+        "pod",
+        "checkpoint",
+        "hostpid",
+        "--leave-running",
+        "--output",
+        c.dir.join("hostpid.tar").to_str().unwrap(),
+    ])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("hostPID") && err.contains(&pod_id),
+        "a hostPID pod's checkpoint was not refused by name: {err}"
+    );
+    ensure!(
+        !c.dir.join("hostpid.tar").exists(),
+        "a refused checkpoint left an archive"
+    );
+    let task = c.ctr_k8s(&["tasks", "checkpoint", &id])?;
+    let task_err = String::from_utf8_lossy(&task.stderr);
+    ensure!(
+        !task.status.success() && task_err.contains("hostPID"),
+        "a Task API checkpoint of a hostPID pod's container was not refused: {task_err}"
+    );
+    ensure!(
+        stasis_e2e::cri::pod_frozen_containers(&pod_id).is_empty(),
+        "the refused checkpoints left containers frozen"
+    );
+    wait_counter_moving(&mut cri, &id, "/counter").await?;
+    cri.stop_and_remove_pod(&pod_id).await?;
+
+    let footprint = c.settled_footprint().await?;
+    let gvisor = host_pid(pod_config("hostpid-gv", &c.dir.join("logs")))?;
+    let err = match cri.run_pod_with(&gvisor, "stasis-gvisor").await {
+        Ok(id) => anyhow::bail!("a hostPID gVisor pod was created: {id}"),
         Err(e) => format!("{e:#}"),
     };
     ensure!(
-        err.contains("hostPID") || err.contains("node's PID namespace"),
+        err.contains("hostPID"),
         "the refusal does not say why: {err}"
     );
+    c.expect_footprint(footprint).await?;
     c.finish()
 }
 

@@ -197,6 +197,7 @@ pub async fn checkpoint_pod(
     req: CheckpointPodRequest,
 ) -> Result<(CheckpointPodResponse, Option<Hold>)> {
     let pod = shim.require_pod(&req.sandbox_id)?;
+    pod.require_own_pid_ns("a checkpoint")?;
     let busy = gate.busy.clone().try_lock_owned().map_err(|_| {
         Error::precondition(
             &req.sandbox_id,

@@ -70,6 +70,8 @@ pub struct PodRoot {
     pub netns: String,
     pub hostname: String,
     pub cgroup: String,
+    /// The pod asks for the node's PID namespace (hostPID).
+    pub host_pid: bool,
     /// Restore the pod's sandbox from this image instead of starting it fresh.
     pub restore_image: Option<PathBuf>,
 }

@@ -99,6 +99,7 @@ fn restore_source(shim: &Shim, pod: &Pod) -> Result<Option<(PodOptions, Option<P
     let Some(value) = pod.config.annotations.get(RESTORE_ANNOTATION) else {
         return Ok(None);
     };
+    pod.require_own_pid_ns("a restore into it")?;
     if value.contains('/') {
         return Err(Error::precondition(
             &pod.id,
@@ -162,7 +163,6 @@ type Started = (i32, bool, Vec<PathBuf>, Option<PathBuf>);
 /// source is checked before anything is created; a failure after that removes what was made.
 async fn start_pod(shim: &Shim, pod: &Arc<Pod>) -> Result<Started> {
     let id = pod.id.as_str();
-    refuse_host_pid(pod)?;
     let own = sysctls::OwnNamespaces::of(&pod.config, &pod.netns);
     let settings = pod_sysctls(shim, pod, own).await?;
     let restore = restore_source(shim, pod)?;
@@ -181,28 +181,6 @@ async fn start_pod(shim: &Shim, pod: &Arc<Pod>) -> Result<Started> {
             Err(e)
         }
     }
-}
-
-/// The pod's processes live in the PID namespace of its pause process (or gVisor's sandbox);
-/// the node's PID namespace cannot be given, so saying yes would silently give a private one.
-/// (Checked at start: containerd 2.1.9 leaves the shim of a pod whose CreateSandbox failed
-/// running, but cleans up after a failed StartSandbox.)
-fn refuse_host_pid(pod: &Pod) -> Result<()> {
-    let pid_mode = pod
-        .config
-        .linux
-        .as_ref()
-        .and_then(|l| l.security_context.as_ref())
-        .and_then(|s| s.namespace_options.as_ref())
-        .map(|n| n.pid)
-        .unwrap_or_default();
-    if pid_mode == k8s_cri::v1::NamespaceMode::Node as i32 {
-        return Err(Error::invalid(
-            &pod.id,
-            "the pod asks for the node's PID namespace (hostPID), which stasis does not provide: its pods always have a PID namespace of their own",
-        ));
-    }
-    Ok(())
 }
 
 /// The sysctls the pod gets, checked against the namespaces it owns before anything is made.
@@ -243,6 +221,7 @@ async fn start_root(
         netns: pod.netns.clone(),
         hostname: pod.config.hostname.clone(),
         cgroup: pod.cgroup.clone(),
+        host_pid: pod.host_pid(),
         restore_image: restore.as_ref().and_then(|(_, image)| image.clone()),
     };
     let (pid, by_runtime) = match shim.runtime.start_pod(&root).await? {
@@ -252,7 +231,10 @@ async fn start_root(
                 id,
                 &pod.netns,
                 &pod.config.hostname,
-                pause::Own { ipc: own.ipc },
+                pause::Own {
+                    ipc: own.ipc,
+                    pid: !pod.host_pid(),
+                },
                 settings,
             )?;
             if let Err(e) = cgroup::add_process(id, &pod.cgroup, pid) {

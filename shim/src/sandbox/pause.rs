@@ -31,6 +31,7 @@ const SYSCTL_FAILED: &str = "sysctl-failed: ";
 #[derive(Debug, Clone, Copy)]
 pub struct Own {
     pub ipc: bool,
+    pub pid: bool,
 }
 
 /// The descriptor on which the pause process holds the read end of its lifeline: a pipe whose
@@ -44,8 +45,8 @@ const LIFELINE_FD: i32 = 3;
 /// runtime helper inherits it.
 static LIFELINES: std::sync::Mutex<Vec<std::os::fd::OwnedFd>> = std::sync::Mutex::new(Vec::new());
 
-/// Starts the pause process in new UTS and PID namespaces and a new IPC namespace (unless the
-/// pod shares the node's), joined to `netns` (if any), with `hostname` and `sysctls` set;
+/// Starts the pause process in a new UTS namespace, and new IPC and PID namespaces unless the
+/// pod shares the node's (hostIPC, hostPID), joined to `netns` (if any), with `hostname` and `sysctls` set;
 /// returns its pid (as seen from the shim). A sysctl the kernel refuses fails the pod.
 pub fn spawn(
     pod: &str,
@@ -74,9 +75,12 @@ pub fn spawn(
     let (life_read, life_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| Error::io(pod, "create pause lifeline", e.into()))?;
     let life_fd = life_read.as_raw_fd();
-    let mut flags = libc::CLONE_NEWUTS | libc::CLONE_NEWPID;
+    let mut flags = libc::CLONE_NEWUTS;
     if own.ipc {
         flags |= libc::CLONE_NEWIPC;
+    }
+    if own.pid {
+        flags |= libc::CLONE_NEWPID;
     }
     // SAFETY: only async-signal-safe calls (dup2, setns, unshare) between fork and exec.
     unsafe {

@@ -154,6 +154,32 @@ impl Pod {
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// The pod shares the node's PID namespace (hostPID).
+    pub fn host_pid(&self) -> bool {
+        self.config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.as_ref())
+            .is_some_and(|n| n.pid == k8s_cri::v1::NamespaceMode::Node as i32)
+    }
+
+    /// Refuses `what` (a checkpoint, a restore) for a hostPID pod: its processes live among
+    /// the node's, and CRIU restores a process tree only into a PID namespace of its own.
+    pub fn require_own_pid_ns(&self, what: &str) -> crate::error::Result<()> {
+        if self.host_pid() {
+            return Err(crate::error::Error::precondition(
+                &self.id,
+                format!(
+                    "pod {} ({}) shares the node's PID namespace (hostPID): {what} is not possible, its processes are not the pod's alone",
+                    self.name(),
+                    self.id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn run(&self) -> MutexGuard<'_, PodRun> {
         self.run.lock().unwrap_or_else(|e| e.into_inner())
     }

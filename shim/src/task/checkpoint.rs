@@ -23,6 +23,9 @@ pub async fn checkpoint(shim: &Shim, req: api::CheckpointTaskRequest) -> Result<
     shim.runtime
         .check_operation(&req.id, Operation::Checkpoint, shim.pod().is_some())?;
     let container = shim.get(&req.id)?;
+    if let Some(pod) = shim.pod() {
+        pod.require_own_pid_ns(&format!("a checkpoint of container {}", req.id))?;
+    }
     let _op = container.op.lock().await;
     let state = container.require(|s| s.can_checkpoint(), "checkpoint")?;
     let mut o = CheckpointOptions::default();

@@ -345,14 +345,24 @@ impl OciRuntime for Runsc {
 
     fn adapt_container_spec(&self, spec: &mut ContainerSpec) {
         // Containers of a pod join the sandbox's kernel; the host namespace paths CRI filled in
-        // (those of the sandbox process) mean nothing inside gVisor. A container that starts
-        // a sandbox of its own keeps its paths (its network namespace above all).
+        // (those of the sandbox process) mean nothing inside gVisor. But the PID path stays:
+        // gVisor gives subcontainers naming the same PID namespace path one PID namespace,
+        // which is how a pod shares its PID namespace (without, each container gets its own).
+        // A container that starts a sandbox of its own keeps its paths (its network namespace
+        // above all).
         if spec.joins_pod() {
-            spec.clear_namespace_paths();
+            spec.clear_namespace_paths(&["pid"]);
         }
     }
 
     async fn start_pod(&self, pod: &PodRoot) -> Result<Option<i32>> {
+        // A gVisor sandbox is its own kernel: saying yes would silently give a private one.
+        if pod.host_pid {
+            return Err(Error::invalid(
+                &pod.id,
+                "the pod asks for the node's PID namespace (hostPID), which a gVisor sandbox cannot share",
+            ));
+        }
         let bundle = write_pod_root_bundle(pod)?;
         let pid_file = bundle.join("init.pid");
         let opts;
@@ -439,6 +449,7 @@ mod tests {
             netns: "/var/run/netns/cni-1".into(),
             hostname: "web".into(),
             cgroup: "/stasis/pod1".into(),
+            host_pid: false,
             restore_image: None,
         };
         let spec = pod_root_spec(&pod);
@@ -472,7 +483,8 @@ mod tests {
         let doc = |annotations: serde_json::Value| {
             json!({"process": {"user": {"uid": 0, "gid": 0}, "cwd": "/"}, "root": {"path": "rootfs"},
                    "annotations": annotations,
-                   "linux": {"namespaces": [{"type": "pid", "path": "/proc/9/ns/pid"}]}})
+                   "linux": {"namespaces": [{"type": "pid", "path": "/proc/9/ns/pid"},
+                                            {"type": "network", "path": "/proc/9/ns/net"}]}})
             .to_string()
         };
         let mut spec = ContainerSpec::parse("c", "config.json", doc(json!({})).as_bytes()).unwrap();
@@ -486,9 +498,10 @@ mod tests {
         )
         .unwrap();
         r.adapt_container_spec(&mut spec);
+        // The PID path stays: gVisor shares a PID namespace among subcontainers naming it.
         assert_eq!(
-            spec.document()["linux"]["namespaces"][0],
-            json!({"type": "pid"})
+            spec.document()["linux"]["namespaces"],
+            json!([{"type": "pid", "path": "/proc/9/ns/pid"}, {"type": "network"}])
         );
     }
 }

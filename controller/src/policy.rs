@@ -4,7 +4,8 @@
 //!
 //! Items: `privileged`, `host-namespaces` (network, PID, IPC of the node), `capabilities`
 //! (added beyond the runtime's default set), `seccomp-unconfined`, `apparmor-unconfined`,
-//! `cgroup-parent` (outside the node's pod cgroup roots), `devices` (host devices), `sysctls`
+//! `cgroup-parent` (outside the node's pod cgroup roots), `devices` (host devices),
+//! `unmasked-proc` (masked or read-only path lists that leave out the runtime's), `sysctls`
 //! (pod sysctls outside the policy's list: by default the set kubelet calls safe), and host
 //! paths, governed by prefixes since every real pod has some (emptyDir and hostPath volumes).
 
@@ -40,6 +41,48 @@ const DEFAULT_CAPS: &[&str] = &[
     "AUDIT_WRITE",
 ];
 
+/// What containerd masks and makes read-only in every container unless CRI names its own
+/// lists. A non-empty CRI list replaces these (measured: one harmless path in each list leaves
+/// `/proc/sys` writable and `/proc/kcore` readable), so a list that keeps the protections must
+/// hold all of them; an empty list keeps the runtime's.
+const DEFAULT_MASKED_PATHS: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+const DEFAULT_READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// The runtime's protections a non-empty list leaves out, as "/proc/sys not read-only".
+fn dropped_protections(masked: &[String], readonly: &[String]) -> Vec<String> {
+    let missing = |list: &[String], defaults: &[&'static str], how: &str| -> Vec<String> {
+        if list.is_empty() {
+            return Vec::new();
+        }
+        defaults
+            .iter()
+            .filter(|d| !list.iter().any(|p| lexical(Path::new(p)) == Path::new(d)))
+            .map(|d| format!("{d} {how}"))
+            .collect()
+    };
+    let mut out = missing(masked, DEFAULT_MASKED_PATHS, "not masked");
+    out.extend(missing(readonly, DEFAULT_READONLY_PATHS, "not read-only"));
+    out
+}
+
 /// The kinds of request an `--allow` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -51,6 +94,8 @@ pub enum Item {
     ApparmorUnconfined,
     CgroupParent,
     Devices,
+    /// /proc and /sys protections (masked and read-only paths) weaker than the runtime's.
+    UnmaskedProc,
     /// Pod sysctls beyond the policy's `sysctls` list.
     Sysctls,
     /// Governed by prefixes, not by name.
@@ -67,6 +112,7 @@ impl Item {
         ("apparmor-unconfined", Item::ApparmorUnconfined),
         ("cgroup-parent", Item::CgroupParent),
         ("devices", Item::Devices),
+        ("unmasked-proc", Item::UnmaskedProc),
         ("sysctls", Item::Sysctls),
     ];
 
@@ -412,6 +458,15 @@ pub fn requests(
                 });
             }
             host_namespaces(&by, sc.namespace_options.as_ref(), &mut out);
+            let dropped = dropped_protections(&sc.masked_paths, &sc.readonly_paths);
+            if !dropped.is_empty() {
+                out.push(Request {
+                    item: Item::UnmaskedProc,
+                    by: by.clone(),
+                    what: dropped.join(", "),
+                    path: None,
+                });
+            }
             if let Some(caps) = &sc.capabilities {
                 let added: Vec<&str> = caps
                     .add_capabilities
@@ -492,6 +547,35 @@ mod tests {
         }));
         let reqs = requests(&p, &[("app".into(), c)]);
         defaults().check(&reqs).unwrap();
+    }
+
+    #[test]
+    fn masked_and_read_only_paths_may_only_add_protection() {
+        let with = |masked: &[&str], readonly: &[&str]| {
+            let c = container(serde_json::json!({
+                "metadata": {"name": "app"},
+                "linux": {"security_context": {"masked_paths": masked, "readonly_paths": readonly}}
+            }));
+            requests(&pod(serde_json::json!({})), &[("app".into(), c)])
+        };
+        assert!(with(&[], &[]).is_empty(), "empty lists keep the runtime's");
+        let mut more: Vec<&str> = DEFAULT_MASKED_PATHS.to_vec();
+        more.push("/proc/extra");
+        assert!(with(&more, &DEFAULT_READONLY_PATHS[..]).is_empty());
+        let weaker = with(&["/nonexistent"], &["/nonexistent"]);
+        let err = defaults().check(&weaker).unwrap_err().to_string();
+        assert!(
+            err.contains("container app: /proc/acpi not masked"),
+            "{err}"
+        );
+        assert!(
+            err.contains("/proc/kcore not masked") && err.contains("/proc/sys not read-only"),
+            "{err}"
+        );
+        assert!(err.contains("--allow unmasked-proc"), "{err}");
+        let mut allowed = defaults();
+        allowed.widen(&["unmasked-proc".into()], &[]).unwrap();
+        allowed.check(&weaker).unwrap();
     }
 
     #[test]

@@ -713,6 +713,58 @@ async fn archive_requests_are_refused_unless_allowed_by_name() -> Result<()> {
         .await
         .context("the refused restore created something")?;
 
+    // /proc protections: a masked or read-only list without the runtime's own entries would
+    // replace them (leaving /proc/sys writable): refused unless allowed by name.
+    let unmasked = c.dir.join("unmasked.tar");
+    rewrite_archive(&good, &unmasked, |dir| {
+        edit_json(dir, "container-config.json", |v| {
+            let sc = &mut v["linux"]["security_context"];
+            sc["masked_paths"] = serde_json::json!(["/nonexistent-masked"]);
+            sc["readonly_paths"] = serde_json::json!(["/nonexistent-read-only"]);
+        })
+    })?;
+    let out = c.stasisctl(&["pod", "restore", unmasked.to_str().unwrap(), "--name", "um"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "container app: /proc/acpi not masked",
+        "/proc/kcore not masked",
+        "/proc/sys not read-only",
+        "--allow unmasked-proc",
+    ] {
+        ensure!(
+            !out.status.success() && err.contains(want),
+            "dropped /proc protections: the refusal does not list {want:?}: {err}"
+        );
+    }
+    c.expect_footprint(footprint)
+        .await
+        .context("the refused restore created something")?;
+    let um = c
+        .stasisctl_ok(&[
+            "pod",
+            "restore",
+            unmasked.to_str().unwrap(),
+            "--name",
+            "um",
+            "--allow",
+            "unmasked-proc",
+        ])?
+        .trim()
+        .to_string();
+    let list = stasis_e2e::cri::containers_by_name(&mut cri, &um).await?;
+    let (_, um_id, _) = list.first().context("restored container")?.clone();
+    let sys = cri
+        .exec_ok(
+            &um_id,
+            &["sh", "-c", "grep ' /proc/sys ' /proc/self/mounts; echo end"],
+        )
+        .await?;
+    ensure!(
+        !sys.contains(" ro,") && !sys.contains(" ro "),
+        "allowed by name, the archive's lists are not what the container got: {sys}"
+    );
+    cri.stop_and_remove_pod(&um).await?;
+
     // Allowed by name, the requests are honoured, not ignored. (The host PID namespace is
     // left out: the shim refuses it whatever the policy says.)
     let allowed = c.dir.join("allowed.tar");

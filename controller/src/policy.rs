@@ -561,7 +561,7 @@ mod tests {
         assert!(with(&[], &[]).is_empty(), "empty lists keep the runtime's");
         let mut more: Vec<&str> = DEFAULT_MASKED_PATHS.to_vec();
         more.push("/proc/extra");
-        assert!(with(&more, &DEFAULT_READONLY_PATHS[..]).is_empty());
+        assert!(with(&more, DEFAULT_READONLY_PATHS).is_empty());
         let weaker = with(&["/nonexistent"], &["/nonexistent"]);
         let err = defaults().check(&weaker).unwrap_err().to_string();
         assert!(

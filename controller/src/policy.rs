@@ -276,9 +276,13 @@ impl Policy {
                 let p = lexical(Path::new(p));
                 self.host_path_prefixes.iter().any(|x| p.starts_with(x))
             }
+            // Strictly below a root: a pod whose cgroup is a root itself would hold every pod
+            // below it (a checkpoint of it would freeze them all).
             (Item::CgroupParent, Some(p)) => {
                 let p = lexical(Path::new(p));
-                self.cgroup_roots.iter().any(|x| p.starts_with(x))
+                self.cgroup_roots
+                    .iter()
+                    .any(|x| p.starts_with(x) && p != lexical(x))
             }
             (Item::Sysctls, Some(name)) => {
                 self.sysctls
@@ -547,6 +551,29 @@ mod tests {
         }));
         let reqs = requests(&p, &[("app".into(), c)]);
         defaults().check(&reqs).unwrap();
+    }
+
+    #[test]
+    fn a_cgroup_parent_must_be_strictly_below_a_root() {
+        let at = |parent: &str| {
+            let p = pod(serde_json::json!({"linux": {"cgroup_parent": parent}}));
+            defaults().check(&requests(&p, &[]))
+        };
+        at("/kubepods/burstable/pod1234").unwrap();
+        at("/stasis/restored-pod").unwrap();
+        for root in [
+            "/stasis",
+            "/kubepods",
+            "/stasis/",
+            "/stasis/x/..",
+            "/system.slice",
+        ] {
+            let err = at(root).unwrap_err().to_string();
+            assert!(
+                err.contains("cgroup parent") && err.contains("[cgroup-parent]"),
+                "{root}: {err}"
+            );
+        }
     }
 
     #[test]

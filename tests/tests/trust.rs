@@ -765,6 +765,24 @@ async fn archive_requests_are_refused_unless_allowed_by_name() -> Result<()> {
     );
     cri.stop_and_remove_pod(&um).await?;
 
+    // A pod whose cgroup would be the root of every stasis pod: refused, the policy's roots
+    // are where pods go below, not pods themselves.
+    let at_root = c.dir.join("at-root.tar");
+    rewrite_archive(&good, &at_root, |dir| {
+        edit_json(dir, "pod.dump", |v| {
+            v["linux"]["cgroup_parent"] = "/stasis".into();
+        })
+    })?;
+    let out = c.stasisctl(&["pod", "restore", at_root.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("pod: cgroup parent /stasis [cgroup-parent]"),
+        "a pod at the root of all pods' cgroups was not refused: {err}"
+    );
+    c.expect_footprint(footprint)
+        .await
+        .context("the refused restore created something")?;
+
     // Allowed by name, the requests are honoured, not ignored. (The host PID namespace is
     // left out: the shim refuses it whatever the policy says.)
     let allowed = c.dir.join("allowed.tar");

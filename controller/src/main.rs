@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use stasis_controller::{
     archive::{self, human, Compression},
@@ -148,8 +148,13 @@ impl AdmitArgs {
 #[derive(clap::Args, Clone)]
 struct RegistryArgs {
     /// Registry credentials USER:PASSWORD (else those of the registry in the docker config).
-    #[arg(long, short = 'u', value_name = "USER:PASSWORD")]
+    /// With --password-stdin, USER alone: a password on the command line is visible to every
+    /// user of the node (/proc/*/cmdline).
+    #[arg(long, short = 'u', value_name = "USER[:PASSWORD]")]
     user: Option<String>,
+    /// Read the registry password for --user from the first line of stdin.
+    #[arg(long, requires = "user")]
+    password_stdin: bool,
     /// docker config.json holding registry credentials (default: $DOCKER_CONFIG/config.json
     /// or ~/.docker/config.json).
     #[arg(long, value_name = "FILE")]
@@ -161,13 +166,42 @@ struct RegistryArgs {
 
 impl RegistryArgs {
     /// Access to the registry of `reference` (`--user` is for that registry alone).
-    fn access(&self, reference: &str) -> image::RegistryAccess {
-        image::RegistryAccess {
-            user: self.user.clone(),
+    fn access(&self, reference: &str) -> Result<image::RegistryAccess> {
+        Ok(image::RegistryAccess {
+            user: self.credentials()?,
             user_registry: Some(reference.to_string()),
             docker_config: self.docker_config.clone(),
             plain_http: self.plain_http,
+        })
+    }
+
+    /// `USER:PASSWORD`, the password read from stdin (once) with --password-stdin.
+    fn credentials(&self) -> Result<Option<String>> {
+        static PASSWORD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let Some(user) = &self.user else {
+            return Ok(None);
+        };
+        if !self.password_stdin {
+            return Ok(Some(user.clone()));
         }
+        if user.contains(':') {
+            bail!("--password-stdin: give --user USER alone, the password comes from stdin");
+        }
+        if PASSWORD.get().is_none() {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("--password-stdin: read the password")?;
+            let password = line.trim_end_matches(['\r', '\n']).to_string();
+            if password.is_empty() {
+                bail!("--password-stdin: stdin held no password");
+            }
+            let _ = PASSWORD.set(password);
+        }
+        Ok(Some(format!(
+            "{user}:{}",
+            PASSWORD.get().map(String::as_str).unwrap_or("")
+        )))
     }
 }
 
@@ -183,7 +217,7 @@ async fn transfer_image(
         &target.address,
         &target.namespace,
         reference,
-        &registry.access(reference),
+        &registry.access(reference)?,
         push,
     )
     .await?;
@@ -534,7 +568,7 @@ async fn run(cli: Cli) -> Result<()> {
             } => {
                 let opening = opening(identity.as_deref(), verify_key.as_deref())?;
                 let reference = image::looks_like_reference(&archive).then(|| archive.clone());
-                let registry = registry.access(&archive);
+                let registry = registry.access(&archive)?;
                 let id = pod::restore(
                     &target,
                     RestoreArgs {

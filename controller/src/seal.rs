@@ -59,20 +59,44 @@ pub fn fingerprint(key: &VerifyingKey) -> String {
 }
 
 fn read_text(path: &Path, what: &str) -> Result<String> {
-    let bytes = std::fs::OpenOptions::new()
+    read_checked(path, what, false)
+}
+
+/// A file holding a secret key: refused when group or others may read it, as ssh does (the
+/// mode of the file actually opened, not of whatever the path names later).
+fn read_secret(path: &Path, what: &str) -> Result<String> {
+    read_checked(path, what, true)
+}
+
+fn read_checked(path: &Path, what: &str, secret: bool) -> Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .and_then(|mut f| {
-            let mut s = Vec::new();
-            f.read_to_end(&mut s).map(|_| s)
-        })
+        .with_context(|| format!("read {what} {}", path.display()))?;
+    if secret {
+        let mode = file
+            .metadata()
+            .with_context(|| format!("read {what} {}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            bail!(
+                "{what} {} may be read by group or others (mode {:04o}); a key others can read is no secret: chmod 600 it",
+                path.display(),
+                mode & 0o7777
+            );
+        }
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
         .with_context(|| format!("read {what} {}", path.display()))?;
     String::from_utf8(bytes).with_context(|| format!("{what} {} is not text", path.display()))
 }
 
 pub fn load_signing_key(path: &Path) -> Result<SigningKey> {
-    SigningKey::from_pkcs8_pem(&read_text(path, "signing key")?).map_err(|e| {
+    SigningKey::from_pkcs8_pem(&read_secret(path, "signing key")?).map_err(|e| {
         anyhow::anyhow!(
             "{} is not an Ed25519 private key in PKCS#8 PEM (stasisctl key generate --type signing, or openssl genpkey -algorithm ed25519): {e}",
             path.display()
@@ -91,18 +115,36 @@ pub fn load_verifying_key(path: &Path) -> Result<VerifyingKey> {
 
 /// An age recipient (`age1…`), or a file of them, one a line (`#` comments allowed).
 pub fn load_recipients(arg: &str) -> Result<Vec<age::x25519::Recipient>> {
+    if arg.starts_with("AGE-SECRET-KEY-") {
+        bail!("--encrypt-to was given an age identity (a secret key), not a recipient: give its public key (age1…); that key is now on a command line, consider it exposed");
+    }
     let text = if arg.starts_with("age1") {
         arg.to_string()
     } else {
         read_text(Path::new(arg), "recipients file")?
     };
     let mut out = Vec::new();
-    for line in text.lines().map(str::trim) {
+    // The text is never echoed: a mistaken identity file holds a secret key.
+    let shown = if arg.starts_with("age1") {
+        "the recipient"
+    } else {
+        arg
+    };
+    for (n, line) in text.lines().map(str::trim).enumerate() {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        out.push(line.parse::<age::x25519::Recipient>().map_err(|e| {
-            anyhow::anyhow!("--encrypt-to {arg}: {line:?} is not an age X25519 recipient: {e}")
+        if line.starts_with("AGE-SECRET-KEY-") {
+            bail!(
+                "--encrypt-to {shown}: line {} is an age identity (a secret key), not a recipient: give its public key (age1…), never the identity",
+                n + 1
+            );
+        }
+        out.push(line.parse::<age::x25519::Recipient>().map_err(|_| {
+            anyhow::anyhow!(
+                "--encrypt-to {shown}: line {} is not an age X25519 recipient (age1…)",
+                n + 1
+            )
         })?);
     }
     if out.is_empty() {
@@ -113,7 +155,7 @@ pub fn load_recipients(arg: &str) -> Result<Vec<age::x25519::Recipient>> {
 
 /// The identities of an age identity file (`AGE-SECRET-KEY-1…` lines, `#` comments).
 pub fn load_identities(path: &Path) -> Result<Vec<age::x25519::Identity>> {
-    let text = read_text(path, "identity file")?;
+    let text = read_secret(path, "identity file")?;
     let mut out = Vec::new();
     for line in text.lines().map(str::trim) {
         if line.is_empty() || line.starts_with('#') {
@@ -319,6 +361,37 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         Dir(d)
+    }
+
+    #[test]
+    fn secret_keys_readable_by_others_are_refused_and_never_echoed() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir("modes");
+        let identity = age::x25519::Identity::generate();
+        let secret = identity.to_string().expose_secret().to_string();
+        let file = d.0.join("id.age");
+        write_new_private(&file, format!("{secret}\n").as_bytes()).unwrap();
+        assert_eq!(load_identities(&file).unwrap().len(), 1);
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = load_identities(&file).err().unwrap().to_string();
+        assert!(
+            err.contains("mode 0644") && err.contains("chmod 600"),
+            "{err}"
+        );
+        // A mistaken --encrypt-to names the line, never shows it.
+        let err = load_recipients(file.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1 is an age identity"), "{err}");
+        assert!(
+            !err.contains("AGE-SECRET-KEY"),
+            "the secret key is in the error: {err}"
+        );
+        let err = load_recipients(&secret).unwrap_err().to_string();
+        assert!(
+            !err.contains("AGE-SECRET-KEY"),
+            "the secret key is in the error: {err}"
+        );
     }
 
     #[test]

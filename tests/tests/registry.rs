@@ -287,14 +287,37 @@ async fn basic_auth_is_asked_and_honoured() -> Result<()> {
         err.contains("401") || err.contains("unauthorized") || err.contains("authoriz"),
         "the refusal does not say what the registry said: {err}"
     );
-    c.stasisctl_ok(&[
-        "image",
-        "push",
-        &reference,
-        "--plain-http",
-        "--user",
-        "stasis:s3cret-pass",
-    ])?;
+    // The password from stdin, never on the command line (where every user of the node sees
+    // it); USER:PASSWORD with it is refused.
+    let push_with_stdin = |user: &str| -> Result<std::process::Output> {
+        use std::io::Write;
+        let mut child = c
+            .stasisctl_command()?
+            .args(["image", "push", &reference, "--plain-http", "--user", user])
+            .arg("--password-stdin")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(b"s3cret-pass\n")?;
+        Ok(child.wait_with_output()?)
+    };
+    let out = push_with_stdin("stasis:s3cret-pass")?;
+    ensure!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--user USER alone"),
+        "--password-stdin with USER:PASSWORD: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = push_with_stdin("stasis")?;
+    ensure!(
+        out.status.success(),
+        "push with --password-stdin: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     ensure!(ctr_k8s(&c, &["images", "rm", &reference])?.status.success());
     let out = c
         .stasisctl_command()?

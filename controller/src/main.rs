@@ -118,8 +118,10 @@ struct AdmitArgs {
     /// Accept these requests of the archive (comma separated or repeated): privileged,
     /// host-namespaces, capabilities, seccomp-unconfined, apparmor-unconfined,
     /// cgroup-parent, devices, unmasked-proc (masked/read-only path lists without the
-    /// runtime's), sysctls (beyond the policy's list, by default kubelet's safe set). Without
-    /// them such an archive is refused, every item listed, before anything is created.
+    /// runtime's), sysctls (beyond the policy's list, by default kubelet's safe set),
+    /// host-ports, selinux, seccomp-localhost (a profile file outside the policy's
+    /// directories). Without them such an archive is refused, every item listed, before
+    /// anything is created.
     #[arg(long = "allow", value_name = "ITEMS")]
     allow: Vec<String>,
     /// Also accept host-path mounts below PREFIX (repeatable); the node policy already

@@ -98,6 +98,12 @@ pub enum Item {
     UnmaskedProc,
     /// Pod sysctls beyond the policy's `sysctls` list.
     Sysctls,
+    /// Ports of the node (`host_port` in a port mapping).
+    HostPorts,
+    /// SELinux options (a type such as `spc_t` can mean unconfined).
+    Selinux,
+    /// Seccomp profiles read from a node file outside the policy's profile directories.
+    SeccompLocalhost,
     /// Governed by prefixes, not by name.
     #[serde(skip)]
     HostPath,
@@ -114,6 +120,9 @@ impl Item {
         ("devices", Item::Devices),
         ("unmasked-proc", Item::UnmaskedProc),
         ("sysctls", Item::Sysctls),
+        ("host-ports", Item::HostPorts),
+        ("selinux", Item::Selinux),
+        ("seccomp-localhost", Item::SeccompLocalhost),
     ];
 
     pub fn name(self) -> &'static str {
@@ -178,6 +187,9 @@ pub struct Policy {
     /// kubelet allows without `--allowed-unsafe-sysctls`).
     #[serde(default = "default_sysctls")]
     pub sysctls: Vec<String>,
+    /// Localhost seccomp profiles below these directories are accepted (default: kubelet's).
+    #[serde(default = "default_seccomp_dirs")]
+    pub seccomp_profile_dirs: Vec<PathBuf>,
 }
 
 impl Default for Policy {
@@ -187,8 +199,13 @@ impl Default for Policy {
             host_path_prefixes: default_host_paths(),
             cgroup_roots: default_cgroup_roots(),
             sysctls: default_sysctls(),
+            seccomp_profile_dirs: default_seccomp_dirs(),
         }
     }
+}
+
+fn default_seccomp_dirs() -> Vec<PathBuf> {
+    vec![PathBuf::from("/var/lib/kubelet/seccomp")]
 }
 
 fn default_sysctls() -> Vec<String> {
@@ -231,7 +248,12 @@ impl Policy {
                 let de = &mut serde_json::Deserializer::from_slice(&text);
                 let mut p: Policy = serde_path_to_error::deserialize(de)
                     .with_context(|| format!("restore policy {} is not valid", file.display()))?;
-                for prefix in p.host_path_prefixes.iter().chain(&p.cgroup_roots) {
+                for prefix in p
+                    .host_path_prefixes
+                    .iter()
+                    .chain(&p.cgroup_roots)
+                    .chain(&p.seccomp_profile_dirs)
+                {
                     if !prefix.is_absolute() {
                         bail!(
                             "restore policy {}: {} is not an absolute path",
@@ -283,6 +305,13 @@ impl Policy {
                 self.cgroup_roots
                     .iter()
                     .any(|x| p.starts_with(x) && p != lexical(x))
+            }
+            // Strictly below: the directory itself is no profile.
+            (Item::SeccompLocalhost, Some(p)) => {
+                let p = lexical(Path::new(p));
+                self.seccomp_profile_dirs
+                    .iter()
+                    .any(|d| p.starts_with(lexical(d)) && p != lexical(d))
             }
             (Item::Sysctls, Some(name)) => {
                 self.sysctls
@@ -348,6 +377,29 @@ fn lexical(p: &Path) -> PathBuf {
 
 const NODE: i32 = api::NamespaceMode::Node as i32;
 const UNCONFINED: i32 = api::security_profile::ProfileType::Unconfined as i32;
+const LOCALHOST: i32 = api::security_profile::ProfileType::Localhost as i32;
+
+fn selinux(by: &str, options: Option<&api::SeLinuxOption>, out: &mut Vec<Request>) {
+    let Some(o) = options else { return };
+    let set: Vec<String> = [
+        ("user", &o.user),
+        ("role", &o.role),
+        ("type", &o.r#type),
+        ("level", &o.level),
+    ]
+    .iter()
+    .filter(|(_, v)| !v.is_empty())
+    .map(|(k, v)| format!("{k} {v}"))
+    .collect();
+    if !set.is_empty() {
+        out.push(Request {
+            item: Item::Selinux,
+            by: by.to_string(),
+            what: format!("SELinux {}", set.join(", ")),
+            path: None,
+        });
+    }
+}
 
 fn host_namespaces(by: &str, ns: Option<&api::NamespaceOption>, out: &mut Vec<Request>) {
     let Some(ns) = ns else { return };
@@ -380,6 +432,20 @@ fn profiles(
             path: None,
         });
     }
+    let localhost = match seccomp {
+        (Some(p), _) if p.profile_type == LOCALHOST => Some(p.localhost_ref.clone()),
+        (_, legacy) => legacy
+            .strip_prefix("localhost/")
+            .map(|p| format!("/{}", p.trim_start_matches('/'))),
+    };
+    if let Some(file) = localhost {
+        out.push(Request {
+            item: Item::SeccompLocalhost,
+            by: by.to_string(),
+            what: format!("seccomp profile from the node's file {file}"),
+            path: Some(file),
+        });
+    }
     if unconfined(apparmor) {
         out.push(Request {
             item: Item::ApparmorUnconfined,
@@ -398,6 +464,23 @@ pub fn requests(
     containers: &[(String, api::ContainerConfig)],
 ) -> Vec<Request> {
     let mut out = Vec::new();
+    for m in pod.port_mappings.iter().filter(|m| m.host_port != 0) {
+        out.push(Request {
+            item: Item::HostPorts,
+            by: "pod".into(),
+            what: format!(
+                "node port {}{} to container port {}",
+                if m.host_ip.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}:", m.host_ip)
+                },
+                m.host_port,
+                m.container_port
+            ),
+            path: None,
+        });
+    }
     if let Some(linux) = &pod.linux {
         for (name, value) in &linux.sysctls {
             // The slash form names the same sysctl: compare in the dotted form.
@@ -442,6 +525,7 @@ pub fn requests(
                 });
             }
             host_namespaces("pod", sc.namespace_options.as_ref(), &mut out);
+            selinux("pod", sc.selinux_options.as_ref(), &mut out);
             profiles(
                 "pod",
                 (sc.seccomp.as_ref(), &sc.seccomp_profile_path),
@@ -462,6 +546,7 @@ pub fn requests(
                 });
             }
             host_namespaces(&by, sc.namespace_options.as_ref(), &mut out);
+            selinux(&by, sc.selinux_options.as_ref(), &mut out);
             let dropped = dropped_protections(&sc.masked_paths, &sc.readonly_paths);
             if !dropped.is_empty() {
                 out.push(Request {
@@ -551,6 +636,51 @@ mod tests {
         }));
         let reqs = requests(&p, &[("app".into(), c)]);
         defaults().check(&reqs).unwrap();
+    }
+
+    #[test]
+    fn host_ports_selinux_and_node_seccomp_files_are_requests() {
+        let p = pod(serde_json::json!({
+            "port_mappings": [{"container_port": 80, "host_port": 8080},
+                              {"container_port": 81}],
+            "linux": {"security_context": {"selinux_options": {"type": "spc_t"}}}
+        }));
+        let c = container(serde_json::json!({
+            "metadata": {"name": "app"},
+            "linux": {"security_context": {
+                "seccomp": {"profile_type": 2, "localhost_ref": "/etc/shadow"}}}
+        }));
+        let ok = container(serde_json::json!({
+            "metadata": {"name": "ok"},
+            "linux": {"security_context": {
+                "seccomp": {"profile_type": 2,
+                            "localhost_ref": "/var/lib/kubelet/seccomp/audit.json"}}}
+        }));
+        let reqs = requests(&p, &[("app".into(), c), ("ok".into(), ok)]);
+        let err = defaults().check(&reqs).unwrap_err().to_string();
+        for want in [
+            "pod: node port 8080 to container port 80 [host-ports]",
+            "pod: SELinux type spc_t [selinux]",
+            "container app: seccomp profile from the node's file /etc/shadow [seccomp-localhost]",
+        ] {
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        assert!(
+            !err.contains("container ok") && !err.contains("port 81"),
+            "{err}"
+        );
+        let legacy = container(serde_json::json!({
+            "metadata": {"name": "old"},
+            "linux": {"security_context": {"seccomp_profile_path": "localhost//etc/passwd"}}
+        }));
+        let err = defaults()
+            .check(&requests(
+                &pod(serde_json::json!({})),
+                &[("old".into(), legacy)],
+            ))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/etc/passwd [seccomp-localhost]"), "{err}");
     }
 
     #[test]

@@ -783,6 +783,36 @@ async fn archive_requests_are_refused_unless_allowed_by_name() -> Result<()> {
         .await
         .context("the refused restore created something")?;
 
+    // Fields the policy once did not read: a node port, an SELinux type, a seccomp profile
+    // read from any node file.
+    let unread = c.dir.join("unread.tar");
+    rewrite_archive(&good, &unread, |dir| {
+        edit_json(dir, "pod.dump", |v| {
+            v["port_mappings"] = serde_json::json!([{"container_port": 80, "host_port": 8080}]);
+            v["linux"]["security_context"]["selinux_options"] =
+                serde_json::json!({"type": "spc_t"});
+        })?;
+        edit_json(dir, "container-config.json", |v| {
+            v["linux"]["security_context"]["seccomp"] =
+                serde_json::json!({"profile_type": 2, "localhost_ref": "/etc/shadow"});
+        })
+    })?;
+    let out = c.stasisctl(&["pod", "restore", unread.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "pod: node port 8080 to container port 80 [host-ports]",
+        "pod: SELinux type spc_t [selinux]",
+        "container app: seccomp profile from the node's file /etc/shadow [seccomp-localhost]",
+    ] {
+        ensure!(
+            !out.status.success() && err.contains(want),
+            "the refusal does not list {want:?}: {err}"
+        );
+    }
+    c.expect_footprint(footprint)
+        .await
+        .context("the refused restore created something")?;
+
     // Allowed by name, the requests are honoured, not ignored. (The host PID namespace is
     // left out: the shim refuses it whatever the policy says.)
     let allowed = c.dir.join("allowed.tar");

@@ -357,7 +357,7 @@ async fn seccomp_profiles_hold_under_runc_and_gvisor() -> Result<()> {
 }
 
 /// A hostIPC pod shares the node's IPC namespace (as under runc), and its IPC sysctls are
-/// refused: they would change the node.
+/// refused: they would change the node. A gVisor pod asking for hostIPC is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_ipc_pods_share_the_nodes_ipc_namespace() -> Result<()> {
     let c = Containerd::start("cri-hostipc")?;
@@ -402,6 +402,17 @@ async fn host_ipc_pods_share_the_nodes_ipc_namespace() -> Result<()> {
     ensure!(
         err.contains("hostIPC") && err.contains("kernel.msgmax"),
         "{err}"
+    );
+    c.expect_footprint(footprint).await?;
+    // A gVisor sandbox has its own kernel: it cannot share the node's IPC namespace.
+    let gvisor = host_ipc(pod_config("hostipc-gv", &c.dir.join("logs")))?;
+    let err = match cri.run_pod_with(&gvisor, "stasis-gvisor").await {
+        Ok(id) => anyhow::bail!("a hostIPC gVisor pod was created: {id}"),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(
+        err.contains("hostIPC"),
+        "the refusal does not say why: {err}"
     );
     c.expect_footprint(footprint).await?;
     c.finish()

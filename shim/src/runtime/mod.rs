@@ -72,6 +72,8 @@ pub struct PodRoot {
     pub cgroup: String,
     /// The pod asks for the node's PID namespace (hostPID).
     pub host_pid: bool,
+    /// The pod asks for the node's IPC namespace (hostIPC).
+    pub host_ipc: bool,
     /// Restore the pod's sandbox from this image instead of starting it fresh.
     pub restore_image: Option<PathBuf>,
 }

@@ -222,6 +222,7 @@ async fn start_root(
         hostname: pod.config.hostname.clone(),
         cgroup: pod.cgroup.clone(),
         host_pid: pod.host_pid(),
+        host_ipc: !own.ipc,
         restore_image: restore.as_ref().and_then(|(_, image)| image.clone()),
     };
     let (pid, by_runtime) = match shim.runtime.start_pod(&root).await? {

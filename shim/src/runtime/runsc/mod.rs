@@ -357,11 +357,18 @@ impl OciRuntime for Runsc {
 
     async fn start_pod(&self, pod: &PodRoot) -> Result<Option<i32>> {
         // A gVisor sandbox is its own kernel: saying yes would silently give a private one.
-        if pod.host_pid {
-            return Err(Error::invalid(
-                &pod.id,
-                "the pod asks for the node's PID namespace (hostPID), which a gVisor sandbox cannot share",
-            ));
+        for (asked, what) in [
+            (pod.host_pid, "PID namespace (hostPID)"),
+            (pod.host_ipc, "IPC namespace (hostIPC)"),
+        ] {
+            if asked {
+                return Err(Error::invalid(
+                    &pod.id,
+                    format!(
+                        "the pod asks for the node's {what}, which a gVisor sandbox cannot share"
+                    ),
+                ));
+            }
         }
         let bundle = write_pod_root_bundle(pod)?;
         let pid_file = bundle.join("init.pid");
@@ -450,6 +457,7 @@ mod tests {
             hostname: "web".into(),
             cgroup: "/stasis/pod1".into(),
             host_pid: false,
+            host_ipc: false,
             restore_image: None,
         };
         let spec = pod_root_spec(&pod);

@@ -119,6 +119,33 @@ impl ContainerSpec {
         }
     }
 
+    /// Removes the namespace of type `typ` ("pid") if the spec joins an existing one (has a
+    /// path): the container then stays in its runtime's own namespace of that type.
+    pub fn leave_joined_namespace(&mut self, typ: &str) {
+        let Ok(kind) = oci_spec::runtime::LinuxNamespaceType::try_from(typ) else {
+            return;
+        };
+        if let Some(ns) = self
+            .typed
+            .linux_mut()
+            .as_mut()
+            .and_then(|l| l.namespaces_mut().as_mut())
+        {
+            ns.retain(|n| !(n.typ() == kind && n.path().is_some()));
+        }
+        if let Some(ns) = self
+            .raw
+            .pointer_mut("/linux/namespaces")
+            .and_then(|n| n.as_array_mut())
+        {
+            let before = ns.len();
+            ns.retain(|n| !(n["type"] == typ && n.get("path").is_some()));
+            if ns.len() != before {
+                self.changed = true;
+            }
+        }
+    }
+
     /// Drops the host paths of every namespace but those of the types in `keep` ("pid"): the
     /// container gets fresh ones (or, under a runtime with its own kernel, the sandbox's).
     pub fn clear_namespace_paths(&mut self, keep: &[&str]) {

@@ -419,7 +419,7 @@ async fn host_ipc_pods_share_the_nodes_ipc_namespace() -> Result<()> {
 }
 
 /// The containers of a pod share its PID namespace (CRI's default, `NamespaceMode::Pod`), under
-/// runc and under gVisor: one container sees another's processes.
+/// runc and under gVisor: one container sees another's processes, and PID 1 is the pod's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_of_a_pod_share_its_pid_namespace_under_runc_and_gvisor() -> Result<()> {
     let c = Containerd::start("cri-podpid")?;
@@ -441,6 +441,12 @@ async fn containers_of_a_pod_share_its_pid_namespace_under_runc_and_gvisor() -> 
         ensure!(
             ps.contains("sleep 100001"),
             "{handler}: the second container does not see the first's process:\n{ps}"
+        );
+        // PID 1 is the pod's (pause, or gVisor's root container), not the first container.
+        let init = cri.exec_ok(&second, &["cat", "/proc/1/cmdline"]).await?;
+        ensure!(
+            !init.contains("100001") && !init.contains("100000"),
+            "{handler}: a container is PID 1 of the pod: {init:?}"
         );
         cri.stop_and_remove_pod(&pod_id).await?;
     }

@@ -345,13 +345,15 @@ impl OciRuntime for Runsc {
 
     fn adapt_container_spec(&self, spec: &mut ContainerSpec) {
         // Containers of a pod join the sandbox's kernel; the host namespace paths CRI filled in
-        // (those of the sandbox process) mean nothing inside gVisor. But the PID path stays:
-        // gVisor gives subcontainers naming the same PID namespace path one PID namespace,
-        // which is how a pod shares its PID namespace (without, each container gets its own).
-        // A container that starts a sandbox of its own keeps its paths (its network namespace
-        // above all).
+        // (those of the sandbox process) mean nothing inside gVisor. A container sharing the
+        // pod's PID namespace (CRI gave it the sandbox's path) gets no PID namespace of its
+        // own: gVisor then runs it in the sandbox's root one, whose PID 1 is the pod's root
+        // container, as the pause process is under runc. One with a PID namespace of its own
+        // (no path) keeps it. A container that starts a sandbox of its own keeps its paths
+        // (its network namespace above all).
         if spec.joins_pod() {
-            spec.clear_namespace_paths(&["pid"]);
+            spec.leave_joined_namespace("pid");
+            spec.clear_namespace_paths(&[]);
         }
     }
 
@@ -506,10 +508,10 @@ mod tests {
         )
         .unwrap();
         r.adapt_container_spec(&mut spec);
-        // The PID path stays: gVisor shares a PID namespace among subcontainers naming it.
+        // The pod's PID namespace is the sandbox's root one: no entry of its own.
         assert_eq!(
             spec.document()["linux"]["namespaces"],
-            json!([{"type": "pid", "path": "/proc/9/ns/pid"}, {"type": "network"}])
+            json!([{"type": "network"}])
         );
     }
 }

@@ -452,3 +452,42 @@ async fn containers_of_a_pod_share_its_pid_namespace_under_runc_and_gvisor() -> 
     }
     c.finish()
 }
+
+/// An exec that outlives its ExecSync timeout is killed (containerd sends SIGKILL to it): under
+/// gVisor the signal must reach the process in the sandbox, not only runsc's waiting process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timed_out_execs_are_gone_under_runc_and_gvisor() -> Result<()> {
+    let c = Containerd::start("cri-exec-timeout")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    for handler in ["stasis", "stasis-gvisor"] {
+        let pod = pod_config(&format!("exec-timeout-{handler}"), &c.dir.join("logs"));
+        let (pod_id, id) = sleeper(&mut cri, &pod, handler, image).await?;
+        let timed_out = cri
+            .runtime
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.clone(),
+                cmd: vec!["sleep".into(), "4242".into()],
+                timeout: 1,
+            })
+            .await;
+        ensure!(
+            timed_out.is_err(),
+            "{handler}: an exec of 4242 s ended within 1 s"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let ps = cri.exec_ok(&id, &["ps", "-o", "args"]).await?;
+            if !ps.contains("sleep 4242") {
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "{handler}: the timed-out exec still runs:\n{ps}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        cri.stop_and_remove_pod(&pod_id).await?;
+    }
+    c.finish()
+}

@@ -236,6 +236,15 @@ pub trait OciRuntime: Send + Sync {
         Ok(None)
     }
 
+    /// Signals an exec'd process: `pid` is the host pid its `exec` left (in `pid_file`, gone
+    /// by now; backends may keep files beside it). Host processes are signalled directly.
+    async fn kill_exec(&self, id: &str, pid: i32, _pid_file: &Path, signal: u32) -> Result<()> {
+        signal_host_process(id, pid, signal)
+    }
+
+    /// The exec whose pid file was `pid_file` is deleted: what the backend kept beside it goes.
+    fn forget_exec(&self, _pid_file: &Path) {}
+
     /// Whether the pod's sysctls take effect: the shim writes them in the namespaces of its
     /// pause process. A runtime that holds the pod itself and ignores them says no, and pods
     /// asking for sysctls are refused rather than silently left without.
@@ -327,6 +336,14 @@ pub trait OciRuntime: Send + Sync {
     async fn release_held(&self, held: &HeldPod) -> Result<()> {
         criu::release_held(self, held).await
     }
+}
+
+/// Sends `signal` to host process `pid` (an exec of container `id`).
+pub fn signal_host_process(id: &str, pid: i32, signal: u32) -> Result<()> {
+    let sig = nix::sys::signal::Signal::try_from(signal as i32)
+        .map_err(|_| Error::invalid(id, format!("unknown signal {signal}")))?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+        .map_err(|e| Error::io(id, "signal exec", e.into()))
 }
 
 /// The error for a step that ran past its bound.

@@ -36,6 +36,8 @@ pub async fn delete(shim: &Shim, req: api::DeleteRequest) -> Result<api::DeleteR
         if let Some(spec) = &p.spec_path {
             let _ = std::fs::remove_file(spec);
         }
+        shim.runtime
+            .forget_exec(&super::exec_pid_file(&container.bundle, &req.exec_id));
         return Ok(api::DeleteResponse {
             pid: p.pid as u32,
             exit_status: p.exit_status(),

@@ -33,10 +33,10 @@ pub async fn kill(shim: &Shim, req: api::KillRequest) -> Result<()> {
         }
         p.pid
     };
-    let sig = nix::sys::signal::Signal::try_from(req.signal as i32)
-        .map_err(|_| Error::invalid(&req.id, format!("unknown signal {}", req.signal)))?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
-        .map_err(|e| Error::io(&req.id, format!("signal exec {}", req.exec_id), e.into()))
+    let pid_file = super::exec_pid_file(&container.bundle, &req.exec_id);
+    shim.runtime
+        .kill_exec(&req.id, pid, &pid_file, req.signal)
+        .await
 }
 
 /// Kills every container's processes (the pod stops) and waits up to `timeout` for their

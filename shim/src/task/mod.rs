@@ -48,3 +48,8 @@ pub fn unmount(target: &Path) {
 fn exec_name(id: &str, exec_id: &str) -> String {
     format!("{id}/{exec_id}")
 }
+
+/// Where an exec's runtime writes its pid (backends may keep files beside it).
+fn exec_pid_file(bundle: &std::path::Path, exec_id: &str) -> std::path::PathBuf {
+    bundle.join(format!("{exec_id}.pid"))
+}

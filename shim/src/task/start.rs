@@ -75,7 +75,7 @@ async fn start_exec(shim: &Shim, req: &api::StartRequest) -> Result<api::StartRe
         )
     };
     let mut prepared = stdio::prepare(&req.id, &stdio_cfg)?;
-    let pid_file = bundle.join(format!("{}.pid", req.exec_id));
+    let pid_file = super::exec_pid_file(&bundle, &req.exec_id);
     let since = std::time::Instant::now();
     let runtime_io = prepared.take_runtime();
     if let Err(e) = shim

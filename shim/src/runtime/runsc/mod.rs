@@ -38,6 +38,11 @@ pub struct Runsc {
     joined: Mutex<std::collections::HashSet<String>>,
 }
 
+/// Where runsc writes the pid an exec has inside the sandbox.
+fn internal_pid_file(pid_file: &Path) -> PathBuf {
+    pid_file.with_extension("internal-pid")
+}
+
 impl Runsc {
     pub fn new(binary: PathBuf, root: PathBuf, args: Vec<String>) -> Self {
         Runsc {
@@ -199,7 +204,38 @@ impl OciRuntime for Runsc {
         stdio: ProcessStdio,
         pid_file: &Path,
     ) -> Result<()> {
-        self.cli.exec(id, process_json, stdio, pid_file).await
+        // The host pid runsc leaves is its own waiting process, not the sandboxed one: a
+        // SIGKILL to it would leave the exec running in the sandbox. The pid inside the
+        // sandbox is kept beside the pid file, for `kill_exec`.
+        let mut cmd = self.cli.command();
+        cmd.arg("exec").arg("--detach");
+        cmd.arg("--process").arg(process_json);
+        cmd.arg("--pid-file").arg(pid_file);
+        cmd.arg("--internal-pid-file")
+            .arg(internal_pid_file(pid_file));
+        if let Some(sock) = &stdio.console_socket {
+            cmd.arg("--console-socket").arg(sock);
+        }
+        cmd.arg(id);
+        self.cli
+            .run_with_process_stdio(id, "exec", cmd, stdio)
+            .await
+    }
+
+    async fn kill_exec(&self, id: &str, pid: i32, pid_file: &Path, signal: u32) -> Result<()> {
+        let inner = std::fs::read_to_string(internal_pid_file(pid_file))
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok());
+        let Some(inner) = inner else {
+            return crate::runtime::signal_host_process(id, pid, signal);
+        };
+        let mut cmd = self.cli.command();
+        cmd.args(["kill", "--pid", &inner.to_string(), id, &signal.to_string()]);
+        self.cli.run(id, "kill exec", cmd).await.map(|_| ())
+    }
+
+    fn forget_exec(&self, pid_file: &Path) {
+        let _ = std::fs::remove_file(internal_pid_file(pid_file));
     }
 
     async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {

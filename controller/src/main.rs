@@ -120,7 +120,7 @@ struct AdmitArgs {
     /// cgroup-parent, devices, unmasked-proc (masked/read-only path lists without the
     /// runtime's), sysctls (beyond the policy's list, by default kubelet's safe set),
     /// host-ports, selinux, seccomp-localhost (a profile file outside the policy's
-    /// directories). Without them such an archive is refused, every item listed, before
+    /// directories), mount-propagation (bidirectional). Without them such an archive is refused, every item listed, before
     /// anything is created.
     #[arg(long = "allow", value_name = "ITEMS")]
     allow: Vec<String>,

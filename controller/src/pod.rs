@@ -1132,6 +1132,7 @@ async fn restore_extracted(
             );
         }
         for (name, config) in configs {
+            policy::check_host_paths_resolve(&name, &config)?;
             let id = rt
                 .create_container(api::CreateContainerRequest {
                     pod_sandbox_id: pod_id.clone(),

@@ -104,6 +104,8 @@ pub enum Item {
     Selinux,
     /// Seccomp profiles read from a node file outside the policy's profile directories.
     SeccompLocalhost,
+    /// Bidirectional mount propagation (the container's mounts reach the node).
+    MountPropagation,
     /// Governed by prefixes, not by name.
     #[serde(skip)]
     HostPath,
@@ -123,6 +125,7 @@ impl Item {
         ("host-ports", Item::HostPorts),
         ("selinux", Item::Selinux),
         ("seccomp-localhost", Item::SeccompLocalhost),
+        ("mount-propagation", Item::MountPropagation),
     ];
 
     pub fn name(self) -> &'static str {
@@ -190,6 +193,10 @@ pub struct Policy {
     /// Localhost seccomp profiles below these directories are accepted (default: kubelet's).
     #[serde(default = "default_seccomp_dirs")]
     pub seccomp_profile_dirs: Vec<PathBuf>,
+    /// `--allow-host-path` prefixes: the operator names exactly what may be mounted, the
+    /// prefix itself included (the node's prefixes are directories pods' volumes live below).
+    #[serde(skip)]
+    pub operator_host_paths: Vec<PathBuf>,
 }
 
 impl Default for Policy {
@@ -200,6 +207,7 @@ impl Default for Policy {
             cgroup_roots: default_cgroup_roots(),
             sysctls: default_sysctls(),
             seccomp_profile_dirs: default_seccomp_dirs(),
+            operator_host_paths: Vec::new(),
         }
     }
 }
@@ -284,7 +292,7 @@ impl Policy {
             if !p.is_absolute() {
                 bail!("--allow-host-path {}: not an absolute path", p.display());
             }
-            self.host_path_prefixes.push(lexical(p));
+            self.operator_host_paths.push(lexical(p));
         }
         Ok(())
     }
@@ -294,9 +302,13 @@ impl Policy {
             return true;
         }
         match (r.item, &r.path) {
+            // Strictly below: kubelet's directory of all pods is no pod's volume.
             (Item::HostPath, Some(p)) => {
                 let p = lexical(Path::new(p));
-                self.host_path_prefixes.iter().any(|x| p.starts_with(x))
+                self.host_path_prefixes
+                    .iter()
+                    .any(|x| p.starts_with(x) && p != lexical(x))
+                    || self.operator_host_paths.iter().any(|x| p.starts_with(x))
             }
             // Strictly below a root: a pod whose cgroup is a root itself would hold every pod
             // below it (a checkpoint of it would freeze them all).
@@ -358,6 +370,40 @@ impl Policy {
         }
         bail!(msg)
     }
+}
+
+/// Refuses a host path of container `name` that goes through a symbolic link on the node:
+/// the prefix check reads the path as written, containerd would follow the link anywhere. Run
+/// right before the container is created, once the volumes restored before it are in place.
+/// Components that do not exist yet end the walk (containerd creates them as directories).
+pub fn check_host_paths_resolve(name: &str, config: &api::ContainerConfig) -> Result<()> {
+    for m in &config.mounts {
+        let path = lexical(Path::new(&m.host_path));
+        let mut walked = PathBuf::from("/");
+        for c in path.components().skip(1) {
+            walked.push(c);
+            match std::fs::symlink_metadata(&walked) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    let target = std::fs::read_link(&walked)
+                        .map(|t| t.display().to_string())
+                        .unwrap_or_default();
+                    bail!(
+                        "container {name}: host path {} goes through the symbolic link {} (to {target}) on this node; a link can point anywhere, so it is refused, nothing of the container was created",
+                        m.host_path,
+                        walked.display()
+                    );
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("container {name}: check host path {}", m.host_path)
+                    })
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `a/./b/../c` → `a/c` without touching the file system (the path is the archive's, not ours).
@@ -587,6 +633,15 @@ pub fn requests(
                 what: format!("host path {} mounted at {}", m.host_path, m.container_path),
                 path: Some(m.host_path.clone()),
             });
+            // Mounts made in the container would appear on the node.
+            if m.propagation == api::MountPropagation::PropagationBidirectional as i32 {
+                out.push(Request {
+                    item: Item::MountPropagation,
+                    by: by.clone(),
+                    what: format!("bidirectional mount propagation at {}", m.container_path),
+                    path: None,
+                });
+            }
         }
         for d in &c.devices {
             out.push(Request {
@@ -681,6 +736,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/etc/passwd [seccomp-localhost]"), "{err}");
+    }
+
+    #[test]
+    fn host_paths_through_links_are_refused_where_they_resolve() {
+        let d = std::env::temp_dir().join(format!("stasis-links-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("vol")).unwrap();
+        std::os::unix::fs::symlink("/", d.join("vol/s")).unwrap();
+        let mount = |host: &Path| {
+            container(serde_json::json!({
+                "metadata": {"name": "b"},
+                "mounts": [{"container_path": "/host", "host_path": host.display().to_string()}]
+            }))
+        };
+        check_host_paths_resolve("b", &mount(&d.join("vol"))).unwrap();
+        check_host_paths_resolve("b", &mount(&d.join("vol/not-yet/x"))).unwrap();
+        let err = check_host_paths_resolve("b", &mount(&d.join("vol/s/etc")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("container b") && err.contains("symbolic link") && err.contains("(to /)"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn host_paths_are_strictly_below_a_prefix_and_propagation_is_asked_for() {
+        let c = container(serde_json::json!({
+            "metadata": {"name": "app"},
+            "mounts": [{"container_path": "/pods", "host_path": "/var/lib/kubelet/pods"},
+                       {"container_path": "/v", "propagation": 2,
+                        "host_path": "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/v"}]
+        }));
+        let err = defaults()
+            .check(&requests(&pod(serde_json::json!({})), &[("app".into(), c)]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("host path /var/lib/kubelet/pods mounted at /pods"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("u1/volumes/kubernetes.io~empty-dir/v mounted"),
+            "{err}"
+        );
+        assert!(
+            err.contains("bidirectional mount propagation at /v [mount-propagation]"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -813,6 +813,31 @@ async fn archive_requests_are_refused_unless_allowed_by_name() -> Result<()> {
         .await
         .context("the refused restore created something")?;
 
+    // A host path below an allowed prefix that goes through a link on the node: the prefix
+    // check passes, the walk just before the container is created refuses it.
+    let linked = c.dir.join("linked-volume");
+    std::fs::create_dir_all(&linked)?;
+    std::os::unix::fs::symlink("/", linked.join("s"))?;
+    let through_link = c.dir.join("through-link.tar");
+    let link_path = linked.join("s/etc");
+    rewrite_archive(&good, &through_link, |dir| {
+        edit_json(dir, "container-config.json", |v| {
+            v["mounts"][0]["host_path"] = link_path.display().to_string().into();
+        })
+    })?;
+    let out = c.stasisctl(&["pod", "restore", through_link.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success()
+            && err.contains("container app")
+            && err.contains("symbolic link")
+            && err.contains(&*linked.join("s").to_string_lossy()),
+        "a host path through a link was not refused: {err}"
+    );
+    c.expect_footprint(footprint)
+        .await
+        .context("the refused restore left something")?;
+
     // Allowed by name, the requests are honoured, not ignored. (The host PID namespace is
     // left out: the shim refuses it whatever the policy says.)
     let allowed = c.dir.join("allowed.tar");

@@ -252,8 +252,12 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
                         registry: Default::default(),
                         name: Some(format!("{name}-restored")),
                         runtime_handler: Some(handler.to_string()),
-                        // The bench's own pods, restored from archives it just wrote.
-                        policy: Policy::default(),
+                        // The bench's own pods, restored from archives it just wrote (their
+                        // logs live in its work directory).
+                        policy: Policy {
+                            operator_host_paths: vec![a.work_dir.clone()],
+                            ..Policy::default()
+                        },
                         replace_volumes: false,
                         opening: Default::default(),
                         lazy: false,

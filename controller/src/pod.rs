@@ -1132,7 +1132,7 @@ async fn restore_extracted(
             );
         }
         for (name, config) in configs {
-            policy::check_host_paths_resolve(&name, &config)?;
+            policy::check_host_paths_resolve(&name, &pod.log_directory, &config)?;
             let id = rt
                 .create_container(api::CreateContainerRequest {
                     pod_sandbox_id: pod_id.clone(),

@@ -550,7 +550,13 @@ impl Containerd {
         if !policy.exists() {
             std::fs::write(
                 &policy,
-                serde_json::json!({ "host_path_prefixes": [self.dir] }).to_string(),
+                // Every test "node" keeps pod logs below /tmp/stasis-e2e, as every real node
+                // does below /var/log/pods: a pod moved between two nodes keeps its log dir.
+                serde_json::json!({
+                    "host_path_prefixes": [self.dir],
+                    "log_directory_prefixes": ["/tmp/stasis-e2e"],
+                })
+                .to_string(),
             )?;
         }
         let mut cmd = Command::new(built_binary("stasisctl")?);

@@ -838,6 +838,32 @@ async fn archive_requests_are_refused_unless_allowed_by_name() -> Result<()> {
         .await
         .context("the refused restore left something")?;
 
+    // containerd creates and writes a container's log file on the node: a log path that
+    // climbs out of the pod's log directory is a host path like any other.
+    let escaping_log = c.dir.join("escaping-log.tar");
+    let planted = format!("stasis-e2e-log-{}", std::process::id());
+    let climb = format!("../../../../../../../../etc/{planted}");
+    rewrite_archive(&good, &escaping_log, |dir| {
+        edit_json(dir, "container-config.json", |v| {
+            v["log_path"] = climb.clone().into();
+        })
+    })?;
+    let out = c.stasisctl(&["pod", "restore", escaping_log.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success()
+            && err.contains("written by containerd")
+            && err.contains("[log-file]"),
+        "a log path out of the pod's log directory was not refused: {err}"
+    );
+    ensure!(
+        !std::path::Path::new("/etc").join(&planted).exists(),
+        "the refused restore wrote /etc/{planted}"
+    );
+    c.expect_footprint(footprint)
+        .await
+        .context("the refused restore created something")?;
+
     // Allowed by name, the requests are honoured, not ignored. (The host PID namespace is
     // left out: the shim refuses it whatever the policy says.)
     let allowed = c.dir.join("allowed.tar");

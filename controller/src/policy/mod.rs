@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::cri::api;
 
+mod fields;
+pub use fields::requests;
+
 /// The node policy file read by default.
 pub const DEFAULT_POLICY_FILE: &str = "/etc/stasis/restore-policy.json";
 
@@ -106,6 +109,11 @@ pub enum Item {
     SeccompLocalhost,
     /// Bidirectional mount propagation (the container's mounts reach the node).
     MountPropagation,
+    /// User namespaces or id-mapped mounts with the archive's mappings.
+    UserNamespaces,
+    /// A container log file (containerd creates and writes it on the node) outside the
+    /// policy's log and host path prefixes.
+    LogFile,
     /// Governed by prefixes, not by name.
     #[serde(skip)]
     HostPath,
@@ -126,6 +134,8 @@ impl Item {
         ("selinux", Item::Selinux),
         ("seccomp-localhost", Item::SeccompLocalhost),
         ("mount-propagation", Item::MountPropagation),
+        ("user-namespaces", Item::UserNamespaces),
+        ("log-file", Item::LogFile),
     ];
 
     pub fn name(self) -> &'static str {
@@ -193,6 +203,9 @@ pub struct Policy {
     /// Localhost seccomp profiles below these directories are accepted (default: kubelet's).
     #[serde(default = "default_seccomp_dirs")]
     pub seccomp_profile_dirs: Vec<PathBuf>,
+    /// Container log files may be written below these (default: kubelet's `/var/log/pods`).
+    #[serde(default = "default_log_dirs")]
+    pub log_directory_prefixes: Vec<PathBuf>,
     /// `--allow-host-path` prefixes: the operator names exactly what may be mounted, the
     /// prefix itself included (the node's prefixes are directories pods' volumes live below).
     #[serde(skip)]
@@ -207,9 +220,14 @@ impl Default for Policy {
             cgroup_roots: default_cgroup_roots(),
             sysctls: default_sysctls(),
             seccomp_profile_dirs: default_seccomp_dirs(),
+            log_directory_prefixes: default_log_dirs(),
             operator_host_paths: Vec::new(),
         }
     }
+}
+
+fn default_log_dirs() -> Vec<PathBuf> {
+    vec![PathBuf::from("/var/log/pods")]
 }
 
 fn default_seccomp_dirs() -> Vec<PathBuf> {
@@ -261,6 +279,7 @@ impl Policy {
                     .iter()
                     .chain(&p.cgroup_roots)
                     .chain(&p.seccomp_profile_dirs)
+                    .chain(&p.log_directory_prefixes)
                 {
                     if !prefix.is_absolute() {
                         bail!(
@@ -305,9 +324,13 @@ impl Policy {
             // Strictly below: kubelet's directory of all pods is no pod's volume.
             (Item::HostPath, Some(p)) => {
                 let p = lexical(Path::new(p));
-                self.host_path_prefixes
-                    .iter()
-                    .any(|x| p.starts_with(x) && p != lexical(x))
+                below(&p, &self.host_path_prefixes)
+                    || self.operator_host_paths.iter().any(|x| p.starts_with(x))
+            }
+            (Item::LogFile, Some(p)) => {
+                let p = lexical(Path::new(p));
+                below(&p, &self.host_path_prefixes)
+                    || below(&p, &self.log_directory_prefixes)
                     || self.operator_host_paths.iter().any(|x| p.starts_with(x))
             }
             // Strictly below a root: a pod whose cgroup is a root itself would hold every pod
@@ -351,9 +374,10 @@ impl Policy {
         for r in &refused {
             msg.push_str(&format!("\n  - {r}"));
         }
+        let by_path = |r: &&&Request| matches!(r.item, Item::HostPath | Item::LogFile);
         let items: BTreeSet<&str> = refused
             .iter()
-            .filter(|r| r.item != Item::HostPath)
+            .filter(|r| !by_path(r))
             .map(|r| r.item.name())
             .collect();
         msg.push_str("\nnothing was created. If you trust this archive, allow them by name:");
@@ -363,7 +387,7 @@ impl Policy {
                 items.into_iter().collect::<Vec<_>>().join(",")
             ));
         }
-        for r in refused.iter().filter(|r| r.item == Item::HostPath) {
+        for r in refused.iter().filter(by_path) {
             if let Some(p) = &r.path {
                 msg.push_str(&format!(" --allow-host-path {p}"));
             }
@@ -376,9 +400,25 @@ impl Policy {
 /// the prefix check reads the path as written, containerd would follow the link anywhere. Run
 /// right before the container is created, once the volumes restored before it are in place.
 /// Components that do not exist yet end the walk (containerd creates them as directories).
-pub fn check_host_paths_resolve(name: &str, config: &api::ContainerConfig) -> Result<()> {
-    for m in &config.mounts {
-        let path = lexical(Path::new(&m.host_path));
+pub fn check_host_paths_resolve(
+    name: &str,
+    log_directory: &str,
+    config: &api::ContainerConfig,
+) -> Result<()> {
+    let log_file = (!config.log_path.is_empty()).then(|| {
+        Path::new(log_directory)
+            .join(&config.log_path)
+            .display()
+            .to_string()
+    });
+    let host_paths = config
+        .mounts
+        .iter()
+        .map(|m| m.host_path.clone())
+        .filter(|p| !p.is_empty())
+        .chain(log_file);
+    for host_path in host_paths {
+        let path = lexical(Path::new(&host_path));
         let mut walked = PathBuf::from("/");
         for c in path.components().skip(1) {
             walked.push(c);
@@ -388,22 +428,27 @@ pub fn check_host_paths_resolve(name: &str, config: &api::ContainerConfig) -> Re
                         .map(|t| t.display().to_string())
                         .unwrap_or_default();
                     bail!(
-                        "container {name}: host path {} goes through the symbolic link {} (to {target}) on this node; a link can point anywhere, so it is refused, nothing of the container was created",
-                        m.host_path,
+                        "container {name}: host path {host_path} goes through the symbolic link {} (to {target}) on this node; a link can point anywhere, so it is refused, nothing of the container was created",
                         walked.display()
                     );
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                 Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("container {name}: check host path {}", m.host_path)
-                    })
+                    return Err(e)
+                        .with_context(|| format!("container {name}: check host path {host_path}"))
                 }
             }
         }
     }
     Ok(())
+}
+
+/// `p` (lexical) lies strictly below one of `prefixes`.
+fn below(p: &Path, prefixes: &[PathBuf]) -> bool {
+    prefixes
+        .iter()
+        .any(|x| p.starts_with(lexical(x)) && p != lexical(x))
 }
 
 /// `a/./b/../c` → `a/c` without touching the file system (the path is the archive's, not ours).
@@ -502,167 +547,6 @@ fn profiles(
     }
 }
 
-/// Everything the pod and container configs of an archive ask for beyond an ordinary pod.
-// The deprecated string fields still reach the runtime from older clients: read them too.
-#[allow(deprecated)]
-pub fn requests(
-    pod: &api::PodSandboxConfig,
-    containers: &[(String, api::ContainerConfig)],
-) -> Vec<Request> {
-    let mut out = Vec::new();
-    for m in pod.port_mappings.iter().filter(|m| m.host_port != 0) {
-        out.push(Request {
-            item: Item::HostPorts,
-            by: "pod".into(),
-            what: format!(
-                "node port {}{} to container port {}",
-                if m.host_ip.is_empty() {
-                    String::new()
-                } else {
-                    format!("{}:", m.host_ip)
-                },
-                m.host_port,
-                m.container_port
-            ),
-            path: None,
-        });
-    }
-    if let Some(linux) = &pod.linux {
-        for (name, value) in &linux.sysctls {
-            // The slash form names the same sysctl: compare in the dotted form.
-            let slash_form = match (name.find('/'), name.find('.')) {
-                (Some(s), Some(d)) => s < d,
-                (Some(_), None) => true,
-                _ => false,
-            };
-            let dotted = if slash_form {
-                name.chars()
-                    .map(|c| match c {
-                        '/' => '.',
-                        '.' => '/',
-                        c => c,
-                    })
-                    .collect()
-            } else {
-                name.clone()
-            };
-            out.push(Request {
-                item: Item::Sysctls,
-                by: "pod".into(),
-                what: format!("sysctl {dotted}={value}"),
-                path: Some(dotted),
-            });
-        }
-        if !linux.cgroup_parent.is_empty() {
-            out.push(Request {
-                item: Item::CgroupParent,
-                by: "pod".into(),
-                what: format!("cgroup parent {}", linux.cgroup_parent),
-                path: Some(linux.cgroup_parent.clone()),
-            });
-        }
-        if let Some(sc) = &linux.security_context {
-            if sc.privileged {
-                out.push(Request {
-                    item: Item::Privileged,
-                    by: "pod".into(),
-                    what: "privileged mode".into(),
-                    path: None,
-                });
-            }
-            host_namespaces("pod", sc.namespace_options.as_ref(), &mut out);
-            selinux("pod", sc.selinux_options.as_ref(), &mut out);
-            profiles(
-                "pod",
-                (sc.seccomp.as_ref(), &sc.seccomp_profile_path),
-                (sc.apparmor.as_ref(), ""),
-                &mut out,
-            );
-        }
-    }
-    for (name, c) in containers {
-        let by = format!("container {name}");
-        if let Some(sc) = c.linux.as_ref().and_then(|l| l.security_context.as_ref()) {
-            if sc.privileged {
-                out.push(Request {
-                    item: Item::Privileged,
-                    by: by.clone(),
-                    what: "privileged mode".into(),
-                    path: None,
-                });
-            }
-            host_namespaces(&by, sc.namespace_options.as_ref(), &mut out);
-            selinux(&by, sc.selinux_options.as_ref(), &mut out);
-            let dropped = dropped_protections(&sc.masked_paths, &sc.readonly_paths);
-            if !dropped.is_empty() {
-                out.push(Request {
-                    item: Item::UnmaskedProc,
-                    by: by.clone(),
-                    what: dropped.join(", "),
-                    path: None,
-                });
-            }
-            if let Some(caps) = &sc.capabilities {
-                let added: Vec<&str> = caps
-                    .add_capabilities
-                    .iter()
-                    .chain(&caps.add_ambient_capabilities)
-                    .map(|c| c.trim_start_matches("CAP_"))
-                    .filter(|c| !DEFAULT_CAPS.contains(&c.to_ascii_uppercase().as_str()))
-                    .collect();
-                if !added.is_empty() {
-                    out.push(Request {
-                        item: Item::Capabilities,
-                        by: by.clone(),
-                        what: format!("added capabilities {}", added.join(", ")),
-                        path: None,
-                    });
-                }
-            }
-            profiles(
-                &by,
-                (sc.seccomp.as_ref(), &sc.seccomp_profile_path),
-                (sc.apparmor.as_ref(), &sc.apparmor_profile),
-                &mut out,
-            );
-        }
-        for m in &c.mounts {
-            out.push(Request {
-                item: Item::HostPath,
-                by: by.clone(),
-                what: format!("host path {} mounted at {}", m.host_path, m.container_path),
-                path: Some(m.host_path.clone()),
-            });
-            // Mounts made in the container would appear on the node.
-            if m.propagation == api::MountPropagation::PropagationBidirectional as i32 {
-                out.push(Request {
-                    item: Item::MountPropagation,
-                    by: by.clone(),
-                    what: format!("bidirectional mount propagation at {}", m.container_path),
-                    path: None,
-                });
-            }
-        }
-        for d in &c.devices {
-            out.push(Request {
-                item: Item::Devices,
-                by: by.clone(),
-                what: format!("host device {} at {}", d.host_path, d.container_path),
-                path: None,
-            });
-        }
-        for d in &c.cdi_devices {
-            out.push(Request {
-                item: Item::Devices,
-                by: by.clone(),
-                what: format!("CDI device {}", d.name),
-                path: None,
-            });
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -750,9 +634,15 @@ mod tests {
                 "mounts": [{"container_path": "/host", "host_path": host.display().to_string()}]
             }))
         };
-        check_host_paths_resolve("b", &mount(&d.join("vol"))).unwrap();
-        check_host_paths_resolve("b", &mount(&d.join("vol/not-yet/x"))).unwrap();
-        let err = check_host_paths_resolve("b", &mount(&d.join("vol/s/etc")))
+        check_host_paths_resolve("b", "", &mount(&d.join("vol"))).unwrap();
+        check_host_paths_resolve("b", "", &mount(&d.join("vol/not-yet/x"))).unwrap();
+        let mut logged = mount(&d.join("vol"));
+        logged.log_path = "s/etc/cron.d/x".into();
+        let err = check_host_paths_resolve("b", &d.join("vol").display().to_string(), &logged)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        let err = check_host_paths_resolve("b", "", &mount(&d.join("vol/s/etc")))
             .unwrap_err()
             .to_string();
         assert!(
@@ -786,6 +676,35 @@ mod tests {
             err.contains("bidirectional mount propagation at /v [mount-propagation]"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn log_files_user_namespaces_and_other_containers_namespaces_are_requests() {
+        let p = pod(serde_json::json!({
+            "log_directory": "/var/log/pods/default_web_u1",
+            "linux": {"security_context": {"namespace_options": {
+                "userns_options": {"mode": 0, "uids": [{"host_id": 0, "container_id": 0, "length": 1}]}}}}
+        }));
+        let ok = container(serde_json::json!({"metadata": {"name": "ok"}, "log_path": "ok/0.log"}));
+        let bad = container(serde_json::json!({
+            "metadata": {"name": "bad"},
+            "log_path": "../../../../etc/cron.d/x",
+            "linux": {"security_context": {"namespace_options": {"pid": 3, "target_id": "other"}}},
+            "mounts": [{"container_path": "/m", "host_path": "/var/lib/kubelet/pods/u1/volumes/v",
+                        "uid_mappings": [{"host_id": 0, "container_id": 0, "length": 1}]}]
+        }));
+        let reqs = requests(&p, &[("ok".into(), ok), ("bad".into(), bad)]);
+        let err = defaults().check(&reqs).unwrap_err().to_string();
+        for want in [
+            "pod: a user namespace with the archive's id mappings [user-namespaces]",
+            "container bad: log file /var/log/pods/default_web_u1/../../../../etc/cron.d/x written by containerd",
+            "--allow-host-path /var/log/pods/default_web_u1/../../../../etc/cron.d/x",
+            "container bad: the PID namespace of container \"other\" [host-namespaces]",
+            "container bad: an id-mapped mount at /m [user-namespaces]",
+        ] {
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        assert!(!err.contains("container ok"), "{err}");
     }
 
     #[test]

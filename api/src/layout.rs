@@ -61,6 +61,12 @@ pub const VOLUMES_DIR: &str = "volumes";
 /// prepared in the restore store: `<id>` on the pod, `<id>/<container dir>` on a container.
 /// Never a path: an ordinary CRI client cannot make the shim restore what it made itself.
 pub const RESTORE_ANNOTATION: &str = "io.stasis.restore-from";
+/// The pod annotation carrying the restore's claim token: only the pod stasisctl created
+/// holds it (it is in the root-only store, `<id>.token`), so no other CRI client can claim a
+/// restore whose id it learned.
+pub const RESTORE_TOKEN_ANNOTATION: &str = "io.stasis.restore-token";
+/// Beside a restore `<id>` in the store: its claim token.
+pub const RESTORE_TOKEN_SUFFIX: &str = ".token";
 /// Where restores are prepared (unpacked archives), root's and 0700; each under a fresh
 /// random id, claimed by the pod restored from it.
 pub const RESTORE_STORE: &str = "/var/lib/stasis/restores";

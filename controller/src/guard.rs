@@ -29,10 +29,11 @@ impl RestoreGuard {
     pub fn start(address: &str, dir: &Path) -> Result<Self> {
         let exe = std::env::current_exe().context("find stasisctl's own binary")?;
         let mut cmd = Command::new(exe);
+        // The directory names the restore id: it goes through the pipe, never on a command
+        // line every local user can read.
         cmd.arg("--address")
             .arg(address)
             .arg(SUBCOMMAND)
-            .arg(dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::null());
         // SAFETY: setsid is async-signal-safe.
@@ -43,7 +44,8 @@ impl RestoreGuard {
             });
         }
         let mut child = cmd.spawn().context("start the restore watchdog")?;
-        let tell = child.stdin.take().context("watchdog pipe")?;
+        let mut tell = child.stdin.take().context("watchdog pipe")?;
+        writeln!(tell, "dir {}", dir.display()).context("tell the restore watchdog")?;
         Ok(RestoreGuard { tell, child })
     }
 
@@ -61,8 +63,8 @@ impl RestoreGuard {
 }
 
 /// The helper: waits for its parent's pipe to close, then cleans up unless told it is done.
-pub async fn run(address: &str, dir: PathBuf) -> Result<()> {
-    let (mut pod, mut done) = (None, false);
+pub async fn run(address: &str) -> Result<()> {
+    let (mut pod, mut done, mut dir) = (None, false, None);
     let lines = tokio::task::spawn_blocking(|| {
         std::io::stdin()
             .lock()
@@ -72,7 +74,9 @@ pub async fn run(address: &str, dir: PathBuf) -> Result<()> {
     })
     .await?;
     for line in lines {
-        if let Some(id) = line.strip_prefix("pod ") {
+        if let Some(d) = line.strip_prefix("dir ") {
+            dir = Some(PathBuf::from(d));
+        } else if let Some(id) = line.strip_prefix("pod ") {
             pod = Some(id.to_string());
         } else if line == "done" {
             done = true;
@@ -81,6 +85,9 @@ pub async fn run(address: &str, dir: PathBuf) -> Result<()> {
     if done {
         return Ok(());
     }
+    let Some(dir) = dir else {
+        return Ok(());
+    };
     if let Some(id) = &pod {
         let mut rt = cri::connect(Path::new(address)).await?;
         let mut removed = false;
@@ -113,9 +120,12 @@ pub async fn run(address: &str, dir: PathBuf) -> Result<()> {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
-    // The restore's claim beside it (`<id>.pod`), if the pod got that far.
+    // The restore's claim and token beside it, if the pod got that far.
     if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) {
-        let _ = std::fs::remove_file(parent.join(format!("{}.pod", name.to_string_lossy())));
+        for suffix in [".pod", stasis_api::layout::RESTORE_TOKEN_SUFFIX] {
+            let _ =
+                std::fs::remove_file(parent.join(format!("{}{suffix}", name.to_string_lossy())));
+        }
     }
     Ok(())
 }

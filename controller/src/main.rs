@@ -89,7 +89,7 @@ enum Command {
     },
     /// (internal) The watchdog a restore starts to clean up if stasisctl is killed.
     #[command(name = "__restore-guard", hide = true)]
-    RestoreGuard { dir: PathBuf },
+    RestoreGuard,
     /// Receive pods from other nodes (`migrate listen`), and make the key both sides share.
     Migrate {
         #[command(subcommand)]
@@ -612,7 +612,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::RestoreGuard { dir } => stasis_controller::guard::run(&target.address, dir).await,
+        Command::RestoreGuard => stasis_controller::guard::run(&target.address).await,
         Command::Migrate { command } => match command {
             MigrateCommand::Keygen { output } => {
                 migrate::keygen(&output)?;

@@ -904,7 +904,7 @@ pub async fn restore_with(
         "{restore_id}{}",
         stasis_api::layout::RESTORE_OPTIONS_SUFFIX
     ));
-    let files = vec![
+    let mut files = vec![
         store.join(format!("{restore_id}.pod")),
         options_file.clone(),
     ];
@@ -912,7 +912,16 @@ pub async fn restore_with(
         lazy: a.lazy,
         page_source,
     };
-    if let Err(e) = seal::write_new_private(&options_file, &serde_json::to_vec(&restore_options)?) {
+    // The pod's claim token (only the pod created here carries it), beside the options.
+    let token_file = store.join(format!(
+        "{restore_id}{}",
+        stasis_api::layout::RESTORE_TOKEN_SUFFIX
+    ));
+    files.push(token_file.clone());
+    let token = format!("{}{}", archive::random_suffix()?, archive::random_suffix()?);
+    let written = seal::write_new_private(&options_file, &serde_json::to_vec(&restore_options)?)
+        .and_then(|()| seal::write_new_private(&token_file, token.as_bytes()));
+    if let Err(e) = written {
         remove_restore_files(&dir, &files);
         guard.done();
         return Err(e);
@@ -920,7 +929,7 @@ pub async fn restore_with(
     let result = restore_extracted(
         t,
         a,
-        (&restore_id, &dir),
+        (&restore_id, &dir, &token),
         &options,
         &mut interrupt,
         &mut guard,
@@ -1017,7 +1026,7 @@ fn open_restore_store() -> Result<PathBuf> {
 async fn restore_extracted(
     t: &Target,
     a: &RestoreArgs,
-    (restore_id, dir): (&str, &Path),
+    (restore_id, dir, token): (&str, &Path, &str),
     options: &archive::PodOptions,
     interrupt: &mut Interrupt,
     guard: &mut RestoreGuard,
@@ -1080,6 +1089,10 @@ async fn restore_extracted(
     // another backend before any container exists.
     pod.annotations
         .insert(RESTORE_ANNOTATION.to_string(), restore_id.to_string());
+    pod.annotations.insert(
+        stasis_api::layout::RESTORE_TOKEN_ANNOTATION.to_string(),
+        token.to_string(),
+    );
     let pod_name = md.name.clone();
     let recorded = options
         .annotations

@@ -338,6 +338,77 @@ async fn only_restores_stasisctl_prepared_are_honoured() -> Result<()> {
         "the refusal does not say why: {err}"
     );
     cri.stop_and_remove_pod(&pod_id).await?;
+
+    // A real prepared restore whose id a CRI client learned: without the claim token that
+    // only stasisctl's own pod carries, it cannot be taken (nor blocked: no claim is left).
+    let source = pod_config("source", &c.dir.join("logs"));
+    let source_id = cri.run_pod(&source).await?;
+    cri.run_container(
+        &source_id,
+        &source,
+        container_config("app", image, &["sh", "-c", "sleep 1000"]),
+    )
+    .await?;
+    let prepared = c.dir.join("prepared/");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "source",
+        "--leave-running",
+        "--output",
+        prepared.to_str().unwrap(),
+    ])?;
+    cri.stop_and_remove_pod(&source_id).await?;
+    let store = std::path::Path::new(stasis_api::layout::RESTORE_STORE);
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(store)?;
+    }
+    let id = format!("{:032x}", std::process::id() as u128 * 7919 + 17);
+    let entry = store.join(&id);
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(c.dir.join("prepared"))
+        .arg(&entry)
+        .status()?;
+    ensure!(copied.success(), "copy the prepared restore into the store");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o700))?;
+    let token_file = store.join(format!("{id}{}", stasis_api::layout::RESTORE_TOKEN_SUFFIX));
+    std::fs::write(&token_file, "0123456789abcdef0123456789abcdef")?;
+    let mut outcome = Ok(());
+    for (n, token) in [None, Some("0123456789abcdef0123456789abcdeX")]
+        .into_iter()
+        .enumerate()
+    {
+        let mut pod = pod_config(&format!("claimer{n}"), &c.dir.join("logs"));
+        pod.annotations.insert(
+            stasis_api::layout::RESTORE_ANNOTATION.to_string(),
+            id.clone(),
+        );
+        if let Some(t) = token {
+            pod.annotations.insert(
+                stasis_api::layout::RESTORE_TOKEN_ANNOTATION.to_string(),
+                t.to_string(),
+            );
+        }
+        let err = match cri.run_pod(&pod).await {
+            Ok(pod_id) => format!("claimed by {pod_id}"),
+            Err(e) => format!("{e:#}"),
+        };
+        if !err.contains("claim token") || store.join(format!("{id}.pod")).exists() {
+            outcome = Err(anyhow::anyhow!(
+                "a pod with token {token:?} was not refused, or left a claim: {err}"
+            ));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&entry);
+    let _ = std::fs::remove_file(&token_file);
+    let _ = std::fs::remove_file(store.join(format!("{id}.pod")));
+    outcome?;
     c.finish()
 }
 

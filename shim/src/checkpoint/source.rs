@@ -116,9 +116,39 @@ pub fn resolve_restore(store: &Path, owner: &str, value: &str) -> Result<(String
 }
 
 /// Marks restore `id` as used by pod `pod` (a file `<id>.pod` beside it, made exclusively):
-/// a second pod naming the same restore is refused.
-pub fn claim_restore(store: &Path, pod: &str, id: &str) -> Result<()> {
+/// a second pod naming the same restore is refused. The pod must hold the restore's token
+/// (`<id>.token`, written by stasisctl into the root-only store): knowing the id is not
+/// enough to claim it.
+pub fn claim_restore(store: &Path, pod: &str, id: &str, token: Option<&str>) -> Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let expected = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(store.join(format!("{id}{}", stasis_api::layout::RESTORE_TOKEN_SUFFIX)))
+        .and_then(|mut f| {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut f, &mut s).map(|_| s)
+        })
+        .unwrap_or_default();
+    let given = token.unwrap_or_default();
+    // Compared in full whatever differs first: the token's bytes are not to be guessed one
+    // at a time.
+    let same = expected.len() == given.len()
+        && !expected.is_empty()
+        && expected
+            .bytes()
+            .zip(given.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if !same {
+        return Err(Error::precondition(
+            pod,
+            format!(
+                "the pod does not hold the claim token of restore {id} ({}): only the pod stasisctl creates for a restore may take it",
+                stasis_api::layout::RESTORE_TOKEN_ANNOTATION
+            ),
+        ));
+    }
     let claim = store.join(format!("{id}.pod"));
     match std::fs::OpenOptions::new()
         .write(true)

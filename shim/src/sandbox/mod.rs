@@ -107,7 +107,16 @@ fn restore_source(shim: &Shim, pod: &Pod) -> Result<Option<(PodOptions, Option<P
         ));
     }
     let (restore_id, dir) = source::resolve_restore(&shim.restore_store, &pod.id, value)?;
-    source::claim_restore(&shim.restore_store, &pod.id, &restore_id)?;
+    let token = pod
+        .config
+        .annotations
+        .get(stasis_api::layout::RESTORE_TOKEN_ANNOTATION);
+    source::claim_restore(
+        &shim.restore_store,
+        &pod.id,
+        &restore_id,
+        token.map(String::as_str),
+    )?;
     let (options, _) = source::check_pod_dir(&pod.id, &dir, shim.runtime.name())?;
     let image = shim.runtime.pod_restore_image(&pod.id, &dir)?;
     Ok(Some((options, image)))

@@ -112,19 +112,94 @@ fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> 
     stream.read_exact(buf)
 }
 
+/// How long a peer has to complete the handshake, however it spreads its bytes.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// The largest greeting an NNpsk0 initiator sends (an ephemeral key and a tag, no payload),
+/// with room to spare: anything longer is not a stasis peer.
+const MAX_GREETING: usize = 1024;
+/// Handshakes answered at once; more connections are dropped until one ends.
+const MAX_HANDSHAKES: usize = 8;
+
+/// Reads one frame, all of it before `deadline` (not per read: a peer sending a byte at a
+/// time cannot stretch it), refusing frames longer than `max`.
+fn read_frame_by(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    max: usize,
+    deadline: Instant,
+) -> std::io::Result<()> {
+    let fill = |stream: &mut TcpStream, out: &mut [u8]| -> std::io::Result<()> {
+        let mut got = 0;
+        while got < out.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the handshake took too long",
+                ));
+            }
+            stream.set_read_timeout(Some(left))?;
+            match stream.read(&mut out[got..]) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    };
+    let mut len = [0u8; 2];
+    fill(stream, &mut len)?;
+    let len = u16::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a {len}-byte handshake message"),
+        ));
+    }
+    buf.resize(len, 0);
+    fill(stream, buf)
+}
+
+/// Connects to `to` (each address it resolves to) within the handshake deadline.
+fn connect_within(to: &str) -> Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = None;
+    for addr in to
+        .to_socket_addrs()
+        .with_context(|| format!("resolve {to}"))?
+    {
+        match TcpStream::connect_timeout(&addr, HANDSHAKE_DEADLINE) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .map(anyhow::Error::from)
+        .unwrap_or_else(|| anyhow::anyhow!("no address")))
+    .with_context(|| format!("connect to {to}"))
+}
+
 impl Channel {
     /// Connects and proves the key (the initiator's side).
     pub fn connect(to: &str, key: &[u8; 32]) -> Result<Channel> {
-        let mut stream = TcpStream::connect(to).with_context(|| format!("connect to {to}"))?;
+        let mut stream = connect_within(to)?;
         stream.set_nodelay(true)?;
         let mut hs = builder(key)?.build_initiator()?;
         let mut msg = vec![0u8; 65535];
         let n = hs.write_message(&[], &mut msg)?;
         write_frame(&mut stream, &msg[..n])?;
         let mut frame = Vec::new();
-        read_frame(&mut stream, &mut frame).with_context(|| {
+        read_frame_by(
+            &mut stream,
+            &mut frame,
+            MAX_GREETING,
+            Instant::now() + HANDSHAKE_DEADLINE,
+        )
+        .with_context(|| {
             format!("{to} closed the connection: it is not a stasis receiver, or its key differs")
         })?;
+        stream.set_read_timeout(None)?;
         hs.read_message(&frame, &mut msg)
             .map_err(|_| anyhow::anyhow!("{to} does not hold the same migration key"))?;
         Ok(Channel {
@@ -137,11 +212,16 @@ impl Channel {
     /// Answers a connection, refusing a peer without the key (the responder's side).
     pub fn accept(mut stream: TcpStream, key: &[u8; 32]) -> Result<Channel> {
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut hs = builder(key)?.build_responder()?;
         let mut frame = Vec::new();
         let mut msg = vec![0u8; 65535];
-        read_frame(&mut stream, &mut frame).context("read the peer's greeting")?;
+        read_frame_by(
+            &mut stream,
+            &mut frame,
+            MAX_GREETING,
+            Instant::now() + HANDSHAKE_DEADLINE,
+        )
+        .context("read the peer's greeting")?;
         hs.read_message(&frame, &mut msg)
             .map_err(|_| anyhow::anyhow!("the peer does not hold the migration key"))?;
         let n = hs.write_message(&[], &mut msg)?;
@@ -447,20 +527,41 @@ pub async fn listen(t: &Target, a: ListenArgs) -> Result<()> {
         listener.local_addr()?,
         t.address
     );
+    // Handshakes run side by side, each within its deadline, so peers without the key cannot
+    // hold the door; pods that proved the key are restored one at a time, in arrival order.
+    let (proven, mut arrivals) = tokio::sync::mpsc::channel::<(Channel, std::net::SocketAddr)>(1);
+    let busy = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    {
+        let listener = listener.try_clone()?;
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(stream) = conn else { continue };
+                let peer = stream
+                    .peer_addr()
+                    .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+                let Ok(permit) = busy.clone().try_acquire_owned() else {
+                    eprintln!("refused {peer}: {MAX_HANDSHAKES} handshakes under way already");
+                    continue;
+                };
+                let proven = proven.clone();
+                runtime.spawn_blocking(move || {
+                    let _permit = permit;
+                    match Channel::accept(stream, &key) {
+                        Ok(c) => {
+                            let _ = proven.blocking_send((c, peer));
+                        }
+                        Err(e) => eprintln!("refused {peer}: {e:#}"),
+                    }
+                });
+            }
+        });
+    }
     let mut served = 0;
     loop {
-        let (stream, peer) = {
-            let l = listener.try_clone()?;
-            tokio::task::spawn_blocking(move || l.accept()).await??
+        let Some((mut channel, peer)) = arrivals.recv().await else {
+            bail!("the listener stopped accepting connections");
         };
-        let mut channel =
-            match tokio::task::spawn_blocking(move || Channel::accept(stream, &key)).await? {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("refused {peer}: {e:#}");
-                    continue;
-                }
-            };
         let started = Instant::now();
         let restored = receive(t, &a, &mut channel, &peer.to_string()).await;
         let result = restored.as_ref().map(|r| r.pod_id.clone());

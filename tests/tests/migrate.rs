@@ -455,3 +455,112 @@ async fn half_a_gib_of_memory_arrives_intact() -> Result<()> {
     a.finish()?;
     b.finish()
 }
+
+/// Peers without the key cannot hold the door: connections that trickle a byte every few
+/// seconds (or send a huge greeting) are dropped at the handshake deadline, while a real
+/// migration with the key is answered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_peers_without_the_key_do_not_stall_the_listener() -> Result<()> {
+    let (a, b, image, key) = two_nodes("migstall")?;
+    let mut cri_a = a.cri().await?;
+    let pod = pod_config("patient", &a.dir.join("logs"));
+    let pod_id = cri_a.run_pod(&pod).await?;
+    let id = cri_a
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("app", image, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
+    wait_counter_moving(&mut cri_a, &id, "/counter").await?;
+    let recv = listener(&b, &key, &[], 1)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut trickles = Vec::new();
+    for _ in 0..2 {
+        let (addr, stop) = (recv.addr.clone(), stop.clone());
+        trickles.push(std::thread::spawn(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect(&addr)?;
+            s.write_all(&[0, 48])?;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if s.write_all(&[0]).is_err() {
+                    break; // dropped by the listener, as it should be
+                }
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Ok(())
+        }));
+    }
+    {
+        use std::io::Write;
+        let mut huge = std::net::TcpStream::connect(&recv.addr)?;
+        huge.write_all(&[0xff, 0xff])?;
+        let _ = huge.write_all(&vec![0u8; 4096]);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    // Bounded: a listener held by the trickling peers would never answer.
+    let mut sender = a
+        .stasisctl_command()?
+        .args([
+            "pod",
+            "migrate",
+            "patient",
+            "--to",
+            &recv.addr,
+            "--key-file",
+        ])
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let status = loop {
+        if let Some(status) = sender.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = sender.kill();
+            let _ = sender.wait();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            anyhow::bail!("the migration behind slow peers did not finish in 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = sender.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut err)?;
+    }
+    ensure!(
+        status.success(),
+        "the migration behind slow peers failed: {err}"
+    );
+    // The trickling peers keep trickling until the listener drops them at its deadline.
+    let mut refused = Vec::new();
+    while let Ok(l) = recv.log.recv_timeout(Duration::from_secs(20)) {
+        if l.contains("refused") {
+            refused.push(l);
+        }
+        if refused.len() >= 3 {
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    ensure!(
+        refused.iter().any(|l| l.contains("handshake message"))
+            && refused.iter().filter(|l| l.contains("too long")).count() >= 2,
+        "the listener did not drop the slow and oversized peers: {refused:?}"
+    );
+    eprintln!(
+        "migrated behind two trickling peers in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    for t in trickles {
+        let _ = t.join();
+    }
+    let listened = recv.child.wait_with_output()?;
+    let new_pod = String::from_utf8_lossy(&listened.stdout).trim().to_string();
+    let mut cri_b = b.cri().await?;
+    cri_b.stop_and_remove_pod(&new_pod).await?;
+    a.finish()?;
+    b.finish()
+}

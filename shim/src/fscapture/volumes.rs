@@ -56,8 +56,7 @@ pub fn capture(id: &str, spec: &ContainerSpec, image: &Path) -> Result<Vec<Captu
         let file = crate::util::create_private(&image.join(&archive))
             .map_err(|e| Error::io(id, format!("create {archive}"), e))?;
         let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
-        tar.follow_symlinks(false);
-        tar.append_dir_all(".", src)
+        capture_tree(&mut tar, Path::new(src))
             .and_then(|_| tar.into_inner().map(drop))
             .map_err(|e| Error::io(id, format!("capture volume {dest} ({src})"), e))?;
         captured.push(Captured {
@@ -70,6 +69,104 @@ pub fn capture(id: &str, spec: &ContainerSpec, image: &Path) -> Result<Vec<Captu
     crate::util::write_private(&image.join(INDEX), index)
         .map_err(|e| Error::io(id, "write volume index", e))?;
     Ok(captured)
+}
+
+/// Tars the tree at `root` as `.`: every entry is opened from its parent directory's
+/// descriptor without following links (O_NOFOLLOW) and described from the descriptor it was
+/// read through, so an entry swapped for a link while the capture runs (a volume may be shared
+/// with containers that are not frozen) is captured as that link, never followed out of the
+/// volume. Sockets, FIFOs and devices are left out.
+fn capture_tree<W: std::io::Write>(tar: &mut tar::Builder<W>, root: &Path) -> std::io::Result<()> {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::Mode;
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = open(root, flags, Mode::empty()).map_err(std::io::Error::from)?;
+    append_dir(tar, fd, Path::new("."))
+}
+
+fn append_dir<W: std::io::Write>(
+    tar: &mut tar::Builder<W>,
+    fd: std::os::fd::OwnedFd,
+    at: &Path,
+) -> std::io::Result<()> {
+    use nix::fcntl::{openat, readlinkat, AtFlags, OFlag};
+    use nix::sys::stat::{fstatat, Mode, SFlag};
+    let dir = std::fs::File::from(fd);
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata(&dir.metadata()?);
+    header.set_entry_type(tar::EntryType::Directory);
+    tar.append_data(&mut header, at, std::io::empty())?;
+    let names: Vec<std::ffi::OsString> = {
+        let dup = dir.try_clone()?;
+        let mut d = nix::dir::Dir::from_fd(dup.into()).map_err(std::io::Error::from)?;
+        d.iter()
+            .filter_map(|e| e.ok())
+            .map(|e| {
+                use std::os::unix::ffi::OsStrExt;
+                std::ffi::OsStr::from_bytes(e.file_name().to_bytes()).to_os_string()
+            })
+            .filter(|n| n != "." && n != "..")
+            .collect()
+    };
+    for name in names {
+        let path = at.join(&name);
+        let st = match fstatat(&dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            // Removed meanwhile: nothing to capture.
+            Err(nix::Error::ENOENT) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        let open_flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        if kind == SFlag::S_IFDIR {
+            match openat(
+                &dir,
+                name.as_os_str(),
+                open_flags | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            ) {
+                Ok(child) => append_dir(tar, child, &path)?,
+                // Swapped for a link (ELOOP/ENOTDIR) or removed: captured as what it is now,
+                // on the next run; never followed.
+                Err(nix::Error::ELOOP | nix::Error::ENOTDIR | nix::Error::ENOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+        } else if kind == SFlag::S_IFREG {
+            let file = match openat(
+                &dir,
+                name.as_os_str(),
+                open_flags | OFlag::O_NONBLOCK,
+                Mode::empty(),
+            ) {
+                Ok(f) => std::fs::File::from(f),
+                Err(nix::Error::ELOOP | nix::Error::ENOENT) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let meta = file.metadata()?;
+            if !meta.is_file() {
+                continue;
+            }
+            let mut header = tar::Header::new_gnu();
+            header.set_metadata(&meta);
+            // Exactly the size read from the descriptor, even if the file grows meanwhile.
+            tar.append_data(&mut header, &path, std::io::Read::take(&file, meta.len()))?;
+        } else if kind == SFlag::S_IFLNK {
+            let target = match readlinkat(&dir, name.as_os_str()) {
+                Ok(t) => t,
+                Err(nix::Error::ENOENT | nix::Error::EINVAL) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_size(0);
+            header.set_mode(st.st_mode & 0o7777);
+            header.set_uid(st.st_uid.into());
+            header.set_gid(st.st_gid.into());
+            header.set_mtime(st.st_mtime.max(0) as u64);
+            tar.append_link(&mut header, &path, &target)?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks the captured volumes beside `image` before anything is restored: a sane index and
@@ -214,4 +311,58 @@ fn replace_with_archive(id: &str, archive: &Path, target: &Path, dest: &str) -> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_are_captured_as_links_and_never_followed() {
+        let d = std::env::temp_dir().join(format!("stasis-vol-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let vol = d.join("vol");
+        std::fs::create_dir_all(vol.join("sub")).unwrap();
+        std::fs::write(vol.join("a.txt"), "hello").unwrap();
+        std::fs::write(vol.join("sub/b.txt"), "inner").unwrap();
+        std::fs::write(d.join("outside"), "host secret").unwrap();
+        std::os::unix::fs::symlink(d.join("outside"), vol.join("s")).unwrap();
+        std::os::unix::fs::symlink("..", vol.join("up")).unwrap();
+        let mut bytes = Vec::new();
+        {
+            let mut tar = tar::Builder::new(&mut bytes);
+            capture_tree(&mut tar, &vol).unwrap();
+            tar.finish().unwrap();
+        }
+        let mut seen = std::collections::BTreeMap::new();
+        for e in tar::Archive::new(bytes.as_slice()).entries().unwrap() {
+            let mut e = e.unwrap();
+            let path = e.path().unwrap().display().to_string();
+            let what = match e.header().entry_type() {
+                tar::EntryType::Symlink => {
+                    format!("-> {}", e.link_name().unwrap().unwrap().display())
+                }
+                tar::EntryType::Directory => "dir".to_string(),
+                _ => {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut e, &mut s).unwrap();
+                    s
+                }
+            };
+            seen.insert(path.trim_start_matches("./").to_string(), what);
+        }
+        assert_eq!(seen["a.txt"], "hello");
+        assert_eq!(seen["sub/b.txt"], "inner");
+        assert_eq!(seen["s"], format!("-> {}", d.join("outside").display()));
+        assert_eq!(seen["up"], "-> ..");
+        assert!(
+            !seen.values().any(|v| v.contains("host secret")),
+            "{seen:?}"
+        );
+        // A volume that is itself a link is refused, not followed.
+        std::os::unix::fs::symlink(&vol, d.join("vol-link")).unwrap();
+        let mut tar = tar::Builder::new(Vec::new());
+        assert!(capture_tree(&mut tar, &d.join("vol-link")).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 }

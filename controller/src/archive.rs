@@ -1096,12 +1096,6 @@ pub fn free_space(dir: &Path) -> Result<u64> {
     Ok(u64::from(st.blocks_available()) * u64::from(st.fragment_size()))
 }
 
-/// Largest PAX extension or GNU long name/link record accepted (real ones are a few hundred
-/// bytes; the tar reader would hold a hostile one in memory whole).
-const MAX_META_RECORD: u64 = 64 * 1024;
-/// Most entries an archive may have (a pod checkpoint has tens to thousands).
-const MAX_ENTRIES: u64 = 1_000_000;
-
 /// A first pass over the raw headers: every metadata record small, the entry count bounded,
 /// and the unpacked total within `room` (the free space where it is unpacked). Data is
 /// skipped, not stored, so a compression bomb costs time, not memory or disk.
@@ -1112,43 +1106,24 @@ fn check_bounds(archive: &Path, room: u64, opening: &Opening) -> Result<()> {
 
 /// [`check_bounds`] over entries already opened (a seekable reader skips the file data).
 fn bound_entries<R: Read>(entries: tar::Entries<'_, R>, room: u64) -> Result<()> {
-    let (mut count, mut total) = (0u64, 0u64);
-    for entry in entries.raw(true) {
-        let entry = entry.map_err(|e| anyhow::anyhow!("archive is truncated or corrupt: {e}"))?;
-        let header = entry.header();
-        let size = header.entry_size().unwrap_or(u64::MAX);
-        let kind = header.entry_type();
-        if (kind.is_pax_local_extensions()
-            || kind.is_pax_global_extensions()
-            || kind.is_gnu_longname()
-            || kind.is_gnu_longlink())
-            && size > MAX_META_RECORD
-        {
-            bail!(
-                "hostile archive: a {} record of {} (at most {} accepted)",
-                if kind.is_gnu_longname() || kind.is_gnu_longlink() {
-                    "long-name"
-                } else {
-                    "PAX header"
-                },
-                human(size),
-                human(MAX_META_RECORD)
-            );
-        }
-        count += 1;
-        total = total.saturating_add(size);
-        if count > MAX_ENTRIES {
-            bail!("hostile archive: more than {MAX_ENTRIES} entries");
-        }
-        if total > room {
-            bail!(
-                "the archive unpacks to more than {} and only {} are free where it is unpacked; nothing was written",
-                human(total),
-                human(room)
-            );
-        }
-    }
-    Ok(())
+    use stasis_api::tarbound::{self, BoundError};
+    tarbound::bound_entries(entries, room).map_err(|e| match e {
+        BoundError::Corrupt(why) => anyhow::anyhow!("archive is truncated or corrupt: {why}"),
+        BoundError::MetaRecord { kind, size } => anyhow::anyhow!(
+            "hostile archive: a {kind} record of {} (at most {} accepted)",
+            human(size),
+            human(tarbound::MAX_META_RECORD)
+        ),
+        BoundError::TooManyEntries => anyhow::anyhow!(
+            "hostile archive: more than {} entries",
+            tarbound::MAX_ENTRIES
+        ),
+        BoundError::TooBig { total, room } => anyhow::anyhow!(
+            "the archive unpacks to more than {} and only {} are free where it is unpacked; nothing was written",
+            human(total),
+            human(room)
+        ),
+    })
 }
 
 pub fn read_pod_options(dir: &Path) -> Result<PodOptions> {

@@ -146,6 +146,17 @@ pub fn validate(id: &str, dir: &Path) -> Result<()> {
 /// and no entry below a symlink the same archive creates (it could point anywhere).
 pub fn validate_tar(id: &str, what: &str, path: &Path) -> Result<()> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(id, format!("open {what}"), e))?;
+    // Raw headers first: a metadata record the reader below would hold whole is refused by
+    // its size (the file is on disk already, so its total needs no bound here).
+    {
+        let mut raw = tar::Archive::new(&file);
+        let entries = raw
+            .entries()
+            .map_err(|e| Error::invalid(id, format!("{what}: {e}")))?;
+        stasis_api::tarbound::bound_entries(entries, u64::MAX)
+            .map_err(|e| Error::invalid(id, format!("{what}: {e}")))?;
+    }
+    let file = std::fs::File::open(path).map_err(|e| Error::io(id, format!("open {what}"), e))?;
     let mut archive = tar::Archive::new(file);
     let mut links: Vec<PathBuf> = Vec::new();
     for entry in archive
@@ -279,4 +290,34 @@ pub fn apply(id: &str, dir: &Path, rootfs: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rootfs diff whose first record claims a 20 GiB PAX header is refused from that header,
+    /// before the tar reader would hold it in memory.
+    #[test]
+    fn an_inner_tar_with_a_huge_pax_header_is_refused_from_its_header() {
+        let dir = std::env::temp_dir().join(format!("stasis-pax-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_path("x").unwrap();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_size(20 << 30);
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend_from_slice(&[0u8; 1024]);
+        let path = dir.join("rootfs-diff.tar");
+        std::fs::write(&path, bytes).unwrap();
+        let err = validate_tar("c1", "rootfs-diff.tar", &path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("PAX header record of 21474836480 bytes"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

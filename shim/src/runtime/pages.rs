@@ -365,7 +365,7 @@ impl ArchivePages {
     }
 
     /// Serves the lazy-pages daemon on `sock` until it says it is done or goes away.
-    pub fn serve(mut self, mut sock: UnixStream) {
+    pub fn serve(mut self, mut sock: UnixStream) -> std::result::Result<(), String> {
         let id = self.id.clone();
         let (mut requests, mut bytes) = (0u64, 0u64);
         let result = loop {
@@ -408,7 +408,7 @@ impl ArchivePages {
                 other => break Err(format!("unknown page-server command {other:#x}")),
             }
         };
-        match result {
+        match &result {
             Ok(()) => {
                 info!(
                     "{id}: served {requests} page requests ({bytes} bytes) from {}",
@@ -421,6 +421,7 @@ impl ArchivePages {
                 warn!("{id}: page server: {m}; the lazily restored container cannot get its memory")
             }
         }
+        result
     }
 }
 

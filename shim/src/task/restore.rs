@@ -124,7 +124,7 @@ pub(super) async fn restore_init(
     let mut prepared = match stdio::prepare(&id, &stdio_cfg) {
         Ok(p) => p,
         Err(e) => {
-            stop_lazy_pages(lazy);
+            stop_lazy_pages(lazy.as_ref().map(|l| l.0));
             return Err(e);
         }
     };
@@ -138,15 +138,35 @@ pub(super) async fn restore_init(
     {
         prepared.io.copies.abort().await;
         let _ = shim.runtime.delete(&id, true).await;
-        stop_lazy_pages(lazy);
+        stop_lazy_pages(lazy.as_ref().map(|l| l.0));
         return Err(e);
     }
-    if let Some(daemon) = lazy {
+    if let Some((daemon, server)) = lazy {
         let (id, runtime) = (id.clone(), shim.runtime.clone());
         let restore_dir = container.restore_dir.clone();
         tokio::spawn(async move {
             let exit = reaper::wait(daemon).await;
-            if exit.status == 0 {
+            // The page server's own verdict counts too: a chunk that did not match its
+            // digest was never served, whatever the daemon's exit status says.
+            let served = match server {
+                Some(h) => tokio::task::spawn_blocking(move || h.join())
+                    .await
+                    .ok()
+                    .and_then(|joined| joined.ok())
+                    .unwrap_or_else(|| Err("the page server died".to_string())),
+                None => Ok(()),
+            };
+            if let Err(why) = &served {
+                error!("{id}: page server: {why}; stopping the container");
+                if let Err(e) = runtime.kill(&id, libc::SIGKILL as u32, true).await {
+                    warn!("{id}: stop the container: {e}");
+                }
+                report_lazy_status(
+                    &id,
+                    restore_dir.as_deref(),
+                    &format!("failed: {why}; container stopped"),
+                );
+            } else if exit.status == 0 {
                 info!(
                     "{id}: every lazily restored page is in, {:?} after the restore began",
                     start.elapsed()
@@ -258,7 +278,7 @@ async fn start_lazy_pages(
     image: &Path,
     work: &Path,
     from_archive: Option<pages::ArchivePages>,
-) -> Result<i32> {
+) -> Result<LazyPages> {
     let mut cmd = std::process::Command::new("criu");
     cmd.arg("lazy-pages")
         .arg("--images-dir")
@@ -293,14 +313,18 @@ async fn start_lazy_pages(
         .spawn()
         .map_err(|e| Error::io(id, "start criu lazy-pages", e))?;
     let pid = child.id() as i32;
+    let mut serving = None;
     if let Some((pages, ours, theirs)) = server {
         drop(theirs);
-        if let Err(e) = std::thread::Builder::new()
+        match std::thread::Builder::new()
             .name(format!("pages-{}", &id[..id.len().min(8)]))
             .spawn(move || pages.serve(ours))
         {
-            stop_lazy_pages(Some(pid));
-            return Err(Error::io(id, "start the page server", e));
+            Ok(h) => serving = Some(h),
+            Err(e) => {
+                stop_lazy_pages(Some(pid));
+                return Err(Error::io(id, "start the page server", e));
+            }
         }
     }
     let socket = work.join("lazy-pages.socket");
@@ -320,8 +344,15 @@ async fn start_lazy_pages(
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    Ok(pid)
+    Ok((pid, serving))
 }
+
+/// A lazy-pages daemon's pid, and the thread serving it pages from the archive (its result
+/// says whether every page asked for was served).
+type LazyPages = (
+    i32,
+    Option<std::thread::JoinHandle<std::result::Result<(), String>>>,
+);
 
 /// Tells stasisctl how the lazy restore of a container of a pod ended (see
 /// `layout::LAZY_STATUS`).

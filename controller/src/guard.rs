@@ -120,9 +120,13 @@ pub async fn run(address: &str) -> Result<()> {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
-    // The restore's claim and token beside it, if the pod got that far.
+    // The files beside it: the restore's options, claim and token.
     if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) {
-        for suffix in [".pod", stasis_api::layout::RESTORE_TOKEN_SUFFIX] {
+        for suffix in [
+            stasis_api::layout::RESTORE_OPTIONS_SUFFIX,
+            ".pod",
+            stasis_api::layout::RESTORE_TOKEN_SUFFIX,
+        ] {
             let _ =
                 std::fs::remove_file(parent.join(format!("{}{suffix}", name.to_string_lossy())));
         }

@@ -93,8 +93,16 @@ pub fn restore_id(stderr: &str) -> Option<String> {
 /// What a restore left in the restore store under `id` (its directory and its claim).
 pub fn restore_leftovers(id: &str) -> Vec<std::path::PathBuf> {
     let store = std::path::Path::new(stasis_api::layout::RESTORE_STORE);
-    [store.join(id), store.join(format!("{id}.pod"))]
-        .into_iter()
-        .filter(|p| p.symlink_metadata().is_ok())
-        .collect()
+    [
+        store.join(id),
+        store.join(format!("{id}.pod")),
+        store.join(format!(
+            "{id}{}",
+            stasis_api::layout::RESTORE_OPTIONS_SUFFIX
+        )),
+        store.join(format!("{id}{}", stasis_api::layout::RESTORE_TOKEN_SUFFIX)),
+    ]
+    .into_iter()
+    .filter(|p| p.symlink_metadata().is_ok())
+    .collect()
 }

@@ -363,6 +363,27 @@ pub struct CapturedVolume {
     pub archive: String,
 }
 
+/// A pod sysctl's name in its dotted form. Kubernetes also takes the slash form
+/// (`net/ipv4/conf/eth0.100/forwarding`), where a dot belongs to a component: the separators
+/// swap. The shim and the restore policy read names through this one rule.
+pub fn dotted_sysctl(name: &str) -> String {
+    let slash_form = match (name.find('/'), name.find('.')) {
+        (Some(s), Some(d)) => s < d,
+        (Some(_), None) => true,
+        _ => false,
+    };
+    if !slash_form {
+        return name.to_string();
+    }
+    name.chars()
+        .map(|c| match c {
+            '/' => '.',
+            '.' => '/',
+            c => c,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@
 
 use super::{dropped_protections, host_namespaces, profiles, selinux, Item, Request, DEFAULT_CAPS};
 use crate::cri::api;
+use stasis_api::layout::dotted_sysctl;
 
 fn request(out: &mut Vec<Request>, item: Item, by: &str, what: String, path: Option<String>) {
     out.push(Request {
@@ -315,23 +316,4 @@ fn container(name: &str, log_directory: &str, c: &api::ContainerConfig, out: &mu
         (apparmor.as_ref(), apparmor_profile),
         out,
     );
-}
-
-/// The dotted form of a sysctl name (Kubernetes also takes `net/ipv4/conf/eth0.100/x`).
-fn dotted_sysctl(name: &str) -> String {
-    let slash_form = match (name.find('/'), name.find('.')) {
-        (Some(s), Some(d)) => s < d,
-        (Some(_), None) => true,
-        _ => false,
-    };
-    if !slash_form {
-        return name.to_string();
-    }
-    name.chars()
-        .map(|c| match c {
-            '/' => '.',
-            '.' => '/',
-            c => c,
-        })
-        .collect()
 }

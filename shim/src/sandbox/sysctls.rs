@@ -63,25 +63,7 @@ fn scope(name: &str) -> Option<Scope> {
     }
 }
 
-/// A sysctl name in its dotted form. Kubernetes also accepts the slash form
-/// (`net/ipv4/conf/eth0.100/forwarding`), where a dot belongs to a component.
-fn dotted(name: &str) -> String {
-    match (name.find('.'), name.find('/')) {
-        (Some(d), Some(s)) if s < d => swap_separators(name),
-        (None, Some(_)) => swap_separators(name),
-        _ => name.to_string(),
-    }
-}
-
-fn swap_separators(name: &str) -> String {
-    name.chars()
-        .map(|c| match c {
-            '.' => '/',
-            '/' => '.',
-            c => c,
-        })
-        .collect()
-}
+use stasis_api::layout::dotted_sysctl as dotted;
 
 /// The file under /proc/sys for a dotted name, or None when a component could leave the
 /// sysctl tree (empty, `.`, `..`) or the name holds something no sysctl has.

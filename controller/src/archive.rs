@@ -1285,11 +1285,27 @@ fn summarize(
         .unwrap_or_default();
     let mut containers = Vec::new();
     let mut configs = Vec::new();
+    // What `pod restore` would refuse before its policy check: unknown keys, and the
+    // runtime handler the archive names (checked unless the operator names one).
+    let mut unknown =
+        crate::policy::unknown_fields("pod", layout::POD_DUMP, "PodSandboxConfig", &pod);
+    if let Some(h) = options.annotations.get(layout::RUNTIME_HANDLER_ANNOTATION) {
+        unknown.push(crate::policy::runtime_handler(h, "the archive"));
+    }
     for (name, dir) in &options.containers {
-        if let Some(c) = files
+        let json = files
             .get(&format!("{dir}/{}", layout::CONTAINER_CONFIG))
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
-            .and_then(|v| crate::pod::from_go_json::<crate::cri::api::ContainerConfig>(&v).ok())
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok());
+        if let Some(v) = &json {
+            unknown.extend(crate::policy::unknown_fields(
+                &format!("container {name}"),
+                layout::CONTAINER_CONFIG,
+                "ContainerConfig",
+                v,
+            ));
+        }
+        if let Some(c) =
+            json.and_then(|v| crate::pod::from_go_json::<crate::cri::api::ContainerConfig>(&v).ok())
         {
             configs.push((name.clone(), c));
         }
@@ -1342,10 +1358,14 @@ fn summarize(
         engine: options.engine().to_string(),
         sandbox_image_bytes: sizes.get("sandbox").copied().unwrap_or(0),
         containers,
-        requests: crate::policy::requests(
-            &crate::pod::from_go_json(&pod).unwrap_or_default(),
-            &configs,
-        ),
+        requests: {
+            let mut r = crate::policy::requests(
+                &crate::pod::from_go_json(&pod).unwrap_or_default(),
+                &configs,
+            );
+            r.append(&mut unknown);
+            r
+        },
     })
 }
 

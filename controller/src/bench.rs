@@ -252,6 +252,7 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
                         registry: Default::default(),
                         name: Some(format!("{name}-restored")),
                         runtime_handler: Some(handler.to_string()),
+                        offered_runtime_handler: None,
                         // The bench's own pods, restored from archives it just wrote (their
                         // logs live in its work directory).
                         policy: Policy {

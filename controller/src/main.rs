@@ -120,15 +120,24 @@ struct AdmitArgs {
     /// cgroup-parent, devices, unmasked-proc (masked/read-only path lists without the
     /// runtime's), sysctls (beyond the policy's list, by default kubelet's safe set),
     /// host-ports, selinux, seccomp-localhost (a profile file outside the policy's
-    /// directories), mount-propagation (bidirectional). Without them such an archive is refused, every item listed, before
-    /// anything is created.
+    /// directories), apparmor-localhost (a loaded profile the policy does not name),
+    /// mount-propagation (bidirectional), user-namespaces, log-file, runtime-handler (one
+    /// the archive or a migration peer names that is not a stasis handler of this node).
+    /// Without them such an archive is refused, every item listed, before anything is
+    /// created. Fields this stasisctl does not know are always refused.
     #[arg(long = "allow", value_name = "ITEMS")]
     allow: Vec<String>,
     /// Also accept host-path mounts below PREFIX (repeatable); the node policy already
     /// allows kubelet's pod volume directory.
     #[arg(long = "allow-host-path", value_name = "PREFIX")]
     allow_host_paths: Vec<PathBuf>,
-    /// The node's restore policy (JSON: allow, host_path_prefixes, cgroup_roots).
+    /// Pull base images missing on the node from registry HOST[:PORT] (repeatable), by the
+    /// digest the checkpoint recorded; without it a missing base image is refused.
+    #[arg(long = "allow-registry", value_name = "HOST")]
+    allow_registries: Vec<String>,
+    /// The node's restore policy (JSON: allow, host_path_prefixes, cgroup_roots, sysctls,
+    /// seccomp_profile_dirs, log_directory_prefixes, apparmor_profiles, runtime_handlers,
+    /// base_image_registries; see SECURITY.md).
     /// Default: /etc/stasis/restore-policy.json if it exists, else built-in defaults.
     #[arg(long, env = "STASIS_RESTORE_POLICY", value_name = "FILE")]
     policy: Option<PathBuf>,
@@ -142,6 +151,9 @@ impl AdmitArgs {
     fn policy(&self) -> Result<Policy> {
         let mut policy = Policy::load(self.policy.as_deref())?;
         policy.widen(&self.allow, &self.allow_host_paths)?;
+        policy
+            .base_image_registries
+            .extend(self.allow_registries.iter().cloned());
         Ok(policy)
     }
 }
@@ -579,6 +591,7 @@ async fn run(cli: Cli) -> Result<()> {
                         registry,
                         name,
                         runtime_handler,
+                        offered_runtime_handler: None,
                         policy: admit.policy()?,
                         replace_volumes: admit.replace_volumes,
                         opening,

@@ -722,8 +722,12 @@ pub struct RestoreArgs {
     /// How to reach the registry when the image must be pulled.
     pub registry: crate::image::RegistryAccess,
     pub name: Option<String>,
-    /// CRI runtime handler for the new pod; None: the one the archive records, else "stasis".
+    /// CRI runtime handler for the new pod (the operator's choice); None: the one the
+    /// archive records, else "stasis".
     pub runtime_handler: Option<String>,
+    /// The handler a migration peer asks for: checked against the policy like the one an
+    /// archive records.
+    pub offered_runtime_handler: Option<String>,
     /// What the archive may ask for (node policy widened by the operator's flags).
     pub policy: Policy,
     /// Replace the contents of non-empty host volumes with the captured ones.
@@ -1032,23 +1036,29 @@ async fn restore_extracted(
     guard: &mut RestoreGuard,
 ) -> Result<String> {
     let dir = dir.canonicalize()?;
-    // Read as containerd writes CRI types (zero values may be left out).
+    // Read as containerd writes CRI types (zero values may be left out); keys the field
+    // table does not know are requests no policy allows.
+    let pod_json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("pod.dump"))?)
+        .context("pod.dump is not JSON")?;
+    let mut unknown = policy::unknown_fields("pod", "pod.dump", "PodSandboxConfig", &pod_json);
     let mut pod: api::PodSandboxConfig =
-        serde_json::from_slice::<serde_json::Value>(&std::fs::read(dir.join("pod.dump"))?)
-            .map_err(anyhow::Error::from)
-            .and_then(|v| from_go_json(&v))
-            .context("pod.dump is not a CRI PodSandboxConfig")?;
+        from_go_json(&pod_json).context("pod.dump is not a CRI PodSandboxConfig")?;
     let mut configs = Vec::new();
     for (name, cdir) in &options.containers {
         let path = dir.join(cdir).join("container-config.json");
         let text = std::fs::read(&path)
             .with_context(|| format!("container {name}: no container-config.json"))?;
-        let mut config: api::ContainerConfig = serde_json::from_slice::<serde_json::Value>(&text)
-            .map_err(anyhow::Error::from)
-            .and_then(|v| from_go_json(&v))
-            .with_context(|| {
-                format!("container {name}: container-config.json is not a CRI ContainerConfig")
-            })?;
+        let json: serde_json::Value = serde_json::from_slice(&text)
+            .with_context(|| format!("container {name}: container-config.json is not JSON"))?;
+        unknown.extend(policy::unknown_fields(
+            &format!("container {name}"),
+            "container-config.json",
+            "ContainerConfig",
+            &json,
+        ));
+        let mut config: api::ContainerConfig = from_go_json(&json).with_context(|| {
+            format!("container {name}: container-config.json is not a CRI ContainerConfig")
+        })?;
         config.annotations.insert(
             RESTORE_ANNOTATION.to_string(),
             format!("{restore_id}/{cdir}"),
@@ -1069,8 +1079,32 @@ async fn restore_extracted(
         }
         configs.push((name.clone(), config));
     }
+    let recorded = options
+        .annotations
+        .get(stasis_api::layout::RUNTIME_HANDLER_ANNOTATION);
+    let (handler, named_by) = match (&a.runtime_handler, &a.offered_runtime_handler, recorded) {
+        (Some(h), _, _) => (h.clone(), None),
+        (None, Some(h), _) => (h.clone(), Some("the migration peer")),
+        (None, None, Some(h)) => {
+            eprintln!("runtime handler {h} (the one the pod ran under)");
+            (h.clone(), Some("the archive"))
+        }
+        (None, None, None) => ("stasis".to_string(), None),
+    };
+    let channel = cri::channel(Path::new(&t.address)).await?;
+    let mut rt = cri::Runtime::new(channel.clone());
     // The archive is untrusted: what it asks for is checked before anything is created.
-    a.policy.check(&policy::requests(&pod, &configs))?;
+    let mut requests = policy::requests(&pod, &configs);
+    requests.append(&mut unknown);
+    let mut policy = a.policy.clone();
+    if let Some(by) = named_by {
+        requests.push(policy::runtime_handler(&handler, by));
+        if policy.runtime_handlers.is_none() {
+            let known = cri::stasis_handlers(&mut rt).await?;
+            policy.learn_runtime_handlers(|| known);
+        }
+    }
+    policy.check(&requests)?;
     check_volume_targets(&dir, options, &configs, a.replace_volumes)?;
     // A container that brings back a volume swaps a new directory in for the host's: every
     // container mounting that directory must be created after that, so those come first.
@@ -1094,25 +1128,12 @@ async fn restore_extracted(
         token.to_string(),
     );
     let pod_name = md.name.clone();
-    let recorded = options
-        .annotations
-        .get(stasis_api::layout::RUNTIME_HANDLER_ANNOTATION);
-    let handler = match (&a.runtime_handler, recorded) {
-        (Some(h), _) => h.clone(),
-        (None, Some(h)) => {
-            eprintln!("runtime handler {h} (the one the pod ran under)");
-            h.clone()
-        }
-        (None, None) => "stasis".to_string(),
-    };
-    let channel = cri::channel(Path::new(&t.address)).await?;
     check_base_images(
-        &mut cri::Images::new(channel.clone()),
+        &mut cri::Images::new(channel),
         &configs,
-        &a.registry,
+        (&a.registry, &policy),
     )
     .await?;
-    let mut rt = cri::Runtime::new(channel);
     let pod_id = rt
         .run_pod_sandbox(api::RunPodSandboxRequest {
             config: Some(pod.clone()),
@@ -1197,7 +1218,7 @@ async fn restore_extracted(
 async fn check_base_images(
     images: &mut cri::Images,
     configs: &[(String, api::ContainerConfig)],
-    registry: &crate::image::RegistryAccess,
+    (registry, policy): (&crate::image::RegistryAccess, &Policy),
 ) -> Result<()> {
     let mut missing = Vec::new();
     for (name, c) in configs {
@@ -1221,6 +1242,7 @@ async fn check_base_images(
         // Recorded as NAME@DIGEST: exactly that image can be pulled (never what a tag
         // names today).
         let why = if spec.image.contains('@') {
+            policy.check_registry(name, &spec.image)?;
             eprintln!("pulling base image {} for container {name}", spec.image);
             let auth = registry
                 .credentials_for(&spec.image)?

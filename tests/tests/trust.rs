@@ -884,6 +884,60 @@ async fn archive_requests_are_refused_unless_allowed_by_name() -> Result<()> {
         .await
         .context("the refused restore created something")?;
 
+    // The rest of the allow-list: a loaded AppArmor profile, a runtime handler chosen by the
+    // archive, a key this CRI does not know (never allowed), a base image from a registry
+    // the node does not pull from.
+    let rest = c.dir.join("rest.tar");
+    rewrite_archive(&good, &rest, |dir| {
+        edit_json(dir, "pod.options", |v| {
+            v["annotations"]["io.stasis.runtime-handler"] = "runc".into();
+        })?;
+        edit_json(dir, "container-config.json", |v| {
+            let sc = &mut v["linux"]["security_context"];
+            sc["apparmor"] = serde_json::json!({"profile_type": 2, "localhost_ref": "lax"});
+            sc["future_escape"] = true.into();
+        })
+    })?;
+    let inspect = c.stasisctl_ok(&["inspect", rest.to_str().unwrap()])?;
+    let out = c.stasisctl(&["pod", "restore", rest.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "container app: AppArmor profile \"lax\" loaded on the node [apparmor-localhost]",
+        "pod: runtime handler runc named by the archive [runtime-handler]",
+        "container app: unknown field linux.security_context.future_escape in container-config.json",
+    ] {
+        ensure!(
+            !out.status.success() && err.contains(want),
+            "the refusal does not list {want:?}: {err}"
+        );
+        ensure!(inspect.contains(want), "inspect does not show {want:?}: {inspect}");
+    }
+    ensure!(
+        err.contains("cannot be allowed") && !err.contains("stasis named by"),
+        "an unknown field is offered as allowable, or the node's own handler refused: {err}"
+    );
+    c.expect_footprint(footprint)
+        .await
+        .context("the refused restore created something")?;
+    let far = c.dir.join("far-registry.tar");
+    rewrite_archive(&good, &far, |dir| {
+        edit_json(dir, "config.dump", |v| {
+            v["rootfsImageRef"] =
+                format!("evil.example:5000/busybox@sha256:{}", "0".repeat(64)).into();
+        })
+    })?;
+    let out = c.stasisctl(&["pod", "restore", far.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success()
+            && err.contains("registry evil.example:5000 is not one this node's restore policy")
+            && !err.contains("pulling base image"),
+        "a base image from a registry the node does not name was pulled: {err}"
+    );
+    c.expect_footprint(footprint)
+        .await
+        .context("the refused restore created something")?;
+
     // A host path below an allowed prefix that goes through a link on the node: the prefix
     // check passes, the walk just before the container is created refuses it.
     let linked = c.dir.join("linked-volume");

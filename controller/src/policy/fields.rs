@@ -1,8 +1,8 @@
 //! Every field of the CRI configs an archive carries, in one place: each is destructured by
 //! name, so a field added to CRI does not compile until it is classified here, and each is
 //! either copied as is (with the reason it widens nothing), or turned into a [`Request`] the
-//! node policy must allow. Fields the archive gives that this CRI version does not know are
-//! dropped when the JSON is read (they never reach containerd).
+//! node policy must allow. The classes themselves are in the field table (`table.rs`), which
+//! also refuses keys this CRI version does not know.
 
 use super::{dropped_protections, host_namespaces, profiles, selinux, Item, Request, DEFAULT_CAPS};
 use crate::cri::api;
@@ -162,7 +162,7 @@ fn container(name: &str, log_directory: &str, c: &api::ContainerConfig, out: &mu
     let by = format!("container {name}");
     let api::ContainerConfig {
         metadata: _,
-        image: _, // the recorded digest, checked to be on the node (check_base_images)
+        image,
         command: _,
         args: _,
         working_dir: _,
@@ -179,6 +179,23 @@ fn container(name: &str, log_directory: &str, c: &api::ContainerConfig, out: &mu
         cdi_devices,
         linux,
     } = c;
+    if let Some(api::ImageSpec {
+        image: _, // replaced by the digest config.dump records (check_base_images)
+        annotations: _,
+        user_specified_image: _,
+        runtime_handler,
+    }) = image
+    {
+        if !runtime_handler.is_empty() {
+            request(
+                out,
+                Item::RuntimeHandler,
+                &by,
+                format!("runtime handler {runtime_handler} for its image"),
+                Some(runtime_handler.clone()),
+            );
+        }
+    }
     // containerd creates and writes the log file on the node: it is a host path too.
     if !log_path.is_empty() {
         let file = std::path::Path::new(log_directory).join(log_path);

@@ -8,6 +8,8 @@
 //! `unmasked-proc` (masked or read-only path lists that leave out the runtime's), `sysctls`
 //! (pod sysctls outside the policy's list: by default the set kubelet calls safe), and host
 //! paths, governed by prefixes since every real pod has some (emptyDir and hostPath volumes).
+//! What each CRI field is to the restore is in one table (`table.rs`); a field it does not
+//! know is refused.
 
 use std::{
     collections::BTreeSet,
@@ -21,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use crate::cri::api;
 
 mod fields;
+mod table;
 pub use fields::requests;
+pub use table::{Class, Field, FIELDS};
 
 /// The node policy file read by default.
 pub const DEFAULT_POLICY_FILE: &str = "/etc/stasis/restore-policy.json";
@@ -114,9 +118,18 @@ pub enum Item {
     /// A container log file (containerd creates and writes it on the node) outside the
     /// policy's log and host path prefixes.
     LogFile,
+    /// AppArmor profiles loaded on the node, by name, beyond the policy's
+    /// `apparmor_profiles`.
+    ApparmorLocalhost,
+    /// A runtime handler named by the archive or a migration peer (not by the operator)
+    /// outside the policy's `runtime_handlers` (default: the node's stasis handlers).
+    RuntimeHandler,
     /// Governed by prefixes, not by name.
     #[serde(skip)]
     HostPath,
+    /// A key the field table does not know: never allowed.
+    #[serde(skip)]
+    UnknownField,
 }
 
 impl Item {
@@ -136,6 +149,8 @@ impl Item {
         ("mount-propagation", Item::MountPropagation),
         ("user-namespaces", Item::UserNamespaces),
         ("log-file", Item::LogFile),
+        ("apparmor-localhost", Item::ApparmorLocalhost),
+        ("runtime-handler", Item::RuntimeHandler),
     ];
 
     pub fn name(self) -> &'static str {
@@ -143,7 +158,10 @@ impl Item {
             .iter()
             .find(|(_, i)| *i == self)
             .map(|(n, _)| *n)
-            .unwrap_or("host-path")
+            .unwrap_or(match self {
+                Item::UnknownField => "unknown-field",
+                _ => "host-path",
+            })
     }
 
     pub fn parse(s: &str) -> Result<Item> {
@@ -206,6 +224,18 @@ pub struct Policy {
     /// Container log files may be written below these (default: kubelet's `/var/log/pods`).
     #[serde(default = "default_log_dirs")]
     pub log_directory_prefixes: Vec<PathBuf>,
+    /// AppArmor profiles (loaded on the node) a container may name (default: none).
+    #[serde(default)]
+    pub apparmor_profiles: Vec<String>,
+    /// Runtime handlers an archive or a migration peer may choose (default: the handlers
+    /// containerd runs with stasis, asked of containerd at restore time). The operator's
+    /// `--runtime-handler` is the operator's choice and is not checked.
+    #[serde(default)]
+    pub runtime_handlers: Option<Vec<String>>,
+    /// Registry hosts (`host[:port]`) base images missing on the node may be pulled from,
+    /// by the digest the checkpoint recorded (default: none; `--allow-registry` adds one).
+    #[serde(default)]
+    pub base_image_registries: Vec<String>,
     /// `--allow-host-path` prefixes: the operator names exactly what may be mounted, the
     /// prefix itself included (the node's prefixes are directories pods' volumes live below).
     #[serde(skip)]
@@ -221,6 +251,9 @@ impl Default for Policy {
             sysctls: default_sysctls(),
             seccomp_profile_dirs: default_seccomp_dirs(),
             log_directory_prefixes: default_log_dirs(),
+            apparmor_profiles: Vec::new(),
+            runtime_handlers: None,
+            base_image_registries: Vec::new(),
             operator_host_paths: Vec::new(),
         }
     }
@@ -348,6 +381,11 @@ impl Policy {
                     .iter()
                     .any(|d| p.starts_with(lexical(d)) && p != lexical(d))
             }
+            (Item::ApparmorLocalhost, Some(name)) => self.apparmor_profiles.contains(name),
+            (Item::RuntimeHandler, Some(h)) => self
+                .runtime_handlers
+                .as_ref()
+                .is_some_and(|list| list.contains(h)),
             (Item::Sysctls, Some(name)) => {
                 self.sysctls
                     .iter()
@@ -377,9 +415,16 @@ impl Policy {
         let by_path = |r: &&&Request| matches!(r.item, Item::HostPath | Item::LogFile);
         let items: BTreeSet<&str> = refused
             .iter()
-            .filter(|r| !by_path(r))
+            .filter(|r| !by_path(r) && r.item != Item::UnknownField)
             .map(|r| r.item.name())
             .collect();
+        if refused.iter().any(|r| r.item == Item::UnknownField) {
+            msg.push_str(
+                "\nnothing was created. Fields this stasisctl does not know cannot be allowed: \
+                 restore with a stasisctl that knows them, or remove them from the archive.",
+            );
+            bail!(msg)
+        }
         msg.push_str("\nnothing was created. If you trust this archive, allow them by name:");
         if !items.is_empty() {
             msg.push_str(&format!(
@@ -545,6 +590,79 @@ fn profiles(
             path: None,
         });
     }
+    let loaded = match apparmor {
+        (Some(p), _) if p.profile_type == LOCALHOST => Some(p.localhost_ref.clone()),
+        (_, legacy) => legacy.strip_prefix("localhost/").map(str::to_string),
+    };
+    if let Some(name) = loaded {
+        out.push(Request {
+            item: Item::ApparmorLocalhost,
+            by: by.to_string(),
+            what: format!("AppArmor profile {name:?} loaded on the node"),
+            path: Some(name),
+        });
+    }
+}
+
+/// Keys of `value` (the archive's `file`, read as CRI `message`) that the field table does
+/// not know, as requests no policy allows.
+pub fn unknown_fields(
+    by: &str,
+    file: &str,
+    message: &str,
+    value: &serde_json::Value,
+) -> Vec<Request> {
+    table::unknown_fields(message, value)
+        .into_iter()
+        .map(|key| Request {
+            item: Item::UnknownField,
+            by: by.to_string(),
+            what: format!("unknown field {key} in {file}"),
+            path: None,
+        })
+        .collect()
+}
+
+/// The runtime handler a restore will use, when it was not the operator's choice.
+pub fn runtime_handler(handler: &str, named_by: &str) -> Request {
+    Request {
+        item: Item::RuntimeHandler,
+        by: "pod".into(),
+        what: format!("runtime handler {handler} named by {named_by}"),
+        path: Some(handler.to_string()),
+    }
+}
+
+/// The registry host of an image reference (`host[:port]/repo@digest`), as docker reads it:
+/// the first component when it has a dot, a colon or is `localhost`; else Docker Hub.
+pub fn registry_host(reference: &str) -> &str {
+    match reference.split_once('/') {
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => first,
+        _ => "docker.io",
+    }
+}
+
+impl Policy {
+    /// Fills `runtime_handlers` from containerd when the policy file left it unset.
+    pub fn learn_runtime_handlers(&mut self, node_handlers: impl FnOnce() -> Vec<String>) {
+        if self.runtime_handlers.is_none() {
+            self.runtime_handlers = Some(node_handlers());
+        }
+    }
+
+    /// Refuses to pull a base image from a registry the policy does not name.
+    pub fn check_registry(&self, container: &str, reference: &str) -> Result<()> {
+        let host = registry_host(reference);
+        if self.base_image_registries.iter().any(|r| r == host) {
+            return Ok(());
+        }
+        bail!(
+            "container {container}: its base image {reference} is not on this node, and registry \
+             {host} is not one this node's restore policy pulls base images from \
+             (base_image_registries); nothing was created. Pull the image yourself, or allow \
+             the registry with --allow-registry {host}"
+        )
+    }
 }
 
 #[cfg(test)]
@@ -620,6 +738,75 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/etc/passwd [seccomp-localhost]"), "{err}");
+    }
+
+    #[test]
+    fn apparmor_profiles_handlers_unknown_fields_and_registries_are_allow_listed() {
+        let c = container(serde_json::json!({
+            "metadata": {"name": "app"},
+            "image": {"image": "x", "runtime_handler": "runc"},
+            "linux": {"security_context": {
+                "apparmor": {"profile_type": 2, "localhost_ref": "unconfined-ish"}}}
+        }));
+        let legacy = container(serde_json::json!({
+            "linux": {"security_context": {"apparmor_profile": "localhost/old-style"}}
+        }));
+        let mut reqs = requests(
+            &pod(serde_json::json!({})),
+            &[("app".into(), c), ("old".into(), legacy)],
+        );
+        reqs.push(runtime_handler("stasis-privileged", "the archive"));
+        reqs.extend(unknown_fields(
+            "container app",
+            "container-config.json",
+            "ContainerConfig",
+            &serde_json::json!({"linux": {"security_context": {"future_escape": true}}}),
+        ));
+        let mut p = defaults();
+        p.learn_runtime_handlers(|| vec!["stasis".into()]);
+        let err = p.check(&reqs).unwrap_err().to_string();
+        for want in [
+            "container app: AppArmor profile \"unconfined-ish\" loaded on the node [apparmor-localhost]",
+            "container old: AppArmor profile \"old-style\" loaded on the node [apparmor-localhost]",
+            "container app: runtime handler runc for its image [runtime-handler]",
+            "pod: runtime handler stasis-privileged named by the archive [runtime-handler]",
+            "container app: unknown field linux.security_context.future_escape in container-config.json [unknown-field]",
+            "cannot be allowed",
+        ] {
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        // Named by the policy, all but the unknown field pass; no flag allows that one.
+        p.apparmor_profiles = vec!["unconfined-ish".into(), "old-style".into()];
+        p.runtime_handlers = Some(vec!["runc".into(), "stasis-privileged".into()]);
+        p.widen(&["runtime-handler,apparmor-localhost".into()], &[])
+            .unwrap();
+        let err = p.check(&reqs).unwrap_err().to_string();
+        assert!(
+            err.contains("1 thing") && err.contains("future_escape"),
+            "{err}"
+        );
+        reqs.pop();
+        p.check(&reqs).unwrap();
+
+        assert_eq!(
+            registry_host("127.0.0.1:5000/busybox@sha256:0"),
+            "127.0.0.1:5000"
+        );
+        assert_eq!(registry_host("localhost/busybox@sha256:0"), "localhost");
+        assert_eq!(registry_host("library/busybox@sha256:0"), "docker.io");
+        assert_eq!(registry_host("busybox@sha256:0"), "docker.io");
+        let mut p = defaults();
+        let err = p
+            .check_registry("app", "evil.example:5000/x@sha256:0")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("container app") && err.contains("--allow-registry evil.example:5000"),
+            "{err}"
+        );
+        p.base_image_registries.push("evil.example:5000".into());
+        p.check_registry("app", "evil.example:5000/x@sha256:0")
+            .unwrap();
     }
 
     #[test]

@@ -23,14 +23,32 @@ pub enum BoundError {
     TooManyEntries,
     #[error("it unpacks to more than {total} bytes, {room} are free")]
     TooBig { total: u64, room: u64 },
+    /// What the caller's visitor refused.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Walks `entries` raw, refusing oversized metadata records, more than [`MAX_ENTRIES`]
 /// entries, or entries adding up to more than `room` bytes.
 pub fn bound_entries<R: Read>(entries: tar::Entries<'_, R>, room: u64) -> Result<(), BoundError> {
+    bound_entries_visiting(entries, room, |_, _| Ok(()))
+}
+
+/// [`bound_entries`] that also shows `visit` each entry that is not a metadata record, with
+/// its full name (from a GNU long-name record or a PAX `path` before it, each already
+/// bounded, else its header), so that the caller can check the archive's structure in the
+/// same pass. `visit` may read a small entry's data; an error it returns stops the walk.
+pub fn bound_entries_visiting<R: Read>(
+    entries: tar::Entries<'_, R>,
+    room: u64,
+    mut visit: impl FnMut(&[u8], &mut tar::Entry<'_, R>) -> Result<(), String>,
+) -> Result<(), BoundError> {
+    let corrupt = |e: std::io::Error| BoundError::Corrupt(e.to_string());
     let (mut count, mut total) = (0u64, 0u64);
+    let mut long_name: Option<Vec<u8>> = None;
+    let mut pax_path: Option<Vec<u8>> = None;
     for entry in entries.raw(true) {
-        let entry = entry.map_err(|e| BoundError::Corrupt(e.to_string()))?;
+        let mut entry = entry.map_err(corrupt)?;
         let header = entry.header();
         let size = header.entry_size().unwrap_or(u64::MAX);
         let kind = header.entry_type();
@@ -53,6 +71,30 @@ pub fn bound_entries<R: Read>(entries: tar::Entries<'_, R>, room: u64) -> Result
         }
         if total > room {
             return Err(BoundError::TooBig { total, room });
+        }
+        let kind = entry.header().entry_type();
+        if kind.is_gnu_longname() {
+            let mut name = Vec::new();
+            entry.read_to_end(&mut name).map_err(corrupt)?;
+            while name.last() == Some(&0) {
+                name.pop();
+            }
+            long_name = Some(name);
+        } else if kind.is_pax_local_extensions() {
+            if let Some(extensions) = entry.pax_extensions().map_err(corrupt)? {
+                for e in extensions {
+                    let e = e.map_err(corrupt)?;
+                    if e.key_bytes() == b"path" {
+                        pax_path = Some(e.value_bytes().to_vec());
+                    }
+                }
+            }
+        } else if meta.is_none() {
+            let name = match (long_name.take(), pax_path.take()) {
+                (Some(n), _) | (None, Some(n)) => n,
+                (None, None) => entry.header().path_bytes().into_owned(),
+            };
+            visit(&name, &mut entry).map_err(BoundError::Refused)?;
         }
     }
     Ok(())
@@ -93,5 +135,39 @@ mod tests {
         bound_entries(tar::Archive::new(bytes.as_slice()).entries().unwrap(), 100).unwrap();
         let err = bound_entries(tar::Archive::new(bytes.as_slice()).entries().unwrap(), 4);
         assert!(matches!(err, Err(BoundError::TooBig { .. })));
+    }
+
+    #[test]
+    fn the_visitor_sees_full_names_and_may_read_small_entries() {
+        let long = format!("{}/pod.options", "d".repeat(150));
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in [(long.as_str(), &b"{}"[..]), ("short", &b"hi"[..])] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, name, data).unwrap();
+        }
+        // A PAX path, as other tars write long names.
+        let mut pax = tar::Builder::new(Vec::new());
+        pax.append_pax_extensions([("path", long.as_bytes())])
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_path("truncated").unwrap();
+        h.set_size(1);
+        h.set_cksum();
+        pax.append(&h, &b"x"[..]).unwrap();
+        for bytes in [b.into_inner().unwrap(), pax.into_inner().unwrap()] {
+            let mut seen = Vec::new();
+            let mut tar = tar::Archive::new(bytes.as_slice());
+            bound_entries_visiting(tar.entries().unwrap(), u64::MAX, |name, entry| {
+                let mut data = String::new();
+                entry.read_to_string(&mut data).unwrap();
+                seen.push((String::from_utf8_lossy(name).into_owned(), data));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(seen[0].0, long);
+        }
+        let mut tar = tar::Archive::new(&[0u8; 1024][..]);
+        bound_entries_visiting(tar.entries().unwrap(), 0, |_, _| Err("never".into())).unwrap();
     }
 }

@@ -508,9 +508,26 @@ fn explain_full_disk(e: anyhow::Error, dest: &Path) -> anyhow::Error {
 /// The tar stream of an archive: decrypted (age) when it is encrypted, then decompressed as
 /// its first bytes say.
 fn open(path: &Path, opening: &Opening) -> Result<Box<dyn Read>> {
-    let mut file = BufReader::new(
-        File::open(path).with_context(|| format!("open archive {}", path.display()))?,
-    );
+    open_file(open_archive(path)?, opening)
+}
+
+/// The archive file, opened once for both passes over it (the header pass and the unpack
+/// read the same open file description: a file swapped in at `path` between them is never
+/// read).
+fn open_archive(path: &Path) -> Result<File> {
+    File::open(path).with_context(|| format!("open archive {}", path.display()))
+}
+
+/// `file` from its start again, for the next pass (the same open file description).
+fn rewound(file: &File) -> Result<File> {
+    let again = file.try_clone().context("reopen the archive")?;
+    std::io::Seek::seek(&mut &again, std::io::SeekFrom::Start(0)).context("rewind the archive")?;
+    Ok(again)
+}
+
+/// [`open`] of a file already open.
+fn open_file(file: File, opening: &Opening) -> Result<Box<dyn Read>> {
+    let mut file = BufReader::new(file);
     let plain: Box<dyn Read> = if seal::is_encrypted(file.fill_buf()?) {
         seal::decrypt(file, opening)?
     } else {
@@ -551,10 +568,14 @@ fn safe_path(entry: &tar::Entry<impl Read>) -> Result<PathBuf> {
             }
         }
     }
+    check_kind(&shown, entry)?;
+    Ok(clean)
+}
+
+/// Only regular files and directories: a pod checkpoint has nothing else.
+fn check_kind(shown: &str, entry: &tar::Entry<impl Read>) -> Result<()> {
     match entry.header().entry_type() {
-        tar::EntryType::Regular | tar::EntryType::Directory | tar::EntryType::Continuous => {
-            Ok(clean)
-        }
+        tar::EntryType::Regular | tar::EntryType::Directory | tar::EntryType::Continuous => Ok(()),
         tar::EntryType::Symlink | tar::EntryType::Link => {
             let target = entry
                 .link_name()
@@ -580,11 +601,16 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<PodOptions> {
 /// [`extract`], decrypting with `opening`'s identities and, when it names a key, refusing an
 /// archive not signed by it.
 pub fn extract_with(archive: &Path, dest: &Path, opening: &Opening) -> Result<PodOptions> {
+    let file = open_archive(archive)?;
     into_new_dir(
         dest,
-        // Before anything is unpacked or held in memory: what the archive would ask for.
-        |room| check_bounds(archive, room, opening),
-        |_| open(archive, opening).and_then(|r| unpack_checked(r, dest, u64::MAX, opening)),
+        // Before anything is unpacked or held in memory: what the archive would ask for,
+        // and whether it has the structure of a pod checkpoint at all.
+        |room| check_bounds(&file, room, opening),
+        |_| {
+            open_file(rewound(&file)?, opening)
+                .and_then(|r| unpack_checked(r, dest, u64::MAX, opening))
+        },
     )
 }
 
@@ -881,14 +907,15 @@ pub fn extract_leaving_pages(
         archive: archive.clone(),
         ..Default::default()
     };
+    let file = open_archive(&archive)?;
     let options = into_new_dir(
         dest,
         |_| {
-            let mut tar = tar::Archive::new(File::open(&archive)?);
-            bound_entries(tar.entries_with_seek().context("read archive")?, u64::MAX)
+            let mut tar = tar::Archive::new(rewound(&file)?);
+            header_pass(tar.entries_with_seek().context("read archive")?, u64::MAX)?.check()
         },
         |room| {
-            let mut tar = tar_reader(File::open(&archive)?);
+            let mut tar = tar_reader(rewound(&file)?);
             let mut left_room = room;
             let spans = &mut left.spans;
             unpack_each(
@@ -1099,15 +1126,117 @@ pub fn free_space(dir: &Path) -> Result<u64> {
 /// A first pass over the raw headers: every metadata record small, the entry count bounded,
 /// and the unpacked total within `room` (the free space where it is unpacked). Data is
 /// skipped, not stored, so a compression bomb costs time, not memory or disk.
-fn check_bounds(archive: &Path, room: u64, opening: &Opening) -> Result<()> {
-    let mut tar = tar::Archive::new(open(archive, opening)?);
-    bound_entries(tar.entries().context("read archive")?, room)
+fn check_bounds(archive: &File, room: u64, opening: &Opening) -> Result<()> {
+    let mut tar = tar::Archive::new(open_file(rewound(archive)?, opening)?);
+    header_pass(tar.entries().context("read archive")?, room)?.check()
 }
 
 /// [`check_bounds`] over entries already opened (a seekable reader skips the file data).
 fn bound_entries<R: Read>(entries: tar::Entries<'_, R>, room: u64) -> Result<()> {
+    stasis_api::tarbound::bound_entries(entries, room).map_err(bound_error)
+}
+
+/// The largest `pod.options` read in the header pass (real ones are a few hundred bytes).
+const MAX_POD_OPTIONS: u64 = 1 << 20;
+
+/// What the header pass saw of an archive: its entry names and its `pod.options`.
+#[derive(Default)]
+struct Outline {
+    names: std::collections::HashSet<String>,
+    pod_options: Option<Vec<u8>>,
+}
+
+/// The bounded first pass ([`stasis_api::tarbound`]) that also notes every entry's name and
+/// reads `pod.options`, refusing hostile names and a file given twice.
+fn header_pass<R: Read>(entries: tar::Entries<'_, R>, room: u64) -> Result<Outline> {
+    let mut outline = Outline::default();
+    stasis_api::tarbound::bound_entries_visiting(entries, room, |raw, entry| {
+        let shown = String::from_utf8_lossy(raw).into_owned();
+        let mut clean = Vec::new();
+        for part in shown.split('/') {
+            match part {
+                "" | "." => {}
+                ".." => {
+                    return Err(format!(
+                        "hostile archive: entry {shown:?} climbs out with '..'"
+                    ))
+                }
+                p => clean.push(p),
+            }
+        }
+        if shown.starts_with('/') {
+            return Err(format!(
+                "hostile archive: entry {shown:?} is an absolute path"
+            ));
+        }
+        check_kind(&shown, entry).map_err(|e| e.to_string())?;
+        let name = clean.join("/");
+        let is_file = entry.header().entry_type().is_file();
+        if is_file && name == layout::POD_OPTIONS {
+            if entry.size() > MAX_POD_OPTIONS {
+                return Err(format!(
+                    "hostile archive: a pod.options of {} (at most {} accepted)",
+                    human(entry.size()),
+                    human(MAX_POD_OPTIONS)
+                ));
+            }
+            let mut bytes = Vec::new();
+            entry
+                .read_to_end(&mut bytes)
+                .map_err(|e| format!("archive is truncated or corrupt: {e}"))?;
+            outline.pod_options = Some(bytes);
+        }
+        if !outline.names.insert(name.clone()) && is_file {
+            return Err(format!("hostile archive: {name} is in it twice"));
+        }
+        Ok(())
+    })
+    .map_err(bound_error)?;
+    Ok(outline)
+}
+
+impl Outline {
+    /// The structure of a pod checkpoint, from the names alone: refused before a byte is
+    /// written (the unpacked copy is checked again, with the manifest, after).
+    fn check(&self) -> Result<()> {
+        let nothing = "nothing was written";
+        let bytes = self
+            .pod_options
+            .as_ref()
+            .with_context(|| format!("archive has no pod.options; {nothing}"))?;
+        let options = PodOptions::parse(bytes)?;
+        for (name, dir) in &options.containers {
+            if !layout::is_plain_name(dir) {
+                bail!("hostile archive: pod.options names container {name:?} in directory {dir:?}, which is not a plain directory name; {nothing}");
+            }
+            for file in [layout::CONFIG_DUMP, layout::CONTAINER_CONFIG] {
+                if !self.names.contains(&format!("{dir}/{file}")) {
+                    bail!("container {name:?} ({dir}) has no {file}; {nothing}");
+                }
+            }
+            if self
+                .names
+                .contains(&format!("{dir}/{}", layout::LAZY_STATUS))
+            {
+                bail!(
+                    "hostile archive: container {name:?} ({dir}) brings a {}; {nothing}",
+                    layout::LAZY_STATUS
+                );
+            }
+        }
+        for file in [layout::POD_DUMP, layout::MANIFEST] {
+            if !self.names.contains(file) {
+                bail!("archive has no {file}; {nothing}");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn bound_error(e: stasis_api::tarbound::BoundError) -> anyhow::Error {
     use stasis_api::tarbound::{self, BoundError};
-    tarbound::bound_entries(entries, room).map_err(|e| match e {
+    match e {
+        BoundError::Refused(why) => anyhow::anyhow!(why),
         BoundError::Corrupt(why) => anyhow::anyhow!("archive is truncated or corrupt: {why}"),
         BoundError::MetaRecord { kind, size } => anyhow::anyhow!(
             "hostile archive: a {kind} record of {} (at most {} accepted)",
@@ -1123,7 +1252,7 @@ fn bound_entries<R: Read>(entries: tar::Entries<'_, R>, room: u64) -> Result<()>
             human(total),
             human(room)
         ),
-    })
+    }
 }
 
 pub fn read_pod_options(dir: &Path) -> Result<PodOptions> {
@@ -1182,10 +1311,12 @@ pub fn inspect_with(path: &Path, opening: &Opening) -> Result<Summary> {
             ..Default::default()
         });
     }
-    check_bounds(path, u64::MAX, opening)?;
+    let file = open_archive(path)?;
+    check_bounds(&file, u64::MAX, opening)?;
     let mut files: std::collections::HashMap<String, Vec<u8>> = Default::default();
     let mut sizes: std::collections::HashMap<String, u64> = Default::default();
-    let mut tar = tar::Archive::new(open(path, opening)?);
+    let mut held = 0u64;
+    let mut tar = tar::Archive::new(open_file(rewound(&file)?, opening)?);
     for entry in tar.entries().context("read archive")? {
         let mut entry =
             entry.map_err(|e| anyhow::anyhow!("archive is truncated or corrupt: {e}"))?;
@@ -1194,11 +1325,16 @@ pub fn inspect_with(path: &Path, opening: &Opening) -> Result<Summary> {
         if let Some(part) = memory_part(&p) {
             *sizes.entry(part).or_default() += entry.size();
         }
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if wanted_for_summary(&name, entry.size()) {
+        if wanted_for_summary(&p, entry.size()) {
+            // Bounded memory whatever the archive holds: only the metadata files of the pod
+            // and of each container directory, each small, all together bounded.
+            held += entry.size();
+            if held > MAX_SUMMARY_BYTES {
+                bail!(
+                    "hostile archive: more than {} of metadata files",
+                    human(MAX_SUMMARY_BYTES)
+                );
+            }
             let mut buf = Vec::new();
             entry.read_to_end(&mut buf)?;
             files.insert(key, buf);
@@ -1213,17 +1349,26 @@ pub fn inspect_with(path: &Path, opening: &Opening) -> Result<Summary> {
     )
 }
 
-/// The metadata kept of each file while inspecting: its contents when it is one of these.
-fn wanted_for_summary(name: &str, size: u64) -> bool {
-    matches!(
-        name,
-        layout::POD_OPTIONS
-            | layout::SIGNATURE
-            | layout::POD_DUMP
-            | layout::CONFIG_DUMP
-            | layout::CONTAINER_META
-            | layout::CONTAINER_CONFIG
-    ) && size < 16 << 20
+/// The most of an archive's metadata files `inspect` holds at once.
+const MAX_SUMMARY_BYTES: u64 = 64 << 20;
+
+/// The metadata kept of each file while inspecting: its contents when it is one of these,
+/// where the layout puts them (the pod's at the top, a container's one level below).
+fn wanted_for_summary(p: &Path, size: u64) -> bool {
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let depth = p.components().count();
+    let pod = matches!(
+        name.as_str(),
+        layout::POD_OPTIONS | layout::SIGNATURE | layout::POD_DUMP
+    ) && depth == 1;
+    let container = matches!(
+        name.as_str(),
+        layout::CONFIG_DUMP | layout::CONTAINER_META | layout::CONTAINER_CONFIG
+    ) && depth == 2;
+    (pod || container) && size < 4 << 20
 }
 
 /// The part of the pod's memory a file counts for (its container directory, or the sandbox).
@@ -1250,11 +1395,7 @@ pub fn inspect_dir(dir: &Path, archive: String, archive_bytes: u64) -> Result<Su
         if let Some(part) = memory_part(&rel) {
             *sizes.entry(part).or_default() += size;
         }
-        let name = rel
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if wanted_for_summary(&name, size) {
+        if wanted_for_summary(&rel, size) {
             files.insert(rel.display().to_string(), std::fs::read(dir.join(&rel))?);
         }
     }
@@ -1517,7 +1658,50 @@ mod tests {
         let bad = s.0.join("bad.tar");
         write(&dir, &bad, Compression::None).unwrap();
         let e = extract(&bad, &out).unwrap_err().to_string();
-        assert!(e.contains("does not contain"), "{e}");
+        assert!(
+            e.contains("(missing) has no config.dump; nothing was written"),
+            "{e}"
+        );
+        assert!(!out.exists());
+
+        // A compression bomb without the structure of a checkpoint: the header pass knows,
+        // before a byte is unpacked (the target is never even created).
+        let bomb = s.0.join("bomb.tar.zst");
+        {
+            let mut b =
+                tar::Builder::new(zstd::Encoder::new(File::create(&bomb).unwrap(), 19).unwrap());
+            let mut h = tar::Header::new_gnu();
+            h.set_size(256 << 20);
+            h.set_mode(0o600);
+            b.append_data(&mut h, "zeros", std::io::repeat(0).take(256 << 20))
+                .unwrap();
+            b.into_inner().unwrap().finish().unwrap();
+        }
+        assert!(std::fs::metadata(&bomb).unwrap().len() < 1 << 20);
+        for e in [
+            format!("{:#}", extract(&bomb, &out).unwrap_err()),
+            format!("{:#}", inspect(&bomb).unwrap_err()),
+        ] {
+            assert!(
+                e.contains("archive has no pod.options; nothing was written"),
+                "{e}"
+            );
+        }
+        assert!(!out.exists());
+
+        // The same file twice (the second would silently replace the checked first).
+        let twice = s.0.join("twice.tar");
+        {
+            let mut b = tar::Builder::new(File::create(&twice).unwrap());
+            for _ in 0..2 {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(2);
+                b.append_data(&mut h, "./pod.dump", &b"{}"[..]).unwrap();
+            }
+            b.into_inner().unwrap();
+        }
+        let e = format!("{:#}", extract(&twice, &out).unwrap_err());
+        assert!(e.contains("pod.dump is in it twice"), "{e}");
         assert!(!out.exists());
 
         // A version this reader does not know.

@@ -228,7 +228,16 @@ async fn archives_are_readable_and_hostile_ones_refused() -> Result<()> {
                 raw_entry(&mut b, "pod.dump", tar::EntryType::Regular, None, b"{}");
                 b.into_inner()?
             },
-            "does not contain",
+            "(nosuchdir) has no config.dump; nothing was written",
+        ),
+        (
+            "no-pod-options",
+            {
+                let mut b = tar::Builder::new(Vec::new());
+                raw_entry(&mut b, "pod.dump", tar::EntryType::Regular, None, b"{}");
+                b.into_inner()?
+            },
+            "archive has no pod.options; nothing was written",
         ),
     ];
     for (name, bytes, expect) in cases {

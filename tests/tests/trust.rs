@@ -1,6 +1,9 @@
 //! The trust boundary: what a pod, a CRI client or an archive cannot get from stasis.
 
-use std::{io::Write, time::Instant};
+use std::{
+    io::{Read, Write},
+    time::Instant,
+};
 
 use anyhow::{ensure, Context, Result};
 use stasis_e2e::{
@@ -202,6 +205,29 @@ async fn archive_bombs_are_refused_from_their_headers() -> Result<()> {
             ensure!(left.is_empty(), "{name}: {command} left {left:?}");
         }
     }
+
+    // A well-formed tar of 1 GiB of zeros (a few hundred KiB compressed) that is no pod
+    // checkpoint at all: the header pass knows it has no pod.options, so not a byte of the
+    // GiB is written into the restore store.
+    let zeros = c.dir.join("zeros.tar.zst");
+    {
+        let mut b = tar::Builder::new(zstd::Encoder::new(std::fs::File::create(&zeros)?, 3)?);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1 << 30);
+        h.set_mode(0o600);
+        b.append_data(&mut h, "zeros", std::io::repeat(0).take(1 << 30))?;
+        b.into_inner()?.finish()?;
+    }
+    let (out, _) = stasisctl_measured(&c, &["pod", "restore", zeros.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("archive has no pod.options; nothing was written"),
+        "a tar of zeros without pod.options: {err}"
+    );
+    let left = stasis_e2e::restore_id(&err)
+        .map(|id| stasis_e2e::restore_leftovers(&id))
+        .unwrap_or_default();
+    ensure!(left.is_empty(), "the refused tar of zeros left {left:?}");
 
     // pod.options naming ".." as a container directory.
     let mut b = tar::Builder::new(Vec::new());
@@ -892,7 +918,13 @@ async fn archive_requests_are_refused_unless_allowed_by_name() -> Result<()> {
         edit_json(dir, "pod.options", |v| {
             v["annotations"]["io.stasis.runtime-handler"] = "runc".into();
         })?;
+        edit_json(dir, "pod.dump", |v| {
+            v["linux"]["sysctls"] = serde_json::json!({"kernel.msgmax": "1"});
+        })?;
         edit_json(dir, "container-config.json", |v| {
+            // The node's volume directory itself (every pod's volumes), shared both ways.
+            v["mounts"][0]["host_path"] = c.dir.display().to_string().into();
+            v["mounts"][0]["propagation"] = 2.into();
             let sc = &mut v["linux"]["security_context"];
             sc["apparmor"] = serde_json::json!({"profile_type": 2, "localhost_ref": "lax"});
             sc["future_escape"] = true.into();
@@ -905,6 +937,9 @@ async fn archive_requests_are_refused_unless_allowed_by_name() -> Result<()> {
         "container app: AppArmor profile \"lax\" loaded on the node [apparmor-localhost]",
         "pod: runtime handler runc named by the archive [runtime-handler]",
         "container app: unknown field linux.security_context.future_escape in container-config.json",
+        "pod: sysctl kernel.msgmax=1 [sysctls]",
+        &format!("container app: host path {} mounted at /data", c.dir.display()),
+        "container app: bidirectional mount propagation at /data [mount-propagation]",
     ] {
         ensure!(
             !out.status.success() && err.contains(want),
@@ -1422,5 +1457,106 @@ async fn planted_symlinks_at_old_predictable_paths_gain_nothing() -> Result<()> 
         .trim()
         .to_string();
     cri.stop_and_remove_pod(&new_pod).await?;
+    c.finish()
+}
+
+/// A volume shared with a container the checkpoint does not freeze: that container keeps
+/// swapping a directory of the volume for a link to a host directory while the volume is
+/// captured again and again, and a link that stays in place points at a host file. Root
+/// captures the volume, yet no checkpoint holds a byte of the host's files: links are
+/// captured as links, never followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_capture_never_follows_a_link_swapped_in() -> Result<()> {
+    let c = Containerd::start("trust-capture-race")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let vol = c.dir.join("shared-volume");
+    let secret_dir = c.dir.join("host-secret-dir");
+    std::fs::create_dir_all(&vol)?;
+    std::fs::create_dir_all(&secret_dir)?;
+    let secret = "host-only secret 7f3a";
+    std::fs::write(secret_dir.join("f"), secret)?;
+    std::fs::write(c.dir.join("host-secret-file"), secret)?;
+    std::os::unix::fs::symlink(c.dir.join("host-secret-file"), vol.join("static"))?;
+    let mount = || cri::Mount {
+        container_path: "/shared".into(),
+        host_path: vol.display().to_string(),
+        ..Default::default()
+    };
+    let pod = pod_config("capture-race", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let mut captured = container_config("cap", image, &["sh", "-c", &counter_loop("/counter")]);
+    captured.mounts.push(mount());
+    captured
+        .annotations
+        .insert("io.stasis.checkpoint.volumes".into(), "/shared".into());
+    let cap_id = cri.run_container(&pod_id, &pod, captured).await?;
+    // The swapper: d is a real directory one moment, a link to the host's secret directory
+    // (a path that means something only outside the container) the next.
+    let swap = format!(
+        "mkdir -p /shared/d.real; echo inside > /shared/d.real/f; \
+         while true; do mv /shared/d.real /shared/d; mv /shared/d /shared/d.real; \
+         ln -s {} /shared/d; rm /shared/d; done",
+        secret_dir.display()
+    );
+    let mut swapper = container_config("swapper", image, &["sh", "-c", &swap]);
+    swapper.mounts.push(mount());
+    cri.run_container(&pod_id, &pod, swapper).await?;
+    wait_counter_moving(&mut cri, &cap_id, "/counter").await?;
+    let mut saw_link_d = false;
+    for round in 0..8 {
+        let archive = c.dir.join(format!("race-{round}.tar"));
+        c.stasisctl_ok(&[
+            "pod",
+            "checkpoint",
+            &pod_id,
+            "--container",
+            "cap",
+            "--leave-running",
+            "--output",
+            archive.to_str().unwrap(),
+        ])?;
+        let mut outer = tar::Archive::new(std::fs::File::open(&archive)?);
+        let mut found_volume = false;
+        for e in outer.entries()? {
+            let e = e?;
+            if !e.path()?.to_string_lossy().ends_with("volumes/0.tar") {
+                continue;
+            }
+            found_volume = true;
+            let mut inner = tar::Archive::new(e);
+            for v in inner.entries()? {
+                let mut v = v?;
+                let path = v
+                    .path()?
+                    .to_string_lossy()
+                    .trim_start_matches("./")
+                    .to_string();
+                let kind = v.header().entry_type();
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut v, &mut data)?;
+                ensure!(
+                    !String::from_utf8_lossy(&data).contains(secret),
+                    "round {round}: the capture copied a host file's content as {path}"
+                );
+                if path == "static" {
+                    ensure!(
+                        kind == tar::EntryType::Symlink,
+                        "round {round}: the link 'static' was captured as {kind:?}"
+                    );
+                }
+                if path == "d" && kind == tar::EntryType::Symlink {
+                    saw_link_d = true;
+                }
+            }
+        }
+        ensure!(
+            found_volume,
+            "round {round}: no volume capture in the archive"
+        );
+        std::fs::remove_file(&archive)?;
+    }
+    eprintln!("the swapped link was caught mid-swap in some capture: {saw_link_d}");
+    cri.stop_and_remove_pod(&pod_id).await?;
     c.finish()
 }

@@ -83,62 +83,111 @@ struct Pagemap {
     runs: Vec<Run>,
 }
 
+/// The largest pagemap entry accepted (a real one is about 20 bytes).
+const MAX_PAGEMAP_ENTRY: u32 = 4096;
+
+/// A little-endian u32, or None at a clean end of the stream.
+fn read_word(r: &mut impl Read, end_ok: bool) -> std::result::Result<Option<u32>, String> {
+    let mut b = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut b[got..]) {
+            Ok(0) if got == 0 && end_ok => return Ok(None),
+            Ok(0) => return Err("truncated".into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(Some(u32::from_le_bytes(b)))
+}
+
+/// One length-prefixed protobuf entry of a CRIU image, bounded; None at the end.
+fn read_entry(r: &mut impl Read) -> std::result::Result<Option<Vec<u8>>, String> {
+    let Some(len) = read_word(r, true)? else {
+        return Ok(None);
+    };
+    if len > MAX_PAGEMAP_ENTRY {
+        return Err(format!(
+            "an entry of {len} bytes (at most {MAX_PAGEMAP_ENTRY})"
+        ));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body)
+        .map_err(|_| "truncated entry".to_string())?;
+    Ok(Some(body))
+}
+
+/// A pagemap image read as a stream: its head (which pages image), then its runs, never
+/// the whole file in memory.
+struct PagemapReader<R> {
+    r: R,
+}
+
+impl<R: Read> PagemapReader<R> {
+    /// Checks the magics and reads the head: the id of the pages image.
+    fn open(mut r: R) -> std::result::Result<(u32, Self), String> {
+        if read_word(&mut r, false)? != Some(IMG_COMMON_MAGIC)
+            || read_word(&mut r, false)? != Some(PAGEMAP_MAGIC)
+        {
+            return Err("not a CRIU pagemap image".into());
+        }
+        let head = read_entry(&mut r)?.ok_or("no pagemap head")?;
+        let head = PagemapHead::decode(head.as_slice()).map_err(|e| e.to_string())?;
+        Ok((head.pages_id, PagemapReader { r }))
+    }
+
+    /// The present runs, in pages-image order; refused once they need more than
+    /// `image_size` bytes of the pages image (so memory stays within what the image holds).
+    fn runs(mut self, image_size: u64) -> std::result::Result<Vec<Run>, String> {
+        let (mut runs, mut offset) = (Vec::new(), 0u64);
+        while let Some(body) = read_entry(&mut self.r)? {
+            let e = PagemapEntry::decode(body.as_slice()).map_err(|e| e.to_string())?;
+            let flags = e.flags.unwrap_or(if e.in_parent.unwrap_or(false) {
+                PE_PARENT
+            } else {
+                PE_PRESENT
+            });
+            if flags & PE_PRESENT == 0 {
+                continue;
+            }
+            let pages = u64::from(e.nr_pages);
+            if pages == 0 {
+                return Err(format!("an empty run at {:#x}", e.vaddr));
+            }
+            let len = pages * PAGE_SIZE;
+            if e.vaddr.checked_add(len).is_none() {
+                return Err(format!(
+                    "a run at {:#x} of {pages} pages wraps around",
+                    e.vaddr
+                ));
+            }
+            runs.push(Run {
+                vaddr: e.vaddr,
+                pages,
+                offset,
+                lazy: flags & PE_LAZY != 0,
+            });
+            offset = offset
+                .checked_add(len)
+                .filter(|end| *end <= image_size)
+                .ok_or_else(|| {
+                    format!(
+                        "pages at {:#x} lie past the end of its pages image ({image_size} bytes)",
+                        e.vaddr
+                    )
+                })?;
+        }
+        Ok(runs)
+    }
+}
+
+#[cfg(test)]
 fn parse_pagemap(bytes: &[u8]) -> std::result::Result<Pagemap, String> {
-    let word = |at: usize| -> std::result::Result<u32, String> {
-        bytes
-            .get(at..at + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-            .ok_or_else(|| "truncated".to_string())
-    };
-    if word(0)? != IMG_COMMON_MAGIC || word(4)? != PAGEMAP_MAGIC {
-        return Err("not a CRIU pagemap image".into());
-    }
-    let mut at = 8;
-    let mut next = || -> std::result::Result<Option<&[u8]>, String> {
-        if at == bytes.len() {
-            return Ok(None);
-        }
-        let len = word(at)? as usize;
-        let body = bytes
-            .get(at + 4..at + 4 + len)
-            .ok_or_else(|| "truncated entry".to_string())?;
-        at += 4 + len;
-        Ok(Some(body))
-    };
-    let head = next()?.ok_or("no pagemap head")?;
-    let head = PagemapHead::decode(head).map_err(|e| e.to_string())?;
-    let (mut runs, mut offset) = (Vec::new(), 0u64);
-    while let Some(body) = next()? {
-        let e = PagemapEntry::decode(body).map_err(|e| e.to_string())?;
-        let flags = e.flags.unwrap_or(if e.in_parent.unwrap_or(false) {
-            PE_PARENT
-        } else {
-            PE_PRESENT
-        });
-        if flags & PE_PRESENT == 0 {
-            continue;
-        }
-        let pages = u64::from(e.nr_pages);
-        let len = pages * PAGE_SIZE;
-        if e.vaddr.checked_add(len).is_none() {
-            return Err(format!(
-                "a run at {:#x} of {pages} pages wraps around",
-                e.vaddr
-            ));
-        }
-        runs.push(Run {
-            vaddr: e.vaddr,
-            pages,
-            offset,
-            lazy: flags & PE_LAZY != 0,
-        });
-        offset = offset
-            .checked_add(len)
-            .ok_or("the pages add up to more than a 64-bit offset")?;
-    }
+    let (pages_id, reader) = PagemapReader::open(bytes)?;
     Ok(Pagemap {
-        pages_id: head.pages_id,
-        runs,
+        pages_id,
+        runs: reader.runs(u64::MAX)?,
     })
 }
 
@@ -259,16 +308,27 @@ impl ArchivePages {
             else {
                 continue;
             };
-            let bytes =
-                std::fs::read(e.path()).map_err(|e| Error::io(id, format!("read {name}"), e))?;
-            let map =
-                parse_pagemap(&bytes).map_err(|m| Error::invalid(id, format!("{name}: {m}")))?;
+            // Streamed, and only as far as its pages image reaches: a hostile pagemap
+            // costs no more memory than the pages it may name.
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(e.path())
+                .map_err(|e| Error::io(id, format!("read {name}"), e))?;
+            let (pages_id, reader) = PagemapReader::open(std::io::BufReader::new(file))
+                .map_err(|m| Error::invalid(id, format!("{name}: {m}")))?;
             let key = rel
-                .join(format!("pages-{}.img", map.pages_id))
+                .join(format!("pages-{pages_id}.img"))
                 .display()
                 .to_string();
             let Some(span) = source.files.get(&key) else {
                 continue;
+            };
+            let map = Pagemap {
+                pages_id,
+                runs: reader
+                    .runs(span.size)
+                    .map_err(|m| Error::invalid(id, format!("{name}: {m}")))?,
             };
             let local = image.join(format!("pages-{}.img", map.pages_id));
             let index = match by_pages_id.get(&map.pages_id) {
@@ -480,6 +540,16 @@ mod tests {
         let mut cut = image(&[(0x1000, 2, PE_PRESENT)]);
         cut.truncate(cut.len() - 1);
         assert!(parse_pagemap(&cut).is_err());
+        // Bounded: by what the pages image holds, and entry by entry.
+        let two_pages = image(&[(0x1000, 2, PE_PRESENT)]);
+        let (_, reader) = PagemapReader::open(two_pages.as_slice()).unwrap();
+        let err = reader.runs(PAGE_SIZE).unwrap_err();
+        assert!(err.contains("past the end"), "{err}");
+        let mut huge = image(&[]);
+        huge.extend_from_slice(&(1u32 << 30).to_le_bytes());
+        let err = parse_pagemap(&huge).unwrap_err();
+        assert!(err.contains("an entry of 1073741824 bytes"), "{err}");
+        assert!(parse_pagemap(&image(&[(0x1000, 0, PE_PRESENT)])).is_err());
     }
 
     #[test]

@@ -1293,6 +1293,9 @@ pub struct Summary {
     pub containers: Vec<ContainerSummary>,
     /// What the pod and container configs ask for beyond an ordinary pod (host paths included).
     pub requests: Vec<crate::policy::Request>,
+    /// Those of `requests` this node's restore policy refuses (as `pod restore` would,
+    /// without the operator's flags).
+    pub refused: Vec<crate::policy::Request>,
 }
 
 /// Reads the metadata of an archive without unpacking the images.
@@ -1507,6 +1510,7 @@ fn summarize(
             r.append(&mut unknown);
             r
         },
+        refused: Vec::new(),
     })
 }
 

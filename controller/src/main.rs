@@ -6,9 +6,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use stasis_controller::{
     archive::{self, human, Compression},
-    bench, image, migrate,
+    bench, cri, image, migrate,
     pod::{self, CheckpointArgs, RestoreArgs, Target},
-    policy::Policy,
+    policy::{self, Policy},
     seal::{self, Opening, Sealing},
 };
 
@@ -109,6 +109,11 @@ enum Command {
         identity: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
+        /// The node's restore policy to judge the archive's requests by (as `pod restore`
+        /// would without --allow flags). Default: /etc/stasis/restore-policy.json if it
+        /// exists, else built-in defaults.
+        #[arg(long, env = "STASIS_RESTORE_POLICY", value_name = "FILE")]
+        policy: Option<PathBuf>,
     },
 }
 
@@ -709,12 +714,32 @@ async fn run(cli: Cli) -> Result<()> {
             archive,
             identity,
             format,
+            policy,
         } => {
-            let s = if image::looks_like_reference(&archive) {
+            let mut s = if image::looks_like_reference(&archive) {
                 image::inspect(&target.address, &target.namespace, &archive).await?
             } else {
                 archive::inspect_with(Path::new(&archive), &opening(identity.as_deref(), None)?)?
             };
+            let mut policy = Policy::load(policy.as_deref())?;
+            if s.requests
+                .iter()
+                .any(|r| r.item == policy::Item::RuntimeHandler)
+            {
+                // The node's stasis handlers, when its containerd answers; else none is
+                // assumed allowed (pod restore asks containerd itself).
+                let known = match cri::connect(Path::new(&target.address)).await {
+                    Ok(mut rt) => cri::stasis_handlers(&mut rt).await.unwrap_or_default(),
+                    Err(_) => Vec::new(),
+                };
+                policy.learn_runtime_handlers(|| known);
+            }
+            s.refused = s
+                .requests
+                .iter()
+                .filter(|r| policy.refuses(r))
+                .cloned()
+                .collect();
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&s)?),
                 Format::Table if s.encrypted && s.pod_name.is_empty() => {
@@ -760,9 +785,18 @@ async fn run(cli: Cli) -> Result<()> {
                     if s.requests.is_empty() {
                         println!("requests  nothing beyond an ordinary pod");
                     } else {
-                        println!("requests  (checked against the restore policy by pod restore)");
+                        println!(
+                            "requests  ({} of {} refused by this node's restore policy unless allowed)",
+                            s.refused.len(),
+                            s.requests.len()
+                        );
                         for r in &s.requests {
-                            println!("  {r}");
+                            let verdict = if s.refused.contains(r) {
+                                "refused"
+                            } else {
+                                "allowed"
+                            };
+                            println!("  {verdict}  {r}");
                         }
                     }
                 }

@@ -731,8 +731,12 @@ async fn archive_requests_are_refused_unless_allowed_by_name() -> Result<()> {
     // Ordinary: the volume lives below the node policy's prefix (the harness directory).
     let inspect = c.stasisctl_ok(&["inspect", good.to_str().unwrap()])?;
     ensure!(
-        inspect.contains("requests") && inspect.contains(&*vol.to_string_lossy()),
-        "inspect shows no requests section: {inspect}"
+        inspect.contains("requests  (0 of ")
+            && inspect.contains(&format!(
+                "allowed  container app: host path {}",
+                vol.display()
+            )),
+        "inspect does not show the honest archive's requests as allowed: {inspect}"
     );
     let plain = c
         .stasisctl_ok(&["pod", "restore", good.to_str().unwrap(), "--name", "plain"])?
@@ -946,6 +950,16 @@ async fn archive_requests_are_refused_unless_allowed_by_name() -> Result<()> {
             "the refusal does not list {want:?}: {err}"
         );
         ensure!(inspect.contains(want), "inspect does not show {want:?}: {inspect}");
+    }
+    // inspect judges by the same node policy (and the same containerd's handlers).
+    for want in [
+        "refused  pod: runtime handler runc named by the archive",
+        "refused  container app: unknown field",
+    ] {
+        ensure!(
+            inspect.contains(want),
+            "inspect does not show {want:?}: {inspect}"
+        );
     }
     ensure!(
         err.contains("cannot be allowed") && !err.contains("stasis named by"),

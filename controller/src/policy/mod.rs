@@ -398,6 +398,11 @@ impl Policy {
         }
     }
 
+    /// Whether `r` is refused under this policy.
+    pub fn refuses(&self, r: &Request) -> bool {
+        !self.allows(r)
+    }
+
     /// Refuses, listing every item, whatever `requests` holds that the policy does not allow.
     pub fn check(&self, requests: &[Request]) -> Result<()> {
         let refused: Vec<&Request> = requests.iter().filter(|r| !self.allows(r)).collect();

@@ -1574,3 +1574,222 @@ async fn volume_capture_never_follows_a_link_swapped_in() -> Result<()> {
     cri.stop_and_remove_pod(&pod_id).await?;
     c.finish()
 }
+
+/// One protobuf field: (number, wire type, value bytes: the varint's bytes, or a
+/// length-delimited payload, or fixed bytes).
+type PbField = (u64, u8, Vec<u8>);
+
+/// A protobuf message as its fields in order. Enough to edit CRIU's images the way an
+/// attacker would, without CRIU's schema.
+fn pb_fields(mut b: &[u8]) -> Result<Vec<PbField>> {
+    fn varint(b: &mut &[u8]) -> Result<(u64, Vec<u8>)> {
+        let (mut v, mut shift, mut raw) = (0u64, 0, Vec::new());
+        loop {
+            let (&byte, rest) = b.split_first().context("truncated varint")?;
+            *b = rest;
+            raw.push(byte);
+            v |= u64::from(byte & 0x7f) << shift;
+            shift += 7;
+            if byte & 0x80 == 0 {
+                return Ok((v, raw));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let (key, _) = varint(&mut b)?;
+        let (number, wire) = (key >> 3, (key & 7) as u8);
+        let value = match wire {
+            0 => varint(&mut b)?.1,
+            2 => {
+                let (len, _) = varint(&mut b)?;
+                let (v, rest) = b.split_at(len as usize);
+                b = rest;
+                v.to_vec()
+            }
+            1 | 5 => {
+                let n = if wire == 1 { 8 } else { 4 };
+                let (v, rest) = b.split_at(n);
+                b = rest;
+                v.to_vec()
+            }
+            other => anyhow::bail!("wire type {other}"),
+        };
+        out.push((number, wire, value));
+    }
+    Ok(out)
+}
+
+fn pb_varint(mut v: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return out;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn pb_encode(fields: &[PbField]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (number, wire, value) in fields {
+        out.extend(pb_varint(number << 3 | u64::from(*wire)));
+        if *wire == 2 {
+            out.extend(pb_varint(value.len() as u64));
+        }
+        out.extend(value);
+    }
+    out
+}
+
+/// Rewrites field `number` (a message) of `fields` with `edit`.
+fn pb_edit_message(
+    fields: &mut [PbField],
+    number: u64,
+    edit: &dyn Fn(&mut Vec<PbField>),
+) -> Result<()> {
+    let f = fields
+        .iter_mut()
+        .find(|f| f.0 == number && f.1 == 2)
+        .with_context(|| format!("no message field {number}"))?;
+    let mut inner = pb_fields(&f.2)?;
+    edit(&mut inner);
+    f.2 = pb_encode(&inner);
+    Ok(())
+}
+
+/// What the attacker of issue 22 did to a `core-N.img`: every capability set = root's (all
+/// but CAP_SYS_RESOURCE, which root here lacks), no_new_privs off, seccomp disabled.
+fn widen_core_image(path: &std::path::Path) -> Result<()> {
+    let bytes = std::fs::read(path)?;
+    // Two magics, then one entry: its length and the core_entry.
+    let len = u32::from_le_bytes(bytes[8..12].try_into()?) as usize;
+    let mut core = pb_fields(&bytes[12..12 + len])?;
+    // core_entry.thread_core = 5 → thread_core_entry.creds = 10 (CRIU's images/core.proto).
+    pb_edit_message(&mut core, 5, &|thread| {
+        thread.retain(|f| f.0 != 11); // seccomp_mode
+        thread.push((11, 0, pb_varint(0)));
+        let _ = pb_edit_message(thread, 10, &|creds| {
+            // cap_inh 9, cap_prm 10, cap_eff 11, cap_bnd 12, no_new_privs 18 (creds.proto).
+            creds.retain(|f| !matches!(f.0, 10..=12 | 18));
+            for set in 10..=12 {
+                for word in [0xfeff_ffffu64, 0x1ff] {
+                    creds.push((set, 0, pb_varint(word)));
+                }
+            }
+            creds.push((18, 0, pb_varint(0)));
+        });
+    })?;
+    let entry = pb_encode(&core);
+    let mut out = bytes[..8].to_vec();
+    out.extend((entry.len() as u32).to_le_bytes());
+    out.extend(entry);
+    out.extend(&bytes[12 + len..]);
+    std::fs::write(path, out)?;
+    Ok(())
+}
+
+/// CRIU's images are untrusted too: an archive whose core images give the process every
+/// capability root has, no no_new_privs and no seccomp is restored by CRIU, but the shim
+/// checks each restored task while CRIU leaves it stopped, refuses, and the restore fails
+/// with the container and what it asked for named; nothing is left. The honest archive
+/// restores with the container's own capabilities.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn criu_images_asking_for_more_than_the_spec_are_refused() -> Result<()> {
+    let c = Containerd::start("trust-criu-images")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config("images", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let id = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("app", image, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
+    wait_counter_moving(&mut cri, &id, "/counter").await?;
+    let before = cri
+        .exec_ok(&id, &["grep", "CapEff", "/proc/1/status"])
+        .await?;
+    let good = c.dir.join("images.tar");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "images",
+        "--leave-running",
+        "--output",
+        good.to_str().unwrap(),
+    ])?;
+    cri.stop_and_remove_pod(&pod_id).await?;
+    let footprint = c.settled_footprint().await?;
+
+    let widened = c.dir.join("widened.tar");
+    let mut edited = 0;
+    rewrite_archive(&good, &widened, |dir| {
+        for e in walkdir(dir)? {
+            let name = e
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
+            if name.starts_with("core-") && name.ends_with(".img") {
+                widen_core_image(&e)?;
+                edited += 1;
+            }
+        }
+        Ok(())
+    })?;
+    ensure!(edited > 0, "no core image in the archive");
+    let out = c.stasisctl(&["pod", "restore", widened.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}");
+    for want in [
+        "restore container app",
+        "with more than a fresh container of this spec gets",
+        "CAP_SYS_ADMIN",
+        "the container was stopped before it ran",
+    ] {
+        ensure!(
+            !out.status.success() && err.contains(want),
+            "the widened images: the refusal does not say {want:?}: {err}"
+        );
+    }
+    c.expect_footprint(footprint)
+        .await
+        .context("the refused restore left something")?;
+
+    // The honest archive still restores, with the capabilities it had.
+    let new_pod = c
+        .stasisctl_ok(&["pod", "restore", good.to_str().unwrap()])?
+        .trim()
+        .to_string();
+    let list = stasis_e2e::cri::containers_by_name(&mut cri, &new_pod).await?;
+    let (_, new_id, _) = list.first().context("restored container")?.clone();
+    let after = cri
+        .exec_ok(&new_id, &["grep", "CapEff", "/proc/1/status"])
+        .await?;
+    ensure!(
+        after == before,
+        "capabilities {before:?} came back as {after:?}"
+    );
+    cri.stop_and_remove_pod(&new_pod).await?;
+    c.finish()
+}
+
+/// Every file below `dir`.
+fn walkdir(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            out.extend(walkdir(&p)?);
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}

@@ -8,6 +8,7 @@ pub mod config;
 pub mod criu;
 mod crun;
 pub mod pages;
+pub mod restored;
 mod runc;
 mod runsc;
 
@@ -244,6 +245,13 @@ pub trait OciRuntime: Send + Sync {
 
     /// The exec whose pid file was `pid_file` is deleted: what the backend kept beside it goes.
     fn forget_exec(&self, _pid_file: &Path) {}
+
+    /// Whether `restore` leaves the restored tasks stopped for the shim to check against
+    /// the spec ([`restored`]) and continue. CRIU backends do; a runtime whose processes
+    /// live in its own sandbox says no.
+    fn restores_stopped(&self) -> bool {
+        true
+    }
 
     /// Whether the pod's sysctls take effect: the shim writes them in the namespaces of its
     /// pause process. A runtime that holds the pod itself and ignores them says no, and pods

@@ -12,7 +12,7 @@ use crate::{
     error::{Error, Result},
     fscapture::volumes,
     process::{reaper, stdio},
-    runtime::{config::Engine, pages, CheckpointOpts},
+    runtime::{config::Engine, pages, restored, CheckpointOpts},
     state::{Container, Shim, State, Transition},
     util::blocking,
 };
@@ -71,13 +71,21 @@ pub(super) async fn restore_init(
         })
         .await?;
     }
+    // The images' record of how they were dumped comes from the archive: only options that
+    // restore the process's own state are taken from it (its TCP connections, its file
+    // locks), never one that reaches outside the container.
+    if recorded.ext_unix_sk {
+        return Err(Error::invalid(
+            &id,
+            "the checkpoint asks to restore unix sockets connected outside the container (external_unix_sockets); a restore never grants that",
+        ));
+    }
     let stdio_cfg = container.live().init.stdio.clone();
     let opts = CheckpointOpts {
         image_path: image.to_path_buf(),
         work_path: container.bundle.join("criu-restore-work"),
         shell_job: stdio_cfg.terminal,
         tcp_established: recorded.tcp_established,
-        ext_unix_sk: recorded.ext_unix_sk,
         file_locks: recorded.file_locks,
         ..Default::default()
     };
@@ -141,6 +149,28 @@ pub(super) async fn restore_init(
         stop_lazy_pages(lazy.as_ref().map(|l| l.0));
         return Err(e);
     }
+    // The images are the archive's word: what CRIU made of them is checked against the spec
+    // while every restored task is still stopped.
+    let stopped = if shim.runtime.restores_stopped() {
+        let (owned, cgroup) = (id.clone(), container.cgroup_path.clone());
+        let bounds = restored::Bounds::of(&container.spec);
+        match blocking(&id, "check the restored tasks", move || {
+            restored::verify(&owned, &cgroup, &bounds)
+        })
+        .await
+        {
+            Ok(procs) => procs,
+            Err(e) => {
+                error!("{id}: {e}");
+                prepared.io.copies.abort().await;
+                let _ = shim.runtime.delete(&id, true).await;
+                stop_lazy_pages(lazy.as_ref().map(|l| l.0));
+                return Err(e);
+            }
+        }
+    } else {
+        Vec::new()
+    };
     if let Some((daemon, server)) = lazy {
         let (id, runtime) = (id.clone(), shim.runtime.clone());
         let restore_dir = container.restore_dir.clone();
@@ -209,6 +239,8 @@ pub(super) async fn restore_init(
             }),
         None => false,
     };
+    // Held: they go on only when the pod's freezer lets them.
+    restored::resume(&id, &stopped);
     container.transition(Transition::Restore { held })?;
     if held {
         watch_hold(shim, container.clone());

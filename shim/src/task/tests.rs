@@ -68,6 +68,11 @@ impl FakeRuntime {
 
 #[async_trait]
 impl OciRuntime for FakeRuntime {
+    /// No CRIU here: nothing restored to check.
+    fn restores_stopped(&self) -> bool {
+        false
+    }
+
     fn engine(&self) -> Engine {
         Engine::Runc
     }

@@ -153,6 +153,11 @@ fn parse_ps(id: &str, out: &[u8]) -> Result<Vec<u32>> {
 
 #[async_trait]
 impl OciRuntime for Runsc {
+    /// The sandbox's processes are the sentry's, not the host's: nothing to check there.
+    fn restores_stopped(&self) -> bool {
+        false
+    }
+
     fn engine(&self) -> Engine {
         Engine::Runsc
     }

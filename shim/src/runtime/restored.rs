@@ -1,0 +1,369 @@
+//! What CRIU restored is checked against the container's spec before a restored instruction
+//! runs. CRIU's images carry each task's credentials, capabilities, no_new_privs and seccomp
+//! mode, and root CRIU restores whatever they say; the images come from the archive, which is
+//! untrusted. So the restore runs with CRIU's `leave-stopped` (through the runtime's CRIU
+//! configuration file, `org.criu.config`), every restored thread's `/proc/<tid>/status` is
+//! compared with what a fresh process of the same spec could hold, and only then are the
+//! tasks continued (a held pod container stays frozen until its pod's FinishRestore).
+
+use std::path::Path;
+
+use crate::{
+    cgroup::freezer,
+    error::{Error, Result},
+    spec::ContainerSpec,
+};
+
+/// The runtime-spec annotation runc and crun read the CRIU configuration file from.
+pub const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
+const CRIU_CONFIG_FILE: &str = "stasis-restore-criu.conf";
+
+/// Capability names by number (linux/capability.h): the kernel's ABI.
+const CAPS: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+const CAP_SETGID: u64 = 1 << 6;
+const CAP_SETUID: u64 = 1 << 7;
+
+fn cap_names(mask: u64) -> String {
+    (0..64)
+        .filter(|b| mask & (1u64 << b) != 0)
+        .map(|b| {
+            CAPS.get(b)
+                .map(|n| format!("CAP_{n}"))
+                .unwrap_or(format!("capability {b}"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Makes the runtime's CRIU leave the restored tasks stopped: a configuration file holding
+/// `leave-stopped`, named in the bundle's spec (replacing any the spec named: the file is
+/// the node's choice, never the pod's).
+pub fn stop_after_restore(id: &str, bundle: &Path, work: &Path) -> Result<()> {
+    let conf = work.join(CRIU_CONFIG_FILE);
+    match std::fs::remove_file(&conf) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::io(id, format!("remove {}", conf.display()), e));
+        }
+        _ => {}
+    }
+    crate::util::write_private(&conf, "leave-stopped\n")
+        .map_err(|e| Error::io(id, format!("write {}", conf.display()), e))?;
+    let mut spec = ContainerSpec::load(id, bundle)?;
+    spec.set_annotation(CRIU_CONFIG_ANNOTATION, &conf.display().to_string());
+    spec.save_if_changed(id, bundle)
+}
+
+/// The most a task of the spec may hold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bounds {
+    /// The spec's bounding set: no set of a task of the container can exceed it (a setuid
+    /// program can reach it, so it is the bound for every set).
+    pub bounding: u64,
+    pub no_new_privs: bool,
+    pub seccomp: bool,
+    /// The spec's user: with no_new_privs and without CAP_SETUID/CAP_SETGID in the bounding
+    /// set, nobody in the container can become anybody else.
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Bounds {
+    pub fn of(spec: &ContainerSpec) -> Self {
+        let doc = spec.document();
+        let bounding = doc
+            .pointer("/process/capabilities/bounding")
+            .and_then(|v| v.as_array())
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(|n| n.as_str())
+                    .filter_map(|n| {
+                        let n = n.trim_start_matches("CAP_");
+                        CAPS.iter().position(|c| c.eq_ignore_ascii_case(n))
+                    })
+                    .fold(0u64, |m, b| m | (1 << b))
+            })
+            .unwrap_or(0);
+        let number = |p: &str| doc.pointer(p).and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+        Bounds {
+            bounding,
+            no_new_privs: doc
+                .pointer("/process/noNewPrivileges")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            seccomp: doc.pointer("/linux/seccomp").is_some_and(|s| !s.is_null()),
+            uid: number("/process/user/uid"),
+            gid: number("/process/user/gid"),
+        }
+    }
+
+    /// What `status` (a `/proc/<tid>/status`) holds beyond these bounds, one item each.
+    pub fn excess(&self, status: &str) -> Vec<String> {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        let mut out = Vec::new();
+        // Sets with the same excess are named together.
+        let mut excess: Vec<(u64, Vec<&str>)> = Vec::new();
+        for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            match field(set).and_then(|v| u64::from_str_radix(v, 16).ok()) {
+                Some(mask) if mask & !self.bounding != 0 => {
+                    let extra = mask & !self.bounding;
+                    match excess.iter_mut().find(|(m, _)| *m == extra) {
+                        Some((_, sets)) => sets.push(set),
+                        None => excess.push((extra, vec![set])),
+                    }
+                }
+                Some(_) => {}
+                None => out.push(format!("no readable {set}")),
+            }
+        }
+        for (extra, sets) in excess {
+            out.push(format!(
+                "{} {} {} beyond the spec's bounding set",
+                sets.join(", "),
+                if sets.len() == 1 { "has" } else { "have" },
+                cap_names(extra)
+            ));
+        }
+        if self.no_new_privs && field("NoNewPrivs") != Some("1") {
+            out.push("no_new_privs is off; the spec sets it".into());
+        }
+        if self.seccomp && field("Seccomp") != Some("2") {
+            out.push(format!(
+                "seccomp mode {} where the spec has a filter",
+                field("Seccomp").unwrap_or("?")
+            ));
+        }
+        let fixed = |name: &str, want: u32, cap: u64| {
+            if !self.no_new_privs || self.bounding & cap != 0 {
+                return None;
+            }
+            let ids = field(name)?;
+            (!ids.split_whitespace().all(|v| v == want.to_string())).then(|| {
+                format!("{name} {ids} where the spec's user has {want} and nobody may change it")
+            })
+        };
+        out.extend(fixed("Uid", self.uid, CAP_SETUID));
+        out.extend(fixed("Gid", self.gid, CAP_SETGID));
+        out
+    }
+}
+
+/// The threads and the processes of the container's cgroup.
+fn members(id: &str, cgroup_path: &str) -> Result<(Vec<i32>, Vec<i32>)> {
+    let f = freezer::for_cgroup(id, cgroup_path)?;
+    let dir = f.path();
+    let read = |names: &[&str]| -> Result<Vec<i32>> {
+        for n in names {
+            match std::fs::read_to_string(dir.join(n)) {
+                Ok(text) => {
+                    return Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(id, format!("read {}/{n}", dir.display()), e)),
+            }
+        }
+        Err(Error::other(
+            id,
+            "list the restored tasks",
+            format!("{} lists no tasks", dir.display()),
+        ))
+    };
+    Ok((
+        read(&["tasks", "cgroup.threads"])?,
+        read(&["cgroup.procs"])?,
+    ))
+}
+
+/// Checks every thread CRIU restored into the container's cgroup against `bounds`; returns
+/// the processes to continue. An error names the task and everything it holds too much of.
+pub fn verify(id: &str, cgroup_path: &str, bounds: &Bounds) -> Result<Vec<i32>> {
+    let (threads, procs) = members(id, cgroup_path)?;
+    if threads.is_empty() {
+        return Err(Error::other(
+            id,
+            "check the restored tasks",
+            "no task was restored into the container's cgroup",
+        ));
+    }
+    let mut running = 0;
+    for tid in &threads {
+        let status = match std::fs::read_to_string(format!("/proc/{tid}/status")) {
+            Ok(s) => s,
+            // Gone already (it exited): nothing of it can run.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(id, format!("read /proc/{tid}/status"), e)),
+        };
+        let excess = bounds.excess(&status);
+        if !excess.is_empty() {
+            let name = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Name:"))
+                .unwrap_or("?")
+                .trim();
+            return Err(Error::invalid(
+                id,
+                format!(
+                    "the checkpoint's images restored task {tid} ({name}) with more than a fresh container of this spec gets: {}; the container was stopped before it ran",
+                    excess.join("; ")
+                ),
+            ));
+        }
+        if !status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains('T'))
+        {
+            running += 1;
+        }
+    }
+    if running > 0 {
+        log::warn!("{id}: {running} restored task(s) were not left stopped by CRIU");
+    }
+    Ok(procs)
+}
+
+/// Continues the processes CRIU left stopped (a frozen cgroup keeps them still until it is
+/// thawed).
+pub fn resume(id: &str, procs: &[i32]) {
+    for pid in procs {
+        if let Err(e) = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGCONT,
+        ) {
+            log::warn!("{id}: continue restored process {pid}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bounds() -> Bounds {
+        Bounds {
+            bounding: 0xa804_25fb,
+            no_new_privs: true,
+            seccomp: true,
+            uid: 1000,
+            gid: 1000,
+        }
+    }
+
+    fn status(caps: u64, nnp: u8, seccomp: u8, uid: u32) -> String {
+        format!(
+            "Name:\tsh\nState:\tT (stopped)\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t1000\t1000\t1000\t1000\n\
+             CapInh:\t0000000000000000\nCapPrm:\t{caps:016x}\nCapEff:\t{caps:016x}\n\
+             CapBnd:\t{caps:016x}\nCapAmb:\t0000000000000000\nNoNewPrivs:\t{nnp}\nSeccomp:\t{seccomp}\n"
+        )
+    }
+
+    #[test]
+    fn a_task_within_its_spec_passes_and_every_excess_is_named() {
+        let b = bounds();
+        assert!(b.excess(&status(0xa804_25fb, 1, 2, 1000)).is_empty());
+        assert!(b.excess(&status(0, 1, 2, 1000)).is_empty());
+        let all = b.excess(&status(0x1ff_feff_ffff, 0, 0, 0)).join("; ");
+        for want in [
+            "CapPrm, CapEff, CapBnd have CAP_DAC_READ_SEARCH",
+            "CAP_SYS_ADMIN",
+            "CAP_SYS_MODULE",
+            "no_new_privs is off",
+            "seccomp mode 0",
+        ] {
+            assert!(all.contains(want), "{want}: {all}");
+        }
+        // With CAP_SETUID in the bounding set the container may change its uid itself;
+        // without it (and with no_new_privs) nobody in it may.
+        assert!(!all.contains("Uid"), "{all}");
+        let fixed = Bounds {
+            bounding: 0xa804_25fb & !(CAP_SETUID | CAP_SETGID),
+            ..bounds()
+        };
+        let ids = fixed.excess(&status(0, 1, 2, 0)).join("; ");
+        assert!(
+            ids.contains("Uid 0\t0\t0\t0 where the spec's user has 1000"),
+            "{ids}"
+        );
+        // Without no_new_privs a setuid program may change the uid: not an excess.
+        let lax = Bounds {
+            no_new_privs: false,
+            ..bounds()
+        };
+        assert!(lax.excess(&status(0xa804_25fb, 0, 2, 0)).is_empty());
+    }
+
+    #[test]
+    fn bounds_come_from_the_spec() {
+        let spec = ContainerSpec::parse(
+            "c",
+            "test",
+            serde_json::json!({
+                "ociVersion": "1.0.2",
+                "root": {"path": "rootfs"},
+                "process": {"cwd": "/", "user": {"uid": 7, "gid": 8}, "noNewPrivileges": true,
+                            "capabilities": {"bounding": ["CAP_CHOWN", "CAP_KILL"]}},
+                "linux": {"seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}}
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            Bounds::of(&spec),
+            Bounds {
+                bounding: 1 | 1 << 5,
+                no_new_privs: true,
+                seccomp: true,
+                uid: 7,
+                gid: 8,
+            }
+        );
+    }
+}

@@ -617,11 +617,11 @@ pub fn extract_with(archive: &Path, dest: &Path, opening: &Opening) -> Result<Po
 /// Unpacks a tar stream that comes from a peer (a migration) into `dest` (created; must not
 /// exist), with the checks of [`extract`]; the headers cannot be looked at first, so the
 /// total is bounded while unpacking, by the free space.
-pub fn extract_stream(stream: impl Read, dest: &Path) -> Result<PodOptions> {
+pub fn extract_stream(stream: impl Read, dest: &Path, opening: &Opening) -> Result<PodOptions> {
     into_new_dir(
         dest,
         |_| Ok(()),
-        |room| unpack_checked(stream, dest, room, &Opening::default()),
+        |room| unpack_checked(stream, dest, room, opening),
     )
 }
 
@@ -810,8 +810,8 @@ fn check_unpacked(dest: &Path, opening: &Opening, left: &mut LeftInArchive) -> R
     }
     // Last: what it says about each file is worth checking only once the layout is sane.
     // The signature first: a signed manifest vouches for every file it lists.
-    if let Some(key) = &opening.verify {
-        seal::check_signature(dest, key)?;
+    if !opening.verify.is_empty() {
+        seal::check_signature(dest, &opening.verify)?;
     }
     let manifest = read_manifest(dest)?;
     left.settle(dest, &manifest)?;
@@ -1854,7 +1854,7 @@ mod tests {
         assert!(sum.encrypted && sum.pod_name.is_empty());
         let right = Opening {
             identities: seal::load_identities(&s.0.join("id")).unwrap(),
-            verify: Some(key.verifying_key()),
+            verify: vec![key.verifying_key()],
         };
         let sum = inspect_with(&dest, &right).unwrap();
         assert_eq!(sum.pod_name, "web-pod");
@@ -1865,16 +1865,14 @@ mod tests {
         assert!(e.contains("--identity"), "{e}");
         let wrong = Opening {
             identities: seal::load_identities(&s.0.join("other")).unwrap(),
-            verify: None,
+            verify: Vec::new(),
         };
         let e = extract_with(&dest, &out, &wrong).unwrap_err().to_string();
         assert!(e.contains("other recipients"), "{e}");
         // Signed by another key, unsigned, or changed after signing (manifest rewritten).
         let stranger = Opening {
             identities: right.identities.clone(),
-            verify: Some(
-                ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng).verifying_key(),
-            ),
+            verify: vec![ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng).verifying_key()],
         };
         let e = format!("{:#}", extract_with(&dest, &out, &stranger).unwrap_err());
         assert!(e.contains("is signed by"), "{e}");

@@ -22,7 +22,11 @@ fn opening(
             .map(seal::load_identities)
             .transpose()?
             .unwrap_or_default(),
-        verify: verify.map(seal::load_verifying_key).transpose()?,
+        verify: verify
+            .map(seal::load_verifying_key)
+            .transpose()?
+            .into_iter()
+            .collect(),
     })
 }
 
@@ -424,6 +428,10 @@ enum PodCommand {
         /// restores eagerly).
         #[arg(long)]
         lazy: bool,
+        /// Sign what is sent with this Ed25519 key (PEM), for targets whose restore policy
+        /// names trusted signers.
+        #[arg(long, value_name = "KEY")]
+        sign_key: Option<PathBuf>,
     },
     /// Restore a pod archive as a new running pod; prints the new pod id.
     ///
@@ -504,6 +512,7 @@ async fn run(cli: Cli) -> Result<()> {
                 runtime_handler,
                 timeout,
                 lazy,
+                sign_key,
             } => {
                 let m = migrate::migrate(
                     &target,
@@ -515,6 +524,10 @@ async fn run(cli: Cli) -> Result<()> {
                         runtime_handler,
                         timeout,
                         lazy,
+                        sign: sign_key
+                            .as_deref()
+                            .map(seal::load_signing_key)
+                            .transpose()?,
                     },
                 )
                 .await?;
@@ -585,7 +598,10 @@ async fn run(cli: Cli) -> Result<()> {
                 identity,
                 lazy,
             } => {
-                let opening = opening(identity.as_deref(), verify_key.as_deref())?;
+                let mut opening = opening(identity.as_deref(), verify_key.as_deref())?;
+                let policy = admit.policy()?;
+                // A node that names trusted signers restores nothing else.
+                opening.verify.extend(policy.signers()?);
                 let reference = image::looks_like_reference(&archive).then(|| archive.clone());
                 let registry = registry.access(&archive)?;
                 let id = pod::restore(
@@ -597,7 +613,7 @@ async fn run(cli: Cli) -> Result<()> {
                         name,
                         runtime_handler,
                         offered_runtime_handler: None,
-                        policy: admit.policy()?,
+                        policy,
                         replace_volumes: admit.replace_volumes,
                         opening,
                         lazy,

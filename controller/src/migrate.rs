@@ -416,6 +416,8 @@ pub struct MigrateArgs {
     pub runtime_handler: Option<String>,
     pub timeout: u32,
     pub lazy: bool,
+    /// Signs the streamed checkpoint's manifest (for targets that require signatures).
+    pub sign: Option<ed25519_dalek::SigningKey>,
 }
 
 /// What a migration did, for the caller to print.
@@ -487,7 +489,10 @@ pub async fn migrate(t: &Target, a: MigrateArgs) -> Result<Migrated> {
             file_locks: false,
             timeout: a.timeout,
             space_check: true,
-            sealing: Default::default(),
+            sealing: crate::seal::Sealing {
+                sign: a.sign.clone(),
+                recipients: Vec::new(),
+            },
             delivery: Delivery::Custom(Box::new(deliver)),
             hold_secs: Some(HOLD_SECS),
             image: None,
@@ -647,9 +652,14 @@ async fn receive(
         opening: Opening::default(),
         lazy: offer.lazy,
     };
+    // A node that names trusted signers takes only signed migrations too.
+    let opening = crate::seal::Opening {
+        identities: Vec::new(),
+        verify: a.policy.signers()?,
+    };
     pod::restore_with(t, &args, |dir| {
         let mut r = channel.reader();
-        let options = archive::extract_stream(&mut r, dir)?;
+        let options = archive::extract_stream(&mut r, dir, &opening)?;
         // The tar ends before the stream does: read to the sender's end mark, so that a
         // stream cut short is an error, not a restore.
         std::io::copy(&mut r, &mut std::io::sink())?;

@@ -40,7 +40,8 @@ pub struct Sealing {
 #[derive(Default, Clone)]
 pub struct Opening {
     pub identities: Vec<age::x25519::Identity>,
-    pub verify: Option<VerifyingKey>,
+    /// Keys one of which must have signed the archive (none: a signature is not required).
+    pub verify: Vec<VerifyingKey>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -227,26 +228,51 @@ fn public_key_of(record: &SignatureRecord) -> Result<VerifyingKey> {
     VerifyingKey::from_bytes(&bytes).context("archive manifest.sig names an invalid public key")
 }
 
-/// Refuses an unpacked archive whose manifest is not signed by `key`.
-pub fn check_signature(dir: &Path, key: &VerifyingKey) -> Result<()> {
+/// The public keys of `path`: a PEM file, or a directory of them (every regular file in
+/// it; links are not followed), as the node policy's `trusted_signers` names them.
+pub fn load_verifying_keys(path: &Path) -> Result<Vec<VerifyingKey>> {
+    let meta = std::fs::symlink_metadata(path)
+        .with_context(|| format!("trusted signers {}", path.display()))?;
+    if !meta.is_dir() {
+        return Ok(vec![load_verifying_key(path)?]);
+    }
+    let mut keys = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(path)
+        .with_context(|| format!("read trusted signers {}", path.display()))?
+        .collect::<std::io::Result<_>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        if e.file_type()?.is_file() {
+            keys.push(load_verifying_key(&e.path())?);
+        }
+    }
+    if keys.is_empty() {
+        bail!("trusted signers {} holds no public key", path.display());
+    }
+    Ok(keys)
+}
+
+/// Refuses an unpacked archive whose manifest is not signed by one of `keys`.
+pub fn check_signature(dir: &Path, keys: &[VerifyingKey]) -> Result<()> {
+    let wanted = || keys.iter().map(fingerprint).collect::<Vec<_>>().join(", ");
     let text = match std::fs::read(dir.join(layout::SIGNATURE)) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-            "archive is not signed, and --verify-key asks for a signature by {}",
-            fingerprint(key)
+            "archive is not signed, and a signature by {} is required (--verify-key or the node policy's trusted_signers)",
+            wanted()
         ),
         Err(e) => return Err(e).context("read manifest.sig"),
     };
     let record: SignatureRecord =
         serde_json::from_slice(&text).context("archive manifest.sig is not a signature record")?;
     let signer = public_key_of(&record)?;
-    if signer != *key {
+    let Some(key) = keys.iter().find(|k| **k == signer) else {
         bail!(
-            "archive is signed by {}, not by {} (--verify-key)",
+            "archive is signed by {}, not by {} (--verify-key or the node policy's trusted_signers)",
             fingerprint(&signer),
-            fingerprint(key)
+            wanted()
         );
-    }
+    };
     let sig: [u8; 64] = hex::decode(&record.signature)
         .ok()
         .and_then(|b| b.try_into().ok())
@@ -405,16 +431,20 @@ mod tests {
         let staged = d.0.join("staged");
         std::fs::create_dir(&staged).unwrap();
         std::fs::write(staged.join(layout::MANIFEST), b"{\"version\":2}").unwrap();
-        check_signature(&staged, &public).unwrap_err();
+        check_signature(&staged, std::slice::from_ref(&public)).unwrap_err();
         sign_manifest(&staged, &key).unwrap();
-        check_signature(&staged, &public).unwrap();
+        check_signature(&staged, std::slice::from_ref(&public)).unwrap();
         let record = std::fs::read(staged.join(layout::SIGNATURE)).unwrap();
         assert_eq!(signer(&record).unwrap(), public);
         let other = SigningKey::generate(&mut rand_core::OsRng).verifying_key();
-        let err = check_signature(&staged, &other).unwrap_err().to_string();
+        let err = check_signature(&staged, std::slice::from_ref(&other))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("signed by"), "{err}");
         std::fs::write(staged.join(layout::MANIFEST), b"{\"version\":3}").unwrap();
-        let err = check_signature(&staged, &public).unwrap_err().to_string();
+        let err = check_signature(&staged, std::slice::from_ref(&public))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("changed after it was signed"), "{err}");
         // Existing files are never replaced, and private keys are private.
         assert!(generate(KeyKind::Signing, &key_path).is_err());
@@ -435,7 +465,7 @@ mod tests {
         assert!(is_encrypted(&sealed));
         let open = |id: &str| Opening {
             identities: load_identities(&d.0.join(id)).unwrap(),
-            verify: None,
+            verify: Vec::new(),
         };
         let mut plain = String::new();
         decrypt(std::io::Cursor::new(sealed.clone()), &open("id"))

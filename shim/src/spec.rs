@@ -109,25 +109,6 @@ impl ContainerSpec {
         self.annotation(CRI_CONTAINER_TYPE) == Some("container")
     }
 
-    /// Sets annotation `key` (replacing what containerd or the pod gave).
-    pub fn set_annotation(&mut self, key: &str, value: &str) {
-        let mut all = self.typed.annotations().clone().unwrap_or_default();
-        all.insert(key.to_string(), value.to_string());
-        self.typed.set_annotations(Some(all));
-        if let Some(doc) = self.raw.as_object_mut() {
-            let map = doc
-                .entry("annotations")
-                .or_insert_with(|| serde_json::Value::Object(Default::default()));
-            if !map.is_object() {
-                *map = serde_json::Value::Object(Default::default());
-            }
-            if let Some(m) = map.as_object_mut() {
-                m.insert(key.into(), serde_json::Value::String(value.into()));
-            }
-            self.changed = true;
-        }
-    }
-
     pub fn set_cgroups_path(&mut self, path: &str) {
         if let Some(linux) = self.typed.linux_mut() {
             linux.set_cgroups_path(Some(PathBuf::from(path)));

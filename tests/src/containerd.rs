@@ -543,21 +543,28 @@ impl Containerd {
         Ok(out)
     }
 
+    /// This node's restore policy with `extra` keys added, written to `<dir>/<name>`.
+    pub fn policy_file(&self, name: &str, extra: serde_json::Value) -> Result<PathBuf> {
+        // Every test "node" keeps pod logs below /tmp/stasis-e2e, as every real node does
+        // below /var/log/pods: a pod moved between two nodes keeps its log dir.
+        let mut policy = serde_json::json!({
+            "host_path_prefixes": [self.dir],
+            "log_directory_prefixes": ["/tmp/stasis-e2e"],
+        });
+        if let (Some(p), serde_json::Value::Object(more)) = (policy.as_object_mut(), extra) {
+            p.extend(more);
+        }
+        let path = self.dir.join(name);
+        std::fs::write(&path, policy.to_string())?;
+        Ok(path)
+    }
+
     /// `stasisctl --address <this containerd> --namespace k8s.io`, under this node's restore
     /// policy: host paths below the harness directory are the node's volume directory.
     pub fn stasisctl_command(&self) -> Result<Command> {
         let policy = self.dir.join("restore-policy.json");
         if !policy.exists() {
-            std::fs::write(
-                &policy,
-                // Every test "node" keeps pod logs below /tmp/stasis-e2e, as every real node
-                // does below /var/log/pods: a pod moved between two nodes keeps its log dir.
-                serde_json::json!({
-                    "host_path_prefixes": [self.dir],
-                    "log_directory_prefixes": ["/tmp/stasis-e2e"],
-                })
-                .to_string(),
-            )?;
+            self.policy_file("restore-policy.json", serde_json::json!({}))?;
         }
         let mut cmd = Command::new(built_binary("stasisctl")?);
         cmd.env("STASIS_RESTORE_POLICY", &policy)

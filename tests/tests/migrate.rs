@@ -319,7 +319,49 @@ async fn a_failed_migration_leaves_the_pod_running_where_it_was() -> Result<()> 
     still_here(&mut cri_a, "containerd unreachable").await?;
     b.expect_footprint(b_before).await?;
 
-    cri_a.stop_and_remove_pod(&pod_id).await?;
+    // A target whose policy names trusted signers takes only signed migrations.
+    let signing = a.dir.join("sign.pem");
+    a.stasisctl_ok(&[
+        "key",
+        "generate",
+        "--type",
+        "signing",
+        "--output",
+        signing.to_str().unwrap(),
+    ])?;
+    let strict = b.policy_file(
+        "signed-only.json",
+        serde_json::json!({"trusted_signers": a.dir.join("sign.pem.pub")}),
+    )?;
+    let strict_arg = strict.display().to_string();
+    let recv = listener(&b, &key, &["--policy", &strict_arg], 1)?;
+    let out = migrate(&a, "stayer", &recv.addr, &key, &[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = recv.child.wait_with_output();
+    ensure!(
+        !out.status.success() && err.contains("not signed"),
+        "an unsigned migration was taken by a node that requires signatures: {err}"
+    );
+    still_here(&mut cri_a, "unsigned").await?;
+    b.expect_footprint(b_before).await?;
+    let recv = listener(&b, &key, &["--policy", &strict_arg], 1)?;
+    let signing_arg = signing.display().to_string();
+    let out = migrate(
+        &a,
+        "stayer",
+        &recv.addr,
+        &key,
+        &["--sign-key", &signing_arg],
+    )?;
+    let _ = recv.child.wait_with_output();
+    ensure!(
+        out.status.success(),
+        "a signed migration was refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let moved = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let mut cri_b = b.cri().await?;
+    cri_b.stop_and_remove_pod(&moved).await?;
     a.finish()?;
     b.finish()
 }

@@ -119,6 +119,8 @@ async fn twenty_live_pod_checkpoints_restore_consistently() -> Result<()> {
                 "round {round}: {name} counter {now} < {}",
                 before[name]
             );
+            // And it runs on: a restored container left stopped would pass the check above.
+            wait_counter_above(&mut cri, id, file, now).await?;
             let v = violations(&mut cri, id).await?;
             ensure!(v.is_empty(), "round {round}: {name} violations: {v}");
         }

@@ -1296,6 +1296,37 @@ async fn signed_and_encrypted_archives_round_trip() -> Result<()> {
         .await
         .context("a refused restore created something")?;
 
+    // A node whose policy names trusted signers (a directory of public keys) restores only
+    // archives signed by one of them, without any flag.
+    let signers = c.dir.join("trusted-signers");
+    std::fs::create_dir_all(&signers)?;
+    std::fs::copy(&public, signers.join("team.pub"))?;
+    let strict = c.policy_file(
+        "strict-policy.json",
+        serde_json::json!({"trusted_signers": signers}),
+    )?;
+    let strict_arg = strict.display().to_string();
+    refused(
+        &[plain.to_str().unwrap(), "--policy", &strict_arg],
+        "archive is not signed, and a signature by ed25519:",
+    )?;
+    c.expect_footprint(footprint)
+        .await
+        .context("a refused restore created something")?;
+    let by_policy = c
+        .stasisctl_ok(&[
+            "pod",
+            "restore",
+            signed.to_str().unwrap(),
+            "--policy",
+            &strict_arg,
+            "--name",
+            "signed-by-policy",
+        ])?
+        .trim()
+        .to_string();
+    cri.stop_and_remove_pod(&by_policy).await?;
+
     let new_pod = c
         .stasisctl_ok(&[
             "pod",
@@ -1694,7 +1725,7 @@ fn widen_core_image(path: &std::path::Path) -> Result<()> {
 
 /// CRIU's images are untrusted too: an archive whose core images give the process every
 /// capability root has, no no_new_privs and no seccomp is restored by CRIU, but the shim
-/// checks each restored task while CRIU leaves it stopped, refuses, and the restore fails
+/// checks each restored task (held frozen) against the spec, and the restore fails
 /// with the container and what it asked for named; nothing is left. The honest archive
 /// restores with the container's own capabilities.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1751,7 +1782,7 @@ async fn criu_images_asking_for_more_than_the_spec_are_refused() -> Result<()> {
         "restore container app",
         "with more than a fresh container of this spec gets",
         "CAP_SYS_ADMIN",
-        "the container was stopped before it ran",
+        "the container was removed",
     ] {
         ensure!(
             !out.status.success() && err.contains(want),

@@ -236,6 +236,11 @@ pub struct Policy {
     /// by the digest the checkpoint recorded (default: none; `--allow-registry` adds one).
     #[serde(default)]
     pub base_image_registries: Vec<String>,
+    /// Ed25519 public keys (a PEM file, or a directory of them) one of which must have
+    /// signed every archive, checkpoint image and migration this node restores (default:
+    /// none, signatures are checked only when `--verify-key` asks).
+    #[serde(default)]
+    pub trusted_signers: Option<PathBuf>,
     /// `--allow-host-path` prefixes: the operator names exactly what may be mounted, the
     /// prefix itself included (the node's prefixes are directories pods' volumes live below).
     #[serde(skip)]
@@ -254,6 +259,7 @@ impl Default for Policy {
             apparmor_profiles: Vec::new(),
             runtime_handlers: None,
             base_image_registries: Vec::new(),
+            trusted_signers: None,
             operator_host_paths: Vec::new(),
         }
     }
@@ -648,6 +654,14 @@ pub fn registry_host(reference: &str) -> &str {
 }
 
 impl Policy {
+    /// The keys one of which must have signed what this node restores (empty: none required).
+    pub fn signers(&self) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
+        match &self.trusted_signers {
+            Some(p) => crate::seal::load_verifying_keys(p),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Fills `runtime_handlers` from containerd when the policy file left it unset.
     pub fn learn_runtime_handlers(&mut self, node_handlers: impl FnOnce() -> Vec<String>) {
         if self.runtime_handlers.is_none() {

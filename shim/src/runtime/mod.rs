@@ -246,10 +246,10 @@ pub trait OciRuntime: Send + Sync {
     /// The exec whose pid file was `pid_file` is deleted: what the backend kept beside it goes.
     fn forget_exec(&self, _pid_file: &Path) {}
 
-    /// Whether `restore` leaves the restored tasks stopped for the shim to check against
-    /// the spec ([`restored`]) and continue. CRIU backends do; a runtime whose processes
-    /// live in its own sandbox says no.
-    fn restores_stopped(&self) -> bool {
+    /// Whether the tasks `restore` brings back are host processes in the container's cgroup
+    /// for the shim to check against the spec ([`restored`]). CRIU backends say yes; a
+    /// runtime whose processes live in its own sandbox says no.
+    fn restores_host_tasks(&self) -> bool {
         true
     }
 

@@ -1,22 +1,15 @@
-//! What CRIU restored is checked against the container's spec before a restored instruction
-//! runs. CRIU's images carry each task's credentials, capabilities, no_new_privs and seccomp
-//! mode, and root CRIU restores whatever they say; the images come from the archive, which is
-//! untrusted. So the restore runs with CRIU's `leave-stopped` (through the runtime's CRIU
-//! configuration file, `org.criu.config`), every restored thread's `/proc/<tid>/status` is
-//! compared with what a fresh process of the same spec could hold, and only then are the
-//! tasks continued (a held pod container stays frozen until its pod's FinishRestore).
-
-use std::path::Path;
+//! What CRIU restored is checked against the container's spec. CRIU's images carry each
+//! task's credentials, capabilities, no_new_privs and seccomp mode, and root CRIU restores
+//! whatever they say; the images come from the archive, which is untrusted. Right after the
+//! restore (a pod's container already held frozen), every restored thread's
+//! `/proc/<tid>/status` is compared with what a fresh process of the same spec could hold; a
+//! task over its bounds fails the restore and the container is removed.
 
 use crate::{
     cgroup::freezer,
     error::{Error, Result},
     spec::ContainerSpec,
 };
-
-/// The runtime-spec annotation runc and crun read the CRIU configuration file from.
-pub const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
-const CRIU_CONFIG_FILE: &str = "stasis-restore-criu.conf";
 
 /// Capability names by number (linux/capability.h): the kernel's ABI.
 const CAPS: &[&str] = &[
@@ -75,24 +68,6 @@ fn cap_names(mask: u64) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Makes the runtime's CRIU leave the restored tasks stopped: a configuration file holding
-/// `leave-stopped`, named in the bundle's spec (replacing any the spec named: the file is
-/// the node's choice, never the pod's).
-pub fn stop_after_restore(id: &str, bundle: &Path, work: &Path) -> Result<()> {
-    let conf = work.join(CRIU_CONFIG_FILE);
-    match std::fs::remove_file(&conf) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(Error::io(id, format!("remove {}", conf.display()), e));
-        }
-        _ => {}
-    }
-    crate::util::write_private(&conf, "leave-stopped\n")
-        .map_err(|e| Error::io(id, format!("write {}", conf.display()), e))?;
-    let mut spec = ContainerSpec::load(id, bundle)?;
-    spec.set_annotation(CRIU_CONFIG_ANNOTATION, &conf.display().to_string());
-    spec.save_if_changed(id, bundle)
 }
 
 /// The most a task of the spec may hold.
@@ -195,8 +170,8 @@ impl Bounds {
     }
 }
 
-/// The threads and the processes of the container's cgroup.
-fn members(id: &str, cgroup_path: &str) -> Result<(Vec<i32>, Vec<i32>)> {
+/// The threads of the container's cgroup.
+fn threads(id: &str, cgroup_path: &str) -> Result<Vec<i32>> {
     let f = freezer::for_cgroup(id, cgroup_path)?;
     let dir = f.path();
     let read = |names: &[&str]| -> Result<Vec<i32>> {
@@ -215,16 +190,13 @@ fn members(id: &str, cgroup_path: &str) -> Result<(Vec<i32>, Vec<i32>)> {
             format!("{} lists no tasks", dir.display()),
         ))
     };
-    Ok((
-        read(&["tasks", "cgroup.threads"])?,
-        read(&["cgroup.procs"])?,
-    ))
+    read(&["tasks", "cgroup.threads"])
 }
 
-/// Checks every thread CRIU restored into the container's cgroup against `bounds`; returns
-/// the processes to continue. An error names the task and everything it holds too much of.
-pub fn verify(id: &str, cgroup_path: &str, bounds: &Bounds) -> Result<Vec<i32>> {
-    let (threads, procs) = members(id, cgroup_path)?;
+/// Checks every thread CRIU restored into the container's cgroup against `bounds`. An error
+/// names the task and everything it holds too much of.
+pub fn verify(id: &str, cgroup_path: &str, bounds: &Bounds) -> Result<()> {
+    let threads = threads(id, cgroup_path)?;
     if threads.is_empty() {
         return Err(Error::other(
             id,
@@ -232,7 +204,6 @@ pub fn verify(id: &str, cgroup_path: &str, bounds: &Bounds) -> Result<Vec<i32>> 
             "no task was restored into the container's cgroup",
         ));
     }
-    let mut running = 0;
     for tid in &threads {
         let status = match std::fs::read_to_string(format!("/proc/{tid}/status")) {
             Ok(s) => s,
@@ -251,35 +222,13 @@ pub fn verify(id: &str, cgroup_path: &str, bounds: &Bounds) -> Result<Vec<i32>> 
             return Err(Error::invalid(
                 id,
                 format!(
-                    "the checkpoint's images restored task {tid} ({name}) with more than a fresh container of this spec gets: {}; the container was stopped before it ran",
+                    "the checkpoint's images restored task {tid} ({name}) with more than a fresh container of this spec gets: {}; the container was removed",
                     excess.join("; ")
                 ),
             ));
         }
-        if !status
-            .lines()
-            .any(|l| l.starts_with("State:") && l.contains('T'))
-        {
-            running += 1;
-        }
     }
-    if running > 0 {
-        log::warn!("{id}: {running} restored task(s) were not left stopped by CRIU");
-    }
-    Ok(procs)
-}
-
-/// Continues the processes CRIU left stopped (a frozen cgroup keeps them still until it is
-/// thawed).
-pub fn resume(id: &str, procs: &[i32]) {
-    for pid in procs {
-        if let Err(e) = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(*pid),
-            nix::sys::signal::Signal::SIGCONT,
-        ) {
-            log::warn!("{id}: continue restored process {pid}: {e}");
-        }
-    }
+    Ok(())
 }
 
 #[cfg(test)]

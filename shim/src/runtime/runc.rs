@@ -340,8 +340,6 @@ impl OciRuntime for Runc {
     ) -> Result<()> {
         std::fs::create_dir_all(&self.root)
             .map_err(|e| Error::io(id, format!("create {}", self.root.display()), e))?;
-        // Nothing CRIU brings back runs before the shim has checked it.
-        super::restored::stop_after_restore(id, bundle, &opts.work_path)?;
         let mut cmd = self.command();
         cmd.arg("restore")
             .arg("--detach")

@@ -149,28 +149,41 @@ pub(super) async fn restore_init(
         stop_lazy_pages(lazy.as_ref().map(|l| l.0));
         return Err(e);
     }
-    // The images are the archive's word: what CRIU made of them is checked against the spec
-    // while every restored task is still stopped.
-    let stopped = if shim.runtime.restores_stopped() {
+    // The images are the archive's word: what CRIU made of them is checked against the spec,
+    // a pod's container once it is held (frozen), so that nothing runs during the check.
+    let pod_restore = container.restore_dir.is_some();
+    let held = pod_restore
+        && shim
+            .runtime
+            .hold_restored(&id, &container.cgroup_path)
+            .await
+            .unwrap_or_else(|e| {
+                warn!("{id}: cannot hold the restored container until the pod is complete: {e}");
+                false
+            });
+    if shim.runtime.restores_host_tasks() {
         let (owned, cgroup) = (id.clone(), container.cgroup_path.clone());
         let bounds = restored::Bounds::of(&container.spec);
-        match blocking(&id, "check the restored tasks", move || {
+        if let Err(e) = blocking(&id, "check the restored tasks", move || {
             restored::verify(&owned, &cgroup, &bounds)
         })
         .await
         {
-            Ok(procs) => procs,
-            Err(e) => {
-                error!("{id}: {e}");
-                prepared.io.copies.abort().await;
-                let _ = shim.runtime.delete(&id, true).await;
-                stop_lazy_pages(lazy.as_ref().map(|l| l.0));
-                return Err(e);
+            error!("{id}: {e}");
+            // SIGKILL waits while they are frozen; the thaw lets it end them.
+            let _ = shim.runtime.kill(&id, libc::SIGKILL as u32, true).await;
+            if held {
+                let _ = shim
+                    .runtime
+                    .release_restored(&id, &container.cgroup_path)
+                    .await;
             }
+            prepared.io.copies.abort().await;
+            let _ = shim.runtime.delete(&id, true).await;
+            stop_lazy_pages(lazy.as_ref().map(|l| l.0));
+            return Err(e);
         }
-    } else {
-        Vec::new()
-    };
+    }
     if let Some((daemon, server)) = lazy {
         let (id, runtime) = (id.clone(), shim.runtime.clone());
         let restore_dir = container.restore_dir.clone();
@@ -227,20 +240,6 @@ pub(super) async fn restore_init(
         live.init.pid = pid;
         live.init.io = io;
     }
-    // Only a container of a pod being restored waits for the rest of its pod.
-    let held = match &container.restore_dir {
-        Some(_) => shim
-            .runtime
-            .hold_restored(&id, &container.cgroup_path)
-            .await
-            .unwrap_or_else(|e| {
-                warn!("{id}: cannot hold the restored container until the pod is complete: {e}");
-                false
-            }),
-        None => false,
-    };
-    // Held: they go on only when the pod's freezer lets them.
-    restored::resume(&id, &stopped);
     container.transition(Transition::Restore { held })?;
     if held {
         watch_hold(shim, container.clone());

@@ -69,7 +69,7 @@ impl FakeRuntime {
 #[async_trait]
 impl OciRuntime for FakeRuntime {
     /// No CRIU here: nothing restored to check.
-    fn restores_stopped(&self) -> bool {
+    fn restores_host_tasks(&self) -> bool {
         false
     }
 

@@ -154,7 +154,7 @@ fn parse_ps(id: &str, out: &[u8]) -> Result<Vec<u32>> {
 #[async_trait]
 impl OciRuntime for Runsc {
     /// The sandbox's processes are the sentry's, not the host's: nothing to check there.
-    fn restores_stopped(&self) -> bool {
+    fn restores_host_tasks(&self) -> bool {
         false
     }
 

@@ -557,6 +557,14 @@ fn safe_path(entry: &tar::Entry<impl Read>) -> Result<PathBuf> {
         .context("archive entry with an unreadable path")?
         .into_owned();
     let shown = raw.display().to_string();
+    let clean = clean_name(&raw, &shown)?;
+    check_kind(&shown, entry)?;
+    Ok(clean)
+}
+
+/// `raw` (shown as `shown`) as a path inside the archive; refused when it climbs out with
+/// `..` or is absolute.
+fn clean_name(raw: &Path, shown: &str) -> Result<PathBuf> {
     let mut clean = PathBuf::new();
     for c in raw.components() {
         match c {
@@ -568,7 +576,6 @@ fn safe_path(entry: &tar::Entry<impl Read>) -> Result<PathBuf> {
             }
         }
     }
-    check_kind(&shown, entry)?;
     Ok(clean)
 }
 
@@ -1152,25 +1159,11 @@ fn header_pass<R: Read>(entries: tar::Entries<'_, R>, room: u64) -> Result<Outli
     let mut outline = Outline::default();
     stasis_api::tarbound::bound_entries_visiting(entries, room, |raw, entry| {
         let shown = String::from_utf8_lossy(raw).into_owned();
-        let mut clean = Vec::new();
-        for part in shown.split('/') {
-            match part {
-                "" | "." => {}
-                ".." => {
-                    return Err(format!(
-                        "hostile archive: entry {shown:?} climbs out with '..'"
-                    ))
-                }
-                p => clean.push(p),
-            }
-        }
-        if shown.starts_with('/') {
-            return Err(format!(
-                "hostile archive: entry {shown:?} is an absolute path"
-            ));
-        }
+        let name = clean_name(Path::new(&shown), &shown)
+            .map_err(|e| e.to_string())?
+            .display()
+            .to_string();
         check_kind(&shown, entry).map_err(|e| e.to_string())?;
-        let name = clean.join("/");
         let is_file = entry.header().entry_type().is_file();
         if is_file && name == layout::POD_OPTIONS {
             if entry.size() > MAX_POD_OPTIONS {

@@ -748,7 +748,7 @@ async fn run(cli: Cli) -> Result<()> {
                     Ok(mut rt) => cri::stasis_handlers(&mut rt).await.unwrap_or_default(),
                     Err(_) => Vec::new(),
                 };
-                policy.learn_runtime_handlers(|| known);
+                policy.learn_runtime_handlers(known);
             }
             s.refused = s
                 .requests

@@ -1101,7 +1101,7 @@ async fn restore_extracted(
         requests.push(policy::runtime_handler(&handler, by));
         if policy.runtime_handlers.is_none() {
             let known = cri::stasis_handlers(&mut rt).await?;
-            policy.learn_runtime_handlers(|| known);
+            policy.learn_runtime_handlers(known);
         }
     }
     policy.check(&requests)?;

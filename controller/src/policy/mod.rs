@@ -663,10 +663,8 @@ impl Policy {
     }
 
     /// Fills `runtime_handlers` from containerd when the policy file left it unset.
-    pub fn learn_runtime_handlers(&mut self, node_handlers: impl FnOnce() -> Vec<String>) {
-        if self.runtime_handlers.is_none() {
-            self.runtime_handlers = Some(node_handlers());
-        }
+    pub fn learn_runtime_handlers(&mut self, node_handlers: Vec<String>) {
+        self.runtime_handlers.get_or_insert(node_handlers);
     }
 
     /// Refuses to pull a base image from a registry the policy does not name.
@@ -782,7 +780,7 @@ mod tests {
             &serde_json::json!({"linux": {"security_context": {"future_escape": true}}}),
         ));
         let mut p = defaults();
-        p.learn_runtime_handlers(|| vec!["stasis".into()]);
+        p.learn_runtime_handlers(vec!["stasis".into()]);
         let err = p.check(&reqs).unwrap_err().to_string();
         for want in [
             "container app: AppArmor profile \"unconfined-ish\" loaded on the node [apparmor-localhost]",

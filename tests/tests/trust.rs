@@ -1692,42 +1692,225 @@ fn pb_edit_message(
     Ok(())
 }
 
-/// What the attacker of issue 22 did to a `core-N.img`: every capability set = root's (all
-/// but CAP_SYS_RESOURCE, which root here lacks), no_new_privs off, seccomp disabled.
-fn widen_core_image(path: &std::path::Path) -> Result<()> {
+/// Rewrites every entry of the CRIU image at `path` with `edit(index, fields)`, and appends
+/// the entries `edit_tail` returns (each a message's fields).
+fn edit_image(
+    path: &std::path::Path,
+    edit: &mut dyn FnMut(usize, &mut Vec<PbField>) -> Result<()>,
+    extra: Vec<Vec<PbField>>,
+) -> Result<()> {
     let bytes = std::fs::read(path)?;
-    // Two magics, then one entry: its length and the core_entry.
-    let len = u32::from_le_bytes(bytes[8..12].try_into()?) as usize;
-    let mut core = pb_fields(&bytes[12..12 + len])?;
-    // core_entry.thread_core = 5 → thread_core_entry.creds = 10 (CRIU's images/core.proto).
-    pb_edit_message(&mut core, 5, &|thread| {
-        thread.retain(|f| f.0 != 11); // seccomp_mode
-        thread.push((11, 0, pb_varint(0)));
-        let _ = pb_edit_message(thread, 10, &|creds| {
-            // cap_inh 9, cap_prm 10, cap_eff 11, cap_bnd 12, no_new_privs 18 (creds.proto).
-            creds.retain(|f| !matches!(f.0, 10..=12 | 18));
-            for set in 10..=12 {
-                for word in [0xfeff_ffffu64, 0x1ff] {
-                    creds.push((set, 0, pb_varint(word)));
-                }
-            }
-            creds.push((18, 0, pb_varint(0)));
-        });
-    })?;
-    let entry = pb_encode(&core);
+    // Two magics (CRIU's common one, then the image's), then length-prefixed entries.
     let mut out = bytes[..8].to_vec();
-    out.extend((entry.len() as u32).to_le_bytes());
-    out.extend(entry);
-    out.extend(&bytes[12 + len..]);
+    let mut at = 8;
+    let mut i = 0;
+    let push = |out: &mut Vec<u8>, entry: Vec<u8>| {
+        out.extend((entry.len() as u32).to_le_bytes());
+        out.extend(entry);
+    };
+    while at < bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into()?) as usize;
+        let mut fields = pb_fields(&bytes[at + 4..at + 4 + len])?;
+        edit(i, &mut fields)?;
+        push(&mut out, pb_encode(&fields));
+        at += 4 + len;
+        i += 1;
+    }
+    for fields in extra {
+        push(&mut out, pb_encode(&fields));
+    }
     std::fs::write(path, out)?;
     Ok(())
 }
 
-/// CRIU's images are untrusted too: an archive whose core images give the process every
-/// capability root has, no no_new_privs and no seccomp is restored by CRIU, but the shim
-/// checks each restored task (held frozen) against the spec, and the restore fails
-/// with the container and what it asked for named; nothing is left. The honest archive
-/// restores with the container's own capabilities.
+/// Every CRIU image of an unpacked archive whose name starts with `prefix`.
+fn images_named(dir: &std::path::Path, prefix: &str) -> Result<Vec<std::path::PathBuf>> {
+    Ok(walkdir(dir)?
+        .into_iter()
+        .filter(|p| {
+            let n = p.file_name().unwrap_or_default().to_string_lossy();
+            n.starts_with(prefix) && n.ends_with(".img")
+        })
+        .collect())
+}
+
+/// What the attacker of issue 22 did to a `core-N.img`: every capability set = root's (all
+/// but CAP_SYS_RESOURCE, which root here lacks), no_new_privs off, seccomp disabled.
+fn widen_core_image(path: &std::path::Path) -> Result<()> {
+    // core_entry.thread_core = 5 → thread_core_entry.creds = 10 (CRIU's images/core.proto).
+    edit_image(
+        path,
+        &mut |_, core| {
+            pb_edit_message(core, 5, &|thread| {
+                thread.retain(|f| f.0 != 11); // seccomp_mode
+                thread.push((11, 0, pb_varint(0)));
+                let _ = pb_edit_message(thread, 10, &|creds| {
+                    // cap_inh 9, cap_prm 10, cap_eff 11, cap_bnd 12, no_new_privs 18.
+                    creds.retain(|f| !matches!(f.0, 10..=12 | 18));
+                    for set in 10..=12 {
+                        for word in [0xfeff_ffffu64, 0x1ff] {
+                            creds.push((set, 0, pb_varint(word)));
+                        }
+                    }
+                    creds.push((18, 0, pb_varint(0)));
+                });
+            })
+        },
+        Vec::new(),
+    )
+}
+
+/// One edit of the issue's list, applied to every image it concerns.
+type ImageEdit = fn(&std::path::Path) -> Result<usize>;
+
+fn edit_all(
+    dir: &std::path::Path,
+    prefix: &str,
+    edit: impl Fn(&std::path::Path) -> Result<()>,
+) -> Result<usize> {
+    let found = images_named(dir, prefix)?;
+    for p in &found {
+        edit(p)?;
+    }
+    Ok(found.len())
+}
+
+/// Edits every entry of every image named `prefix…`.
+fn edit_entries(
+    dir: &std::path::Path,
+    prefix: &str,
+    edit: impl Fn(&mut Vec<PbField>) -> Result<()>,
+) -> Result<usize> {
+    edit_all(dir, prefix, |p| {
+        edit_image(p, &mut |_, e| edit(e), Vec::new())
+    })
+}
+
+/// The issue's list of hostile images: each edit, and what the refusal must say.
+fn hostile_edits() -> Vec<(&'static str, ImageEdit, &'static [&'static str])> {
+    vec![
+        (
+            "every capability, no seccomp, no no_new_privs",
+            |dir| edit_all(dir, "core-", widen_core_image),
+            &[
+                "CAP_SYS_ADMIN",
+                "no_new_privs off where the spec sets it",
+                "seccomp mode 0 where the spec has a filter",
+            ],
+        ),
+        (
+            "a changed uid",
+            |dir| {
+                edit_entries(dir, "core-", |core| {
+                    pb_edit_message(core, 5, &|thread| {
+                        let _ = pb_edit_message(thread, 10, &|creds| {
+                            // uid 1, euid 3, suid 5, fsuid 7 (creds.proto).
+                            creds.retain(|f| !matches!(f.0, 1 | 3 | 5 | 7));
+                            for n in [1, 3, 5, 7] {
+                                creds.push((n, 0, pb_varint(1234)));
+                            }
+                        });
+                    })
+                })
+            },
+            &["uids [1234, 1234, 1234, 1234] where the spec's user is 0 and nobody may change it"],
+        ),
+        (
+            "an extra mount",
+            |dir| {
+                edit_all(dir, "mountpoints-", |p| {
+                    // The root mount's id: the parent of /proc.
+                    let mut root = 0u64;
+                    edit_image(
+                        p,
+                        &mut |_, m| {
+                            if m.iter().any(|f| f.0 == 7 && f.2 == b"/proc") {
+                                let parent = m.iter().find(|f| f.0 == 4).context("parent")?;
+                                root = parse_varint(&parent.2);
+                            }
+                            Ok(())
+                        },
+                        Vec::new(),
+                    )?;
+                    ensure!(root != 0, "no /proc mount in {}", p.display());
+                    // mnt_entry: fstype 1 (PROC), mnt_id 2, root_dev 3, parent 4, flags 5,
+                    // root 6, mountpoint 7, source 8, options 9 (mnt.proto).
+                    let proc_mount = vec![
+                        (1, 0, pb_varint(1)),
+                        (2, 0, pb_varint(99_999)),
+                        (3, 0, pb_varint(0)),
+                        (4, 0, pb_varint(root)),
+                        (5, 0, pb_varint(0)),
+                        (6, 2, b"/".to_vec()),
+                        (7, 2, b"/host-proc".to_vec()),
+                        (8, 2, b"proc".to_vec()),
+                        (9, 2, Vec::new()),
+                    ];
+                    edit_image(p, &mut |_, _| Ok(()), vec![proc_mount])
+                })
+            },
+            &["a proc mount at /host-proc that the spec does not have"],
+        ),
+        (
+            "a weaker seccomp filter",
+            |dir| {
+                edit_entries(dir, "seccomp", |entry| {
+                    for f in entry.iter_mut().filter(|f| f.0 == 1) {
+                        let mut filter = pb_fields(&f.2)?;
+                        // `ret #SECCOMP_RET_ALLOW`: one BPF instruction.
+                        let mut allow = 0x06u16.to_ne_bytes().to_vec();
+                        allow.extend([0, 0]);
+                        allow.extend(0x7fff_0000u32.to_ne_bytes());
+                        filter.retain(|g| g.0 != 1);
+                        filter.insert(0, (1, 2, allow));
+                        f.2 = pb_encode(&filter);
+                    }
+                    Ok(())
+                })
+            },
+            &["a seccomp filter weaker than the spec's: it would allow"],
+        ),
+        (
+            "an opened host file",
+            |dir| {
+                edit_entries(dir, "files", |file| {
+                    // file_entry.reg = 3 → reg_file_entry.name 6, mnt_id 7 (sint32).
+                    if !file.iter().any(|f| f.0 == 3) {
+                        return Ok(());
+                    }
+                    pb_edit_message(file, 3, &|reg| {
+                        if reg.iter().any(|f| f.0 == 6 && f.2 == b"/bin/busybox") {
+                            reg.retain(|f| !matches!(f.0, 6 | 7));
+                            reg.push((6, 2, b"/etc/shadow".to_vec()));
+                            // Mount 1, zigzag-encoded: never one of a container's.
+                            reg.push((7, 0, pb_varint(2)));
+                        }
+                    })
+                })
+            },
+            // containerd quotes the shim's message: the file name's quotes come escaped.
+            &[
+                "files.img: file ",
+                "/etc/shadow",
+                " on mount 1, not one of the container's",
+            ],
+        ),
+    ]
+}
+
+fn parse_varint(b: &[u8]) -> u64 {
+    b.iter()
+        .enumerate()
+        .fold(0, |v, (i, byte)| v | (u64::from(byte & 0x7f) << (7 * i)))
+}
+
+/// CRIU's images are untrusted too. A pod with seccomp (the runtime's default profile),
+/// no_new_privs and without CAP_SETUID/CAP_SETGID is checkpointed; each edit of the issue's
+/// list (every capability, a changed uid, an extra mount, a weaker seccomp filter, an opened
+/// host file) is refused before CRIU reads the images, naming the container, the task or
+/// image and the item, and leaves nothing behind. With the first check switched off (a
+/// debug-build switch of this test only), the check of what CRIU restored refuses the
+/// widened capabilities on its own. The honest archive restores with what it had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn criu_images_asking_for_more_than_the_spec_are_refused() -> Result<()> {
     let c = Containerd::start("trust-criu-images")?;
@@ -1735,17 +1918,40 @@ async fn criu_images_asking_for_more_than_the_spec_are_refused() -> Result<()> {
     let mut cri = c.cri().await?;
     let pod = pod_config("images", &c.dir.join("logs"));
     let pod_id = cri.run_pod(&pod).await?;
-    let id = cri
-        .run_container(
-            &pod_id,
-            &pod,
-            container_config("app", image, &["sh", "-c", &counter_loop("/counter")]),
-        )
-        .await?;
+    let mut cfg = container_config("app", image, &["sh", "-c", &counter_loop("/counter")]);
+    let sc = cfg
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .context("security context")?;
+    sc.capabilities = Some(cri::Capability {
+        drop_capabilities: vec!["SETUID".into(), "SETGID".into()],
+        ..Default::default()
+    });
+    sc.no_new_privs = true;
+    sc.seccomp = Some(cri::SecurityProfile {
+        profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
+        ..Default::default()
+    });
+    let id = cri.run_container(&pod_id, &pod, cfg).await?;
     wait_counter_moving(&mut cri, &id, "/counter").await?;
-    let before = cri
-        .exec_ok(&id, &["grep", "CapEff", "/proc/1/status"])
-        .await?;
+    let status = |cri: &mut stasis_e2e::cri::CriClient, id: String| {
+        let mut cri = cri.clone();
+        async move {
+            // The pod shares one PID namespace (its pid 1 is the pause process): the
+            // container's own process is the one writing the counter. The pattern is split
+            // so that this shell's own command line does not match it.
+            let script = "for p in /proc/[0-9]*; do \
+                 if tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q '/coun''ter'; then \
+                 grep -E '^(CapEff|Seccomp|NoNewPrivs):' $p/status; exit; fi; done; exit 1";
+            cri.exec_ok(&id, &["sh", "-c", script]).await
+        }
+    };
+    let before = status(&mut cri, id.clone()).await?;
+    ensure!(
+        before.contains("Seccomp:\t2") && before.contains("NoNewPrivs:\t1"),
+        "the container runs without its filter or no_new_privs: {before}"
+    );
     let good = c.dir.join("images.tar");
     c.stasisctl_ok(&[
         "pod",
@@ -1758,55 +1964,73 @@ async fn criu_images_asking_for_more_than_the_spec_are_refused() -> Result<()> {
     cri.stop_and_remove_pod(&pod_id).await?;
     let footprint = c.settled_footprint().await?;
 
-    let widened = c.dir.join("widened.tar");
-    let mut edited = 0;
-    rewrite_archive(&good, &widened, |dir| {
-        for e in walkdir(dir)? {
-            let name = e
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .to_string();
-            if name.starts_with("core-") && name.ends_with(".img") {
-                widen_core_image(&e)?;
-                edited += 1;
-            }
+    let refused = |label: &str, archive: &std::path::Path, wants: &[&str]| -> Result<()> {
+        let out = c.stasisctl(&["pod", "restore", archive.to_str().unwrap()])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!("{label}: {err}");
+        ensure!(!out.status.success(), "{label}: restored");
+        for want in wants {
+            ensure!(
+                err.contains(want),
+                "{label}: the refusal does not say {want:?}: {err}"
+            );
         }
         Ok(())
-    })?;
-    ensure!(edited > 0, "no core image in the archive");
-    let out = c.stasisctl(&["pod", "restore", widened.to_str().unwrap()])?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{err}");
-    for want in [
-        "restore container app",
-        "with more than a fresh container of this spec gets",
-        "CAP_SYS_ADMIN",
-        "the container was removed",
-    ] {
-        ensure!(
-            !out.status.success() && err.contains(want),
-            "the widened images: the refusal does not say {want:?}: {err}"
-        );
+    };
+    for (label, edit, wants) in hostile_edits() {
+        let hostile = c.dir.join("hostile.tar");
+        let mut edited = 0;
+        rewrite_archive(&good, &hostile, |dir| {
+            edited = edit(dir)?;
+            Ok(())
+        })?;
+        ensure!(edited > 0, "{label}: no image to edit in the archive");
+        let mut all = vec![
+            "container",
+            "the checkpoint's CRIU images ask for more than a fresh container of this spec gets",
+            "nothing was restored",
+        ];
+        all.extend(wants.iter());
+        refused(label, &hostile, &all)?;
+        c.expect_footprint(footprint)
+            .await
+            .with_context(|| format!("{label}: the refused restore left something"))?;
     }
+
+    // The second check on its own: the first switched off (debug builds only).
+    let widened = c.dir.join("widened.tar");
+    rewrite_archive(&good, &widened, |dir| {
+        edit_all(dir, "core-", widen_core_image).map(|_| ())
+    })?;
+    let switch = c.config_dir().join("test-skip-image-check");
+    std::fs::create_dir_all(c.config_dir())?;
+    std::fs::write(&switch, "")?;
+    let second = refused(
+        "the widened images, first check off",
+        &widened,
+        &[
+            "restore container app",
+            "with more than a fresh container of this spec gets",
+            "CAP_SYS_ADMIN",
+            "the container was removed",
+        ],
+    );
+    std::fs::remove_file(&switch)?;
+    second?;
     c.expect_footprint(footprint)
         .await
         .context("the refused restore left something")?;
 
-    // The honest archive still restores, with the capabilities it had.
+    // The honest archive still restores, with the capabilities, filter and no_new_privs it
+    // had.
     let new_pod = c
         .stasisctl_ok(&["pod", "restore", good.to_str().unwrap()])?
         .trim()
         .to_string();
     let list = stasis_e2e::cri::containers_by_name(&mut cri, &new_pod).await?;
     let (_, new_id, _) = list.first().context("restored container")?.clone();
-    let after = cri
-        .exec_ok(&new_id, &["grep", "CapEff", "/proc/1/status"])
-        .await?;
-    ensure!(
-        after == before,
-        "capabilities {before:?} came back as {after:?}"
-    );
+    let after = status(&mut cri, new_id).await?;
+    ensure!(after == before, "{before:?} came back as {after:?}");
     cri.stop_and_remove_pod(&new_pod).await?;
     c.finish()
 }

@@ -6,11 +6,14 @@
 
 pub mod config;
 pub mod criu;
+pub mod criu_image;
 mod crun;
+pub mod images;
 pub mod pages;
 pub mod restored;
 mod runc;
 mod runsc;
+pub mod seccomp;
 
 use std::{
     path::{Path, PathBuf},

@@ -55,10 +55,13 @@ const CAPS: &[&str] = &[
     "BPF",
     "CHECKPOINT_RESTORE",
 ];
-const CAP_SETGID: u64 = 1 << 6;
-const CAP_SETUID: u64 = 1 << 7;
+pub const CAP_SETGID: u64 = 1 << 6;
+pub const CAP_SETUID: u64 = 1 << 7;
+pub const CAP_SETPCAP: u64 = 1 << 8;
+pub const CAP_NET_RAW: u64 = 1 << 13;
+pub const CAP_SYS_ADMIN: u64 = 1 << 21;
 
-fn cap_names(mask: u64) -> String {
+pub fn cap_names(mask: u64) -> String {
     (0..64)
         .filter(|b| mask & (1u64 << b) != 0)
         .map(|b| {
@@ -112,6 +115,16 @@ impl Bounds {
             uid: number("/process/user/uid"),
             gid: number("/process/user/gid"),
         }
+    }
+
+    /// Whether nobody in the container can change uid: no_new_privs keeps setuid programs
+    /// from doing it, and CAP_SETUID is not in the bounding set.
+    pub fn uid_fixed(&self) -> bool {
+        self.no_new_privs && self.bounding & CAP_SETUID == 0
+    }
+
+    pub fn gid_fixed(&self) -> bool {
+        self.no_new_privs && self.bounding & CAP_SETGID == 0
     }
 
     /// What `status` (a `/proc/<tid>/status`) holds beyond these bounds, one item each.

@@ -20,7 +20,7 @@ use crate::{
     error::{Error, Result},
     fscapture::rootfs,
     process::stdio,
-    runtime::config::BackendConfig,
+    runtime::{config::BackendConfig, images},
     spec::{ContainerSpec, CRI_SANDBOX_ID},
     state::{Container, Process, Shim, State},
     util::blocking,
@@ -112,6 +112,20 @@ pub async fn create(shim: &Shim, req: api::CreateTaskRequest) -> Result<api::Cre
                     shim.runtime.name()
                 ),
             ));
+        }
+        // CRIU's images are the archive's word: checked against the spec before CRIU reads
+        // them, and before anything of the container is made.
+        if shim.runtime.restores_host_tasks() && !images::test_switch_off() {
+            let (owned, image, expected) = (id.clone(), image.clone(), images::Expected::of(&spec));
+            let started = std::time::Instant::now();
+            blocking(&id, "check the checkpoint's CRIU images", move || {
+                images::check(&owned, &image, &expected)
+            })
+            .await?;
+            info!(
+                "{id}: CRIU images checked against the spec in {:?}",
+                started.elapsed()
+            );
         }
     }
 

@@ -7,6 +7,7 @@
 #   sudo scripts/bench.sh backends [--containers 1,4] [--runs N] [--format json] [--handler H …]
 #   sudo scripts/bench.sh migrate [--memory 0,256,1024] [--runs N]
 #   sudo scripts/bench.sh image [--memory 0,256] [--runs N]
+#   sudo scripts/bench.sh restore_check [--memory 0,256] [--runs N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HOME="${HOME:-/root}"

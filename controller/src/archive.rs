@@ -632,6 +632,18 @@ pub fn extract_stream(stream: impl Read, dest: &Path, opening: &Opening) -> Resu
     )
 }
 
+/// Reads an uncompressed archive held in memory as a restore does: the header pass and its
+/// structure check, then (when they pass) the checked unpack into a fresh directory below
+/// `scratch`, removed again. For the fuzz target.
+pub fn read_untrusted(bytes: &[u8], scratch: &Path) -> Result<PodOptions> {
+    let mut tar = tar::Archive::new(bytes);
+    header_pass(tar.entries().context("read archive")?, 1 << 30)?.check()?;
+    let dest = scratch.join(format!("unpack-{}", random_suffix()?));
+    let unpacked = extract_stream(bytes, &dest, &Opening::default());
+    let _ = std::fs::remove_dir_all(&dest);
+    unpacked
+}
+
 /// Runs `check(room)` (room: free bytes where `dest` goes), creates `dest` (0700; it must
 /// not exist) and runs `unpack(room)`; on any error `dest` is removed again.
 fn into_new_dir(

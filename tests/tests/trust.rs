@@ -2048,3 +2048,121 @@ fn walkdir(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
     }
     Ok(out)
 }
+
+/// How this containerd's gVisor sandboxes are confined on the host: for each sentry (the
+/// sandbox process runsc lists), its seccomp mode, no_new_privs, capability sets and ids.
+fn sentry_confinement(c: &Containerd) -> Result<Vec<String>> {
+    let out = std::process::Command::new("runsc")
+        .args(["--root", "/run/stasis/runsc/k8s.io", "list", "-format=json"])
+        .output()?;
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mine = c.dir.display().to_string();
+    let mut seen = Vec::new();
+    for s in list {
+        let (Some(pid), Some(bundle)) = (s["pid"].as_i64(), s["bundle"].as_str()) else {
+            continue;
+        };
+        if !bundle.starts_with(&mine) || pid <= 0 {
+            continue;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let lines: Vec<&str> = status
+            .lines()
+            .filter(|l| {
+                ["Uid:", "Gid:", "Cap", "NoNewPrivs:", "Seccomp:"]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+            })
+            .collect();
+        let entry = lines.join(" | ");
+        if !seen.contains(&entry) {
+            seen.push(entry);
+        }
+    }
+    ensure!(
+        !seen.is_empty(),
+        "no gVisor sandbox of this test is running"
+    );
+    seen.sort();
+    Ok(seen)
+}
+
+/// gVisor: a pod's `sandbox/checkpoint.img` is the sentry's own state, restored inside the
+/// sandbox runsc starts from the spec. Whatever the image holds (here: its bytes changed in
+/// the middle, manifest rewritten), the restored sandbox's host-side confinement (the
+/// sentry's seccomp filter, no_new_privs, capabilities, ids) is that of a fresh sandbox of
+/// the same pod: it comes from runsc and the spec, not from the image. A refused restore
+/// leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gvisor_image_cannot_widen_the_sandbox() -> Result<()> {
+    let c = Containerd::start("trust-gvisor-image")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config("gv", &c.dir.join("logs"));
+    let pod_id = cri.run_pod_with(&pod, "stasis-gvisor").await?;
+    let cfg = container_config("app", image, &["sh", "-c", &counter_loop("/counter")]);
+    let id = cri.run_container(&pod_id, &pod, cfg).await?;
+    wait_counter_moving(&mut cri, &id, "/counter").await?;
+    let fresh = sentry_confinement(&c)?;
+    ensure!(
+        fresh.iter().all(|s| s.contains("Seccomp:\t2")),
+        "a fresh sentry without its seccomp filter: {fresh:?}"
+    );
+    let archive = c.dir.join("gv.tar");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "gv",
+        "--leave-running",
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    cri.stop_and_remove_pod(&pod_id).await?;
+    let footprint = c.settled_footprint().await?;
+
+    let edited = c.dir.join("gv-edited.tar");
+    let mut found = false;
+    rewrite_archive(&archive, &edited, |dir| {
+        for p in walkdir(dir)? {
+            if p.ends_with("sandbox/checkpoint.img") {
+                let mut bytes = std::fs::read(&p)?;
+                let mid = bytes.len() / 2;
+                let end = (mid + 4096).min(bytes.len());
+                for b in &mut bytes[mid..end] {
+                    *b ^= 0xa5;
+                }
+                std::fs::write(&p, bytes)?;
+                found = true;
+            }
+        }
+        Ok(())
+    })?;
+    ensure!(found, "no sandbox/checkpoint.img in the gVisor archive");
+    let out = c.stasisctl(&["pod", "restore", edited.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("edited sandbox image: {err}");
+    if out.status.success() {
+        let edited_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let widened = sentry_confinement(&c)?;
+        ensure!(
+            widened == fresh,
+            "the edited image's sandbox is confined as {widened:?}, a fresh one as {fresh:?}"
+        );
+        cri.stop_and_remove_pod(&edited_pod).await?;
+    }
+    c.expect_footprint(footprint)
+        .await
+        .context("the edited image's restore left something")?;
+
+    let new_pod = c
+        .stasisctl_ok(&["pod", "restore", archive.to_str().unwrap()])?
+        .trim()
+        .to_string();
+    let restored = sentry_confinement(&c)?;
+    ensure!(
+        restored == fresh,
+        "the restored sandbox is confined as {restored:?}, a fresh one as {fresh:?}"
+    );
+    cri.stop_and_remove_pod(&new_pod).await?;
+    c.finish()
+}

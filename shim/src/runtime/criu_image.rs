@@ -316,6 +316,8 @@ pub struct ThreadCoreEntry {
 /// The parts of `task_core_entry`: the deprecated per-task seccomp fields CRIU still honours.
 #[derive(Clone, PartialEq, Message)]
 pub struct TaskCoreEntry {
+    #[prost(uint32, required, tag = "1")]
+    pub task_state: u32,
     #[prost(string, required, tag = "6")]
     pub comm: String,
     #[prost(uint32, optional, tag = "11")]
@@ -323,6 +325,12 @@ pub struct TaskCoreEntry {
     #[prost(uint32, optional, tag = "12")]
     pub old_seccomp_filter: Option<u32>,
 }
+
+/// `task_state` values CRIU writes (criu/include/pid.h): a dead task (a zombie) and a
+/// helper run none of the images' code.
+pub const TASK_DEAD: u32 = 0x2;
+pub const TASK_ZOMBIE: u32 = 0x6;
+pub const TASK_HELPER: u32 = 0x80;
 
 /// `task_kobj_ids_entry`: which namespaces (and shared objects) a task is in.
 #[derive(Clone, PartialEq, Message)]

@@ -148,10 +148,60 @@ fn stays_inside(p: &str) -> bool {
             .all(|c| !matches!(c, Component::ParentDir))
 }
 
-/// The image files of `dir` read whole (the small ones the checks parse), by name.
+/// Where a container's images are: a directory, or (for the fuzz target and unit tests)
+/// files held in memory.
+pub trait ImageDir {
+    /// Every entry's name and whether it is a regular file.
+    fn entries(&self) -> std::io::Result<Vec<(String, bool)>>;
+    fn open(&self, name: &str) -> std::io::Result<Box<dyn Read + '_>>;
+}
+
+struct OnDisk<'a>(&'a Path);
+
+impl ImageDir for OnDisk<'_> {
+    fn entries(&self) -> std::io::Result<Vec<(String, bool)>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(self.0)? {
+            let e = e?;
+            out.push((
+                e.file_name().to_string_lossy().into_owned(),
+                e.file_type()?.is_file(),
+            ));
+        }
+        Ok(out)
+    }
+
+    fn open(&self, name: &str) -> std::io::Result<Box<dyn Read + '_>> {
+        Ok(Box::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(self.0.join(name))?,
+        ))
+    }
+}
+
+/// Image files held in memory, by name.
+pub struct InMemory(pub Vec<(String, Vec<u8>)>);
+
+impl ImageDir for InMemory {
+    fn entries(&self) -> std::io::Result<Vec<(String, bool)>> {
+        Ok(self.0.iter().map(|(n, _)| (n.clone(), true)).collect())
+    }
+
+    fn open(&self, name: &str) -> std::io::Result<Box<dyn Read + '_>> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| Box::new(b.as_slice()) as Box<dyn Read + '_>)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+    }
+}
+
+/// The image files of a container (the small ones the checks parse read whole), by name.
 struct Images<'a> {
     id: &'a str,
-    dir: &'a Path,
+    dir: &'a dyn ImageDir,
 }
 
 impl Images<'_> {
@@ -164,11 +214,9 @@ impl Images<'_> {
         )
     }
 
-    fn open(&self, name: &str) -> Result<std::fs::File> {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(self.dir.join(name))
+    fn open(&self, name: &str) -> Result<Box<dyn Read + '_>> {
+        self.dir
+            .open(name)
             .map_err(|e| Error::io(self.id, format!("open image {name}"), e))
     }
 
@@ -196,20 +244,23 @@ impl Images<'_> {
 
 /// Checks the CRIU images in `dir` against what a fresh container of `expected` gets.
 pub fn check(id: &str, dir: &Path, expected: &Expected) -> Result<()> {
+    check_in(id, &OnDisk(dir), expected)
+}
+
+/// [`check`] over images from any source.
+pub fn check_in(id: &str, dir: &dyn ImageDir, expected: &Expected) -> Result<()> {
     let images = Images { id, dir };
     let mut names = Vec::new();
-    for e in std::fs::read_dir(dir).map_err(|e| Error::io(id, "list the checkpoint images", e))? {
-        let e = e.map_err(|e| Error::io(id, "list the checkpoint images", e))?;
-        let name = e.file_name().to_string_lossy().into_owned();
+    let listed = dir
+        .entries()
+        .map_err(|e| Error::io(id, "list the checkpoint images", e))?;
+    for (name, regular) in listed {
         if !name.ends_with(".img") {
             // CRIU opens only names of its own, all ending in .img; runc's descriptors.json,
             // logs and stasis's records are read by their own checks.
             continue;
         }
-        let ft = e
-            .file_type()
-            .map_err(|e| Error::io(id, format!("stat image {name}"), e))?;
-        if !ft.is_file() {
+        if !regular {
             return Err(images.refuse(format!("image {name} is not a regular file")));
         }
         let Some(t) = img::image_type(&name) else {
@@ -276,7 +327,9 @@ pub fn check(id: &str, dir: &Path, expected: &Expected) -> Result<()> {
         for &tid in task.threads.iter().chain(std::iter::once(&task.pid)) {
             let name = format!("core-{tid}.img");
             if !names.contains(&name) {
-                if tid == task.pid || task.threads.contains(&tid) {
+                // A zombie's thread list holds no real id (CRIU does not read it back); a
+                // live thread without its core image makes CRIU fail on its own.
+                if tid == task.pid {
                     return Err(Error::invalid(id, format!("CRIU images lack {name}")));
                 }
                 continue;
@@ -371,6 +424,40 @@ pub fn check(id: &str, dir: &Path, expected: &Expected) -> Result<()> {
     Ok(())
 }
 
+/// A typical container's expectations (containerd's default capabilities, no_new_privs,
+/// a seccomp profile, masked and read-only paths), for the fuzz target.
+pub fn fuzz_expected() -> Expected {
+    Expected {
+        bounds: Bounds {
+            bounding: 0xa804_25fb,
+            no_new_privs: true,
+            seccomp: true,
+            uid: 0,
+            gid: 0,
+        },
+        groups: vec![],
+        lsm: None,
+        mounts: [
+            ("/proc", "proc"),
+            ("/dev", "tmpfs"),
+            ("/dev/pts", "devpts"),
+            ("/sys", "sysfs"),
+            ("/sys/fs/cgroup", "cgroup"),
+            ("/etc/hosts", "bind"),
+        ]
+        .iter()
+        .map(|(d, t)| (d.to_string(), t.to_string(), false))
+        .collect(),
+        masked: vec!["/proc/kcore".into(), "/proc/acpi".into()],
+        readonly: vec!["/proc/sys".into()],
+        devices: vec![],
+        seccomp: Some(seccomp::Profile::from_spec(&serde_json::json!({
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "syscalls": [{"names": ["read", "write", "exit_group"], "action": "SCMP_ACT_ALLOW"}]
+        }))),
+    }
+}
+
 /// Debug builds only: `<STASIS_CONFIG_DIR>/test-skip-image-check` turns the check off, so
 /// that one end-to-end test can show the second check (`restored`) refuse on its own.
 /// Release builds have no such switch.
@@ -389,6 +476,17 @@ fn core_excess(
 ) -> Vec<String> {
     let mut out = Vec::new();
     let b = &expected.bounds;
+    // A zombie is restored only to be reaped; a helper runs CRIU's code alone, and both
+    // carry no thread state.
+    if core.tc.as_ref().is_some_and(|t| {
+        matches!(
+            t.task_state,
+            img::TASK_DEAD | img::TASK_ZOMBIE | img::TASK_HELPER
+        )
+    }) && core.thread_core.is_none()
+    {
+        return out;
+    }
     let Some(thread) = &core.thread_core else {
         return vec!["no thread state".into()];
     };
@@ -600,6 +698,76 @@ fn mounts_excess(mounts: &[img::MntEntry], e: &Expected, node: &dyn Node) -> Vec
     out
 }
 
+/// What a restored task's mount table (`/proc/<pid>/mountinfo`) holds beyond the spec, by
+/// the rules of the images' mount tree: bind mounts of the spec (and masks over masked
+/// paths) stand for the external mounts runc maps.
+pub fn mountinfo_excess(table: &str, e: &Expected) -> Vec<String> {
+    let mut mounts = Vec::new();
+    for line in table.lines() {
+        // id parent major:minor root mountpoint options [optional…] - fstype source super
+        let (head, tail) = match line.split_once(" - ") {
+            Some(x) => x,
+            None => continue,
+        };
+        let f: Vec<&str> = head.split(' ').collect();
+        let t: Vec<&str> = tail.split(' ').collect();
+        if f.len() < 6 || t.is_empty() {
+            continue;
+        }
+        let unescape = |p: &str| {
+            p.replace("\\040", " ")
+                .replace("\\011", "\t")
+                .replace("\\012", "\n")
+                .replace("\\134", "\\")
+        };
+        let at = unescape(f[4]);
+        let typ = t[0];
+        let code = match typ {
+            "proc" => fstype::PROC,
+            "sysfs" => fstype::SYSFS,
+            "tmpfs" => fstype::TMPFS,
+            "devpts" => fstype::DEVPTS,
+            "mqueue" => fstype::MQUEUE,
+            "cgroup" => fstype::CGROUP,
+            "cgroup2" => fstype::CGROUP2,
+            "devtmpfs" => fstype::DEVTMPFS,
+            "overlay" => fstype::OVERLAYFS,
+            _ => fstype::AUTO,
+        };
+        let at_clean = clean(&at);
+        let spec_bind = e
+            .mounts
+            .iter()
+            .any(|(d, t, _)| *d == at_clean && (t == "bind" || t == "rbind" || t == "none"));
+        let cgroup_hierarchy = code == fstype::CGROUP || code == fstype::CGROUP2;
+        let external = spec_bind
+            // runc masks files with /dev/null (whatever the node's /dev is) and
+            // directories with a read-only tmpfs.
+            || e.masked.contains(&at_clean)
+            || (cgroup_hierarchy && at_clean != "/sys/fs/cgroup");
+        mounts.push(img::MntEntry {
+            fstype: code,
+            mnt_id: f[0].parse().unwrap_or(0),
+            parent_mnt_id: f[1].parse().unwrap_or(0),
+            flags: if f[5].split(',').any(|o| o == "ro") {
+                MS_RDONLY
+            } else {
+                0
+            },
+            root: unescape(f[3]),
+            mountpoint: at,
+            source: t.get(1).unwrap_or(&"").to_string(),
+            fsname: Some(typ.to_string()),
+            ext_key: external.then(|| at_clean.clone()),
+            ..Default::default()
+        });
+    }
+    mounts_excess(&mounts, e, &Host)
+        .into_iter()
+        .map(|x| format!("mount table: {x}"))
+        .collect()
+}
+
 /// What one open file of the images reaches beyond the container.
 fn file_excess(f: &img::FileEntry, e: &Expected, mounts: &HashSet<i32>) -> Option<String> {
     let caps = e.bounds.bounding;
@@ -643,11 +811,16 @@ fn file_excess(f: &img::FileEntry, e: &Expected, mounts: &HashSet<i32>) -> Optio
     }
 }
 
+/// The most a tmpfs image may unpack to.
+const MAX_TMPFS: u64 = 8 << 30;
+
 /// What a tmpfs CRIU restores from its tar (`tmpfs-*.tar.gz.img`) holds beyond the spec:
 /// device nodes other than the spec's and runc's defaults. Read as a stream, bounded.
-fn tmpfs_excess(file: std::fs::File, e: &Expected) -> std::result::Result<Option<String>, String> {
+fn tmpfs_excess(file: impl Read, e: &Expected) -> std::result::Result<Option<String>, String> {
+    // Compressed, at most the largest image parsed; unpacked, at most what a tmpfs CRIU
+    // would fill could hold (a bomb is cut off and refused as truncated).
     let gz = flate2::read::GzDecoder::new(file.take(img::MAX_IMAGE));
-    let mut tar = tar::Archive::new(gz.take(256 << 20));
+    let mut tar = tar::Archive::new(gz.take(MAX_TMPFS));
     for entry in tar.entries().map_err(|e| e.to_string())? {
         let entry = entry.map_err(|e| e.to_string())?;
         let kind = entry.header().entry_type();
@@ -838,6 +1011,36 @@ mod tests {
             !(super::super::restored::CAP_SETUID | super::super::restored::CAP_SETGID);
         let all = core_excess(&core(creds(0xffff_ffff, 0, 0)), &fixed, &[], &mut v).join("; ");
         for want in ["CAP_SYS_ADMIN", "no_new_privs off", "uids [0, 0, 0, 0]"] {
+            assert!(all.contains(want), "{want}: {all}");
+        }
+    }
+
+    #[test]
+    fn a_restored_mount_table_is_judged_like_the_images() {
+        let table = "\
+77 52 0:43 / / rw,relatime - overlay overlay rw,lowerdir=/l,upperdir=/u,workdir=/w
+78 77 0:45 / /proc rw,nosuid,nodev,noexec,relatime - proc proc rw
+79 77 0:46 / /dev rw,nosuid - tmpfs tmpfs rw,size=65536k,mode=755
+82 77 0:48 / /sys ro,nosuid,nodev,noexec,relatime - sysfs sysfs ro
+83 82 0:49 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime - tmpfs tmpfs rw,mode=755
+84 83 0:29 /stasis/p/c /sys/fs/cgroup/cpu ro,nosuid,nodev,noexec,relatime - cgroup cgroup rw,cpu
+93 77 254:0 /tmp/x/hosts /etc/hosts rw,relatime - ext4 /dev/vda rw
+94 78 0:5 /null /proc/kcore rw,nosuid - devtmpfs udev rw
+95 78 0:50 / /proc/acpi ro,relatime - tmpfs tmpfs ro
+96 78 0:45 /sys /proc/sys ro,nosuid,nodev,noexec,relatime - proc proc rw
+";
+        assert_eq!(mountinfo_excess(table, &expected()), Vec::<String>::new());
+        let widened = format!(
+            "{}{}",
+            table.replace("/proc/sys ro,", "/proc/sys rw,"),
+            "97 77 0:5 / /host-dev rw - devtmpfs udev rw\n98 77 254:0 / /host rw - ext4 /dev/vda rw\n"
+        );
+        let all = mountinfo_excess(&widened, &expected()).join("; ");
+        for want in [
+            "mount table: /proc/sys writable",
+            "a devtmpfs mount at /host-dev",
+            "a ext4 mount at /host",
+        ] {
             assert!(all.contains(want), "{want}: {all}");
         }
     }

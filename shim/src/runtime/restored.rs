@@ -208,7 +208,14 @@ fn threads(id: &str, cgroup_path: &str) -> Result<Vec<i32>> {
 
 /// Checks every thread CRIU restored into the container's cgroup against `bounds`. An error
 /// names the task and everything it holds too much of.
-pub fn verify(id: &str, cgroup_path: &str, bounds: &Bounds) -> Result<()> {
+/// `mounts` judges a restored task's `/proc/<pid>/mountinfo` (the container's mount
+/// namespace, all of its tasks share it) and names what it holds beyond the spec.
+pub fn verify(
+    id: &str,
+    cgroup_path: &str,
+    bounds: &Bounds,
+    mounts: impl Fn(&str) -> Vec<String>,
+) -> Result<()> {
     let threads = threads(id, cgroup_path)?;
     if threads.is_empty() {
         return Err(Error::other(
@@ -225,7 +232,14 @@ pub fn verify(id: &str, cgroup_path: &str, bounds: &Bounds) -> Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::io(id, format!("read /proc/{tid}/status"), e)),
         };
-        let excess = bounds.excess(&status);
+        let mut excess = bounds.excess(&status);
+        if *tid == threads[0] {
+            match std::fs::read_to_string(format!("/proc/{tid}/mountinfo")) {
+                Ok(table) => excess.extend(mounts(&table)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(id, format!("read /proc/{tid}/mountinfo"), e)),
+            }
+        }
         if !excess.is_empty() {
             let name = status
                 .lines()

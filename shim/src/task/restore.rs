@@ -12,7 +12,7 @@ use crate::{
     error::{Error, Result},
     fscapture::volumes,
     process::{reaper, stdio},
-    runtime::{config::Engine, pages, restored, CheckpointOpts},
+    runtime::{config::Engine, images, pages, restored, CheckpointOpts},
     state::{Container, Shim, State, Transition},
     util::blocking,
 };
@@ -164,8 +164,11 @@ pub(super) async fn restore_init(
     if shim.runtime.restores_host_tasks() {
         let (owned, cgroup) = (id.clone(), container.cgroup_path.clone());
         let bounds = restored::Bounds::of(&container.spec);
+        let expected = images::Expected::of(&container.spec);
         if let Err(e) = blocking(&id, "check the restored tasks", move || {
-            restored::verify(&owned, &cgroup, &bounds)
+            restored::verify(&owned, &cgroup, &bounds, |table| {
+                images::mountinfo_excess(table, &expected)
+            })
         })
         .await
         {

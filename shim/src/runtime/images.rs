@@ -647,7 +647,10 @@ fn mounts_excess(mounts: &[img::MntEntry], e: &Expected, node: &dyn Node) -> Vec
             // runc maps external mounts by their destination to the spec's sources; a key
             // it does not map makes CRIU fail, one it maps is the spec's own mount.
             let key = clean(key);
-            if spec_type(&key).is_none() && !under_cgroup(&key) && !e.masked.contains(&key) {
+            // runc masks a file by binding /dev/null over it, keyed by /dev/null.
+            let mask = key == "/dev/null" && e.masked.contains(&at);
+            if spec_type(&key).is_none() && !under_cgroup(&key) && !e.masked.contains(&key) && !mask
+            {
                 out.push(format!(
                     "an external mount {key} at {at} that the spec does not have"
                 ));
@@ -918,7 +921,7 @@ mod tests {
                 Some("/sys/fs/cgroup/cpu"),
             ),
             mnt(7, 1, 0, "/etc/hosts", false, Some("/etc/hosts")),
-            mnt(8, 2, 0, "/proc/kcore", false, Some("/proc/kcore")),
+            mnt(8, 2, 0, "/proc/kcore", false, Some("/dev/null")),
             mnt(9, 2, fstype::TMPFS, "/proc/acpi", true, None),
             mnt(10, 2, fstype::PROC, "/proc/sys", true, None),
         ]
@@ -934,6 +937,7 @@ mod tests {
         extra.push(mnt(11, 1, fstype::PROC, "/host-proc", false, None));
         extra.push(mnt(12, 1, fstype::DEVTMPFS, "/dev/host", false, None));
         extra.push(mnt(13, 1, 0, "/x", false, Some("/etc/shadow")));
+        extra.push(mnt(14, 1, 0, "/y", false, Some("/dev/null")));
         extra[9].flags = 0; // /proc/sys writable
         extra.remove(7); // /proc/kcore unmasked
         let all = mounts_excess(&extra, &expected(), &AllExist).join("; ");
@@ -941,6 +945,7 @@ mod tests {
             "a proc mount at /host-proc",
             "a devtmpfs mount at /dev/host",
             "an external mount /etc/shadow at /x",
+            "an external mount /dev/null at /y",
             "/proc/sys writable",
             "/proc/kcore is neither masked nor read-only",
         ] {

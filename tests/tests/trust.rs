@@ -1741,6 +1741,10 @@ fn widen_core_image(path: &std::path::Path) -> Result<()> {
     edit_image(
         path,
         &mut |_, core| {
+            // A zombie (a child that just exited) has no thread state to widen.
+            if !core.iter().any(|f| f.0 == 5) {
+                return Ok(());
+            }
             pb_edit_message(core, 5, &|thread| {
                 thread.retain(|f| f.0 != 11); // seccomp_mode
                 thread.push((11, 0, pb_varint(0)));
@@ -1802,6 +1806,9 @@ fn hostile_edits() -> Vec<(&'static str, ImageEdit, &'static [&'static str])> {
             "a changed uid",
             |dir| {
                 edit_entries(dir, "core-", |core| {
+                    if !core.iter().any(|f| f.0 == 5) {
+                        return Ok(());
+                    }
                     pb_edit_message(core, 5, &|thread| {
                         let _ = pb_edit_message(thread, 10, &|creds| {
                             // uid 1, euid 3, suid 5, fsuid 7 (creds.proto).

@@ -168,8 +168,8 @@ impl Bounds {
                 field("Seccomp").unwrap_or("?")
             ));
         }
-        let fixed = |name: &str, want: u32, cap: u64| {
-            if !self.no_new_privs || self.bounding & cap != 0 {
+        let fixed = |name: &str, want: u32, fixed: bool| {
+            if !fixed {
                 return None;
             }
             let ids = field(name)?;
@@ -177,8 +177,8 @@ impl Bounds {
                 format!("{name} {ids} where the spec's user has {want} and nobody may change it")
             })
         };
-        out.extend(fixed("Uid", self.uid, CAP_SETUID));
-        out.extend(fixed("Gid", self.gid, CAP_SETGID));
+        out.extend(fixed("Uid", self.uid, self.uid_fixed()));
+        out.extend(fixed("Gid", self.gid, self.gid_fixed()));
         out
     }
 }

@@ -163,10 +163,9 @@ pub(super) async fn restore_init(
             });
     if shim.runtime.restores_host_tasks() {
         let (owned, cgroup) = (id.clone(), container.cgroup_path.clone());
-        let bounds = restored::Bounds::of(&container.spec);
         let expected = images::Expected::of(&container.spec);
         if let Err(e) = blocking(&id, "check the restored tasks", move || {
-            restored::verify(&owned, &cgroup, &bounds, |table| {
+            restored::verify(&owned, &cgroup, &expected.bounds, |table| {
                 images::mountinfo_excess(table, &expected)
             })
         })

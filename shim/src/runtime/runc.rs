@@ -504,12 +504,32 @@ fn criu_args(cmd: &mut Command, opts: &CheckpointOpts) {
     }
 }
 
-/// What runc, crun and runsc say when asked to signal a process that is gone.
+/// What runc, crun and runsc say when asked to signal a process that is gone
+/// (runc: "container not running", or "unable to signal init: os: process
+/// already finished" when init exits between runc's look and its signal).
 fn is_finished(message: &str) -> bool {
-    message.contains("not running") || message.contains("no such process")
+    let message = message.to_ascii_lowercase();
+    message.contains("not running")
+        || message.contains("no such process")
+        || message.contains("process already finished")
 }
 
 /// runc and runsc say "… does not exist", crun "…: No such file or directory".
 fn is_not_exist(message: &str) -> bool {
     message.contains("not exist") || message.contains("No such file or directory")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gone_process_is_recognised_in_each_runtime_wording() {
+        assert!(is_finished("container not running"));
+        assert!(is_finished(
+            "unable to signal init: os: process already finished"
+        ));
+        assert!(is_finished("kill: No such process"));
+        assert!(!is_finished("permission denied"));
+    }
 }

@@ -1925,7 +1925,20 @@ async fn criu_images_asking_for_more_than_the_spec_are_refused() -> Result<()> {
     let mut cri = c.cri().await?;
     let pod = pod_config("images", &c.dir.join("logs"));
     let pod_id = cri.run_pod(&pod).await?;
-    let mut cfg = container_config("app", image, &["sh", "-c", &counter_loop("/counter")]);
+    // Besides the counter, a second loop appends to a file on a host directory: a restored
+    // task that ran before the check would leave a line there.
+    let proof = c.dir.join("images-proof");
+    std::fs::create_dir_all(&proof)?;
+    let script = format!(
+        "(while true; do echo x >> /proof/ran; sleep 0.005; done) & {}",
+        counter_loop("/counter")
+    );
+    let mut cfg = container_config("app", image, &["sh", "-c", &script]);
+    cfg.mounts.push(cri::Mount {
+        container_path: "/proof".into(),
+        host_path: proof.display().to_string(),
+        ..Default::default()
+    });
     let sc = cfg
         .linux
         .as_mut()
@@ -2012,6 +2025,8 @@ async fn criu_images_asking_for_more_than_the_spec_are_refused() -> Result<()> {
     let switch = c.config_dir().join("test-skip-image-check");
     std::fs::create_dir_all(c.config_dir())?;
     std::fs::write(&switch, "")?;
+    let ran = || std::fs::metadata(proof.join("ran")).map(|m| m.len());
+    let lines_before = ran()?;
     let second = refused(
         "the widened images, first check off",
         &widened,
@@ -2024,6 +2039,14 @@ async fn criu_images_asking_for_more_than_the_spec_are_refused() -> Result<()> {
     );
     std::fs::remove_file(&switch)?;
     second?;
+    // CRIU left the tasks stopped and the check refused them: not one instruction of theirs
+    // ran with what the images gave them.
+    ensure!(
+        ran()? == lines_before,
+        "the refused tasks ran before the check: {} grew from {lines_before} to {} bytes",
+        proof.join("ran").display(),
+        ran()?
+    );
     c.expect_footprint(footprint)
         .await
         .context("the refused restore left something")?;

@@ -329,6 +329,8 @@ pub struct TaskCoreEntry {
 /// `task_state` values CRIU writes (criu/include/pid.h): a dead task (a zombie) and a
 /// helper run none of the images' code.
 pub const TASK_DEAD: u32 = 0x2;
+/// A task that was stopped (SIGSTOP) when it was dumped: CRIU restores it stopped.
+pub const TASK_STOPPED: u32 = 0x3;
 pub const TASK_ZOMBIE: u32 = 0x6;
 pub const TASK_HELPER: u32 = 0x80;
 

@@ -247,6 +247,34 @@ pub fn check(id: &str, dir: &Path, expected: &Expected) -> Result<()> {
     check_in(id, &OnDisk(dir), expected)
 }
 
+/// The tasks (their ids in the container's PID namespace) that were stopped when they were
+/// dumped. A restore leaves every task stopped until the check of what CRIU restored has
+/// passed; these stay stopped after it, as they were.
+pub fn stopped_at_dump(id: &str, dir: &Path) -> Result<std::collections::HashSet<u32>> {
+    let images = Images {
+        id,
+        dir: &OnDisk(dir),
+    };
+    let tasks: Vec<img::PstreeEntry> = images.decode("pstree.img", img::PSTREE_MAGIC)?;
+    let mut stopped = std::collections::HashSet::new();
+    for task in &tasks {
+        let cores: Vec<img::CoreEntry> =
+            match images.decode(&format!("core-{}.img", task.pid), img::CORE_MAGIC) {
+                Ok(c) => c,
+                // The pre-check has read every core image: one missing here is a zombie's.
+                Err(_) => continue,
+            };
+        if cores
+            .first()
+            .and_then(|c| c.tc.as_ref())
+            .is_some_and(|t| t.task_state == img::TASK_STOPPED)
+        {
+            stopped.insert(task.pid);
+        }
+    }
+    Ok(stopped)
+}
+
 /// [`check`] over images from any source.
 pub fn check_in(id: &str, dir: &dyn ImageDir, expected: &Expected) -> Result<()> {
     let images = Images { id, dir };

@@ -250,8 +250,9 @@ pub trait OciRuntime: Send + Sync {
     fn forget_exec(&self, _pid_file: &Path) {}
 
     /// Whether the tasks `restore` brings back are host processes in the container's cgroup
-    /// for the shim to check against the spec ([`restored`]). CRIU backends say yes; a
-    /// runtime whose processes live in its own sandbox says no.
+    /// for the shim to check against the spec ([`restored`]). CRIU backends say yes, and
+    /// their `restore` leaves every task stopped until the shim has checked and continued
+    /// it; a runtime whose processes live in its own sandbox says no.
     fn restores_host_tasks(&self) -> bool {
         true
     }

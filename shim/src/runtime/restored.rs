@@ -206,6 +206,93 @@ fn threads(id: &str, cgroup_path: &str) -> Result<Vec<i32>> {
     read(&["tasks", "cgroup.threads"])
 }
 
+/// A task's state letter from its `/proc/<tid>/status` (`None` once it is gone).
+fn task_state(tid: i32) -> Option<char> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("State:"))
+        .and_then(|v| v.trim().chars().next())
+}
+
+/// Waits until every task CRIU restored is stopped (CRIU's leave-stopped: each task gets
+/// SIGSTOP before CRIU lets it go, and stops before it returns to its own code). A task
+/// still running after `timeout` means the restore did not hold it: refused, as anything
+/// that ran before the check could have used what it should not hold.
+pub fn await_stopped(id: &str, cgroup_path: &str, timeout: std::time::Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let running: Vec<(i32, char)> = threads(id, cgroup_path)?
+            .into_iter()
+            .filter_map(|tid| task_state(tid).map(|s| (tid, s)))
+            // T: stopped, t: traced, Z/X: exited.
+            .filter(|(_, s)| !matches!(s, 'T' | 't' | 'Z' | 'X'))
+            .collect();
+        if running.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            let (tid, state) = running[0];
+            return Err(Error::other(
+                id,
+                "hold the restored tasks for their check",
+                format!(
+                    "task {tid} is in state {state} after {timeout:?}: CRIU did not leave it stopped; the container was removed"
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Lets the restored tasks run once they passed the check: SIGCONT to each process of the
+/// container's cgroup, except those that were stopped when they were dumped (`keep`, ids in
+/// the container's PID namespace), which stay stopped as they were. A frozen container
+/// takes the signal and runs once it is thawed.
+pub fn continue_tasks(
+    id: &str,
+    cgroup_path: &str,
+    keep: &std::collections::HashSet<u32>,
+) -> Result<()> {
+    for tid in threads(id, cgroup_path)? {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or("")
+        };
+        if field("Tgid:") != tid.to_string() {
+            // A thread: the signal to its process continues it.
+            continue;
+        }
+        let inner = field("NSpid:")
+            .split_whitespace()
+            .last()
+            .and_then(|p| p.parse::<u32>().ok());
+        if inner.is_some_and(|p| keep.contains(&p)) {
+            continue;
+        }
+        match nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(tid),
+            nix::sys::signal::Signal::SIGCONT,
+        ) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => {
+                return Err(Error::io(
+                    id,
+                    format!("continue restored task {tid}"),
+                    std::io::Error::from(e),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks every thread CRIU restored into the container's cgroup against `bounds`. An error
 /// names the task and everything it holds too much of.
 /// `mounts` judges a restored task's `/proc/<pid>/mountinfo` (the container's mount

@@ -351,8 +351,14 @@ impl OciRuntime for Runc {
             cmd.arg("--console-socket").arg(sock);
         }
         cmd.arg(id);
-        self.run_with_process_stdio(id, "restore", cmd, stdio)
-            .await
+        // The restored tasks must not run before the shim has checked what CRIU made of the
+        // images: CRIU leaves them stopped (leave-stopped, through the CRIU configuration
+        // file runc and crun take from the `org.criu.config` annotation), and the shim
+        // continues them after the check.
+        let stopped = LeaveStopped::set_up(id, bundle, &opts.work_path)?;
+        let restored = self.run_with_process_stdio(id, "restore", cmd, stdio).await;
+        stopped.tear_down();
+        restored
             .map_err(|e| with_criu_reason(e, &opts.work_path.join("restore.log"), self.engine))?;
         // runc makes a read-only root only when it creates a container, not when CRIU restores
         // one (the root comes back writable): do what its create does.
@@ -374,6 +380,72 @@ impl OciRuntime for Runc {
             }
         }
         Ok(())
+    }
+}
+
+/// A CRIU configuration file saying `leave-stopped`, named by the bundle's spec for one
+/// restore. The spec and the file are put back as they were right after the restore: runc
+/// keeps the annotation for the container's later checkpoints, and CRIU ignores a
+/// configuration file that is not there, so a later checkpoint runs as it always did.
+struct LeaveStopped {
+    spec: PathBuf,
+    original: Vec<u8>,
+    conf: PathBuf,
+}
+
+impl LeaveStopped {
+    const ANNOTATION: &'static str = "org.criu.config";
+
+    fn set_up(id: &str, bundle: &Path, work: &Path) -> Result<Self> {
+        let conf = work.join(format!(
+            "leave-stopped-{}.conf",
+            crate::util::random_suffix().map_err(|e| Error::io(
+                id,
+                "name a CRIU configuration",
+                e
+            ))?
+        ));
+        crate::util::write_private(&conf, "leave-stopped\n")
+            .map_err(|e| Error::io(id, format!("write {}", conf.display()), e))?;
+        let spec = bundle.join("config.json");
+        let original = std::fs::read(&spec)
+            .map_err(|e| Error::io(id, format!("read {}", spec.display()), e))?;
+        let mut value: serde_json::Value = serde_json::from_slice(&original)
+            .map_err(|e| Error::invalid(id, format!("{}: {e}", spec.display())))?;
+        let Some(object) = value.as_object_mut() else {
+            return Err(Error::invalid(
+                id,
+                format!("{} is not an object", spec.display()),
+            ));
+        };
+        // Whatever the spec named (a user's annotation) is replaced for the restore: the
+        // node decides how CRIU restores, not the container's configuration.
+        let annotations = object
+            .entry("annotations")
+            .or_insert_with(|| serde_json::json!({}));
+        if !annotations.is_object() {
+            *annotations = serde_json::json!({});
+        }
+        annotations[Self::ANNOTATION] = serde_json::Value::String(conf.display().to_string());
+        let text = serde_json::to_vec(&value)
+            .map_err(|e| Error::invalid(id, format!("{}: {e}", spec.display())))?;
+        let set = Self {
+            spec,
+            original,
+            conf,
+        };
+        if let Err(e) = std::fs::write(&set.spec, text) {
+            set.tear_down();
+            return Err(Error::io(id, "name the CRIU configuration in the spec", e));
+        }
+        Ok(set)
+    }
+
+    fn tear_down(self) {
+        if let Err(e) = std::fs::write(&self.spec, &self.original) {
+            log::warn!("put {} back: {e}", self.spec.display());
+        }
+        let _ = std::fs::remove_file(&self.conf);
     }
 }
 

@@ -149,8 +149,25 @@ pub(super) async fn restore_init(
         stop_lazy_pages(lazy.as_ref().map(|l| l.0));
         return Err(e);
     }
-    // The images are the archive's word: what CRIU made of them is checked against the spec,
-    // a pod's container once it is held (frozen), so that nothing runs during the check.
+    // The images are the archive's word: what CRIU made of them is checked against the spec
+    // before any restored task runs. CRIU backends leave every task stopped; a pod's
+    // container is held (frozen) too, and the check's SIGCONT takes effect at the thaw.
+    let host_tasks = shim.runtime.restores_host_tasks();
+    if host_tasks {
+        let (owned, cgroup) = (id.clone(), container.cgroup_path.clone());
+        if let Err(e) = blocking(&id, "hold the restored tasks", move || {
+            restored::await_stopped(&owned, &cgroup, std::time::Duration::from_secs(5))
+        })
+        .await
+        {
+            error!("{id}: {e}");
+            let _ = shim.runtime.kill(&id, libc::SIGKILL as u32, true).await;
+            prepared.io.copies.abort().await;
+            let _ = shim.runtime.delete(&id, true).await;
+            stop_lazy_pages(lazy.as_ref().map(|l| l.0));
+            return Err(e);
+        }
+    }
     let pod_restore = container.restore_dir.is_some();
     let held = pod_restore
         && shim
@@ -161,13 +178,16 @@ pub(super) async fn restore_init(
                 warn!("{id}: cannot hold the restored container until the pod is complete: {e}");
                 false
             });
-    if shim.runtime.restores_host_tasks() {
+    if host_tasks {
         let (owned, cgroup) = (id.clone(), container.cgroup_path.clone());
         let expected = images::Expected::of(&container.spec);
+        let images_dir = image.to_path_buf();
         if let Err(e) = blocking(&id, "check the restored tasks", move || {
             restored::verify(&owned, &cgroup, &expected.bounds, |table| {
                 images::mountinfo_excess(table, &expected)
-            })
+            })?;
+            let keep = images::stopped_at_dump(&owned, &images_dir)?;
+            restored::continue_tasks(&owned, &cgroup, &keep)
         })
         .await
         {

@@ -4,6 +4,7 @@
 pub use containerd_shim_protos as containerd;
 
 pub mod layout;
+pub mod private;
 pub mod tarbound;
 
 pub use layout::RESTORE_ANNOTATION;

@@ -13,9 +13,14 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::{
-    archive::{human, Compression},
+    archive::Compression,
     cri::{self, api},
-    pod::{self, CheckpointArgs, RestoreArgs, Target},
+    display::human,
+    ops::{
+        checkpoint::{self, CheckpointArgs, Destination},
+        restore::{self, RestoreArgs, Source},
+        Target,
+    },
     policy::Policy,
     shim,
     workload::{
@@ -226,29 +231,28 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
         let archive = a.work_dir.join(format!("{name}.tar"));
         let args = CheckpointArgs {
             pod: pod_id.clone(),
-            output: archive.clone(),
+            destination: Destination::Archive {
+                path: archive.clone(),
+                compression: Compression::None,
+                recipients: Vec::new(),
+            },
             leave_running: true,
-            compress: Compression::None,
             containers: Vec::new(),
             tcp_established: false,
             file_locks: false,
             timeout: 0,
             space_check: true,
-            sealing: Default::default(),
-            delivery: Default::default(),
+            sign: None,
             hold_secs: None,
-            image: None,
         };
-        match pod::checkpoint_pod(t, args).await {
+        match checkpoint::checkpoint_pod(t, args).await {
             Ok(o) => {
                 let frozen = o.response.timings.as_ref().map(|t| t.frozen_ms);
                 remove_pod(&mut rt, &pod_id).await;
                 let t0 = Instant::now();
-                let restored = pod::restore(
+                let restored = restore::restore_pod(
                     t,
-                    RestoreArgs {
-                        archive: archive.clone(),
-                        image: None,
+                    &RestoreArgs {
                         registry: Default::default(),
                         name: Some(format!("{name}-restored")),
                         runtime_handler: Some(handler.to_string()),
@@ -263,6 +267,10 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
                         opening: Default::default(),
                         lazy: false,
                     },
+                    Source::Archive {
+                        path: archive.clone(),
+                        leave_pages: false,
+                    },
                 )
                 .await;
                 let _ = std::fs::remove_file(&archive);
@@ -276,7 +284,7 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
                     start: ms(start),
                     checkpoint: Some(o.total_ms),
                     frozen,
-                    bytes: Some(o.archive_bytes),
+                    bytes: Some(o.delivered.bytes),
                     restore: Some(restore),
                     consistency: consistency?,
                 })

@@ -4,12 +4,14 @@
 
 pub mod archive;
 pub mod bench;
+pub mod cli;
 pub mod cri;
-pub mod guard;
+pub mod display;
+pub mod files;
 pub mod image;
-pub mod migrate;
-pub mod pod;
+pub mod ops;
 pub mod policy;
 pub mod seal;
 pub mod shim;
+pub mod stream;
 pub mod workload;

@@ -508,7 +508,7 @@ async fn security_settings_come_back_with_the_restore() -> Result<()> {
                 .info;
             let info: serde_json::Value =
                 serde_json::from_str(info.get("info").context("verbose info")?)?;
-            let config = stasis_controller::pod::config_from_info(&info["config"])?;
+            let config = stasis_controller::cri::config_from_info(&info["config"])?;
             let context = config
                 .linux
                 .and_then(|l| l.security_context)
@@ -1490,7 +1490,7 @@ async fn planted_symlinks_at_old_predictable_paths_gain_nothing() -> Result<()> 
         names == ["theirs.tar"],
         "the user's directory holds {names:?}"
     );
-    let staged: Vec<_> = std::fs::read_dir(stasis_controller::pod::CHECKPOINT_STAGING)?
+    let staged: Vec<_> = std::fs::read_dir(stasis_controller::files::CHECKPOINT_STAGING)?
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().contains("theirs.tar"))
         .collect();

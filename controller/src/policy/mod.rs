@@ -687,11 +687,11 @@ mod tests {
     use super::*;
 
     fn pod(json: serde_json::Value) -> api::PodSandboxConfig {
-        crate::pod::from_go_json(&json).unwrap()
+        crate::cri::from_go_json(&json).unwrap()
     }
 
     fn container(json: serde_json::Value) -> api::ContainerConfig {
-        crate::pod::from_go_json(&json).unwrap()
+        crate::cri::from_go_json(&json).unwrap()
     }
 
     fn defaults() -> Policy {

@@ -11,6 +11,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 pub type Runtime = RuntimeServiceClient<Channel>;
 pub type Images = k8s_cri::v1::image_service_client::ImageServiceClient<Channel>;
 
+mod gojson;
+
+pub use gojson::{config_from_info, from_go_json};
+
 pub async fn connect(socket: &Path) -> Result<Runtime> {
     Ok(RuntimeServiceClient::new(channel(socket).await?))
 }

@@ -1,23 +1,16 @@
-//! Moving a running pod to another node: `pod migrate` on the source streams the pod's
-//! checkpoint to `migrate listen` on the target, which restores it; no archive is written on
-//! either side.
+//! The migration stream: how `pod migrate` on the source hands a pod's checkpoint to
+//! `migrate listen` on the target (the operations themselves are in `ops::migrate`).
 //!
 //! The link is a Noise session (`snow`, pattern NNpsk0 over X25519, ChaCha20-Poly1305,
 //! BLAKE2s): both peers prove they hold the shared key before anything is sent, and every
 //! byte after that is encrypted and authenticated. The key is 32 random bytes, hex, in a 0600
 //! file (`migrate keygen`).
-//!
-//! Order of events, so that a failure never loses the pod: the source pod is frozen and
-//! captured (held frozen by its shim), its files streamed; the target restores and lets the
-//! new pod run; only when the target says so is the source stopped and removed. Any failure
-//! before that thaws the source (it runs on) and removes whatever the target created.
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     os::unix::fs::{MetadataExt, OpenOptionsExt},
-    path::{Path, PathBuf},
-    sync::atomic::AtomicBool,
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -25,9 +18,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    archive::{self, human, Compression},
-    pod::{self, CheckpointArgs, Delivery, RestoreArgs, Target},
-    policy::Policy,
+    archive::{self, PodOptions},
+    display::human,
     seal::Opening,
 };
 
@@ -37,7 +29,7 @@ const PROLOGUE: &[u8] = b"stasis pod migration v1";
 /// Largest plaintext of one frame (a Noise message is at most 65535 bytes with its tag).
 const FRAME: usize = 65535 - 16 - 1;
 /// How long the source pod may stay frozen for the target to restore it.
-const HOLD_SECS: u32 = 600;
+pub const HOLD_SECS: u32 = 600;
 
 /// Writes a new shared key to `output` (0600, never over an existing file).
 pub fn keygen(output: &Path) -> Result<()> {
@@ -118,7 +110,7 @@ const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// with room to spare: anything longer is not a stasis peer.
 const MAX_GREETING: usize = 1024;
 /// Handshakes answered at once; more connections are dropped until one ends.
-const MAX_HANDSHAKES: usize = 8;
+pub const MAX_HANDSHAKES: usize = 8;
 
 /// Reads one frame, all of it before `deadline` (not per read: a peer sending a byte at a
 /// time cannot stretch it), refusing frames longer than `max`.
@@ -279,11 +271,11 @@ impl Channel {
         Ok((kind, plain))
     }
 
-    fn send_json<T: Serialize>(&mut self, value: &T) -> Result<()> {
+    pub fn send_json<T: Serialize>(&mut self, value: &T) -> Result<()> {
         Ok(self.send(CONTROL, &serde_json::to_vec(value)?)?)
     }
 
-    fn recv_json<T: for<'de> Deserialize<'de>>(&mut self) -> Result<T> {
+    pub fn recv_json<T: for<'de> Deserialize<'de>>(&mut self) -> Result<T> {
         let (kind, data) = self.recv()?;
         if kind != CONTROL {
             bail!("protocol error: expected a control message");
@@ -292,7 +284,7 @@ impl Channel {
     }
 
     /// A writer of the data stream; `finish` marks its end.
-    fn writer(&mut self) -> DataWriter<'_> {
+    pub fn writer(&mut self) -> DataWriter<'_> {
         DataWriter {
             channel: self,
             pending: Vec::with_capacity(FRAME),
@@ -301,7 +293,7 @@ impl Channel {
     }
 
     /// A reader of the data stream, ending where the sender's `finish` was.
-    fn reader(&mut self) -> DataReader<'_> {
+    pub fn reader(&mut self) -> DataReader<'_> {
         DataReader {
             channel: self,
             at: 0,
@@ -311,7 +303,7 @@ impl Channel {
     }
 }
 
-struct DataWriter<'a> {
+pub struct DataWriter<'a> {
     channel: &'a mut Channel,
     pending: Vec<u8>,
     sent: u64,
@@ -338,14 +330,14 @@ impl Write for DataWriter<'_> {
 }
 
 impl DataWriter<'_> {
-    fn finish(mut self) -> std::io::Result<u64> {
+    pub fn finish(mut self) -> std::io::Result<u64> {
         self.flush()?;
         self.channel.send(END, &[])?;
         Ok(self.sent)
     }
 }
 
-struct DataReader<'a> {
+pub struct DataReader<'a> {
     channel: &'a mut Channel,
     at: usize,
     ended: bool,
@@ -391,275 +383,60 @@ impl Read for DataReader<'_> {
 
 /// The source's first message.
 #[derive(Serialize, Deserialize, Default)]
-struct Offer {
-    pod: String,
-    name: Option<String>,
-    runtime_handler: Option<String>,
+pub struct Offer {
+    pub pod: String,
+    pub name: Option<String>,
+    pub runtime_handler: Option<String>,
     /// Restore lazily on the target: its containers run before their memory is mapped.
     #[serde(default)]
-    lazy: bool,
+    pub lazy: bool,
 }
 
 /// The target's answer once it has restored (or failed to).
 #[derive(Serialize, Deserialize, Default)]
-struct Outcome {
-    pod_id: Option<String>,
-    error: Option<String>,
-    restore_ms: f64,
+pub struct Outcome {
+    pub pod_id: Option<String>,
+    pub error: Option<String>,
+    pub restore_ms: f64,
 }
 
-pub struct MigrateArgs {
-    pub pod: String,
-    pub to: String,
-    pub key: PathBuf,
-    pub name: Option<String>,
-    pub runtime_handler: Option<String>,
-    pub timeout: u32,
-    pub lazy: bool,
-    /// Signs the streamed checkpoint's manifest (for targets that require signatures).
-    pub sign: Option<ed25519_dalek::SigningKey>,
+/// What the target answered once it restored a pod sent to it.
+pub struct Sent {
+    pub bytes: u64,
+    pub pod_id: String,
 }
 
-/// What a migration did, for the caller to print.
-pub struct Migrated {
-    pub target_pod: String,
-    pub downtime_ms: f64,
-    pub total_ms: f64,
-    pub bytes_sent: u64,
-}
-
-/// Moves pod `a.pod` to the receiver at `a.to`.
-pub async fn migrate(t: &Target, a: MigrateArgs) -> Result<Migrated> {
-    let started = Instant::now();
-    let key = load_key(&a.key)?;
-    // The peer and the key are checked before anything of the pod is touched.
-    let to = a.to.clone();
-    let mut channel = tokio::task::spawn_blocking(move || Channel::connect(&to, &key)).await??;
-    channel.send_json(&Offer {
-        pod: a.pod.clone(),
-        name: a.name.clone(),
-        runtime_handler: a.runtime_handler.clone(),
-        lazy: a.lazy,
-    })?;
-    // Not written (the pod is delivered, not archived): names where it is staged.
-    let output = archive::private_root(Path::new(pod::CHECKPOINT_STAGING))?.join(format!(
-        "{}.{}.migration",
-        a.pod,
-        archive::random_suffix()?
-    ));
-    let outcome = std::sync::Arc::new(std::sync::Mutex::new(None::<(String, f64, u64)>));
-    let delivered = outcome.clone();
-    let to = a.to.clone();
-    let deliver = move |dir: &Path, _cancel: &AtomicBool| -> Result<u64> {
-        let sent = (|| -> Result<u64> {
-            let mut w = channel.writer();
+impl Channel {
+    /// Sends the staged checkpoint `dir` as a tar and waits for the target's answer (`to`
+    /// names the peer in messages). The pod stays frozen (held by its shim) until this answer:
+    /// the wait is a little shorter than the hold, so a silent target ends in a thawed source,
+    /// not a stopped one.
+    pub fn send_pod(&mut self, dir: &Path, to: &str) -> Result<Sent> {
+        let bytes = (|| -> Result<u64> {
+            let mut w = self.writer();
             archive::write_tar(dir, &mut w)?;
             Ok(w.finish()?)
         })()
         .with_context(|| format!("send the pod to {to} (the connection was lost)"))?;
-        // The pod stays frozen (held by its shim) until this answer: wait a little less
-        // than the hold, so that a silent target ends in a thawed source, not a stopped one.
-        channel
-            .stream
+        self.stream
             .set_read_timeout(Some(Duration::from_secs(HOLD_SECS as u64 - 30)))?;
-        let answer: Outcome = channel
+        let answer: Outcome = self
             .recv_json()
             .with_context(|| format!("no answer from {to}"))?;
         match (answer.pod_id, answer.error) {
-            (Some(id), None) => {
-                *delivered.lock().unwrap() = Some((id, answer.restore_ms, sent));
-                Ok(sent)
-            }
+            (Some(pod_id), None) => Ok(Sent { bytes, pod_id }),
             (_, e) => bail!(
                 "{to} could not restore the pod: {}",
                 e.unwrap_or_else(|| "no reason given".into())
             ),
         }
-    };
-    let frozen_at = Instant::now();
-    let result = pod::checkpoint_pod(
-        t,
-        CheckpointArgs {
-            pod: a.pod.clone(),
-            output,
-            leave_running: false,
-            compress: Compression::None,
-            containers: Vec::new(),
-            tcp_established: false,
-            file_locks: false,
-            timeout: a.timeout,
-            space_check: true,
-            sealing: crate::seal::Sealing {
-                sign: a.sign.clone(),
-                recipients: Vec::new(),
-            },
-            delivery: Delivery::Custom(Box::new(deliver)),
-            hold_secs: Some(HOLD_SECS),
-            image: None,
-        },
-    )
-    .await;
-    let o = result.with_context(|| format!("migration of pod {} to {} failed", a.pod, a.to))?;
-    let (target_pod, _restore_ms, bytes_sent) = outcome
-        .lock()
-        .unwrap()
-        .take()
-        .context("the receiver's answer was lost")?;
-    let downtime_ms = frozen_at.elapsed().as_secs_f64() * 1000.0;
-    // The target runs and the source was stopped (its containers killed while frozen): now
-    // the source pod goes.
-    let mut rt = crate::cri::connect(Path::new(&t.address)).await?;
-    crate::cri::remove_pod(&mut rt, &o.pod_id)
-        .await
-        .with_context(|| {
-            format!(
-                "pod {} runs on {} as {target_pod}, but removing the stopped source pod failed",
-                a.pod, a.to
-            )
-        })?;
-    Ok(Migrated {
-        target_pod,
-        downtime_ms,
-        total_ms: started.elapsed().as_secs_f64() * 1000.0,
-        bytes_sent,
-    })
-}
-
-pub struct ListenArgs {
-    pub listen: String,
-    pub key: PathBuf,
-    pub policy: Policy,
-    pub replace_volumes: bool,
-    /// Stop after this many migrations (0: serve until stopped).
-    pub count: u32,
-}
-
-/// Receives migrations one at a time and restores them into this node's containerd.
-pub async fn listen(t: &Target, a: ListenArgs) -> Result<()> {
-    let key = load_key(&a.key)?;
-    let listener =
-        TcpListener::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;
-    eprintln!(
-        "waiting for migrations on {} (restoring into {})",
-        listener.local_addr()?,
-        t.address
-    );
-    // Handshakes run side by side, each within its deadline, so peers without the key cannot
-    // hold the door; pods that proved the key are restored one at a time, in arrival order.
-    let (proven, mut arrivals) = tokio::sync::mpsc::channel::<(Channel, std::net::SocketAddr)>(1);
-    let busy = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    {
-        let listener = listener.try_clone()?;
-        let runtime = tokio::runtime::Handle::current();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(stream) = conn else { continue };
-                let peer = stream
-                    .peer_addr()
-                    .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
-                let Ok(permit) = busy.clone().try_acquire_owned() else {
-                    eprintln!("refused {peer}: {MAX_HANDSHAKES} handshakes under way already");
-                    continue;
-                };
-                let proven = proven.clone();
-                runtime.spawn_blocking(move || {
-                    let _permit = permit;
-                    match Channel::accept(stream, &key) {
-                        Ok(c) => {
-                            let _ = proven.blocking_send((c, peer));
-                        }
-                        Err(e) => eprintln!("refused {peer}: {e:#}"),
-                    }
-                });
-            }
-        });
     }
-    let mut served = 0;
-    loop {
-        let Some((mut channel, peer)) = arrivals.recv().await else {
-            bail!("the listener stopped accepting connections");
-        };
-        let started = Instant::now();
-        let restored = receive(t, &a, &mut channel, &peer.to_string()).await;
-        let result = restored.as_ref().map(|r| r.pod_id.clone());
-        let answer = match &result {
-            Ok(id) => Outcome {
-                pod_id: Some(id.clone()),
-                error: None,
-                restore_ms: started.elapsed().as_secs_f64() * 1000.0,
-            },
-            Err(e) => Outcome {
-                pod_id: None,
-                error: Some(format!("{e:#}")),
-                restore_ms: 0.0,
-            },
-        };
-        let sent = channel.send_json(&answer);
-        match (&result, sent) {
-            (Ok(id), Ok(())) => {
-                println!("{id}");
-                eprintln!(
-                    "restored a pod from {peer} as {id} in {:.0} ms",
-                    started.elapsed().as_secs_f64() * 1000.0
-                );
-            }
-            (Ok(id), Err(e)) => {
-                // The source never learns its pod moved: it lets its pod run on, so this copy
-                // must go.
-                eprintln!("{peer} is gone before it heard of pod {id} ({e}); removing it");
-                remove_pod(t, id).await;
-            }
-            (Err(e), _) => eprintln!("migration from {peer} failed: {e:#}"),
-        }
-        // The source has its answer (its downtime ends with it); a lazily restored pod
-        // pulls the rest of its memory from the received images meanwhile.
-        if let Ok(restored) = restored {
-            if let Err(e) = restored.finish(t).await {
-                eprintln!("{e:#}");
-            }
-        }
-        served += 1;
-        if a.count > 0 && served >= a.count {
-            return Ok(());
-        }
-    }
-}
 
-async fn remove_pod(t: &Target, id: &str) {
-    if let Ok(mut rt) = crate::cri::connect(Path::new(&t.address)).await {
-        let _ = crate::cri::remove_pod(&mut rt, id).await;
-    }
-}
-
-/// One migration: the offer, the pod's files into the restore store, the restore.
-async fn receive(
-    t: &Target,
-    a: &ListenArgs,
-    channel: &mut Channel,
-    peer: &str,
-) -> Result<pod::Restored> {
-    let offer: Offer = channel.recv_json()?;
-    eprintln!("receiving pod {} from {peer}", offer.pod);
-    let args = RestoreArgs {
-        archive: PathBuf::from(format!("pod {} from {peer}", offer.pod)),
-        image: None,
-        registry: Default::default(),
-        name: offer.name,
-        runtime_handler: None,
-        offered_runtime_handler: offer.runtime_handler,
-        policy: a.policy.clone(),
-        replace_volumes: a.replace_volumes,
-        opening: Opening::default(),
-        lazy: offer.lazy,
-    };
-    // A node that names trusted signers takes only signed migrations too.
-    let opening = crate::seal::Opening {
-        identities: Vec::new(),
-        verify: a.policy.signers()?,
-    };
-    pod::restore_with(t, &args, |dir| {
-        let mut r = channel.reader();
-        let options = archive::extract_stream(&mut r, dir, &opening)?;
+    /// Receives a pod's checkpoint into the fresh directory `dir`, checked as an archive is
+    /// (`opening` says whose signature it needs).
+    pub fn receive_pod(&mut self, dir: &Path, opening: &Opening, peer: &str) -> Result<PodOptions> {
+        let mut r = self.reader();
+        let options = archive::extract_stream(&mut r, dir, opening)?;
         // The tar ends before the stream does: read to the sender's end mark, so that a
         // stream cut short is an error, not a restore.
         std::io::copy(&mut r, &mut std::io::sink())?;
@@ -667,7 +444,6 @@ async fn receive(
             bail!("the stream from {peer} ended early");
         }
         eprintln!("received {} from {peer}", human(r.received));
-        Ok((options, None))
-    })
-    .await
+        Ok(options)
+    }
 }

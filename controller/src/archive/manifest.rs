@@ -1,0 +1,205 @@
+use super::*;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct Manifest {
+    pub(super) version: u32,
+    pub(super) files: std::collections::BTreeMap<String, FileSum>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, PartialEq)]
+pub(super) struct FileSum {
+    pub(super) size: u64,
+    /// Of the file; of its concatenated chunk digests when it is chunked.
+    pub(super) sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) chunk_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) chunks: Vec<String>,
+}
+
+/// Every regular file below `dir` (relative paths, sorted), but the manifest itself.
+pub(super) fn regular_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    fn walk(root: &Path, at: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        for e in std::fs::read_dir(at).with_context(|| format!("read {}", at.display()))? {
+            let p = e?.path();
+            let m = p.symlink_metadata()?;
+            if m.is_dir() {
+                walk(root, &p, out)?;
+            } else if m.is_file() {
+                let rel = p.strip_prefix(root).unwrap_or(&p).to_path_buf();
+                if rel != Path::new(layout::MANIFEST) && rel != Path::new(layout::SIGNATURE) {
+                    out.push(rel);
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// The sum of the file at `path`, chunk by chunk when `chunk_size` is given (page images:
+/// a lazy restore checks each chunk it reads on its own).
+pub(super) fn sum_of(path: &Path, chunk_size: Option<u64>) -> Result<FileSum> {
+    use sha2::Digest;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    let Some(chunk) = chunk_size else {
+        let mut hasher = sha2::Sha256::new();
+        let size = std::io::copy(&mut f, &mut hasher)?;
+        return Ok(FileSum {
+            size,
+            sha256: hex::encode(hasher.finalize()),
+            chunk_size: None,
+            chunks: Vec::new(),
+        });
+    };
+    let (mut size, mut chunks, mut top) = (0u64, Vec::new(), sha2::Sha256::new());
+    loop {
+        let mut hasher = sha2::Sha256::new();
+        let n = std::io::copy(&mut (&mut f).take(chunk), &mut hasher)?;
+        if n == 0 {
+            break;
+        }
+        size += n;
+        let digest = hasher.finalize();
+        top.update(digest);
+        chunks.push(hex::encode(digest));
+    }
+    Ok(FileSum {
+        size,
+        sha256: hex::encode(top.finalize()),
+        chunk_size: Some(chunk),
+        chunks,
+    })
+}
+
+/// Closes every file and directory below `dir` to group and others (owner bits kept): a
+/// pod checkpoint is memory and environment, secret as a whole, and the archive's entries
+/// keep these modes wherever it is unpacked.
+pub fn make_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for e in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let p = e?.path();
+        let m = p.symlink_metadata()?;
+        if m.file_type().is_symlink() {
+            continue;
+        }
+        let mode = m.permissions().mode() & 0o7700;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("make {} private", p.display()))?;
+        if m.is_dir() {
+            make_private(&p)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the manifest of `dir` (size and SHA-256 of every regular file) into it, 0600.
+pub fn write_manifest(dir: &Path) -> Result<()> {
+    let mut files = std::collections::BTreeMap::new();
+    for rel in regular_files(dir)? {
+        let chunked = layout::is_page_image(&rel).then_some(layout::PAGE_CHUNK_SIZE);
+        files.insert(rel.display().to_string(), sum_of(&dir.join(&rel), chunked)?);
+    }
+    let manifest = Manifest {
+        version: layout::MANIFEST_VERSION,
+        files,
+    };
+    let path = dir.join(layout::MANIFEST);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(&serde_json::to_vec(&manifest)?)?;
+    Ok(())
+}
+
+/// Checks an unpacked archive against its manifest: the version known, every file listed
+/// there with its size and SHA-256, nothing unlisted. Names the first file that differs.
+pub fn check_manifest(dir: &Path) -> Result<()> {
+    check_manifest_except(dir, &read_manifest(dir)?, &Default::default())
+}
+
+pub(super) fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(layout::MANIFEST);
+    let text = std::fs::read(&path).context(
+        "archive has no manifest.json (written by a stasis before archives carried one, or stripped)",
+    )?;
+    let manifest: Manifest =
+        serde_json::from_slice(&text).context("archive manifest.json is not a manifest")?;
+    if !layout::MANIFEST_VERSIONS_READ.contains(&manifest.version) {
+        bail!(
+            "archive format version {} is unknown (this stasisctl reads {} to {}); use a newer stasisctl",
+            manifest.version,
+            layout::MANIFEST_VERSIONS_READ.start(),
+            layout::MANIFEST_VERSIONS_READ.end()
+        );
+    }
+    Ok(manifest)
+}
+
+/// [`check_manifest`], but the files in `left_in_archive` (page images not unpacked, read
+/// from the archive later, chunk by chunk) are only checked to be listed, with their size
+/// and chunk digests.
+pub(super) fn check_manifest_except(
+    dir: &Path,
+    manifest: &Manifest,
+    left_in_archive: &std::collections::BTreeMap<String, layout::PageSpan>,
+) -> Result<()> {
+    for (key, span) in left_in_archive {
+        match manifest.files.get(key) {
+            Some(want) if want.size == span.size && want.chunks == span.chunks => {}
+            Some(want) => bail!(
+                "archive file {key} is corrupt or was changed ({} bytes; the manifest says {} bytes)",
+                span.size,
+                want.size
+            ),
+            None => bail!("archive file {key} is not in its manifest: the archive was changed"),
+        }
+    }
+    let present = regular_files(dir)?;
+    for rel in &present {
+        let key = rel.display().to_string();
+        let Some(want) = manifest.files.get(&key) else {
+            bail!("archive file {key} is not in its manifest: the archive was changed");
+        };
+        if left_in_archive.contains_key(&key) {
+            bail!("hostile archive: {key} twice");
+        }
+        if want
+            .chunk_size
+            .is_some_and(|c| !(4096..=1 << 30).contains(&c))
+        {
+            bail!("archive manifest gives {key} an impossible chunk size");
+        }
+        let got = sum_of(&dir.join(rel), want.chunk_size)?;
+        if got != *want {
+            bail!(
+                "archive file {key} is corrupt or was changed ({} bytes, sha256 {}; the manifest says {} bytes, sha256 {})",
+                got.size,
+                got.sha256,
+                want.size,
+                want.sha256
+            );
+        }
+    }
+    if let Some(missing) = manifest.files.keys().find(|k| {
+        !left_in_archive.contains_key(*k) && !present.iter().any(|p| p.display().to_string() == **k)
+    }) {
+        bail!("archive file {missing} listed in the manifest is missing");
+    }
+    Ok(())
+}
+
+/// The largest chunk a manifest may give a page image: the shim holds one chunk per image
+/// in memory while it serves pages.
+pub(super) const MAX_CHUNK: u64 = 16 << 20;

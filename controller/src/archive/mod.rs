@@ -1,0 +1,69 @@
+//! The pod checkpoint archive: a tar (optionally zstd or gzip compressed) of the directory the
+//! shim's Checkpoint service wrote. Layout (see docs/archive-format.md):
+//!
+//! ```text
+//! pod.options                 {"version":1,"containers":{name: dir},"annotations":{…}}
+//! pod.dump                    the CRI PodSandboxConfig (JSON)
+//! <id>-<name>/                one per container, the layout checkpointctl reads
+//!   checkpoint/               CRIU images (+ volumes/ and volumes.json when captured)
+//!                             (runtimes that save whole sandboxes: one sandbox/ at the top)
+//!   config.dump spec.dump status.dump rootfs-diff.tar deleted.files dump.log [stats-dump]
+//!   container-config.json     the CRI ContainerConfig, for the restore
+//!   stasis.json               engine, timings, sizes
+//! ```
+//!
+//! Reading is defensive: only regular files and directories, only paths that stay inside the
+//! target, and the pod.options must name directories that exist.
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::fs::OpenOptionsExt,
+    path::{Component, Path, PathBuf},
+};
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use stasis_api::layout::{self, CheckpointedConfig, ContainerMeta};
+
+use crate::{
+    display::human,
+    files,
+    seal::{self, Opening},
+};
+
+mod extract;
+mod manifest;
+mod place;
+mod read;
+mod summary;
+mod write;
+
+// The parts use each other's helpers through here.
+#[allow(unused_imports)]
+use {extract::*, manifest::*, place::*, read::*, summary::*, write::*};
+
+pub use extract::{
+    extract, extract_leaving_pages, extract_stream, extract_with, read_pod_options, read_untrusted,
+    unpack_layers, Layer,
+};
+pub use manifest::{check_manifest, make_private, write_manifest};
+pub use place::{copy_from_dir, place_dir};
+pub use read::{is_encrypted, is_plain_tar};
+pub use summary::{inspect, inspect_dir, inspect_with, ContainerSummary, Summary};
+pub use write::{verify, verify_bytes, write, write_cancellable, write_tar, Written};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// `pod.options`, parsed as the shim writes it (one type for both sides).
+pub use stasis_api::layout::PodOptions;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,233 @@
+use super::*;
+
+/// The tar stream of an archive: decrypted (age) when it is encrypted, then decompressed as
+/// its first bytes say.
+pub(super) fn open(path: &Path, opening: &Opening) -> Result<Box<dyn Read>> {
+    open_file(open_archive(path)?, opening)
+}
+
+/// The archive file, opened once for both passes over it (the header pass and the unpack
+/// read the same open file description: a file swapped in at `path` between them is never
+/// read).
+pub(super) fn open_archive(path: &Path) -> Result<File> {
+    File::open(path).with_context(|| format!("open archive {}", path.display()))
+}
+
+/// `file` from its start again, for the next pass (the same open file description).
+pub(super) fn rewound(file: &File) -> Result<File> {
+    let again = file.try_clone().context("reopen the archive")?;
+    std::io::Seek::seek(&mut &again, std::io::SeekFrom::Start(0)).context("rewind the archive")?;
+    Ok(again)
+}
+
+/// [`open`] of a file already open.
+pub(super) fn open_file(file: File, opening: &Opening) -> Result<Box<dyn Read>> {
+    let mut file = BufReader::new(file);
+    let plain: Box<dyn Read> = if seal::is_encrypted(file.fill_buf()?) {
+        seal::decrypt(file, opening)?
+    } else {
+        Box::new(file)
+    };
+    let mut plain = BufReader::new(plain);
+    let head = plain.fill_buf()?;
+    Ok(match head {
+        [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(plain)),
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Box::new(zstd::Decoder::with_buffer(plain)?),
+        _ => Box::new(plain),
+    })
+}
+
+/// Whether the archive at `path` is encrypted.
+pub fn is_encrypted(path: &Path) -> Result<bool> {
+    let mut file = BufReader::new(
+        File::open(path).with_context(|| format!("open archive {}", path.display()))?,
+    );
+    Ok(seal::is_encrypted(file.fill_buf()?))
+}
+
+/// The entry's path inside the archive, if it is one we accept.
+pub(super) fn safe_path(entry: &tar::Entry<impl Read>) -> Result<PathBuf> {
+    let raw = entry
+        .path()
+        .context("archive entry with an unreadable path")?
+        .into_owned();
+    let shown = raw.display().to_string();
+    let clean = clean_name(&raw, &shown)?;
+    check_kind(&shown, entry)?;
+    Ok(clean)
+}
+
+/// `raw` (shown as `shown`) as a path inside the archive; refused when it climbs out with
+/// `..` or is absolute.
+pub(super) fn clean_name(raw: &Path, shown: &str) -> Result<PathBuf> {
+    let mut clean = PathBuf::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(p) => clean.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => bail!("hostile archive: entry {shown:?} climbs out with '..'"),
+            Component::RootDir | Component::Prefix(_) => {
+                bail!("hostile archive: entry {shown:?} is an absolute path")
+            }
+        }
+    }
+    Ok(clean)
+}
+
+/// Only regular files and directories: a pod checkpoint has nothing else.
+pub(super) fn check_kind(shown: &str, entry: &tar::Entry<impl Read>) -> Result<()> {
+    match entry.header().entry_type() {
+        tar::EntryType::Regular | tar::EntryType::Directory | tar::EntryType::Continuous => Ok(()),
+        tar::EntryType::Symlink | tar::EntryType::Link => {
+            let target = entry
+                .link_name()
+                .ok()
+                .flatten()
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            bail!("hostile archive: entry {shown:?} is a link (to {target:?}); a pod checkpoint has none")
+        }
+        tar::EntryType::Char | tar::EntryType::Block => {
+            bail!("hostile archive: entry {shown:?} is a device node")
+        }
+        other => bail!("unsupported archive entry {shown:?} of type {other:?}"),
+    }
+}
+
+/// A tar reader that unpacks modes as they are and no extended attributes.
+pub(super) fn tar_reader<R: Read>(r: R) -> tar::Archive<R> {
+    let mut tar = tar::Archive::new(r);
+    tar.set_preserve_permissions(true);
+    tar.set_unpack_xattrs(false);
+    tar
+}
+
+/// Whether pages can be read straight from the archive at `path`: an uncompressed,
+/// unencrypted tar.
+pub fn is_plain_tar(path: &Path) -> Result<bool> {
+    let mut file = BufReader::new(
+        File::open(path).with_context(|| format!("open archive {}", path.display()))?,
+    );
+    let head = file.fill_buf()?;
+    Ok(!seal::is_encrypted(head)
+        && !head.starts_with(&[0x1f, 0x8b])
+        && !head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]))
+}
+
+/// A first pass over the raw headers: every metadata record small, the entry count bounded,
+/// and the unpacked total within `room` (the free space where it is unpacked). Data is
+/// skipped, not stored, so a compression bomb costs time, not memory or disk.
+pub(super) fn check_bounds(archive: &File, room: u64, opening: &Opening) -> Result<()> {
+    let mut tar = tar::Archive::new(open_file(rewound(archive)?, opening)?);
+    header_pass(tar.entries().context("read archive")?, room)?.check()
+}
+
+/// [`check_bounds`] over entries already opened (a seekable reader skips the file data).
+pub(super) fn bound_entries<R: Read>(entries: tar::Entries<'_, R>, room: u64) -> Result<()> {
+    stasis_api::tarbound::bound_entries(entries, room).map_err(bound_error)
+}
+
+/// The largest `pod.options` read in the header pass (real ones are a few hundred bytes).
+pub(super) const MAX_POD_OPTIONS: u64 = 1 << 20;
+
+/// What the header pass saw of an archive: its entry names and its `pod.options`.
+#[derive(Default)]
+pub(super) struct Outline {
+    pub(super) names: std::collections::HashSet<String>,
+    pub(super) pod_options: Option<Vec<u8>>,
+}
+
+/// The bounded first pass ([`stasis_api::tarbound`]) that also notes every entry's name and
+/// reads `pod.options`, refusing hostile names and a file given twice.
+pub(super) fn header_pass<R: Read>(entries: tar::Entries<'_, R>, room: u64) -> Result<Outline> {
+    let mut outline = Outline::default();
+    stasis_api::tarbound::bound_entries_visiting(entries, room, |raw, entry| {
+        let shown = String::from_utf8_lossy(raw).into_owned();
+        let name = clean_name(Path::new(&shown), &shown)
+            .map_err(|e| e.to_string())?
+            .display()
+            .to_string();
+        check_kind(&shown, entry).map_err(|e| e.to_string())?;
+        let is_file = entry.header().entry_type().is_file();
+        if is_file && name == layout::POD_OPTIONS {
+            if entry.size() > MAX_POD_OPTIONS {
+                return Err(format!(
+                    "hostile archive: a pod.options of {} (at most {} accepted)",
+                    human(entry.size()),
+                    human(MAX_POD_OPTIONS)
+                ));
+            }
+            let mut bytes = Vec::new();
+            entry
+                .read_to_end(&mut bytes)
+                .map_err(|e| format!("archive is truncated or corrupt: {e}"))?;
+            outline.pod_options = Some(bytes);
+        }
+        if !outline.names.insert(name.clone()) && is_file {
+            return Err(format!("hostile archive: {name} is in it twice"));
+        }
+        Ok(())
+    })
+    .map_err(bound_error)?;
+    Ok(outline)
+}
+
+impl Outline {
+    /// The structure of a pod checkpoint, from the names alone: refused before a byte is
+    /// written (the unpacked copy is checked again, with the manifest, after).
+    pub(super) fn check(&self) -> Result<()> {
+        let nothing = "nothing was written";
+        let bytes = self
+            .pod_options
+            .as_ref()
+            .with_context(|| format!("archive has no pod.options; {nothing}"))?;
+        let options = PodOptions::parse(bytes)?;
+        for (name, dir) in &options.containers {
+            if !layout::is_plain_name(dir) {
+                bail!("hostile archive: pod.options names container {name:?} in directory {dir:?}, which is not a plain directory name; {nothing}");
+            }
+            for file in [layout::CONFIG_DUMP, layout::CONTAINER_CONFIG] {
+                if !self.names.contains(&format!("{dir}/{file}")) {
+                    bail!("container {name:?} ({dir}) has no {file}; {nothing}");
+                }
+            }
+            if self
+                .names
+                .contains(&format!("{dir}/{}", layout::LAZY_STATUS))
+            {
+                bail!(
+                    "hostile archive: container {name:?} ({dir}) brings a {}; {nothing}",
+                    layout::LAZY_STATUS
+                );
+            }
+        }
+        for file in [layout::POD_DUMP, layout::MANIFEST] {
+            if !self.names.contains(file) {
+                bail!("archive has no {file}; {nothing}");
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn bound_error(e: stasis_api::tarbound::BoundError) -> anyhow::Error {
+    use stasis_api::tarbound::{self, BoundError};
+    match e {
+        BoundError::Refused(why) => anyhow::anyhow!(why),
+        BoundError::Corrupt(why) => anyhow::anyhow!("archive is truncated or corrupt: {why}"),
+        BoundError::MetaRecord { kind, size } => anyhow::anyhow!(
+            "hostile archive: a {kind} record of {} (at most {} accepted)",
+            human(size),
+            human(tarbound::MAX_META_RECORD)
+        ),
+        BoundError::TooManyEntries => anyhow::anyhow!(
+            "hostile archive: more than {} entries",
+            tarbound::MAX_ENTRIES
+        ),
+        BoundError::TooBig { total, room } => anyhow::anyhow!(
+            "the archive unpacks to more than {} and only {} are free where it is unpacked; nothing was written",
+            human(total),
+            human(room)
+        ),
+    }
+}

@@ -1,0 +1,370 @@
+use super::*;
+
+/// A scratch directory of its own per test (no shared state, removed at the end).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let p =
+            std::env::temp_dir().join(format!("stasis-archive-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The layout a shim writes for a one-container pod.
+fn checkpoint_dir(root: &Path) -> PathBuf {
+    let dir = root.join("ckpt");
+    let c = dir.join("abc-web");
+    std::fs::create_dir_all(c.join("checkpoint")).unwrap();
+    std::fs::write(
+        dir.join("pod.options"),
+        r#"{"version":1,"containers":{"web":"abc-web"},"annotations":{"io.stasis.engine":"runc"}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("pod.dump"),
+        r#"{"metadata":{"name":"web-pod","namespace":"default"}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        c.join("config.dump"),
+        r#"{"id":"abc","rootfsImageName":"busybox","checkpointedTime":"2026-12-01T00:00:00Z"}"#,
+    )
+    .unwrap();
+    std::fs::write(c.join("container-config.json"), "{}").unwrap();
+    std::fs::write(
+        c.join("stasis.json"),
+        r#"{"engine":"runc","frozen_ms":12.5,"checkpoint_bytes":4096,"was_paused":true}"#,
+    )
+    .unwrap();
+    std::fs::write(c.join("checkpoint/pages-1.img"), vec![7u8; 4096]).unwrap();
+    dir
+}
+
+#[test]
+fn written_archives_inspect_and_extract_in_every_compression() {
+    let s = Scratch::new("roundtrip");
+    let dir = checkpoint_dir(&s.0);
+    write_manifest(&dir).unwrap();
+    for (compression, name) in [
+        (Compression::None, "a.tar"),
+        (Compression::Gzip, "a.tar.gz"),
+        (Compression::Zstd, "a.tar.zst"),
+    ] {
+        let dest = s.0.join(name);
+        let size = write(&dir, &dest, compression).unwrap();
+        assert_eq!(size, std::fs::metadata(&dest).unwrap().len());
+        let sum = inspect(&dest).unwrap();
+        assert_eq!(sum.pod_name, "web-pod", "{name}");
+        assert_eq!(sum.engine, "runc");
+        assert_eq!(sum.containers.len(), 1);
+        let c = &sum.containers[0];
+        assert_eq!(
+            (c.name.as_str(), c.id.as_str(), c.image.as_str()),
+            ("web", "abc", "busybox")
+        );
+        assert!(c.was_paused && c.frozen_ms == 12.5 && c.checkpoint_bytes == 4096);
+        let out = s.0.join(format!("x-{name}"));
+        let opts = extract(&dest, &out).unwrap();
+        assert_eq!(opts.containers["web"], "abc-web");
+        assert_eq!(
+            std::fs::read(out.join("abc-web/checkpoint/pages-1.img")).unwrap(),
+            vec![7u8; 4096]
+        );
+        // No temporary file left beside the archive.
+        let partial: Vec<_> = std::fs::read_dir(&s.0)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+            .collect();
+        assert!(partial.is_empty(), "{partial:?}");
+    }
+    // One changed byte after the manifest was written: refused, naming the file.
+    std::fs::write(dir.join("abc-web/checkpoint/pages-1.img"), vec![8u8; 4096]).unwrap();
+    let dest = s.0.join("changed.tar");
+    write(&dir, &dest, Compression::None).unwrap();
+    let err = extract(&dest, &s.0.join("x-changed")).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("abc-web/checkpoint/pages-1.img is corrupt"),
+        "{err:#}"
+    );
+    assert!(!s.0.join("x-changed").exists());
+}
+
+#[test]
+fn hostile_or_incomplete_archives_are_refused_and_leave_nothing() {
+    let s = Scratch::new("hostile");
+    // An entry climbing out of the target, written byte for byte.
+    let mut h = tar::Header::new_old();
+    h.as_old_mut().name[..9].copy_from_slice(b"../escape");
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(1);
+    h.set_mode(0o644);
+    h.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&h, &b"x"[..]).unwrap();
+    let evil = s.0.join("evil.tar");
+    std::fs::write(&evil, b.into_inner().unwrap()).unwrap();
+    let out = s.0.join("out");
+    let e = extract(&evil, &out).unwrap_err().to_string();
+    assert!(e.contains("..") || e.contains("outside"), "{e}");
+    assert!(!out.exists(), "the refused extraction left its directory");
+    assert!(!s.0.join("escape").exists());
+
+    // A pod.options naming a directory the archive lacks.
+    let dir = checkpoint_dir(&s.0);
+    std::fs::write(
+        dir.join("pod.options"),
+        r#"{"version":1,"containers":{"web":"missing"}}"#,
+    )
+    .unwrap();
+    let bad = s.0.join("bad.tar");
+    write(&dir, &bad, Compression::None).unwrap();
+    let e = extract(&bad, &out).unwrap_err().to_string();
+    assert!(
+        e.contains("(missing) has no config.dump; nothing was written"),
+        "{e}"
+    );
+    assert!(!out.exists());
+
+    // A compression bomb without the structure of a checkpoint: the header pass knows,
+    // before a byte is unpacked (the target is never even created).
+    let bomb = s.0.join("bomb.tar.zst");
+    {
+        let mut b =
+            tar::Builder::new(zstd::Encoder::new(File::create(&bomb).unwrap(), 19).unwrap());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(256 << 20);
+        h.set_mode(0o600);
+        b.append_data(&mut h, "zeros", std::io::repeat(0).take(256 << 20))
+            .unwrap();
+        b.into_inner().unwrap().finish().unwrap();
+    }
+    assert!(std::fs::metadata(&bomb).unwrap().len() < 1 << 20);
+    for e in [
+        format!("{:#}", extract(&bomb, &out).unwrap_err()),
+        format!("{:#}", inspect(&bomb).unwrap_err()),
+    ] {
+        assert!(
+            e.contains("archive has no pod.options; nothing was written"),
+            "{e}"
+        );
+    }
+    assert!(!out.exists());
+
+    // The same file twice (the second would silently replace the checked first).
+    let twice = s.0.join("twice.tar");
+    {
+        let mut b = tar::Builder::new(File::create(&twice).unwrap());
+        for _ in 0..2 {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(2);
+            b.append_data(&mut h, "./pod.dump", &b"{}"[..]).unwrap();
+        }
+        b.into_inner().unwrap();
+    }
+    let e = format!("{:#}", extract(&twice, &out).unwrap_err());
+    assert!(e.contains("pod.dump is in it twice"), "{e}");
+    assert!(!out.exists());
+
+    // A version this reader does not know.
+    std::fs::write(
+        dir.join("pod.options"),
+        r#"{"version":9,"containers":{"web":"abc-web"}}"#,
+    )
+    .unwrap();
+    std::fs::remove_file(&bad).unwrap();
+    write(&dir, &bad, Compression::None).unwrap();
+    let e = format!("{:#}", inspect(&bad).unwrap_err());
+    assert!(e.contains("version 9"), "{e}");
+}
+
+#[test]
+fn archives_are_private_and_never_replace_a_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new("private");
+    let dir = checkpoint_dir(&s.0);
+    let dest = s.0.join("a.tar.zst");
+    write(&dir, &dest, Compression::Zstd).unwrap();
+    let mode = std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the archive is readable by others: {mode:o}");
+    // Something at the destination stays as it was, and nothing is left beside it.
+    std::fs::remove_file(&dest).unwrap();
+    std::fs::write(&dest, "someone else's").unwrap();
+    let e = write(&dir, &dest, Compression::Zstd)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already exists"), "{e}");
+    assert_eq!(std::fs::read_to_string(&dest).unwrap(), "someone else's");
+    let names: Vec<String> = std::fs::read_dir(&s.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.contains("partial")),
+        "a partial file was left: {names:?}"
+    );
+}
+
+/// A staged checkpoint is placed whole: renamed on one file system, copied (private, then
+/// renamed) across two (/dev/shm is a tmpfs here); never over an existing directory.
+#[test]
+fn staged_checkpoints_are_placed_whole() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new("place");
+    for (i, stage_root) in [s.0.clone(), PathBuf::from("/dev/shm")].iter().enumerate() {
+        let staging = stage_root.join(format!("stasis-place-test-{}-{i}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(staging.join("c/checkpoint")).unwrap();
+        std::fs::write(staging.join("pod.options"), b"{}").unwrap();
+        std::fs::write(staging.join("c/checkpoint/pages-1.img"), vec![1u8; 5000]).unwrap();
+        // As a checkpoint is staged: private throughout.
+        make_private(&staging).unwrap();
+        let dest = s.0.join(format!("placed-{i}"));
+        assert_eq!(place_dir(&staging, &dest).unwrap(), 5002);
+        assert_eq!(
+            std::fs::read(dest.join("c/checkpoint/pages-1.img")).unwrap(),
+            vec![1u8; 5000]
+        );
+        let mode = std::fs::metadata(dest.join("c"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging).unwrap();
+        assert!(
+            place_dir(&staging, &dest).is_err(),
+            "placed over {}",
+            dest.display()
+        );
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+}
+
+/// A lazy restore's unpack leaves page images in an uncompressed archive: not unpacked,
+/// spans pointing at the images' bytes, chunk digests from the manifest; everything else
+/// unpacked and checked. A compressed archive cannot.
+#[test]
+fn page_images_stay_in_an_uncompressed_archive() {
+    let s = Scratch::new("leave");
+    let dir = checkpoint_dir(&s.0);
+    let pages: Vec<u8> = (0..(2 * layout::PAGE_CHUNK_SIZE + 4096))
+        .map(|i| (i % 251) as u8)
+        .collect();
+    std::fs::write(dir.join("abc-web/checkpoint/pages-1.img"), &pages).unwrap();
+    write_manifest(&dir).unwrap();
+    let plain = s.0.join("a.tar");
+    write(&dir, &plain, Compression::None).unwrap();
+    assert!(is_plain_tar(&plain).unwrap());
+    let out = s.0.join("out");
+    let (options, source) = extract_leaving_pages(&plain, &out, &Opening::default()).unwrap();
+    assert_eq!(options.containers["web"], "abc-web");
+    let span = &source.files["abc-web/checkpoint/pages-1.img"];
+    assert_eq!((span.size, span.chunks.len()), (pages.len() as u64, 3));
+    let bytes = std::fs::read(&source.archive).unwrap();
+    let at = span.offset as usize;
+    assert_eq!(&bytes[at..at + pages.len()], &pages[..]);
+    // Left for the shim to make: absent, so an older shim fails instead of restoring zeros.
+    assert!(!out.join("abc-web/checkpoint/pages-1.img").exists());
+    assert!(out.join("abc-web/config.dump").is_file());
+    // The eager path still reads chunked images whole and checks them.
+    let whole = s.0.join("whole");
+    extract(&plain, &whole).unwrap();
+    assert_eq!(
+        std::fs::read(whole.join("abc-web/checkpoint/pages-1.img")).unwrap(),
+        pages
+    );
+    let zst = s.0.join("a.tar.zst");
+    write(&dir, &zst, Compression::Zstd).unwrap();
+    assert!(!is_plain_tar(&zst).unwrap());
+}
+
+/// Signed and encrypted archives round-trip; the wrong key, no identity, a tampered
+/// signed archive and an unknown format version are refused, leaving nothing.
+#[test]
+fn sealed_archives_open_only_with_the_right_keys() {
+    let s = Scratch::new("sealed");
+    let dir = checkpoint_dir(&s.0);
+    write_manifest(&dir).unwrap();
+    seal::generate(seal::KeyKind::Signing, &s.0.join("sign")).unwrap();
+    let key = seal::load_signing_key(&s.0.join("sign")).unwrap();
+    seal::sign_manifest(&dir, &key).unwrap();
+    let recipient = seal::generate(seal::KeyKind::Encryption, &s.0.join("id")).unwrap();
+    seal::generate(seal::KeyKind::Encryption, &s.0.join("other")).unwrap();
+    let recipients = seal::load_recipients(recipient.trim()).unwrap();
+    let dest = s.0.join("a.tar.zst.age");
+    let w = write_cancellable(
+        &dir,
+        &dest,
+        Compression::Zstd,
+        &recipients,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    verify_bytes(&dest, &w).unwrap();
+    let bytes = std::fs::read(&dest).unwrap();
+    assert!(
+        !bytes.windows(7).any(|w| w == b"web-pod"),
+        "plaintext in the archive"
+    );
+    let sum = inspect(&dest).unwrap();
+    assert!(sum.encrypted && sum.pod_name.is_empty());
+    let right = Opening {
+        identities: seal::load_identities(&s.0.join("id")).unwrap(),
+        verify: vec![key.verifying_key()],
+    };
+    let sum = inspect_with(&dest, &right).unwrap();
+    assert_eq!(sum.pod_name, "web-pod");
+    assert_eq!(sum.signed_by, Some(seal::fingerprint(&key.verifying_key())));
+    extract_with(&dest, &s.0.join("ok"), &right).unwrap();
+    let out = s.0.join("refused");
+    let e = extract(&dest, &out).unwrap_err().to_string();
+    assert!(e.contains("--identity"), "{e}");
+    let wrong = Opening {
+        identities: seal::load_identities(&s.0.join("other")).unwrap(),
+        verify: Vec::new(),
+    };
+    let e = extract_with(&dest, &out, &wrong).unwrap_err().to_string();
+    assert!(e.contains("other recipients"), "{e}");
+    // Signed by another key, unsigned, or changed after signing (manifest rewritten).
+    let stranger = Opening {
+        identities: right.identities.clone(),
+        verify: vec![ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng).verifying_key()],
+    };
+    let e = format!("{:#}", extract_with(&dest, &out, &stranger).unwrap_err());
+    assert!(e.contains("is signed by"), "{e}");
+    std::fs::write(dir.join("pod.dump"), r#"{"metadata":{"name":"evil"}}"#).unwrap();
+    std::fs::remove_file(dir.join(layout::MANIFEST)).unwrap();
+    write_manifest(&dir).unwrap();
+    let tampered = s.0.join("tampered.tar");
+    write(&dir, &tampered, Compression::None).unwrap();
+    let e = format!("{:#}", extract_with(&tampered, &out, &right).unwrap_err());
+    assert!(e.contains("changed after it was signed"), "{e}");
+    std::fs::remove_file(dir.join(layout::SIGNATURE)).unwrap();
+    let unsigned = s.0.join("unsigned.tar");
+    write(&dir, &unsigned, Compression::None).unwrap();
+    let e = format!("{:#}", extract_with(&unsigned, &out, &right).unwrap_err());
+    assert!(e.contains("not signed"), "{e}");
+    // A format from the future.
+    let text = std::fs::read_to_string(dir.join(layout::MANIFEST)).unwrap();
+    std::fs::write(
+        dir.join(layout::MANIFEST),
+        text.replacen("\"version\":3", "\"version\":9", 1),
+    )
+    .unwrap();
+    let future = s.0.join("future.tar");
+    write(&dir, &future, Compression::None).unwrap();
+    let e = format!("{:#}", extract(&future, &out).unwrap_err());
+    assert!(e.contains("format version 9 is unknown"), "{e}");
+    assert!(!out.exists(), "a refused archive left {}", out.display());
+}

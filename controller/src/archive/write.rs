@@ -1,0 +1,241 @@
+use super::*;
+
+/// Writes `dir` as an archive at `dest`, durably and atomically: into a fresh private file
+/// (0600, never an existing one) beside `dest`, every error up to the end of the compressed
+/// stream counted, the file synced, then renamed into place without replacing anything that
+/// appeared at `dest` meanwhile, and the directory synced. A failure (a full disk above all)
+/// leaves nothing at or beside `dest`.
+pub fn write(dir: &Path, dest: &Path, compression: Compression) -> Result<u64> {
+    write_cancellable(dir, dest, compression, &[], &AtomicBool::new(false)).map(|w| w.bytes)
+}
+
+/// What was written: its size and the SHA-256 of the file's bytes (what a read-back of an
+/// archive encrypted to others can be checked against).
+pub struct Written {
+    pub bytes: u64,
+    pub sha256: [u8; 32],
+}
+
+/// [`write`], encrypted to `recipients` when there are any, giving up (and leaving nothing)
+/// once `cancel` is set.
+pub fn write_cancellable(
+    dir: &Path,
+    dest: &Path,
+    compression: Compression,
+    recipients: &[age::x25519::Recipient],
+    cancel: &AtomicBool,
+) -> Result<Written> {
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = dest
+        .file_name()
+        .with_context(|| format!("{} names no file", dest.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let partial = parent.join(format!(".{name}.partial-{}", files::random_suffix()?));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&partial)
+        .with_context(|| format!("create {}", partial.display()))?;
+    let out = Cancellable {
+        inner: file,
+        cancel,
+        hasher: sha2::Sha256::default(),
+        bytes: 0,
+    };
+    let stream = if recipients.is_empty() {
+        write_stream(dir, out, compression)
+    } else {
+        seal::encrypt(out, recipients)
+            .and_then(|enc| write_stream(dir, enc, compression))
+            .and_then(|enc| enc.finish().context("finish the encryption"))
+    };
+    let mut sum = ([0u8; 32], 0);
+    let written = stream
+        .and_then(|w| {
+            use sha2::Digest;
+            sum = (w.hasher.finalize().into(), w.bytes);
+            w.inner.sync_all().context("sync the archive")
+        })
+        .and_then(|()| rename_new(&partial, dest))
+        .and_then(|()| {
+            File::open(&parent)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("sync {}", parent.display()))
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(explain_full_disk(e, dest));
+    }
+    Ok(Written {
+        bytes: sum.1,
+        sha256: sum.0,
+    })
+}
+
+/// Reads the file at `path` back and checks it holds exactly what was written.
+pub fn verify_bytes(path: &Path, written: &Written) -> Result<()> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let n = std::io::copy(
+        &mut File::open(path).with_context(|| format!("read back {}", path.display()))?,
+        &mut hasher,
+    )
+    .with_context(|| format!("read back {}", path.display()))?;
+    let sum: [u8; 32] = hasher.finalize().into();
+    if n != written.bytes || sum != written.sha256 {
+        bail!(
+            "{} reads back as {n} bytes that differ from the {} bytes written",
+            path.display(),
+            written.bytes
+        );
+    }
+    Ok(())
+}
+
+/// `dir` as a plain tar stream into `w` (what a migration sends).
+pub fn write_tar<W: Write>(dir: &Path, w: W) -> Result<W> {
+    write_stream(dir, w, Compression::None)
+}
+
+/// The tar stream of `dir`, compressed, with the end of every layer checked: a compressor's
+/// final block failing (ENOSPC) is an error, not a silently truncated archive.
+pub(super) fn write_stream<W: Write>(dir: &Path, file: W, compression: Compression) -> Result<W> {
+    fn tar_into<W: Write>(dir: &Path, w: W) -> Result<W> {
+        let mut tar = tar::Builder::new(w);
+        tar.follow_symlinks(false);
+        // Modes as they are: CRIU's page images and the configs with environment secrets
+        // are 0600 and stay so for whoever unpacks the archive.
+        tar.mode(tar::HeaderMode::Complete);
+        // Directory entries first (checkpointctl wants one for checkpoint/).
+        tar.append_dir_all(".", dir)?;
+        Ok(tar.into_inner()?)
+    }
+    let file = match compression {
+        Compression::None => {
+            let mut w = tar_into(dir, std::io::BufWriter::new(file))?;
+            w.flush()?;
+            w.into_inner().map_err(|e| e.into_error())?
+        }
+        Compression::Gzip => tar_into(
+            dir,
+            flate2::write::GzEncoder::new(file, flate2::Compression::fast()),
+        )?
+        .finish()?,
+        // The frame carries a checksum of its content, so a reader notices a corrupted frame.
+        Compression::Zstd => {
+            let mut enc = zstd::Encoder::new(file, 3)?;
+            enc.include_checksum(true)?;
+            tar_into(dir, enc)?.finish()?
+        }
+    };
+    Ok(file)
+}
+
+/// A writer that fails once its flag is set (how an interrupted packaging stops), hashing
+/// what it passes on.
+pub(super) struct Cancellable<'a, W> {
+    pub(super) inner: W,
+    pub(super) cancel: &'a AtomicBool,
+    pub(super) hasher: sha2::Sha256,
+    pub(super) bytes: u64,
+}
+
+impl<W: Write> Write for Cancellable<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "archive writing interrupted",
+            ));
+        }
+        let n = self.inner.write(buf)?;
+        sha2::Digest::update(&mut self.hasher, &buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The regular files below `dir` and their bytes (links and other entries not counted).
+pub(super) fn tree_size(dir: &Path) -> (u64, u64) {
+    let (mut files, mut bytes) = (0, 0);
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        match e.path().symlink_metadata() {
+            Ok(m) if m.is_dir() => {
+                let (f, b) = tree_size(&e.path());
+                files += f;
+                bytes += b;
+            }
+            Ok(m) if m.is_file() => {
+                files += 1;
+                bytes += m.len();
+            }
+            _ => {}
+        }
+    }
+    (files, bytes)
+}
+
+/// Reads the archive at `path` back in full (every compressed frame's checksum included) and
+/// checks it holds exactly the regular files and bytes of `dir`, the directory it was made
+/// from.
+pub fn verify(path: &Path, dir: &Path) -> Result<()> {
+    let (want_files, want_bytes) = tree_size(dir);
+    let (mut files, mut bytes) = (0u64, 0u64);
+    let mut tar = tar::Archive::new(open(path, &Opening::default())?);
+    for entry in tar
+        .entries()
+        .with_context(|| format!("read back {}", path.display()))?
+    {
+        let mut entry = entry.with_context(|| format!("read back {}", path.display()))?;
+        if entry.header().entry_type().is_file() {
+            files += 1;
+            bytes += std::io::copy(&mut entry, &mut std::io::sink())
+                .with_context(|| format!("read back {}", path.display()))?;
+        }
+    }
+    if (files, bytes) != (want_files, want_bytes) {
+        bail!(
+            "{} reads back as {files} files, {bytes} bytes; {want_files} files, {want_bytes} bytes were written",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Renames `from` to `to` unless something exists at `to` (RENAME_NOREPLACE).
+pub(super) fn rename_new(from: &Path, to: &Path) -> Result<()> {
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE).map_err(|e| {
+        if e == nix::errno::Errno::EEXIST {
+            anyhow::anyhow!("{} already exists; it was not replaced", to.display())
+        } else {
+            anyhow::anyhow!("move the archive to {}: {e}", to.display())
+        }
+    })
+}
+
+/// A full disk said plainly, with where.
+pub(super) fn explain_full_disk(e: anyhow::Error, dest: &Path) -> anyhow::Error {
+    let full = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+    });
+    if full {
+        e.context(format!(
+            "no space left on the file system of {}; nothing was left there",
+            dest.display()
+        ))
+    } else {
+        e
+    }
+}

@@ -1,0 +1,348 @@
+//! `stasisctl pod checkpoint`: the pod's shim freezes and captures every selected container
+//! at one instant into a private staging directory; stasisctl manifests and signs it and
+//! delivers it to its [`Destination`]. A stopping checkpoint keeps the pod frozen (held by
+//! its shim) until the destination has it, and only then stops it; any failure before that
+//! lets the pod run on and leaves nothing at the destination.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ed25519_dalek::SigningKey;
+use stasis_api::checkpoint::{
+    CheckpointOptions, CheckpointPodRequest, CheckpointPodResponse, ContainerInfo,
+    FinishCheckpointRequest,
+};
+use stasis_api::checkpoint_ttrpc::CheckpointClient;
+
+use super::{ms, ttrpc_ctx, Interrupt, Target};
+use crate::{
+    archive,
+    cri::{self, api},
+    files, seal, shim,
+};
+
+mod destination;
+mod select;
+mod space;
+
+pub use destination::{Delivered, Destination};
+pub use select::{names, select};
+
+pub struct CheckpointArgs {
+    pub pod: String,
+    pub destination: Destination,
+    pub leave_running: bool,
+    /// Only these containers (id, name or id prefix of 6 or more); all running ones if empty.
+    pub containers: Vec<String>,
+    pub tcp_established: bool,
+    pub file_locks: bool,
+    pub timeout: u32,
+    /// Refuse early when the output's file system cannot hold the estimate.
+    pub space_check: bool,
+    /// Signs the manifest.
+    pub sign: Option<SigningKey>,
+    /// How long the shim holds a stopping checkpoint's pod frozen for us (default: from the
+    /// space estimate).
+    pub hold_secs: Option<u32>,
+}
+
+/// What a pod checkpoint produced, for the printout and for `stasisctl bench`.
+pub struct CheckpointOutcome {
+    pub pod_name: String,
+    pub pod_id: String,
+    /// Where it went, as messages name it.
+    pub destination: String,
+    pub delivered: Delivered,
+    pub response: CheckpointPodResponse,
+    pub packaging_ms: f64,
+    /// Wall time of the whole command: the shim's checkpoint plus packaging.
+    pub total_ms: f64,
+}
+
+/// The pod and what of it a checkpoint takes.
+struct Selected {
+    pod: api::PodSandbox,
+    name: String,
+    containers: Vec<ContainerInfo>,
+}
+
+/// Checkpoints a pod through its shim's Checkpoint service and delivers it.
+pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointOutcome> {
+    let started = Instant::now();
+    a.destination.check_new(t).await?;
+    let mut rt = cri::connect(Path::new(&t.address)).await?;
+    let s = select_containers(&mut rt, &a).await?;
+    let (output_dir, label) = a.destination.output_dir(&a.pod)?;
+    let estimate = space::estimate(&mut rt, &s.containers).await;
+    let stage_in = space::staging_parent(&output_dir)?;
+    if a.space_check {
+        space::check_space(&s.name, &estimate, &stage_in, &output_dir)?;
+    }
+    let client =
+        shim::checkpoint_client(&t.address, &t.namespace, &s.pod.id, &s.pod.runtime_handler)
+            .await?;
+    a.destination.check_new(t).await?;
+    let staging = new_staging_dir(&stage_in, &label)?;
+    eprintln!(
+        "checkpointing pod {} ({}) with {} container(s){}…",
+        s.name,
+        &s.pod.id[..12],
+        s.containers.len(),
+        if a.leave_running {
+            ", leaving it running"
+        } else {
+            ""
+        }
+    );
+    let hold = if a.leave_running {
+        0
+    } else {
+        // A stopping checkpoint keeps the pod frozen until the archive is safe; this bound
+        // (time to package the estimate at a slow 20 MB/s, plus a minute) is how long the
+        // shim waits for us before it lets the pod run on.
+        a.hold_secs
+            .unwrap_or((60 + estimate.total() / 20_000_000).min(3600) as u32)
+    };
+    let mut interrupt = Interrupt::listen()?;
+    let response = match ask_shim(&client, &a, &s, &staging, hold, &mut interrupt).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    let t_pack = Instant::now();
+    let destination = a.destination.describe();
+    let undelivered = a.destination.undelivered();
+    let delivered = package(t, a.destination, &s.pod, &staging, a.sign, &mut interrupt).await;
+    let _ = std::fs::remove_dir_all(&staging);
+    let finish = Finish {
+        client: &client,
+        pod: &s.pod,
+        name: &s.name,
+    };
+    let delivered = match delivered {
+        Ok(d) => d,
+        Err(e) if !a.leave_running => return Err(finish.resume(e, undelivered).await),
+        Err(e) => return Err(e),
+    };
+    if !a.leave_running {
+        finish.stop(&destination).await?;
+    }
+    Ok(CheckpointOutcome {
+        pod_name: s.name,
+        pod_id: s.pod.id.clone(),
+        destination,
+        delivered,
+        response,
+        packaging_ms: ms(t_pack.elapsed()),
+        total_ms: ms(started.elapsed()),
+    })
+}
+
+/// The pod `a.pod` names and the running containers the checkpoint takes.
+async fn select_containers(rt: &mut cri::Runtime, a: &CheckpointArgs) -> Result<Selected> {
+    let pod = cri::find_pod(rt, &a.pod).await?;
+    let name = pod
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    let all = cri::pod_containers(rt, &pod.id).await?;
+    let listed: Vec<(String, String, bool)> = all
+        .iter()
+        .map(|c| {
+            let cname = c
+                .metadata
+                .as_ref()
+                .map(|m| m.name.clone())
+                .unwrap_or_default();
+            let running = c.state == api::ContainerState::ContainerRunning as i32;
+            (c.id.clone(), cname, running)
+        })
+        .collect();
+    let chosen = select(&name, &listed, &a.containers)?;
+    let mut containers = Vec::new();
+    for c in all.iter().filter(|c| chosen.contains(&c.id.as_str())) {
+        containers.push(select::container_info(rt, c).await?);
+    }
+    if containers.is_empty() {
+        bail!(
+            "pod {name} ({}) has no running container to checkpoint",
+            pod.id
+        );
+    }
+    Ok(Selected {
+        pod,
+        name,
+        containers,
+    })
+}
+
+/// A fresh private directory: a random name, 0700, never one that already exists
+/// (somebody else's, or a link).
+fn new_staging_dir(stage_in: &Path, label: &str) -> Result<PathBuf> {
+    let staging = stage_in.join(format!(".{label}.stasis-{}", files::random_suffix()?));
+    files::create_private_dir(&staging)?;
+    Ok(staging.canonicalize()?)
+}
+
+/// The shim's checkpoint of the selected containers into `staging`.
+async fn ask_shim(
+    client: &CheckpointClient,
+    a: &CheckpointArgs,
+    s: &Selected,
+    staging: &Path,
+    hold_secs: u32,
+    interrupt: &mut Interrupt,
+) -> Result<CheckpointPodResponse> {
+    let name = &s.name;
+    let req = CheckpointPodRequest {
+        sandbox_id: s.pod.id.clone(),
+        output_path: staging.display().to_string(),
+        containers: s.containers.clone(),
+        options: Some(CheckpointOptions {
+            leave_running: a.leave_running,
+            tcp_established: a.tcp_established,
+            file_locks: a.file_locks,
+            timeout_secs: a.timeout,
+            hold_secs,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    let secs = if a.timeout > 0 {
+        a.timeout as u64 + 30
+    } else {
+        3600
+    };
+    let asked = tokio::select! {
+        r = client.checkpoint_pod(ttrpc_ctx(secs), &req) => r.map_err(|e| {
+            shim::explain(e, &s.pod.id, &s.pod.runtime_handler)
+                .context(format!("checkpoint of pod {name} failed"))
+        }),
+        // Dropping the call tells the shim its caller is gone: the pod is thawed and runs on.
+        signal = interrupt.received() => Err(anyhow!(
+            "interrupted by {signal}: checkpoint of pod {name} abandoned, the pod runs on"
+        )),
+    };
+    // The shim stops nothing before the archive is safe, whatever failed.
+    asked.map_err(|e| {
+        if a.leave_running {
+            e
+        } else {
+            e.context(format!("pod {name} was not stopped and runs on"))
+        }
+    })
+}
+
+/// Manifests, signs and delivers the staged pod; an interrupt meanwhile is passed on to the
+/// destination, which then leaves nothing behind.
+async fn package(
+    t: &Target,
+    destination: Destination,
+    pod: &api::PodSandbox,
+    staging: &Path,
+    sign: Option<SigningKey>,
+    interrupt: &mut Interrupt,
+) -> Result<Delivered> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let described = destination.describe();
+    let work = async {
+        let (dir, handler) = (staging.to_path_buf(), pod.runtime_handler.clone());
+        tokio::task::spawn_blocking(move || seal_staged(&dir, &handler, sign.as_ref()))
+            .await
+            .context("packaging worker")??;
+        destination.deliver(t, staging, cancel.clone()).await
+    };
+    tokio::pin!(work);
+    tokio::select! {
+        r = &mut work => r,
+        signal = interrupt.received() => {
+            cancel.store(true, Ordering::SeqCst);
+            let _ = work.await;
+            Err(anyhow!("interrupted by {signal} while writing the archive; nothing was left at {described}"))
+        }
+    }
+}
+
+/// Makes the staged checkpoint what a destination takes: the runtime handler recorded,
+/// every file private, the manifest written and (with a key) signed.
+fn seal_staged(staging: &Path, handler: &str, sign: Option<&SigningKey>) -> Result<()> {
+    record_runtime_handler(staging, handler)?;
+    archive::make_private(staging)?;
+    archive::write_manifest(staging)?;
+    if let Some(key) = sign {
+        seal::sign_manifest(staging, key)?;
+    }
+    Ok(())
+}
+
+/// Notes in `pod.options` which CRI runtime handler the pod ran under (the shim knows its
+/// engine, not the handler's name), so a restore can default to it.
+fn record_runtime_handler(staging: &Path, handler: &str) -> Result<()> {
+    if handler.is_empty() {
+        return Ok(());
+    }
+    let mut options = archive::read_pod_options(staging)?;
+    options.annotations.insert(
+        stasis_api::layout::RUNTIME_HANDLER_ANNOTATION.into(),
+        handler.into(),
+    );
+    let path = staging.join(stasis_api::layout::POD_OPTIONS);
+    std::fs::remove_file(&path).with_context(|| format!("replace {}", path.display()))?;
+    files::write_new_private(&path, &options.to_json())
+}
+
+/// The end of a stopping checkpoint: the pod resumed (nothing delivered) or stopped.
+struct Finish<'a> {
+    client: &'a CheckpointClient,
+    pod: &'a api::PodSandbox,
+    name: &'a str,
+}
+
+impl Finish<'_> {
+    async fn finish(&self, stop: bool) -> Result<(), ttrpc::Error> {
+        let req = FinishCheckpointRequest {
+            sandbox_id: self.pod.id.clone(),
+            stop,
+            ..Default::default()
+        };
+        self.client
+            .finish_checkpoint(ttrpc_ctx(120), &req)
+            .await
+            .map(|_| ())
+    }
+
+    /// Nothing was delivered: the pod runs on.
+    async fn resume(&self, e: anyhow::Error, undelivered: &str) -> anyhow::Error {
+        let name = self.name;
+        match self.finish(false).await {
+            Ok(()) => e.context(format!(
+                "pod {name}: {undelivered}; the pod was not stopped and runs on"
+            )),
+            Err(f) => e.context(format!(
+                "pod {name}: {undelivered}; resuming the pod failed too ({}), its shim lets it run on when its hold ends",
+                shim::explain(f, &self.pod.id, &self.pod.runtime_handler)
+            )),
+        }
+    }
+
+    /// The destination has the pod: it stops here.
+    async fn stop(&self, destination: &str) -> Result<()> {
+        self.finish(true).await.map_err(|e| {
+            shim::explain(e, &self.pod.id, &self.pod.runtime_handler).context(format!(
+                "pod {}: the archive {destination} is complete, but stopping the pod failed; it may still run",
+                self.name
+            ))
+        })
+    }
+}

@@ -1,0 +1,154 @@
+//! Where a restore comes from, and how each source is unpacked (and checked in full) into the
+//! fresh restore directory before anything is created.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use stasis_api::layout::{self, PageSource, PodOptions};
+
+use super::RestoreArgs;
+use crate::{
+    archive, files,
+    image::{self, ImageStoreClient},
+    ops::Target,
+    seal::Opening,
+    stream::Channel,
+};
+
+/// Where a restore comes from.
+pub enum Source<'a> {
+    /// A pod archive file. `leave_pages`: a lazy restore from an uncompressed archive reads
+    /// page images from the archive itself instead of unpacking them.
+    Archive { path: PathBuf, leave_pages: bool },
+    /// A checkpoint directory (`pod checkpoint --output DIR/`).
+    Dir(PathBuf),
+    /// A checkpoint image in containerd's store (pulled when missing).
+    Image(String),
+    /// A migration stream from `peer`, carrying pod `pod`.
+    Stream {
+        channel: &'a mut Channel,
+        peer: String,
+        pod: String,
+    },
+}
+
+impl<'a> Source<'a> {
+    /// The command line's argument: an image reference, a checkpoint directory or an archive.
+    pub fn from_arg(arg: &str) -> Source<'a> {
+        if image::looks_like_reference(arg) {
+            Source::Image(arg.to_string())
+        } else if Path::new(arg).is_dir() {
+            Source::Dir(PathBuf::from(arg))
+        } else {
+            Source::Archive {
+                path: PathBuf::from(arg),
+                leave_pages: false,
+            }
+        }
+    }
+
+    /// How messages name it.
+    pub fn label(&self) -> String {
+        match self {
+            Source::Archive { path, .. } | Source::Dir(path) => path.display().to_string(),
+            Source::Image(reference) => reference.clone(),
+            Source::Stream { peer, pod, .. } => format!("pod {pod} from {peer}"),
+        }
+    }
+
+    /// Gets the source ready: an image pulled when missing; a lazy restore told what it
+    /// unpacks anyway.
+    pub(super) async fn prepare(self, t: &Target, a: &RestoreArgs) -> Result<Source<'a>> {
+        match self {
+            Source::Image(reference) => {
+                let store = ImageStoreClient::connect(&t.address, &t.namespace).await?;
+                if store.get(&reference).await?.is_none() {
+                    eprintln!("pulling {reference}");
+                    image::transfer(&t.address, &t.namespace, &reference, &a.registry, false)
+                        .await?;
+                }
+                if a.lazy {
+                    eprintln!(
+                        "{reference} is an image: its pages are unpacked before the pod runs"
+                    );
+                }
+                Ok(Source::Image(reference))
+            }
+            Source::Archive { path, .. } => {
+                // A lazy restore from an uncompressed archive leaves the page images in it:
+                // the shim reads pages from there on demand, so nothing that grows with
+                // memory is unpacked.
+                let leave_pages = a.lazy && archive::is_plain_tar(&path)?;
+                if a.lazy && !leave_pages {
+                    eprintln!(
+                        "{} is compressed or encrypted: its pages are unpacked before the pod runs (an uncompressed archive, --compress none, is restored lazily without that)",
+                        path.display()
+                    );
+                }
+                Ok(Source::Archive { path, leave_pages })
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Unpacks into the new directory `dir`, checking everything; says which page images it
+    /// left where they are.
+    pub(super) fn unpack(
+        self,
+        t: &Target,
+        a: &RestoreArgs,
+        dir: &Path,
+    ) -> Result<(PodOptions, Option<PageSource>)> {
+        match self {
+            Source::Archive {
+                path,
+                leave_pages: true,
+            } => {
+                let (options, source) = archive::extract_leaving_pages(&path, dir, &a.opening)?;
+                Ok((options, Some(source)))
+            }
+            Source::Archive { path, .. } => {
+                Ok((archive::extract_with(&path, dir, &a.opening)?, None))
+            }
+            // A lazy restore leaves a directory's page images where they are and reads them
+            // from there.
+            Source::Dir(path) => archive::copy_from_dir(&path, dir, &a.opening, a.lazy),
+            Source::Image(reference) => {
+                let options = tokio::task::block_in_place(|| {
+                    image::unpack_blocking(&t.address, &t.namespace, &reference, dir, &a.opening)
+                })?;
+                Ok((options, None))
+            }
+            Source::Stream { channel, peer, .. } => {
+                // A node that names trusted signers takes only signed migrations too.
+                let opening = Opening {
+                    identities: Vec::new(),
+                    verify: a.policy.signers()?,
+                };
+                Ok((channel.receive_pod(dir, &opening, &peer)?, None))
+            }
+        }
+    }
+}
+
+/// Writes the restore's options (lazy or not, where pages are read from) and the pod's claim
+/// token (only the pod created here carries it) beside the restore directory, recording them
+/// in `written` as they are made; returns the token.
+pub(super) fn write_restore_files(
+    store: &Path,
+    restore_id: &str,
+    lazy: bool,
+    page_source: Option<PageSource>,
+    written: &mut Vec<PathBuf>,
+) -> Result<String> {
+    let options_file = store.join(format!("{restore_id}{}", layout::RESTORE_OPTIONS_SUFFIX));
+    let token_file = store.join(format!("{restore_id}{}", layout::RESTORE_TOKEN_SUFFIX));
+    written.push(store.join(format!("{restore_id}.pod")));
+    written.push(options_file.clone());
+    written.push(token_file.clone());
+    let options = layout::RestoreOptions { lazy, page_source };
+    files::write_new_private(&options_file, &serde_json::to_vec(&options)?)?;
+    let token = files::random_id()?;
+    files::write_new_private(&token_file, token.as_bytes())?;
+    Ok(token)
+}

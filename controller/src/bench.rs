@@ -191,6 +191,8 @@ async fn check_restored(
     Ok("held".into())
 }
 
+/// One pod of `n` containers under `handler`: started, its counters seen moving, checkpointed
+/// live, removed, restored, checked.
 async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize) -> Result<Sample> {
     let mut rt = cri::connect(Path::new(&t.address)).await?;
     let tag: String = handler
@@ -207,121 +209,159 @@ async fn one_run(t: &Target, a: &BenchArgs, handler: &str, n: usize, run: usize)
         &a.work_dir.join("logs"),
     )
     .await?;
-    let result = async {
-        let mut before = Vec::new();
-        for (cname, id) in &ids {
-            // Running before it is checkpointed: the counter moves.
-            let first = read_counter(&mut rt, id, COUNTER).await?;
-            let mut moved = false;
-            for _ in 0..200 {
-                if read_counter(&mut rt, id, COUNTER).await? > first {
-                    moved = true;
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            anyhow::ensure!(moved, "{cname}: its counter never moved");
-            let token = memory_token(&mut rt, id, COUNTER).await?;
-            before.push((
-                cname.clone(),
-                read_counter(&mut rt, id, COUNTER).await?,
-                token,
-            ));
-        }
-        let archive = a.work_dir.join(format!("{name}.tar"));
-        let args = CheckpointArgs {
-            pod: pod_id.clone(),
-            destination: Destination::Archive {
-                path: archive.clone(),
-                compression: Compression::None,
-                recipients: Vec::new(),
-            },
-            leave_running: true,
-            containers: Vec::new(),
-            tcp_established: false,
-            file_locks: false,
-            timeout: 0,
-            space_check: true,
-            sign: None,
-            hold_secs: None,
-        };
-        match checkpoint::checkpoint_pod(t, args).await {
-            Ok(o) => {
-                let frozen = o.response.timings.as_ref().map(|t| t.frozen_ms);
-                remove_pod(&mut rt, &pod_id).await;
-                let t0 = Instant::now();
-                let restored = restore::restore_pod(
-                    t,
-                    &RestoreArgs {
-                        registry: Default::default(),
-                        name: Some(format!("{name}-restored")),
-                        runtime_handler: Some(handler.to_string()),
-                        offered_runtime_handler: None,
-                        // The bench's own pods, restored from archives it just wrote (their
-                        // logs live in its work directory).
-                        policy: Policy {
-                            operator_host_paths: vec![a.work_dir.clone()],
-                            ..Policy::default()
-                        },
-                        replace_volumes: false,
-                        opening: Default::default(),
-                        lazy: false,
-                    },
-                    Source::Archive {
-                        path: archive.clone(),
-                        leave_pages: false,
-                    },
-                )
-                .await;
-                let _ = std::fs::remove_file(&archive);
-                let new_pod = restored.with_context(|| format!("restore {name}"))?;
-                let restore = ms(t0.elapsed());
-                let consistency = check_restored(&mut rt, &new_pod, &before).await;
-                remove_pod(&mut rt, &new_pod).await;
-                Ok(Sample {
-                    engine: o.response.engine.clone(),
-                    method: "pod: stasis Checkpoint service".into(),
-                    start: ms(start),
-                    checkpoint: Some(o.total_ms),
-                    frozen,
-                    bytes: Some(o.delivered.bytes),
-                    restore: Some(restore),
-                    consistency: consistency?,
-                })
-            }
-            Err(e) if format!("{e:#}").contains(shim::NO_CHECKPOINT_SERVICE) => {
-                // The generic fallback: CRI's per-container checkpoint, one after the other.
-                let t0 = Instant::now();
-                let mut bytes = 0;
-                for (cname, id) in &ids {
-                    let loc = a.work_dir.join(format!("{name}-{cname}.tar"));
-                    rt.checkpoint_container(api::CheckpointContainerRequest {
-                        container_id: id.clone(),
-                        location: loc.display().to_string(),
-                        timeout: 120,
-                    })
-                    .await
-                    .with_context(|| format!("CRI CheckpointContainer {cname} of {name}"))?;
-                    bytes += std::fs::metadata(&loc).map(|m| m.len()).unwrap_or(0);
-                    let _ = std::fs::remove_file(&loc);
-                }
-                Ok(Sample {
-                    engine: "-".into(),
-                    method: "containers one by one: CRI CheckpointContainer".into(),
-                    start: ms(start),
-                    checkpoint: Some(ms(t0.elapsed())),
-                    frozen: None,
-                    bytes: Some(bytes),
-                    restore: None,
-                    consistency: "not checked: no pod restore through CRI".into(),
-                })
-            }
-            Err(e) => Err(e),
-        }
-    }
-    .await;
+    let started = Started {
+        handler,
+        name: &name,
+        pod_id: &pod_id,
+        ids: &ids,
+        start,
+    };
+    let result = measure(t, a, &mut rt, &started).await;
     remove_pod(&mut rt, &pod_id).await;
     result
+}
+
+/// A bench pod that runs.
+struct Started<'a> {
+    handler: &'a str,
+    name: &'a str,
+    pod_id: &'a str,
+    /// (container name, id)
+    ids: &'a [(String, String)],
+    /// Time to start it.
+    start: Duration,
+}
+
+/// Each container's counter, once it moves, with its memory token.
+async fn counters_before(
+    rt: &mut cri::Runtime,
+    ids: &[(String, String)],
+) -> Result<Vec<(String, u64, String)>> {
+    let mut before = Vec::new();
+    for (cname, id) in ids {
+        // Running before it is checkpointed: the counter moves.
+        let first = read_counter(rt, id, COUNTER).await?;
+        let mut moved = false;
+        for _ in 0..200 {
+            if read_counter(rt, id, COUNTER).await? > first {
+                moved = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::ensure!(moved, "{cname}: its counter never moved");
+        let token = memory_token(rt, id, COUNTER).await?;
+        before.push((cname.clone(), read_counter(rt, id, COUNTER).await?, token));
+    }
+    Ok(before)
+}
+
+/// Checkpoints the pod as a pod (a stasis Checkpoint service) and restores it, or else
+/// container by container through CRI.
+async fn measure(
+    t: &Target,
+    a: &BenchArgs,
+    rt: &mut cri::Runtime,
+    p: &Started<'_>,
+) -> Result<Sample> {
+    let before = counters_before(rt, p.ids).await?;
+    let archive = a.work_dir.join(format!("{}.tar", p.name));
+    let args = CheckpointArgs {
+        pod: p.pod_id.to_string(),
+        destination: Destination::Archive {
+            path: archive.clone(),
+            compression: Compression::None,
+            recipients: Vec::new(),
+        },
+        leave_running: true,
+        containers: Vec::new(),
+        tcp_established: false,
+        file_locks: false,
+        timeout: 0,
+        space_check: true,
+        sign: None,
+        hold_secs: None,
+    };
+    let o = match checkpoint::checkpoint_pod(t, args).await {
+        Ok(o) => o,
+        Err(e) if format!("{e:#}").contains(shim::NO_CHECKPOINT_SERVICE) => {
+            return checkpoint_through_cri(a, rt, p).await
+        }
+        Err(e) => return Err(e),
+    };
+    let frozen = o.response.timings.as_ref().map(|t| t.frozen_ms);
+    remove_pod(rt, p.pod_id).await;
+    let t0 = Instant::now();
+    let restored = restore::restore_pod(
+        t,
+        &RestoreArgs {
+            registry: Default::default(),
+            name: Some(format!("{}-restored", p.name)),
+            runtime_handler: Some(p.handler.to_string()),
+            offered_runtime_handler: None,
+            // The bench's own pods, restored from archives it just wrote (their logs live
+            // in its work directory).
+            policy: Policy {
+                operator_host_paths: vec![a.work_dir.clone()],
+                ..Policy::default()
+            },
+            replace_volumes: false,
+            opening: Default::default(),
+            lazy: false,
+        },
+        Source::Archive {
+            path: archive.clone(),
+            leave_pages: false,
+        },
+    )
+    .await;
+    let _ = std::fs::remove_file(&archive);
+    let new_pod = restored.with_context(|| format!("restore {}", p.name))?;
+    let restore = ms(t0.elapsed());
+    let consistency = check_restored(rt, &new_pod, &before).await;
+    remove_pod(rt, &new_pod).await;
+    Ok(Sample {
+        engine: o.response.engine.clone(),
+        method: "pod: stasis Checkpoint service".into(),
+        start: ms(p.start),
+        checkpoint: Some(o.total_ms),
+        frozen,
+        bytes: Some(o.delivered.bytes),
+        restore: Some(restore),
+        consistency: consistency?,
+    })
+}
+
+/// The generic fallback: CRI's per-container checkpoint, one after the other.
+async fn checkpoint_through_cri(
+    a: &BenchArgs,
+    rt: &mut cri::Runtime,
+    p: &Started<'_>,
+) -> Result<Sample> {
+    let t0 = Instant::now();
+    let mut bytes = 0;
+    for (cname, id) in p.ids {
+        let loc = a.work_dir.join(format!("{}-{cname}.tar", p.name));
+        rt.checkpoint_container(api::CheckpointContainerRequest {
+            container_id: id.clone(),
+            location: loc.display().to_string(),
+            timeout: 120,
+        })
+        .await
+        .with_context(|| format!("CRI CheckpointContainer {cname} of {}", p.name))?;
+        bytes += std::fs::metadata(&loc).map(|m| m.len()).unwrap_or(0);
+        let _ = std::fs::remove_file(&loc);
+    }
+    Ok(Sample {
+        engine: "-".into(),
+        method: "containers one by one: CRI CheckpointContainer".into(),
+        start: ms(p.start),
+        checkpoint: Some(ms(t0.elapsed())),
+        frozen: None,
+        bytes: Some(bytes),
+        restore: None,
+        consistency: "not checked: no pod restore through CRI".into(),
+    })
 }
 
 pub async fn run(t: &Target, a: &BenchArgs) -> Result<Vec<BenchRow>> {

@@ -59,3 +59,8 @@ pub fn free_space(dir: &Path) -> Result<u64> {
         .with_context(|| format!("free space of {}", dir.display()))?;
     Ok(u64::from(st.blocks_available()) * u64::from(st.fragment_size()))
 }
+
+/// Opens `path` for reading, never through a link at its last component.
+pub fn open_nofollow(path: &Path) -> Result<std::fs::File> {
+    private::open_nofollow(path).with_context(|| format!("open {}", path.display()))
+}

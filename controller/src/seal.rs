@@ -8,7 +8,6 @@
 
 use std::{
     io::{BufRead, Read, Write},
-    os::unix::fs::OpenOptionsExt,
     path::Path,
 };
 
@@ -71,10 +70,7 @@ fn read_secret(path: &Path, what: &str) -> Result<String> {
 
 fn read_checked(path: &Path, what: &str, secret: bool) -> Result<String> {
     use std::os::unix::fs::PermissionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+    let mut file = crate::files::open_nofollow(path)
         .with_context(|| format!("read {what} {}", path.display()))?;
     if secret {
         let mode = file
@@ -175,23 +171,6 @@ pub fn load_identities(path: &Path) -> Result<Vec<age::x25519::Identity>> {
     Ok(out)
 }
 
-fn create_private(path: &Path, mode: u32) -> Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .with_context(|| format!("create {} (it must not exist)", path.display()))
-}
-
-/// Writes `data` to a new file at `path` (0600, never through a link, never over a file).
-pub fn write_new_private(path: &Path, data: &[u8]) -> Result<()> {
-    create_private(path, 0o600)?
-        .write_all(data)
-        .with_context(|| format!("write {}", path.display()))
-}
-
 /// Signs the manifest of the staged checkpoint `dir` (writes `manifest.sig`, 0600).
 pub fn sign_manifest(dir: &Path, key: &SigningKey) -> Result<()> {
     let manifest = std::fs::read(dir.join(layout::MANIFEST)).context("read the manifest")?;
@@ -202,7 +181,7 @@ pub fn sign_manifest(dir: &Path, key: &SigningKey) -> Result<()> {
         public_key: hex::encode(key.verifying_key().as_bytes()),
         signature: hex::encode(key.sign(&message).to_bytes()),
     };
-    create_private(&dir.join(layout::SIGNATURE), 0o600)?
+    crate::files::create_file(&dir.join(layout::SIGNATURE), 0o600)?
         .write_all(&serde_json::to_vec(&record)?)
         .context("write the signature")
 }
@@ -361,8 +340,8 @@ pub fn generate(kind: KeyKind, output: &Path) -> Result<String> {
             )
         }
     };
-    create_private(output, 0o600)?.write_all(private.as_bytes())?;
-    if let Err(e) = create_private(&public_path, 0o644)
+    crate::files::create_file(output, 0o600)?.write_all(private.as_bytes())?;
+    if let Err(e) = crate::files::create_file(&public_path, 0o644)
         .and_then(|mut f| f.write_all(public.as_bytes()).map_err(Into::into))
     {
         let _ = std::fs::remove_file(output);
@@ -396,7 +375,7 @@ mod tests {
         let identity = age::x25519::Identity::generate();
         let secret = identity.to_string().expose_secret().to_string();
         let file = d.0.join("id.age");
-        write_new_private(&file, format!("{secret}\n").as_bytes()).unwrap();
+        crate::files::write_new_private(&file, format!("{secret}\n").as_bytes()).unwrap();
         assert_eq!(load_identities(&file).unwrap().len(), 1);
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = load_identities(&file).err().unwrap().to_string();

@@ -9,7 +9,7 @@
 use std::{
     io::{Read, Write},
     net::TcpStream,
-    os::unix::fs::{MetadataExt, OpenOptionsExt},
+    os::unix::fs::MetadataExt,
     path::Path,
     time::{Duration, Instant},
 };
@@ -35,22 +35,12 @@ pub const HOLD_SECS: u32 = 600;
 pub fn keygen(output: &Path) -> Result<()> {
     let mut key = [0u8; 32];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut key);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(output)
-        .and_then(|mut f| f.write_all(format!("{}\n", hex::encode(key)).as_bytes()))
-        .with_context(|| format!("write {} (it must not exist)", output.display()))
+    crate::files::write_new_private(output, format!("{}\n", hex::encode(key)).as_bytes())
 }
 
 /// Reads a key file, refusing one others may read.
 pub fn load_key(path: &Path) -> Result<[u8; 32]> {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+    let mut f = stasis_api::private::open_nofollow(path)
         .with_context(|| format!("open key file {}", path.display()))?;
     let meta = f.metadata()?;
     if meta.mode() & 0o077 != 0 || meta.uid() != nix::unistd::geteuid().as_raw() {

@@ -268,18 +268,9 @@ impl LeftInArchive {
         for key in unchunked {
             let span = self.spans.remove(&key).expect("listed above");
             let source = span.file.as_ref().unwrap_or(&self.archive);
-            let mut from = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(source)
-                .with_context(|| format!("open {}", source.display()))?;
+            let mut from = files::open_nofollow(source)?;
             std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(span.offset))?;
-            let mut to = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(dest.join(&key))
+            let mut to = files::create_file(&dest.join(&key), 0o600)
                 .with_context(|| format!("unpack {key}"))?;
             let n = std::io::copy(&mut from.take(span.size), &mut to)
                 .with_context(|| format!("unpack {key}"))?;

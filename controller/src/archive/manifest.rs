@@ -44,11 +44,7 @@ pub(super) fn regular_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// a lazy restore checks each chunk it reads on its own).
 pub(super) fn sum_of(path: &Path, chunk_size: Option<u64>) -> Result<FileSum> {
     use sha2::Digest;
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .with_context(|| format!("open {}", path.display()))?;
+    let mut f = files::open_nofollow(path)?;
     let Some(chunk) = chunk_size else {
         let mut hasher = sha2::Sha256::new();
         let size = std::io::copy(&mut f, &mut hasher)?;
@@ -112,13 +108,7 @@ pub fn write_manifest(dir: &Path) -> Result<()> {
         files,
     };
     let path = dir.join(layout::MANIFEST);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
-        .with_context(|| format!("create {}", path.display()))?;
+    let mut f = files::create_file(&path, 0o600)?;
     f.write_all(&serde_json::to_vec(&manifest)?)?;
     Ok(())
 }

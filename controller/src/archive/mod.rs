@@ -18,7 +18,6 @@
 use std::{
     fs::File,
     io::{BufRead, BufReader, Read, Write},
-    os::unix::fs::OpenOptionsExt,
     path::{Component, Path, PathBuf},
 };
 
@@ -38,6 +37,7 @@ mod extract;
 mod manifest;
 mod place;
 mod read;
+pub mod records;
 mod summary;
 mod write;
 

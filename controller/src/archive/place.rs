@@ -91,18 +91,9 @@ pub(super) fn copy_tree(
             );
         }
         *room -= m.len();
-        let mut out = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(m.permissions().mode() & 0o700)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&to)
-            .with_context(|| format!("create {}", to.display()))?;
-        let mut input = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&from)
-            .with_context(|| format!("open {}", from.display()))?;
+        let mut out = files::create_file(&to, m.permissions().mode() & 0o700)?;
+        let mut input =
+            files::open_nofollow(&from).with_context(|| format!("open {}", from.display()))?;
         std::io::copy(&mut input, &mut out).with_context(|| format!("copy {}", rel.display()))?;
     }
     Ok(())

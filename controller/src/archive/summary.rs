@@ -161,62 +161,24 @@ pub(super) fn summarize(
             .get(layout::POD_OPTIONS)
             .context("archive has no pod.options")?,
     )?;
-    let pod: serde_json::Value = files
-        .get(layout::POD_DUMP)
-        .and_then(|b| serde_json::from_slice(b).ok())
-        .unwrap_or_default();
-    let mut containers = Vec::new();
-    let mut configs = Vec::new();
+    let file = |name: &str| files.get(name).map(Vec::as_slice);
+    let (pod, mut unknown) =
+        records::parse_pod_dump(file(layout::POD_DUMP).context("archive has no pod.dump")?)?;
     // What `pod restore` would refuse before its policy check: unknown keys, and the
     // runtime handler the archive names (checked unless the operator names one).
-    let mut unknown =
-        crate::policy::unknown_fields("pod", layout::POD_DUMP, "PodSandboxConfig", &pod);
     if let Some(h) = options.annotations.get(layout::RUNTIME_HANDLER_ANNOTATION) {
         unknown.push(crate::policy::runtime_handler(h, "the archive"));
     }
+    let mut containers = Vec::new();
+    let mut configs = Vec::new();
     for (name, dir) in &options.containers {
-        let json = files
-            .get(&format!("{dir}/{}", layout::CONTAINER_CONFIG))
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok());
-        if let Some(v) = &json {
-            unknown.extend(crate::policy::unknown_fields(
-                &format!("container {name}"),
-                layout::CONTAINER_CONFIG,
-                "ContainerConfig",
-                v,
-            ));
-        }
-        if let Some(c) =
-            json.and_then(|v| crate::cri::from_go_json::<crate::cri::api::ContainerConfig>(&v).ok())
-        {
-            configs.push((name.clone(), c));
-        }
-        let config: CheckpointedConfig = files
-            .get(&format!("{dir}/{}", layout::CONFIG_DUMP))
-            .and_then(|b| layout::parse_json(layout::CONFIG_DUMP, b).ok())
-            .unwrap_or_default();
-        let meta: Option<ContainerMeta> = files
-            .get(&format!("{dir}/{}", layout::CONTAINER_META))
-            .and_then(|b| layout::parse_json(layout::CONTAINER_META, b).ok());
-        let meta_or_default = meta.clone().unwrap_or_default();
-        containers.push(ContainerSummary {
-            name: name.clone(),
-            directory: dir.clone(),
-            id: config.id,
-            image: config.rootfs_image_name,
-            engine: meta
-                .as_ref()
-                .map(|m| m.engine.clone())
-                .unwrap_or_else(|| options.engine().to_string()),
-            checkpointed: config.checkpointed_time,
-            frozen_ms: meta_or_default.frozen_ms,
-            checkpoint_bytes: meta
-                .as_ref()
-                .map(|m| m.checkpoint_bytes)
-                .unwrap_or_else(|| sizes.get(dir).copied().unwrap_or(0)),
-            rootfs_diff_bytes: meta_or_default.rootfs_diff_bytes,
-            was_paused: meta_or_default.was_paused,
-        });
+        let (config, more) = records::parse_container_config(
+            name,
+            file(&format!("{dir}/{}", layout::CONTAINER_CONFIG)),
+        )?;
+        unknown.extend(more);
+        configs.push((name.clone(), config));
+        containers.push(container_summary(&files, &sizes, &options, (name, dir))?);
     }
     let signed_by = match files.get(layout::SIGNATURE) {
         Some(text) => Some(seal::fingerprint(&seal::signer(text)?)),
@@ -228,26 +190,62 @@ pub(super) fn summarize(
         encrypted,
         signed_by,
         pod_name: pod
-            .pointer("/metadata/name")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string(),
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default(),
         pod_namespace: pod
-            .pointer("/metadata/namespace")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string(),
+            .metadata
+            .as_ref()
+            .map(|m| m.namespace.clone())
+            .unwrap_or_default(),
         engine: options.engine().to_string(),
         sandbox_image_bytes: sizes.get("sandbox").copied().unwrap_or(0),
         containers,
         requests: {
-            let mut r = crate::policy::requests(
-                &crate::cri::from_go_json(&pod).unwrap_or_default(),
-                &configs,
-            );
+            let mut r = crate::policy::requests(&pod, &configs);
             r.append(&mut unknown);
             r
         },
         refused: Vec::new(),
+    })
+}
+
+/// One container's line of the summary: what its `config.dump` records (required, as a
+/// restore requires it) and its `stasis.json` (optional: archives of other tools lack it).
+fn container_summary(
+    files: &std::collections::HashMap<String, Vec<u8>>,
+    sizes: &std::collections::HashMap<String, u64>,
+    options: &PodOptions,
+    (name, dir): (&str, &str),
+) -> Result<ContainerSummary> {
+    let config: CheckpointedConfig = layout::parse_json(
+        layout::CONFIG_DUMP,
+        files
+            .get(&format!("{dir}/{}", layout::CONFIG_DUMP))
+            .with_context(|| format!("container {name}: no config.dump"))?,
+    )
+    .with_context(|| format!("container {name}"))?;
+    let meta: Option<ContainerMeta> = files
+        .get(&format!("{dir}/{}", layout::CONTAINER_META))
+        .and_then(|b| layout::parse_json(layout::CONTAINER_META, b).ok());
+    let meta_or_default = meta.clone().unwrap_or_default();
+    Ok(ContainerSummary {
+        name: name.to_string(),
+        directory: dir.to_string(),
+        id: config.id,
+        image: config.rootfs_image_name,
+        engine: meta
+            .as_ref()
+            .map(|m| m.engine.clone())
+            .unwrap_or_else(|| options.engine().to_string()),
+        checkpointed: config.checkpointed_time,
+        frozen_ms: meta_or_default.frozen_ms,
+        checkpoint_bytes: meta
+            .as_ref()
+            .map(|m| m.checkpoint_bytes)
+            .unwrap_or_else(|| sizes.get(dir).copied().unwrap_or(0)),
+        rootfs_diff_bytes: meta_or_default.rootfs_diff_bytes,
+        was_paused: meta_or_default.was_paused,
     })
 }

@@ -35,13 +35,7 @@ pub fn write_cancellable(
         .to_string_lossy()
         .into_owned();
     let partial = parent.join(format!(".{name}.partial-{}", files::random_suffix()?));
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&partial)
-        .with_context(|| format!("create {}", partial.display()))?;
+    let file = files::create_file(&partial, 0o600)?;
     let out = Cancellable {
         inner: file,
         cancel,

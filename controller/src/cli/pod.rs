@@ -22,123 +22,132 @@ pub(super) enum PodCommand {
     /// List pods with their runtime, state and containers.
     Ls,
     /// Checkpoint every (or the given) running container of POD at one instant into an archive.
-    Checkpoint {
-        /// Pod id, unique id prefix, or pod name.
-        pod: String,
-        /// Archive to write (must not exist). Nothing is left there if the checkpoint fails.
-        /// With a trailing slash (`DIR/`): the checkpoint as a directory (the archive's files
-        /// unpacked, 0700), which `pod restore DIR` reads, lazily without copying its pages.
-        #[arg(
-            long,
-            short,
-            required_unless_present = "image",
-            conflicts_with = "image"
-        )]
-        output: Option<PathBuf>,
-        /// Write the checkpoint as OCI image REF into containerd's image store instead (push
-        /// it with `stasisctl image push`); the layers are compressed as --compress says.
-        #[arg(long, value_name = "REF")]
-        image: Option<String>,
-        /// Keep the pod running afterwards (else its containers are stopped).
-        #[arg(long)]
-        leave_running: bool,
-        /// Compression of the archive (readers detect it).
-        #[arg(long, value_enum, default_value = "none")]
-        compress: CompressArg,
-        /// Only these containers (id, id prefix or name); repeat for several.
-        #[arg(long = "container")]
-        containers: Vec<String>,
-        /// Checkpoint established TCP connections.
-        #[arg(long)]
-        tcp_established: bool,
-        /// Checkpoint file locks.
-        #[arg(long)]
-        file_locks: bool,
-        /// Give up after this many seconds (the pod is thawed); 0 = no limit.
-        #[arg(long, default_value_t = 0)]
-        timeout: u32,
-        /// Skip the early check that the output's file system has room for about twice the
-        /// pod's resident memory plus writable layers (a full disk still fails cleanly).
-        #[arg(long)]
-        skip_space_check: bool,
-        /// Sign the archive's manifest with this Ed25519 private key (PKCS#8 PEM, from
-        /// `stasisctl key generate --type signing` or `openssl genpkey -algorithm ed25519`).
-        #[arg(long, value_name = "KEY")]
-        sign_key: Option<PathBuf>,
-        /// Encrypt the archive (age format) to this X25519 recipient (`age1…`) or to every
-        /// recipient in this file; repeatable. Only their identities can restore or inspect it.
-        #[arg(long = "encrypt-to", value_name = "RECIPIENT")]
-        encrypt_to: Vec<String>,
-    },
+    Checkpoint(CheckpointFlags),
     /// Move POD to the node where `stasisctl migrate listen` runs; prints the new pod id there.
     ///
     /// The pod is frozen once, captured as for a checkpoint and streamed (no archive on
     /// either node); the target restores it and lets it run; only then is the pod here
     /// stopped and removed. Any failure before that leaves it running here, and nothing on the
     /// target. The pod gets a new IP address; established TCP connections are not moved.
-    Migrate {
-        /// Pod id, unique id prefix, or pod name.
-        pod: String,
-        /// The receiver, ADDR:PORT.
-        #[arg(long)]
-        to: String,
-        /// Shared key from `stasisctl migrate keygen` (the same file on both nodes).
-        #[arg(long = "key-file", value_name = "K")]
-        key_file: PathBuf,
-        /// Name of the pod on the target (default: the same).
-        #[arg(long)]
-        name: Option<String>,
-        /// Runtime handler on the target (default: the one the pod runs under here).
-        #[arg(long)]
-        runtime_handler: Option<String>,
-        /// Give up the capture after this many seconds (the pod runs on); 0 = no limit.
-        #[arg(long, default_value_t = 0)]
-        timeout: u32,
-        /// Let the pod run on the target before its memory is mapped: pages are served on
-        /// demand from the received images and pulled in the background (runc/crun; gVisor
-        /// restores eagerly).
-        #[arg(long)]
-        lazy: bool,
-        /// Sign what is sent with this Ed25519 key (PEM), for targets whose restore policy
-        /// names trusted signers.
-        #[arg(long, value_name = "KEY")]
-        sign_key: Option<PathBuf>,
-    },
+    Migrate(MigrateFlags),
     /// Restore a pod archive as a new running pod; prints the new pod id.
     ///
     /// The archive is unpacked into the restore store (/var/lib/stasis/restores, root's,
     /// 0700) under a fresh random id, which the new pod and its containers name; the unpacked
     /// copy is removed afterwards, also when the restore fails or is interrupted.
-    Restore {
-        /// The archive file, or a checkpoint image reference (pulled when not in containerd's
-        /// store).
-        archive: String,
-        #[command(flatten)]
-        registry: RegistryArgs,
-        /// Name of the new pod (default: the checkpointed pod's name).
-        #[arg(long)]
-        name: Option<String>,
-        /// CRI runtime handler for the new pod (default: the one the pod ran under, as the
-        /// archive records it; "stasis" for archives that record none).
-        #[arg(long)]
-        runtime_handler: Option<String>,
-        #[command(flatten)]
-        admit: AdmitArgs,
-        /// Refuse the archive unless its manifest is signed by this Ed25519 public key (PEM).
-        #[arg(long, value_name = "PUB")]
-        verify_key: Option<PathBuf>,
-        /// age identity file to decrypt an encrypted archive.
-        #[arg(long, value_name = "FILE")]
-        identity: Option<PathBuf>,
-        /// Resume the containers before their memory is in: pages are served on demand (CRIU
-        /// lazy-pages over userfaultfd) and pulled in the background; reports the time to
-        /// running and to the last page. From an uncompressed archive the pages are read
-        /// from the archive itself (each chunk checked against the manifest as it is read),
-        /// so the time to running does not grow with memory. runc/crun only (runsc restores
-        /// eagerly).
-        #[arg(long)]
-        lazy: bool,
-    },
+    Restore(RestoreFlags),
+}
+
+#[derive(clap::Args)]
+pub(super) struct CheckpointFlags {
+    /// Pod id, unique id prefix, or pod name.
+    pod: String,
+    /// Archive to write (must not exist). Nothing is left there if the checkpoint fails.
+    /// With a trailing slash (`DIR/`): the checkpoint as a directory (the archive's files
+    /// unpacked, 0700), which `pod restore DIR` reads, lazily without copying its pages.
+    #[arg(
+        long,
+        short,
+        required_unless_present = "image",
+        conflicts_with = "image"
+    )]
+    output: Option<PathBuf>,
+    /// Write the checkpoint as OCI image REF into containerd's image store instead (push
+    /// it with `stasisctl image push`); the layers are compressed as --compress says.
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
+    /// Keep the pod running afterwards (else its containers are stopped).
+    #[arg(long)]
+    leave_running: bool,
+    /// Compression of the archive (readers detect it).
+    #[arg(long, value_enum, default_value = "none")]
+    compress: CompressArg,
+    /// Only these containers (id, id prefix or name); repeat for several.
+    #[arg(long = "container")]
+    containers: Vec<String>,
+    /// Checkpoint established TCP connections.
+    #[arg(long)]
+    tcp_established: bool,
+    /// Checkpoint file locks.
+    #[arg(long)]
+    file_locks: bool,
+    /// Give up after this many seconds (the pod is thawed); 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    timeout: u32,
+    /// Skip the early check that the output's file system has room for about twice the
+    /// pod's resident memory plus writable layers (a full disk still fails cleanly).
+    #[arg(long)]
+    skip_space_check: bool,
+    /// Sign the archive's manifest with this Ed25519 private key (PKCS#8 PEM, from
+    /// `stasisctl key generate --type signing` or `openssl genpkey -algorithm ed25519`).
+    #[arg(long, value_name = "KEY")]
+    sign_key: Option<PathBuf>,
+    /// Encrypt the archive (age format) to this X25519 recipient (`age1…`) or to every
+    /// recipient in this file; repeatable. Only their identities can restore or inspect it.
+    #[arg(long = "encrypt-to", value_name = "RECIPIENT")]
+    encrypt_to: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub(super) struct MigrateFlags {
+    /// Pod id, unique id prefix, or pod name.
+    pod: String,
+    /// The receiver, ADDR:PORT.
+    #[arg(long)]
+    to: String,
+    /// Shared key from `stasisctl migrate keygen` (the same file on both nodes).
+    #[arg(long = "key-file", value_name = "K")]
+    key_file: PathBuf,
+    /// Name of the pod on the target (default: the same).
+    #[arg(long)]
+    name: Option<String>,
+    /// Runtime handler on the target (default: the one the pod runs under here).
+    #[arg(long)]
+    runtime_handler: Option<String>,
+    /// Give up the capture after this many seconds (the pod runs on); 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    timeout: u32,
+    /// Let the pod run on the target before its memory is mapped: pages are served on
+    /// demand from the received images and pulled in the background (runc/crun; gVisor
+    /// restores eagerly).
+    #[arg(long)]
+    lazy: bool,
+    /// Sign what is sent with this Ed25519 key (PEM), for targets whose restore policy
+    /// names trusted signers.
+    #[arg(long, value_name = "KEY")]
+    sign_key: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub(super) struct RestoreFlags {
+    /// The archive file, or a checkpoint image reference (pulled when not in containerd's
+    /// store).
+    archive: String,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// Name of the new pod (default: the checkpointed pod's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// CRI runtime handler for the new pod (default: the one the pod ran under, as the
+    /// archive records it; "stasis" for archives that record none).
+    #[arg(long)]
+    runtime_handler: Option<String>,
+    #[command(flatten)]
+    admit: AdmitArgs,
+    /// Refuse the archive unless its manifest is signed by this Ed25519 public key (PEM).
+    #[arg(long, value_name = "PUB")]
+    verify_key: Option<PathBuf>,
+    /// age identity file to decrypt an encrypted archive.
+    #[arg(long, value_name = "FILE")]
+    identity: Option<PathBuf>,
+    /// Resume the containers before their memory is in: pages are served on demand (CRIU
+    /// lazy-pages over userfaultfd) and pulled in the background; reports the time to
+    /// running and to the last page. From an uncompressed archive the pages are read
+    /// from the archive itself (each chunk checked against the manifest as it is read),
+    /// so the time to running does not grow with memory. runc/crun only (runsc restores
+    /// eagerly).
+    #[arg(long)]
+    lazy: bool,
 }
 
 /// Runs a `pod` command.
@@ -148,111 +157,90 @@ pub(super) async fn run(target: &Target, command: PodCommand) -> Result<()> {
             print_pods(&ls::ls(target).await?);
             Ok(())
         }
-        PodCommand::Migrate {
-            pod,
-            to,
-            key_file,
-            name,
-            runtime_handler,
-            timeout,
-            lazy,
-            sign_key,
-        } => {
-            let m = migrate::migrate(
-                target,
-                migrate::MigrateArgs {
-                    pod: pod.clone(),
-                    to: to.clone(),
-                    key: key_file,
-                    name,
-                    runtime_handler,
-                    timeout,
-                    lazy,
-                    sign: sign_key
-                        .as_deref()
-                        .map(seal::load_signing_key)
-                        .transpose()?,
-                },
-            )
-            .await?;
-            eprintln!(
-                "pod {pod} moved to {to} as {}: downtime {:.0} ms (frozen here until running there), {} sent, {:.0} ms in all",
-                m.target_pod,
-                m.downtime_ms,
-                human(m.bytes_sent),
-                m.total_ms
-            );
-            println!("{}", m.target_pod);
-            Ok(())
-        }
-        PodCommand::Checkpoint {
-            pod,
-            output,
-            image,
-            leave_running,
-            compress,
-            containers,
-            tcp_established,
-            file_locks,
-            timeout,
-            skip_space_check,
-            sign_key,
-            encrypt_to,
-        } => {
-            let recipients = encrypt_to
-                .iter()
-                .map(|r| seal::load_recipients(r))
-                .collect::<Result<Vec<_>>>()?
-                .into_iter()
-                .flatten()
-                .collect();
-            let args = CheckpointArgs {
-                pod,
-                destination: Destination::from_flags(output, image, compress.into(), recipients)?,
-                leave_running,
-                containers,
-                tcp_established,
-                file_locks,
-                timeout,
-                space_check: !skip_space_check,
-                sign: sign_key
-                    .as_deref()
-                    .map(seal::load_signing_key)
-                    .transpose()?,
-                hold_secs: None,
-            };
-            print_checkpoint(&checkpoint::checkpoint_pod(target, args).await?);
-            Ok(())
-        }
-        PodCommand::Restore {
-            archive,
-            registry,
-            name,
-            runtime_handler,
-            admit,
-            verify_key,
-            identity,
-            lazy,
-        } => {
-            let mut opening = opening(identity.as_deref(), verify_key.as_deref())?;
-            let policy = admit.policy()?;
-            // A node that names trusted signers restores nothing else.
-            opening.verify.extend(policy.signers()?);
-            let args = RestoreArgs {
-                registry: registry.access(&archive)?,
-                name,
-                runtime_handler,
-                offered_runtime_handler: None,
-                policy,
-                replace_volumes: admit.replace_volumes,
-                opening,
-                lazy,
-            };
-            let id = restore::restore_pod(target, &args, Source::from_arg(&archive)).await?;
-            println!("{id}");
-            Ok(())
-        }
+        PodCommand::Checkpoint(f) => checkpoint(target, f).await,
+        PodCommand::Restore(f) => restore(target, f).await,
+        PodCommand::Migrate(f) => migrate(target, f).await,
     }
+}
+
+async fn checkpoint(target: &Target, f: CheckpointFlags) -> Result<()> {
+    let recipients = f
+        .encrypt_to
+        .iter()
+        .map(|r| seal::load_recipients(r))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    let args = CheckpointArgs {
+        pod: f.pod,
+        destination: Destination::from_flags(f.output, f.image, f.compress.into(), recipients)?,
+        leave_running: f.leave_running,
+        containers: f.containers,
+        tcp_established: f.tcp_established,
+        file_locks: f.file_locks,
+        timeout: f.timeout,
+        space_check: !f.skip_space_check,
+        sign: f
+            .sign_key
+            .as_deref()
+            .map(seal::load_signing_key)
+            .transpose()?,
+        hold_secs: None,
+    };
+    print_checkpoint(&checkpoint::checkpoint_pod(target, args).await?);
+    Ok(())
+}
+
+async fn restore(target: &Target, f: RestoreFlags) -> Result<()> {
+    let mut opening = opening(f.identity.as_deref(), f.verify_key.as_deref())?;
+    let policy = f.admit.policy()?;
+    // A node that names trusted signers restores nothing else.
+    opening.verify.extend(policy.signers()?);
+    let args = RestoreArgs {
+        registry: f.registry.access(&f.archive)?,
+        name: f.name,
+        runtime_handler: f.runtime_handler,
+        offered_runtime_handler: None,
+        policy,
+        replace_volumes: f.admit.replace_volumes,
+        opening,
+        lazy: f.lazy,
+    };
+    let id = restore::restore_pod(target, &args, Source::from_arg(&f.archive)).await?;
+    println!("{id}");
+    Ok(())
+}
+
+async fn migrate(target: &Target, f: MigrateFlags) -> Result<()> {
+    let (pod, to) = (f.pod.clone(), f.to.clone());
+    let m = migrate::migrate(
+        target,
+        migrate::MigrateArgs {
+            pod: f.pod,
+            to: f.to,
+            key: f.key_file,
+            name: f.name,
+            runtime_handler: f.runtime_handler,
+            timeout: f.timeout,
+            lazy: f.lazy,
+            sign: f
+                .sign_key
+                .as_deref()
+                .map(seal::load_signing_key)
+                .transpose()?,
+        },
+    )
+    .await?;
+    eprintln!(
+        "pod {pod} moved to {to} as {}: downtime {:.0} ms (frozen here until running there), {} sent, {:.0} ms in all",
+        m.target_pod,
+        m.downtime_ms,
+        human(m.bytes_sent),
+        m.total_ms
+    );
+    println!("{}", m.target_pod);
+    Ok(())
 }
 
 fn print_pods(pods: &[ls::PodRow]) {

@@ -1,4 +1,12 @@
 use super::*;
+use stasis_api::layout::PodOptions;
+
+/// One layer to write: the entries of `root` it holds, and its annotations.
+pub(super) struct LayerPart {
+    pub(super) root: PathBuf,
+    pub(super) entries: Vec<PathBuf>,
+    pub(super) annotations: BTreeMap<String, String>,
+}
 
 /// Builds checkpoint image `reference` from the checkpoint directory `dir` (a staged
 /// checkpoint or an unpacked archive: its manifest already written, maybe signed), with
@@ -23,57 +31,15 @@ pub async fn build_from_dir(
     }
     let result = async {
         store.take_lease().await?;
-        let media = match compression {
-            Compression::None => LAYER_TYPE.to_string(),
-            Compression::Gzip => format!("{LAYER_TYPE}+gzip"),
-            Compression::Zstd => format!("{LAYER_TYPE}+zstd"),
-        };
-        // The pod's own files: everything at the top but the container directories.
-        let container_dirs: Vec<&String> = options.containers.values().collect();
-        let keep: Vec<PathBuf> = std::fs::read_dir(dir)?
-            .flatten()
-            .map(|e| e.file_name())
-            .filter(|n| {
-                !container_dirs
-                    .iter()
-                    .any(|d| std::ffi::OsStr::new(d.as_str()) == n)
-            })
-            .map(PathBuf::from)
-            .collect();
-        let mut parts = vec![(
-            dir.to_path_buf(),
-            keep,
-            BTreeMap::from([(LAYER_PART_ANNOTATION.to_string(), "pod".to_string())]),
-        )];
-        let mut base_images = BTreeMap::new();
-        for (name, cdir) in &options.containers {
-            let cpath = dir.join(cdir);
-            let entries: Vec<PathBuf> = std::fs::read_dir(&cpath)?
-                .flatten()
-                .map(|e| PathBuf::from(e.file_name()))
-                .collect();
-            let recorded: Option<layout::CheckpointedConfig> =
-                std::fs::read(cpath.join(layout::CONFIG_DUMP))
-                    .ok()
-                    .and_then(|b| layout::parse_json(layout::CONFIG_DUMP, &b).ok());
-            if let Some(r) = &recorded {
-                base_images.insert(name.clone(), r.rootfs_image_ref.clone());
-            }
-            parts.push((
-                cpath,
-                entries,
-                BTreeMap::from([
-                    (LAYER_PART_ANNOTATION.to_string(), "container".to_string()),
-                    (CONTAINER_DIR_ANNOTATION.to_string(), cdir.clone()),
-                    (CRIO_NAME_ANNOTATION.to_string(), name.clone()),
-                    (CRIU_NAME_ANNOTATION.to_string(), name.clone()),
-                    (CRIU_POD_ANNOTATION.to_string(), pod_name.clone()),
-                    (CRIU_ENGINE_ANNOTATION.to_string(), "stasis".to_string()),
-                ]),
-            ));
-        }
+        let (parts, base_images) = layer_parts(dir, &options, &pod_name)?;
         let (mut total, mut layers, mut diff_ids) = (0u64, Vec::new(), Vec::new());
-        for (root, entries, annotations) in parts {
+        let media = layer_media_type(compression);
+        for LayerPart {
+            root,
+            entries,
+            annotations,
+        } in parts
+        {
             let (d, diff) = store
                 .write_blob(&media, HashMap::new(), move |sink| {
                     tar_layer(sink, &root, &entries, compression)
@@ -98,40 +64,13 @@ pub async fn build_from_dir(
         let config = store
             .write_bytes(serde_json::to_vec(&config)?, CONFIG_TYPE, HashMap::new())
             .await?;
-        let manifest = OciManifest {
-            schema_version: 2,
-            media_type: MANIFEST_TYPE.to_string(),
-            config: OciDescriptor {
-                media_type: config.media_type.clone(),
-                digest: config.digest.clone(),
-                size: config.size,
-                annotations: BTreeMap::new(),
-            },
-            annotations: BTreeMap::from([
-                (
-                    CHECKPOINT_ANNOTATION.to_string(),
-                    layout::MANIFEST_VERSION.to_string(),
-                ),
-                (POD_NAME_ANNOTATION.to_string(), pod_name.clone()),
-                (ENGINE_ANNOTATION.to_string(), options.engine().to_string()),
-                (
-                    CONTAINERS_ANNOTATION.to_string(),
-                    options
-                        .containers
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(","),
-                ),
-                (
-                    BASE_IMAGES_ANNOTATION.to_string(),
-                    serde_json::to_string(&base_images)?,
-                ),
-                (CREATED_ANNOTATION.to_string(), now_rfc3339()),
-                (SIZE_ANNOTATION.to_string(), total.to_string()),
-            ]),
-            layers,
+        let about = ImageAbout {
+            pod_name: &pod_name,
+            options: &options,
+            base_images: &base_images,
+            size: total,
         };
+        let manifest = image_manifest(&config, layers, &about)?;
         let mut labels = HashMap::from([(GC_CONFIG_LABEL.to_string(), config.digest.clone())]);
         for (i, l) in manifest.layers.iter().enumerate() {
             labels.insert(format!("{GC_LAYER_LABEL}{i}"), l.digest.clone());
@@ -146,6 +85,117 @@ pub async fn build_from_dir(
     .await;
     store.drop_lease().await;
     result
+}
+
+/// The media type of every layer of a checkpoint image.
+pub(super) fn layer_media_type(compression: Compression) -> String {
+    match compression {
+        Compression::None => LAYER_TYPE.to_string(),
+        Compression::Gzip => format!("{LAYER_TYPE}+gzip"),
+        Compression::Zstd => format!("{LAYER_TYPE}+zstd"),
+    }
+}
+
+/// The layers of the checkpoint in `dir`: the pod's own files (everything at the top but the
+/// container directories), then one per container as checkpointctl reads it; and the base
+/// image each container's `config.dump` records.
+pub(super) fn layer_parts(
+    dir: &Path,
+    options: &PodOptions,
+    pod_name: &str,
+) -> Result<(Vec<LayerPart>, BTreeMap<String, String>)> {
+    let container_dirs: Vec<&String> = options.containers.values().collect();
+    let keep: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| {
+            !container_dirs
+                .iter()
+                .any(|d| std::ffi::OsStr::new(d.as_str()) == n)
+        })
+        .map(PathBuf::from)
+        .collect();
+    let mut parts = vec![LayerPart {
+        root: dir.to_path_buf(),
+        entries: keep,
+        annotations: BTreeMap::from([(LAYER_PART_ANNOTATION.to_string(), "pod".to_string())]),
+    }];
+    let mut base_images = BTreeMap::new();
+    for (name, cdir) in &options.containers {
+        let cpath = dir.join(cdir);
+        let entries: Vec<PathBuf> = std::fs::read_dir(&cpath)?
+            .flatten()
+            .map(|e| PathBuf::from(e.file_name()))
+            .collect();
+        let recorded: Option<layout::CheckpointedConfig> =
+            std::fs::read(cpath.join(layout::CONFIG_DUMP))
+                .ok()
+                .and_then(|b| layout::parse_json(layout::CONFIG_DUMP, &b).ok());
+        if let Some(r) = &recorded {
+            base_images.insert(name.clone(), r.rootfs_image_ref.clone());
+        }
+        parts.push(LayerPart {
+            root: cpath,
+            entries,
+            annotations: BTreeMap::from([
+                (LAYER_PART_ANNOTATION.to_string(), "container".to_string()),
+                (CONTAINER_DIR_ANNOTATION.to_string(), cdir.clone()),
+                (CRIO_NAME_ANNOTATION.to_string(), name.clone()),
+                (CRIU_NAME_ANNOTATION.to_string(), name.clone()),
+                (CRIU_POD_ANNOTATION.to_string(), pod_name.to_string()),
+                (CRIU_ENGINE_ANNOTATION.to_string(), "stasis".to_string()),
+            ]),
+        });
+    }
+    Ok((parts, base_images))
+}
+
+/// What the image manifest's annotations say of the pod.
+pub(super) struct ImageAbout<'a> {
+    pub(super) pod_name: &'a str,
+    pub(super) options: &'a PodOptions,
+    pub(super) base_images: &'a BTreeMap<String, String>,
+    /// Bytes of the layers.
+    pub(super) size: u64,
+}
+
+/// The OCI manifest of a checkpoint image: its config, its layers, and the annotations that
+/// mark it a pod checkpoint (stasis's own, read by `inspect` and restore).
+pub(super) fn image_manifest(
+    config: &Descriptor,
+    layers: Vec<OciDescriptor>,
+    about: &ImageAbout<'_>,
+) -> Result<OciManifest> {
+    let containers: Vec<String> = about.options.containers.keys().cloned().collect();
+    Ok(OciManifest {
+        schema_version: 2,
+        media_type: MANIFEST_TYPE.to_string(),
+        config: OciDescriptor {
+            media_type: config.media_type.clone(),
+            digest: config.digest.clone(),
+            size: config.size,
+            annotations: BTreeMap::new(),
+        },
+        annotations: BTreeMap::from([
+            (
+                CHECKPOINT_ANNOTATION.to_string(),
+                layout::MANIFEST_VERSION.to_string(),
+            ),
+            (POD_NAME_ANNOTATION.to_string(), about.pod_name.to_string()),
+            (
+                ENGINE_ANNOTATION.to_string(),
+                about.options.engine().to_string(),
+            ),
+            (CONTAINERS_ANNOTATION.to_string(), containers.join(",")),
+            (
+                BASE_IMAGES_ANNOTATION.to_string(),
+                serde_json::to_string(about.base_images)?,
+            ),
+            (CREATED_ANNOTATION.to_string(), now_rfc3339()),
+            (SIZE_ANNOTATION.to_string(), about.size.to_string()),
+        ]),
+        layers,
+    })
 }
 
 /// Builds image `reference` from the archive `file`, checked (and unpacked) in full first.
@@ -274,4 +324,102 @@ pub(super) async fn checkpoint_manifest(
         ),
     }
     Ok((target, manifest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint(root: &Path) -> PodOptions {
+        let c = root.join("abc-web");
+        std::fs::create_dir_all(c.join("checkpoint")).unwrap();
+        std::fs::write(
+            root.join("pod.options"),
+            r#"{"version":1,"containers":{"web":"abc-web"},"annotations":{"io.stasis.engine":"runc"}}"#,
+        )
+        .unwrap();
+        std::fs::write(root.join("pod.dump"), "{}").unwrap();
+        std::fs::write(root.join("manifest.json"), "{}").unwrap();
+        std::fs::write(
+            c.join("config.dump"),
+            r#"{"id":"abc","rootfsImageRef":"reg/busybox@sha256:00"}"#,
+        )
+        .unwrap();
+        std::fs::write(c.join("spec.dump"), "{}").unwrap();
+        PodOptions::read(root).unwrap()
+    }
+
+    #[test]
+    fn the_pod_and_each_container_get_a_layer_of_their_own() {
+        let root = std::env::temp_dir().join(format!("stasis-image-parts-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let options = checkpoint(&root);
+        let (parts, base_images) = layer_parts(&root, &options, "web-pod").unwrap();
+        assert_eq!(parts.len(), 2);
+        let mut pod_entries = parts[0].entries.clone();
+        pod_entries.sort();
+        // The container directory is not in the pod's layer.
+        assert_eq!(
+            pod_entries,
+            [
+                PathBuf::from("manifest.json"),
+                "pod.dump".into(),
+                "pod.options".into()
+            ]
+        );
+        assert_eq!(parts[0].annotations[LAYER_PART_ANNOTATION], "pod");
+        let c = &parts[1];
+        assert_eq!(c.root, root.join("abc-web"));
+        assert_eq!(c.annotations[CONTAINER_DIR_ANNOTATION], "abc-web");
+        // What CRI-O and checkpointctl look for on a container checkpoint layer.
+        assert_eq!(c.annotations[CRIO_NAME_ANNOTATION], "web");
+        assert_eq!(c.annotations[CRIU_POD_ANNOTATION], "web-pod");
+        assert_eq!(base_images["web"], "reg/busybox@sha256:00");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_manifest_marks_a_pod_checkpoint() {
+        let root = std::env::temp_dir().join(format!("stasis-image-man-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let options = checkpoint(&root);
+        let config = Descriptor {
+            media_type: CONFIG_TYPE.into(),
+            digest: "sha256:c0".into(),
+            size: 120,
+            ..Default::default()
+        };
+        let base = BTreeMap::from([("web".to_string(), "reg/b@sha256:00".to_string())]);
+        let about = ImageAbout {
+            pod_name: "web-pod",
+            options: &options,
+            base_images: &base,
+            size: 4096,
+        };
+        let m = image_manifest(&config, Vec::new(), &about).unwrap();
+        assert_eq!(
+            (m.schema_version, m.media_type.as_str()),
+            (2, MANIFEST_TYPE)
+        );
+        assert_eq!(m.config.digest, "sha256:c0");
+        assert_eq!(
+            m.annotations[CHECKPOINT_ANNOTATION],
+            layout::MANIFEST_VERSION.to_string()
+        );
+        assert_eq!(m.annotations[POD_NAME_ANNOTATION], "web-pod");
+        assert_eq!(m.annotations[ENGINE_ANNOTATION], "runc");
+        assert_eq!(m.annotations[CONTAINERS_ANNOTATION], "web");
+        assert_eq!(m.annotations[SIZE_ANNOTATION], "4096");
+        assert_eq!(
+            m.annotations[BASE_IMAGES_ANNOTATION],
+            r#"{"web":"reg/b@sha256:00"}"#
+        );
+        assert_eq!(
+            layer_media_type(Compression::Zstd),
+            format!("{LAYER_TYPE}+zstd")
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

@@ -208,45 +208,7 @@ fn container(name: &str, log_directory: &str, c: &api::ContainerConfig, out: &mu
         );
     }
     for m in mounts {
-        let api::Mount {
-            readonly: _,
-            recursive_read_only: _,
-            selinux_relabel: _, // of a host path the policy allowed
-            image: _,           // an image's content, read-only
-            container_path,
-            host_path,
-            propagation,
-            uid_mappings,
-            gid_mappings,
-        } = m;
-        if !host_path.is_empty() {
-            request(
-                out,
-                Item::HostPath,
-                &by,
-                format!("host path {host_path} mounted at {container_path}"),
-                Some(host_path.clone()),
-            );
-        }
-        // Mounts made in the container would appear on the node.
-        if *propagation == api::MountPropagation::PropagationBidirectional as i32 {
-            request(
-                out,
-                Item::MountPropagation,
-                &by,
-                format!("bidirectional mount propagation at {container_path}"),
-                None,
-            );
-        }
-        if !uid_mappings.is_empty() || !gid_mappings.is_empty() {
-            request(
-                out,
-                Item::UserNamespaces,
-                &by,
-                format!("an id-mapped mount at {container_path}"),
-                None,
-            );
-        }
+        mount(&by, m, out);
     }
     for d in devices {
         let api::Device {
@@ -276,7 +238,62 @@ fn container(name: &str, log_directory: &str, c: &api::ContainerConfig, out: &mu
         resources: _, // limits
         security_context,
     } = linux;
-    let Some(sc) = security_context else { return };
+    if let Some(sc) = security_context {
+        security_context_requests(&by, sc, out);
+    }
+}
+
+/// One mount of a container: host paths, propagation to the node, id-mapped mounts.
+fn mount(by: &str, m: &api::Mount, out: &mut Vec<Request>) {
+    let api::Mount {
+        readonly: _,
+        recursive_read_only: _,
+        selinux_relabel: _, // of a host path the policy allowed
+        image: _,           // an image's content, read-only
+        container_path,
+        host_path,
+        propagation,
+        uid_mappings,
+        gid_mappings,
+    } = m;
+    if !host_path.is_empty() {
+        request(
+            out,
+            Item::HostPath,
+            by,
+            format!("host path {host_path} mounted at {container_path}"),
+            Some(host_path.clone()),
+        );
+    }
+    // Mounts made in the container would appear on the node.
+    if *propagation == api::MountPropagation::PropagationBidirectional as i32 {
+        request(
+            out,
+            Item::MountPropagation,
+            by,
+            format!("bidirectional mount propagation at {container_path}"),
+            None,
+        );
+    }
+    if !uid_mappings.is_empty() || !gid_mappings.is_empty() {
+        request(
+            out,
+            Item::UserNamespaces,
+            by,
+            format!("an id-mapped mount at {container_path}"),
+            None,
+        );
+    }
+}
+
+/// A container's Linux security context: privileges, namespaces, SELinux, masked paths,
+/// capabilities, seccomp and AppArmor.
+#[allow(deprecated)]
+fn security_context_requests(
+    by: &str,
+    sc: &api::LinuxContainerSecurityContext,
+    out: &mut Vec<Request>,
+) {
     let api::LinuxContainerSecurityContext {
         run_as_user: _, // identities inside the container, as a fresh one may choose
         run_as_group: _,
@@ -297,13 +314,13 @@ fn container(name: &str, log_directory: &str, c: &api::ContainerConfig, out: &mu
         seccomp_profile_path,
     } = sc;
     if *privileged {
-        request(out, Item::Privileged, &by, "privileged mode".into(), None);
+        request(out, Item::Privileged, by, "privileged mode".into(), None);
     }
-    namespaces(&by, namespace_options.as_ref(), out);
-    selinux(&by, selinux_options.as_ref(), out);
+    namespaces(by, namespace_options.as_ref(), out);
+    selinux(by, selinux_options.as_ref(), out);
     let dropped = dropped_protections(masked_paths, readonly_paths);
     if !dropped.is_empty() {
-        request(out, Item::UnmaskedProc, &by, dropped.join(", "), None);
+        request(out, Item::UnmaskedProc, by, dropped.join(", "), None);
     }
     if let Some(caps) = capabilities {
         let api::Capability {
@@ -321,14 +338,14 @@ fn container(name: &str, log_directory: &str, c: &api::ContainerConfig, out: &mu
             request(
                 out,
                 Item::Capabilities,
-                &by,
+                by,
                 format!("added capabilities {}", added.join(", ")),
                 None,
             );
         }
     }
     profiles(
-        &by,
+        by,
         (seccomp.as_ref(), seccomp_profile_path),
         (apparmor.as_ref(), apparmor_profile),
         out,

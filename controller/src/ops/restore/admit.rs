@@ -12,6 +12,7 @@ use stasis_api::{
 
 use super::RestoreArgs;
 use crate::{
+    archive::records,
     cri::{self, api},
     image::RegistryAccess,
     ops::Target,
@@ -90,27 +91,13 @@ type Configs = (
 /// pointed at its directory of restore `restore_id` and at the base image it was
 /// checkpointed on.
 fn read_configs(dir: &Path, options: &PodOptions, restore_id: &str) -> Result<Configs> {
-    let pod_json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("pod.dump"))?)
-        .context("pod.dump is not JSON")?;
-    let mut unknown = policy::unknown_fields("pod", "pod.dump", "PodSandboxConfig", &pod_json);
-    let pod: api::PodSandboxConfig =
-        cri::from_go_json(&pod_json).context("pod.dump is not a CRI PodSandboxConfig")?;
+    let (pod, mut unknown) = records::parse_pod_dump(&std::fs::read(dir.join("pod.dump"))?)?;
     let mut configs = Vec::new();
     for (name, cdir) in &options.containers {
         let path = dir.join(cdir).join("container-config.json");
-        let text = std::fs::read(&path)
-            .with_context(|| format!("container {name}: no container-config.json"))?;
-        let json: serde_json::Value = serde_json::from_slice(&text)
-            .with_context(|| format!("container {name}: container-config.json is not JSON"))?;
-        unknown.extend(policy::unknown_fields(
-            &format!("container {name}"),
-            "container-config.json",
-            "ContainerConfig",
-            &json,
-        ));
-        let mut config: api::ContainerConfig = cri::from_go_json(&json).with_context(|| {
-            format!("container {name}: container-config.json is not a CRI ContainerConfig")
-        })?;
+        let text = std::fs::read(&path).ok();
+        let (mut config, more) = records::parse_container_config(name, text.as_deref())?;
+        unknown.extend(more);
         config.annotations.insert(
             RESTORE_ANNOTATION.to_string(),
             format!("{restore_id}/{cdir}"),

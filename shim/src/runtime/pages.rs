@@ -250,6 +250,106 @@ impl CheckedSpan {
     }
 }
 
+/// Opens `path` for reading (never through a link), once: later calls share the file.
+fn open_once(
+    files: &mut HashMap<std::path::PathBuf, std::sync::Arc<File>>,
+    id: &str,
+    path: &Path,
+) -> Result<std::sync::Arc<File>> {
+    if let Some(f) = files.get(path) {
+        return Ok(f.clone());
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| Error::io(id, format!("open {}", path.display()), e))?;
+    let f = std::sync::Arc::new(f);
+    files.insert(path.to_path_buf(), f.clone());
+    Ok(f)
+}
+
+/// Reads the pagemap image at `path` (file `name`), with the key and span of its pages image
+/// in `source`; `None` when the source does not hold that pages image.
+fn read_pagemap<'s>(
+    id: &str,
+    path: &Path,
+    name: &str,
+    rel: &Path,
+    source: &'s PageSource,
+) -> Result<Option<(Pagemap, String, &'s PageSpan)>> {
+    // Streamed, and only as far as its pages image reaches: a hostile pagemap
+    // costs no more memory than the pages it may name.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| Error::io(id, format!("read {name}"), e))?;
+    let (pages_id, reader) = PagemapReader::open(std::io::BufReader::new(file))
+        .map_err(|m| Error::invalid(id, format!("{name}: {m}")))?;
+    let key = rel
+        .join(format!("pages-{pages_id}.img"))
+        .display()
+        .to_string();
+    let Some(span) = source.files.get(&key) else {
+        return Ok(None);
+    };
+    let map = Pagemap {
+        pages_id,
+        runs: reader
+            .runs(span.size)
+            .map_err(|m| Error::invalid(id, format!("{name}: {m}")))?,
+    };
+    Ok(Some((map, key, span)))
+}
+
+/// Makes the pages image `local` as a sparse file of `size` bytes, for the eager pages.
+fn placeholder(id: &str, local: &Path, size: u64) -> Result<File> {
+    let placeholder = crate::util::create_private(local)
+        .map_err(|e| Error::io(id, format!("create {}", local.display()), e))?;
+    placeholder
+        .set_len(size)
+        .map_err(|e| Error::io(id, format!("size {}", local.display()), e))?;
+    Ok(placeholder)
+}
+
+/// Copies the eager pages of `map` (pagemap file `name`) from `span` into `placeholder`
+/// (`local`), where CRIU's restore reads them; a chunk at a time. Returns the bytes copied.
+fn copy_eager_pages(
+    id: &str,
+    span: &mut CheckedSpan,
+    map: &Pagemap,
+    placeholder: &File,
+    local: &Path,
+    name: &str,
+) -> Result<u64> {
+    let mut copied = 0u64;
+    let step = span.span.chunk_size.max(PAGE_SIZE);
+    for run in map.runs.iter().filter(|r| !r.lazy) {
+        let end = run.offset + run.pages * PAGE_SIZE;
+        if end > span.span.size {
+            return Err(Error::invalid(
+                id,
+                format!(
+                    "{name}: pages at {:#x} lie past the end of {}",
+                    run.vaddr, span.key
+                ),
+            ));
+        }
+        let mut at = run.offset;
+        while at < end {
+            let mut buf = vec![0u8; (end - at).min(step) as usize];
+            span.read(at, &mut buf).map_err(|m| Error::invalid(id, m))?;
+            placeholder
+                .write_all_at(&buf, at)
+                .map_err(|e| Error::io(id, format!("write {}", local.display()), e))?;
+            at += buf.len() as u64;
+            copied += buf.len() as u64;
+        }
+    }
+    Ok(copied)
+}
+
 /// The pages of one container's images left in an archive.
 pub struct ArchivePages {
     id: String,
@@ -276,19 +376,6 @@ impl ArchivePages {
         // Each file once (an archive holds every image; a checkpoint directory one each),
         // never through a link.
         let mut files: HashMap<std::path::PathBuf, std::sync::Arc<File>> = HashMap::new();
-        let mut open_file = |path: &Path| -> Result<std::sync::Arc<File>> {
-            if let Some(f) = files.get(path) {
-                return Ok(f.clone());
-            }
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(path)
-                .map_err(|e| Error::io(id, format!("open {}", path.display()), e))?;
-            let f = std::sync::Arc::new(f);
-            files.insert(path.to_path_buf(), f.clone());
-            Ok(f)
-        };
         let mut pages = ArchivePages {
             id: id.to_string(),
             from: source.archive.display().to_string(),
@@ -308,33 +395,18 @@ impl ArchivePages {
             else {
                 continue;
             };
-            // Streamed, and only as far as its pages image reaches: a hostile pagemap
-            // costs no more memory than the pages it may name.
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(e.path())
-                .map_err(|e| Error::io(id, format!("read {name}"), e))?;
-            let (pages_id, reader) = PagemapReader::open(std::io::BufReader::new(file))
-                .map_err(|m| Error::invalid(id, format!("{name}: {m}")))?;
-            let key = rel
-                .join(format!("pages-{pages_id}.img"))
-                .display()
-                .to_string();
-            let Some(span) = source.files.get(&key) else {
+            let Some((map, key, span)) = read_pagemap(id, &e.path(), &name, rel, source)? else {
                 continue;
-            };
-            let map = Pagemap {
-                pages_id,
-                runs: reader
-                    .runs(span.size)
-                    .map_err(|m| Error::invalid(id, format!("{name}: {m}")))?,
             };
             let local = image.join(format!("pages-{}.img", map.pages_id));
             let index = match by_pages_id.get(&map.pages_id) {
                 Some(i) => *i,
                 None => {
-                    let file = open_file(span.file.as_deref().unwrap_or(&source.archive))?;
+                    let file = open_once(
+                        &mut files,
+                        id,
+                        span.file.as_deref().unwrap_or(&source.archive),
+                    )?;
                     pages.spans.push(CheckedSpan {
                         archive: file,
                         key: key.clone(),
@@ -342,43 +414,19 @@ impl ArchivePages {
                         chunk: None,
                     });
                     by_pages_id.insert(map.pages_id, pages.spans.len() - 1);
-                    let placeholder = crate::util::create_private(&local)
-                        .map_err(|e| Error::io(id, format!("create {}", local.display()), e))?;
-                    placeholder
-                        .set_len(span.size)
-                        .map_err(|e| Error::io(id, format!("size {}", local.display()), e))?;
-                    placeholders.insert(map.pages_id, placeholder);
+                    placeholders.insert(map.pages_id, placeholder(id, &local, span.size)?);
                     pages.spans.len() - 1
                 }
             };
-            // The eager pages, where CRIU's restore reads them; a chunk at a time.
             let placeholder = &placeholders[&map.pages_id];
-            let mut copied = 0u64;
-            let step = pages.spans[index].span.chunk_size.max(PAGE_SIZE);
-            for run in map.runs.iter().filter(|r| !r.lazy) {
-                let end = run.offset + run.pages * PAGE_SIZE;
-                if end > span.size {
-                    return Err(Error::invalid(
-                        id,
-                        format!(
-                            "{name}: pages at {:#x} lie past the end of {key}",
-                            run.vaddr
-                        ),
-                    ));
-                }
-                let mut at = run.offset;
-                while at < end {
-                    let mut buf = vec![0u8; (end - at).min(step) as usize];
-                    pages.spans[index]
-                        .read(at, &mut buf)
-                        .map_err(|m| Error::invalid(id, m))?;
-                    placeholder
-                        .write_all_at(&buf, at)
-                        .map_err(|e| Error::io(id, format!("write {}", local.display()), e))?;
-                    at += buf.len() as u64;
-                    copied += buf.len() as u64;
-                }
-            }
+            let copied = copy_eager_pages(
+                id,
+                &mut pages.spans[index],
+                &map,
+                placeholder,
+                &local,
+                &name,
+            )?;
             debug!(
                 "{id}: {name}: {copied} bytes of eager pages copied from {}",
                 pages.from

@@ -1,4 +1,5 @@
 use super::*;
+use mounts::Node;
 
 fn expected() -> Expected {
     Expected {

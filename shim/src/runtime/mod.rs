@@ -164,6 +164,12 @@ pub fn root(engine: Engine, namespace: &str) -> PathBuf {
     Path::new("/run/stasis").join(engine.name()).join(namespace)
 }
 
+/// The programs (base names) of every backend's runtime and of CRIU: the processes that may
+/// still work on a container whose shim is gone.
+pub fn programs() -> impl Iterator<Item = &'static str> {
+    Engine::ALL.into_iter().map(Engine::name).chain(["criu"])
+}
+
 /// The backend a shim drives, as its handler's options chose it.
 pub fn build(config: &BackendConfig, namespace: &str) -> Arc<dyn OciRuntime> {
     let root = root(config.engine, namespace);
@@ -254,6 +260,18 @@ pub trait OciRuntime: Send + Sync {
     /// their `restore` leaves every task stopped until the shim has checked and continued
     /// it; a runtime whose processes live in its own sandbox says no.
     fn restores_host_tasks(&self) -> bool {
+        true
+    }
+
+    /// Whether `restore` can take memory on demand from a `criu lazy-pages` daemon
+    /// (`CheckpointOpts::lazy_pages`). A runtime that says no restores eagerly.
+    fn supports_lazy_restore(&self) -> bool {
+        true
+    }
+
+    /// Whether the runtime keeps a directory per container below its state root
+    /// ([`root`]): then an id without one was never run by it, and needs no delete.
+    fn keeps_container_dirs(&self) -> bool {
         true
     }
 

@@ -12,7 +12,7 @@ use crate::{
     error::{Error, Result},
     fscapture::volumes,
     process::{reaper, stdio},
-    runtime::{config::Engine, images, pages, restored, CheckpointOpts},
+    runtime::{images, pages, restored, CheckpointOpts},
     state::{Container, Shim, State, Transition},
     util::blocking,
 };
@@ -163,8 +163,11 @@ async fn start_lazy_restore(
     if !restore_options.lazy {
         return Ok(None);
     }
-    if shim.runtime.engine() == Engine::Runsc {
-        warn!("{id}: lazy restore is not available for runsc; restoring eagerly");
+    if !shim.runtime.supports_lazy_restore() {
+        warn!(
+            "{id}: lazy restore is not available for {}; restoring eagerly",
+            shim.runtime.name()
+        );
         report_lazy_status(id, container.restore_dir.as_deref(), "eager");
         return Ok(None);
     }

@@ -158,6 +158,16 @@ impl OciRuntime for Runsc {
         false
     }
 
+    /// gVisor restores a sandbox's memory itself, from its own image.
+    fn supports_lazy_restore(&self) -> bool {
+        false
+    }
+
+    /// runsc keeps sandbox state of its own: an id without a directory may still be its.
+    fn keeps_container_dirs(&self) -> bool {
+        false
+    }
+
     fn engine(&self) -> Engine {
         Engine::Runsc
     }

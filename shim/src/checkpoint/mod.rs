@@ -66,14 +66,14 @@ impl Hold {
     /// The output is safe: the held containers are stopped.
     pub async fn stop(mut self) -> Result<Vec<String>> {
         let pod = self.pod.take().expect("a hold ends once");
-        match self.runtime.stop_held(&pod).await {
+        match self.runtime.hooks().stop_held(&pod).await {
             Ok(()) => {
                 info!("pod {}: stopped after its checkpoint", pod.pod_id);
                 Ok(Self::ids(&pod))
             }
             Err(e) => {
                 // Whatever the stop did not end runs on rather than staying frozen.
-                let _ = self.runtime.release_held(&pod).await;
+                let _ = self.runtime.hooks().release_held(&pod).await;
                 Err(e)
             }
         }
@@ -82,7 +82,7 @@ impl Hold {
     /// The containers run on, thawed (a failed or abandoned stopping checkpoint).
     pub async fn release(mut self) -> Result<Vec<String>> {
         let pod = self.pod.take().expect("a hold ends once");
-        self.runtime.release_held(&pod).await?;
+        self.runtime.hooks().release_held(&pod).await?;
         info!("pod {}: left running after its checkpoint", pod.pod_id);
         Ok(Self::ids(&pod))
     }
@@ -94,7 +94,7 @@ impl Drop for Hold {
             warn!("pod {}: checkpoint hold dropped, resuming", pod.pod_id);
             let runtime = self.runtime.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { runtime.release_held(&pod).await });
+                rt.spawn(async move { runtime.hooks().release_held(&pod).await });
             }
         }
     }
@@ -382,7 +382,7 @@ async fn capture_and_write(
     engine: &str,
     leave_running: bool,
 ) -> Result<(PodCapture, Vec<ContainerResult>)> {
-    let capture = shim.runtime.checkpoint_pod(job).await?;
+    let capture = shim.runtime.hooks().checkpoint_pod(job).await?;
     // Metadata and sizes: after the thaw, nothing here needs the pod still. File work,
     // so on the blocking pool.
     let (targets, names, pod, out, engine) = (

@@ -12,7 +12,9 @@ use std::{
 use async_trait::async_trait;
 use log::debug;
 
-use super::{config::Engine, CheckpointOpts, OciRuntime, ProcessStdio, RuntimeState};
+use super::{
+    config::Engine, CheckpointHooks, CheckpointOpts, OciRuntime, ProcessStdio, RuntimeState,
+};
 use crate::{
     error::{Error, Result},
     process::reaper,
@@ -319,6 +321,13 @@ impl OciRuntime for Runc {
         result
     }
 
+    fn hooks(&self) -> &dyn CheckpointHooks {
+        self
+    }
+}
+
+#[async_trait]
+impl CheckpointHooks for Runc {
     async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()> {
         let mut cmd = self.command();
         cmd.arg("checkpoint");

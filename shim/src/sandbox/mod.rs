@@ -118,7 +118,7 @@ fn restore_source(shim: &Shim, pod: &Pod) -> Result<Option<(PodOptions, Option<P
         token.map(String::as_str),
     )?;
     let (options, _) = source::check_pod_dir(&pod.id, &dir, shim.runtime.name())?;
-    let image = shim.runtime.pod_restore_image(&pod.id, &dir)?;
+    let image = shim.runtime.hooks().pod_restore_image(&pod.id, &dir)?;
     Ok(Some((options, image)))
 }
 

@@ -131,7 +131,12 @@ async fn dump(shim: &Shim, target: &ContainerTarget, opts: &CheckpointOpts) -> R
             e,
         )
     })?;
-    match shim.runtime.checkpoint_container(target, opts).await {
+    match shim
+        .runtime
+        .hooks()
+        .checkpoint_container(target, opts)
+        .await
+    {
         Ok(t) => Ok(t),
         Err(e) => {
             remove_partial(&opts.image_path, &before, created);

@@ -73,7 +73,9 @@ pub async fn create(shim: &Shim, req: api::CreateTaskRequest) -> Result<api::Cre
     let image = if !req.checkpoint.is_empty() {
         Some(PathBuf::from(&req.checkpoint))
     } else {
-        restore_dir.as_ref().map(|d| shim.runtime.restore_image(d))
+        restore_dir
+            .as_ref()
+            .map(|d| shim.runtime.hooks().restore_image(d))
     };
     if let Some(image) = &image {
         check_images(shim, &id, &spec, image).await?;
@@ -176,7 +178,7 @@ async fn check_images(
     spec: &ContainerSpec,
     image: &std::path::Path,
 ) -> Result<()> {
-    if !shim.runtime.has_image(image) {
+    if !shim.runtime.hooks().has_image(image) {
         return Err(Error::invalid(
             id,
             format!(
@@ -188,7 +190,7 @@ async fn check_images(
     }
     // CRIU's images are the archive's word: checked against the spec before CRIU reads
     // them, and before anything of the container is made.
-    if shim.runtime.restores_host_tasks() && !images::test_switch_off() {
+    if shim.runtime.hooks().restores_host_tasks() && !images::test_switch_off() {
         let (owned, image, expected) = (
             id.to_string(),
             image.to_path_buf(),

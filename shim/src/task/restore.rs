@@ -61,6 +61,7 @@ pub(super) async fn restore_init(
     let runtime_io = prepared.take_runtime();
     if let Err(e) = shim
         .runtime
+        .hooks()
         .restore(&id, &container.bundle, &opts, runtime_io, &pid_file)
         .await
     {
@@ -163,7 +164,7 @@ async fn start_lazy_restore(
     if !restore_options.lazy {
         return Ok(None);
     }
-    if !shim.runtime.supports_lazy_restore() {
+    if !shim.runtime.hooks().supports_lazy_restore() {
         warn!(
             "{id}: lazy restore is not available for {}; restoring eagerly",
             shim.runtime.name()
@@ -223,7 +224,7 @@ async fn undo_restore(
         let _ = shim.runtime.kill(id, libc::SIGKILL as u32, true).await;
     }
     if let Undo::Held(cgroup) = undo {
-        let _ = shim.runtime.release_restored(id, cgroup).await;
+        let _ = shim.runtime.hooks().release_restored(id, cgroup).await;
     }
     prepared.io.copies.abort().await;
     let _ = shim.runtime.delete(id, true).await;
@@ -242,7 +243,7 @@ async fn check_restored<'a>(
     // The images are the archive's word: what CRIU made of them is checked against the spec
     // before any restored task runs. CRIU backends leave every task stopped; a pod's
     // container is held (frozen) too, and the check's SIGCONT takes effect at the thaw.
-    let host_tasks = shim.runtime.restores_host_tasks();
+    let host_tasks = shim.runtime.hooks().restores_host_tasks();
     if host_tasks {
         let (owned, cgroup) = (id.clone(), container.cgroup_path.clone());
         if let Err(e) = blocking(id, "hold the restored tasks", move || {
@@ -258,6 +259,7 @@ async fn check_restored<'a>(
     let held = pod_restore
         && shim
             .runtime
+            .hooks()
             .hold_restored(id, &container.cgroup_path)
             .await
             .unwrap_or_else(|e| {
@@ -364,7 +366,11 @@ fn watch_hold(shim: &Shim, container: Arc<Container>) {
             warn!("{id}: stop the held container: {e}");
         }
         // SIGKILL reaches frozen processes only once they are thawed.
-        if let Err(e) = runtime.release_restored(id, &container.cgroup_path).await {
+        if let Err(e) = runtime
+            .hooks()
+            .release_restored(id, &container.cgroup_path)
+            .await
+        {
             warn!("{id}: thaw the held container: {e}");
         }
     });
@@ -383,7 +389,10 @@ pub async fn finish_restore(shim: &Shim) -> Result<Vec<String>> {
         if c.state() != State::Held {
             continue;
         }
-        shim.runtime.release_restored(&c.id, &c.cgroup_path).await?;
+        shim.runtime
+            .hooks()
+            .release_restored(&c.id, &c.cgroup_path)
+            .await?;
         c.transition(Transition::Release)?;
         resumed.push(c.id.clone());
     }

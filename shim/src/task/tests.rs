@@ -21,7 +21,10 @@ use crate::{
     error::{Error, Result},
     events::EventSink,
     process::reaper::Exit,
-    runtime::{config::Engine, CheckpointOpts, OciRuntime, Operation, ProcessStdio, RuntimeState},
+    runtime::{
+        config::Engine, CheckpointHooks, CheckpointOpts, OciRuntime, Operation, ProcessStdio,
+        RuntimeState,
+    },
     state::{Pod, Shim, State},
     task,
 };
@@ -68,11 +71,6 @@ impl FakeRuntime {
 
 #[async_trait]
 impl OciRuntime for FakeRuntime {
-    /// No CRIU here: nothing restored to check.
-    fn restores_host_tasks(&self) -> bool {
-        false
-    }
-
     fn engine(&self) -> Engine {
         Engine::Runc
     }
@@ -138,6 +136,38 @@ impl OciRuntime for FakeRuntime {
         Ok(())
     }
 
+    async fn wait_init(&self, id: &str, pid: i32, _since: std::time::Instant) -> Exit {
+        let mut rx = self.exit_channel(id).subscribe();
+        let status = *rx.wait_for(|s| s.is_some()).await.unwrap();
+        Exit {
+            pid,
+            status: status.unwrap(),
+            at: time::OffsetDateTime::now_utc(),
+        }
+    }
+
+    fn check_operation(&self, id: &str, op: Operation, in_pod: bool) -> Result<()> {
+        if self.refuse_pause_in_pod && in_pod && op == Operation::Pause {
+            return Err(Error::precondition(
+                id,
+                "fake cannot pause one container of a pod",
+            ));
+        }
+        Ok(())
+    }
+
+    fn hooks(&self) -> &dyn CheckpointHooks {
+        self
+    }
+}
+
+#[async_trait]
+impl CheckpointHooks for FakeRuntime {
+    /// No CRIU here: nothing restored to check.
+    fn restores_host_tasks(&self) -> bool {
+        false
+    }
+
     async fn checkpoint(&self, id: &str, _o: &CheckpointOpts) -> Result<()> {
         self.record(format!("checkpoint {id}"));
         Ok(())
@@ -155,28 +185,8 @@ impl OciRuntime for FakeRuntime {
         Self::write_pid(pid_file)
     }
 
-    async fn wait_init(&self, id: &str, pid: i32, _since: std::time::Instant) -> Exit {
-        let mut rx = self.exit_channel(id).subscribe();
-        let status = *rx.wait_for(|s| s.is_some()).await.unwrap();
-        Exit {
-            pid,
-            status: status.unwrap(),
-            at: time::OffsetDateTime::now_utc(),
-        }
-    }
-
     fn has_image(&self, _image: &Path) -> bool {
         true
-    }
-
-    fn check_operation(&self, id: &str, op: Operation, in_pod: bool) -> Result<()> {
-        if self.refuse_pause_in_pod && in_pod && op == Operation::Pause {
-            return Err(Error::precondition(
-                id,
-                "fake cannot pause one container of a pod",
-            ));
-        }
-        Ok(())
     }
 
     async fn hold_restored(&self, id: &str, _cgroup: &str) -> Result<bool> {

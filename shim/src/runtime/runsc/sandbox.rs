@@ -18,8 +18,8 @@ use crate::{
     error::{Error, Result},
     fscapture::volumes,
     runtime::{
-        cancel_after, timed_out, CheckpointOpts, ContainerTarget, HeldPod, OciRuntime, Operation,
-        PodCapture, PodCheckpoint, Timings, DEFAULT_CHECKPOINT_TIMEOUT,
+        cancel_after, timed_out, CheckpointHooks, CheckpointOpts, ContainerTarget, HeldPod,
+        OciRuntime, Operation, PodCapture, PodCheckpoint, Timings, DEFAULT_CHECKPOINT_TIMEOUT,
     },
     util::blocking,
 };

@@ -75,19 +75,7 @@ pub(super) fn mounts_excess(
             }
             continue;
         }
-        let typ = match m.fstype {
-            fstype::PROC => "proc",
-            fstype::SYSFS => "sysfs",
-            fstype::TMPFS => "tmpfs",
-            fstype::DEVPTS => "devpts",
-            fstype::MQUEUE => "mqueue",
-            fstype::CGROUP => "cgroup",
-            fstype::CGROUP2 => "cgroup2",
-            fstype::DEVTMPFS => "devtmpfs",
-            fstype::OVERLAYFS => "overlay",
-            fstype::AUTO => m.fsname.as_deref().unwrap_or("auto"),
-            _ => "an unsupported file system",
-        };
+        let typ = type_name(m);
         let allowed = match (typ, spec_type(&at)) {
             (t, Some((s, _))) if t == s => true,
             // runc mounts a tmpfs at a cgroup v1 mount point and each hierarchy below it.
@@ -117,6 +105,23 @@ pub(super) fn mounts_excess(
         }
     }
     out
+}
+
+/// The file system type of a mount of the images, as the spec names it.
+fn type_name(m: &img::MntEntry) -> &str {
+    match m.fstype {
+        fstype::PROC => "proc",
+        fstype::SYSFS => "sysfs",
+        fstype::TMPFS => "tmpfs",
+        fstype::DEVPTS => "devpts",
+        fstype::MQUEUE => "mqueue",
+        fstype::CGROUP => "cgroup",
+        fstype::CGROUP2 => "cgroup2",
+        fstype::DEVTMPFS => "devtmpfs",
+        fstype::OVERLAYFS => "overlay",
+        fstype::AUTO => m.fsname.as_deref().unwrap_or("auto"),
+        _ => "an unsupported file system",
+    }
 }
 
 /// What a restored task's mount table (`/proc/<pid>/mountinfo`) holds beyond the spec, by

@@ -313,9 +313,9 @@ pub fn delete(flags: &Flags) -> Result<(), BoxError> {
             let runtime = runtime::build(&backend, &flags.namespace);
             let root = runtime::root(engine, &flags.namespace);
             for id in &ids {
-                // runc and crun keep a directory per container: skip the ones they never ran
-                // (each needless runtime call costs time containerd does not give).
-                if engine != Engine::Runsc && !root.join(id).exists() {
+                // A runtime with a directory per container never ran an id without one: skip
+                // those (each needless runtime call costs time containerd does not give).
+                if runtime.keeps_container_dirs() && !root.join(id).exists() {
                     continue;
                 }
                 if let Err(e) = runtime.delete(id, true).await {

@@ -49,21 +49,23 @@ pub fn for_cgroup(id: &str, cgroup_path: &str) -> Result<Box<dyn Freezer>> {
     )))
 }
 
-/// Polls `frozen` every millisecond until it holds; past FREEZE_TIMEOUT, `thaw` and fail.
+/// Polls `frozen` every millisecond until it holds; past `timeout` (FREEZE_TIMEOUT but in
+/// tests), `thaw` and fail.
 fn wait_frozen(
     id: &str,
     dir: &Path,
+    timeout: Duration,
     mut frozen: impl FnMut() -> Result<bool>,
     thaw: impl Fn(),
 ) -> Result<()> {
-    let deadline = Instant::now() + FREEZE_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     while !frozen()? {
         if Instant::now() > deadline {
             thaw();
             return Err(Error::other(
                 id,
                 "freeze",
-                format!("{} did not freeze within {FREEZE_TIMEOUT:?}", dir.display()),
+                format!("{} did not freeze within {timeout:?}", dir.display()),
             ));
         }
         std::thread::sleep(Duration::from_millis(1));
@@ -103,6 +105,7 @@ impl Freezer for V1Freezer {
         wait_frozen(
             &self.id,
             &self.dir,
+            FREEZE_TIMEOUT,
             || {
                 write(&self.id, &state, "FROZEN")?;
                 Ok(read(&self.id, &state)? == "FROZEN")
@@ -156,6 +159,7 @@ impl Freezer for V2Freezer {
         wait_frozen(
             &self.id,
             &self.dir,
+            FREEZE_TIMEOUT,
             || self.frozen_event(),
             || drop(self.thaw()),
         )
@@ -180,96 +184,4 @@ impl Freezer for V2Freezer {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::process::{Child, Command};
-
-    use super::*;
-
-    /// A process that appends to a file every few milliseconds, in a fresh cgroup of `root`.
-    struct Ticker {
-        child: Child,
-        out: PathBuf,
-        cgroup: PathBuf,
-    }
-
-    impl Ticker {
-        fn start(root: &Path, name: &str) -> Option<Ticker> {
-            if !root.exists() || nix::unistd::geteuid().as_raw() != 0 {
-                return None;
-            }
-            let cgroup = root.join(format!("stasis-freezer-test-{name}-{}", std::process::id()));
-            std::fs::create_dir_all(&cgroup).ok()?;
-            let out =
-                std::env::temp_dir().join(format!("stasis-ticker-{name}-{}", std::process::id()));
-            let child = Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "while true; do echo x >> {}; sleep 0.01; done",
-                    out.display()
-                ))
-                .spawn()
-                .ok()?;
-            std::fs::write(cgroup.join("cgroup.procs"), child.id().to_string()).ok()?;
-            Some(Ticker { child, out, cgroup })
-        }
-
-        fn ticks(&self) -> usize {
-            std::fs::read_to_string(&self.out)
-                .map(|s| s.lines().count())
-                .unwrap_or(0)
-        }
-    }
-
-    impl Drop for Ticker {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            let _ = std::fs::remove_file(&self.out);
-            for _ in 0..50 {
-                if std::fs::remove_dir(&self.cgroup).is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    fn exercise(freezer: &dyn Freezer, t: &Ticker) {
-        std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(freezer.state().unwrap(), FreezerState::Thawed);
-        freezer.freeze().unwrap();
-        assert_eq!(freezer.state().unwrap(), FreezerState::Frozen);
-        let frozen_at = t.ticks();
-        std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(t.ticks(), frozen_at, "a frozen process kept running");
-        freezer.thaw().unwrap();
-        std::thread::sleep(Duration::from_millis(200));
-        assert!(t.ticks() > frozen_at, "a thawed process did not resume");
-        assert_eq!(freezer.state().unwrap(), FreezerState::Thawed);
-    }
-
-    /// Needs root and the v1 freezer hierarchy this project's machines have.
-    #[test]
-    fn v1_freezer_stops_and_resumes_a_process() {
-        let root = Path::new("/sys/fs/cgroup/freezer");
-        let t = Ticker::start(root, "v1").expect("create a v1 freezer cgroup (needs root)");
-        let f = V1Freezer::new("test", t.cgroup.clone());
-        exercise(&f, &t);
-    }
-
-    /// cgroup v2: on this hybrid host it lives at /sys/fs/cgroup/unified; a pure v2 host has it
-    /// at /sys/fs/cgroup.
-    #[test]
-    fn v2_freezer_stops_and_resumes_a_process() {
-        let root = [
-            Path::new("/sys/fs/cgroup/unified"),
-            Path::new("/sys/fs/cgroup"),
-        ]
-        .into_iter()
-        .find(|p| p.join("cgroup.controllers").exists())
-        .expect("no cgroup v2 hierarchy mounted");
-        let t = Ticker::start(root, "v2").expect("create a v2 cgroup (needs root)");
-        let f = V2Freezer::new("test", t.cgroup.clone());
-        exercise(&f, &t);
-    }
-}
+mod tests;

@@ -82,22 +82,7 @@ pub fn write_container(
     } else {
         info.image.clone()
     };
-    let config = CheckpointedConfig {
-        id: id.clone(),
-        name: name.clone(),
-        rootfs_image: image.clone(),
-        rootfs_image_ref: info.image_ref.clone(),
-        rootfs_image_name: image.clone(),
-        runtime: "io.containerd.stasis.v2".into(),
-        created_time: if info.created_at.is_empty() {
-            now.clone()
-        } else {
-            info.created_at.clone()
-        },
-        checkpointed_time: now.clone(),
-        restored_time: "0001-01-01T00:00:00Z".into(),
-        restored: false,
-    };
+    let config = checkpointed_config(id, &name, &image, info, &now);
     write(
         CONFIG_DUMP,
         &serde_json::to_vec(&config).unwrap_or_default(),
@@ -159,6 +144,32 @@ pub fn write_container(
         was_paused: c.paused,
         ..Default::default()
     })
+}
+
+/// The container's `config.dump`, as CRI's checkpoint tools read it.
+fn checkpointed_config(
+    id: &str,
+    name: &str,
+    image: &str,
+    info: &ContainerInfo,
+    now: &str,
+) -> CheckpointedConfig {
+    CheckpointedConfig {
+        id: id.to_string(),
+        name: name.to_string(),
+        rootfs_image: image.to_string(),
+        rootfs_image_ref: info.image_ref.clone(),
+        rootfs_image_name: image.to_string(),
+        runtime: "io.containerd.stasis.v2".into(),
+        created_time: if info.created_at.is_empty() {
+            now.to_string()
+        } else {
+            info.created_at.clone()
+        },
+        checkpointed_time: now.to_string(),
+        restored_time: "0001-01-01T00:00:00Z".into(),
+        restored: false,
+    }
 }
 
 /// `pod.options` and `pod.dump`.

@@ -8,21 +8,22 @@ pub mod source;
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use log::{info, warn};
 use stasis_api::checkpoint::{
-    CheckpointPodRequest, CheckpointPodResponse, ContainerInfo, Timings as WireTimings,
+    CheckpointPodRequest, CheckpointPodResponse, ContainerInfo, ContainerResult,
+    Timings as WireTimings,
 };
 use tokio::sync::{oneshot, OwnedMutexGuard};
 
 use crate::{
     error::{Error, Result},
-    runtime::{ContainerTarget, HeldPod, PodCheckpoint},
-    state::{Container, Shim, State},
+    runtime::{ContainerTarget, HeldPod, PodCapture, PodCheckpoint},
+    state::{Container, Pod, Shim, State},
     util::{self, empty_dir},
 };
 
@@ -65,14 +66,14 @@ impl Hold {
     /// The output is safe: the held containers are stopped.
     pub async fn stop(mut self) -> Result<Vec<String>> {
         let pod = self.pod.take().expect("a hold ends once");
-        match self.runtime.stop_held(&pod).await {
+        match self.runtime.hooks().stop_held(&pod).await {
             Ok(()) => {
                 info!("pod {}: stopped after its checkpoint", pod.pod_id);
                 Ok(Self::ids(&pod))
             }
             Err(e) => {
                 // Whatever the stop did not end runs on rather than staying frozen.
-                let _ = self.runtime.release_held(&pod).await;
+                let _ = self.runtime.hooks().release_held(&pod).await;
                 Err(e)
             }
         }
@@ -81,7 +82,7 @@ impl Hold {
     /// The containers run on, thawed (a failed or abandoned stopping checkpoint).
     pub async fn release(mut self) -> Result<Vec<String>> {
         let pod = self.pod.take().expect("a hold ends once");
-        self.runtime.release_held(&pod).await?;
+        self.runtime.hooks().release_held(&pod).await?;
         info!("pod {}: left running after its checkpoint", pod.pod_id);
         Ok(Self::ids(&pod))
     }
@@ -93,7 +94,7 @@ impl Drop for Hold {
             warn!("pod {}: checkpoint hold dropped, resuming", pod.pod_id);
             let runtime = self.runtime.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { runtime.release_held(&pod).await });
+                rt.spawn(async move { runtime.hooks().release_held(&pod).await });
             }
         }
     }
@@ -205,27 +206,109 @@ pub async fn checkpoint_pod(
         )
     })?;
     let out = PathBuf::from(&req.output_path);
+    require_empty_output(&req.sandbox_id, &out)?;
+    let opts = req.options.clone().unwrap_or_default();
+    let ids = selected_ids(shim, &req)?;
+    // Hold every selected container's operations for the whole capture, in a fixed order:
+    // nothing starts, stops, pauses or execs in them meanwhile.
+    let mut selected: Vec<Arc<Container>> = Vec::new();
+    for id in &ids {
+        selected.push(shim.get(id)?);
+    }
+    let mut guards = Vec::new();
+    for c in &selected {
+        guards.push(c.op.clone().lock_owned().await);
+    }
+    let (targets, names) = targets_of(&selected, &req, &out)?;
+    let unselected_running: Vec<String> = shim
+        .all()
+        .into_iter()
+        .filter(|c| !ids.contains(&c.id) && c.state().can_checkpoint())
+        .map(|c| c.id.clone())
+        .collect();
+
+    let start = Instant::now();
+    let job = PodCheckpoint {
+        pod_id: &pod.id,
+        pod_cgroup: &pod.cgroup,
+        pod_pid: pod.pid(),
+        out: &out,
+        containers: &targets,
+        unselected_running: &unselected_running,
+        hold: !opts.leave_running,
+        tcp_established: opts.tcp_established,
+        file_locks: opts.file_locks,
+        timeout: (opts.timeout_secs > 0).then(|| Duration::from_secs(opts.timeout_secs as u64)),
+    };
+    let engine = shim.runtime.name().to_string();
+    let written = capture_and_write(shim, &job, &pod, &names, &engine, opts.leave_running).await;
+    // From here a stopping checkpoint's containers are held still (its hold must end).
+    let mut hold = match &written {
+        Ok(_) if !opts.leave_running => Some(Hold {
+            runtime: shim.runtime.clone(),
+            pod: Some(HeldPod {
+                pod_id: pod.id.clone(),
+                containers: targets.clone(),
+            }),
+            _busy: busy,
+            _ops: guards,
+        }),
+        _ => {
+            drop(guards);
+            None
+        }
+    };
+    if hold.is_some() && opts.hold_secs == 0 {
+        // Nobody will say the output is safe: it is, once synced; then the pod stops.
+        let h = hold.take().expect("held");
+        if let Err(e) = stop_once_synced(&pod.id, &out, h).await {
+            empty_dir(&out);
+            return Err(e);
+        }
+    }
+    let (capture, results) = match written {
+        Ok(r) => r,
+        Err(e) => {
+            empty_dir(&out);
+            warn!("pod {}: checkpoint failed: {e}", pod.id);
+            return Err(e);
+        }
+    };
+    let total = start.elapsed();
+    info!(
+        "pod {}: checkpoint of {} container(s) to {}: frozen {:?}, total {:?}",
+        pod.id,
+        results.len(),
+        out.display(),
+        capture.frozen,
+        total
+    );
+    Ok((response(&capture, results, total, engine), hold))
+}
+
+/// A pod checkpoint writes into an existing, empty directory only.
+fn require_empty_output(pod_id: &str, out: &Path) -> Result<()> {
     if !out.is_dir() {
         return Err(Error::precondition(
-            &req.sandbox_id,
+            pod_id,
             format!("output path {} is not an existing directory", out.display()),
         ));
     }
-    if std::fs::read_dir(&out)
+    if std::fs::read_dir(out)
         .map(|mut d| d.next().is_some())
         .unwrap_or(true)
     {
         return Err(Error::precondition(
-            &req.sandbox_id,
+            pod_id,
             format!("output path {} is not empty", out.display()),
         ));
     }
-    let opts = req.options.clone().unwrap_or_default();
-    let mut infos: HashMap<String, ContainerInfo> = req
-        .containers
-        .iter()
-        .map(|c| (c.id.clone(), c.clone()))
-        .collect();
+    Ok(())
+}
+
+/// The ids of the containers the request selects (all of the pod's when it names none),
+/// sorted: the fixed order their locks are taken in.
+fn selected_ids(shim: &Shim, req: &CheckpointPodRequest) -> Result<Vec<String>> {
     let mut ids: Vec<String> = if req.containers.is_empty() {
         shim.ids()
     } else {
@@ -239,19 +322,27 @@ pub async fn checkpoint_pod(
             "the pod has no containers to checkpoint",
         ));
     }
-    // Hold every selected container's operations for the whole capture, in a fixed order:
-    // nothing starts, stops, pauses or execs in them meanwhile.
-    let mut selected: Vec<Arc<Container>> = Vec::new();
-    for id in &ids {
-        selected.push(shim.get(id)?);
-    }
-    let mut guards = Vec::new();
-    for c in &selected {
-        guards.push(c.op.clone().lock_owned().await);
-    }
+    Ok(ids)
+}
+
+/// The selected containers as the backend captures them, with each one's name and info.
+type Selected = (Vec<ContainerTarget>, Vec<(String, ContainerInfo)>);
+
+/// Each selected container as the backend captures it, and its name and info for the
+/// metadata; refuses a container that cannot be checkpointed in its state.
+fn targets_of(
+    selected: &[Arc<Container>],
+    req: &CheckpointPodRequest,
+    out: &Path,
+) -> Result<Selected> {
+    let mut infos: HashMap<String, ContainerInfo> = req
+        .containers
+        .iter()
+        .map(|c| (c.id.clone(), c.clone()))
+        .collect();
     let mut targets = Vec::new();
     let mut names = Vec::new();
-    for c in &selected {
+    for c in selected {
         let state = c.require(|s| s.can_checkpoint(), "checkpoint")?;
         let info = infos.remove(&c.id).unwrap_or_else(|| ContainerInfo {
             id: c.id.clone(),
@@ -279,115 +370,75 @@ pub async fn checkpoint_pod(
         });
         names.push((name, info));
     }
-    let unselected_running: Vec<String> = shim
-        .all()
-        .into_iter()
-        .filter(|c| !ids.contains(&c.id) && c.state().can_checkpoint())
-        .map(|c| c.id.clone())
-        .collect();
+    Ok((targets, names))
+}
 
-    let start = Instant::now();
-    let job = PodCheckpoint {
-        pod_id: &pod.id,
-        pod_cgroup: &pod.cgroup,
-        pod_pid: pod.pid(),
-        out: &out,
-        containers: &targets,
-        unselected_running: &unselected_running,
-        hold: !opts.leave_running,
-        tcp_established: opts.tcp_established,
-        file_locks: opts.file_locks,
-        timeout: (opts.timeout_secs > 0).then(|| Duration::from_secs(opts.timeout_secs as u64)),
-    };
-    let engine = shim.runtime.name().to_string();
-    let written = async {
-        let capture = shim.runtime.checkpoint_pod(&job).await?;
-        // Metadata and sizes: after the thaw, nothing here needs the pod still. File work,
-        // so on the blocking pool.
-        let (targets, names, pod, out, engine) = (
-            targets.clone(),
-            names.clone(),
-            pod.clone(),
-            out.clone(),
-            engine.clone(),
-        );
-        let per = capture.containers.clone();
-        let last_pid = capture.last_pid;
-        let leave_running = opts.leave_running;
-        let results = util::blocking(&pod.id.clone(), "write metadata", move || {
-            let mut results = Vec::new();
-            for ((t, (_, info)), timings) in targets.iter().zip(&names).zip(&per) {
-                results.push(metadata::write_container(
-                    t,
-                    info,
-                    timings,
-                    leave_running,
-                    &engine,
-                )?);
-            }
-            let named: Vec<(String, &ContainerTarget)> = names
-                .iter()
-                .map(|(n, _)| n.clone())
-                .zip(targets.iter())
-                .collect();
-            metadata::write_pod(&out, &pod, &named, &engine, last_pid)?;
-            Ok(results)
-        })
-        .await?;
-        Ok::<_, Error>((capture, results))
-    }
-    .await;
-    // From here a stopping checkpoint's containers are held still (its hold must end).
-    let mut hold = match &written {
-        Ok(_) if !opts.leave_running => Some(Hold {
-            runtime: shim.runtime.clone(),
-            pod: Some(HeldPod {
-                pod_id: pod.id.clone(),
-                containers: targets.clone(),
-            }),
-            _busy: busy,
-            _ops: guards,
-        }),
-        _ => {
-            drop(guards);
-            None
-        }
-    };
-    if hold.is_some() && opts.hold_secs == 0 {
-        // Nobody will say the output is safe: it is, once synced; then the pod stops.
-        let (id, dir) = (pod.id.clone(), out.clone());
-        let synced =
-            util::blocking(&pod.id, "sync checkpoint", move || util::sync_fs(&id, &dir)).await;
-        let h = hold.take().expect("held");
-        let ended = match synced {
-            Ok(()) => h.stop().await,
-            Err(e) => {
-                let _ = h.release().await;
-                Err(e)
-            }
-        };
-        if let Err(e) = ended {
-            empty_dir(&out);
-            return Err(e);
-        }
-    }
-    let (capture, results) = match written {
-        Ok(r) => r,
-        Err(e) => {
-            empty_dir(&out);
-            warn!("pod {}: checkpoint failed: {e}", pod.id);
-            return Err(e);
-        }
-    };
-    let total = start.elapsed();
-    info!(
-        "pod {}: checkpoint of {} container(s) to {}: frozen {:?}, total {:?}",
-        pod.id,
-        results.len(),
-        out.display(),
-        capture.frozen,
-        total
+/// Has the backend capture the pod, then writes each container's and the pod's metadata.
+async fn capture_and_write(
+    shim: &Shim,
+    job: &PodCheckpoint<'_>,
+    pod: &Arc<Pod>,
+    names: &[(String, ContainerInfo)],
+    engine: &str,
+    leave_running: bool,
+) -> Result<(PodCapture, Vec<ContainerResult>)> {
+    let capture = shim.runtime.hooks().checkpoint_pod(job).await?;
+    // Metadata and sizes: after the thaw, nothing here needs the pod still. File work,
+    // so on the blocking pool.
+    let (targets, names, pod, out, engine) = (
+        job.containers.to_vec(),
+        names.to_vec(),
+        pod.clone(),
+        job.out.to_path_buf(),
+        engine.to_string(),
     );
+    let per = capture.containers.clone();
+    let last_pid = capture.last_pid;
+    let results = util::blocking(&pod.id.clone(), "write metadata", move || {
+        let mut results = Vec::new();
+        for ((t, (_, info)), timings) in targets.iter().zip(&names).zip(&per) {
+            results.push(metadata::write_container(
+                t,
+                info,
+                timings,
+                leave_running,
+                &engine,
+            )?);
+        }
+        let named: Vec<(String, &ContainerTarget)> = names
+            .iter()
+            .map(|(n, _)| n.clone())
+            .zip(targets.iter())
+            .collect();
+        metadata::write_pod(&out, &pod, &named, &engine, last_pid)?;
+        Ok(results)
+    })
+    .await?;
+    Ok((capture, results))
+}
+
+/// Ends the hold of a stopping checkpoint nobody will finish: the pod stops once the output
+/// is synced (else it runs on).
+async fn stop_once_synced(pod_id: &str, out: &Path, hold: Hold) -> Result<()> {
+    let (id, dir) = (pod_id.to_string(), out.to_path_buf());
+    let synced = util::blocking(pod_id, "sync checkpoint", move || util::sync_fs(&id, &dir)).await;
+    match synced {
+        Ok(()) => hold.stop().await.map(|_| ()),
+        Err(e) => {
+            let _ = hold.release().await;
+            Err(e)
+        }
+    }
+}
+
+/// The reply: each container's result and the pod's timings (dump and file times are the
+/// slowest container's).
+fn response(
+    capture: &PodCapture,
+    results: Vec<ContainerResult>,
+    total: Duration,
+    engine: String,
+) -> CheckpointPodResponse {
     let dump = capture
         .containers
         .iter()
@@ -400,7 +451,7 @@ pub async fn checkpoint_pod(
         .map(|t| t.files)
         .max()
         .unwrap_or_default();
-    let resp = CheckpointPodResponse {
+    CheckpointPodResponse {
         containers: results,
         timings: Some(WireTimings {
             frozen_ms: metadata::ms(capture.frozen),
@@ -412,6 +463,5 @@ pub async fn checkpoint_pod(
         .into(),
         engine,
         ..Default::default()
-    };
-    Ok((resp, hold))
+    }
 }

@@ -45,8 +45,8 @@ pub fn check_container_dir(id: &str, dir: &Path, runtime: &dyn OciRuntime) -> Re
             return Err(engine_mismatch(id, "the checkpoint", &meta.engine, engine));
         }
     }
-    let image = runtime.restore_image(dir);
-    if !runtime.has_image(&image) {
+    let image = runtime.hooks().restore_image(dir);
+    if !runtime.hooks().has_image(&image) {
         return Err(Error::invalid(
             id,
             format!("{} holds no {engine} checkpoint images", image.display()),

@@ -15,7 +15,7 @@ use stasis_api::layout::{CHECKPOINT_DIR, DUMP_LOG, STATS_DUMP};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    cancel_after, timed_out, CheckpointOpts, ContainerTarget, HeldPod, OciRuntime, PodCapture,
+    cancel_after, timed_out, CheckpointHooks, CheckpointOpts, ContainerTarget, HeldPod, PodCapture,
     PodCheckpoint, Timings, DEFAULT_CHECKPOINT_TIMEOUT,
 };
 use crate::{
@@ -87,7 +87,7 @@ impl Drop for Frozen {
 /// thaw. The dump is always taken live under our freeze: a stopping checkpoint ends the
 /// container only once the images and volumes are complete on disk, so a failure at any step
 /// leaves it running (or paused, as it was).
-pub async fn checkpoint_container<R: OciRuntime + ?Sized>(
+pub async fn checkpoint_container<R: CheckpointHooks + ?Sized>(
     runtime: &R,
     target: &ContainerTarget,
     opts: &CheckpointOpts,
@@ -162,7 +162,7 @@ pub async fn checkpoint_container<R: OciRuntime + ?Sized>(
 /// cgroup, thaw the pod cgroup, dump every container in parallel and capture its files, then
 /// thaw, or keep them frozen for a stopping checkpoint (`job.hold`). Any failure thaws what
 /// was frozen.
-pub async fn checkpoint_pod<R: OciRuntime + ?Sized>(
+pub async fn checkpoint_pod<R: CheckpointHooks + ?Sized>(
     runtime: &R,
     job: &PodCheckpoint<'_>,
 ) -> Result<PodCapture> {
@@ -245,7 +245,7 @@ pub async fn checkpoint_pod<R: OciRuntime + ?Sized>(
 
 /// Stops the containers a stopping pod checkpoint held: killed while still frozen, then
 /// thawed so that the kill lands (containers the user had paused too: their processes go).
-pub async fn stop_held<R: OciRuntime + ?Sized>(runtime: &R, held: &HeldPod) -> Result<()> {
+pub async fn stop_held<R: CheckpointHooks + ?Sized>(runtime: &R, held: &HeldPod) -> Result<()> {
     let mut first = None;
     for c in &held.containers {
         if let Err(e) = runtime.kill(&c.id, libc::SIGKILL as u32, true).await {
@@ -265,7 +265,7 @@ pub async fn stop_held<R: OciRuntime + ?Sized>(runtime: &R, held: &HeldPod) -> R
 }
 
 /// Ends a hold without stopping: every held container thawed (paused ones were not held).
-pub async fn release_held<R: OciRuntime + ?Sized>(_runtime: &R, held: &HeldPod) -> Result<()> {
+pub async fn release_held<R: CheckpointHooks + ?Sized>(_runtime: &R, held: &HeldPod) -> Result<()> {
     let mut first = None;
     for c in held.containers.iter().filter(|c| !c.paused) {
         let thawed = match freezer_of(&c.id, &c.cgroup_path) {
@@ -298,7 +298,7 @@ fn with_full_disk(message: String, out: &Path) -> String {
 }
 
 /// Dumps one frozen container of a pod into its directory and captures its files.
-async fn dump_one<R: OciRuntime + ?Sized>(
+async fn dump_one<R: CheckpointHooks + ?Sized>(
     runtime: &R,
     c: &ContainerTarget,
     work: &Path,

@@ -16,7 +16,7 @@ mod tests {
     use std::{os::unix::fs::PermissionsExt, path::Path};
 
     use super::*;
-    use crate::runtime::{CheckpointOpts, OciRuntime};
+    use crate::runtime::{CheckpointHooks, CheckpointOpts, OciRuntime};
 
     /// A stand-in crun that records its arguments and fails like crun does on this host when
     /// asked to, so the backend's command lines and error handling are checked without crun.

@@ -26,22 +26,27 @@ use std::{
     path::{Component, Path},
 };
 
+mod creds;
+mod files;
+mod mounts;
+
+pub use mounts::mountinfo_excess;
+
 use super::{
     criu_image::{self as img, fd_type, fstype},
-    restored::{cap_names, Bounds, CAP_NET_RAW, CAP_SETPCAP, CAP_SYS_ADMIN},
+    restored::{self, Bounds},
     seccomp,
 };
 use crate::{
     error::{Error, Result},
     spec::ContainerSpec,
 };
+use creds::core_excess;
+use files::{file_excess, tmpfs_excess};
+use mounts::{mounts_excess, Host};
 
 /// Mount flags (linux/mount.h) as CRIU records them.
 const MS_RDONLY: u32 = 1;
-
-/// The device nodes runc creates in every container's /dev (libcontainer's default
-/// devices), as (major, minor).
-const DEFAULT_DEVICES: &[(u64, u64)] = &[(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 2)];
 
 /// What a fresh container of the spec gets, as the image checks need it.
 #[derive(Debug, Clone)]
@@ -278,8 +283,20 @@ pub fn stopped_at_dump(id: &str, dir: &Path) -> Result<std::collections::HashSet
 /// [`check`] over images from any source.
 pub fn check_in(id: &str, dir: &dyn ImageDir, expected: &Expected) -> Result<()> {
     let images = Images { id, dir };
+    let names = list_images(&images)?;
+    let root_ids = check_namespaces(&images, &names)?;
+    check_tasks(&images, &names, expected, &root_ids)?;
+    let mount_ids = check_mounts(&images, &names, expected)?;
+    check_files(&images, &names, expected, &mount_ids)
+}
+
+/// The names of the images CRIU reads, sorted, once each is a regular file that CRIU writes,
+/// not refused, with the magic of its name.
+fn list_images(images: &Images) -> Result<Vec<String>> {
+    let id = images.id;
     let mut names = Vec::new();
-    let listed = dir
+    let listed = images
+        .dir
         .entries()
         .map_err(|e| Error::io(id, "list the checkpoint images", e))?;
     for (name, regular) in listed {
@@ -310,6 +327,13 @@ pub fn check_in(id: &str, dir: &dyn ImageDir, expected: &Expected) -> Result<()>
         names.push(name);
     }
     names.sort();
+    Ok(names)
+}
+
+/// The root namespaces of the inventory, once every network and pid namespace the images
+/// hold is the pod's (external).
+fn check_namespaces(images: &Images, names: &[String]) -> Result<img::TaskKobjIdsEntry> {
+    let id = images.id;
     let inventory: Vec<img::InventoryEntry> =
         images.decode("inventory.img", img::INVENTORY_MAGIC)?;
     let root_ids = inventory
@@ -338,7 +362,18 @@ pub fn check_in(id: &str, dir: &dyn ImageDir, expected: &Expected) -> Result<()>
             }
         }
     }
+    Ok(root_ids)
+}
 
+/// Every task's and thread's core image against the spec, and every task in the
+/// container's own namespaces (the first task's; the root user namespace).
+fn check_tasks(
+    images: &Images,
+    names: &[String],
+    expected: &Expected,
+    root_ids: &img::TaskKobjIdsEntry,
+) -> Result<()> {
+    let id = images.id;
     let tasks: Vec<img::PstreeEntry> = images.decode("pstree.img", img::PSTREE_MAGIC)?;
     let mut seen_ns: Option<(u32, img::TaskKobjIdsEntry)> = None;
     let filters = if names.iter().any(|n| n == "seccomp.img") {
@@ -403,7 +438,11 @@ pub fn check_in(id: &str, dir: &dyn ImageDir, expected: &Expected) -> Result<()>
             }
         }
     }
+    Ok(())
+}
 
+/// The one mount tree of the images against the spec's mounts; returns its mount ids.
+fn check_mounts(images: &Images, names: &[String], expected: &Expected) -> Result<HashSet<i32>> {
     let mut mount_ids = HashSet::new();
     let mnt_images: Vec<&String> = names
         .iter()
@@ -420,11 +459,21 @@ pub fn check_in(id: &str, dir: &dyn ImageDir, expected: &Expected) -> Result<()>
         }
         mount_ids.extend(mounts.iter().map(|m| m.mnt_id as i32));
     }
+    Ok(mount_ids)
+}
 
+/// The open files of the images (on the container's mounts `mount_ids`) and the contents of
+/// the tmpfs mounts CRIU restores.
+fn check_files(
+    images: &Images,
+    names: &[String],
+    expected: &Expected,
+    mount_ids: &HashSet<i32>,
+) -> Result<()> {
     if names.iter().any(|n| n == "files.img") {
         let files: Vec<img::FileEntry> = images.decode("files.img", img::FILES_MAGIC)?;
         for f in &files {
-            if let Some(why) = file_excess(f, expected, &mount_ids) {
+            if let Some(why) = file_excess(f, expected, mount_ids) {
                 return Err(images.refuse(format!("files.img: {why}")));
             }
         }
@@ -437,14 +486,14 @@ pub fn check_in(id: &str, dir: &dyn ImageDir, expected: &Expected) -> Result<()>
                 id: f.id,
                 reg: Some(f),
             };
-            if let Some(why) = file_excess(&entry, expected, &mount_ids) {
+            if let Some(why) = file_excess(&entry, expected, mount_ids) {
                 return Err(images.refuse(format!("reg-files.img: {why}")));
             }
         }
     }
     for name in names.iter().filter(|n| n.starts_with("tmpfs-")) {
         if let Some(why) = tmpfs_excess(images.open(name)?, expected)
-            .map_err(|e| Error::invalid(id, format!("CRIU image {name}: {e}")))?
+            .map_err(|e| Error::invalid(images.id, format!("CRIU image {name}: {e}")))?
         {
             return Err(images.refuse(format!("{name}: {why}")));
         }
@@ -495,586 +544,5 @@ pub fn test_switch_off() -> bool {
             .is_some_and(|d| Path::new(&d).join("test-skip-image-check").exists())
 }
 
-/// What one task's core image asks for beyond `expected`.
-fn core_excess(
-    core: &img::CoreEntry,
-    expected: &Expected,
-    filters: &[img::SeccompFilter],
-    verdicts: &mut HashMap<u32, std::result::Result<(), String>>,
-) -> Vec<String> {
-    let mut out = Vec::new();
-    let b = &expected.bounds;
-    // A zombie is restored only to be reaped; a helper runs CRIU's code alone, and both
-    // carry no thread state.
-    if core.tc.as_ref().is_some_and(|t| {
-        matches!(
-            t.task_state,
-            img::TASK_DEAD | img::TASK_ZOMBIE | img::TASK_HELPER
-        )
-    }) && core.thread_core.is_none()
-    {
-        return out;
-    }
-    let Some(thread) = &core.thread_core else {
-        return vec!["no thread state".into()];
-    };
-    match &thread.creds {
-        None => out.push("no credentials".into()),
-        Some(c) => {
-            let mut excess: Vec<(u64, Vec<&str>)> = Vec::new();
-            for (set, words) in [
-                ("inheritable", &c.cap_inh),
-                ("permitted", &c.cap_prm),
-                ("effective", &c.cap_eff),
-                ("bounding", &c.cap_bnd),
-                ("ambient", &c.cap_amb),
-            ] {
-                let extra = img::cap_mask(words) & !b.bounding;
-                if extra != 0 {
-                    match excess.iter_mut().find(|(m, _)| *m == extra) {
-                        Some((_, sets)) => sets.push(set),
-                        None => excess.push((extra, vec![set])),
-                    }
-                }
-            }
-            for (extra, sets) in excess {
-                out.push(format!(
-                    "{} capabilities {} beyond the spec's",
-                    sets.join(", "),
-                    cap_names(extra)
-                ));
-            }
-            if b.no_new_privs && c.no_new_privs != Some(1) {
-                out.push("no_new_privs off where the spec sets it".into());
-            }
-            if c.secbits != 0 && b.bounding & CAP_SETPCAP == 0 {
-                out.push(format!("securebits {:#x} without CAP_SETPCAP", c.secbits));
-            }
-            // Identity: without a way to change it (no_new_privs, and no CAP_SETUID or
-            // CAP_SETGID), every id is the spec's user.
-            if b.uid_fixed() {
-                let ids = [c.uid, c.euid, c.suid, c.fsuid];
-                if ids.iter().any(|u| *u != b.uid) {
-                    out.push(format!(
-                        "uids {ids:?} where the spec's user is {} and nobody may change it",
-                        b.uid
-                    ));
-                }
-            }
-            if b.gid_fixed() {
-                let ids = [c.gid, c.egid, c.sgid, c.fsgid];
-                if ids.iter().any(|g| *g != b.gid) {
-                    out.push(format!(
-                        "gids {ids:?} where the spec's group is {} and nobody may change it",
-                        b.gid
-                    ));
-                }
-                let extra: Vec<u32> = c
-                    .groups
-                    .iter()
-                    .copied()
-                    .filter(|g| *g != b.gid && !expected.groups.contains(g))
-                    .collect();
-                if !extra.is_empty() {
-                    out.push(format!("supplementary groups {extra:?} beyond the spec's"));
-                }
-            }
-            if let Some(p) = c.lsm_profile.as_deref().filter(|p| !p.is_empty()) {
-                let mine = expected.lsm.as_deref().unwrap_or("");
-                // AppArmor reports the mode after the name: "name (enforce)".
-                let name = p.split(" (").next().unwrap_or(p);
-                if name != mine && p != mine {
-                    out.push(format!("LSM profile {p:?} where the spec has {mine:?}"));
-                }
-            }
-            if c.lsm_sockcreate.as_deref().is_some_and(|s| !s.is_empty()) {
-                out.push("an LSM socket-creation label".into());
-            }
-            if c.apparmor_data.as_ref().is_some_and(|d| !d.is_empty()) {
-                out.push("AppArmor policy to load".into());
-            }
-        }
-    }
-    let mode = thread
-        .seccomp_mode
-        .or(core.tc.as_ref().and_then(|t| t.old_seccomp_mode))
-        .unwrap_or(0);
-    let filter = thread
-        .seccomp_filter
-        .or(core.tc.as_ref().and_then(|t| t.old_seccomp_filter));
-    if let Some(profile) = &expected.seccomp {
-        if mode != 2 {
-            out.push(format!("seccomp mode {mode} where the spec has a filter"));
-        } else {
-            let index = filter.unwrap_or(u32::MAX);
-            let verdict = verdicts
-                .entry(index)
-                .or_insert_with(|| seccomp::chain_refuses_what(filters, index, profile));
-            if let Err(why) = verdict {
-                out.push(format!("a seccomp filter weaker than the spec's: {why}"));
-            }
-        }
-    }
-    out
-}
-
-/// Paths on this node, for the masked and read-only paths a fresh container has.
-trait Node {
-    fn exists(&self, path: &str) -> bool;
-}
-
-struct Host;
-
-impl Node for Host {
-    fn exists(&self, path: &str) -> bool {
-        std::fs::symlink_metadata(path).is_ok()
-    }
-}
-
-/// What the mount tree of the images holds beyond the spec's.
-fn mounts_excess(mounts: &[img::MntEntry], e: &Expected, node: &dyn Node) -> Vec<String> {
-    let mut out = Vec::new();
-    let spec_type = |dest: &str| {
-        e.mounts
-            .iter()
-            .rev()
-            .find(|(d, _, _)| d == dest)
-            .map(|(_, t, ro)| (t.as_str(), *ro))
-    };
-    let under_cgroup = |p: &str| {
-        e.mounts.iter().any(|(d, t, _)| {
-            (t == "cgroup" || t == "cgroup2") && (p == d || p.starts_with(&format!("{d}/")))
-        })
-    };
-    let ids: HashSet<u32> = mounts.iter().map(|m| m.mnt_id).collect();
-    let mut roots = 0;
-    for m in mounts {
-        let at = &m.mountpoint;
-        if !stays_inside(at) {
-            out.push(format!("a mount at {at:?}"));
-            continue;
-        }
-        let at = clean(at);
-        if !ids.contains(&m.parent_mnt_id) {
-            roots += 1;
-            if at != "/" {
-                out.push(format!("a second root mount at {at}"));
-            }
-            continue;
-        }
-        let ro = m.flags & MS_RDONLY != 0;
-        // runc's tmpfs at a cgroup v1 mount point is writable (only the hierarchies below it
-        // are read-only), as in a fresh container.
-        let cgroup_tmpfs = m.fstype == fstype::TMPFS && under_cgroup(&at);
-        let want_ro =
-            !cgroup_tmpfs && (spec_type(&at).is_some_and(|(_, ro)| ro) || e.readonly.contains(&at));
-        if want_ro && !ro {
-            out.push(format!("{at} writable where the spec mounts it read-only"));
-        }
-        if let Some(key) = &m.ext_key {
-            // runc maps external mounts by their destination to the spec's sources; a key
-            // it does not map makes CRIU fail, one it maps is the spec's own mount.
-            let key = clean(key);
-            // runc masks a file by binding /dev/null over it, keyed by /dev/null.
-            let mask = key == "/dev/null" && e.masked.contains(&at);
-            if spec_type(&key).is_none() && !under_cgroup(&key) && !e.masked.contains(&key) && !mask
-            {
-                out.push(format!(
-                    "an external mount {key} at {at} that the spec does not have"
-                ));
-            }
-            continue;
-        }
-        let typ = match m.fstype {
-            fstype::PROC => "proc",
-            fstype::SYSFS => "sysfs",
-            fstype::TMPFS => "tmpfs",
-            fstype::DEVPTS => "devpts",
-            fstype::MQUEUE => "mqueue",
-            fstype::CGROUP => "cgroup",
-            fstype::CGROUP2 => "cgroup2",
-            fstype::DEVTMPFS => "devtmpfs",
-            fstype::OVERLAYFS => "overlay",
-            fstype::AUTO => m.fsname.as_deref().unwrap_or("auto"),
-            _ => "an unsupported file system",
-        };
-        let allowed = match (typ, spec_type(&at)) {
-            (t, Some((s, _))) if t == s => true,
-            // runc mounts a tmpfs at a cgroup v1 mount point and each hierarchy below it.
-            ("tmpfs" | "cgroup" | "cgroup2", _) if under_cgroup(&at) => true,
-            // Masked directories are covered with a read-only tmpfs.
-            ("tmpfs", _) if e.masked.contains(&at) => ro,
-            // Read-only paths are bind mounts of themselves, read-only.
-            ("proc" | "sysfs", _) if e.readonly.contains(&at) || e.masked.contains(&at) => ro,
-            _ => false,
-        };
-        if !allowed {
-            out.push(format!("a {typ} mount at {at} that the spec does not have"));
-        }
-    }
-    if roots != 1 {
-        out.push(format!("{roots} root mounts"));
-    }
-    // A masked or read-only path the node has must be covered in the images as it is in a
-    // fresh container (runc skips those the kernel does not have).
-    let covered: HashSet<String> = mounts.iter().map(|m| clean(&m.mountpoint)).collect();
-    for p in e.masked.iter().chain(e.readonly.iter()) {
-        let in_proc_or_sys = p.starts_with("/proc/") || p.starts_with("/sys/");
-        if in_proc_or_sys && node.exists(p) && !covered.contains(p) {
-            out.push(format!(
-                "{p} is neither masked nor read-only as the spec has it"
-            ));
-        }
-    }
-    out
-}
-
-/// What a restored task's mount table (`/proc/<pid>/mountinfo`) holds beyond the spec, by
-/// the rules of the images' mount tree: bind mounts of the spec (and masks over masked
-/// paths) stand for the external mounts runc maps.
-pub fn mountinfo_excess(table: &str, e: &Expected) -> Vec<String> {
-    let mut mounts = Vec::new();
-    for line in table.lines() {
-        // id parent major:minor root mountpoint options [optional…] - fstype source super
-        let (head, tail) = match line.split_once(" - ") {
-            Some(x) => x,
-            None => continue,
-        };
-        let f: Vec<&str> = head.split(' ').collect();
-        let t: Vec<&str> = tail.split(' ').collect();
-        if f.len() < 6 || t.is_empty() {
-            continue;
-        }
-        let unescape = |p: &str| {
-            p.replace("\\040", " ")
-                .replace("\\011", "\t")
-                .replace("\\012", "\n")
-                .replace("\\134", "\\")
-        };
-        let at = unescape(f[4]);
-        let typ = t[0];
-        let code = match typ {
-            "proc" => fstype::PROC,
-            "sysfs" => fstype::SYSFS,
-            "tmpfs" => fstype::TMPFS,
-            "devpts" => fstype::DEVPTS,
-            "mqueue" => fstype::MQUEUE,
-            "cgroup" => fstype::CGROUP,
-            "cgroup2" => fstype::CGROUP2,
-            "devtmpfs" => fstype::DEVTMPFS,
-            "overlay" => fstype::OVERLAYFS,
-            _ => fstype::AUTO,
-        };
-        let at_clean = clean(&at);
-        let spec_bind = e
-            .mounts
-            .iter()
-            .any(|(d, t, _)| *d == at_clean && (t == "bind" || t == "rbind" || t == "none"));
-        let cgroup_hierarchy = code == fstype::CGROUP || code == fstype::CGROUP2;
-        let external = spec_bind
-            // runc masks files with /dev/null (whatever the node's /dev is) and
-            // directories with a read-only tmpfs.
-            || e.masked.contains(&at_clean)
-            || (cgroup_hierarchy && at_clean != "/sys/fs/cgroup");
-        mounts.push(img::MntEntry {
-            fstype: code,
-            mnt_id: f[0].parse().unwrap_or(0),
-            parent_mnt_id: f[1].parse().unwrap_or(0),
-            flags: if f[5].split(',').any(|o| o == "ro") {
-                MS_RDONLY
-            } else {
-                0
-            },
-            root: unescape(f[3]),
-            mountpoint: at,
-            source: t.get(1).unwrap_or(&"").to_string(),
-            fsname: Some(typ.to_string()),
-            ext_key: external.then(|| at_clean.clone()),
-            ..Default::default()
-        });
-    }
-    mounts_excess(&mounts, e, &Host)
-        .into_iter()
-        .map(|x| format!("mount table: {x}"))
-        .collect()
-}
-
-/// What one open file of the images reaches beyond the container.
-fn file_excess(f: &img::FileEntry, e: &Expected, mounts: &HashSet<i32>) -> Option<String> {
-    let caps = e.bounds.bounding;
-    match f.r#type {
-        fd_type::REG => {
-            let reg = f.reg.as_ref()?;
-            if reg.ext == Some(true) {
-                return Some(format!("file {:?} from outside the images", reg.name));
-            }
-            if !stays_inside(&reg.name) {
-                return Some(format!("file {:?}, a path leaving its mount", reg.name));
-            }
-            match reg.mnt_id {
-                Some(m) if mounts.contains(&m) => None,
-                _ => Some(format!(
-                    "file {:?} on mount {}, not one of the container's",
-                    reg.name,
-                    reg.mnt_id.unwrap_or(-1)
-                )),
-            }
-        }
-        fd_type::PIPE
-        | fd_type::FIFO
-        | fd_type::INETSK
-        | fd_type::UNIXSK
-        | fd_type::EVENTFD
-        | fd_type::EVENTPOLL
-        | fd_type::INOTIFY
-        | fd_type::SIGNALFD
-        | fd_type::TTY
-        | fd_type::TIMERFD
-        | fd_type::MEMFD
-        | fd_type::PIDFD
-        | fd_type::NETLINKSK => None,
-        fd_type::PACKETSK if caps & CAP_NET_RAW != 0 => None,
-        fd_type::FANOTIFY if caps & CAP_SYS_ADMIN != 0 => None,
-        other => Some(format!(
-            "an open file of type {} (a namespace, tun device, BPF map, fanotify or packet socket, or one CRIU takes from outside), which this container may not open",
-            other
-        )),
-    }
-}
-
-/// The most a tmpfs image may unpack to.
-const MAX_TMPFS: u64 = 8 << 30;
-
-/// What a tmpfs CRIU restores from its tar (`tmpfs-*.tar.gz.img`) holds beyond the spec:
-/// device nodes other than the spec's and runc's defaults. Read as a stream, bounded.
-fn tmpfs_excess(file: impl Read, e: &Expected) -> std::result::Result<Option<String>, String> {
-    // Compressed, at most the largest image parsed; unpacked, at most what a tmpfs CRIU
-    // would fill could hold (a bomb is cut off and refused as truncated).
-    let gz = flate2::read::GzDecoder::new(file.take(img::MAX_IMAGE));
-    let mut tar = tar::Archive::new(gz.take(MAX_TMPFS));
-    for entry in tar.entries().map_err(|e| e.to_string())? {
-        let entry = entry.map_err(|e| e.to_string())?;
-        let kind = entry.header().entry_type();
-        if kind.is_character_special() || kind.is_block_special() {
-            let major = entry
-                .header()
-                .device_major()
-                .ok()
-                .flatten()
-                .unwrap_or(u32::MAX);
-            let minor = entry
-                .header()
-                .device_minor()
-                .ok()
-                .flatten()
-                .unwrap_or(u32::MAX);
-            let dev = (u64::from(major), u64::from(minor));
-            if kind.is_block_special()
-                || !(DEFAULT_DEVICES.contains(&dev) || e.devices.contains(&dev))
-            {
-                return Ok(Some(format!(
-                    "device node {} ({major}:{minor}) that the spec does not have",
-                    entry
-                        .path()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default()
-                )));
-            }
-        }
-    }
-    Ok(None)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn expected() -> Expected {
-        Expected {
-            bounds: Bounds {
-                bounding: 0xa804_25fb,
-                no_new_privs: true,
-                seccomp: false,
-                uid: 1000,
-                gid: 1000,
-            },
-            groups: vec![10],
-            lsm: None,
-            mounts: vec![
-                ("/proc".into(), "proc".into(), false),
-                ("/dev".into(), "tmpfs".into(), false),
-                ("/sys".into(), "sysfs".into(), true),
-                ("/sys/fs/cgroup".into(), "cgroup".into(), true),
-                ("/etc/hosts".into(), "bind".into(), false),
-            ],
-            masked: vec!["/proc/kcore".into(), "/proc/acpi".into()],
-            readonly: vec!["/proc/sys".into()],
-            devices: vec![],
-            seccomp: None,
-        }
-    }
-
-    fn mnt(id: u32, parent: u32, fs: u32, at: &str, ro: bool, ext: Option<&str>) -> img::MntEntry {
-        img::MntEntry {
-            fstype: fs,
-            mnt_id: id,
-            parent_mnt_id: parent,
-            flags: if ro { MS_RDONLY } else { 0 },
-            mountpoint: at.into(),
-            ext_key: ext.map(str::to_string),
-            ..Default::default()
-        }
-    }
-
-    struct AllExist;
-    impl Node for AllExist {
-        fn exists(&self, _: &str) -> bool {
-            true
-        }
-    }
-
-    fn honest() -> Vec<img::MntEntry> {
-        vec![
-            mnt(1, 0, fstype::OVERLAYFS, "/", false, None),
-            mnt(2, 1, fstype::PROC, "/proc", false, None),
-            mnt(3, 1, fstype::TMPFS, "/dev", false, None),
-            mnt(4, 1, fstype::SYSFS, "/sys", true, None),
-            mnt(5, 4, fstype::TMPFS, "/sys/fs/cgroup", true, None),
-            mnt(
-                6,
-                5,
-                fstype::CGROUP,
-                "/sys/fs/cgroup/cpu",
-                true,
-                Some("/sys/fs/cgroup/cpu"),
-            ),
-            mnt(7, 1, 0, "/etc/hosts", false, Some("/etc/hosts")),
-            mnt(8, 2, 0, "/proc/kcore", false, Some("/dev/null")),
-            mnt(9, 2, fstype::TMPFS, "/proc/acpi", true, None),
-            mnt(10, 2, fstype::PROC, "/proc/sys", true, None),
-        ]
-    }
-
-    #[test]
-    fn the_spec_mounts_pass_and_every_other_is_named() {
-        assert_eq!(
-            mounts_excess(&honest(), &expected(), &AllExist),
-            Vec::<String>::new()
-        );
-        let mut extra = honest();
-        extra.push(mnt(11, 1, fstype::PROC, "/host-proc", false, None));
-        extra.push(mnt(12, 1, fstype::DEVTMPFS, "/dev/host", false, None));
-        extra.push(mnt(13, 1, 0, "/x", false, Some("/etc/shadow")));
-        extra.push(mnt(14, 1, 0, "/y", false, Some("/dev/null")));
-        extra[9].flags = 0; // /proc/sys writable
-        extra.remove(7); // /proc/kcore unmasked
-        let all = mounts_excess(&extra, &expected(), &AllExist).join("; ");
-        for want in [
-            "a proc mount at /host-proc",
-            "a devtmpfs mount at /dev/host",
-            "an external mount /etc/shadow at /x",
-            "an external mount /dev/null at /y",
-            "/proc/sys writable",
-            "/proc/kcore is neither masked nor read-only",
-        ] {
-            assert!(all.contains(want), "{want}: {all}");
-        }
-    }
-
-    #[test]
-    fn files_stay_on_the_containers_mounts() {
-        let mounts: HashSet<i32> = [1, 2].into();
-        let reg = |name: &str, mnt: i32| img::FileEntry {
-            r#type: fd_type::REG,
-            id: 1,
-            reg: Some(img::RegFileEntry {
-                name: name.into(),
-                mnt_id: Some(mnt),
-                ..Default::default()
-            }),
-        };
-        assert_eq!(file_excess(&reg("/bin/sh", 1), &expected(), &mounts), None);
-        assert!(file_excess(&reg("/etc/shadow", 99), &expected(), &mounts)
-            .unwrap()
-            .contains("not one of the container's"));
-        assert!(
-            file_excess(&reg("/../../etc/shadow", 1), &expected(), &mounts)
-                .unwrap()
-                .contains("leaving")
-        );
-        let ns = img::FileEntry {
-            r#type: fd_type::NS,
-            id: 2,
-            reg: None,
-        };
-        assert!(file_excess(&ns, &expected(), &mounts).is_some());
-    }
-
-    #[test]
-    fn credentials_beyond_the_spec_are_named() {
-        let creds = |caps: u32, uid: u32, nnp: u32| img::CredsEntry {
-            uid,
-            euid: uid,
-            suid: uid,
-            fsuid: uid,
-            gid: 1000,
-            egid: 1000,
-            sgid: 1000,
-            fsgid: 1000,
-            cap_prm: vec![caps, 0],
-            cap_eff: vec![caps, 0],
-            cap_bnd: vec![caps, 0],
-            no_new_privs: Some(nnp),
-            ..Default::default()
-        };
-        let core = |c: img::CredsEntry| img::CoreEntry {
-            mtype: 1,
-            thread_core: Some(img::ThreadCoreEntry {
-                creds: Some(c),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let mut v = HashMap::new();
-        assert!(
-            core_excess(&core(creds(0xa804_25fb, 1000, 1)), &expected(), &[], &mut v).is_empty()
-        );
-        let mut fixed = expected();
-        fixed.bounds.bounding &=
-            !(super::super::restored::CAP_SETUID | super::super::restored::CAP_SETGID);
-        let all = core_excess(&core(creds(0xffff_ffff, 0, 0)), &fixed, &[], &mut v).join("; ");
-        for want in ["CAP_SYS_ADMIN", "no_new_privs off", "uids [0, 0, 0, 0]"] {
-            assert!(all.contains(want), "{want}: {all}");
-        }
-    }
-
-    #[test]
-    fn a_restored_mount_table_is_judged_like_the_images() {
-        let table = "\
-77 52 0:43 / / rw,relatime - overlay overlay rw,lowerdir=/l,upperdir=/u,workdir=/w
-78 77 0:45 / /proc rw,nosuid,nodev,noexec,relatime - proc proc rw
-79 77 0:46 / /dev rw,nosuid - tmpfs tmpfs rw,size=65536k,mode=755
-82 77 0:48 / /sys ro,nosuid,nodev,noexec,relatime - sysfs sysfs ro
-83 82 0:49 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime - tmpfs tmpfs rw,mode=755
-84 83 0:29 /stasis/p/c /sys/fs/cgroup/cpu ro,nosuid,nodev,noexec,relatime - cgroup cgroup rw,cpu
-93 77 254:0 /tmp/x/hosts /etc/hosts rw,relatime - ext4 /dev/vda rw
-94 78 0:5 /null /proc/kcore rw,nosuid - devtmpfs udev rw
-95 78 0:50 / /proc/acpi ro,relatime - tmpfs tmpfs ro
-96 78 0:45 /sys /proc/sys ro,nosuid,nodev,noexec,relatime - proc proc rw
-";
-        assert_eq!(mountinfo_excess(table, &expected()), Vec::<String>::new());
-        let widened = format!(
-            "{}{}",
-            table.replace("/proc/sys ro,", "/proc/sys rw,"),
-            "97 77 0:5 / /host-dev rw - devtmpfs udev rw\n98 77 254:0 / /host rw - ext4 /dev/vda rw\n"
-        );
-        let all = mountinfo_excess(&widened, &expected()).join("; ");
-        for want in [
-            "mount table: /proc/sys writable",
-            "a devtmpfs mount at /host-dev",
-            "a ext4 mount at /host",
-        ] {
-            assert!(all.contains(want), "{want}: {all}");
-        }
-    }
-}
+mod tests;

@@ -1,7 +1,7 @@
 //! The OCI runtime behind the shim, and the one place backends differ. Operations speak only
-//! the `OciRuntime` trait: the OCI lifecycle every backend implements, plus hooks with
-//! defaults for a runtime whose containers are host processes checkpointed by CRIU under the
-//! cgroup freezer (`criu.rs`). A backend that runs pods its own way (gVisor: `runsc/`)
+//! the `OciRuntime` trait (the OCI lifecycle every backend implements, with hooks whose
+//! defaults fit host processes) and its `CheckpointHooks` (checkpoint and restore, with
+//! defaults for containers checkpointed by CRIU under the cgroup freezer: `criu.rs`). A backend that runs pods its own way (gVisor: `runsc/`)
 //! overrides the hooks it needs; nothing outside `runtime/` asks which backend it is.
 
 pub mod config;
@@ -164,6 +164,12 @@ pub fn root(engine: Engine, namespace: &str) -> PathBuf {
     Path::new("/run/stasis").join(engine.name()).join(namespace)
 }
 
+/// The programs (base names) of every backend's runtime and of CRIU: the processes that may
+/// still work on a container whose shim is gone.
+pub fn programs() -> impl Iterator<Item = &'static str> {
+    Engine::ALL.into_iter().map(Engine::name).chain(["criu"])
+}
+
 /// The backend a shim drives, as its handler's options chose it.
 pub fn build(config: &BackendConfig, namespace: &str) -> Arc<dyn OciRuntime> {
     let root = root(config.engine, namespace);
@@ -176,6 +182,9 @@ pub fn build(config: &BackendConfig, namespace: &str) -> Arc<dyn OciRuntime> {
     }
 }
 
+/// The OCI lifecycle every backend implements, with hooks for how it holds pods and runs
+/// processes (the defaults fit host processes). Its checkpoint side is [`CheckpointHooks`],
+/// reached through [`OciRuntime::hooks`]: callers hold one `Arc<dyn OciRuntime>`.
 #[async_trait]
 pub trait OciRuntime: Send + Sync {
     /// Short name for logs, errors and archives ("runc").
@@ -184,6 +193,9 @@ pub trait OciRuntime: Send + Sync {
     }
 
     fn engine(&self) -> Engine;
+
+    /// The backend's checkpoint and restore side (implementations return `self`).
+    fn hooks(&self) -> &dyn CheckpointHooks;
 
     // --- The OCI lifecycle -------------------------------------------------------------
 
@@ -218,21 +230,7 @@ pub trait OciRuntime: Send + Sync {
     /// Applies runtime-spec LinuxResources (JSON) to a running container.
     async fn update(&self, id: &str, resources_json: &[u8]) -> Result<()>;
 
-    /// Dumps the container's processes into `opts.image_path`. A failure carries CRIU's reason.
-    async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()>;
-
-    /// Recreates container `id` from `bundle` with its processes restored from
-    /// `opts.image_path`, detached, writing the init pid to `pid_file`.
-    async fn restore(
-        &self,
-        id: &str,
-        bundle: &Path,
-        opts: &CheckpointOpts,
-        stdio: ProcessStdio,
-        pid_file: &Path,
-    ) -> Result<()>;
-
-    // --- Hooks: the defaults fit host processes, the cgroup freezer and CRIU ---------------
+    // --- Hooks: the defaults fit host processes -------------------------------------------
 
     /// Starts the pod's root (the process that holds the pod) if this runtime runs pods itself,
     /// returning its host pid; `None` means the shim's own pause process holds the pod.
@@ -249,11 +247,9 @@ pub trait OciRuntime: Send + Sync {
     /// The exec whose pid file was `pid_file` is deleted: what the backend kept beside it goes.
     fn forget_exec(&self, _pid_file: &Path) {}
 
-    /// Whether the tasks `restore` brings back are host processes in the container's cgroup
-    /// for the shim to check against the spec ([`restored`]). CRIU backends say yes, and
-    /// their `restore` leaves every task stopped until the shim has checked and continued
-    /// it; a runtime whose processes live in its own sandbox says no.
-    fn restores_host_tasks(&self) -> bool {
+    /// Whether the runtime keeps a directory per container below its state root
+    /// ([`root`]): then an id without one was never run by it, and needs no delete.
+    fn keeps_container_dirs(&self) -> bool {
         true
     }
 
@@ -290,6 +286,40 @@ pub trait OciRuntime: Send + Sync {
     async fn stop_for_pod(&self, id: &str) -> Result<bool> {
         self.kill(id, libc::SIGKILL as u32, true).await?;
         Ok(true)
+    }
+}
+
+/// A backend's checkpoint and restore: the dump and restore of one container, and hooks
+/// whose defaults fit host processes checkpointed by CRIU under the cgroup freezer
+/// (`criu.rs`); they build on the backend's lifecycle.
+#[async_trait]
+pub trait CheckpointHooks: OciRuntime {
+    /// Dumps the container's processes into `opts.image_path`. A failure carries CRIU's reason.
+    async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()>;
+
+    /// Recreates container `id` from `bundle` with its processes restored from
+    /// `opts.image_path`, detached, writing the init pid to `pid_file`.
+    async fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        opts: &CheckpointOpts,
+        stdio: ProcessStdio,
+        pid_file: &Path,
+    ) -> Result<()>;
+
+    /// Whether the tasks `restore` brings back are host processes in the container's cgroup
+    /// for the shim to check against the spec ([`restored`]). CRIU backends say yes, and
+    /// their `restore` leaves every task stopped until the shim has checked and continued
+    /// it; a runtime whose processes live in its own sandbox says no.
+    fn restores_host_tasks(&self) -> bool {
+        true
+    }
+
+    /// Whether `restore` can take memory on demand from a `criu lazy-pages` daemon
+    /// (`CheckpointOpts::lazy_pages`). A runtime that says no restores eagerly.
+    fn supports_lazy_restore(&self) -> bool {
+        true
     }
 
     /// Where the images of a container checkpointed into `container_dir` (a pod checkpoint) are.

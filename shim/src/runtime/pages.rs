@@ -250,6 +250,106 @@ impl CheckedSpan {
     }
 }
 
+/// Opens `path` for reading (never through a link), once: later calls share the file.
+fn open_once(
+    files: &mut HashMap<std::path::PathBuf, std::sync::Arc<File>>,
+    id: &str,
+    path: &Path,
+) -> Result<std::sync::Arc<File>> {
+    if let Some(f) = files.get(path) {
+        return Ok(f.clone());
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| Error::io(id, format!("open {}", path.display()), e))?;
+    let f = std::sync::Arc::new(f);
+    files.insert(path.to_path_buf(), f.clone());
+    Ok(f)
+}
+
+/// Reads the pagemap image at `path` (file `name`), with the key and span of its pages image
+/// in `source`; `None` when the source does not hold that pages image.
+fn read_pagemap<'s>(
+    id: &str,
+    path: &Path,
+    name: &str,
+    rel: &Path,
+    source: &'s PageSource,
+) -> Result<Option<(Pagemap, String, &'s PageSpan)>> {
+    // Streamed, and only as far as its pages image reaches: a hostile pagemap
+    // costs no more memory than the pages it may name.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| Error::io(id, format!("read {name}"), e))?;
+    let (pages_id, reader) = PagemapReader::open(std::io::BufReader::new(file))
+        .map_err(|m| Error::invalid(id, format!("{name}: {m}")))?;
+    let key = rel
+        .join(format!("pages-{pages_id}.img"))
+        .display()
+        .to_string();
+    let Some(span) = source.files.get(&key) else {
+        return Ok(None);
+    };
+    let map = Pagemap {
+        pages_id,
+        runs: reader
+            .runs(span.size)
+            .map_err(|m| Error::invalid(id, format!("{name}: {m}")))?,
+    };
+    Ok(Some((map, key, span)))
+}
+
+/// Makes the pages image `local` as a sparse file of `size` bytes, for the eager pages.
+fn placeholder(id: &str, local: &Path, size: u64) -> Result<File> {
+    let placeholder = crate::util::create_private(local)
+        .map_err(|e| Error::io(id, format!("create {}", local.display()), e))?;
+    placeholder
+        .set_len(size)
+        .map_err(|e| Error::io(id, format!("size {}", local.display()), e))?;
+    Ok(placeholder)
+}
+
+/// Copies the eager pages of `map` (pagemap file `name`) from `span` into `placeholder`
+/// (`local`), where CRIU's restore reads them; a chunk at a time. Returns the bytes copied.
+fn copy_eager_pages(
+    id: &str,
+    span: &mut CheckedSpan,
+    map: &Pagemap,
+    placeholder: &File,
+    local: &Path,
+    name: &str,
+) -> Result<u64> {
+    let mut copied = 0u64;
+    let step = span.span.chunk_size.max(PAGE_SIZE);
+    for run in map.runs.iter().filter(|r| !r.lazy) {
+        let end = run.offset + run.pages * PAGE_SIZE;
+        if end > span.span.size {
+            return Err(Error::invalid(
+                id,
+                format!(
+                    "{name}: pages at {:#x} lie past the end of {}",
+                    run.vaddr, span.key
+                ),
+            ));
+        }
+        let mut at = run.offset;
+        while at < end {
+            let mut buf = vec![0u8; (end - at).min(step) as usize];
+            span.read(at, &mut buf).map_err(|m| Error::invalid(id, m))?;
+            placeholder
+                .write_all_at(&buf, at)
+                .map_err(|e| Error::io(id, format!("write {}", local.display()), e))?;
+            at += buf.len() as u64;
+            copied += buf.len() as u64;
+        }
+    }
+    Ok(copied)
+}
+
 /// The pages of one container's images left in an archive.
 pub struct ArchivePages {
     id: String,
@@ -276,19 +376,6 @@ impl ArchivePages {
         // Each file once (an archive holds every image; a checkpoint directory one each),
         // never through a link.
         let mut files: HashMap<std::path::PathBuf, std::sync::Arc<File>> = HashMap::new();
-        let mut open_file = |path: &Path| -> Result<std::sync::Arc<File>> {
-            if let Some(f) = files.get(path) {
-                return Ok(f.clone());
-            }
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(path)
-                .map_err(|e| Error::io(id, format!("open {}", path.display()), e))?;
-            let f = std::sync::Arc::new(f);
-            files.insert(path.to_path_buf(), f.clone());
-            Ok(f)
-        };
         let mut pages = ArchivePages {
             id: id.to_string(),
             from: source.archive.display().to_string(),
@@ -308,33 +395,18 @@ impl ArchivePages {
             else {
                 continue;
             };
-            // Streamed, and only as far as its pages image reaches: a hostile pagemap
-            // costs no more memory than the pages it may name.
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(e.path())
-                .map_err(|e| Error::io(id, format!("read {name}"), e))?;
-            let (pages_id, reader) = PagemapReader::open(std::io::BufReader::new(file))
-                .map_err(|m| Error::invalid(id, format!("{name}: {m}")))?;
-            let key = rel
-                .join(format!("pages-{pages_id}.img"))
-                .display()
-                .to_string();
-            let Some(span) = source.files.get(&key) else {
+            let Some((map, key, span)) = read_pagemap(id, &e.path(), &name, rel, source)? else {
                 continue;
-            };
-            let map = Pagemap {
-                pages_id,
-                runs: reader
-                    .runs(span.size)
-                    .map_err(|m| Error::invalid(id, format!("{name}: {m}")))?,
             };
             let local = image.join(format!("pages-{}.img", map.pages_id));
             let index = match by_pages_id.get(&map.pages_id) {
                 Some(i) => *i,
                 None => {
-                    let file = open_file(span.file.as_deref().unwrap_or(&source.archive))?;
+                    let file = open_once(
+                        &mut files,
+                        id,
+                        span.file.as_deref().unwrap_or(&source.archive),
+                    )?;
                     pages.spans.push(CheckedSpan {
                         archive: file,
                         key: key.clone(),
@@ -342,43 +414,19 @@ impl ArchivePages {
                         chunk: None,
                     });
                     by_pages_id.insert(map.pages_id, pages.spans.len() - 1);
-                    let placeholder = crate::util::create_private(&local)
-                        .map_err(|e| Error::io(id, format!("create {}", local.display()), e))?;
-                    placeholder
-                        .set_len(span.size)
-                        .map_err(|e| Error::io(id, format!("size {}", local.display()), e))?;
-                    placeholders.insert(map.pages_id, placeholder);
+                    placeholders.insert(map.pages_id, placeholder(id, &local, span.size)?);
                     pages.spans.len() - 1
                 }
             };
-            // The eager pages, where CRIU's restore reads them; a chunk at a time.
             let placeholder = &placeholders[&map.pages_id];
-            let mut copied = 0u64;
-            let step = pages.spans[index].span.chunk_size.max(PAGE_SIZE);
-            for run in map.runs.iter().filter(|r| !r.lazy) {
-                let end = run.offset + run.pages * PAGE_SIZE;
-                if end > span.size {
-                    return Err(Error::invalid(
-                        id,
-                        format!(
-                            "{name}: pages at {:#x} lie past the end of {key}",
-                            run.vaddr
-                        ),
-                    ));
-                }
-                let mut at = run.offset;
-                while at < end {
-                    let mut buf = vec![0u8; (end - at).min(step) as usize];
-                    pages.spans[index]
-                        .read(at, &mut buf)
-                        .map_err(|m| Error::invalid(id, m))?;
-                    placeholder
-                        .write_all_at(&buf, at)
-                        .map_err(|e| Error::io(id, format!("write {}", local.display()), e))?;
-                    at += buf.len() as u64;
-                    copied += buf.len() as u64;
-                }
-            }
+            let copied = copy_eager_pages(
+                id,
+                &mut pages.spans[index],
+                &map,
+                placeholder,
+                &local,
+                &name,
+            )?;
             debug!(
                 "{id}: {name}: {copied} bytes of eager pages copied from {}",
                 pages.from
@@ -486,149 +534,4 @@ impl ArchivePages {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn image(entries: &[(u64, u32, u32)]) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
-        out.extend_from_slice(&PAGEMAP_MAGIC.to_le_bytes());
-        let head = PagemapHead { pages_id: 3 }.encode_to_vec();
-        out.extend_from_slice(&(head.len() as u32).to_le_bytes());
-        out.extend_from_slice(&head);
-        for &(vaddr, nr_pages, flags) in entries {
-            let e = PagemapEntry {
-                vaddr,
-                nr_pages,
-                in_parent: None,
-                flags: Some(flags),
-            }
-            .encode_to_vec();
-            out.extend_from_slice(&(e.len() as u32).to_le_bytes());
-            out.extend_from_slice(&e);
-        }
-        out
-    }
-
-    #[test]
-    fn pagemaps_give_each_run_its_place_in_the_pages_image() {
-        let map = parse_pagemap(&image(&[
-            (0x1000, 2, PE_PRESENT),
-            (0x8000, 1, PE_PARENT),
-            (0x10000, 4, PE_PRESENT | PE_LAZY),
-        ]))
-        .unwrap();
-        assert_eq!(map.pages_id, 3);
-        assert_eq!(
-            map.runs,
-            vec![
-                Run {
-                    vaddr: 0x1000,
-                    pages: 2,
-                    offset: 0,
-                    lazy: false
-                },
-                Run {
-                    vaddr: 0x10000,
-                    pages: 4,
-                    offset: 2 * PAGE_SIZE,
-                    lazy: true
-                },
-            ]
-        );
-        assert!(parse_pagemap(b"not an image").is_err());
-        let mut cut = image(&[(0x1000, 2, PE_PRESENT)]);
-        cut.truncate(cut.len() - 1);
-        assert!(parse_pagemap(&cut).is_err());
-        // Bounded: by what the pages image holds, and entry by entry.
-        let two_pages = image(&[(0x1000, 2, PE_PRESENT)]);
-        let (_, reader) = PagemapReader::open(two_pages.as_slice()).unwrap();
-        let err = reader.runs(PAGE_SIZE).unwrap_err();
-        assert!(err.contains("past the end"), "{err}");
-        let mut huge = image(&[]);
-        huge.extend_from_slice(&(1u32 << 30).to_le_bytes());
-        let err = parse_pagemap(&huge).unwrap_err();
-        assert!(err.contains("an entry of 1073741824 bytes"), "{err}");
-        assert!(parse_pagemap(&image(&[(0x1000, 0, PE_PRESENT)])).is_err());
-    }
-
-    #[test]
-    fn requests_are_served_from_checked_chunks() {
-        let archive =
-            std::env::temp_dir().join(format!("stasis-pages-test-{}", std::process::id()));
-        // 100 bytes of something else, then an image of 3 pages.
-        let image_bytes: Vec<u8> = (0..3 * PAGE_SIZE)
-            .map(|i| (i / PAGE_SIZE) as u8 + 1)
-            .collect();
-        let mut file = vec![7u8; 100];
-        file.extend_from_slice(&image_bytes);
-        std::fs::write(&archive, &file).unwrap();
-        let chunk_size = 2 * PAGE_SIZE;
-        let chunks = image_bytes
-            .chunks(chunk_size as usize)
-            .map(|c| hex::encode(sha2::Sha256::digest(c)))
-            .collect();
-        let span = PageSpan {
-            file: None,
-            offset: 100,
-            size: 3 * PAGE_SIZE,
-            chunk_size,
-            chunks,
-        };
-        let mut checked = CheckedSpan {
-            archive: std::sync::Arc::new(File::open(&archive).unwrap()),
-            key: "c/checkpoint/pages-3.img".into(),
-            span: span.clone(),
-            chunk: None,
-        };
-        let mut buf = vec![0u8; (2 * PAGE_SIZE) as usize];
-        checked.read(PAGE_SIZE, &mut buf).unwrap();
-        assert!(buf[..PAGE_SIZE as usize].iter().all(|b| *b == 2));
-        assert!(buf[PAGE_SIZE as usize..].iter().all(|b| *b == 3));
-        // A changed byte in the archive: the chunk holding it is refused.
-        file[100 + 2 * PAGE_SIZE as usize + 5] ^= 1;
-        std::fs::write(&archive, &file).unwrap();
-        let mut changed = CheckedSpan {
-            archive: std::sync::Arc::new(File::open(&archive).unwrap()),
-            chunk: None,
-            ..checked
-        };
-        let mut one = vec![0u8; PAGE_SIZE as usize];
-        changed.read(0, &mut one).unwrap();
-        assert!(changed
-            .read(2 * PAGE_SIZE, &mut one)
-            .unwrap_err()
-            .contains("was changed"));
-        std::fs::remove_file(&archive).unwrap();
-
-        let pages = ArchivePages {
-            id: "c".into(),
-            from: String::new(),
-            tasks: HashMap::from([(
-                9,
-                (
-                    vec![
-                        Run {
-                            vaddr: 0x1000,
-                            pages: 1,
-                            offset: 0,
-                            lazy: true,
-                        },
-                        Run {
-                            vaddr: 0x2000,
-                            pages: 2,
-                            offset: PAGE_SIZE,
-                            lazy: true,
-                        },
-                    ],
-                    0,
-                ),
-            )]),
-            spans: vec![],
-        };
-        assert_eq!(pages.find(9, 0x1000, 16), Some((0, 0, 3)));
-        assert_eq!(pages.find(9, 0x2000, 1), Some((0, PAGE_SIZE, 1)));
-        assert_eq!(pages.find(9, 0x5000, 1), None);
-        assert_eq!(pages.find(8, 0x1000, 1), None);
-    }
-}
+mod tests;

@@ -129,12 +129,7 @@ impl Bounds {
 
     /// What `status` (a `/proc/<tid>/status`) holds beyond these bounds, one item each.
     pub fn excess(&self, status: &str) -> Vec<String> {
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-                .map(str::trim)
-        };
+        let field = |name: &str| status_field(status, name);
         let mut out = Vec::new();
         // Sets with the same excess are named together.
         let mut excess: Vec<(u64, Vec<&str>)> = Vec::new();
@@ -183,6 +178,14 @@ impl Bounds {
     }
 }
 
+/// The value of field `name` (without its colon) of a `/proc/<tid>/status` text, trimmed.
+fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
 /// The threads of the container's cgroup.
 fn threads(id: &str, cgroup_path: &str) -> Result<Vec<i32>> {
     let f = freezer::for_cgroup(id, cgroup_path)?;
@@ -209,10 +212,7 @@ fn threads(id: &str, cgroup_path: &str) -> Result<Vec<i32>> {
 /// A task's state letter from its `/proc/<tid>/status` (`None` once it is gone).
 fn task_state(tid: i32) -> Option<char> {
     let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("State:"))
-        .and_then(|v| v.trim().chars().next())
+    status_field(&status, "State").and_then(|v| v.chars().next())
 }
 
 /// Waits until every task CRIU restored is stopped (CRIU's leave-stopped: each task gets
@@ -258,18 +258,12 @@ pub fn continue_tasks(
         let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
             continue;
         };
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(str::trim)
-                .unwrap_or("")
-        };
-        if field("Tgid:") != tid.to_string() {
+        let field = |name: &str| status_field(&status, name).unwrap_or("");
+        if field("Tgid") != tid.to_string() {
             // A thread: the signal to its process continues it.
             continue;
         }
-        let inner = field("NSpid:")
+        let inner = field("NSpid")
             .split_whitespace()
             .last()
             .and_then(|p| p.parse::<u32>().ok());
@@ -328,11 +322,7 @@ pub fn verify(
             }
         }
         if !excess.is_empty() {
-            let name = status
-                .lines()
-                .find_map(|l| l.strip_prefix("Name:"))
-                .unwrap_or("?")
-                .trim();
+            let name = status_field(&status, "Name").unwrap_or("?");
             return Err(Error::invalid(
                 id,
                 format!(
@@ -400,6 +390,17 @@ mod tests {
             ..bounds()
         };
         assert!(lax.excess(&status(0xa804_25fb, 0, 2, 0)).is_empty());
+    }
+
+    #[test]
+    fn status_fields_are_found_by_their_whole_name() {
+        let s = "Tgid:\t42\nNSpid:\t42\t7\nState:\tT (stopped)\n";
+        assert_eq!(status_field(s, "Tgid"), Some("42"));
+        assert_eq!(status_field(s, "NSpid"), Some("42\t7"));
+        assert_eq!(status_field(s, "State"), Some("T (stopped)"));
+        // "NSpid" is not a "Pid" field, nor a prefix of one.
+        assert_eq!(status_field(s, "Pid"), None);
+        assert_eq!(status_field(s, "NS"), None);
     }
 
     #[test]

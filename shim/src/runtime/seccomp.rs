@@ -212,55 +212,9 @@ fn run(prog: &[[u8; 8]], data: &[u8; 64]) -> Result<u32, String> {
             }
             0x02 => *mem.get_mut(k as usize).ok_or("a scratch slot")? = a,
             0x03 => *mem.get_mut(k as usize).ok_or("a scratch slot")? = x,
-            0x04 => {
-                a = match code & 0xf0 {
-                    0x00 => a.wrapping_add(src),
-                    0x10 => a.wrapping_sub(src),
-                    0x20 => a.wrapping_mul(src),
-                    0x30 => a.checked_div(src).ok_or("a division by zero")?,
-                    0x40 => a | src,
-                    0x50 => a & src,
-                    0x60 => a.checked_shl(src).unwrap_or(0),
-                    0x70 => a.checked_shr(src).unwrap_or(0),
-                    0x80 => a.wrapping_neg(),
-                    0x90 => a.checked_rem(src).ok_or("a division by zero")?,
-                    0xa0 => a ^ src,
-                    _ => return Err(format!("instruction {code:#x}")),
-                }
-            }
+            0x04 => a = alu(code, a, src)?,
             0x05 => {
-                let off = match code & 0xf0 {
-                    0x00 => k as usize,
-                    0x10 => {
-                        if a == src {
-                            jt
-                        } else {
-                            jf
-                        }
-                    }
-                    0x20 => {
-                        if a > src {
-                            jt
-                        } else {
-                            jf
-                        }
-                    }
-                    0x30 => {
-                        if a >= src {
-                            jt
-                        } else {
-                            jf
-                        }
-                    }
-                    0x40 => {
-                        if a & src != 0 {
-                            jt
-                        } else {
-                            jf
-                        }
-                    }
-                    _ => return Err(format!("instruction {code:#x}")),
-                };
+                let off = jump_offset(code, a, src, k, jt, jf)?;
                 pc = pc
                     .checked_add(off)
                     .filter(|p| *p < prog.len())
@@ -276,6 +230,38 @@ fn run(prog: &[[u8; 8]], data: &[u8; 64]) -> Result<u32, String> {
         }
     }
     Err("no return at its end".into())
+}
+
+/// A classic BPF ALU instruction (`code`) on the accumulator `a` and its operand `src`.
+fn alu(code: u16, a: u32, src: u32) -> Result<u32, String> {
+    Ok(match code & 0xf0 {
+        0x00 => a.wrapping_add(src),
+        0x10 => a.wrapping_sub(src),
+        0x20 => a.wrapping_mul(src),
+        0x30 => a.checked_div(src).ok_or("a division by zero")?,
+        0x40 => a | src,
+        0x50 => a & src,
+        0x60 => a.checked_shl(src).unwrap_or(0),
+        0x70 => a.checked_shr(src).unwrap_or(0),
+        0x80 => a.wrapping_neg(),
+        0x90 => a.checked_rem(src).ok_or("a division by zero")?,
+        0xa0 => a ^ src,
+        _ => return Err(format!("instruction {code:#x}")),
+    })
+}
+
+/// How far a classic BPF jump instruction (`code`) moves on: `k` unconditionally, else `jt`
+/// when its test of `a` against `src` holds and `jf` when not.
+fn jump_offset(code: u16, a: u32, src: u32, k: u32, jt: usize, jf: usize) -> Result<usize, String> {
+    let taken = match code & 0xf0 {
+        0x00 => return Ok(k as usize),
+        0x10 => a == src,
+        0x20 => a > src,
+        0x30 => a >= src,
+        0x40 => a & src != 0,
+        _ => return Err(format!("instruction {code:#x}")),
+    };
+    Ok(if taken { jt } else { jf })
 }
 
 fn program(bytes: &[u8]) -> Result<Vec<[u8; 8]>, String> {

@@ -20,7 +20,7 @@ use crate::{
     checkpoint::source,
     error::{Error, Result},
     process::{pidns, reaper},
-    runtime::PodRoot,
+    runtime::{self, PodRoot},
     state::{pod::PodRecord, timestamp, Pod, Shim},
     task,
 };
@@ -118,7 +118,7 @@ fn restore_source(shim: &Shim, pod: &Pod) -> Result<Option<(PodOptions, Option<P
         token.map(String::as_str),
     )?;
     let (options, _) = source::check_pod_dir(&pod.id, &dir, shim.runtime.name())?;
-    let image = shim.runtime.pod_restore_image(&pod.id, &dir)?;
+    let image = shim.runtime.hooks().pod_restore_image(&pod.id, &dir)?;
     Ok(Some((options, image)))
 }
 
@@ -316,7 +316,9 @@ pub(crate) fn stop_orphaned_runtime_calls(containers: &[String]) {
         let program = args
             .first()
             .map(|a| a.rsplit('/').next().unwrap_or(a).to_string());
-        let is_runtime = matches!(program.as_deref(), Some("runc" | "crun" | "runsc" | "criu"));
+        let is_runtime = program
+            .as_deref()
+            .is_some_and(|p| runtime::programs().any(|r| r == p));
         // A delete is part of a clean-up (maybe a concurrent one), never what must stop.
         let deleting = args.iter().any(|a| a == "delete");
         if is_runtime

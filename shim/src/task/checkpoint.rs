@@ -28,13 +28,7 @@ pub async fn checkpoint(shim: &Shim, req: api::CheckpointTaskRequest) -> Result<
     }
     let _op = container.op.lock().await;
     let state = container.require(|s| s.can_checkpoint(), "checkpoint")?;
-    let mut o = CheckpointOptions::default();
-    if let Some(any) = req.options.as_ref() {
-        if any.type_url.ends_with("CheckpointOptions") {
-            o = CheckpointOptions::parse_from_bytes(&any.value)
-                .map_err(|e| Error::invalid(&req.id, format!("checkpoint options: {e}")))?;
-        }
-    }
+    let o = checkpoint_options(&req)?;
     let image_path = if o.image_path.is_empty() {
         req.path.clone()
     } else {
@@ -76,30 +70,7 @@ pub async fn checkpoint(shim: &Shim, req: api::CheckpointTaskRequest) -> Result<
         running_execs,
         dir: opts.image_path.clone(),
     };
-
-    let created = !opts.image_path.exists();
-    std::fs::create_dir_all(&opts.image_path).map_err(|e| {
-        Error::io(
-            &req.id,
-            format!("create image path {}", opts.image_path.display()),
-            e,
-        )
-    })?;
-    let before = entries(&opts.image_path);
-    std::fs::create_dir_all(&opts.work_path).map_err(|e| {
-        Error::io(
-            &req.id,
-            format!("create work path {}", opts.work_path.display()),
-            e,
-        )
-    })?;
-    let timings = match shim.runtime.checkpoint_container(&target, &opts).await {
-        Ok(t) => t,
-        Err(e) => {
-            remove_partial(&opts.image_path, &before, created);
-            return Err(e);
-        }
-    };
+    let timings = dump(shim, &target, &opts).await?;
     record(&opts, &timings);
     info!(
         "{}: checkpoint to {}: frozen {:?} (dump {:?}, files {:?}), total {:?}{}",
@@ -126,6 +97,52 @@ pub async fn checkpoint(shim: &Shim, req: api::CheckpointTaskRequest) -> Result<
         )
         .await;
     Ok(())
+}
+
+/// The request's `CheckpointOptions` (the defaults when it carries none).
+fn checkpoint_options(req: &api::CheckpointTaskRequest) -> Result<CheckpointOptions> {
+    let mut o = CheckpointOptions::default();
+    if let Some(any) = req.options.as_ref() {
+        if any.type_url.ends_with("CheckpointOptions") {
+            o = CheckpointOptions::parse_from_bytes(&any.value)
+                .map_err(|e| Error::invalid(&req.id, format!("checkpoint options: {e}")))?;
+        }
+    }
+    Ok(o)
+}
+
+/// Dumps `target` into `opts.image_path` (created if need be); a failed dump leaves nothing
+/// new there.
+async fn dump(shim: &Shim, target: &ContainerTarget, opts: &CheckpointOpts) -> Result<Timings> {
+    let id = &target.id;
+    let created = !opts.image_path.exists();
+    std::fs::create_dir_all(&opts.image_path).map_err(|e| {
+        Error::io(
+            id,
+            format!("create image path {}", opts.image_path.display()),
+            e,
+        )
+    })?;
+    let before = entries(&opts.image_path);
+    std::fs::create_dir_all(&opts.work_path).map_err(|e| {
+        Error::io(
+            id,
+            format!("create work path {}", opts.work_path.display()),
+            e,
+        )
+    })?;
+    match shim
+        .runtime
+        .hooks()
+        .checkpoint_container(target, opts)
+        .await
+    {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            remove_partial(&opts.image_path, &before, created);
+            Err(e)
+        }
+    }
 }
 
 /// Keeps the options (the restore must match them) and the timings beside the images.

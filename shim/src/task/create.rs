@@ -68,65 +68,17 @@ pub async fn create(shim: &Shim, req: api::CreateTaskRequest) -> Result<api::Cre
     }
     check_runtime_options(shim, &req)?;
     let bundle = PathBuf::from(&req.bundle);
-    let mut spec = ContainerSpec::load(&id, &bundle)?;
-    place_in_pod(shim, &id, &mut spec);
-    shim.runtime.adapt_container_spec(&mut spec);
-    spec.save_if_changed(&id, &bundle)?;
-    if spec.terminal() != req.terminal {
-        return Err(Error::invalid(
-            &id,
-            format!(
-                "config.json process.terminal is {} but the request asks for terminal={}",
-                spec.terminal(),
-                req.terminal
-            ),
-        ));
-    }
-    // A restore comes either from containerd (Task API: `checkpoint` holds CRIU images) or
-    // from a pod checkpoint (CRI: an annotation names the container's checkpoint dir).
-    let restore_dir = match spec.annotation(RESTORE_ANNOTATION) {
-        None => None,
-        Some(value) => Some(restore_source(shim, &id, value)?),
-    };
-    refuse_unrestored_container_of_restoring_pod(shim, &id, &spec, restore_dir.is_some())?;
-    if let Some(dir) = &restore_dir {
-        // Reads the whole rootfs diff: off the async threads.
-        let (owned, dir, runtime) = (id.clone(), dir.clone(), shim.runtime.clone());
-        blocking(&id, "check checkpoint", move || {
-            source::check_container_dir(&owned, &dir, runtime.as_ref())
-        })
-        .await?;
-    }
+    let spec = load_spec(shim, &req, &bundle)?;
+    let restore_dir = restore_dir_of(shim, &id, &spec).await?;
     let image = if !req.checkpoint.is_empty() {
         Some(PathBuf::from(&req.checkpoint))
     } else {
-        restore_dir.as_ref().map(|d| shim.runtime.restore_image(d))
+        restore_dir
+            .as_ref()
+            .map(|d| shim.runtime.hooks().restore_image(d))
     };
     if let Some(image) = &image {
-        if !shim.runtime.has_image(image) {
-            return Err(Error::invalid(
-                &id,
-                format!(
-                    "{} holds no {} checkpoint images",
-                    image.display(),
-                    shim.runtime.name()
-                ),
-            ));
-        }
-        // CRIU's images are the archive's word: checked against the spec before CRIU reads
-        // them, and before anything of the container is made.
-        if shim.runtime.restores_host_tasks() && !images::test_switch_off() {
-            let (owned, image, expected) = (id.clone(), image.clone(), images::Expected::of(&spec));
-            let started = std::time::Instant::now();
-            blocking(&id, "check the checkpoint's CRIU images", move || {
-                images::check(&owned, &image, &expected)
-            })
-            .await?;
-            info!(
-                "{id}: CRIU images checked against the spec in {:?}",
-                started.elapsed()
-            );
-        }
+        check_images(shim, &id, &spec, image).await?;
     }
 
     let spec = Arc::new(spec);
@@ -137,51 +89,15 @@ pub async fn create(shim: &Shim, req: api::CreateTaskRequest) -> Result<api::Cre
         id: &id,
         steps: Vec::new(),
     };
-    let built = async {
-        let rootfs_mount = mount_rootfs(&id, &bundle, &req.rootfs)?;
-        if let Some(target) = &rootfs_mount {
-            rollback.steps.push(Undo::Unmount(target.clone()));
-        }
-        if let (Some(dir), Some(rootfs)) = (&restore_dir, &rootfs_mount) {
-            let (owned, dir, rootfs) = (id.clone(), dir.clone(), rootfs.clone());
-            blocking(&id, "apply rootfs diff", move || {
-                rootfs::apply(&owned, &dir, &rootfs)
-            })
-            .await?;
-        }
-        let stdio = Stdio::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
-        let mut init = Process::new("", stdio.clone());
-        // A restored task's processes come back at Start, from the images.
-        let state = match &image {
-            Some(image) => State::Restorable {
-                image: image.clone(),
-            },
-            None => {
-                let mut prepared = stdio::prepare(&id, &stdio)?;
-                rollback
-                    .steps
-                    .push(Undo::StopCopies(prepared.io.copies.clone()));
-                let pid_file = bundle.join("init.pid");
-                rollback.steps.push(Undo::RuntimeDelete);
-                let runtime_io = prepared.take_runtime();
-                shim.runtime
-                    .create(&id, &bundle, runtime_io, &pid_file)
-                    .await?;
-                init.io = prepared.finish(&id).await?;
-                init.pid = stdio::read_pid(&id, &pid_file)?;
-                State::Created
-            }
-        };
-        let mut c = Container::new(id.clone(), bundle.clone(), spec.clone(), state, init);
-        c.rootfs_upper = req.rootfs.iter().find_map(|m| {
-            m.options
-                .iter()
-                .find_map(|o| o.strip_prefix("upperdir=").map(PathBuf::from))
-        });
-        c.restore_dir = restore_dir.clone();
-        c.live().rootfs_mount = rootfs_mount;
-        Ok::<_, Error>(Arc::new(c))
-    }
+    let built = build_container(
+        shim,
+        &req,
+        &bundle,
+        spec,
+        restore_dir,
+        image.as_ref(),
+        &mut rollback,
+    )
     .await;
     let container = match built.and_then(|c| shim.insert(c.clone()).map(|_| c)) {
         Ok(c) => c,
@@ -200,11 +116,164 @@ pub async fn create(shim: &Shim, req: api::CreateTaskRequest) -> Result<api::Cre
         watch::oom(shim, &id, &container.cgroup_path);
         watch::exit(shim, container.clone(), String::new(), pid, since);
     }
+    publish_created(shim, &req, pid).await;
+    info!("{id}: created, pid {pid}");
+    Ok(api::CreateTaskResponse {
+        pid: pid as u32,
+        ..Default::default()
+    })
+}
+
+/// The bundle's spec, placed in the pod and adapted to the runtime (saved back if that
+/// changed it), once it agrees with the request about the terminal.
+fn load_spec(
+    shim: &Shim,
+    req: &api::CreateTaskRequest,
+    bundle: &std::path::Path,
+) -> Result<ContainerSpec> {
+    let id = &req.id;
+    let mut spec = ContainerSpec::load(id, bundle)?;
+    place_in_pod(shim, id, &mut spec);
+    shim.runtime.adapt_container_spec(&mut spec);
+    spec.save_if_changed(id, bundle)?;
+    if spec.terminal() != req.terminal {
+        return Err(Error::invalid(
+            id,
+            format!(
+                "config.json process.terminal is {} but the request asks for terminal={}",
+                spec.terminal(),
+                req.terminal
+            ),
+        ));
+    }
+    Ok(spec)
+}
+
+/// The checkpoint directory of a container restored from a pod checkpoint, checked; `None`
+/// for a container that is not.
+async fn restore_dir_of(shim: &Shim, id: &str, spec: &ContainerSpec) -> Result<Option<PathBuf>> {
+    // A restore comes either from containerd (Task API: `checkpoint` holds CRIU images) or
+    // from a pod checkpoint (CRI: an annotation names the container's checkpoint dir).
+    let restore_dir = match spec.annotation(RESTORE_ANNOTATION) {
+        None => None,
+        Some(value) => Some(restore_source(shim, id, value)?),
+    };
+    refuse_unrestored_container_of_restoring_pod(shim, id, spec, restore_dir.is_some())?;
+    if let Some(dir) = &restore_dir {
+        // Reads the whole rootfs diff: off the async threads.
+        let (owned, dir, runtime) = (id.to_string(), dir.clone(), shim.runtime.clone());
+        blocking(id, "check checkpoint", move || {
+            source::check_container_dir(&owned, &dir, runtime.as_ref())
+        })
+        .await?;
+    }
+    Ok(restore_dir)
+}
+
+/// Refuses checkpoint images the runtime cannot restore, or (CRIU's) that hold more than the
+/// spec grants.
+async fn check_images(
+    shim: &Shim,
+    id: &str,
+    spec: &ContainerSpec,
+    image: &std::path::Path,
+) -> Result<()> {
+    if !shim.runtime.hooks().has_image(image) {
+        return Err(Error::invalid(
+            id,
+            format!(
+                "{} holds no {} checkpoint images",
+                image.display(),
+                shim.runtime.name()
+            ),
+        ));
+    }
+    // CRIU's images are the archive's word: checked against the spec before CRIU reads
+    // them, and before anything of the container is made.
+    if shim.runtime.hooks().restores_host_tasks() && !images::test_switch_off() {
+        let (owned, image, expected) = (
+            id.to_string(),
+            image.to_path_buf(),
+            images::Expected::of(spec),
+        );
+        let started = std::time::Instant::now();
+        blocking(id, "check the checkpoint's CRIU images", move || {
+            images::check(&owned, &image, &expected)
+        })
+        .await?;
+        info!(
+            "{id}: CRIU images checked against the spec in {:?}",
+            started.elapsed()
+        );
+    }
+    Ok(())
+}
+
+/// Makes the container: its rootfs (with a restore's diff applied) and, unless it is restored
+/// at Start from `image`, the runtime's container with its init. Each step that leaves
+/// something registers its undo in `rollback`.
+async fn build_container(
+    shim: &Shim,
+    req: &api::CreateTaskRequest,
+    bundle: &std::path::Path,
+    spec: Arc<ContainerSpec>,
+    restore_dir: Option<PathBuf>,
+    image: Option<&PathBuf>,
+    rollback: &mut Rollback<'_>,
+) -> Result<Arc<Container>> {
+    let id = &req.id;
+    let rootfs_mount = mount_rootfs(id, bundle, &req.rootfs)?;
+    if let Some(target) = &rootfs_mount {
+        rollback.steps.push(Undo::Unmount(target.clone()));
+    }
+    if let (Some(dir), Some(rootfs)) = (&restore_dir, &rootfs_mount) {
+        let (owned, dir, rootfs) = (id.clone(), dir.clone(), rootfs.clone());
+        blocking(id, "apply rootfs diff", move || {
+            rootfs::apply(&owned, &dir, &rootfs)
+        })
+        .await?;
+    }
+    let stdio = Stdio::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
+    let mut init = Process::new("", stdio.clone());
+    // A restored task's processes come back at Start, from the images.
+    let state = match image {
+        Some(image) => State::Restorable {
+            image: image.clone(),
+        },
+        None => {
+            let mut prepared = stdio::prepare(id, &stdio)?;
+            rollback
+                .steps
+                .push(Undo::StopCopies(prepared.io.copies.clone()));
+            let pid_file = bundle.join("init.pid");
+            rollback.steps.push(Undo::RuntimeDelete);
+            let runtime_io = prepared.take_runtime();
+            shim.runtime
+                .create(id, bundle, runtime_io, &pid_file)
+                .await?;
+            init.io = prepared.finish(id).await?;
+            init.pid = stdio::read_pid(id, &pid_file)?;
+            State::Created
+        }
+    };
+    let mut c = Container::new(id.clone(), bundle.to_path_buf(), spec, state, init);
+    c.rootfs_upper = req.rootfs.iter().find_map(|m| {
+        m.options
+            .iter()
+            .find_map(|o| o.strip_prefix("upperdir=").map(PathBuf::from))
+    });
+    c.restore_dir = restore_dir;
+    c.live().rootfs_mount = rootfs_mount;
+    Ok(Arc::new(c))
+}
+
+/// Tells containerd the task exists.
+async fn publish_created(shim: &Shim, req: &api::CreateTaskRequest, pid: i32) {
     shim.events
         .publish(
             topics::TASK_CREATE_EVENT_TOPIC,
             Box::new(TaskCreate {
-                container_id: id.clone(),
+                container_id: req.id.clone(),
                 bundle: req.bundle.clone(),
                 rootfs: req.rootfs.clone(),
                 io: MessageField::some(TaskIO {
@@ -220,11 +289,6 @@ pub async fn create(shim: &Shim, req: api::CreateTaskRequest) -> Result<api::Cre
             }),
         )
         .await;
-    info!("{id}: created, pid {pid}");
-    Ok(api::CreateTaskResponse {
-        pid: pid as u32,
-        ..Default::default()
-    })
 }
 
 /// One shim drives one runtime: a container whose handler asks for another one was routed to

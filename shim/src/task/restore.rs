@@ -12,7 +12,7 @@ use crate::{
     error::{Error, Result},
     fscapture::volumes,
     process::{reaper, stdio},
-    runtime::{config::Engine, images, pages, restored, CheckpointOpts},
+    runtime::{images, pages, restored, CheckpointOpts},
     state::{Container, Shim, State, Transition},
     util::blocking,
 };
@@ -26,51 +26,7 @@ pub(super) async fn restore_init(
     let id = container.id.clone();
     let start = std::time::Instant::now();
     let recorded = DumpRecord::read(image);
-    // A pod checkpoint keeps volumes in the container's own checkpoint/ (the images may be the
-    // whole sandbox's, elsewhere); a Task API checkpoint keeps them with the images.
-    let volumes_dir = container
-        .restore_dir
-        .as_ref()
-        .map(|d| d.join(CHECKPOINT_DIR))
-        .unwrap_or_else(|| image.to_path_buf());
-    {
-        let (id, spec) = (id.clone(), container.spec.clone());
-        // Containers of a pod share its volumes: each host directory is restored once.
-        let pod = container.restore_dir.as_ref().and_then(|_| shim.pod());
-        // A directory another container already mounts cannot be swapped under it: that
-        // container would keep the old, deleted one.
-        let mounted: Vec<(String, std::path::PathBuf)> = shim
-            .all()
-            .into_iter()
-            .filter(|c| c.id != container.id)
-            .flat_map(|c| {
-                c.spec
-                    .mounts()
-                    .iter()
-                    .filter_map(|m| m.source().clone())
-                    .map(|s| (c.id.clone(), s))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        blocking(&id.clone(), "restore volumes", move || {
-            volumes::restore(&id, &spec, &volumes_dir, |dir| {
-                if !pod.as_ref().is_none_or(|p| p.claim_volume(dir)) {
-                    return Ok(false);
-                }
-                if let Some((other, _)) = mounted.iter().find(|(_, s)| s == dir) {
-                    return Err(Error::precondition(
-                        &id,
-                        format!(
-                            "volume {} is mounted by container {other} already; restore the containers that capture volumes before the others that mount them",
-                            dir.display()
-                        ),
-                    ));
-                }
-                Ok(true)
-            })
-        })
-        .await?;
-    }
+    restore_volumes(shim, container, image).await?;
     // The images' record of how they were dumped comes from the archive: only options that
     // restore the process's own state are taken from it (its TCP connections, its file
     // locks), never one that reaches outside the container.
@@ -81,7 +37,7 @@ pub(super) async fn restore_init(
         ));
     }
     let stdio_cfg = container.live().init.stdio.clone();
-    let opts = CheckpointOpts {
+    let mut opts = CheckpointOpts {
         image_path: image.to_path_buf(),
         work_path: container.bundle.join("criu-restore-work"),
         shell_job: stdio_cfg.terminal,
@@ -91,48 +47,12 @@ pub(super) async fn restore_init(
     };
     std::fs::create_dir_all(&opts.work_path)
         .map_err(|e| Error::io(&id, "create restore work dir", e))?;
-    let mut opts = opts;
-    let restore_options = match container.restore_dir.as_deref() {
-        Some(dir) => RestoreOptions::load_for_dir(dir)
-            .map_err(|e| Error::invalid(&id, format!("restore options: {e}")))?,
-        None => RestoreOptions::default(),
-    };
-    let lazy = if !restore_options.lazy {
-        None
-    } else if shim.runtime.engine() == Engine::Runsc {
-        warn!("{id}: lazy restore is not available for runsc; restoring eagerly");
-        report_lazy_status(&id, container.restore_dir.as_deref(), "eager");
-        None
-    } else {
-        opts.lazy_pages = true;
-        let from_archive = match (
-            &restore_options.page_source,
-            container.restore_dir.as_deref(),
-        ) {
-            (Some(source), Some(dir)) => {
-                let rel = layout::restore_root(dir)
-                    .and_then(|root| image.strip_prefix(root).ok())
-                    .map(Path::to_path_buf)
-                    .ok_or_else(|| {
-                        Error::invalid(
-                            &id,
-                            format!("images {} are not in the restore store", image.display()),
-                        )
-                    })?;
-                let (owned, image, source) = (id.clone(), image.to_path_buf(), source.clone());
-                blocking(&id, "read pages from the archive", move || {
-                    pages::ArchivePages::open(&owned, &image, &rel, &source)
-                })
-                .await?
-            }
-            _ => None,
-        };
-        Some(start_lazy_pages(&id, image, &opts.work_path, from_archive).await?)
-    };
+    let lazy = start_lazy_restore(shim, container, image, &mut opts).await?;
+    let lazy_pid = lazy.as_ref().map(|l| l.0);
     let mut prepared = match stdio::prepare(&id, &stdio_cfg) {
         Ok(p) => p,
         Err(e) => {
-            stop_lazy_pages(lazy.as_ref().map(|l| l.0));
+            stop_lazy_pages(lazy_pid);
             return Err(e);
         }
     };
@@ -141,119 +61,22 @@ pub(super) async fn restore_init(
     let runtime_io = prepared.take_runtime();
     if let Err(e) = shim
         .runtime
+        .hooks()
         .restore(&id, &container.bundle, &opts, runtime_io, &pid_file)
         .await
     {
-        prepared.io.copies.abort().await;
-        let _ = shim.runtime.delete(&id, true).await;
-        stop_lazy_pages(lazy.as_ref().map(|l| l.0));
+        undo_restore(shim, &id, Undo::Restore, &mut prepared, lazy_pid).await;
         return Err(e);
     }
-    // The images are the archive's word: what CRIU made of them is checked against the spec
-    // before any restored task runs. CRIU backends leave every task stopped; a pod's
-    // container is held (frozen) too, and the check's SIGCONT takes effect at the thaw.
-    let host_tasks = shim.runtime.restores_host_tasks();
-    if host_tasks {
-        let (owned, cgroup) = (id.clone(), container.cgroup_path.clone());
-        if let Err(e) = blocking(&id, "hold the restored tasks", move || {
-            restored::await_stopped(&owned, &cgroup, std::time::Duration::from_secs(5))
-        })
-        .await
-        {
-            error!("{id}: {e}");
-            let _ = shim.runtime.kill(&id, libc::SIGKILL as u32, true).await;
-            prepared.io.copies.abort().await;
-            let _ = shim.runtime.delete(&id, true).await;
-            stop_lazy_pages(lazy.as_ref().map(|l| l.0));
+    let held = match check_restored(shim, container, image).await {
+        Ok(held) => held,
+        Err((e, undo)) => {
+            undo_restore(shim, &id, undo, &mut prepared, lazy_pid).await;
             return Err(e);
         }
-    }
-    let pod_restore = container.restore_dir.is_some();
-    let held = pod_restore
-        && shim
-            .runtime
-            .hold_restored(&id, &container.cgroup_path)
-            .await
-            .unwrap_or_else(|e| {
-                warn!("{id}: cannot hold the restored container until the pod is complete: {e}");
-                false
-            });
-    if host_tasks {
-        let (owned, cgroup) = (id.clone(), container.cgroup_path.clone());
-        let expected = images::Expected::of(&container.spec);
-        let images_dir = image.to_path_buf();
-        if let Err(e) = blocking(&id, "check the restored tasks", move || {
-            restored::verify(&owned, &cgroup, &expected.bounds, |table| {
-                images::mountinfo_excess(table, &expected)
-            })?;
-            let keep = images::stopped_at_dump(&owned, &images_dir)?;
-            restored::continue_tasks(&owned, &cgroup, &keep)
-        })
-        .await
-        {
-            error!("{id}: {e}");
-            // SIGKILL waits while they are frozen; the thaw lets it end them.
-            let _ = shim.runtime.kill(&id, libc::SIGKILL as u32, true).await;
-            if held {
-                let _ = shim
-                    .runtime
-                    .release_restored(&id, &container.cgroup_path)
-                    .await;
-            }
-            prepared.io.copies.abort().await;
-            let _ = shim.runtime.delete(&id, true).await;
-            stop_lazy_pages(lazy.as_ref().map(|l| l.0));
-            return Err(e);
-        }
-    }
-    if let Some((daemon, server)) = lazy {
-        let (id, runtime) = (id.clone(), shim.runtime.clone());
-        let restore_dir = container.restore_dir.clone();
-        tokio::spawn(async move {
-            let exit = reaper::wait(daemon).await;
-            // The page server's own verdict counts too: a chunk that did not match its
-            // digest was never served, whatever the daemon's exit status says.
-            let served = match server {
-                Some(h) => tokio::task::spawn_blocking(move || h.join())
-                    .await
-                    .ok()
-                    .and_then(|joined| joined.ok())
-                    .unwrap_or_else(|| Err("the page server died".to_string())),
-                None => Ok(()),
-            };
-            if let Err(why) = &served {
-                error!("{id}: page server: {why}; stopping the container");
-                if let Err(e) = runtime.kill(&id, libc::SIGKILL as u32, true).await {
-                    warn!("{id}: stop the container: {e}");
-                }
-                report_lazy_status(
-                    &id,
-                    restore_dir.as_deref(),
-                    &format!("failed: {why}; container stopped"),
-                );
-            } else if exit.status == 0 {
-                info!(
-                    "{id}: every lazily restored page is in, {:?} after the restore began",
-                    start.elapsed()
-                );
-                report_lazy_status(&id, restore_dir.as_deref(), "ok");
-            } else {
-                // Pages it never got would read as zeros once the daemon's userfaultfd is
-                // gone: the container must not run on with memory that is not its own.
-                error!("{id}: criu lazy-pages ended with status {} before every page was in (see lazy-pages.log in the restore work dir); stopping the container", exit.status);
-                if let Err(e) = runtime.kill(&id, libc::SIGKILL as u32, true).await {
-                    warn!("{id}: stop the container: {e}");
-                }
-                report_lazy_status(
-                    &id,
-                    restore_dir.as_deref(),
-                    &format!(
-                        "failed: criu lazy-pages ended with status {}; container stopped",
-                        exit.status
-                    ),
-                );
-            }
-        });
+    };
+    if let Some(lazy) = lazy {
+        watch_lazy_pages(shim, container, lazy, start);
     }
     let io = prepared.finish(&id).await?;
     let pid = stdio::read_pid(&id, &pid_file)?;
@@ -277,6 +100,254 @@ pub(super) async fn restore_init(
     Ok(pid)
 }
 
+/// Puts the container's volumes back from its checkpoint before any of its processes is.
+async fn restore_volumes(shim: &Shim, container: &Container, image: &Path) -> Result<()> {
+    // A pod checkpoint keeps volumes in the container's own checkpoint/ (the images may be the
+    // whole sandbox's, elsewhere); a Task API checkpoint keeps them with the images.
+    let volumes_dir = container
+        .restore_dir
+        .as_ref()
+        .map(|d| d.join(CHECKPOINT_DIR))
+        .unwrap_or_else(|| image.to_path_buf());
+    let (id, spec) = (container.id.clone(), container.spec.clone());
+    // Containers of a pod share its volumes: each host directory is restored once.
+    let pod = container.restore_dir.as_ref().and_then(|_| shim.pod());
+    // A directory another container already mounts cannot be swapped under it: that
+    // container would keep the old, deleted one.
+    let mounted: Vec<(String, std::path::PathBuf)> = shim
+        .all()
+        .into_iter()
+        .filter(|c| c.id != container.id)
+        .flat_map(|c| {
+            c.spec
+                .mounts()
+                .iter()
+                .filter_map(|m| m.source().clone())
+                .map(|s| (c.id.clone(), s))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    blocking(&id.clone(), "restore volumes", move || {
+        volumes::restore(&id, &spec, &volumes_dir, |dir| {
+            if !pod.as_ref().is_none_or(|p| p.claim_volume(dir)) {
+                return Ok(false);
+            }
+            if let Some((other, _)) = mounted.iter().find(|(_, s)| s == dir) {
+                return Err(Error::precondition(
+                    &id,
+                    format!(
+                        "volume {} is mounted by container {other} already; restore the containers that capture volumes before the others that mount them",
+                        dir.display()
+                    ),
+                ));
+            }
+            Ok(true)
+        })
+    })
+    .await
+}
+
+/// Starts the lazy-pages daemon when the restore options ask for a lazy restore and the
+/// runtime can do one (setting `opts.lazy_pages`); `None` restores eagerly.
+async fn start_lazy_restore(
+    shim: &Shim,
+    container: &Container,
+    image: &Path,
+    opts: &mut CheckpointOpts,
+) -> Result<Option<LazyPages>> {
+    let id = &container.id;
+    let restore_options = match container.restore_dir.as_deref() {
+        Some(dir) => RestoreOptions::load_for_dir(dir)
+            .map_err(|e| Error::invalid(id, format!("restore options: {e}")))?,
+        None => RestoreOptions::default(),
+    };
+    if !restore_options.lazy {
+        return Ok(None);
+    }
+    if !shim.runtime.hooks().supports_lazy_restore() {
+        warn!(
+            "{id}: lazy restore is not available for {}; restoring eagerly",
+            shim.runtime.name()
+        );
+        report_lazy_status(id, container.restore_dir.as_deref(), "eager");
+        return Ok(None);
+    }
+    opts.lazy_pages = true;
+    let from_archive = match (
+        &restore_options.page_source,
+        container.restore_dir.as_deref(),
+    ) {
+        (Some(source), Some(dir)) => {
+            let rel = layout::restore_root(dir)
+                .and_then(|root| image.strip_prefix(root).ok())
+                .map(Path::to_path_buf)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        id,
+                        format!("images {} are not in the restore store", image.display()),
+                    )
+                })?;
+            let (owned, image, source) = (id.clone(), image.to_path_buf(), source.clone());
+            blocking(id, "read pages from the archive", move || {
+                pages::ArchivePages::open(&owned, &image, &rel, &source)
+            })
+            .await?
+        }
+        _ => None,
+    };
+    Ok(Some(
+        start_lazy_pages(id, image, &opts.work_path, from_archive).await?,
+    ))
+}
+
+/// How far a failed restore got, which says what must end before its container is deleted.
+enum Undo<'a> {
+    /// `runc restore` itself failed.
+    Restore,
+    /// Restored tasks exist: they are killed first.
+    Tasks,
+    /// The restored tasks are held (frozen) for the pod too, in this cgroup: killed, then
+    /// thawed, as SIGKILL waits while they are frozen.
+    Held(&'a str),
+}
+
+/// Removes what a restore that failed after `runc restore` left: its tasks (as `undo` says),
+/// the stdio copies, the container, and the lazy-pages daemon.
+async fn undo_restore(
+    shim: &Shim,
+    id: &str,
+    undo: Undo<'_>,
+    prepared: &mut stdio::PreparedIo,
+    lazy_pid: Option<i32>,
+) {
+    if !matches!(undo, Undo::Restore) {
+        let _ = shim.runtime.kill(id, libc::SIGKILL as u32, true).await;
+    }
+    if let Undo::Held(cgroup) = undo {
+        let _ = shim.runtime.hooks().release_restored(id, cgroup).await;
+    }
+    prepared.io.copies.abort().await;
+    let _ = shim.runtime.delete(id, true).await;
+    stop_lazy_pages(lazy_pid);
+}
+
+/// Holds the restored container for its pod (when it belongs to a pod restore) and, when the
+/// runtime restores host tasks, checks them against the spec before any of them runs.
+/// Returns whether the container is held; a failure says how far the restore must be undone.
+async fn check_restored<'a>(
+    shim: &Shim,
+    container: &'a Container,
+    image: &Path,
+) -> std::result::Result<bool, (Error, Undo<'a>)> {
+    let id = &container.id;
+    // The images are the archive's word: what CRIU made of them is checked against the spec
+    // before any restored task runs. CRIU backends leave every task stopped; a pod's
+    // container is held (frozen) too, and the check's SIGCONT takes effect at the thaw.
+    let host_tasks = shim.runtime.hooks().restores_host_tasks();
+    if host_tasks {
+        let (owned, cgroup) = (id.clone(), container.cgroup_path.clone());
+        if let Err(e) = blocking(id, "hold the restored tasks", move || {
+            restored::await_stopped(&owned, &cgroup, std::time::Duration::from_secs(5))
+        })
+        .await
+        {
+            error!("{id}: {e}");
+            return Err((e, Undo::Tasks));
+        }
+    }
+    let pod_restore = container.restore_dir.is_some();
+    let held = pod_restore
+        && shim
+            .runtime
+            .hooks()
+            .hold_restored(id, &container.cgroup_path)
+            .await
+            .unwrap_or_else(|e| {
+                warn!("{id}: cannot hold the restored container until the pod is complete: {e}");
+                false
+            });
+    if host_tasks {
+        let (owned, cgroup) = (id.clone(), container.cgroup_path.clone());
+        let expected = images::Expected::of(&container.spec);
+        let images_dir = image.to_path_buf();
+        if let Err(e) = blocking(id, "check the restored tasks", move || {
+            restored::verify(&owned, &cgroup, &expected.bounds, |table| {
+                images::mountinfo_excess(table, &expected)
+            })?;
+            let keep = images::stopped_at_dump(&owned, &images_dir)?;
+            restored::continue_tasks(&owned, &cgroup, &keep)
+        })
+        .await
+        {
+            error!("{id}: {e}");
+            let undo = if held {
+                Undo::Held(&container.cgroup_path)
+            } else {
+                Undo::Tasks
+            };
+            return Err((e, undo));
+        }
+    }
+    Ok(held)
+}
+
+/// Watches a lazy restore's page daemon (and page server) until every page is in; a restore
+/// that ends short stops the container, whose missing pages would read as zeros.
+fn watch_lazy_pages(
+    shim: &Shim,
+    container: &Container,
+    (daemon, server): LazyPages,
+    start: std::time::Instant,
+) {
+    let (id, runtime) = (container.id.clone(), shim.runtime.clone());
+    let restore_dir = container.restore_dir.clone();
+    tokio::spawn(async move {
+        let exit = reaper::wait(daemon).await;
+        // The page server's own verdict counts too: a chunk that did not match its
+        // digest was never served, whatever the daemon's exit status says.
+        let served = match server {
+            Some(h) => tokio::task::spawn_blocking(move || h.join())
+                .await
+                .ok()
+                .and_then(|joined| joined.ok())
+                .unwrap_or_else(|| Err("the page server died".to_string())),
+            None => Ok(()),
+        };
+        if let Err(why) = &served {
+            error!("{id}: page server: {why}; stopping the container");
+            if let Err(e) = runtime.kill(&id, libc::SIGKILL as u32, true).await {
+                warn!("{id}: stop the container: {e}");
+            }
+            report_lazy_status(
+                &id,
+                restore_dir.as_deref(),
+                &format!("failed: {why}; container stopped"),
+            );
+        } else if exit.status == 0 {
+            info!(
+                "{id}: every lazily restored page is in, {:?} after the restore began",
+                start.elapsed()
+            );
+            report_lazy_status(&id, restore_dir.as_deref(), "ok");
+        } else {
+            // Pages it never got would read as zeros once the daemon's userfaultfd is
+            // gone: the container must not run on with memory that is not its own.
+            error!("{id}: criu lazy-pages ended with status {} before every page was in (see lazy-pages.log in the restore work dir); stopping the container", exit.status);
+            if let Err(e) = runtime.kill(&id, libc::SIGKILL as u32, true).await {
+                warn!("{id}: stop the container: {e}");
+            }
+            report_lazy_status(
+                &id,
+                restore_dir.as_deref(),
+                &format!(
+                    "failed: criu lazy-pages ended with status {}; container stopped",
+                    exit.status
+                ),
+            );
+        }
+    });
+}
+
 /// A held container is never frozen indefinitely: if its pod's FinishRestore has not come
 /// within the hold bound (the restore's driver died, say), the restore is given up and the
 /// container stopped, so that nothing of a half-restored pod runs or stays frozen.
@@ -295,7 +366,11 @@ fn watch_hold(shim: &Shim, container: Arc<Container>) {
             warn!("{id}: stop the held container: {e}");
         }
         // SIGKILL reaches frozen processes only once they are thawed.
-        if let Err(e) = runtime.release_restored(id, &container.cgroup_path).await {
+        if let Err(e) = runtime
+            .hooks()
+            .release_restored(id, &container.cgroup_path)
+            .await
+        {
             warn!("{id}: thaw the held container: {e}");
         }
     });
@@ -314,7 +389,10 @@ pub async fn finish_restore(shim: &Shim) -> Result<Vec<String>> {
         if c.state() != State::Held {
             continue;
         }
-        shim.runtime.release_restored(&c.id, &c.cgroup_path).await?;
+        shim.runtime
+            .hooks()
+            .release_restored(&c.id, &c.cgroup_path)
+            .await?;
         c.transition(Transition::Release)?;
         resumed.push(c.id.clone());
     }

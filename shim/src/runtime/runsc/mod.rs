@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use super::{
-    config::Engine, CheckpointOpts, ContainerTarget, HeldPod, OciRuntime, Operation, PodCapture,
-    PodCheckpoint, PodRoot, ProcessStdio, Runc, RuntimeState, Timings,
+    config::Engine, CheckpointHooks, CheckpointOpts, ContainerTarget, HeldPod, OciRuntime,
+    Operation, PodCapture, PodCheckpoint, PodRoot, ProcessStdio, Runc, RuntimeState, Timings,
 };
 use crate::{
     error::{Error, Result},
@@ -153,8 +153,8 @@ fn parse_ps(id: &str, out: &[u8]) -> Result<Vec<u32>> {
 
 #[async_trait]
 impl OciRuntime for Runsc {
-    /// The sandbox's processes are the sentry's, not the host's: nothing to check there.
-    fn restores_host_tasks(&self) -> bool {
+    /// runsc keeps sandbox state of its own: an id without a directory may still be its.
+    fn keeps_container_dirs(&self) -> bool {
         false
     }
 
@@ -285,63 +285,6 @@ impl OciRuntime for Runsc {
         ))
     }
 
-    /// Checkpoints the whole sandbox `id` (the pod's root container) into `opts.image_path`.
-    async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()> {
-        let mut cmd = self.cli.command();
-        cmd.arg("checkpoint")
-            .arg("--image-path")
-            .arg(&opts.image_path);
-        if opts.leave_running {
-            cmd.arg("--leave-running");
-        }
-        cmd.arg(id);
-        self.cli
-            .run_cancellable(id, "checkpoint", cmd, opts.cancel.as_ref())
-            .await
-            .map(drop)
-    }
-
-    async fn restore(
-        &self,
-        id: &str,
-        bundle: &Path,
-        opts: &CheckpointOpts,
-        stdio: ProcessStdio,
-        pid_file: &Path,
-    ) -> Result<()> {
-        if joins_sandbox(id, bundle) {
-            self.joined.lock().unwrap().insert(id.to_string());
-        }
-        let mut cmd = self.cli.command();
-        cmd.arg("restore")
-            .arg("--detach")
-            .arg("--bundle")
-            .arg(bundle)
-            .arg("--image-path")
-            .arg(&opts.image_path)
-            .arg("--pid-file")
-            .arg(pid_file);
-        if let Some(sock) = &stdio.console_socket {
-            cmd.arg("--console-socket").arg(sock);
-        }
-        cmd.arg(id);
-        self.cli
-            .run_with_process_stdio(id, "restore", cmd, stdio)
-            .await
-    }
-
-    fn restore_image(&self, container_dir: &Path) -> PathBuf {
-        // One image for the whole sandbox, beside the containers' directories.
-        container_dir
-            .parent()
-            .unwrap_or(container_dir)
-            .join(stasis_api::layout::SANDBOX_IMAGE_DIR)
-    }
-
-    fn has_image(&self, image: &Path) -> bool {
-        image.join(STATE_FILE).exists()
-    }
-
     /// The container's processes live in gVisor's kernel, not on the host: `runsc wait`
     /// reports how the container's init ended.
     async fn wait_init(&self, id: &str, pid: i32, since: std::time::Instant) -> Exit {
@@ -454,6 +397,80 @@ impl OciRuntime for Runsc {
 
     async fn stop_for_pod(&self, id: &str) -> Result<bool> {
         sandbox::stop_for_pod(self, id).await
+    }
+
+    fn hooks(&self) -> &dyn CheckpointHooks {
+        self
+    }
+}
+
+#[async_trait]
+impl CheckpointHooks for Runsc {
+    /// The sandbox's processes are the sentry's, not the host's: nothing to check there.
+    fn restores_host_tasks(&self) -> bool {
+        false
+    }
+
+    /// gVisor restores a sandbox's memory itself, from its own image.
+    fn supports_lazy_restore(&self) -> bool {
+        false
+    }
+
+    /// Checkpoints the whole sandbox `id` (the pod's root container) into `opts.image_path`.
+    async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()> {
+        let mut cmd = self.cli.command();
+        cmd.arg("checkpoint")
+            .arg("--image-path")
+            .arg(&opts.image_path);
+        if opts.leave_running {
+            cmd.arg("--leave-running");
+        }
+        cmd.arg(id);
+        self.cli
+            .run_cancellable(id, "checkpoint", cmd, opts.cancel.as_ref())
+            .await
+            .map(drop)
+    }
+
+    async fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        opts: &CheckpointOpts,
+        stdio: ProcessStdio,
+        pid_file: &Path,
+    ) -> Result<()> {
+        if joins_sandbox(id, bundle) {
+            self.joined.lock().unwrap().insert(id.to_string());
+        }
+        let mut cmd = self.cli.command();
+        cmd.arg("restore")
+            .arg("--detach")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--image-path")
+            .arg(&opts.image_path)
+            .arg("--pid-file")
+            .arg(pid_file);
+        if let Some(sock) = &stdio.console_socket {
+            cmd.arg("--console-socket").arg(sock);
+        }
+        cmd.arg(id);
+        self.cli
+            .run_with_process_stdio(id, "restore", cmd, stdio)
+            .await
+    }
+
+    fn restore_image(&self, container_dir: &Path) -> PathBuf {
+        // One image for the whole sandbox, beside the containers' directories.
+        container_dir
+            .parent()
+            .unwrap_or(container_dir)
+            .join(stasis_api::layout::SANDBOX_IMAGE_DIR)
+    }
+
+    fn has_image(&self, image: &Path) -> bool {
+        image.join(STATE_FILE).exists()
     }
 
     fn pod_restore_image(&self, pod_id: &str, dir: &Path) -> Result<Option<PathBuf>> {

@@ -18,8 +18,8 @@ use crate::{
     error::{Error, Result},
     fscapture::volumes,
     runtime::{
-        cancel_after, timed_out, CheckpointOpts, ContainerTarget, HeldPod, OciRuntime, Operation,
-        PodCapture, PodCheckpoint, Timings, DEFAULT_CHECKPOINT_TIMEOUT,
+        cancel_after, timed_out, CheckpointHooks, CheckpointOpts, ContainerTarget, HeldPod,
+        OciRuntime, Operation, PodCapture, PodCheckpoint, Timings, DEFAULT_CHECKPOINT_TIMEOUT,
     },
     util::blocking,
 };
@@ -169,6 +169,57 @@ pub async fn checkpoint_container(
 /// volume is captured.
 pub async fn checkpoint_pod(runsc: &Runsc, job: &PodCheckpoint<'_>) -> Result<PodCapture> {
     let pod_id = job.pod_id;
+    refuse_uncapturable(runsc, job)?;
+    for c in job.containers {
+        std::fs::create_dir_all(&c.dir)
+            .map_err(|e| Error::io(&c.id, "create checkpoint dir", e))?;
+    }
+    let copts = CheckpointOpts {
+        image_path: job.out.join(SANDBOX_IMAGE_DIR),
+        // Stopping is done after the capture, container by container.
+        leave_running: true,
+        ..Default::default()
+    };
+    std::fs::create_dir_all(&copts.image_path)
+        .map_err(|e| Error::io(pod_id, "create sandbox image dir", e))?;
+    // Volumes live on the host, outside gVisor's image: capturing them at the same instant
+    // needs the whole sandbox paused around the checkpoint and the copy.
+    let with_volumes = job.containers.iter().any(|c| volumes::wanted(&c.spec));
+    // Paused for volumes, and for a stopping checkpoint's hold.
+    let pause = with_volumes || job.hold;
+    let t = Instant::now();
+    if pause {
+        runsc.pause(pod_id).await?;
+    }
+    let captured = capture_sandbox(runsc, job, copts, with_volumes).await;
+    // A hold keeps the sandbox paused until `stop_held` or `release_held`.
+    if pause && !(job.hold && captured.is_ok()) {
+        let resumed = resume_sandbox(runsc, pod_id).await;
+        if captured.is_ok() {
+            resumed?;
+        }
+    }
+    captured?;
+    let frozen = t.elapsed();
+    Ok(PodCapture {
+        frozen,
+        containers: job
+            .containers
+            .iter()
+            .map(|_| Timings {
+                frozen,
+                dump: frozen,
+                ..Default::default()
+            })
+            .collect(),
+        // gVisor's PID namespace is its own: the restore needs no reservation.
+        last_pid: None,
+    })
+}
+
+/// Refuses a pod checkpoint gVisor's whole-sandbox image cannot take (or could not restore).
+fn refuse_uncapturable(runsc: &Runsc, job: &PodCheckpoint<'_>) -> Result<()> {
+    let pod_id = job.pod_id;
     // Every live container of the sandbox is in its image, so all must be selected.
     if let Some(other) = job.unselected_running.first() {
         return Err(Error::precondition(
@@ -201,77 +252,41 @@ pub async fn checkpoint_pod(runsc: &Runsc, job: &PodCheckpoint<'_>) -> Result<Po
             ));
         }
     }
-    for c in job.containers {
-        std::fs::create_dir_all(&c.dir)
-            .map_err(|e| Error::io(&c.id, "create checkpoint dir", e))?;
-    }
-    let copts = CheckpointOpts {
-        image_path: job.out.join(SANDBOX_IMAGE_DIR),
-        // Stopping is done after the capture, container by container.
-        leave_running: true,
-        ..Default::default()
-    };
-    std::fs::create_dir_all(&copts.image_path)
-        .map_err(|e| Error::io(pod_id, "create sandbox image dir", e))?;
-    // Volumes live on the host, outside gVisor's image: capturing them at the same instant
-    // needs the whole sandbox paused around the checkpoint and the copy.
-    let with_volumes = job.containers.iter().any(|c| volumes::wanted(&c.spec));
-    // Paused for volumes, and for a stopping checkpoint's hold.
-    let pause = with_volumes || job.hold;
-    let t = Instant::now();
-    if pause {
-        runsc.pause(pod_id).await?;
-    }
+    Ok(())
+}
+
+/// `runsc checkpoint` of the sandbox into `copts.image_path`, within the job's bound, then
+/// (`with_volumes`) each container's volumes.
+async fn capture_sandbox(
+    runsc: &Runsc,
+    job: &PodCheckpoint<'_>,
+    copts: CheckpointOpts,
+    with_volumes: bool,
+) -> Result<()> {
+    let pod_id = job.pod_id;
     let limit = job.timeout.unwrap_or(DEFAULT_CHECKPOINT_TIMEOUT);
     let cancel = tokio_util::sync::CancellationToken::new();
-    let timer = cancel_after(&cancel, limit);
+    let _timer = cancel_after(&cancel, limit);
     let copts = CheckpointOpts {
         cancel: Some(cancel.clone()),
         ..copts
     };
-    let captured = async {
-        let dumped = runsc.checkpoint(pod_id, &copts).await;
-        // Past the bound runsc was killed and waited for: say so plainly.
-        let dumped = if cancel.is_cancelled() {
-            Err(timed_out(pod_id, "checkpoint", limit))
-        } else {
-            dumped
-        };
-        dumped.map_err(|e| Error::Runtime {
-            id: format!("pod {pod_id}"),
-            step: "sandbox checkpoint".into(),
-            message: e.to_string(),
-        })?;
-        if with_volumes {
-            for c in job.containers {
-                capture_volumes(c, &c.dir.join(CHECKPOINT_DIR)).await?;
-            }
-        }
-        Ok::<_, Error>(())
-    }
-    .await;
-    drop(timer);
-    // A hold keeps the sandbox paused until `stop_held` or `release_held`.
-    if pause && !(job.hold && captured.is_ok()) {
-        let resumed = resume_sandbox(runsc, pod_id).await;
-        if captured.is_ok() {
-            resumed?;
+    let dumped = runsc.checkpoint(pod_id, &copts).await;
+    // Past the bound runsc was killed and waited for: say so plainly.
+    let dumped = if cancel.is_cancelled() {
+        Err(timed_out(pod_id, "checkpoint", limit))
+    } else {
+        dumped
+    };
+    dumped.map_err(|e| Error::Runtime {
+        id: format!("pod {pod_id}"),
+        step: "sandbox checkpoint".into(),
+        message: e.to_string(),
+    })?;
+    if with_volumes {
+        for c in job.containers {
+            capture_volumes(c, &c.dir.join(CHECKPOINT_DIR)).await?;
         }
     }
-    captured?;
-    let frozen = t.elapsed();
-    Ok(PodCapture {
-        frozen,
-        containers: job
-            .containers
-            .iter()
-            .map(|_| Timings {
-                frozen,
-                dump: frozen,
-                ..Default::default()
-            })
-            .collect(),
-        // gVisor's PID namespace is its own: the restore needs no reservation.
-        last_pid: None,
-    })
+    Ok(())
 }

@@ -1,0 +1,143 @@
+use super::*;
+
+fn image(entries: &[(u64, u32, u32)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
+    out.extend_from_slice(&PAGEMAP_MAGIC.to_le_bytes());
+    let head = PagemapHead { pages_id: 3 }.encode_to_vec();
+    out.extend_from_slice(&(head.len() as u32).to_le_bytes());
+    out.extend_from_slice(&head);
+    for &(vaddr, nr_pages, flags) in entries {
+        let e = PagemapEntry {
+            vaddr,
+            nr_pages,
+            in_parent: None,
+            flags: Some(flags),
+        }
+        .encode_to_vec();
+        out.extend_from_slice(&(e.len() as u32).to_le_bytes());
+        out.extend_from_slice(&e);
+    }
+    out
+}
+
+#[test]
+fn pagemaps_give_each_run_its_place_in_the_pages_image() {
+    let map = parse_pagemap(&image(&[
+        (0x1000, 2, PE_PRESENT),
+        (0x8000, 1, PE_PARENT),
+        (0x10000, 4, PE_PRESENT | PE_LAZY),
+    ]))
+    .unwrap();
+    assert_eq!(map.pages_id, 3);
+    assert_eq!(
+        map.runs,
+        vec![
+            Run {
+                vaddr: 0x1000,
+                pages: 2,
+                offset: 0,
+                lazy: false
+            },
+            Run {
+                vaddr: 0x10000,
+                pages: 4,
+                offset: 2 * PAGE_SIZE,
+                lazy: true
+            },
+        ]
+    );
+    assert!(parse_pagemap(b"not an image").is_err());
+    let mut cut = image(&[(0x1000, 2, PE_PRESENT)]);
+    cut.truncate(cut.len() - 1);
+    assert!(parse_pagemap(&cut).is_err());
+    // Bounded: by what the pages image holds, and entry by entry.
+    let two_pages = image(&[(0x1000, 2, PE_PRESENT)]);
+    let (_, reader) = PagemapReader::open(two_pages.as_slice()).unwrap();
+    let err = reader.runs(PAGE_SIZE).unwrap_err();
+    assert!(err.contains("past the end"), "{err}");
+    let mut huge = image(&[]);
+    huge.extend_from_slice(&(1u32 << 30).to_le_bytes());
+    let err = parse_pagemap(&huge).unwrap_err();
+    assert!(err.contains("an entry of 1073741824 bytes"), "{err}");
+    assert!(parse_pagemap(&image(&[(0x1000, 0, PE_PRESENT)])).is_err());
+}
+
+#[test]
+fn requests_are_served_from_checked_chunks() {
+    let archive = std::env::temp_dir().join(format!("stasis-pages-test-{}", std::process::id()));
+    // 100 bytes of something else, then an image of 3 pages.
+    let image_bytes: Vec<u8> = (0..3 * PAGE_SIZE)
+        .map(|i| (i / PAGE_SIZE) as u8 + 1)
+        .collect();
+    let mut file = vec![7u8; 100];
+    file.extend_from_slice(&image_bytes);
+    std::fs::write(&archive, &file).unwrap();
+    let chunk_size = 2 * PAGE_SIZE;
+    let chunks = image_bytes
+        .chunks(chunk_size as usize)
+        .map(|c| hex::encode(sha2::Sha256::digest(c)))
+        .collect();
+    let span = PageSpan {
+        file: None,
+        offset: 100,
+        size: 3 * PAGE_SIZE,
+        chunk_size,
+        chunks,
+    };
+    let mut checked = CheckedSpan {
+        archive: std::sync::Arc::new(File::open(&archive).unwrap()),
+        key: "c/checkpoint/pages-3.img".into(),
+        span: span.clone(),
+        chunk: None,
+    };
+    let mut buf = vec![0u8; (2 * PAGE_SIZE) as usize];
+    checked.read(PAGE_SIZE, &mut buf).unwrap();
+    assert!(buf[..PAGE_SIZE as usize].iter().all(|b| *b == 2));
+    assert!(buf[PAGE_SIZE as usize..].iter().all(|b| *b == 3));
+    // A changed byte in the archive: the chunk holding it is refused.
+    file[100 + 2 * PAGE_SIZE as usize + 5] ^= 1;
+    std::fs::write(&archive, &file).unwrap();
+    let mut changed = CheckedSpan {
+        archive: std::sync::Arc::new(File::open(&archive).unwrap()),
+        chunk: None,
+        ..checked
+    };
+    let mut one = vec![0u8; PAGE_SIZE as usize];
+    changed.read(0, &mut one).unwrap();
+    assert!(changed
+        .read(2 * PAGE_SIZE, &mut one)
+        .unwrap_err()
+        .contains("was changed"));
+    std::fs::remove_file(&archive).unwrap();
+
+    let pages = ArchivePages {
+        id: "c".into(),
+        from: String::new(),
+        tasks: HashMap::from([(
+            9,
+            (
+                vec![
+                    Run {
+                        vaddr: 0x1000,
+                        pages: 1,
+                        offset: 0,
+                        lazy: true,
+                    },
+                    Run {
+                        vaddr: 0x2000,
+                        pages: 2,
+                        offset: PAGE_SIZE,
+                        lazy: true,
+                    },
+                ],
+                0,
+            ),
+        )]),
+        spans: vec![],
+    };
+    assert_eq!(pages.find(9, 0x1000, 16), Some((0, 0, 3)));
+    assert_eq!(pages.find(9, 0x2000, 1), Some((0, PAGE_SIZE, 1)));
+    assert_eq!(pages.find(9, 0x5000, 1), None);
+    assert_eq!(pages.find(8, 0x1000, 1), None);
+}

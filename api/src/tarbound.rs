@@ -171,3 +171,150 @@ mod tests {
         bound_entries_visiting(tar.entries().unwrap(), 0, |_, _| Err("never".into())).unwrap();
     }
 }
+
+/// Which links a tar may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Links {
+    /// None at all: a pod checkpoint archive or image layer holds files and directories.
+    Refused,
+    /// Symbolic links (their targets are the container's business), and hard links to a
+    /// path inside the tar: a writable layer or a volume.
+    Inside,
+}
+
+/// Why an entry is refused; each side words it for its own messages.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error("an entry with an unreadable path: {0}")]
+    Unreadable(std::io::Error),
+    #[error("entry {0:?} climbs out with '..'")]
+    Climbs(String),
+    #[error("entry {0:?} is an absolute path")]
+    Absolute(String),
+    #[error("entry {name:?} is a link (to {target:?})")]
+    Link { name: String, target: String },
+    #[error("hard link {0:?} points outside")]
+    HardLinkOutside(String),
+    #[error("entry {0:?} is a device node")]
+    Device(String),
+    #[error("entry {name:?} is a {kind:?}")]
+    Kind { name: String, kind: tar::EntryType },
+}
+
+/// The one rule for a tar entry stasis unpacks: its path relative, without `..` (`.`
+/// components dropped, so `./a` and `a` name the same place), and a regular file, a
+/// directory, or a link `links` allows. Returns the cleaned path.
+pub fn check_entry<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    links: Links,
+) -> Result<std::path::PathBuf, EntryError> {
+    use std::path::Component;
+    let raw = entry.path().map_err(EntryError::Unreadable)?.into_owned();
+    let name = raw.display().to_string();
+    let mut clean = std::path::PathBuf::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(p) => clean.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => return Err(EntryError::Climbs(name)),
+            Component::RootDir | Component::Prefix(_) => return Err(EntryError::Absolute(name)),
+        }
+    }
+    let target = || {
+        entry
+            .link_name()
+            .ok()
+            .flatten()
+            .map(|t| t.into_owned())
+            .unwrap_or_default()
+    };
+    match (entry.header().entry_type(), links) {
+        (tar::EntryType::Regular | tar::EntryType::Directory | tar::EntryType::Continuous, _) => {}
+        (tar::EntryType::Symlink, Links::Inside) => {}
+        (tar::EntryType::Link, Links::Inside) => {
+            let t = target();
+            if t.is_absolute() || t.components().any(|c| matches!(c, Component::ParentDir)) {
+                return Err(EntryError::HardLinkOutside(name));
+            }
+        }
+        (tar::EntryType::Symlink | tar::EntryType::Link, Links::Refused) => {
+            let target = target().display().to_string();
+            return Err(EntryError::Link { name, target });
+        }
+        (tar::EntryType::Char | tar::EntryType::Block, _) => return Err(EntryError::Device(name)),
+        (kind, _) => return Err(EntryError::Kind { name, kind }),
+    }
+    Ok(clean)
+}
+
+#[cfg(test)]
+mod entry_tests {
+    use super::*;
+
+    /// A one-entry tar of `kind` at `path` (written raw: the tar crate's builder refuses `..`).
+    fn one(path: &str, kind: tar::EntryType, link: &str) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_entry_type(kind);
+        h.set_size(0);
+        h.set_mode(0o600);
+        if !link.is_empty() {
+            h.set_link_name(link).unwrap();
+        }
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        out.extend([0u8; 1024]);
+        out
+    }
+
+    fn check(path: &str, kind: tar::EntryType, link: &str, links: Links) -> Result<String, String> {
+        let bytes = one(path, kind, link);
+        let mut a = tar::Archive::new(&bytes[..]);
+        let e = a.entries().unwrap().next().unwrap().unwrap();
+        check_entry(&e, links)
+            .map(|p| p.display().to_string())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn paths_stay_inside_and_lose_their_dots() {
+        use tar::EntryType::Regular;
+        assert_eq!(
+            check("./a/./b", Regular, "", Links::Refused).unwrap(),
+            "a/b"
+        );
+        assert_eq!(
+            check("a/../../x", Regular, "", Links::Inside).unwrap_err(),
+            "entry \"a/../../x\" climbs out with '..'"
+        );
+        assert_eq!(
+            check("/etc/x", Regular, "", Links::Inside).unwrap_err(),
+            "entry \"/etc/x\" is an absolute path"
+        );
+    }
+
+    #[test]
+    fn links_and_devices_follow_the_rule_asked_for() {
+        use tar::EntryType::{Block, Char, Fifo, Link, Symlink};
+        assert_eq!(
+            check("l", Symlink, "/etc", Links::Refused).unwrap_err(),
+            "entry \"l\" is a link (to \"/etc\")"
+        );
+        assert!(check("l", Symlink, "/etc", Links::Inside).is_ok());
+        assert!(check("h", Link, "a/b", Links::Inside).is_ok());
+        assert_eq!(
+            check("h", Link, "../x", Links::Inside).unwrap_err(),
+            "hard link \"h\" points outside"
+        );
+        assert!(check("h", Link, "a", Links::Refused).is_err());
+        for kind in [Char, Block] {
+            assert_eq!(
+                check("d", kind, "", Links::Inside).unwrap_err(),
+                "entry \"d\" is a device node"
+            );
+        }
+        assert!(check("f", Fifo, "", Links::Inside)
+            .unwrap_err()
+            .contains("Fifo"));
+    }
+}

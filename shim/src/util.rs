@@ -18,10 +18,7 @@ where
 
 /// A name nobody can guess or pre-create: 64 random bits from the kernel.
 pub fn random_suffix() -> std::io::Result<String> {
-    use std::io::Read;
-    let mut bytes = [0u8; 8];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    stasis_api::private::random_suffix()
 }
 
 /// Bytes of every regular file below `p` (symlinks not followed).
@@ -70,27 +67,17 @@ const PRIVATE_BASE: &str = "/run/stasis/work";
 /// 0700, under a base that must be a real directory owned by root and closed to others (a
 /// predictable path under /tmp could be pre-created or planted with symlinks by any user).
 pub fn private_dir(id: &str, what: &str) -> Result<std::path::PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let base = Path::new(PRIVATE_BASE);
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(base)
-        .map_err(|e| Error::io(id, format!("create {PRIVATE_BASE}"), e))?;
-    let meta = base
-        .symlink_metadata()
-        .map_err(|e| Error::io(id, format!("check {PRIVATE_BASE}"), e))?;
-    if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o077 != 0 {
-        return Err(Error::precondition(
+    stasis_api::private::private_root(base).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => Error::precondition(
             id,
             format!("{PRIVATE_BASE} must be a directory owned by root with mode 0700"),
-        ));
-    }
+        ),
+        _ => Error::io(id, format!("create {PRIVATE_BASE}"), e),
+    })?;
     let suffix = random_suffix().map_err(|e| Error::io(id, "random name", e))?;
     let dir = base.join(format!("{what}-{suffix}"));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
+    stasis_api::private::create_private_dir(&dir)
         .map_err(|e| Error::io(id, format!("create {}", dir.display()), e))?;
     Ok(dir)
 }
@@ -99,29 +86,18 @@ pub fn private_dir(id: &str, what: &str) -> Result<std::path::PathBuf> {
 /// existing file: a checkpoint holds memory and environment secrets, and its directory may
 /// have been handed to us by someone else.
 pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
+    stasis_api::private::create_private(path)
 }
 
 /// [`create_private`] with `data` in it.
 pub fn write_private(path: &Path, data: impl AsRef<[u8]>) -> std::io::Result<()> {
-    use std::io::Write;
-    create_private(path)?.write_all(data.as_ref())
+    stasis_api::private::write_private(path, data)
 }
 
 /// Copies a regular file into a new private file; neither side is opened through a symlink
 /// (CRIU's logs and stats are copied this way: a planted link copies nothing).
 pub fn copy_private(from: &Path, to: &Path) -> std::io::Result<u64> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut src = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-        .open(from)?;
+    let mut src = stasis_api::private::open_nofollow(from)?;
     if !src.metadata()?.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,

@@ -18,7 +18,7 @@
 use std::{
     fs::File,
     io::{BufRead, BufReader, Read, Write},
-    path::{Component, Path, PathBuf},
+    path::{Path, PathBuf},
 };
 
 use std::sync::atomic::{AtomicBool, Ordering};

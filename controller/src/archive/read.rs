@@ -45,53 +45,22 @@ pub fn is_encrypted(path: &Path) -> Result<bool> {
     Ok(seal::is_encrypted(file.fill_buf()?))
 }
 
-/// The entry's path inside the archive, if it is one we accept.
+/// An entry's path, checked by the one rule for tar entries (`stasis_api::tarbound`): a pod
+/// checkpoint holds only files and directories below its root.
 pub(super) fn safe_path(entry: &tar::Entry<impl Read>) -> Result<PathBuf> {
-    let raw = entry
-        .path()
-        .context("archive entry with an unreadable path")?
-        .into_owned();
-    let shown = raw.display().to_string();
-    let clean = clean_name(&raw, &shown)?;
-    check_kind(&shown, entry)?;
-    Ok(clean)
-}
-
-/// `raw` (shown as `shown`) as a path inside the archive; refused when it climbs out with
-/// `..` or is absolute.
-pub(super) fn clean_name(raw: &Path, shown: &str) -> Result<PathBuf> {
-    let mut clean = PathBuf::new();
-    for c in raw.components() {
-        match c {
-            Component::Normal(p) => clean.push(p),
-            Component::CurDir => {}
-            Component::ParentDir => bail!("hostile archive: entry {shown:?} climbs out with '..'"),
-            Component::RootDir | Component::Prefix(_) => {
-                bail!("hostile archive: entry {shown:?} is an absolute path")
-            }
+    use stasis_api::tarbound::{check_entry, EntryError, Links};
+    check_entry(entry, Links::Refused).map_err(|e| match e {
+        EntryError::Unreadable(e) => {
+            anyhow::Error::from(e).context("archive entry with an unreadable path")
         }
-    }
-    Ok(clean)
-}
-
-/// Only regular files and directories: a pod checkpoint has nothing else.
-pub(super) fn check_kind(shown: &str, entry: &tar::Entry<impl Read>) -> Result<()> {
-    match entry.header().entry_type() {
-        tar::EntryType::Regular | tar::EntryType::Directory | tar::EntryType::Continuous => Ok(()),
-        tar::EntryType::Symlink | tar::EntryType::Link => {
-            let target = entry
-                .link_name()
-                .ok()
-                .flatten()
-                .map(|t| t.display().to_string())
-                .unwrap_or_default();
-            bail!("hostile archive: entry {shown:?} is a link (to {target:?}); a pod checkpoint has none")
+        EntryError::Kind { name, kind } => {
+            anyhow::anyhow!("unsupported archive entry {name:?} of type {kind:?}")
         }
-        tar::EntryType::Char | tar::EntryType::Block => {
-            bail!("hostile archive: entry {shown:?} is a device node")
-        }
-        other => bail!("unsupported archive entry {shown:?} of type {other:?}"),
-    }
+        EntryError::Link { name, target } => anyhow::anyhow!(
+            "hostile archive: entry {name:?} is a link (to {target:?}); a pod checkpoint has none"
+        ),
+        other => anyhow::anyhow!("hostile archive: {other}"),
+    })
 }
 
 /// A tar reader that unpacks modes as they are and no extended attributes.
@@ -141,13 +110,11 @@ pub(super) struct Outline {
 /// reads `pod.options`, refusing hostile names and a file given twice.
 pub(super) fn header_pass<R: Read>(entries: tar::Entries<'_, R>, room: u64) -> Result<Outline> {
     let mut outline = Outline::default();
-    stasis_api::tarbound::bound_entries_visiting(entries, room, |raw, entry| {
-        let shown = String::from_utf8_lossy(raw).into_owned();
-        let name = clean_name(Path::new(&shown), &shown)
-            .map_err(|e| e.to_string())?
+    stasis_api::tarbound::bound_entries_visiting(entries, room, |_, entry| {
+        let name = safe_path(entry)
+            .map_err(|e| format!("{e:#}"))?
             .display()
             .to_string();
-        check_kind(&shown, entry).map_err(|e| e.to_string())?;
         let is_file = entry.header().entry_type().is_file();
         if is_file && name == layout::POD_OPTIONS {
             if entry.size() > MAX_POD_OPTIONS {

@@ -120,16 +120,15 @@ pub fn resolve_restore(store: &Path, owner: &str, value: &str) -> Result<(String
 /// (`<id>.token`, written by stasisctl into the root-only store): knowing the id is not
 /// enough to claim it.
 pub fn claim_restore(store: &Path, pod: &str, id: &str, token: Option<&str>) -> Result<()> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let expected = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(store.join(format!("{id}{}", stasis_api::layout::RESTORE_TOKEN_SUFFIX)))
-        .and_then(|mut f| {
-            let mut s = String::new();
-            std::io::Read::read_to_string(&mut f, &mut s).map(|_| s)
-        })
-        .unwrap_or_default();
+    use std::io::Write;
+    let expected = stasis_api::private::open_nofollow(
+        &store.join(format!("{id}{}", stasis_api::layout::RESTORE_TOKEN_SUFFIX)),
+    )
+    .and_then(|mut f| {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut f, &mut s).map(|_| s)
+    })
+    .unwrap_or_default();
     let given = token.unwrap_or_default();
     // Compared in full whatever differs first: the token's bytes are not to be guessed one
     // at a time.
@@ -150,13 +149,7 @@ pub fn claim_restore(store: &Path, pod: &str, id: &str, token: Option<&str>) -> 
         ));
     }
     let claim = store.join(format!("{id}.pod"));
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&claim)
-    {
+    match crate::util::create_private(&claim) {
         Ok(mut f) => f
             .write_all(pod.as_bytes())
             .map_err(|e| Error::io(pod, "claim the restore", e)),

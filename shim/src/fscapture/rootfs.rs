@@ -182,52 +182,29 @@ pub fn validate_tar(id: &str, what: &str, path: &Path) -> Result<()> {
 }
 
 fn check_entry<R: std::io::Read>(id: &str, what: &str, entry: &tar::Entry<R>) -> Result<PathBuf> {
-    let path = entry
-        .path()
-        .map_err(|e| Error::invalid(id, format!("{what}: {e}")))?
-        .into_owned();
-    let name = path.display().to_string();
-    if path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(Error::invalid(
-            id,
-            format!("{what} entry {name:?} leads outside the directory it is unpacked into"),
-        ));
-    }
-    match entry.header().entry_type() {
-        tar::EntryType::Regular
-        | tar::EntryType::Directory
-        | tar::EntryType::Symlink
-        | tar::EntryType::Continuous => {}
-        tar::EntryType::Link => {
-            let target = entry
-                .link_name()
-                .ok()
-                .flatten()
-                .map(|t| t.into_owned())
-                .unwrap_or_default();
-            if target.is_absolute()
-                || target
-                    .components()
-                    .any(|c| matches!(c, Component::ParentDir))
-            {
-                return Err(Error::invalid(
-                    id,
-                    format!("{what} hard link {name:?} points outside"),
-                ));
+    use stasis_api::tarbound::{check_entry, EntryError, Links};
+    // The one rule for tar entries; a writable layer or a volume may hold symbolic links and
+    // hard links inside it.
+    check_entry(entry, Links::Inside).map_err(|e| {
+        let why = match e {
+            EntryError::Unreadable(e) => format!("{what}: {e}"),
+            EntryError::Climbs(name) | EntryError::Absolute(name) => {
+                format!("{what} entry {name:?} leads outside the directory it is unpacked into")
             }
-        }
-        other => {
-            return Err(Error::invalid(
-                id,
-                format!("{what} entry {name:?} is a {other:?}, which a restore refuses"),
-            ))
-        }
-    }
-    // `./` prefixes (what `append_dir_all(".")` writes) name the same place.
-    Ok(path
-        .components()
-        .filter(|c| !matches!(c, Component::CurDir))
-        .collect())
+            EntryError::HardLinkOutside(name) => {
+                format!("{what} hard link {name:?} points outside")
+            }
+            EntryError::Device(name) => {
+                format!("{what} entry {name:?} is a device node, which a restore refuses")
+            }
+            EntryError::Kind { name, kind } => {
+                format!("{what} entry {name:?} is a {kind:?}, which a restore refuses")
+            }
+            // Links::Inside allows every link that stays inside.
+            EntryError::Link { name, .. } => format!("{what} link {name:?} is refused"),
+        };
+        Error::invalid(id, why)
+    })
 }
 
 /// Applies deletions, then the diff, to the mounted rootfs of the restored container.

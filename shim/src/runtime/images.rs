@@ -22,7 +22,6 @@
 use std::{
     collections::{HashMap, HashSet},
     io::Read,
-    os::unix::fs::OpenOptionsExt,
     path::{Component, Path},
 };
 
@@ -177,12 +176,9 @@ impl ImageDir for OnDisk<'_> {
     }
 
     fn open(&self, name: &str) -> std::io::Result<Box<dyn Read + '_>> {
-        Ok(Box::new(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(self.0.join(name))?,
-        ))
+        Ok(Box::new(stasis_api::private::open_nofollow(
+            &self.0.join(name),
+        )?))
     }
 }
 

@@ -14,10 +14,7 @@ use std::{
     collections::HashMap,
     fs::File,
     io::{Read, Write},
-    os::unix::{
-        fs::{FileExt, OpenOptionsExt},
-        net::UnixStream,
-    },
+    os::unix::{fs::FileExt, net::UnixStream},
     path::Path,
 };
 
@@ -259,10 +256,7 @@ fn open_once(
     if let Some(f) = files.get(path) {
         return Ok(f.clone());
     }
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+    let f = stasis_api::private::open_nofollow(path)
         .map_err(|e| Error::io(id, format!("open {}", path.display()), e))?;
     let f = std::sync::Arc::new(f);
     files.insert(path.to_path_buf(), f.clone());
@@ -280,10 +274,7 @@ fn read_pagemap<'s>(
 ) -> Result<Option<(Pagemap, String, &'s PageSpan)>> {
     // Streamed, and only as far as its pages image reaches: a hostile pagemap
     // costs no more memory than the pages it may name.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+    let file = stasis_api::private::open_nofollow(path)
         .map_err(|e| Error::io(id, format!("read {name}"), e))?;
     let (pages_id, reader) = PagemapReader::open(std::io::BufReader::new(file))
         .map_err(|m| Error::invalid(id, format!("{name}: {m}")))?;

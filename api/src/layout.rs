@@ -86,11 +86,6 @@ pub struct RestoreOptions {
     pub page_source: Option<PageSource>,
 }
 
-/// In a container's restore directory, once a lazy restore of it is over: `ok`, `eager` (the
-/// runtime restored it eagerly) or `failed: …` (the container was stopped). stasisctl waits
-/// for it before it removes the restore directory.
-pub const LAZY_STATUS: &str = "lazy-pages.status";
-
 /// Page images served from byte ranges of an archive file instead of unpacked copies.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PageSource {

@@ -212,14 +212,6 @@ pub(super) fn check_unpacked(
         if !d.join("config.dump").is_file() || !d.join("container-config.json").is_file() {
             bail!("container {name:?} ({dir}) has no config.dump or container-config.json");
         }
-        // The shim's word on how a lazy restore ended lives there: an archive may not bring
-        // its own.
-        if d.join(layout::LAZY_STATUS).symlink_metadata().is_ok() {
-            bail!(
-                "hostile archive: container {name:?} ({dir}) brings a {}",
-                layout::LAZY_STATUS
-            );
-        }
     }
     if !dest.join("pod.dump").is_file() {
         bail!("archive has no pod.dump");

@@ -158,15 +158,6 @@ impl Outline {
                     bail!("container {name:?} ({dir}) has no {file}; {nothing}");
                 }
             }
-            if self
-                .names
-                .contains(&format!("{dir}/{}", layout::LAZY_STATUS))
-            {
-                bail!(
-                    "hostile archive: container {name:?} ({dir}) brings a {}; {nothing}",
-                    layout::LAZY_STATUS
-                );
-            }
         }
         for file in [layout::POD_DUMP, layout::MANIFEST] {
             if !self.names.contains(file) {

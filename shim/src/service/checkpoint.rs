@@ -9,9 +9,10 @@ use async_trait::async_trait;
 use containerd_shim_protos::ttrpc::{self, r#async::TtrpcContext};
 use stasis_api::{
     checkpoint::{
-        CheckpointPodRequest, CheckpointPodResponse, FinishCheckpointRequest,
+        CheckpointPodRequest, CheckpointPodResponse, ContainerRestore, FinishCheckpointRequest,
         FinishCheckpointResponse, FinishRestoreRequest, FinishRestoreResponse,
-        ValidateRestoreRequest, ValidateRestoreResponse,
+        RestoreStatusRequest, RestoreStatusResponse, ValidateRestoreRequest,
+        ValidateRestoreResponse,
     },
     checkpoint_ttrpc::Checkpoint,
 };
@@ -122,5 +123,38 @@ impl Checkpoint for CheckpointService {
         req: ValidateRestoreRequest,
     ) -> ttrpc::Result<ValidateRestoreResponse> {
         rpc(validate(&self.shim, &req).await)
+    }
+
+    async fn restore_status(
+        &self,
+        ctx: &TtrpcContext,
+        req: RestoreStatusRequest,
+    ) -> ttrpc::Result<RestoreStatusResponse> {
+        rpc(self.shim.require_pod(&req.sandbox_id))?;
+        let outcomes = if req.wait {
+            // Never longer than the caller waits (its deadline), nor than an hour.
+            let limit = match ctx.timeout_nano {
+                n if n > 0 => std::time::Duration::from_nanos(n as u64),
+                _ => std::time::Duration::from_secs(3600),
+            };
+            self.shim
+                .restores
+                .settled(limit.min(std::time::Duration::from_secs(3600)))
+                .await
+        } else {
+            self.shim.restores.snapshot()
+        };
+        Ok(RestoreStatusResponse {
+            containers: outcomes
+                .into_iter()
+                .map(|(id, o)| ContainerRestore {
+                    container_id: id,
+                    state: o.state.into(),
+                    reason: o.reason,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
     }
 }

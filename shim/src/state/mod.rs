@@ -5,6 +5,7 @@
 pub mod container;
 pub mod lifecycle;
 pub mod pod;
+pub mod restores;
 
 use std::{
     collections::HashMap,
@@ -37,6 +38,8 @@ pub struct Shim {
     pub restore_hold: std::time::Duration,
     /// Where restores are prepared; restore annotations name ids in it.
     pub restore_store: std::path::PathBuf,
+    /// How each restored container's restore ended (lazy ones: once every page is in).
+    pub restores: Arc<restores::RestoreOutcomes>,
 }
 
 impl Shim {
@@ -60,6 +63,7 @@ impl Shim {
                 crate::runtime::config::BackendConfig::DEFAULT_RESTORE_HOLD_SECS,
             ),
             restore_store: stasis_api::layout::RESTORE_STORE.into(),
+            restores: Arc::default(),
         };
         if let Some(hold) = hold {
             shim.restore_hold = hold;

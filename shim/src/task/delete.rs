@@ -84,6 +84,7 @@ pub async fn delete(shim: &Shim, req: api::DeleteRequest) -> Result<api::DeleteR
         }
     };
     shim.remove(&req.id);
+    shim.restores.forget(&req.id);
     if let Some(pod) = shim.pod() {
         pod.save_record(shim.ids());
     }

@@ -5,7 +5,10 @@
 use std::{path::Path, sync::Arc};
 
 use log::{error, info, warn};
-use stasis_api::layout::{self, DumpRecord, RestoreOptions, CHECKPOINT_DIR};
+use stasis_api::{
+    checkpoint::RestoreState,
+    layout::{self, DumpRecord, RestoreOptions, CHECKPOINT_DIR},
+};
 
 use super::watch;
 use crate::{
@@ -161,7 +164,11 @@ async fn start_lazy_restore(
             .map_err(|e| Error::invalid(id, format!("restore options: {e}")))?,
         None => RestoreOptions::default(),
     };
+    let pod_restore = container.restore_dir.is_some();
     if !restore_options.lazy {
+        if pod_restore {
+            shim.restores.record(id, RestoreState::RESTORE_EAGER, "");
+        }
         return Ok(None);
     }
     if !shim.runtime.hooks().supports_lazy_restore() {
@@ -169,10 +176,15 @@ async fn start_lazy_restore(
             "{id}: lazy restore is not available for {}; restoring eagerly",
             shim.runtime.name()
         );
-        report_lazy_status(id, container.restore_dir.as_deref(), "eager");
+        if pod_restore {
+            shim.restores.record(id, RestoreState::RESTORE_EAGER, "");
+        }
         return Ok(None);
     }
     opts.lazy_pages = true;
+    if pod_restore {
+        shim.restores.record(id, RestoreState::RESTORE_PENDING, "");
+    }
     let from_archive = match (
         &restore_options.page_source,
         container.restore_dir.as_deref(),
@@ -300,7 +312,17 @@ fn watch_lazy_pages(
     start: std::time::Instant,
 ) {
     let (id, runtime) = (container.id.clone(), shim.runtime.clone());
-    let restore_dir = container.restore_dir.clone();
+    let id_for_report = id.clone();
+    // Only a pod's restore is asked how it ended (RestoreStatus).
+    let outcomes = container
+        .restore_dir
+        .as_ref()
+        .map(|_| shim.restores.clone());
+    let report = move |state: RestoreState, reason: String| {
+        if let Some(o) = &outcomes {
+            o.record(&id_for_report, state, reason);
+        }
+    };
     tokio::spawn(async move {
         let exit = reaper::wait(daemon).await;
         // The page server's own verdict counts too: a chunk that did not match its
@@ -318,17 +340,16 @@ fn watch_lazy_pages(
             if let Err(e) = runtime.kill(&id, libc::SIGKILL as u32, true).await {
                 warn!("{id}: stop the container: {e}");
             }
-            report_lazy_status(
-                &id,
-                restore_dir.as_deref(),
-                &format!("failed: {why}; container stopped"),
+            report(
+                RestoreState::RESTORE_FAILED,
+                format!("{why}; container stopped"),
             );
         } else if exit.status == 0 {
             info!(
                 "{id}: every lazily restored page is in, {:?} after the restore began",
                 start.elapsed()
             );
-            report_lazy_status(&id, restore_dir.as_deref(), "ok");
+            report(RestoreState::RESTORE_COMPLETE, String::new());
         } else {
             // Pages it never got would read as zeros once the daemon's userfaultfd is
             // gone: the container must not run on with memory that is not its own.
@@ -336,11 +357,10 @@ fn watch_lazy_pages(
             if let Err(e) = runtime.kill(&id, libc::SIGKILL as u32, true).await {
                 warn!("{id}: stop the container: {e}");
             }
-            report_lazy_status(
-                &id,
-                restore_dir.as_deref(),
-                &format!(
-                    "failed: criu lazy-pages ended with status {}; container stopped",
+            report(
+                RestoreState::RESTORE_FAILED,
+                format!(
+                    "criu lazy-pages ended with status {}; container stopped",
                     exit.status
                 ),
             );
@@ -484,16 +504,6 @@ type LazyPages = (
     i32,
     Option<std::thread::JoinHandle<std::result::Result<(), String>>>,
 );
-
-/// Tells stasisctl how the lazy restore of a container of a pod ended (see
-/// `layout::LAZY_STATUS`).
-fn report_lazy_status(id: &str, restore_dir: Option<&Path>, status: &str) {
-    if let Some(dir) = restore_dir {
-        if let Err(e) = crate::util::write_private(&dir.join(layout::LAZY_STATUS), status) {
-            warn!("{id}: record how its lazy restore ended: {e}");
-        }
-    }
-}
 
 /// Ends a lazy-pages daemon whose restore failed (the reaper collects it).
 fn stop_lazy_pages(pid: Option<i32>) {

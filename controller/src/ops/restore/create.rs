@@ -12,13 +12,21 @@ use crate::{
     policy, shim,
 };
 
-/// Creates the admitted pod and its containers; returns the new pod's id once it runs.
+/// A pod made from a checkpoint: its id, its runtime handler, and each container's name and
+/// id.
+pub(super) struct Created {
+    pub pod_id: String,
+    pub handler: String,
+    pub containers: Vec<(String, String)>,
+}
+
+/// Creates the admitted pod and its containers; returns once the pod runs.
 pub(super) async fn create(
     t: &Target,
     admitted: Admitted,
     interrupt: &mut Interrupt,
     guard: &mut RestoreGuard,
-) -> Result<String> {
+) -> Result<Created> {
     let mut rt = cri::Runtime::new(admitted.channel.clone());
     let pod = &admitted.pod;
     let pod_name = pod
@@ -37,8 +45,9 @@ pub(super) async fn create(
         .into_inner()
         .pod_sandbox_id;
     guard.pod(&pod_id);
+    let mut containers = Vec::new();
     let outcome = tokio::select! {
-        r = fill_pod(t, &mut rt, &admitted, &pod_id) => r,
+        r = fill_pod(t, &mut rt, &admitted, &pod_id, &mut containers) => r,
         signal = interrupt.received() => Err(anyhow!("interrupted by {signal}")),
     };
     if let Err(e) = outcome {
@@ -47,7 +56,11 @@ pub(super) async fn create(
             "restore of pod {pod_name} failed; the new pod was removed"
         )));
     }
-    Ok(pod_id)
+    Ok(Created {
+        pod_id,
+        handler: admitted.handler,
+        containers,
+    })
 }
 
 /// Everything after the sandbox: the shim's check, the containers, their release.
@@ -56,6 +69,7 @@ async fn fill_pod(
     rt: &mut cri::Runtime,
     admitted: &Admitted,
     pod_id: &str,
+    created: &mut Vec<(String, String)>,
 ) -> Result<()> {
     let handler = &admitted.handler;
     let client = shim::checkpoint_client(&t.address, &t.namespace, pod_id, handler).await?;
@@ -99,6 +113,7 @@ async fn fill_pod(
             "restored container {name} ({}), stopped until the pod is complete",
             &id[..12]
         );
+        created.push((name.clone(), id));
     }
     // Every container is back: let them all run at one instant.
     client

@@ -1,59 +1,65 @@
-//! How a lazy restore ended, container by container.
+//! How a lazy restore ended, container by container, as the pod's shim says through the
+//! Checkpoint service's RestoreStatus.
 
-use std::{path::Path, time::Instant};
+use anyhow::Result;
+use stasis_api::checkpoint::{RestoreState, RestoreStatusRequest};
 
-use crate::archive;
+use crate::{ops::Target, shim};
 
-/// Waits until every container of the restore in `dir` has said how its lazy restore ended
-/// (`layout::LAZY_STATUS`), or, should a shim die before it says so, until no `criu
-/// lazy-pages` daemon serves pages from below `dir` for 10 s. Returns (container, status).
-pub(super) async fn wait_for_lazy_pages(dir: &Path) -> Vec<(String, String)> {
-    let options = archive::read_pod_options(dir).unwrap_or_default();
-    let needle = dir.display().to_string();
-    let mut idle_since: Option<Instant> = None;
-    loop {
-        let statuses: Vec<_> = options
-            .containers
-            .iter()
-            .map(|(name, cdir)| {
-                let status =
-                    std::fs::read_to_string(dir.join(cdir).join(stasis_api::layout::LAZY_STATUS));
-                (name.clone(), status.ok().map(|s| s.trim().to_string()))
-            })
-            .collect();
-        if statuses.iter().all(|(_, s)| s.is_some()) {
-            return statuses
-                .into_iter()
-                .map(|(n, s)| (n, s.unwrap_or_default()))
-                .collect();
-        }
-        let serving = std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .any(|c| {
-                let c = String::from_utf8_lossy(&c);
-                c.contains("lazy-pages") && c.contains(&needle)
-            });
-        if serving {
-            idle_since = None;
-        } else if idle_since
-            .get_or_insert_with(Instant::now)
-            .elapsed()
-            .as_secs()
-            >= 10
-        {
-            return statuses
-                .into_iter()
-                .map(|(n, s)| {
-                    (
-                        n,
-                        s.unwrap_or_else(|| "failed: no word from its shim".into()),
-                    )
-                })
-                .collect();
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+/// How long a lazy restore may take to bring every page in.
+const ALL_PAGES_WITHIN_SECS: u64 = 3600;
+
+/// Waits until the shim of pod `pod_id` says how the restore of each of `containers` (name,
+/// id) ended; returns the ones that did not get all of their memory, with why. A shim that
+/// cannot be asked, or does not know a container, counts as a failure: no word is no proof.
+pub(super) async fn lost_containers(
+    t: &Target,
+    (pod_id, handler): (&str, &str),
+    containers: &[(String, String)],
+) -> Vec<String> {
+    let asked = ask(t, pod_id, handler).await;
+    containers
+        .iter()
+        .filter_map(|(name, id)| {
+            let why = match &asked {
+                Err(e) => format!("no word from its shim: {e:#}"),
+                Ok(states) => match states.iter().find(|(c, _, _)| c == id) {
+                    Some((_, RestoreState::RESTORE_FAILED, reason)) => format!("failed: {reason}"),
+                    Some((_, RestoreState::RESTORE_PENDING, _)) => {
+                        "failed: its pages were still coming in when the wait ended".into()
+                    }
+                    Some(_) => return None,
+                    None => "failed: its shim does not know it".into(),
+                },
+            };
+            Some(format!("{name} ({why})"))
+        })
+        .collect()
+}
+
+/// The shim's answer: (container id, state, reason) for each restored container.
+async fn ask(
+    t: &Target,
+    pod_id: &str,
+    handler: &str,
+) -> Result<Vec<(String, RestoreState, String)>> {
+    let client = shim::checkpoint_client(&t.address, &t.namespace, pod_id, handler).await?;
+    let req = RestoreStatusRequest {
+        sandbox_id: pod_id.to_string(),
+        wait: true,
+        ..Default::default()
+    };
+    let ctx = ttrpc::context::with_timeout((ALL_PAGES_WITHIN_SECS * 1_000_000_000) as i64);
+    let resp = client
+        .restore_status(ctx, &req)
+        .await
+        .map_err(|e| shim::explain(e, pod_id, handler))?;
+    Ok(resp
+        .containers
+        .into_iter()
+        .map(|c| {
+            let state = c.state.enum_value_or(RestoreState::RESTORE_FAILED);
+            (c.container_id, state, c.reason)
+        })
+        .collect())
 }

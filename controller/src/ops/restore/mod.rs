@@ -69,6 +69,7 @@ impl Drop for Leftovers {
 /// containers pull pages from it until [`Restored::finish`].
 pub struct Restored {
     pub pod_id: String,
+    created: create::Created,
     lazy: bool,
     started: Instant,
     running: Duration,
@@ -105,7 +106,7 @@ pub async fn restore(t: &Target, a: &RestoreArgs, source: Source<'_>) -> Result<
     )?;
     let admitted = admit::admit(t, a, &dir, &options, (&restore_id, &token)).await?;
     let guard = leftovers.guard.as_mut().expect("the watchdog runs");
-    let pod_id = create::create(t, admitted, &mut interrupt, guard).await?;
+    let created = create::create(t, admitted, &mut interrupt, guard).await?;
     let running = started.elapsed();
     if a.lazy {
         eprintln!(
@@ -114,7 +115,8 @@ pub async fn restore(t: &Target, a: &RestoreArgs, source: Source<'_>) -> Result<
         );
     }
     Ok(Restored {
-        pod_id,
+        pod_id: created.pod_id.clone(),
+        created,
         lazy: a.lazy,
         started,
         running,
@@ -128,14 +130,11 @@ impl Restored {
     pub async fn finish(self, t: &Target) -> Result<String> {
         let mut lost = Vec::new();
         if self.lazy {
-            // The restore directory serves the lazy-pages daemons: kept until each container
-            // says how its restore ended (the shim stops one whose pages could not all be
+            // The restore directory serves the lazy-pages daemons: kept until the shim says
+            // how each container's restore ended (it stops one whose pages could not all be
             // served: a changed archive, a failed daemon).
-            for (name, status) in lazy::wait_for_lazy_pages(&self.leftovers.dir).await {
-                if status.starts_with("failed") {
-                    lost.push(format!("{name} ({status})"));
-                }
-            }
+            let c = &self.created;
+            lost = lazy::lost_containers(t, (&c.pod_id, &c.handler), &c.containers).await;
         }
         if !lost.is_empty() {
             // Not the pod that was checkpointed: it goes, as after any failed restore.

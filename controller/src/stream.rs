@@ -437,3 +437,120 @@ impl Channel {
         Ok(options)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{net::TcpListener, thread};
+
+    const KEY: [u8; 32] = [7; 32];
+
+    /// What the sender sends: an offer, then `len` bytes of data and its end mark.
+    fn send_all(to: String, key: [u8; 32], len: usize) -> thread::JoinHandle<Result<u64>> {
+        thread::spawn(move || {
+            let mut c = Channel::connect(&to, &key)?;
+            c.send_json(&Offer {
+                pod: "web".into(),
+                ..Default::default()
+            })?;
+            let mut w = c.writer();
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            w.write_all(&data)?;
+            Ok(w.finish()?)
+        })
+    }
+
+    /// What the receiver got: the offer's pod, the data, whether the end mark came.
+    fn receive_all(listener: &TcpListener, key: [u8; 32]) -> Result<(String, Vec<u8>, bool)> {
+        let (stream, _) = listener.accept()?;
+        let mut c = Channel::accept(stream, &key)?;
+        let offer: Offer = c.recv_json()?;
+        let mut r = c.reader();
+        let mut data = Vec::new();
+        r.read_to_end(&mut data)?;
+        Ok((offer.pod, data, r.ended))
+    }
+
+    fn listener() -> (TcpListener, String) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        (l, addr)
+    }
+
+    #[test]
+    fn a_stream_arrives_whole_and_ends_with_its_mark() {
+        let (l, addr) = listener();
+        let sender = send_all(addr, KEY, 300_000);
+        let (pod, data, ended) = receive_all(&l, KEY).unwrap();
+        assert_eq!(sender.join().unwrap().unwrap(), 300_000);
+        assert_eq!((pod.as_str(), data.len(), ended), ("web", 300_000, true));
+        assert!(data.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+    }
+
+    #[test]
+    fn peers_without_the_same_key_learn_nothing() {
+        let (l, addr) = listener();
+        let sender = send_all(addr, [8; 32], 10);
+        let got = receive_all(&l, KEY);
+        assert!(got.is_err());
+        let e = sender.join().unwrap().unwrap_err();
+        assert!(format!("{e:#}").contains("key"), "{e:#}");
+    }
+
+    /// Forwards the sender's first `frames` frames (handshake included) to `to`, then cuts
+    /// the connection; the receiver's answers go back whole.
+    fn cutting_proxy(frames: usize, to: String) -> (String, thread::JoinHandle<usize>) {
+        let (l, addr) = listener();
+        let h = thread::spawn(move || {
+            let (mut from, _) = l.accept().unwrap();
+            let mut out = TcpStream::connect(&to).unwrap();
+            let mut back = out.try_clone().unwrap();
+            let mut reply = from.try_clone().unwrap();
+            thread::spawn(move || std::io::copy(&mut back, &mut reply));
+            let mut sent = 0;
+            while sent < frames {
+                let mut len = [0u8; 2];
+                if from.read_exact(&mut len).is_err() {
+                    break;
+                }
+                let mut frame = vec![0u8; u16::from_be_bytes(len) as usize];
+                if from.read_exact(&mut frame).is_err() {
+                    break;
+                }
+                out.write_all(&len).unwrap();
+                out.write_all(&frame).unwrap();
+                sent += 1;
+            }
+            let _ = out.shutdown(std::net::Shutdown::Both);
+            let _ = from.shutdown(std::net::Shutdown::Both);
+            sent
+        });
+        (addr, h)
+    }
+
+    #[test]
+    fn a_stream_cut_at_any_frame_is_an_error_never_a_short_pod() {
+        // Handshake (1 frame from the sender), the offer, 3 data frames, the end mark: 6.
+        let len = 2 * FRAME + 100;
+        for frames in 1..=6 {
+            let (l, addr) = listener();
+            let (proxy, cut) = cutting_proxy(frames, addr);
+            let sender = send_all(proxy, KEY, len);
+            let got = receive_all(&l, KEY);
+            let forwarded = cut.join().unwrap();
+            let _ = sender.join();
+            match (frames, got) {
+                (6, Ok((_, data, ended))) => assert!(ended && data.len() == len),
+                (_, Ok((_, data, ended))) => {
+                    assert!(
+                        !ended,
+                        "cut after {frames} frames ({forwarded} sent) read as whole"
+                    );
+                    assert!(data.len() < len);
+                }
+                (6, Err(e)) => panic!("the whole stream failed: {e:#}"),
+                (_, Err(_)) => {}
+            }
+        }
+    }
+}

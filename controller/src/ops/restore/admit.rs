@@ -29,7 +29,6 @@ pub(super) struct Admitted {
     pub handler: String,
     /// The backend that wrote the checkpoint.
     pub engine: String,
-    pub channel: tonic::transport::Channel,
 }
 
 /// Reads the checkpoint unpacked in `dir` and checks what it asks for against the node's
@@ -76,7 +75,6 @@ pub(super) async fn admit(
         configs,
         handler,
         engine: options.engine().to_string(),
-        channel,
     })
 }
 

@@ -106,7 +106,8 @@ pub async fn restore(t: &Target, a: &RestoreArgs, source: Source<'_>) -> Result<
     )?;
     let admitted = admit::admit(t, a, &dir, &options, (&restore_id, &token)).await?;
     let guard = leftovers.guard.as_mut().expect("the watchdog runs");
-    let created = create::create(t, admitted, &mut interrupt, guard).await?;
+    let mut node = create::CriNode::connect(t, &admitted.handler).await?;
+    let created = create::create(&mut node, admitted, &mut interrupt, |id| guard.pod(id)).await?;
     let running = started.elapsed();
     if a.lazy {
         eprintln!(

@@ -379,6 +379,40 @@ pub fn dotted_sysctl(name: &str) -> String {
         .collect()
 }
 
+/// The annotations of a checkpoint image's manifest and layers: stasis's own, and the ones
+/// CRI-O, Podman and checkpointctl read on a container checkpoint layer.
+pub mod image_annotations {
+    /// Manifest annotation that makes an image a stasis pod checkpoint (its value: the archive
+    /// format version of the files inside).
+    pub const CHECKPOINT_ANNOTATION: &str = "io.stasis.checkpoint.format";
+
+    pub const POD_NAME_ANNOTATION: &str = "io.stasis.checkpoint.pod-name";
+
+    pub const ENGINE_ANNOTATION: &str = "io.stasis.checkpoint.engine";
+
+    pub const CONTAINERS_ANNOTATION: &str = "io.stasis.checkpoint.containers";
+
+    pub const BASE_IMAGES_ANNOTATION: &str = "io.stasis.checkpoint.base-images";
+
+    pub const CREATED_ANNOTATION: &str = "org.opencontainers.image.created";
+
+    pub const SIZE_ANNOTATION: &str = "io.stasis.checkpoint.size";
+
+    /// Layer annotations: which part of the pod checkpoint the layer is.
+    pub const LAYER_PART_ANNOTATION: &str = "io.stasis.checkpoint.part";
+
+    pub const CONTAINER_DIR_ANNOTATION: &str = "io.stasis.checkpoint.container-dir";
+
+    /// What CRI-O, Podman and checkpointctl look for on a container checkpoint.
+    pub const CRIO_NAME_ANNOTATION: &str = "io.kubernetes.cri-o.annotations.checkpoint.name";
+
+    pub const CRIU_NAME_ANNOTATION: &str = "org.criu.checkpoint.container.name";
+
+    pub const CRIU_POD_ANNOTATION: &str = "org.criu.checkpoint.pod.name";
+
+    pub const CRIU_ENGINE_ANNOTATION: &str = "org.criu.checkpoint.engine.name";
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

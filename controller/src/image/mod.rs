@@ -57,35 +57,7 @@ const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 
 const LAYER_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 
-/// Manifest annotation that makes an image a stasis pod checkpoint (its value: the archive
-/// format version of the files inside).
-pub const CHECKPOINT_ANNOTATION: &str = "io.stasis.checkpoint.format";
-
-const POD_NAME_ANNOTATION: &str = "io.stasis.checkpoint.pod-name";
-
-const ENGINE_ANNOTATION: &str = "io.stasis.checkpoint.engine";
-
-const CONTAINERS_ANNOTATION: &str = "io.stasis.checkpoint.containers";
-
-const BASE_IMAGES_ANNOTATION: &str = "io.stasis.checkpoint.base-images";
-
-const CREATED_ANNOTATION: &str = "org.opencontainers.image.created";
-
-const SIZE_ANNOTATION: &str = "io.stasis.checkpoint.size";
-
-/// Layer annotations: which part of the pod checkpoint the layer is.
-const LAYER_PART_ANNOTATION: &str = "io.stasis.checkpoint.part";
-
-const CONTAINER_DIR_ANNOTATION: &str = "io.stasis.checkpoint.container-dir";
-
-/// What CRI-O, Podman and checkpointctl look for on a container checkpoint.
-const CRIO_NAME_ANNOTATION: &str = "io.kubernetes.cri-o.annotations.checkpoint.name";
-
-const CRIU_NAME_ANNOTATION: &str = "org.criu.checkpoint.container.name";
-
-const CRIU_POD_ANNOTATION: &str = "org.criu.checkpoint.pod.name";
-
-const CRIU_ENGINE_ANNOTATION: &str = "org.criu.checkpoint.engine.name";
+use stasis_api::layout::image_annotations::*;
 
 /// containerd garbage-collection labels: what a manifest blob keeps alive.
 const GC_CONFIG_LABEL: &str = "containerd.io/gc.ref.content.config";

@@ -17,20 +17,17 @@ use anyhow::{anyhow, bail, Context, Result};
 use ed25519_dalek::SigningKey;
 use stasis_api::checkpoint::{
     CheckpointOptions, CheckpointPodRequest, CheckpointPodResponse, ContainerInfo,
-    FinishCheckpointRequest,
 };
-use stasis_api::checkpoint_ttrpc::CheckpointClient;
 
-use super::{ms, ttrpc_ctx, Interrupt, Target};
-use crate::{
-    archive,
-    cri::{self, api},
-    files, seal, shim,
-};
+use super::{ms, Interrupt, Target};
+use crate::{archive, cri::api, files, seal, shim};
 
 mod destination;
+mod node;
 mod select;
 mod space;
+
+use node::Node;
 
 pub use destination::{Delivered, Destination};
 pub use select::{names, select};
@@ -75,19 +72,26 @@ struct Selected {
 
 /// Checkpoints a pod through its shim's Checkpoint service and delivers it.
 pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointOutcome> {
-    let started = Instant::now();
     a.destination.check_new(t).await?;
-    let mut rt = cri::connect(Path::new(&t.address)).await?;
-    let s = select_containers(&mut rt, &a).await?;
+    let mut node = node::CriNode::connect(t).await?;
+    checkpoint_on(&mut node, t, a).await
+}
+
+/// [`checkpoint_pod`] on `node`.
+async fn checkpoint_on(
+    node: &mut impl Node,
+    t: &Target,
+    a: CheckpointArgs,
+) -> Result<CheckpointOutcome> {
+    let started = Instant::now();
+    let s = select_containers(node, &a).await?;
     let (output_dir, label) = a.destination.output_dir(&a.pod)?;
-    let estimate = space::estimate(&mut rt, &s.containers).await;
+    let estimate = node.estimate(&s.containers).await;
     let stage_in = space::staging_parent(&output_dir)?;
     if a.space_check {
         space::check_space(&s.name, &estimate, &stage_in, &output_dir)?;
     }
-    let client =
-        shim::checkpoint_client(&t.address, &t.namespace, &s.pod.id, &s.pod.runtime_handler)
-            .await?;
+    node.connect_shim(&s.pod).await?;
     a.destination.check_new(t).await?;
     let staging = new_staging_dir(&stage_in, &label)?;
     eprintln!(
@@ -111,7 +115,7 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
             .unwrap_or((60 + estimate.total() / 20_000_000).min(3600) as u32)
     };
     let mut interrupt = Interrupt::listen()?;
-    let response = match ask_shim(&client, &a, &s, &staging, hold, &mut interrupt).await {
+    let response = match ask_shim(node, &a, &s, &staging, hold, &mut interrupt).await {
         Ok(r) => r,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&staging);
@@ -123,8 +127,8 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
     let undelivered = a.destination.undelivered();
     let delivered = package(t, a.destination, &s.pod, &staging, a.sign, &mut interrupt).await;
     let _ = std::fs::remove_dir_all(&staging);
-    let finish = Finish {
-        client: &client,
+    let mut finish = Finish {
+        node,
         pod: &s.pod,
         name: &s.name,
     };
@@ -148,14 +152,14 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
 }
 
 /// The pod `a.pod` names and the running containers the checkpoint takes.
-async fn select_containers(rt: &mut cri::Runtime, a: &CheckpointArgs) -> Result<Selected> {
-    let pod = cri::find_pod(rt, &a.pod).await?;
+async fn select_containers(node: &mut impl Node, a: &CheckpointArgs) -> Result<Selected> {
+    let pod = node.find_pod(&a.pod).await?;
     let name = pod
         .metadata
         .as_ref()
         .map(|m| m.name.clone())
         .unwrap_or_default();
-    let all = cri::pod_containers(rt, &pod.id).await?;
+    let all = node.containers(&pod.id).await?;
     let listed: Vec<(String, String, bool)> = all
         .iter()
         .map(|c| {
@@ -171,7 +175,7 @@ async fn select_containers(rt: &mut cri::Runtime, a: &CheckpointArgs) -> Result<
     let chosen = select(&name, &listed, &a.containers)?;
     let mut containers = Vec::new();
     for c in all.iter().filter(|c| chosen.contains(&c.id.as_str())) {
-        containers.push(select::container_info(rt, c).await?);
+        containers.push(node.container_info(c).await?);
     }
     if containers.is_empty() {
         bail!(
@@ -196,7 +200,7 @@ fn new_staging_dir(stage_in: &Path, label: &str) -> Result<PathBuf> {
 
 /// The shim's checkpoint of the selected containers into `staging`.
 async fn ask_shim(
-    client: &CheckpointClient,
+    node: &mut impl Node,
     a: &CheckpointArgs,
     s: &Selected,
     staging: &Path,
@@ -225,7 +229,7 @@ async fn ask_shim(
         3600
     };
     let asked = tokio::select! {
-        r = client.checkpoint_pod(ttrpc_ctx(secs), &req) => r.map_err(|e| {
+        r = node.checkpoint(&req, secs) => r.map_err(|e| {
             shim::explain(e, &s.pod.id, &s.pod.runtime_handler)
                 .context(format!("checkpoint of pod {name} failed"))
         }),
@@ -303,29 +307,17 @@ fn record_runtime_handler(staging: &Path, handler: &str) -> Result<()> {
 }
 
 /// The end of a stopping checkpoint: the pod resumed (nothing delivered) or stopped.
-struct Finish<'a> {
-    client: &'a CheckpointClient,
+struct Finish<'a, N> {
+    node: &'a mut N,
     pod: &'a api::PodSandbox,
     name: &'a str,
 }
 
-impl Finish<'_> {
-    async fn finish(&self, stop: bool) -> Result<(), ttrpc::Error> {
-        let req = FinishCheckpointRequest {
-            sandbox_id: self.pod.id.clone(),
-            stop,
-            ..Default::default()
-        };
-        self.client
-            .finish_checkpoint(ttrpc_ctx(120), &req)
-            .await
-            .map(|_| ())
-    }
-
+impl<N: Node> Finish<'_, N> {
     /// Nothing was delivered: the pod runs on.
-    async fn resume(&self, e: anyhow::Error, undelivered: &str) -> anyhow::Error {
+    async fn resume(&mut self, e: anyhow::Error, undelivered: &str) -> anyhow::Error {
         let name = self.name;
-        match self.finish(false).await {
+        match self.node.finish(&self.pod.id, false).await {
             Ok(()) => e.context(format!(
                 "pod {name}: {undelivered}; the pod was not stopped and runs on"
             )),
@@ -337,8 +329,8 @@ impl Finish<'_> {
     }
 
     /// The destination has the pod: it stops here.
-    async fn stop(&self, destination: &str) -> Result<()> {
-        self.finish(true).await.map_err(|e| {
+    async fn stop(&mut self, destination: &str) -> Result<()> {
+        self.node.finish(&self.pod.id, true).await.map_err(|e| {
             shim::explain(e, &self.pod.id, &self.pod.runtime_handler).context(format!(
                 "pod {}: the archive {destination} is complete, but stopping the pod failed; it may still run",
                 self.name
@@ -346,3 +338,7 @@ impl Finish<'_> {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "checkpoint_tests.rs"]
+mod tests;

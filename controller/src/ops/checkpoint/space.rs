@@ -11,8 +11,8 @@ use crate::{
     files,
 };
 
-/// Where the pod is staged before it is archived: beside the output when nobody but root can
-/// rename things there (root's directory, not writable by others, or sticky like /tmp), else
+/// Where the pod is staged before it is archived: beside the output when nobody but us (root)
+/// can rename things there (our directory, not writable by others, or sticky like /tmp), else
 /// in root's private `/var/lib/stasis/checkpoints` (a user who owns the output directory could
 /// otherwise swap the staging directory for a link while root writes into it).
 pub fn staging_parent(parent: &Path) -> Result<PathBuf> {
@@ -20,8 +20,8 @@ pub fn staging_parent(parent: &Path) -> Result<PathBuf> {
     let meta = parent
         .metadata()
         .with_context(|| format!("directory {}", parent.display()))?;
-    let only_root_renames =
-        meta.uid() == 0 && (meta.mode() & 0o022 == 0 || meta.mode() & 0o1000 != 0);
+    let only_root_renames = meta.uid() == nix::unistd::geteuid().as_raw()
+        && (meta.mode() & 0o022 == 0 || meta.mode() & 0o1000 != 0);
     if only_root_renames {
         return Ok(parent.to_path_buf());
     }

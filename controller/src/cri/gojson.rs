@@ -1,86 +1,254 @@
 //! CRI types from the JSON containerd writes of them (Go's `encoding/json`).
+//!
+//! containerd marshals CRI messages with Go's `omitempty`: a field holding its zero value
+//! ("", 0, false, an empty list or map, a nil message) is left out, and the Rust CRI types
+//! want every field. [`from_go_json`] reads such JSON in one pass: when a struct is read, every
+//! field it declares is offered, the ones the JSON left out as a [`Zero`] that gives whatever
+//! the field's type asks for its zero value, exactly what Go dropped.
 
-use anyhow::{bail, Result};
+use anyhow::{Context, Result};
+use serde::de::{self, value::Error, Deserializer, IntoDeserializer, Visitor};
+use serde_json::Value;
 
 use super::api;
 
-/// containerd marshals the CRI ContainerConfig with Go's `omitempty`: zero values are left
-/// out, and the CRI types here want every field. Each missing field gets back the zero value
-/// Go dropped: the first of null, "", 0, false, [], {} that its type takes.
+/// A CRI ContainerConfig from containerd's JSON (its verbose container status, or a
+/// checkpoint's `container-config.json`).
 pub fn config_from_info(value: &serde_json::Value) -> Result<api::ContainerConfig> {
     from_go_json(value)
 }
 
-/// Any CRI type from Go's `omitempty` JSON (see `config_from_info`).
-pub fn from_go_json<T: serde::de::DeserializeOwned>(value: &serde_json::Value) -> Result<T> {
-    use serde_json::{json, Value};
-    let zeros = [
-        json!(null),
-        json!(""),
-        json!(0),
-        json!(false),
-        json!([]),
-        json!({}),
-    ];
-    let mut v = value.clone();
-    let mut tried: std::collections::HashMap<String, usize> = Default::default();
-    for _ in 0..10_000 {
-        let err = match serde_path_to_error::deserialize::<_, T>(v.clone()) {
-            Ok(c) => return Ok(c),
-            Err(e) => e,
-        };
-        let path = err.path().to_string();
-        let message = err.inner().to_string();
-        if let Some(field) = message
-            .strip_prefix("missing field `")
-            .and_then(|r| r.split('`').next())
-        {
-            let full = if path == "." {
-                field.to_string()
-            } else {
-                format!("{path}.{field}")
-            };
-            let Some(Value::Object(map)) = slot(&mut v, &path) else {
-                bail!("{message} at {path}");
-            };
-            map.insert(field.to_string(), zeros[0].clone());
-            tried.insert(full, 0);
-        } else if let Some(i) = tried.get(&path).copied() {
-            let Some(next) = zeros.get(i + 1) else {
-                bail!("{message} at {path}");
-            };
-            let Some(place) = slot(&mut v, &path) else {
-                bail!("{message} at {path}");
-            };
-            *place = next.clone();
-            tried.insert(path, i + 1);
-        } else {
-            bail!("{message} at {path}");
-        }
-    }
-    bail!("too many missing fields")
+/// Any CRI type from Go's `omitempty` JSON; a value of the wrong type is an error, never a
+/// guess.
+pub fn from_go_json<T: de::DeserializeOwned>(value: &Value) -> Result<T> {
+    T::deserialize(Go(value)).context("not the CRI type containerd writes")
 }
 
-/// The value at a serde_path_to_error path ("." for the root, "a.b[2].c").
-fn slot<'a>(v: &'a mut serde_json::Value, path: &str) -> Option<&'a mut serde_json::Value> {
-    if path == "." {
-        return Some(v);
+/// A JSON value read as Go wrote it.
+struct Go<'a>(&'a Value);
+
+/// The zero value of whatever type is asked for: what Go's `omitempty` left out.
+struct Zero;
+
+impl<'de> Deserializer<'de> for Go<'_> {
+    type Error = Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        match self.0 {
+            Value::Null => v.visit_unit(),
+            Value::Bool(b) => v.visit_bool(*b),
+            Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+                (Some(u), _, _) => v.visit_u64(u),
+                (_, Some(i), _) => v.visit_i64(i),
+                (_, _, Some(f)) => v.visit_f64(f),
+                _ => Err(de::Error::custom(format!("number {n} out of range"))),
+            },
+            Value::String(s) => v.visit_str(s),
+            Value::Array(items) => {
+                v.visit_seq(de::value::SeqDeserializer::new(items.iter().map(Go)))
+            }
+            Value::Object(map) => v.visit_map(de::value::MapDeserializer::new(
+                map.iter().map(|(k, x)| (k.as_str(), Go(x))),
+            )),
+        }
     }
-    let mut at = v;
-    for part in path.split('.') {
-        let (key, indexes) = match part.find('[') {
-            Some(i) => (&part[..i], &part[i..]),
-            None => (part, ""),
+
+    fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        match self.0 {
+            Value::Null => v.visit_none(),
+            _ => v.visit_some(self),
+        }
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, Error> {
+        let Value::Object(map) = self.0 else {
+            return self.deserialize_any(v);
         };
-        if !key.is_empty() {
-            at = at.get_mut(key)?;
+        // Every declared field, the missing ones as zeros; then keys the type does not
+        // declare (serde skips them; the restore policy refuses them by name elsewhere).
+        let declared = fields.iter().map(|f| match map.get(*f) {
+            Some(x) => (*f, Either::Go(Go(x))),
+            None => (*f, Either::Zero(Zero)),
+        });
+        let extra = map
+            .iter()
+            .filter(|(k, _)| !fields.contains(&k.as_str()))
+            .map(|(k, x)| (k.as_str(), Either::Go(Go(x))));
+        v.visit_map(de::value::MapDeserializer::new(declared.chain(extra)))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        ignored_any
+    }
+}
+
+impl<'de> Deserializer<'de> for Zero {
+    type Error = Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_unit()
+    }
+    fn deserialize_bool<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_bool(false)
+    }
+    fn deserialize_i8<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_i8(0)
+    }
+    fn deserialize_i16<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_i16(0)
+    }
+    fn deserialize_i32<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_i32(0)
+    }
+    fn deserialize_i64<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_i64(0)
+    }
+    fn deserialize_u8<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_u8(0)
+    }
+    fn deserialize_u16<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_u16(0)
+    }
+    fn deserialize_u32<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_u32(0)
+    }
+    fn deserialize_u64<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_u64(0)
+    }
+    fn deserialize_f32<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_f32(0.0)
+    }
+    fn deserialize_f64<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_f64(0.0)
+    }
+    fn deserialize_str<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_str("")
+    }
+    fn deserialize_string<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_str("")
+    }
+    fn deserialize_bytes<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_bytes(&[])
+    }
+    fn deserialize_byte_buf<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_bytes(&[])
+    }
+    fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_none()
+    }
+    fn deserialize_seq<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_seq(de::value::SeqDeserializer::new(std::iter::empty::<Zero>()))
+    }
+    fn deserialize_map<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+        v.visit_map(de::value::MapDeserializer::new(std::iter::empty::<(
+            &str,
+            Zero,
+        )>()))
+    }
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, Error> {
+        v.visit_map(de::value::MapDeserializer::new(
+            fields.iter().map(|f| (*f, Zero)),
+        ))
+    }
+
+    serde::forward_to_deserialize_any! {
+        i128 u128 char unit unit_struct newtype_struct tuple tuple_struct enum identifier
+        ignored_any
+    }
+}
+
+/// A field's value: read from the JSON, or the zero Go left out.
+enum Either<'a> {
+    Go(Go<'a>),
+    Zero(Zero),
+}
+
+/// Each of `Either`'s methods is its value's: a zero must know which type is asked for.
+macro_rules! delegate {
+    ($($method:ident),*) => {$(
+        fn $method<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
+            match self {
+                Either::Go(g) => g.$method(v),
+                Either::Zero(z) => z.$method(v),
+            }
         }
-        for index in indexes.split(']').filter(|s| !s.is_empty()) {
-            let n: usize = index.trim_start_matches('[').parse().ok()?;
-            at = at.get_mut(n)?;
+    )*};
+}
+
+impl<'de> Deserializer<'de> for Either<'_> {
+    type Error = Error;
+
+    delegate!(
+        deserialize_any,
+        deserialize_bool,
+        deserialize_i8,
+        deserialize_i16,
+        deserialize_i32,
+        deserialize_i64,
+        deserialize_u8,
+        deserialize_u16,
+        deserialize_u32,
+        deserialize_u64,
+        deserialize_f32,
+        deserialize_f64,
+        deserialize_str,
+        deserialize_string,
+        deserialize_bytes,
+        deserialize_byte_buf,
+        deserialize_option,
+        deserialize_seq,
+        deserialize_map
+    );
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        fields: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, Error> {
+        match self {
+            Either::Go(g) => g.deserialize_struct(name, fields, v),
+            Either::Zero(z) => z.deserialize_struct(name, fields, v),
         }
     }
-    Some(at)
+
+    serde::forward_to_deserialize_any! {
+        i128 u128 char unit unit_struct newtype_struct tuple tuple_struct enum identifier
+        ignored_any
+    }
+}
+
+impl<'de, 'a> IntoDeserializer<'de, Error> for Go<'a> {
+    type Deserializer = Go<'a>;
+    fn into_deserializer(self) -> Go<'a> {
+        self
+    }
+}
+
+impl<'de> IntoDeserializer<'de, Error> for Zero {
+    type Deserializer = Zero;
+    fn into_deserializer(self) -> Zero {
+        self
+    }
+}
+
+impl<'de, 'a> IntoDeserializer<'de, Error> for Either<'a> {
+    type Deserializer = Either<'a>;
+    fn into_deserializer(self) -> Either<'a> {
+        self
+    }
 }
 
 #[cfg(test)]
@@ -114,5 +282,49 @@ mod tests {
         assert!(!c.mounts[0].readonly);
         // Not a config at all: an error, never a guess.
         assert!(config_from_info(&serde_json::json!({"linux": 5})).is_err());
+    }
+
+    #[test]
+    fn pod_configs_read_in_one_pass_keep_maps_lists_and_numbers() {
+        let go = serde_json::json!({
+            "metadata": {"name": "web", "namespace": "default", "uid": "u1"},
+            "hostname": "web-0",
+            "labels": {"app": "web"},
+            "port_mappings": [{"container_port": 80}, {"host_port": 8080, "protocol": 1}],
+            "linux": {"sysctls": {"net.ipv4.ip_forward": "1"}, "security_context": {}}
+        });
+        let p: api::PodSandboxConfig = from_go_json(&go).unwrap();
+        let md = p.metadata.unwrap();
+        assert_eq!((md.name.as_str(), md.attempt), ("web", 0));
+        assert_eq!(p.labels["app"], "web");
+        assert!(p.annotations.is_empty());
+        assert_eq!(p.port_mappings[0].container_port, 80);
+        assert_eq!(p.port_mappings[0].host_port, 0);
+        assert_eq!(
+            (p.port_mappings[1].host_port, p.port_mappings[1].protocol),
+            (8080, 1)
+        );
+        let linux = p.linux.unwrap();
+        assert_eq!(linux.sysctls["net.ipv4.ip_forward"], "1");
+        // A message present but empty is Some, its fields zero; one left out is None.
+        let sc = linux.security_context.unwrap();
+        assert!(!sc.privileged && sc.namespace_options.is_none());
+        assert!(p.dns_config.is_none());
+    }
+
+    #[test]
+    fn values_of_the_wrong_type_are_errors() {
+        for bad in [
+            serde_json::json!({"hostname": 5}),
+            serde_json::json!({"labels": ["a"]}),
+            serde_json::json!({"port_mappings": {"container_port": 80}}),
+            serde_json::json!({"metadata": {"attempt": "one"}}),
+            serde_json::json!("a string"),
+        ] {
+            assert!(
+                from_go_json::<api::PodSandboxConfig>(&bad).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -7,10 +7,5 @@ use common::code_rules;
 
 #[test]
 fn files_and_functions_stay_small() {
-    let (over, counted) = code_rules::size_violations(env!("CARGO_MANIFEST_DIR"));
-    assert!(
-        counted > 20,
-        "the scan found only {counted} functions: is it reading the code?"
-    );
-    assert!(over.is_empty(), "too long:\n{}", over.join("\n"));
+    code_rules::assert_small(env!("CARGO_MANIFEST_DIR"), 20);
 }

@@ -29,24 +29,10 @@ const LAYERS: &[&[&str]] = &[
 
 #[test]
 fn modules_depend_one_way() {
-    let (violations, checked) = code_rules::layer_violations(env!("CARGO_MANIFEST_DIR"), LAYERS);
-    assert!(
-        checked > 50,
-        "the scan found only {checked} imports: is it reading the code?"
-    );
-    assert!(
-        violations.is_empty(),
-        "imports against the layer order:\n{}",
-        violations.join("\n")
-    );
+    code_rules::assert_layers(env!("CARGO_MANIFEST_DIR"), LAYERS);
 }
 
 #[test]
 fn files_and_functions_stay_small() {
-    let (over, counted) = code_rules::size_violations(env!("CARGO_MANIFEST_DIR"));
-    assert!(
-        counted > 200,
-        "the scan found only {counted} functions: is it reading the code?"
-    );
-    assert!(over.is_empty(), "too long:\n{}", over.join("\n"));
+    code_rules::assert_small(env!("CARGO_MANIFEST_DIR"), 200);
 }

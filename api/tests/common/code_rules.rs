@@ -213,6 +213,31 @@ pub fn size_violations(manifest_dir: &str) -> (Vec<String>, usize) {
     (over, counted)
 }
 
+/// Fails, naming each import, when the crate at `manifest_dir` breaks its layer order.
+pub fn assert_layers(manifest_dir: &str, layers: &[&[&str]]) {
+    let (violations, checked) = layer_violations(manifest_dir, layers);
+    assert!(
+        checked > 50,
+        "the scan found only {checked} imports: is it reading the code?"
+    );
+    assert!(
+        violations.is_empty(),
+        "imports against the layer order:\n{}",
+        violations.join("\n")
+    );
+}
+
+/// Fails, naming each, when a file or function of the crate at `manifest_dir` is too long;
+/// `min_functions` guards against a scan that reads nothing.
+pub fn assert_small(manifest_dir: &str, min_functions: usize) {
+    let (over, counted) = size_violations(manifest_dir);
+    assert!(
+        counted > min_functions,
+        "the scan found only {counted} functions: is it reading the code?"
+    );
+    assert!(over.is_empty(), "too long:\n{}", over.join("\n"));
+}
+
 #[test]
 fn the_rules_see_what_they_look_for() {
     assert_eq!(

@@ -55,6 +55,42 @@ fn socket_path(address: &str) -> &str {
     address.strip_prefix("unix://").unwrap_or(address)
 }
 
+/// Which file our listening socket is. An inode number alone does not tell: on ext4 (where
+/// `/run` lives on some hosts) a successor's socket, bound right after ours was unlinked, often
+/// gets the same number back; its change time, to the nanosecond, differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SocketFile {
+    dev: u64,
+    ino: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl SocketFile {
+    fn identify(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            ctime: m.ctime(),
+            ctime_nsec: m.ctime_nsec(),
+        })
+    }
+
+    /// Unlinks `path` only while it is still our file and nobody listens on it: a successor
+    /// that bound the same path (a container restored under the id it had) keeps its socket.
+    fn remove_if_still_ours(self, path: &Path) {
+        if Self::identify(path) != Some(self) {
+            return;
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return;
+        }
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 fn bootstrap_answer(address: &str) -> String {
     serde_json::json!({"version": 3, "address": address, "protocol": "ttrpc"}).to_string()
 }
@@ -197,10 +233,7 @@ pub fn serve(flags: &Flags) -> Result<(), BoxError> {
         .and_then(|a| a.as_pathname().map(Path::to_path_buf));
     // Remember which socket file is ours: a successor may have bound the same path by the
     // time we exit, and its socket must survive us.
-    let socket_ino = socket
-        .as_ref()
-        .and_then(|p| std::fs::metadata(p).ok())
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    let socket_id = socket.as_deref().and_then(SocketFile::identify);
     // containerd gives every shim a log fifo in its bundle; without it (by hand), log to stderr.
     if containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id).is_err() {
         eprintln!("containerd-shim-stasis-v2: no log fifo, logging disabled");
@@ -246,13 +279,8 @@ pub fn serve(flags: &Flags) -> Result<(), BoxError> {
     // Helper commands that outlive the server (a `runsc wait` of a running container, their
     // pipe readers) must not keep the shim from exiting.
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
-    if let Some(path) = socket {
-        let current = std::fs::metadata(&path)
-            .ok()
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
-        if current.is_some() && current == socket_ino {
-            let _ = std::fs::remove_file(path);
-        }
+    if let (Some(path), Some(ours)) = (socket, socket_id) {
+        ours.remove_if_still_ours(&path);
     }
     if let Err(e) = &result {
         error!("shim failed: {e}");
@@ -383,4 +411,52 @@ pub fn info() -> Result<(), BoxError> {
     }
     std::io::stdout().write_all(&info.write_to_bytes()?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    fn scratch() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "stasis-sock-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_successors_socket_at_the_same_path_survives_us() {
+        let dir = scratch();
+        let path = dir.join("s");
+        let ours = UnixListener::bind(&path).unwrap();
+        let id = SocketFile::identify(&path).unwrap();
+        drop(ours);
+        // The successor's start: unlink the stale file, bind afresh (maybe the same inode).
+        std::fs::remove_file(&path).unwrap();
+        let successor = UnixListener::bind(&path).unwrap();
+        id.remove_if_still_ours(&path);
+        assert!(path.exists(), "the successor's socket was removed");
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        drop(successor);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn our_closed_socket_is_removed() {
+        let dir = scratch();
+        let path = dir.join("s");
+        let ours = UnixListener::bind(&path).unwrap();
+        let id = SocketFile::identify(&path).unwrap();
+        drop(ours);
+        id.remove_if_still_ours(&path);
+        assert!(!path.exists(), "our stale socket was left behind");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

@@ -79,8 +79,12 @@ impl Runc {
         cmd
     }
 
+    /// A log of this one call: two execs of one container at once (probes, `kubectl exec`)
+    /// must not remove or mix each other's words.
     fn log_path(&self, id: &str, step: &str) -> PathBuf {
-        self.root.join(format!("{id}.{step}.log"))
+        let unique = stasis_api::private::random_suffix().unwrap_or_default();
+        self.root
+            .join(format!("{id}.{}.{unique}.log", step.replace(' ', "-")))
     }
 
     /// Runs a command whose output we can read, turning a failure into an error that carries
@@ -170,14 +174,28 @@ fn clean_message(stderr: &[u8], stdout: &[u8]) -> String {
     text.to_string()
 }
 
-/// The last error-level message of a runc JSON log.
+/// The last error-level message of a runc JSON log; failing that, its last line of any kind
+/// (runsc may exit 128 having logged no error), so a failure never reads as a bare status.
 fn last_log_error(log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(log).ok()?;
-    text.lines()
+    let entries: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let message = |v: &serde_json::Value| v["msg"].as_str().map(str::to_string);
+    entries
+        .iter()
         .rev()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|v| v["level"] == "error" || v["level"] == "fatal")
-        .and_then(|v| v["msg"].as_str().map(str::to_string))
+        .and_then(message)
+        .or_else(|| {
+            let last = text.lines().rev().find(|l| !l.trim().is_empty())?;
+            let said = serde_json::from_str(last).ok().and_then(|v| message(&v));
+            Some(format!(
+                "no error logged; last line: {}",
+                said.unwrap_or(last.to_string())
+            ))
+        })
 }
 
 #[async_trait]

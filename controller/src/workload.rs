@@ -73,7 +73,7 @@ pub fn counter_loop(file: &str) -> String {
         "t=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'); echo $$ > {file}.pid; \
          trap 'echo $t > {file}.token.tmp; mv {file}.token.tmp {file}.token' USR1; \
          i=0; while true; do v=$(cat {file} 2>/dev/null || echo 0); \
-         if [ \"$v\" -gt \"$i\" ]; then echo \"file=$v memory=$i\" >> /violations; fi; \
+         if [ \"$v\" != \"$i\" ]; then echo \"file=$v memory=$i\" >> /violations; fi; \
          i=$((i+1)); echo $i > {file}; sleep 0.01; done"
     )
 }

@@ -48,6 +48,8 @@ impl Containerd {
             )
             .context("link the backend shim names")?;
         }
+        // Counted from here: `Drop` uncounts it.
+        crate::leaks::enter();
         let mut c = Containerd {
             namespace: format!("e2e-{name}"),
             child: None,
@@ -265,6 +267,30 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
     }
 
     /// Builds the busybox image and imports it where CRI finds images (namespace k8s.io).
+    /// busybox for CRI as image `name`, whose configured user is `user` (`uid:gid`).
+    pub fn import_image_for_cri_as(&self, name: &str, user: &str) -> Result<()> {
+        let archive = self.dir.join("user.oci.tar");
+        image::write_image_archive_as(&archive, name, &["sh"], user)?;
+        self.import_for_cri(&archive, name)
+    }
+
+    /// `ctr images import` of `archive` into CRI's namespace.
+    fn import_for_cri(&self, archive: &Path, name: &str) -> Result<()> {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", "k8s.io", "images", "import"])
+            .arg(archive)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "import {name} into k8s.io: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     pub fn import_busybox_for_cri(&self) -> Result<&'static str> {
         // The pause image goes in too: pods of handlers that are not stasis need it.
         for (file, name, cmd) in [
@@ -277,18 +303,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
         ] {
             let archive = self.dir.join(file);
             image::write_image_archive(&archive, name, cmd)?;
-            let out = Command::new("ctr")
-                .arg("--address")
-                .arg(self.socket())
-                .args(["--namespace", "k8s.io", "images", "import"])
-                .arg(&archive)
-                .output()?;
-            if !out.status.success() {
-                bail!(
-                    "import {name} into k8s.io: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
+            self.import_for_cri(&archive, name)?;
         }
         Ok(image::BUSYBOX_REF)
     }

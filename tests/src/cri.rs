@@ -126,6 +126,16 @@ impl CriClient {
         Ok(out.trim().to_string())
     }
 
+    /// Every pod CRI lists.
+    pub async fn pods(&mut self) -> Result<Vec<cri::PodSandbox>> {
+        Ok(self
+            .runtime
+            .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+            .await?
+            .into_inner()
+            .items)
+    }
+
     pub async fn pod_state(&mut self, pod_id: &str) -> Result<(i32, HashMap<String, String>)> {
         let r = self
             .runtime

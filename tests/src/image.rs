@@ -126,6 +126,12 @@ pub fn write_busybox_archive(dest: &Path, name: &str) -> Result<()> {
 
 /// The busybox image with `cmd` as its command.
 pub fn write_image_archive(dest: &Path, name: &str, cmd: &[&str]) -> Result<()> {
+    write_image_archive_as(dest, name, cmd, "")
+}
+
+/// The busybox image with `cmd` as its command, run as `user` (`uid:gid`; empty: root) unless
+/// a container asks otherwise.
+pub fn write_image_archive_as(dest: &Path, name: &str, cmd: &[&str], user: &str) -> Result<()> {
     let layer = layer_tar()?;
     let layer_digest = sha256_hex(&layer);
     let config = serde_json::json!({
@@ -134,6 +140,7 @@ pub fn write_image_archive(dest: &Path, name: &str, cmd: &[&str]) -> Result<()> 
         "config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
             "Cmd": cmd,
+            "User": user,
             "WorkingDir": "/"
         },
         "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},

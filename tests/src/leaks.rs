@@ -6,6 +6,10 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    },
 };
 
 /// The containerd namespaces a test's objects live in: CRI's and the test's own.
@@ -135,7 +139,9 @@ pub fn processes(dir: &Path, ids: &BTreeSet<String>, test_ns: &str, except: &[i3
             })
             .unwrap_or_default();
         let exe = std::fs::read_link(e.path().join("exe")).unwrap_or_default();
-        let helper = ["runc", "runsc", "crun", "criu"]
+        // stasisctl's own helpers (a restore's watchdog, a migration listener) carry our
+        // containerd's socket on their command line.
+        let helper = ["runc", "runsc", "crun", "criu", "stasisctl"]
             .iter()
             .any(|h| exe.file_name().is_some_and(|n| n == *h));
         let cgroup = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
@@ -149,4 +155,73 @@ pub fn processes(dir: &Path, ids: &BTreeSet<String>, test_ns: &str, except: &[i3
         }
     }
     left
+}
+
+/// stasis's stores outside any one containerd: stasisctl's restore store and its checkpoint
+/// staging directory.
+pub const STORES: [&str; 2] = [
+    stasis_api::layout::RESTORE_STORE,
+    "/var/lib/stasis/checkpoints",
+];
+
+/// Tests of this process with a containerd alive, and what the stores held before the first.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static BASELINE: Mutex<Option<BTreeSet<PathBuf>>> = Mutex::new(None);
+
+/// Every entry of the stores now.
+pub fn store_entries() -> BTreeSet<PathBuf> {
+    STORES
+        .iter()
+        .flat_map(|s| std::fs::read_dir(s).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .collect()
+}
+
+/// A test's containerd started: the first of the process records the stores as they were.
+pub(crate) fn enter() {
+    let mut base = BASELINE.lock().unwrap_or_else(|e| e.into_inner());
+    if base.is_none() {
+        *base = Some(store_entries());
+    }
+    LIVE.fetch_add(1, Ordering::SeqCst);
+}
+
+pub(crate) fn leave() {
+    LIVE.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// What the stores hold that they did not before this process's first test, when the calling
+/// test is the only one alive (an entry cannot be told apart from a concurrent test's restore
+/// in progress; the last test of each file is always alone at its end). A claim `<id>.pod`
+/// naming one of `ids` is this test's whoever else runs.
+pub fn store_leftovers(ids: &BTreeSet<String>) -> Vec<String> {
+    let now = store_entries();
+    let mut left: Vec<String> = now
+        .iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "pod"))
+        .filter(|p| std::fs::read_to_string(p).is_ok_and(|pod| ids.contains(pod.trim())))
+        .map(|p| format!("restore claim {} of our pod", p.display()))
+        .collect();
+    if LIVE.load(Ordering::SeqCst) == 1 {
+        let base = BASELINE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(base) = base.as_ref() {
+            left.extend(
+                now.difference(base)
+                    .map(|p| format!("store entry {}", p.display())),
+            );
+        }
+    }
+    left
+}
+
+/// After a failed test, alone: what the stores gained since the process's first test goes.
+pub(crate) fn remove_store_leftovers() {
+    if LIVE.load(Ordering::SeqCst) != 1 {
+        return;
+    }
+    let base = BASELINE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(base) = base.as_ref() else { return };
+    for p in store_entries().difference(base) {
+        let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
+    }
 }

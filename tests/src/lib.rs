@@ -3,13 +3,15 @@
 //! and a teardown that leaves nothing behind even when a test panics: `containerd.rs` (the
 //! daemon and how tests talk to it), `teardown.rs` (the leak check and the forced cleanup),
 //! `leaks.rs` (the probes), `cri.rs`, `events.rs`, `pty.rs`, `shim_client.rs`, `registry.rs`,
-//! `image.rs` (busybox images built locally).
+//! `image.rs` (busybox images built locally), `sampler.rs` (ordering claims watched from
+//! outside).
 
 pub mod api;
 pub mod cri;
 pub mod image;
 pub mod leaks;
 pub mod registry;
+pub mod sampler;
 
 mod containerd;
 mod events;

@@ -2,6 +2,7 @@
 //! that leaves nothing behind even when a test failed.
 
 use std::{
+    collections::BTreeSet,
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -10,6 +11,14 @@ use std::{
 use anyhow::{bail, Result};
 
 use crate::{cri, leaks, mounts_under, Containerd};
+
+/// How long what a test removed may take to be gone: a shim told to shut down lets its
+/// helpers go for up to 2 s before it exits and removes its socket.
+const REMOVED_BOUND: Duration = Duration::from_secs(5);
+
+fn humantime(d: Duration) -> String {
+    format!("{} s", d.as_secs())
+}
 
 pub(crate) fn cleanup_dir(dir: &Path) {
     let mut mounts = mounts_under(dir);
@@ -53,6 +62,31 @@ impl Containerd {
         }
     }
 
+    /// The CRI pods of this containerd (none if CRI does not answer).
+    fn cri_pod_ids(&self) -> Vec<String> {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return Vec::new();
+        };
+        let socket = self.socket();
+        std::thread::spawn(move || {
+            rt.block_on(async {
+                let Ok(mut c) = cri::CriClient::connect(&socket).await else {
+                    return Vec::new();
+                };
+                c.runtime
+                    .list_pod_sandbox(cri::cri::ListPodSandboxRequest::default())
+                    .await
+                    .map(|r| r.into_inner().items.into_iter().map(|p| p.id).collect())
+                    .unwrap_or_default()
+            })
+        })
+        .join()
+        .unwrap_or_default()
+    }
+
     fn remove_cri_pods(&self) {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -90,39 +124,59 @@ impl Containerd {
         )
     }
 
-    /// What is left of this test's pods and containers right now: processes, mounts, cgroups
-    /// (every hierarchy), shim sockets, runtime state.
+    /// What is left of this test's pods and containers right now: processes (stasisctl's
+    /// helpers among them), mounts, cgroups (every hierarchy), shim sockets, runtime state, and
+    /// entries of stasis's stores (see `leaks::store_leftovers`).
     pub fn leftovers(&self) -> Vec<String> {
-        let ids = self.ids_seen();
-        let containerd = self.child.as_ref().map(|c| c.id() as i32);
-        let mut left = leaks::processes(
-            &self.dir,
-            &ids,
-            &self.namespace,
-            &containerd.into_iter().collect::<Vec<_>>(),
-        );
-        left.extend(
-            mounts_under(&self.dir)
-                .into_iter()
-                .map(|m| format!("mount {m}")),
-        );
-        left.extend(leaks::cgroups(&ids, &self.namespace));
-        left.extend(leaks::sockets(&self.socket(), &ids, &self.namespace));
-        left.extend(leaks::runtime_state(&ids, &self.namespace));
+        let mut left = self.leftovers_of(&self.ids_seen(), true);
+        left.extend(leaks::store_leftovers(&self.ids_seen()));
         left
     }
 
-    /// Ends the test: removes what is still there the way a user would (tasks and containers
-    /// through containerd, pods through CRI), waits for the shims to go, then fails listing
-    /// anything left behind. Every test that starts a containerd ends with this.
+    /// What is left of `ids`; with `everything`, also any process of ours (shims, pause
+    /// processes, helpers) and any mount under our directory, whoever it belongs to.
+    fn leftovers_of(&self, ids: &BTreeSet<String>, everything: bool) -> Vec<String> {
+        let containerd = self.child.as_ref().map(|c| c.id() as i32);
+        let named = |l: &String| everything || ids.iter().any(|id| l.contains(id.as_str()));
+        let mut left: Vec<String> = leaks::processes(
+            &self.dir,
+            ids,
+            &self.namespace,
+            &containerd.into_iter().collect::<Vec<_>>(),
+        )
+        .into_iter()
+        .filter(|l| named(l) || l.contains("stasisctl"))
+        .collect();
+        left.extend(
+            mounts_under(&self.dir)
+                .into_iter()
+                .map(|m| format!("mount {m}"))
+                .filter(named),
+        );
+        left.extend(leaks::cgroups(ids, &self.namespace));
+        left.extend(leaks::sockets(&self.socket(), ids, &self.namespace));
+        left.extend(leaks::runtime_state(ids, &self.namespace));
+        left
+    }
+
+    /// Ends the test. First, what the test removed itself must be gone already (within the
+    /// bound a shim has to exit once told to); then what is still there is removed the way a
+    /// user would (tasks and containers through containerd, pods through CRI) and must go too.
+    /// Fails listing anything left behind. Every test that starts a containerd ends with this.
     pub fn finish(mut self) -> Result<()> {
-        self.remove_through_apis();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let mut left = self.leftovers();
-        while !left.is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(200));
-            left = self.leftovers();
+        let listed = self.listed_ids();
+        let removed: BTreeSet<String> = self.ids_seen().difference(&listed).cloned().collect();
+        let left = self.settled(|| self.leftovers_of(&removed, false), REMOVED_BOUND);
+        if !left.is_empty() {
+            bail!(
+                "left behind by what the test itself removed ({} after it was removed):\n  {}\ncontainerd log lines about them:\n{}",
+                humantime(REMOVED_BOUND),
+                left.join("\n  "),
+                self.log_about(&left, 60),
+            );
         }
+        self.remove_through_apis();
+        let left = self.settled(|| self.leftovers(), Duration::from_secs(15));
         if left.is_empty() {
             return Ok(());
         }
@@ -132,6 +186,39 @@ impl Containerd {
             self.log_about(&left, 60),
             self.log_tail(30)
         )
+    }
+
+    /// `probe` once it reports nothing, or what it still reports after `bound`.
+    fn settled(&self, probe: impl Fn() -> Vec<String>, bound: Duration) -> Vec<String> {
+        let deadline = Instant::now() + bound;
+        let mut left = probe();
+        while !left.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            left = probe();
+        }
+        left
+    }
+
+    /// The ids containerd still lists: tasks and containers in both namespaces, CRI pods.
+    fn listed_ids(&self) -> BTreeSet<String> {
+        let mut ids = BTreeSet::new();
+        for ns in leaks::namespaces(&self.namespace) {
+            for what in ["tasks", "containers"] {
+                let out = Command::new("ctr")
+                    .arg("--address")
+                    .arg(self.socket())
+                    .args(["--namespace", &ns, what, "ls", "-q"])
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .output();
+                if let Some(out) = out.ok().filter(|o| o.status.success()) {
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    ids.extend(text.lines().map(|l| l.trim().to_string()));
+                }
+            }
+        }
+        ids.extend(self.cri_pod_ids());
+        ids
     }
 
     /// Tasks first, through containerd, so shims clean up after themselves; then CRI pods.
@@ -235,6 +322,8 @@ impl Drop for Containerd {
         }
         self.remove_gvisor_sandboxes();
         self.force_remove_ids();
+        leaks::remove_store_leftovers();
+        leaks::leave();
         if std::env::var_os("STASIS_KEEP").is_none() {
             cleanup_dir(&self.dir);
         }

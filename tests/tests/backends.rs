@@ -145,9 +145,10 @@ async fn pod_round_trip(name: &str, handler: &str, gvisor: bool) -> Result<()> {
             "{name}: counter {now} < {}: memory not restored",
             before[i]
         );
-        let v = violations(&mut cri, id).await?;
-        ensure!(v.is_empty(), "{name}: file ahead of memory: {v}");
+        // One loop step after the restore has compared file and memory before it is asked.
         wait_counter_above(&mut cri, id, "/counter", now).await?;
+        let v = violations(&mut cri, id).await?;
+        ensure!(v.is_empty(), "{name}: file and memory disagree: {v}");
     }
     // CRIU (and gVisor) give every process its saved PID back.
     let pids_after = loop_pids(&mut cri, &restored[0].1).await?;
@@ -425,10 +426,11 @@ async fn gvisor_pod_volume_is_captured_with_the_sandbox() -> Result<()> {
         now >= before && now < 999999,
         "volume not restored: counter {now}"
     );
-    let (_, v, _) = cri.exec(id, &["cat", "/violations"]).await?;
+    wait_counter_above(&mut cri, id, "/shared/counter", now).await?;
+    let v = violations(&mut cri, id).await?;
     ensure!(
         v.trim().is_empty(),
-        "file ahead of memory after restore: {v}"
+        "volume file and memory disagree after the restore: {v}"
     );
     cri.stop_and_remove_pod(&new_pod).await?;
     c.finish()

@@ -52,8 +52,25 @@ async fn a_lazy_restore_brings_every_page_back() -> Result<()> {
     let counted = read_counter(&mut cri, &counter, "/counter").await?;
     cri.stop_and_remove_pod(&pod_id).await?;
 
-    let out = c.stasisctl(&["pod", "restore", archive.to_str().unwrap(), "--lazy"])?;
+    // Lazy, seen from outside: while the restore still runs, the restored hog answers an exec
+    // with most of its memory not yet in, and a `criu lazy-pages` daemon is serving it.
+    let mut child = c
+        .stasisctl_command()?
+        .args(["pod", "restore", archive.to_str().unwrap(), "--lazy"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let early = first_look_at_the_hog(&mut cri, &mut child).await;
+    let out = child.wait_with_output()?;
+    let (rss_kib, daemons) = early?;
     let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "first exec in the restored hog: VmRSS {rss_kib} KiB, lazy-pages daemons {daemons:?}"
+    );
+    ensure!(
+        rss_kib < 256 << 10 && !daemons.is_empty(),
+        "not lazy: the restored hog ran first with {rss_kib} KiB resident of its 512 MiB, lazy-pages daemons then: {daemons:?}"
+    );
     ensure!(out.status.success(), "lazy restore failed: {err}");
     eprintln!("{err}");
     ensure!(
@@ -90,7 +107,7 @@ async fn a_lazy_restore_brings_every_page_back() -> Result<()> {
     let after = memory_sum(&mut cri, &hog).await?;
     ensure!(after == before, "memory changed: md5 {before} -> {after}");
     let now = read_counter(&mut cri, &counter, "/counter").await?;
-    ensure!(now >= counted.min(1), "the counter restarted: {now}");
+    ensure!(now >= counted, "the counter went back: {counted} -> {now}");
     wait_counter_above(&mut cri, &counter, "/counter", now).await?;
     let v = violations(&mut cri, &counter).await?;
     ensure!(v.is_empty(), "{v}");
@@ -104,6 +121,53 @@ async fn a_lazy_restore_brings_every_page_back() -> Result<()> {
     );
     cri.stop_and_remove_pod(&new_pod).await?;
     c.finish()
+}
+
+/// Polls, while the lazy restore `child` runs, for the restored pod's hog container to answer
+/// an exec; returns its VmRSS (KiB) then and the `criu lazy-pages` daemons alive
+/// both before and after that exec.
+async fn first_look_at_the_hog(
+    cri: &mut stasis_e2e::cri::CriClient,
+    child: &mut std::process::Child,
+) -> Result<(u64, Vec<i32>)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no restored hog answered within 120 s"
+        );
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the lazy restore ended ({status}) before its hog was seen running");
+        }
+        let pods = cri.pods().await?;
+        for pod in pods {
+            let running = containers_by_name(cri, &pod.id).await?;
+            let Some((_, hog, _)) = running
+                .iter()
+                .find(|(n, _, state)| n == "hog" && *state == 1)
+            else {
+                continue;
+            };
+            let before = lazy_daemons();
+            // Refused while the shim holds the container until its whole pod is restored.
+            let Ok((0, out, _)) = cri.exec(hog, &["grep", "VmRSS", "/proc/1/status"]).await else {
+                continue;
+            };
+            let after = lazy_daemons();
+            let kib = out
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .with_context(|| format!("VmRSS of the hog: {out:?}"))?;
+            let both = before.into_iter().filter(|p| after.contains(p)).collect();
+            return Ok((kib, both));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn lazy_daemons() -> Vec<i32> {
+    stasis_e2e::processes_matching(&["criu", "lazy-pages"])
 }
 
 /// A byte of a page image changed inside an uncompressed archive: the lazy restore reads
@@ -165,12 +229,7 @@ async fn a_changed_page_in_the_archive_stops_the_lazy_restore() -> Result<()> {
             || err.contains("does not match the archive's manifest"),
         "the error does not say what happened: {err}"
     );
-    let pods = cri
-        .runtime
-        .list_pod_sandbox(stasis_e2e::cri::cri::ListPodSandboxRequest::default())
-        .await?
-        .into_inner()
-        .items;
+    let pods = cri.pods().await?;
     ensure!(
         pods.is_empty(),
         "pods left after the failed restore: {:?}",

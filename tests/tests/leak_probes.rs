@@ -12,6 +12,7 @@ use stasis_e2e::{
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_probe_sees_a_live_pod_then_nothing() -> Result<()> {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let c = Containerd::start("leak-probes")?;
     let cri_image = c.import_busybox_for_cri()?;
     let image = c.import_busybox()?;
@@ -94,6 +95,77 @@ async fn each_probe_sees_a_live_pod_then_nothing() -> Result<()> {
     c.finish()
 }
 
+/// The containerd tests of this file run one at a time: the store probe looks only while
+/// its test is the only one alive.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Leaks planted on purpose, each of a kind the product could leave: `finish` must fail
+/// naming it. A restore's options file left in the restore store; a stasisctl helper still
+/// running against this containerd; a cgroup of a pod the test had removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finish_fails_on_each_planted_leak() -> Result<()> {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let store = Path::new(stasis_api::layout::RESTORE_STORE);
+
+    let c = Containerd::start("leak-planted-store")?;
+    std::fs::create_dir_all(store)?;
+    let planted = store.join(format!("{:032x}.options", std::process::id() as u128 * 31));
+    std::fs::write(&planted, br#"{"lazy":false,"page_source":null}"#)?;
+    let err = format!(
+        "{:#}",
+        c.finish().expect_err("a planted store entry passed")
+    );
+    let _ = std::fs::remove_file(&planted);
+    ensure!(
+        err.contains(&planted.display().to_string()),
+        "finish does not name the planted store entry: {err}"
+    );
+
+    let c = Containerd::start("leak-planted-helper")?;
+    // The restore watchdog, started by hand: it waits on its pipe for ever.
+    let mut helper = c
+        .stasisctl_command()?
+        .arg("__restore-guard")
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    let stdin = helper.stdin.take();
+    let outcome = c.finish();
+    drop(stdin);
+    let _ = helper.kill();
+    let _ = helper.wait();
+    let err = format!(
+        "{:#}",
+        outcome.expect_err("a running stasisctl helper passed")
+    );
+    ensure!(
+        err.contains("__restore-guard"),
+        "finish does not name the stasisctl helper: {err}"
+    );
+
+    let c = Containerd::start("leak-planted-cgroup")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let pod = pod_config("gone", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    cri.run_container(
+        &pod_id,
+        &pod,
+        container_config("app", image, &["sleep", "1000"]),
+    )
+    .await?;
+    cri.stop_and_remove_pod(&pod_id).await?;
+    let cgroup = Path::new("/sys/fs/cgroup/freezer/stasis").join(&pod_id);
+    std::fs::create_dir(&cgroup)?;
+    let outcome = c.finish();
+    let _ = std::fs::remove_dir(&cgroup);
+    let err = format!("{:#}", outcome.expect_err("a removed pod's cgroup passed"));
+    ensure!(
+        err.contains("what the test itself removed") && err.contains(&pod_id),
+        "finish does not name the removed pod's cgroup: {err}"
+    );
+    Ok(())
+}
+
 #[test]
 fn the_log_scan_finds_shim_and_cri_ids() {
     let log = concat!(
@@ -120,6 +192,24 @@ fn every_test_ends_with_the_leak_check() {
     let mut seen = 0;
     for e in std::fs::read_dir(&dir).unwrap().flatten() {
         let text = std::fs::read_to_string(e.path()).unwrap();
+        // Helpers that start containerds and hand them back (`fn two_nodes(…) -> Result<(
+        // Containerd, Containerd, …)>`): a call to one counts as that many starts.
+        let helpers: Vec<(String, usize)> = text
+            .lines()
+            .filter(|l| l.starts_with("fn ") || l.starts_with("async fn "))
+            .filter_map(|l| {
+                let (head, ret) = l.split_once("->")?;
+                let n = ret.matches("Containerd").count();
+                let name = head
+                    .split("fn ")
+                    .nth(1)?
+                    .split('(')
+                    .next()?
+                    .trim()
+                    .to_string();
+                (n > 0).then_some((name, n))
+            })
+            .collect();
         let mut current: Option<(String, String)> = None;
         for line in text.lines() {
             let trimmed = line.trim_start();
@@ -132,10 +222,29 @@ fn every_test_ends_with_the_leak_check() {
             }
             if line == "}" {
                 if let Some((name, body)) = current.take() {
-                    if body.contains("Containerd::start(") {
+                    if helpers
+                        .iter()
+                        .any(|(h, _)| name.contains(&format!("fn {h}(")))
+                        || name.contains("fn every_test_ends_with_the_leak_check(")
+                    {
+                        continue;
+                    }
+                    // A pair is two containerds, each to be finished.
+                    let started = body.matches("Containerd::start(").count()
+                        + body.matches("Containerd::start_with_cri_settings(").count()
+                        + 2 * body.matches("Containerd::start_pair(").count()
+                        + helpers
+                            .iter()
+                            .map(|(h, n)| n * calls(&body, h))
+                            .sum::<usize>();
+                    if started > 0 {
                         seen += 1;
-                        if !body.contains(".finish()") {
-                            missing.push(format!("{}: {name}", e.path().display()));
+                        let finished = body.matches(".finish()").count();
+                        if finished < started {
+                            missing.push(format!(
+                                "{}: {name} ({started} started, {finished} finished)",
+                                e.path().display()
+                            ));
                         }
                     }
                 }
@@ -151,4 +260,16 @@ fn every_test_ends_with_the_leak_check() {
         "tests without the leak check:\n{}",
         missing.join("\n")
     );
+}
+
+/// Calls of function `name` in `text` (not names that merely end in it).
+fn calls(text: &str, name: &str) -> usize {
+    text.match_indices(&format!("{name}("))
+        .filter(|(i, _)| {
+            !text[..*i]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_alphanumeric() || c == '_')
+        })
+        .count()
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use stasis_e2e::{
     cri::{
-        container_config, containers_by_name, counter_loop, cri, pod_config, read_counter,
-        violations, wait_counter_above, wait_counter_moving,
+        container_config, containers_by_name, counter_loop, cri, memory_token, pod_config,
+        read_counter, violations, wait_counter_above, wait_counter_moving,
     },
     registry::Registry,
     Containerd,
@@ -253,6 +253,9 @@ async fn a_gvisor_pod_travels_through_a_registry() -> Result<()> {
     let reference = format!("{}/ckpt/gv:1", registry.host);
     let mut cri = c.cri().await?;
     let (pod_id, id) = counter_pod(&c, image, "gv", "stasis-gvisor").await?;
+    // A stopping checkpoint: the counter and the memory's token are read before it.
+    let token = memory_token(&mut cri, &id, "/counter").await?;
+    let counted = read_counter(&mut cri, &id, "/counter").await?;
     c.stasisctl_ok(&[
         "pod",
         "checkpoint",
@@ -262,7 +265,6 @@ async fn a_gvisor_pod_travels_through_a_registry() -> Result<()> {
         "--compress",
         "zstd",
     ])?;
-    let counted = read_counter(&mut cri, &id, "/counter").await.unwrap_or(0);
     cri.stop_and_remove_pod(&pod_id).await?;
     c.stasisctl_ok(&["image", "push", &reference, "--plain-http"])?;
     let out = ctr_k8s(&c, &["images", "rm", &reference])?;
@@ -282,8 +284,13 @@ async fn a_gvisor_pod_travels_through_a_registry() -> Result<()> {
         .first()
         .context("restored container")?
         .clone();
+    let restored = memory_token(&mut cri, &new_id, "/counter").await?;
+    ensure!(
+        restored == token,
+        "memory token {restored} != checkpointed {token}: not restored from memory"
+    );
     let now = read_counter(&mut cri, &new_id, "/counter").await?;
-    ensure!(now >= counted.min(1), "the counter restarted: {now}");
+    ensure!(now >= counted, "the counter went back: {counted} -> {now}");
     wait_counter_above(&mut cri, &new_id, "/counter", now).await?;
     cri.stop_and_remove_pod(&new_pod).await?;
     drop(registry);

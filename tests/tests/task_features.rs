@@ -121,6 +121,31 @@ fn the_task_service_answers_under_its_v2_name() -> Result<()> {
     c.finish()
 }
 
+/// The descriptors of process `pid` open for writing on a file whose name ends in `suffix`.
+fn fifo_writers(pid: u32, suffix: &str) -> Vec<String> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    fds.flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().ends_with(suffix))
+        })
+        .filter(|fd| {
+            // fdinfo's flags are octal: O_WRONLY (1) or O_RDWR (2) in the access bits.
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            info.lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                .is_some_and(|f| f & 0o3 != 0)
+        })
+        .map(|fd| fd.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
 fn alive(pid: u32) -> bool {
     // A zombie is gone for our purpose.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -132,15 +157,22 @@ fn alive(pid: u32) -> bool {
 fn kill_all_reaches_every_process_and_update_changes_limits() -> Result<()> {
     let c = Containerd::start("kill-all")?;
     let image = c.import_busybox()?;
+    // PID 1 of the container is a shell that has no SIGTERM handler, so SIGTERM sent to it
+    // alone does nothing (the kernel spares a namespace's init); only `--all` reaches the two
+    // sleeps. The loop keeps the shell alive when they go.
     run_detached(
         &c,
         image,
         "k1",
         &[],
-        &["sh", "-c", "sleep 1000 & sleep 1001 & wait"],
+        &[
+            "sh",
+            "-c",
+            "sleep 1000 & sleep 1001 & while true; do sleep 1; done",
+        ],
     )?;
     let client = shim_task_client(&c, "k1")?;
-    // The shell starts its two sleeps right after it runs: wait for all three.
+    // The shell starts its two sleeps right after it runs: wait for them.
     let list = || -> Result<Vec<u32>> {
         let r = client.pids(
             context::with_timeout(5_000_000_000),
@@ -151,13 +183,34 @@ fn kill_all_reaches_every_process_and_update_changes_limits() -> Result<()> {
         )?;
         Ok(r.processes.iter().map(|p| p.pid).collect())
     };
-    let mut pids = list()?;
+    let long_sleeps = |pids: &[u32]| -> Vec<u32> {
+        pids.iter()
+            .copied()
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.starts_with(b"sleep\x00100"))
+            })
+            .collect()
+    };
+    let mut sleeps = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while pids.len() < 3 && std::time::Instant::now() < deadline {
+    while sleeps.len() < 2 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
-        pids = list()?;
+        sleeps = long_sleeps(&list()?);
     }
-    ensure!(pids.len() >= 3, "expected sh and two sleeps, got {pids:?}");
+    ensure!(
+        sleeps.len() == 2,
+        "expected two long sleeps, got {sleeps:?}"
+    );
+    let init = client
+        .state(
+            context::with_timeout(5_000_000_000),
+            &api::StateRequest {
+                id: "k1".into(),
+                ..Default::default()
+            },
+        )?
+        .pid;
 
     // update (ctr 2.1 has no `tasks update`; containerd's Update reaches the shim as this):
     // a memory limit lands in the container's cgroup.
@@ -181,10 +234,16 @@ fn kill_all_reaches_every_process_and_update_changes_limits() -> Result<()> {
     ensure!(limit.trim() == "67108864", "memory limit is {limit}");
 
     // kill --all: the background children too, not only the init.
-    c.ctr_ok(&["tasks", "kill", "--all", "-s", "KILL", "k1"])?;
-    c.wait_for("every process of k1 gone", Duration::from_secs(10), || {
-        Ok(pids.iter().all(|p| !alive(*p)))
-    })?;
+    c.ctr_ok(&["tasks", "kill", "--all", "-s", "TERM", "k1"])?;
+    c.wait_for(
+        "both long sleeps of k1 gone",
+        Duration::from_secs(10),
+        || Ok(sleeps.iter().all(|p| !alive(*p))),
+    )?;
+    ensure!(
+        alive(init) && c.task_status("k1")?.as_deref() == Some("RUNNING"),
+        "SIGTERM ended k1's init {init}, which has no handler for it"
+    );
     remove(&c, "k1")?;
     c.finish()
 }
@@ -255,10 +314,22 @@ fn resize_reaches_the_terminal_and_close_io_ends_input() -> Result<()> {
         .recv_timeout(Duration::from_secs(15))
         .context("cat echoed nothing")?;
     ensure!(echoed == "through stdin", "cat printed {echoed:?}");
-    std::thread::sleep(Duration::from_millis(500));
+    // Once ctr has closed its end of the stdin fifo, only a writer the shim holds keeps cat
+    // from seeing the end of its input.
+    let ctr_pid = child.id();
+    c.wait_for(
+        "ctr to close cat1's stdin fifo",
+        Duration::from_secs(15),
+        || Ok(fifo_writers(ctr_pid, "cat1-stdin").is_empty()),
+    )?;
+    let shim = shims_serving(&c, "cat1");
+    ensure!(shim.len() == 1, "cat1's shim: {shim:?}");
+    let held = fifo_writers(shim[0] as u32, "cat1-stdin");
     ensure!(
-        child.try_wait()?.is_none() && c.task_status("cat1")?.as_deref() == Some("RUNNING"),
-        "cat ended before CloseIO: the shim does not hold its input"
+        !held.is_empty()
+            && child.try_wait()?.is_none()
+            && c.task_status("cat1")?.as_deref() == Some("RUNNING"),
+        "the shim holds no writer of cat1's stdin fifo ({held:?}), or cat ended before CloseIO"
     );
     shim_task_client(&c, "cat1")?.close_io(
         context::with_timeout(5_000_000_000),
@@ -298,9 +369,19 @@ fn shutdown_ends_the_shim_only_when_it_serves_nothing() -> Result<()> {
             ..Default::default()
         },
     )?;
-    std::thread::sleep(Duration::from_millis(300));
+    // The shim still serves: an exec needs it from start to end, well past the moment a
+    // shim that took the Shutdown would have gone.
+    let out = c.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "after",
+        "s1",
+        "echo",
+        "served",
+    ])?;
     ensure!(
-        shims_serving(&c, "s1") == shim,
+        out.trim() == "served" && shims_serving(&c, "s1") == shim,
         "Shutdown with a container still there ended the shim"
     );
     ensure!(c.task_status("s1")?.as_deref() == Some("RUNNING"));

@@ -317,11 +317,17 @@ async fn only_restores_stasisctl_prepared_are_honoured() -> Result<()> {
     let mut cri = c.cri().await?;
     let planted = c.dir.join("planted");
     std::fs::create_dir_all(&planted)?;
+    // Each refusal for its own reason (the annotation's name holds "restore" too, so the
+    // words asserted are the reason's).
     for (n, value) in [
-        ("path", planted.display().to_string()),
-        ("unknown", "0123456789abcdef0123456789abcdef".to_string()),
+        ("must be a restore id alone", planted.display().to_string()),
+        ("is not a restore id", "0123456789abcdef".to_string()),
         (
-            "climb",
+            "is not a prepared restore",
+            "0123456789abcdef0123456789abcdef".to_string(),
+        ),
+        (
+            "must be a restore id alone",
             "0123456789abcdef0123456789abcdef/../..".to_string(),
         ),
     ]
@@ -342,28 +348,12 @@ async fn only_restores_stasisctl_prepared_are_honoured() -> Result<()> {
             Err(e) => format!("{e:#}"),
         };
         ensure!(
-            err.contains("restore"),
-            "{}: the refusal does not say why: {err}",
+            err.contains(value.0),
+            "{:?}: refused, but not because it {}: {err}",
+            value.1,
             value.0
         );
     }
-    // A container of an ordinary pod naming a restore.
-    let pod = pod_config("ordinary", &c.dir.join("logs"));
-    let pod_id = cri.run_pod(&pod).await?;
-    let mut cfg = container_config("sneaky", image, &["sh", "-c", "sleep 1000"]);
-    cfg.annotations.insert(
-        stasis_api::layout::RESTORE_ANNOTATION.to_string(),
-        format!("{}/x", "0123456789abcdef0123456789abcdef"),
-    );
-    let err = match cri.run_container(&pod_id, &pod, cfg).await {
-        Ok(id) => anyhow::bail!("a container restoring from a stray id started: {id}"),
-        Err(e) => format!("{e:#}"),
-    };
-    ensure!(
-        err.contains("restore"),
-        "the refusal does not say why: {err}"
-    );
-    cri.stop_and_remove_pod(&pod_id).await?;
 
     // A real prepared restore whose id a CRI client learned: without the claim token that
     // only stasisctl's own pod carries, it cannot be taken (nor blocked: no claim is left).
@@ -405,6 +395,23 @@ async fn only_restores_stasisctl_prepared_are_honoured() -> Result<()> {
     std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o700))?;
     let token_file = store.join(format!("{id}{}", stasis_api::layout::RESTORE_TOKEN_SUFFIX));
     std::fs::write(&token_file, "0123456789abcdef0123456789abcdef")?;
+    let outcome = claims_and_borrowers_are_refused(&c, &mut cri, image, &id).await;
+    let _ = std::fs::remove_dir_all(&entry);
+    let _ = std::fs::remove_file(&token_file);
+    let _ = std::fs::remove_file(store.join(format!("{id}.pod")));
+    outcome?;
+    c.finish()
+}
+
+/// A real prepared restore `id` (its token is not the one tried): a pod without the token
+/// cannot claim it, and a container of an ordinary pod cannot borrow one of its containers.
+async fn claims_and_borrowers_are_refused(
+    c: &Containerd,
+    cri: &mut stasis_e2e::cri::CriClient,
+    image: &str,
+    id: &str,
+) -> Result<()> {
+    let store = std::path::Path::new(stasis_api::layout::RESTORE_STORE);
     let mut outcome = Ok(());
     for (n, token) in [None, Some("0123456789abcdef0123456789abcdeX")]
         .into_iter()
@@ -413,7 +420,7 @@ async fn only_restores_stasisctl_prepared_are_honoured() -> Result<()> {
         let mut pod = pod_config(&format!("claimer{n}"), &c.dir.join("logs"));
         pod.annotations.insert(
             stasis_api::layout::RESTORE_ANNOTATION.to_string(),
-            id.clone(),
+            id.to_string(),
         );
         if let Some(t) = token {
             pod.annotations.insert(
@@ -431,11 +438,30 @@ async fn only_restores_stasisctl_prepared_are_honoured() -> Result<()> {
             ));
         }
     }
-    let _ = std::fs::remove_dir_all(&entry);
-    let _ = std::fs::remove_file(&token_file);
-    let _ = std::fs::remove_file(store.join(format!("{id}.pod")));
     outcome?;
-    c.finish()
+    // A container of an ordinary pod naming a container directory of that real restore.
+    let container_dir = std::fs::read_dir(store.join(id))?
+        .filter_map(|e| e.ok())
+        .find(|e| e.path().is_dir())
+        .context("the prepared restore holds no container directory")?
+        .file_name();
+    let pod = pod_config("ordinary", &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let mut cfg = container_config("sneaky", image, &["sh", "-c", "sleep 1000"]);
+    cfg.annotations.insert(
+        stasis_api::layout::RESTORE_ANNOTATION.to_string(),
+        format!("{id}/{}", container_dir.to_string_lossy()),
+    );
+    let err = match cri.run_container(&pod_id, &pod, cfg).await {
+        Ok(cid) => format!("started as {cid}"),
+        Err(e) => format!("{e:#}"),
+    };
+    cri.stop_and_remove_pod(&pod_id).await?;
+    ensure!(
+        err.contains("is not being restored from it"),
+        "a container of an ordinary pod borrowing restore {id} was not refused for that: {err}"
+    );
+    Ok(())
 }
 
 /// A container that ran with fewer capabilities comes back with exactly those: its restored
@@ -444,7 +470,11 @@ async fn only_restores_stasisctl_prepared_are_honoured() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn security_settings_come_back_with_the_restore() -> Result<()> {
     let c = Containerd::start("trust-secctx")?;
-    let image = c.import_busybox_for_cri()?;
+    c.import_busybox_for_cri()?;
+    // The image says uid 1000 and the container asks for 0 (CRIU cannot dump a process of
+    // another uid here): a restore that dropped run_as_user/run_as_group would run as 1000.
+    let image = "docker.io/stasis/busybox:uid1000";
+    c.import_image_for_cri_as(image, "1000:1000")?;
     let mut cri = c.cri().await?;
     let pod = pod_config("secctx", &c.dir.join("logs"));
     let pod_id = cri.run_pod(&pod).await?;
@@ -518,7 +548,10 @@ async fn security_settings_come_back_with_the_restore() -> Result<()> {
     };
     let before = look(&mut cri, id.clone()).await?;
     ensure!(
-        before.0.contains("0000000000000021") && before.2,
+        before.0.contains("0000000000000021")
+            && before.0.contains("Uid:\t0\t")
+            && before.1.contains("Gid:\t0\t")
+            && before.2,
         "the original container: {before:?}"
     );
     let archive = c.dir.join("secctx.tar");

@@ -431,13 +431,19 @@ mod tests {
         dir
     }
 
-    #[test]
-    fn a_successors_socket_at_the_same_path_survives_us() {
-        let dir = scratch();
+    /// A socket bound at `<dir>/s`, identified, then closed (as a shim at its exit).
+    fn closed_socket(dir: &Path) -> (PathBuf, SocketFile) {
         let path = dir.join("s");
         let ours = UnixListener::bind(&path).unwrap();
         let id = SocketFile::identify(&path).unwrap();
         drop(ours);
+        (path, id)
+    }
+
+    #[test]
+    fn a_successors_socket_at_the_same_path_survives_us() {
+        let dir = scratch();
+        let (path, id) = closed_socket(&dir);
         // The successor's start: unlink the stale file, bind afresh (maybe the same inode).
         std::fs::remove_file(&path).unwrap();
         let successor = UnixListener::bind(&path).unwrap();
@@ -451,10 +457,7 @@ mod tests {
     #[test]
     fn our_closed_socket_is_removed() {
         let dir = scratch();
-        let path = dir.join("s");
-        let ours = UnixListener::bind(&path).unwrap();
-        let id = SocketFile::identify(&path).unwrap();
-        drop(ours);
+        let (path, id) = closed_socket(&dir);
         id.remove_if_still_ours(&path);
         assert!(!path.exists(), "our stale socket was left behind");
         std::fs::remove_dir_all(dir).unwrap();

@@ -195,33 +195,35 @@ pub(crate) fn leave() {
 /// in progress; the last test of each file is always alone at its end). A claim `<id>.pod`
 /// naming one of `ids` is this test's whoever else runs.
 pub fn store_leftovers(ids: &BTreeSet<String>) -> Vec<String> {
-    let now = store_entries();
-    let mut left: Vec<String> = now
+    let mut left: Vec<String> = store_entries()
         .iter()
         .filter(|p| p.extension().is_some_and(|x| x == "pod"))
         .filter(|p| std::fs::read_to_string(p).is_ok_and(|pod| ids.contains(pod.trim())))
         .map(|p| format!("restore claim {} of our pod", p.display()))
         .collect();
-    if LIVE.load(Ordering::SeqCst) == 1 {
-        let base = BASELINE.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(base) = base.as_ref() {
-            left.extend(
-                now.difference(base)
-                    .map(|p| format!("store entry {}", p.display())),
-            );
-        }
-    }
+    left.extend(
+        new_store_entries()
+            .into_iter()
+            .flatten()
+            .map(|p| format!("store entry {}", p.display())),
+    );
     left
+}
+
+/// What the stores gained since this process's first test, if the caller is the only test
+/// alive; `None` otherwise.
+fn new_store_entries() -> Option<Vec<PathBuf>> {
+    if LIVE.load(Ordering::SeqCst) != 1 {
+        return None;
+    }
+    let base = BASELINE.lock().unwrap_or_else(|e| e.into_inner());
+    let base = base.as_ref()?;
+    Some(store_entries().difference(base).cloned().collect())
 }
 
 /// After a failed test, alone: what the stores gained since the process's first test goes.
 pub(crate) fn remove_store_leftovers() {
-    if LIVE.load(Ordering::SeqCst) != 1 {
-        return;
-    }
-    let base = BASELINE.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(base) = base.as_ref() else { return };
-    for p in store_entries().difference(base) {
-        let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
+    for p in new_store_entries().into_iter().flatten() {
+        let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
     }
 }

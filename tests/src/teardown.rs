@@ -16,10 +16,6 @@ use crate::{cri, leaks, mounts_under, Containerd};
 /// helpers go for up to 2 s before it exits and removes its socket.
 const REMOVED_BOUND: Duration = Duration::from_secs(5);
 
-fn humantime(d: Duration) -> String {
-    format!("{} s", d.as_secs())
-}
-
 pub(crate) fn cleanup_dir(dir: &Path) {
     let mut mounts = mounts_under(dir);
     mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
@@ -36,7 +32,6 @@ pub(crate) fn cleanup_dir(dir: &Path) {
 }
 
 impl Containerd {
-    /// Stops and removes every CRI pod (best effort, for teardown).
     /// gVisor sandboxes of this containerd's pods that a failed test left behind (their state
     /// lives in the shared runsc root, their bundles below our directory).
     fn remove_gvisor_sandboxes(&self) {
@@ -62,57 +57,50 @@ impl Containerd {
         }
     }
 
-    /// The CRI pods of this containerd (none if CRI does not answer).
-    fn cri_pod_ids(&self) -> Vec<String> {
+    /// Runs `f` with a CRI client of this containerd on a runtime of its own (teardown runs
+    /// outside any test runtime); `T::default()` if CRI does not answer.
+    fn on_cri<T, F, Fut>(&self, f: F) -> T
+    where
+        T: Default + Send + 'static,
+        F: FnOnce(cri::CriClient) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+    {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
         else {
-            return Vec::new();
+            return T::default();
         };
         let socket = self.socket();
         std::thread::spawn(move || {
             rt.block_on(async {
-                let Ok(mut c) = cri::CriClient::connect(&socket).await else {
-                    return Vec::new();
-                };
-                c.runtime
-                    .list_pod_sandbox(cri::cri::ListPodSandboxRequest::default())
-                    .await
-                    .map(|r| r.into_inner().items.into_iter().map(|p| p.id).collect())
-                    .unwrap_or_default()
+                match cri::CriClient::connect(&socket).await {
+                    Ok(c) => f(c).await,
+                    Err(_) => T::default(),
+                }
             })
         })
         .join()
         .unwrap_or_default()
     }
 
-    fn remove_cri_pods(&self) {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        let socket = self.socket();
-        let _ = std::thread::spawn(move || {
-            rt.block_on(async {
-                let Ok(mut c) = cri::CriClient::connect(&socket).await else {
-                    return;
-                };
-                let Ok(pods) = c
-                    .runtime
-                    .list_pod_sandbox(cri::cri::ListPodSandboxRequest::default())
-                    .await
-                else {
-                    return;
-                };
-                for p in pods.into_inner().items {
-                    let _ = c.stop_and_remove_pod(&p.id).await;
-                }
-            })
+    /// The CRI pods of this containerd (none if CRI does not answer).
+    fn cri_pod_ids(&self) -> Vec<String> {
+        self.on_cri(|mut c| async move {
+            c.pods()
+                .await
+                .map(|pods| pods.into_iter().map(|p| p.id).collect())
+                .unwrap_or_default()
         })
-        .join();
+    }
+
+    /// Stops and removes every CRI pod (best effort, for teardown).
+    fn remove_cri_pods(&self) {
+        self.on_cri(|mut c| async move {
+            for p in c.pods().await.unwrap_or_default() {
+                let _ = c.stop_and_remove_pod(&p.id).await;
+            }
+        })
     }
 }
 
@@ -128,8 +116,9 @@ impl Containerd {
     /// helpers among them), mounts, cgroups (every hierarchy), shim sockets, runtime state, and
     /// entries of stasis's stores (see `leaks::store_leftovers`).
     pub fn leftovers(&self) -> Vec<String> {
-        let mut left = self.leftovers_of(&self.ids_seen(), true);
-        left.extend(leaks::store_leftovers(&self.ids_seen()));
+        let ids = self.ids_seen();
+        let mut left = self.leftovers_of(&ids, true);
+        left.extend(leaks::store_leftovers(&ids));
         left
     }
 
@@ -169,8 +158,8 @@ impl Containerd {
         let left = self.settled(|| self.leftovers_of(&removed, false), REMOVED_BOUND);
         if !left.is_empty() {
             bail!(
-                "left behind by what the test itself removed ({} after it was removed):\n  {}\ncontainerd log lines about them:\n{}",
-                humantime(REMOVED_BOUND),
+                "left behind by what the test itself removed ({} s after it was removed):\n  {}\ncontainerd log lines about them:\n{}",
+                REMOVED_BOUND.as_secs(),
                 left.join("\n  "),
                 self.log_about(&left, 60),
             );
@@ -202,16 +191,10 @@ impl Containerd {
     /// The ids containerd still lists: tasks and containers in both namespaces, CRI pods.
     fn listed_ids(&self) -> BTreeSet<String> {
         let mut ids = BTreeSet::new();
-        for ns in leaks::namespaces(&self.namespace) {
-            for what in ["tasks", "containers"] {
-                let out = Command::new("ctr")
-                    .arg("--address")
-                    .arg(self.socket())
-                    .args(["--namespace", &ns, what, "ls", "-q"])
-                    .stdin(Stdio::null())
-                    .stderr(Stdio::null())
-                    .output();
-                if let Some(out) = out.ok().filter(|o| o.status.success()) {
+        for what in ["tasks", "containers"] {
+            let args = [what, "ls", "-q"];
+            for out in [self.ctr(&args), self.ctr_k8s(&args)].into_iter().flatten() {
+                if out.status.success() {
                     let text = String::from_utf8_lossy(&out.stdout);
                     ids.extend(text.lines().map(|l| l.trim().to_string()));
                 }

@@ -14,6 +14,9 @@ pub struct EventWatch {
     child: Child,
     lines: std::sync::mpsc::Receiver<String>,
     seen: Vec<String>,
+    /// How much of `seen` earlier marks returned, and how many marks were made.
+    consumed: usize,
+    marks: usize,
 }
 
 impl EventWatch {
@@ -43,23 +46,52 @@ impl EventWatch {
             child,
             lines,
             seen: Vec::new(),
+            consumed: 0,
+            marks: 0,
         };
         for attempt in 0..5 {
             let id = format!("subscribed{attempt}");
-            c.ctr_ok(&[
-                "run",
-                "--rm",
-                "--runtime",
-                STASIS_RUNTIME,
-                image,
-                &id,
-                "true",
-            ])?;
-            if w.wait("/tasks/start", &id, Duration::from_secs(5)).is_ok() {
+            if w.run_and_see(c, image, &id, Duration::from_secs(5)).is_ok() {
                 return Ok(w);
             }
         }
         bail!("ctr events never delivered anything")
+    }
+
+    /// The events that arrived since the last mark (or the start), every one of them: a
+    /// throwaway container is run as a barrier, and once its start event is in, everything
+    /// published before it is too. The harness's own barrier and subscription containers
+    /// are left out.
+    pub fn mark(&mut self, c: &Containerd, image: &str) -> Result<Vec<String>> {
+        self.marks += 1;
+        let id = format!("barrier{}", self.marks);
+        self.run_and_see(c, image, &id, Duration::from_secs(15))?;
+        let window = self.seen.split_off(self.consumed);
+        let own = |l: &String| l.contains("barrier") || l.contains("subscribed");
+        let events: Vec<String> = window.iter().filter(|l| !own(l)).cloned().collect();
+        self.seen.extend(window);
+        self.consumed = self.seen.len();
+        Ok(events)
+    }
+
+    /// Runs a throwaway container `id` and waits for its start event.
+    fn run_and_see(
+        &mut self,
+        c: &Containerd,
+        image: &str,
+        id: &str,
+        within: Duration,
+    ) -> Result<()> {
+        c.ctr_ok(&[
+            "run",
+            "--rm",
+            "--runtime",
+            STASIS_RUNTIME,
+            image,
+            id,
+            "true",
+        ])?;
+        self.wait("/tasks/start", id, within).map(drop)
     }
 
     /// Waits until an event of `topic` mentioning `needle` has arrived.
@@ -92,4 +124,17 @@ impl Drop for EventWatch {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Fails naming them if `events` (a [`EventWatch::mark`] window) hold the creation of a
+/// container or a task: what a restore refused "before any container" must not have.
+pub fn expect_no_creation(events: &[String]) -> Result<()> {
+    let made: Vec<_> = events
+        .iter()
+        .filter(|l| l.contains("/containers/create") || l.contains("/tasks/create"))
+        .collect();
+    if !made.is_empty() {
+        bail!("containerd created containers or tasks: {made:#?}");
+    }
+    Ok(())
 }

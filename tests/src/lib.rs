@@ -14,7 +14,8 @@ pub mod registry;
 pub mod sampler;
 
 mod containerd;
-mod events;
+pub mod events;
+pub mod fanotify;
 mod pty;
 mod shim_client;
 mod teardown;

@@ -13,6 +13,7 @@ use std::{
 
 /// A running sampler of `T`; [`Sampler::stop`] returns what it saw, oldest first.
 pub struct Sampler<T> {
+    started: Instant,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Vec<(Duration, T)>>>,
 }
@@ -22,8 +23,9 @@ impl<T: Send + 'static> Sampler<T> {
     pub fn start(every: Duration, mut look: impl FnMut() -> T + Send + 'static) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let started = Instant::now();
         let thread = std::thread::spawn(move || {
-            let start = Instant::now();
+            let start = started;
             let mut seen = Vec::new();
             while !flag.load(Ordering::Relaxed) {
                 seen.push((start.elapsed(), look()));
@@ -34,9 +36,16 @@ impl<T: Send + 'static> Sampler<T> {
             seen
         });
         Self {
+            started,
             stop,
             thread: Some(thread),
         }
+    }
+
+    /// When this instant happened on the samples' clock (to set a test's own events, such
+    /// as a request returning, against the samples).
+    pub fn at(&self, instant: Instant) -> Duration {
+        instant.saturating_duration_since(self.started)
     }
 
     pub fn stop(mut self) -> Vec<(Duration, T)> {

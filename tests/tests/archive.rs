@@ -457,6 +457,8 @@ async fn hostile_content_inside_a_valid_archive_is_refused() -> Result<()> {
         "the checkpoint holds no volume capture to tamper with"
     );
     let pods_before = c.settled_footprint().await?;
+    let plain = c.import_busybox()?;
+    let mut events = stasis_e2e::EventWatch::start(&c, plain)?;
     for (name, file, bytes, expect) in cases {
         let dir = c.dir.join(format!("inner-{name}"));
         let status = std::process::Command::new("cp")
@@ -475,12 +477,16 @@ async fn hostile_content_inside_a_valid_archive_is_refused() -> Result<()> {
         b.follow_symlinks(false);
         b.append_dir_all(".", &dir)?;
         b.into_inner()?;
+        events.mark(&c, plain)?;
         let out = c.stasisctl(&[
             "pod",
             "restore",
             archive.to_str().unwrap(),
             "--replace-volumes",
         ])?;
+        let during = events.mark(&c, plain)?;
+        eprintln!("{name}: events during the refused restore: {during:#?}");
+        stasis_e2e::events::expect_no_creation(&during).context(name)?;
         let err = String::from_utf8_lossy(&out.stderr);
         ensure!(!out.status.success(), "{name}: the restore succeeded");
         ensure!(

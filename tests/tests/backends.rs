@@ -219,11 +219,15 @@ async fn archive_of_one_backend_is_refused_by_the_other() -> Result<()> {
     let c = Containerd::start("backend-mismatch")?;
     let runc_archive = checkpoint_pod(&c, "stasis", "from-runc").await?;
     let gvisor_archive = checkpoint_pod(&c, "stasis-gvisor", "from-gvisor").await?;
+    // containerd's own events show whether anything was created, not a count taken after.
+    let plain = c.import_busybox()?;
+    let mut events = stasis_e2e::EventWatch::start(&c, plain)?;
     for (archive, handler, written_by, runs_on) in [
         (&runc_archive, "stasis-gvisor", "runc", "runsc"),
         (&gvisor_archive, "stasis", "runsc", "runc"),
     ] {
         let pods = c.settled_footprint().await?;
+        events.mark(&c, plain)?;
         let out = c.stasisctl(&[
             "pod",
             "restore",
@@ -231,6 +235,10 @@ async fn archive_of_one_backend_is_refused_by_the_other() -> Result<()> {
             "--runtime-handler",
             handler,
         ])?;
+        let during = events.mark(&c, plain)?;
+        eprintln!("{handler}: events during the refused restore: {during:#?}");
+        stasis_e2e::events::expect_no_creation(&during)
+            .with_context(|| format!("the {written_by} archive under {handler}"))?;
         let err = String::from_utf8_lossy(&out.stderr);
         ensure!(
             !out.status.success(),
@@ -445,6 +453,28 @@ async fn gvisor_refuses_checkpoints_it_could_not_restore() -> Result<()> {
     let pod_id = cri.run_pod_with(&pod, "stasis-gvisor").await?;
     let cfg = container_config("app", image, &["sh", "-c", &counter_loop("/counter")]);
     let id = cri.run_container(&pod_id, &pod, cfg).await?;
+    // The containers of a gVisor pod share its one network stack: localhost reaches across.
+    let server = container_config(
+        "server",
+        image,
+        &["sh", "-c", "nc -ll -p 8080 -e echo pong-from-server"],
+    );
+    cri.run_container(&pod_id, &pod, server).await?;
+    let mut answer = String::new();
+    for _ in 0..50 {
+        let (_, out, _) = cri
+            .exec(&id, &["sh", "-c", "nc 127.0.0.1 8080 </dev/null"])
+            .await?;
+        answer = out;
+        if answer.contains("pong-from-server") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        answer.contains("pong-from-server"),
+        "app could not reach server on localhost: {answer:?}"
+    );
     let archive = c.dir.join("gr.tar");
     let checkpoint = |c: &Containerd| {
         c.stasisctl(&[
@@ -502,22 +532,29 @@ async fn gvisor_refuses_checkpoints_it_could_not_restore() -> Result<()> {
         err.message().contains("cannot change the resources"),
         "unclear update error: {err}"
     );
-    // gVisor saves sockets and locks itself: CRIU's options are refused by name.
-    let out = c.stasisctl(&[
-        "pod",
-        "checkpoint",
-        "gr",
-        "--leave-running",
-        "--tcp-established",
-        "--output",
-        archive.to_str().unwrap(),
-    ])?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        !out.status.success() && err.contains("--tcp-established"),
-        "--tcp-established under gVisor: {err}"
-    );
-    ensure!(!archive.exists(), "a refused checkpoint left an archive");
+    // gVisor saves sockets and locks itself: CRIU's options are refused by name, each.
+    for flag in ["--tcp-established", "--file-locks"] {
+        let out = c.stasisctl(&[
+            "pod",
+            "checkpoint",
+            "gr",
+            "--leave-running",
+            flag,
+            "--output",
+            archive.to_str().unwrap(),
+        ])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success()
+                && err.contains("has no --tcp-established or --file-locks")
+                && err.contains("gVisor saves sockets and locks itself"),
+            "{flag} under gVisor: {err}"
+        );
+        ensure!(
+            !archive.exists(),
+            "{flag}: a refused checkpoint left an archive"
+        );
+    }
     let now = read_counter(&mut cri, &id, "/counter").await?;
     wait_counter_above(&mut cri, &id, "/counter", now).await?;
 

@@ -243,16 +243,32 @@ async fn a_full_disk_fails_the_checkpoint_cleanly() -> Result<()> {
             !out.status.success(),
             "{phase}: the checkpoint succeeded on a full disk"
         );
+        // Which step ran out of space, and where, said exactly.
+        let said = match phase {
+            // The shim's dump of the big container: CRIU's own ENOSPC, with the container.
+            "dump" => {
+                err.contains("container big (")
+                    && err.contains("dump failed")
+                    && err.contains("No space left on device")
+            }
+            // stasisctl writing the archive, after every dump succeeded.
+            "packaging" => {
+                !err.contains("dump failed")
+                    && err.contains(&format!(
+                        "no space left on the file system of {}; nothing was left there",
+                        archive.display()
+                    ))
+            }
+            _ => {
+                err.contains("the checkpoint needs ~")
+                    && err.contains(&format!("on the file system of {}", fs.display()))
+                    && err.contains("it has 100.0 MiB free")
+            }
+        };
         ensure!(
-            err.contains("space") || err.contains("ENOSPC"),
-            "{phase}: the error does not say the disk is full: {err}"
+            said,
+            "{phase}: the error does not say that this step ran out of space: {err}"
         );
-        if phase == "estimate" {
-            ensure!(
-                err.contains("needs ~") && err.contains("free"),
-                "the early refusal does not say what is needed and what is free: {err}"
-            );
-        }
         if stopping {
             ensure!(
                 err.contains("runs on"),
@@ -301,6 +317,15 @@ async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()
         let out_dir = c.dir.join(format!("out-{name}"));
         std::fs::create_dir_all(&out_dir)?;
         let archive = out_dir.join(format!("{name}.tar"));
+        // How many of the pod's containers are frozen and whether CRIU runs, from before the
+        // checkpoint to the kill: the shim must die in the middle, not after a thaw.
+        let watched_pod = pod_id.clone();
+        let sampler = Sampler::start(Duration::from_millis(2), move || {
+            (
+                stasis_e2e::cri::pod_frozen_containers(&watched_pod).len(),
+                !pids_of_exe("criu").is_empty(),
+            )
+        });
         if name != "idle" {
             let mut cmd = c.stasisctl_command()?;
             cmd.args(["pod", "checkpoint", name, "--output"])
@@ -331,10 +356,33 @@ async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
+        // (The sampler's last look comes after this stop returns, before the kill.)
+        let samples = sampler.stop();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(shim[0]),
             nix::sys::signal::Signal::SIGKILL,
         )?;
+        let (_, (frozen_at_kill, criu_at_kill)) = *samples.last().context("no samples")?;
+        match name {
+            "dumping" => {
+                ensure!(
+                    samples.iter().any(|(_, (frozen, _))| *frozen == 2),
+                    "dumping: the two containers were never seen frozen together"
+                );
+                ensure!(
+                    criu_at_kill,
+                    "dumping: CRIU was no longer running at the kill"
+                );
+            }
+            "holding" => ensure!(
+                frozen_at_kill == 2,
+                "holding: {frozen_at_kill} of 2 containers frozen at the kill"
+            ),
+            _ => ensure!(
+                frozen_at_kill == 0 && !criu_at_kill,
+                "idle: {frozen_at_kill} frozen, CRIU running: {criu_at_kill}"
+            ),
+        }
         if let Some(child) = checkpoint {
             let out = child.wait_with_output()?;
             let err = String::from_utf8_lossy(&out.stderr);
@@ -366,20 +414,108 @@ async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // What kubelet does with a pod whose shim is gone: stop and remove it, retrying while
-        // containerd is still taking note of the dead shim.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match cri.stop_and_remove_pod(&pod_id).await {
-                Ok(()) => break,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("{name}: retrying stop/remove: {e:#}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => return Err(e.context(format!("{name}: stop and remove the pod"))),
+        remove_pod_of_a_gone_shim(&mut cri, &pod_id, name).await?;
+    }
+    c.finish()
+}
+
+/// What kubelet does with a pod whose shim is gone: stop and remove it, retrying while
+/// containerd is still taking note of the dead shim.
+async fn remove_pod_of_a_gone_shim(
+    cri: &mut stasis_e2e::cri::CriClient,
+    pod_id: &str,
+    name: &str,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match cri.stop_and_remove_pod(pod_id).await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("{name}: retrying stop/remove: {e:#}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
+            Err(e) => return Err(e.context(format!("{name}: stop and remove the pod"))),
         }
     }
+}
+
+/// A shim asked to exit (SIGTERM, as on a node's shutdown) while CRIU dumps its pod: it
+/// finishes the checkpoint first (alive in every sample in which CRIU is), so the archive is
+/// complete and restores, and only then exits; nothing is left frozen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shim_asked_to_exit_finishes_its_checkpoint_first() -> Result<()> {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let c = Containerd::start("fault-shimterm")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let (pod_id, _, counter_id) = hog_and_counter_pod(&c, &mut cri, image, "leaving", 512).await?;
+    let token = stasis_e2e::cri::memory_token(&mut cri, &counter_id, "/counter").await?;
+    let shim = stasis_e2e::processes_matching(&[
+        "containerd-shim-stasis-v2",
+        &c.socket().display().to_string(),
+        &format!("-id {pod_id} "),
+    ]);
+    ensure!(shim.len() == 1, "the pod's shim: {shim:?}");
+    let shim_proc = std::path::PathBuf::from(format!("/proc/{}", shim[0]));
+    let watched = shim_proc.clone();
+    let sampler = Sampler::start(Duration::from_millis(2), move || {
+        (!pids_of_exe("criu").is_empty(), watched.exists())
+    });
+    let archive = c.dir.join("leaving.tar");
+    let checkpoint = checkpoint_in_background(&c, "leaving", &archive)?;
+    wait_for_criu().await?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim[0]),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let out = checkpoint.wait_with_output()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while shim_proc.exists() {
+        ensure!(
+            Instant::now() < deadline,
+            "the shim did not exit within 60 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let samples = sampler.stop();
+    ensure!(
+        out.status.success(),
+        "the checkpoint failed although its shim was only asked to exit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dumping: Vec<_> = samples.iter().filter(|(_, (criu, _))| *criu).collect();
+    ensure!(!dumping.is_empty(), "CRIU was never seen");
+    ensure!(
+        dumping.iter().all(|(_, (_, shim_alive))| *shim_alive),
+        "the shim exited while CRIU was still dumping"
+    );
+    ensure!(
+        !samples.last().context("no samples")?.1 .1,
+        "the shim never exited"
+    );
+    let frozen = stasis_e2e::cri::pod_frozen_containers(&pod_id);
+    ensure!(
+        frozen.is_empty(),
+        "frozen after the shim's exit: {frozen:?}"
+    );
+    remove_pod_of_a_gone_shim(&mut cri, &pod_id, "leaving").await?;
+    // The archive is whole: the pod comes back from it, memory included.
+    let restored = c
+        .stasisctl_ok(&["pod", "restore", archive.to_str().unwrap()])?
+        .trim()
+        .to_string();
+    let counter = stasis_e2e::cri::containers_by_name(&mut cri, &restored)
+        .await?
+        .into_iter()
+        .find(|(name, _, _)| name == "counter")
+        .context("no counter container in the restored pod")?
+        .1;
+    let now = stasis_e2e::cri::memory_token(&mut cri, &counter, "/counter").await?;
+    ensure!(
+        now == token,
+        "memory token {now} is not the checkpointed {token}"
+    );
+    cri.stop_and_remove_pod(&restored).await?;
     c.finish()
 }
 
@@ -419,9 +555,13 @@ async fn an_interrupted_restore_leaves_nothing_frozen() -> Result<()> {
     ])?;
     cri.stop_and_remove_pod(&pod_id).await?;
 
+    // SIGSTOP: stasisctl is alive but never comes back; the shim's hold bound (3 s here)
+    // gives the held container up on its own (stopped, not left frozen), then SIGKILL lets
+    // the watchdog clean up as for a plain SIGKILL.
     for signal in [
         nix::sys::signal::Signal::SIGINT,
         nix::sys::signal::Signal::SIGKILL,
+        nix::sys::signal::Signal::SIGSTOP,
     ] {
         let mut child = c
             .stasisctl_command()?
@@ -453,7 +593,15 @@ async fn an_interrupted_restore_leaves_nothing_frozen() -> Result<()> {
                 break;
             }
         }
+        let name = format!("held-{signal}");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)?;
+        if signal == nix::sys::signal::Signal::SIGSTOP {
+            expect_hold_given_up(&mut cri, &name).await?;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
+        }
         let status = child.wait()?;
         // Everything it printed, up to its end of output.
         let mut rest = Vec::new();
@@ -518,6 +666,45 @@ async fn an_interrupted_restore_leaves_nothing_frozen() -> Result<()> {
         }
     }
     c.finish()
+}
+
+/// The restored pod `name` has one container held frozen; once the hold bound passes with
+/// no FinishRestore, the shim stops it and nothing of the pod stays frozen.
+async fn expect_hold_given_up(cri: &mut stasis_e2e::cri::CriClient, name: &str) -> Result<()> {
+    let pod_id = cri
+        .pods()
+        .await?
+        .into_iter()
+        .find(|p| p.metadata.as_ref().is_some_and(|m| m.name == name))
+        .with_context(|| format!("{name}: the restored pod is not there"))?
+        .id;
+    // (A second container may be coming back already: a request stasisctl sent before it
+    // was stopped goes on.)
+    let held = stasis_e2e::cri::pod_frozen_containers(&pod_id);
+    ensure!(
+        !held.is_empty(),
+        "{name}: right after the first container came back, none is held frozen"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let frozen = stasis_e2e::cri::pod_frozen_containers(&pod_id);
+        let states: Vec<i32> = stasis_e2e::cri::containers_by_name(cri, &pod_id)
+            .await?
+            .into_iter()
+            .map(|(_, _, state)| state)
+            .collect();
+        let exited = stasis_e2e::cri::cri::ContainerState::ContainerExited as i32;
+        let running = stasis_e2e::cri::cri::ContainerState::ContainerRunning as i32;
+        if frozen.is_empty() && states.contains(&exited) && !states.contains(&running) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{name}: 30 s on, with no FinishRestore and a 3 s hold: frozen {frozen:?}, \
+             container states {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Waits until CRIU is dumping (somewhere on this host: these tests run alone).
@@ -599,7 +786,12 @@ async fn a_callers_deadline_passing_mid_dump_leaves_the_pod_thawed() -> Result<(
         started.elapsed()
     );
     ensure!(answer.is_err(), "the checkpoint finished within 300 ms");
-    // The dump goes on to its end in the shim; then everything is as before.
+    // The dump goes on in the shim after the caller left: CRIU is seen at work now (a shim
+    // that cut the checkpoint off at the caller's deadline would have none running).
+    wait_for_criu()
+        .await
+        .context("no CRIU after the caller's deadline: the checkpoint was cut off")?;
+    // It runs to its end; then everything is as before.
     wait_helpers_gone(Duration::from_secs(60)).await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -656,16 +848,38 @@ async fn stop_kill_and_exec_during_a_pod_checkpoint_wait_for_it() -> Result<()> 
         extra.push(id);
     }
     let archive = c.dir.join("busy.tar");
+    // Every container's freezer and whether CRIU runs, sampled from before the checkpoint
+    // to its end. A container's thaw by the checkpoint is its first THAWED sample after the
+    // last CRIU ends (CRIU itself thaws and re-freezes while it seizes; runc freezes a
+    // container again for a moment when it kills all its processes, after the kill).
+    let all = [
+        big_id.clone(),
+        counter_id.clone(),
+        extra[0].clone(),
+        extra[1].clone(),
+    ];
+    let watched_pod = pod_id.clone();
+    let sampler = Sampler::start(Duration::from_millis(2), move || -> (Vec<bool>, bool) {
+        let frozen = all
+            .iter()
+            .map(|id| pod_freezer_state(&watched_pod, id).is_ok_and(|s| s != "THAWED"))
+            .collect();
+        (frozen, !pids_of_exe("criu").is_empty())
+    });
     let checkpoint = checkpoint_in_background(&c, "busy", &archive)?;
     wait_for_criu().await?;
     let bound = Duration::from_secs(60);
     let mut stopper = c.cri().await?;
-    let stop = stopper
-        .runtime
-        .stop_container(stasis_e2e::cri::cri::StopContainerRequest {
-            container_id: extra[0].clone(),
-            timeout: 1,
-        });
+    let stop = async {
+        let r = stopper
+            .runtime
+            .stop_container(stasis_e2e::cri::cri::StopContainerRequest {
+                container_id: extra[0].clone(),
+                timeout: 1,
+            })
+            .await;
+        (r, Instant::now())
+    };
     let kill = tokio::task::spawn_blocking({
         let mut cmd = std::process::Command::new("ctr");
         cmd.arg("--address").arg(c.socket()).args([
@@ -677,16 +891,21 @@ async fn stop_kill_and_exec_during_a_pod_checkpoint_wait_for_it() -> Result<()> 
             "KILL",
             &extra[1],
         ]);
-        move || cmd.output()
+        move || (cmd.output(), Instant::now())
     });
     let mut execer = c.cri().await?;
-    let exec = execer.exec(&counter_id, &["cat", "/counter"]);
-    let (stopped, killed, execed) =
+    let exec = async {
+        let r = execer.exec(&counter_id, &["cat", "/counter"]).await;
+        (r, Instant::now())
+    };
+    let issued = Instant::now();
+    let ((stopped, stop_done), killed, (execed, exec_done)) =
         tokio::time::timeout(bound, async { tokio::join!(stop, kill, exec) })
             .await
             .context("stop, kill and exec did not all return within 60 s: a deadlock")?;
     stopped.context("CRI StopContainer during the checkpoint")?;
-    let killed = killed??;
+    let (killed, kill_done) = killed?;
+    let killed = killed?;
     ensure!(
         killed.status.success(),
         "ctr tasks kill: {}",
@@ -695,11 +914,43 @@ async fn stop_kill_and_exec_during_a_pod_checkpoint_wait_for_it() -> Result<()> 
     let (code, _, _) = execed.context("exec during the checkpoint")?;
     ensure!(code == 0, "exec during the checkpoint exited {code}");
     let out = checkpoint.wait_with_output()?;
+    let issued_at = sampler.at(issued);
+    // Each request with the index (in `all`) of the container it is about.
+    let done_at = [
+        ("stop", 2, sampler.at(stop_done)),
+        ("kill", 3, sampler.at(kill_done)),
+        ("exec", 1, sampler.at(exec_done)),
+    ];
+    let samples = sampler.stop();
     ensure!(
         out.status.success(),
         "the checkpoint failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The order is the claim: each request was made while CRIU was dumping, and returned
+    // only after the checkpoint thawed its container.
+    let dump_end = samples
+        .iter()
+        .filter(|(_, (_, criu))| *criu)
+        .map(|(t, _)| *t)
+        .max()
+        .context("CRIU was never seen during the checkpoint")?;
+    ensure!(
+        issued_at < dump_end,
+        "stop, kill and exec were issued at {issued_at:?}, after the dump ended at {dump_end:?}"
+    );
+    for (what, index, done) in done_at {
+        let thawed_at = samples
+            .iter()
+            .find(|(t, (frozen, _))| *t > dump_end && !frozen[index])
+            .map(|(t, _)| *t)
+            .with_context(|| format!("{what}: its container was never seen thawed"))?;
+        ensure!(
+            done >= thawed_at,
+            "{what} returned at {done:?}, before its container's thaw at {thawed_at:?} \
+             (the dump ended at {dump_end:?})"
+        );
+    }
     let summary = stasis_controller::archive::inspect(&archive)?;
     ensure!(
         summary.containers.len() == 4,
@@ -790,5 +1041,70 @@ async fn containerd_restarted_during_a_checkpoint() -> Result<()> {
         .trim()
         .to_string();
     cri.stop_and_remove_pod(&restored).await?;
+    c.finish()
+}
+
+/// A stopping checkpoint reads its archive back in full before it stops anything: an archive
+/// changed between its writing and that read-back (cut to half its length while the
+/// read-back's open is held by fanotify) fails the checkpoint, the pod runs on, and nothing
+/// is left at the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_checkpoint_whose_archive_reads_back_wrong_leaves_the_pod_running() -> Result<()>
+{
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let c = Containerd::start("fault-readback")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let (pod_id, big_id, counter_id) =
+        hog_and_counter_pod(&c, &mut cri, image, "readback", 64).await?;
+    let out_dir = c.dir.join("readback-out");
+    std::fs::create_dir(&out_dir)?;
+    let archive = out_dir.join("readback.tar");
+    let cut = stasis_e2e::fanotify::OpenInterceptor::start(&out_dir, "readback.tar", |f| {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if let Err(e) = f.set_len(len / 2) {
+            eprintln!("cut the archive: {e}");
+        }
+    })?;
+    let out = c.stasisctl(&[
+        "pod",
+        "checkpoint",
+        "readback",
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    let cuts = cut.stop()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("stopping checkpoint with its archive cut before the read-back: {err}");
+    ensure!(
+        cuts == 1,
+        "the archive was opened {cuts} time(s), not once for its read-back"
+    );
+    ensure!(
+        !out.status.success(),
+        "the stopping checkpoint succeeded with its archive cut in half"
+    );
+    ensure!(
+        err.contains("the pod was not stopped and runs on")
+            && (err.contains("read back") || err.contains("reads back"))
+            && err.contains(&*archive.to_string_lossy()),
+        "the error does not say the read-back of the archive failed and the pod runs on: {err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&out_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    ensure!(left.is_empty(), "left at the output: {left:?}");
+    for id in [&big_id, &counter_id] {
+        let status = cri.container_status(id).await?;
+        ensure!(
+            status.state == stasis_e2e::cri::cri::ContainerState::ContainerRunning as i32,
+            "{id} is not running"
+        );
+        let state = pod_freezer_state(&pod_id, id)?;
+        ensure!(state == "THAWED", "{id} is {state}");
+    }
+    wait_counter_moving(&mut cri, &counter_id, "/counter").await?;
+    cri.stop_and_remove_pod(&pod_id).await?;
     c.finish()
 }

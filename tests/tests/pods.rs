@@ -169,7 +169,37 @@ async fn two_container_pod_lifecycle() -> Result<()> {
         .into_inner();
     ensure!(pods.items.iter().any(|p| p.id == pod_id));
 
+    // `stasisctl pod ls`: the pod's row, then with one container stopped, then gone.
+    let row = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&pod_id[..13]))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+    };
+    let ls = c.stasisctl_ok(&["pod", "ls"])?;
+    ensure!(
+        ls.lines().next().is_some_and(|h| h.starts_with("POD ID"))
+            && row(&ls).as_deref()
+                == Some(&*format!(
+                    "{} web default READY stasis a(RUNNING), b(RUNNING)",
+                    &pod_id[..13]
+                )),
+        "pod ls: {ls}"
+    );
+    cri.runtime
+        .stop_container(cri::StopContainerRequest {
+            container_id: b.clone(),
+            timeout: 1,
+        })
+        .await?;
+    let ls = c.stasisctl_ok(&["pod", "ls"])?;
+    ensure!(
+        row(&ls).is_some_and(|r| r.ends_with("a(RUNNING), b(EXITED)")),
+        "pod ls with b stopped: {ls}"
+    );
+
     cri.stop_and_remove_pod(&pod_id).await?;
+    let ls = c.stasisctl_ok(&["pod", "ls"])?;
+    ensure!(row(&ls).is_none(), "pod ls after the removal: {ls}");
     c.wait_for("shim exit", Duration::from_secs(15), || {
         Ok(c.shim_pids().is_empty())
     })?;

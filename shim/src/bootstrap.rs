@@ -249,7 +249,7 @@ pub fn serve(flags: &Flags) -> Result<(), BoxError> {
         let runtime = runtime::build(&backend, &flags.namespace);
         let ttrpc_address = std::env::var("TTRPC_ADDRESS").ok();
         let events = Publisher::connect(ttrpc_address.as_deref(), &flags.namespace).await;
-        let shim = Shim::with_restore_hold(runtime, events, Some(backend.restore_hold()));
+        let shim = Shim::with_bounds(runtime, events, &backend);
         listener.set_nonblocking(true)?;
         let mut server = crate::service::build(listener, shim.clone())?;
         server.start().await?;

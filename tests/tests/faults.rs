@@ -1108,3 +1108,89 @@ async fn a_stopping_checkpoint_whose_archive_reads_back_wrong_leaves_the_pod_run
     cri.stop_and_remove_pod(&pod_id).await?;
     c.finish()
 }
+
+/// A Task API checkpoint, which containerd sends with no bound, past the engine settings'
+/// `checkpoint_timeout_secs` (1 s here), through containerd's gRPC on a running task (the
+/// shim's own freeze): it fails saying it timed out, runc and CRIU are stopped before the
+/// container is thawed (sampled while the call runs), and the container runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_api_checkpoint_past_its_bound_stops_criu_and_runs_on() -> Result<()> {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let c = Containerd::start("fault-task-timeout")?;
+    std::fs::create_dir_all(c.config_dir())?;
+    std::fs::write(
+        c.config_dir().join("runc.toml"),
+        "checkpoint_timeout_secs = 1\n",
+    )?;
+    let image = c.import_busybox()?;
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        stasis_e2e::STASIS_RUNTIME,
+        image,
+        "swarm",
+        "sh",
+        "-c",
+        SWARM,
+    ])?;
+    c.wait_for("the swarm ready", Duration::from_secs(120), || {
+        Ok(c.exec_in("swarm", &["test", "-e", "/ready"])?.0)
+    })?;
+    let freezer = std::path::Path::new("/sys/fs/cgroup/freezer")
+        .join(&c.namespace)
+        .join("swarm")
+        .join("freezer.state");
+    let watched = freezer.clone();
+    let sampler = Sampler::start(Duration::from_millis(2), move || {
+        let state = std::fs::read_to_string(&watched).unwrap_or_default();
+        (state.trim().to_string(), !pids_of_exe("criu").is_empty())
+    });
+    let started = Instant::now();
+    let answer =
+        stasis_e2e::api::checkpoint_task_unpaused(&c.socket(), &c.namespace, "swarm").await;
+    let took = started.elapsed();
+    let samples = sampler.stop();
+    let err = match answer {
+        Ok(_) => anyhow::bail!("the checkpoint of 1,500 processes finished within 1 s ({took:?})"),
+        Err(e) => format!("{e:#}"),
+    };
+    eprintln!("Task API checkpoint past its bound, after {took:?}: {err}");
+    ensure!(
+        err.contains("swarm") && err.contains("timed out after 1 s"),
+        "the error does not say the checkpoint of swarm timed out: {err}"
+    );
+    ensure!(
+        samples.iter().any(|(_, (state, _))| state == "FROZEN"),
+        "the container was never seen frozen by the shim"
+    );
+    ensure!(
+        samples.iter().any(|(_, (_, criu))| *criu),
+        "no CRIU was ever seen: the bound was not reached inside the dump"
+    );
+    let (_, (state, criu)) = samples.last().context("no samples")?;
+    ensure!(
+        !*criu && state == "THAWED",
+        "right after the call: CRIU running {criu}, the container {state}"
+    );
+    ensure!(
+        runtime_helpers().is_empty(),
+        "runtime helpers still running: {:?}",
+        runtime_helpers()
+    );
+    ensure!(
+        c.task_status("swarm")?.as_deref() == Some("RUNNING"),
+        "the container does not run on"
+    );
+    ensure!(
+        c.exec_in("swarm", &["true"])?.0,
+        "the container does not answer an exec"
+    );
+    c.ctr_ok(&["tasks", "kill", "-s", "KILL", "swarm"])?;
+    c.wait_for("swarm stopped", Duration::from_secs(30), || {
+        Ok(c.task_status("swarm")?.as_deref() == Some("STOPPED"))
+    })?;
+    c.ctr_ok(&["tasks", "delete", "swarm"])?;
+    c.ctr_ok(&["containers", "delete", "swarm"])?;
+    c.finish()
+}

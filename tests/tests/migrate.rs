@@ -319,6 +319,57 @@ async fn a_failed_migration_leaves_the_pod_running_where_it_was() -> Result<()> 
     still_here(&mut cri_a, "containerd unreachable").await?;
     b.expect_footprint(b_before).await?;
 
+    // A target whose policy is narrower than the source's: its log files go to kubelet's
+    // directory only, and this pod's logs are elsewhere. Refused there, before anything is
+    // created, listing the item; the pod runs on here.
+    let narrow = b.policy_file(
+        "narrow.json",
+        serde_json::json!({"log_directory_prefixes": ["/var/log/pods"]}),
+    )?;
+    let narrow_arg = narrow.display().to_string();
+    let recv = listener(&b, &key, &["--policy", &narrow_arg], 1)?;
+    let out = migrate(&a, "stayer", &recv.addr, &key, &[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = recv.child.wait_with_output();
+    ensure!(
+        !out.status.success()
+            && err.contains("container app: log file")
+            && err.contains("written by containerd"),
+        "a migration into a node whose policy refuses the pod's log file: {err}"
+    );
+    still_here(&mut cri_a, "narrow target policy").await?;
+    b.expect_footprint(b_before)
+        .await
+        .context("narrow target policy")?;
+
+    // The encrypted stream changed on the way (one byte flipped well past the handshake, by
+    // a relay between the nodes): the target notices, restores nothing; the pod runs on.
+    let recv = listener(&b, &key, &[], 1)?;
+    let relay = tampering_relay(&recv.addr, 32 * 1024)?;
+    let out = migrate(&a, "stayer", &relay.0, &key, &[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = recv.child.wait_with_output();
+    let said: Vec<String> = recv.log.try_iter().collect();
+    let flipped = relay
+        .1
+        .join()
+        .map_err(|_| anyhow::anyhow!("relay panicked"))?;
+    ensure!(flipped, "the relay never reached the byte to flip");
+    ensure!(
+        !out.status.success(),
+        "a migration whose stream was changed on the way succeeded"
+    );
+    eprintln!("tampered stream: sender: {err}; listener: {said:?}");
+    ensure!(
+        err.contains("could not restore the pod")
+            && err.contains("a frame failed authentication: the stream was changed or cut"),
+        "the sender is not told that the stream failed its authentication at the target: {err}"
+    );
+    still_here(&mut cri_a, "tampered stream").await?;
+    b.expect_footprint(b_before)
+        .await
+        .context("tampered stream: the target is not clean")?;
+
     // A target whose policy names trusted signers takes only signed migrations.
     let signing = a.dir.join("sign.pem");
     a.stasisctl_ok(&[
@@ -605,4 +656,48 @@ async fn slow_peers_without_the_key_do_not_stall_the_listener() -> Result<()> {
     cri_b.stop_and_remove_pod(&new_pod).await?;
     a.finish()?;
     b.finish()
+}
+
+/// A TCP relay on loopback to `to` for one connection that flips the byte at offset `at` of
+/// what the sender sends; returns its address and whether the flip happened.
+fn tampering_relay(to: &str, at: u64) -> Result<(String, std::thread::JoinHandle<bool>)> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let to = to.to_string();
+    let handle = std::thread::spawn(move || {
+        let Ok((mut from_sender, _)) = listener.accept() else {
+            return false;
+        };
+        let Ok(mut to_target) = std::net::TcpStream::connect(&to) else {
+            return false;
+        };
+        let (Ok(mut back_from), Ok(mut back_to)) = (to_target.try_clone(), from_sender.try_clone())
+        else {
+            return false;
+        };
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_from, &mut back_to);
+            let _ = back_to.shutdown(std::net::Shutdown::Write);
+        });
+        let (mut seen, mut flipped) = (0u64, false);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from_sender.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if !flipped && seen + n as u64 > at {
+                buf[(at - seen) as usize] ^= 0x40;
+                flipped = true;
+            }
+            seen += n as u64;
+            if to_target.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to_target.shutdown(std::net::Shutdown::Write);
+        flipped
+    });
+    Ok((addr, handle))
 }

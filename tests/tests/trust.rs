@@ -1116,7 +1116,143 @@ async fn archive_requests_are_refused_unless_allowed_by_name() -> Result<()> {
         "the privileged restore has the default capabilities: {caps}"
     );
     cri.stop_and_remove_pod(&new_pod).await?;
+    the_node_policy_file_and_its_default(&c, &mut cri, &good, &vol).await?;
     c.finish()
+}
+
+/// A path of the host put aside for a test and brought back afterwards (what was there
+/// before, or nothing), with the directories the test had to create.
+struct HostPathAside {
+    path: std::path::PathBuf,
+    aside: Option<std::path::PathBuf>,
+    created: Vec<std::path::PathBuf>,
+}
+
+impl HostPathAside {
+    fn take(path: &std::path::Path) -> Result<Self> {
+        let mut created = Vec::new();
+        for dir in path.ancestors().skip(1) {
+            if dir.exists() {
+                break;
+            }
+            created.push(dir.to_path_buf());
+        }
+        created.reverse();
+        for dir in &created {
+            std::fs::create_dir(dir)?;
+        }
+        let aside = if path.exists() {
+            let to = path.with_extension(format!("stasis-e2e-{}", std::process::id()));
+            std::fs::rename(path, &to)?;
+            Some(to)
+        } else {
+            None
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            aside,
+            created,
+        })
+    }
+}
+
+impl Drop for HostPathAside {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path).or_else(|_| std::fs::remove_dir_all(&self.path));
+        if let Some(a) = &self.aside {
+            let _ = std::fs::rename(a, &self.path);
+        }
+        for dir in self.created.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Without STASIS_RESTORE_POLICY, a node's restore policy is /etc/stasis/restore-policy.json;
+/// with no such file, the built-in one, whose only host path prefix is kubelet's pod volume
+/// directory. Inspect and restore both read it.
+async fn the_node_policy_file_and_its_default(
+    c: &Containerd,
+    cri: &mut stasis_e2e::cri::CriClient,
+    good: &std::path::Path,
+    vol: &std::path::Path,
+) -> Result<()> {
+    let file = std::path::Path::new(stasis_controller::policy::DEFAULT_POLICY_FILE);
+    let _file = HostPathAside::take(file)?;
+    let node = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(c.stasisctl_command()?
+            .env_remove("STASIS_RESTORE_POLICY")
+            .args(args)
+            .output()?)
+    };
+    let good_arg = good.to_str().unwrap();
+    let verdict = |out: &std::process::Output, verdict: &str, host: &std::path::Path| {
+        let said = String::from_utf8_lossy(&out.stdout);
+        let line = format!(
+            "{verdict}  container app: host path {} mounted at /data",
+            host.display()
+        );
+        ensure!(
+            out.status.success() && said.contains(&line),
+            "inspect does not say {line:?}: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    // No file: the harness directory is not kubelet's, so the volume is refused ...
+    verdict(&node(&["inspect", good_arg])?, "refused", vol)?;
+    let out = node(&["pod", "restore", good_arg, "--name", "by-default"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success()
+            && err.contains(&format!("container app: host path {}", vol.display())),
+        "the built-in policy let the harness's volume through: {err}"
+    );
+    // ... while one below kubelet's pod volume directory is allowed.
+    let kubelet = std::path::Path::new("/var/lib/kubelet/pods")
+        .join(format!("stasis-e2e-{}", std::process::id()))
+        .join("volume");
+    let _kubelet = HostPathAside::take(&kubelet)?;
+    std::fs::create_dir(&kubelet)?;
+    let moved = c.dir.join("kubelet-volume.tar");
+    rewrite_archive(good, &moved, |dir| {
+        edit_json(dir, "container-config.json", |v| {
+            v["mounts"][0]["host_path"] = kubelet.display().to_string().into();
+        })
+    })?;
+    verdict(
+        &node(&["inspect", moved.to_str().unwrap()])?,
+        "allowed",
+        &kubelet,
+    )?;
+    // The file, once there, is the policy: this node's volume directory allowed, for
+    // inspect and for a restore.
+    std::fs::copy(
+        c.policy_file("node-policy.json", serde_json::json!({}))?,
+        file,
+    )?;
+    verdict(&node(&["inspect", good_arg])?, "allowed", vol)?;
+    let out = node(&["pod", "restore", good_arg, "--name", "by-file"])?;
+    ensure!(
+        out.status.success(),
+        "a restore under the node's policy file failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    cri.stop_and_remove_pod(&pod).await?;
+    // A broken file is an error naming it, not a silent fallback to the defaults.
+    std::fs::write(file, "{ not json")?;
+    let out = node(&["inspect", good_arg])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success()
+            && err.contains(&format!(
+                "restore policy {} is not valid",
+                stasis_controller::policy::DEFAULT_POLICY_FILE
+            )),
+        "a broken node policy file: {err}"
+    );
+    Ok(())
 }
 
 /// Owners and special bits in a writable layer and a volume: files of uid 1000 and a setuid

@@ -124,7 +124,15 @@ pub(super) fn unpack_each<R: Read>(
         }
         *room -= entry.size();
         let inside = entry.unpack_in(dest).map_err(|e| {
-            anyhow::anyhow!("archive is truncated or corrupt at {}: {e}", path.display())
+            // tar's error names the file; why it failed (a stream frame failing its
+            // authentication, a short read) is its source.
+            let why = std::error::Error::source(&e)
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default();
+            anyhow::anyhow!(
+                "archive is truncated or corrupt at {}: {e}{why}",
+                path.display()
+            )
         })?;
         if !inside {
             bail!(

@@ -238,7 +238,11 @@ pub async fn checkpoint_pod(
         hold: !opts.leave_running,
         tcp_established: opts.tcp_established,
         file_locks: opts.file_locks,
-        timeout: (opts.timeout_secs > 0).then(|| Duration::from_secs(opts.timeout_secs as u64)),
+        timeout: Some(if opts.timeout_secs > 0 {
+            Duration::from_secs(opts.timeout_secs as u64)
+        } else {
+            shim.checkpoint_bound
+        }),
     };
     let engine = shim.runtime.name().to_string();
     let written = capture_and_write(shim, &job, &pod, &names, &engine, opts.leave_running).await;

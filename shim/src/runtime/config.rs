@@ -76,12 +76,23 @@ pub struct BackendConfig {
     /// pod's FinishRestore before the shim gives up on the restore and stops it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_hold_secs: Option<u64>,
+    /// The bound on a checkpoint whose caller sets none (containerd's Task API never does;
+    /// a pod checkpoint without `--timeout`). Past it the runtime and CRIU are stopped
+    /// before anything is thawed. Default: 600 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_timeout_secs: Option<u64>,
 }
 
 impl BackendConfig {
     /// Default bound on a restore hold: long enough for big pods, short enough that a
     /// restore whose driver died does not leave frozen containers around for long.
     pub const DEFAULT_RESTORE_HOLD_SECS: u64 = 120;
+
+    pub fn checkpoint_bound(&self) -> std::time::Duration {
+        self.checkpoint_timeout_secs
+            .map(std::time::Duration::from_secs)
+            .unwrap_or(crate::runtime::DEFAULT_CHECKPOINT_TIMEOUT)
+    }
 
     pub fn restore_hold(&self) -> std::time::Duration {
         std::time::Duration::from_secs(
@@ -317,6 +328,23 @@ mod tests {
         c.save("p", &dir).unwrap();
         assert_eq!(BackendConfig::load("p", &dir).unwrap(), c);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bounds_come_from_the_settings_or_their_defaults() {
+        let none = BackendConfig::default();
+        assert_eq!(
+            none.checkpoint_bound(),
+            crate::runtime::DEFAULT_CHECKPOINT_TIMEOUT
+        );
+        assert_eq!(
+            none.restore_hold().as_secs(),
+            BackendConfig::DEFAULT_RESTORE_HOLD_SECS
+        );
+        let set: BackendConfig =
+            toml::from_str("checkpoint_timeout_secs = 7\nrestore_hold_secs = 3\n").unwrap();
+        assert_eq!(set.checkpoint_bound().as_secs(), 7);
+        assert_eq!(set.restore_hold().as_secs(), 3);
     }
 
     #[test]

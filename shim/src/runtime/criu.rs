@@ -15,8 +15,8 @@ use stasis_api::layout::{CHECKPOINT_DIR, DUMP_LOG, STATS_DUMP};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    cancel_after, timed_out, CheckpointHooks, CheckpointOpts, ContainerTarget, HeldPod, PodCapture,
-    PodCheckpoint, Timings, DEFAULT_CHECKPOINT_TIMEOUT,
+    cancel_after, past_bound, timed_out, CheckpointHooks, CheckpointOpts, ContainerTarget, HeldPod,
+    PodCapture, PodCheckpoint, Timings, DEFAULT_CHECKPOINT_TIMEOUT,
 };
 use crate::{
     cgroup::freezer::{self, Freezer},
@@ -108,7 +108,9 @@ pub async fn checkpoint_container<R: CheckpointHooks + ?Sized>(
         .cancel
         .get_or_insert_with(CancellationToken::new)
         .clone();
-    let timer = cancel_after(&cancel, DEFAULT_CHECKPOINT_TIMEOUT);
+    let limit = opts.timeout.unwrap_or(DEFAULT_CHECKPOINT_TIMEOUT);
+    let bound_from = Instant::now();
+    let timer = cancel_after(&cancel, limit);
     let opts = &opts;
     let result = async {
         let t = Instant::now();
@@ -128,6 +130,11 @@ pub async fn checkpoint_container<R: CheckpointHooks + ?Sized>(
     }
     .await;
     drop(timer);
+    // Past the bound runc and CRIU were killed and waited for (before the thaw below).
+    let result = match result {
+        Err(_) if past_bound(&cancel, bound_from, limit) => Err(timed_out(id, "checkpoint", limit)),
+        r => r,
+    };
     if stop && result.is_ok() {
         // Killed while frozen: nothing runs between the capture and the end.
         if let Err(e) = runtime.kill(id, libc::SIGKILL as u32, true).await {

@@ -63,6 +63,8 @@ pub struct CheckpointOpts {
     /// Stops the dump: the runtime and CRIU are killed and waited for before `checkpoint`
     /// returns, so nothing of them can freeze, thaw or write afterwards.
     pub cancel: Option<tokio_util::sync::CancellationToken>,
+    /// The bound on a one-container checkpoint (Task API); `None`: the default bound.
+    pub timeout: Option<Duration>,
 }
 
 /// What a runtime needs to start a pod of its own (see `OciRuntime::start_pod`).
@@ -394,10 +396,20 @@ pub fn timed_out(id: &str, step: &str, after: Duration) -> Error {
         id,
         step,
         format!(
-            "timed out after {} s (the runtime and CRIU were stopped before the pod was thawed)",
+            "timed out after {} s (the runtime and CRIU were stopped before anything was thawed)",
             after.as_secs()
         ),
     )
+}
+
+/// Whether a dump cancelled through `cancel` was stopped by its bound (`limit`, counted from
+/// `since`) rather than by someone else.
+pub fn past_bound(
+    cancel: &tokio_util::sync::CancellationToken,
+    since: std::time::Instant,
+    limit: Duration,
+) -> bool {
+    cancel.is_cancelled() && since.elapsed() >= limit
 }
 
 /// How long a checkpoint may take when the caller sets no bound of its own.

@@ -36,6 +36,8 @@ pub struct Shim {
     pub work: tokio_util::task::TaskTracker,
     /// How long a restored container waits, frozen, for its pod's FinishRestore.
     pub restore_hold: std::time::Duration,
+    /// The bound on a checkpoint whose caller sets none.
+    pub checkpoint_bound: std::time::Duration,
     /// Where restores are prepared; restore annotations name ids in it.
     pub restore_store: std::path::PathBuf,
     /// How each restored container's restore ended (lazy ones: once every page is in).
@@ -44,30 +46,27 @@ pub struct Shim {
 
 impl Shim {
     pub fn new(runtime: Arc<dyn OciRuntime>, events: Events) -> Arc<Self> {
-        Self::with_restore_hold(runtime, events, None)
+        Self::with_bounds(runtime, events, &Default::default())
     }
 
-    pub fn with_restore_hold(
+    /// A shim under its backend's bounds (restore hold, checkpoint timeout).
+    pub fn with_bounds(
         runtime: Arc<dyn OciRuntime>,
         events: Events,
-        hold: Option<std::time::Duration>,
+        backend: &crate::runtime::config::BackendConfig,
     ) -> Arc<Self> {
-        let mut shim = Shim {
+        let shim = Shim {
             containers: Default::default(),
             pod: Default::default(),
             runtime,
             events,
             shutdown: CancellationToken::new(),
             work: tokio_util::task::TaskTracker::new(),
-            restore_hold: std::time::Duration::from_secs(
-                crate::runtime::config::BackendConfig::DEFAULT_RESTORE_HOLD_SECS,
-            ),
+            restore_hold: backend.restore_hold(),
+            checkpoint_bound: backend.checkpoint_bound(),
             restore_store: stasis_api::layout::RESTORE_STORE.into(),
             restores: Arc::default(),
         };
-        if let Some(hold) = hold {
-            shim.restore_hold = hold;
-        }
         Arc::new(shim)
     }
 

@@ -58,6 +58,8 @@ pub async fn checkpoint(shim: &Shim, req: api::CheckpointTaskRequest) -> Result<
         cgroups_mode: o.cgroups_mode.clone(),
         cancel: None,
         lazy_pages: false,
+        // containerd's Task API carries no bound: the backend's settings give it.
+        timeout: Some(shim.checkpoint_bound),
     };
     let target = ContainerTarget {
         id: req.id.clone(),

@@ -18,8 +18,9 @@ use crate::{
     error::{Error, Result},
     fscapture::volumes,
     runtime::{
-        cancel_after, timed_out, CheckpointHooks, CheckpointOpts, ContainerTarget, HeldPod,
-        OciRuntime, Operation, PodCapture, PodCheckpoint, Timings, DEFAULT_CHECKPOINT_TIMEOUT,
+        cancel_after, past_bound, timed_out, CheckpointHooks, CheckpointOpts, ContainerTarget,
+        HeldPod, OciRuntime, Operation, PodCapture, PodCheckpoint, Timings,
+        DEFAULT_CHECKPOINT_TIMEOUT,
     },
     util::blocking,
 };
@@ -122,8 +123,13 @@ pub async fn checkpoint_container(
     if pause {
         runsc.pause(id).await?;
     }
+    // The bound containerd does not set: past it runsc is killed and waited for.
+    let limit = opts.timeout.unwrap_or(DEFAULT_CHECKPOINT_TIMEOUT);
+    let cancel = opts.cancel.clone().unwrap_or_default();
+    let (bound_from, timer) = (Instant::now(), cancel_after(&cancel, limit));
     let live = CheckpointOpts {
         leave_running: true,
+        cancel: Some(cancel.clone()),
         ..opts.clone()
     };
     let result = async {
@@ -137,6 +143,11 @@ pub async fn checkpoint_container(
         Ok::<_, Error>((dump, t.elapsed()))
     }
     .await;
+    drop(timer);
+    let result = match result {
+        Err(_) if past_bound(&cancel, bound_from, limit) => Err(timed_out(id, "checkpoint", limit)),
+        r => r,
+    };
     let stopping = stop && result.is_ok();
     let frozen = if pause || stopping {
         let resumed = resume_sandbox(runsc, id).await;

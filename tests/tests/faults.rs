@@ -13,6 +13,22 @@ use stasis_e2e::{
     Containerd,
 };
 
+/// The ending every fault test shares: each of `ids` is THAWED, the counter in `counter_id`
+/// moves, then the pod is stopped and removed.
+async fn expect_pod_runs_on(
+    cri: &mut CriClient,
+    pod_id: &str,
+    ids: &[&str],
+    counter_id: &str,
+) -> Result<()> {
+    for id in ids {
+        let state = pod_freezer_state(pod_id, id)?;
+        ensure!(state == "THAWED", "{id} is {state}");
+    }
+    wait_counter_moving(cri, counter_id, "/counter").await?;
+    cri.stop_and_remove_pod(pod_id).await
+}
+
 /// A pod of two containers: one holding `mib` MiB of touched memory (its dump takes a while:
 /// about 250 MB/s here), one running the counter loop; returns once both run.
 async fn hog_and_counter_pod(
@@ -818,8 +834,7 @@ async fn a_callers_deadline_passing_mid_dump_leaves_the_pod_thawed() -> Result<(
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    wait_counter_moving(&mut cri, &counter_id, "/counter").await?;
-    cri.stop_and_remove_pod(&pod_id).await?;
+    expect_pod_runs_on(&mut cri, &pod_id, &[&big_id, &counter_id], &counter_id).await?;
     c.finish()
 }
 
@@ -964,12 +979,7 @@ async fn stop_kill_and_exec_during_a_pod_checkpoint_wait_for_it() -> Result<()> 
             "{id} is not EXITED after its stop/kill"
         );
     }
-    for id in [&big_id, &counter_id] {
-        let state = pod_freezer_state(&pod_id, id)?;
-        ensure!(state == "THAWED", "{id} is {state}");
-    }
-    wait_counter_moving(&mut cri, &counter_id, "/counter").await?;
-    cri.stop_and_remove_pod(&pod_id).await?;
+    expect_pod_runs_on(&mut cri, &pod_id, &[&big_id, &counter_id], &counter_id).await?;
     c.finish()
 }
 
@@ -1101,11 +1111,8 @@ async fn a_stopping_checkpoint_whose_archive_reads_back_wrong_leaves_the_pod_run
             status.state == stasis_e2e::cri::cri::ContainerState::ContainerRunning as i32,
             "{id} is not running"
         );
-        let state = pod_freezer_state(&pod_id, id)?;
-        ensure!(state == "THAWED", "{id} is {state}");
     }
-    wait_counter_moving(&mut cri, &counter_id, "/counter").await?;
-    cri.stop_and_remove_pod(&pod_id).await?;
+    expect_pod_runs_on(&mut cri, &pod_id, &[&big_id, &counter_id], &counter_id).await?;
     c.finish()
 }
 

@@ -29,7 +29,8 @@ pub async fn ls(t: &Target) -> Result<Vec<PodRow>> {
         .items;
     let mut rows = Vec::new();
     for p in pods {
-        let containers = cri::pod_containers(&mut rt, &p.id)
+        // CRI lists containers in no fixed order; sorted by name, the column reads the same each time.
+        let mut containers: Vec<(String, &'static str)> = cri::pod_containers(&mut rt, &p.id)
             .await?
             .iter()
             .map(|c| {
@@ -37,6 +38,7 @@ pub async fn ls(t: &Target) -> Result<Vec<PodRow>> {
                 (name.to_string(), cri::state_name(c.state))
             })
             .collect();
+        containers.sort();
         let md = p.metadata.clone().unwrap_or_default();
         rows.push(PodRow {
             ready: p.state == api::PodSandboxState::SandboxReady as i32,

@@ -308,6 +308,7 @@ async fn measure(
             replace_volumes: false,
             opening: Default::default(),
             lazy: false,
+            wait_pages: true,
         },
         Source::Archive {
             path: archive.clone(),

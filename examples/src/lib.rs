@@ -128,3 +128,33 @@ pub fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Duration)> {
     let v = f()?;
     Ok((v, t.elapsed()))
 }
+
+/// Time from `started` until a running container of the pod named `pod_name` on `node`
+/// answers an exec, polled through CRI from outside stasisctl (at most `limit`).
+pub async fn first_answer(
+    node: &Containerd,
+    pod_name: &str,
+    started: Instant,
+    limit: Duration,
+) -> Result<Duration> {
+    let mut cri = node.cri().await?;
+    loop {
+        if started.elapsed() > limit {
+            bail!("no container of pod {pod_name} answered within {limit:?}");
+        }
+        for pod in cri.pods().await? {
+            if pod.metadata.as_ref().map(|m| m.name.as_str()) != Some(pod_name) {
+                continue;
+            }
+            let running = stasis_e2e::cri::containers_by_name(&mut cri, &pod.id).await?;
+            for (_, id, state) in running {
+                // 1: CONTAINER_RUNNING. A restored container refuses execs until its whole
+                // pod is restored, so the first answer is the time to running.
+                if state == 1 && matches!(cri.exec(&id, &["true"]).await, Ok((0, _, _))) {
+                    return Ok(started.elapsed());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

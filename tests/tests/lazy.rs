@@ -56,7 +56,13 @@ async fn a_lazy_restore_brings_every_page_back() -> Result<()> {
     // with most of its memory not yet in, and a `criu lazy-pages` daemon is serving it.
     let mut child = c
         .stasisctl_command()?
-        .args(["pod", "restore", archive.to_str().unwrap(), "--lazy"])
+        .args([
+            "pod",
+            "restore",
+            archive.to_str().unwrap(),
+            "--lazy",
+            "--wait-pages",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
@@ -87,6 +93,12 @@ async fn a_lazy_restore_brings_every_page_back() -> Result<()> {
             .with_context(|| format!("no {name} in {restored:?}"))
     };
     let (hog, counter) = (id_of("hog")?, id_of("counter")?);
+    // The shim's own account, as `pod pages` shows it: both containers have every page.
+    let pages = c.stasisctl_ok(&["pod", "pages", &new_pod])?;
+    ensure!(
+        pages.lines().filter(|l| l.contains("all in, ")).count() == 2,
+        "pod pages after --wait-pages: {pages}"
+    );
     // The restore was served by a lazy-pages daemon (its log is in the restore work dir).
     let log = c
         .dir
@@ -217,7 +229,13 @@ async fn a_changed_page_in_the_archive_stops_the_lazy_restore() -> Result<()> {
     bytes[at as usize] ^= 0x55;
     std::fs::write(&archive, bytes)?;
 
-    let out = c.stasisctl(&["pod", "restore", archive.to_str().unwrap(), "--lazy"])?;
+    let out = c.stasisctl(&[
+        "pod",
+        "restore",
+        archive.to_str().unwrap(),
+        "--lazy",
+        "--wait-pages",
+    ])?;
     let err = String::from_utf8_lossy(&out.stderr);
     eprintln!("{err}");
     ensure!(
@@ -235,7 +253,50 @@ async fn a_changed_page_in_the_archive_stops_the_lazy_restore() -> Result<()> {
         "pods left after the failed restore: {:?}",
         pods.iter().map(|p| &p.id).collect::<Vec<_>>()
     );
+    // Without --wait-pages the command may return once the pod runs, before the changed
+    // chunk is read; then the restore's watchdog, which waits for the pages, finds the
+    // failure and removes the pod. Either way no pod is left and nothing of the restore.
+    let out = c.stasisctl(&["pod", "restore", archive.to_str().unwrap(), "--lazy"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}");
+    if out.status.success() {
+        ensure!(
+            err.contains("its memory is still coming in"),
+            "a returning lazy restore says nothing of its pages: {err}"
+        );
+    } else {
+        ensure!(
+            err.contains("stopped before all of its memory was restored")
+                || err.contains("does not match the archive's manifest"),
+            "the error does not say what happened: {err}"
+        );
+    }
+    wait_restore_watchdogs_gone(&c).await?;
+    let pods = cri.pods().await?;
+    ensure!(
+        pods.is_empty(),
+        "the watchdog left the pod whose pages failed: {:?}",
+        pods.iter().map(|p| &p.id).collect::<Vec<_>>()
+    );
     c.finish()
+}
+
+/// Waits (up to 120 s) until no restore watchdog of this containerd runs: a lazy restore
+/// that returned at running leaves one waiting for its pages.
+async fn wait_restore_watchdogs_gone(c: &Containerd) -> Result<()> {
+    let socket = c.socket().display().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = stasis_e2e::processes_matching(&["__restore-guard", &socket]);
+        if left.is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "restore watchdogs still running after 120 s: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// `pod checkpoint --output DIR/` writes the unpacked layout (private, with its manifest);
@@ -282,7 +343,21 @@ async fn a_checkpoint_directory_restores_lazily_from_its_own_files() -> Result<(
         out.status.success(),
         "lazy restore from a directory failed: {err}"
     );
+    ensure!(
+        err.contains("its memory is still coming in"),
+        "the restore did not return at running: {err}"
+    );
     let new_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // Returned at running: its watchdog waits for the pages; `pod pages --wait` answers
+    // once they are in, with the time it took.
+    let pages = c.stasisctl_ok(&["pod", "pages", &new_pod, "--wait"])?;
+    ensure!(
+        pages
+            .lines()
+            .any(|l| l.starts_with("hog ") && l.contains("all in, ")),
+        "pod pages --wait: {pages}"
+    );
+    wait_restore_watchdogs_gone(&c).await?;
     let (_, hog, _) = containers_by_name(&mut cri, &new_pod)
         .await?
         .into_iter()

@@ -1,4 +1,4 @@
-//! `stasisctl pod ls | checkpoint | restore | migrate`.
+//! `stasisctl pod ls | checkpoint | restore | pages | migrate`.
 
 use std::path::PathBuf;
 
@@ -36,6 +36,18 @@ pub(super) enum PodCommand {
     /// 0700) under a fresh random id, which the new pod and its containers name; the unpacked
     /// copy is removed afterwards, also when the restore fails or is interrupted.
     Restore(RestoreFlags),
+    /// Where the memory of POD's restored containers stands: pages still coming in (a lazy
+    /// restore), every page in (and after how long), restored eagerly, or failed and why.
+    Pages(PagesFlags),
+}
+
+#[derive(clap::Args)]
+pub(super) struct PagesFlags {
+    /// Pod id, unique id prefix, or pod name.
+    pod: String,
+    /// Answer once no container's pages are still coming in.
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(clap::Args)]
@@ -145,9 +157,14 @@ pub(super) struct RestoreFlags {
     /// running and to the last page. From an uncompressed archive the pages are read
     /// from the archive itself (each chunk checked against the manifest as it is read),
     /// so the time to running does not grow with memory. runc/crun only (runsc restores
-    /// eagerly).
+    /// eagerly). Returns once the pod runs; the restore's watchdog waits for the pages and
+    /// removes the pod if a container cannot get them all (`pod pages POD` follows it).
     #[arg(long)]
     lazy: bool,
+    /// With --lazy: return only once every page is in (a container that could not get all
+    /// of its memory then fails the command, and the pod is removed).
+    #[arg(long, requires = "lazy")]
+    wait_pages: bool,
 }
 
 /// Runs a `pod` command.
@@ -160,6 +177,10 @@ pub(super) async fn run(target: &Target, command: PodCommand) -> Result<()> {
         PodCommand::Checkpoint(f) => checkpoint(target, f).await,
         PodCommand::Restore(f) => restore(target, f).await,
         PodCommand::Migrate(f) => migrate(target, f).await,
+        PodCommand::Pages(f) => {
+            print_pages(&restore::lazy::pod_pages(target, &f.pod, f.wait).await?);
+            Ok(())
+        }
     }
 }
 
@@ -206,6 +227,7 @@ async fn restore(target: &Target, f: RestoreFlags) -> Result<()> {
         replace_volumes: f.admit.replace_volumes,
         opening,
         lazy: f.lazy,
+        wait_pages: f.wait_pages,
     };
     let id = restore::restore_pod(target, &args, Source::from_arg(&f.archive)).await?;
     println!("{id}");
@@ -267,6 +289,26 @@ fn print_pods(pods: &[ls::PodRow]) {
             },
             list.join(", ")
         );
+    }
+}
+
+fn print_pages(rows: &[(String, restore::lazy::ContainerPages)]) {
+    use stasis_api::checkpoint::RestoreState;
+    if rows.is_empty() {
+        println!("no container of this pod was restored from a checkpoint");
+        return;
+    }
+    println!("{:<20} {:<14} PAGES", "CONTAINER", "ID");
+    for (name, c) in rows {
+        let pages = match c.state {
+            RestoreState::RESTORE_PENDING => "coming in".to_string(),
+            RestoreState::RESTORE_EAGER => "all in before it ran (eager restore)".to_string(),
+            RestoreState::RESTORE_COMPLETE => {
+                format!("all in, {} ms after its restore began", c.pages_in_ms)
+            }
+            RestoreState::RESTORE_FAILED => format!("failed: {}", c.reason),
+        };
+        println!("{:<20} {:<14} {pages}", name, &c.id[..c.id.len().min(13)]);
     }
 }
 

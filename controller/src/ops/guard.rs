@@ -4,6 +4,11 @@
 //! reach it), reading a pipe from its parent. The parent says which pod it created and, at
 //! its end, that nothing is left to do. When the pipe closes without that word, the parent
 //! died half-way: the helper removes the new pod through CRI and the unpacked checkpoint.
+//!
+//! A lazy restore that returns once its pod runs hands its end over to the helper
+//! ([`RestoreGuard::follow`]): it waits until the shim says every page is in, then removes
+//! the restore directory; a container that did not get all of its memory takes the pod with
+//! it, as when stasisctl waits itself.
 
 use std::{
     io::{BufRead, Write},
@@ -14,7 +19,10 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::cri::{self, api};
+use crate::{
+    cri::{self, api},
+    ops::{restore::lazy, Target},
+};
 
 /// The hidden subcommand the helper runs as.
 pub const SUBCOMMAND: &str = "__restore-guard";
@@ -22,11 +30,17 @@ pub const SUBCOMMAND: &str = "__restore-guard";
 pub struct RestoreGuard {
     tell: ChildStdin,
     child: Child,
+    address: String,
+    dir: PathBuf,
 }
 
 impl RestoreGuard {
     /// Starts the helper for a restore unpacking into `dir` against containerd at `address`.
     pub fn start(address: &str, dir: &Path) -> Result<Self> {
+        Self::spawn(address, dir, Stdio::inherit())
+    }
+
+    fn spawn(address: &str, dir: &Path, stderr: Stdio) -> Result<Self> {
         let exe = std::env::current_exe().context("find stasisctl's own binary")?;
         let mut cmd = Command::new(exe);
         // The directory names the restore id: it goes through the pipe, never on a command
@@ -35,7 +49,8 @@ impl RestoreGuard {
             .arg(address)
             .arg(SUBCOMMAND)
             .stdin(Stdio::piped())
-            .stdout(Stdio::null());
+            .stdout(Stdio::null())
+            .stderr(stderr);
         // SAFETY: setsid is async-signal-safe.
         unsafe {
             cmd.pre_exec(|| {
@@ -46,12 +61,51 @@ impl RestoreGuard {
         let mut child = cmd.spawn().context("start the restore watchdog")?;
         let mut tell = child.stdin.take().context("watchdog pipe")?;
         writeln!(tell, "dir {}", dir.display()).context("tell the restore watchdog")?;
-        Ok(RestoreGuard { tell, child })
+        Ok(RestoreGuard {
+            tell,
+            child,
+            address: address.to_string(),
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// The pod the restore created: removed by the helper if stasisctl dies.
     pub fn pod(&mut self, id: &str) {
         let _ = writeln!(self.tell, "pod {id}");
+    }
+
+    /// The restore returns with pages still coming in: a fresh helper waits for them (see
+    /// the module's text), then removes what the restore left; it runs on after stasisctl
+    /// ends. It is started before this one is dismissed, so the pod is never unwatched.
+    /// It keeps stasisctl's stderr for what it has to say, unless that is a pipe: a caller
+    /// reading the pipe to its end would otherwise wait for the last page.
+    pub fn follow(
+        self,
+        namespace: &str,
+        pod_id: &str,
+        handler: &str,
+        containers: &[(String, String)],
+    ) -> Result<()> {
+        let stderr = if stderr_is_a_pipe() {
+            Stdio::null()
+        } else {
+            Stdio::inherit()
+        };
+        let mut follower = Self::spawn(&self.address, &self.dir, stderr)?;
+        let mut say = |line: String| writeln!(follower.tell, "{line}");
+        say(format!("namespace {namespace}"))
+            .and_then(|()| say(format!("handler {handler}")))
+            .and_then(|()| {
+                containers
+                    .iter()
+                    .try_for_each(|(name, id)| say(format!("container {id} {name}")))
+            })
+            .and_then(|()| say(format!("follow {pod_id}")))
+            .context("hand the restore to its watchdog")?;
+        // Closing the pipe starts the follower's wait; its exit is not ours to wait for.
+        drop(follower.tell);
+        self.done();
+        Ok(())
     }
 
     /// Nothing left for the helper to do (the restore succeeded or cleaned up itself).
@@ -62,9 +116,18 @@ impl RestoreGuard {
     }
 }
 
+fn stderr_is_a_pipe() -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata("/proc/self/fd/2")
+        .map(|m| m.file_type().is_fifo() || m.file_type().is_socket())
+        .unwrap_or(false)
+}
+
 /// The helper: waits for its parent's pipe to close, then cleans up unless told it is done.
 pub async fn run(address: &str) -> Result<()> {
     let (mut pod, mut done, mut dir) = (None, false, None);
+    let (mut namespace, mut handler, mut containers, mut follow) =
+        (String::new(), String::new(), Vec::new(), false);
     let lines = tokio::task::spawn_blocking(|| {
         std::io::stdin()
             .lock()
@@ -80,6 +143,18 @@ pub async fn run(address: &str) -> Result<()> {
             pod = Some(id.to_string());
         } else if line == "done" {
             done = true;
+        } else if let Some(ns) = line.strip_prefix("namespace ") {
+            namespace = ns.to_string();
+        } else if let Some(h) = line.strip_prefix("handler ") {
+            handler = h.to_string();
+        } else if let Some((id, name)) = line
+            .strip_prefix("container ")
+            .and_then(|c| c.split_once(' '))
+        {
+            containers.push((name.to_string(), id.to_string()));
+        } else if let Some(id) = line.strip_prefix("follow ") {
+            pod = Some(id.to_string());
+            follow = true;
         }
     }
     if done {
@@ -88,6 +163,18 @@ pub async fn run(address: &str) -> Result<()> {
     let Some(dir) = dir else {
         return Ok(());
     };
+    let mut lost = Vec::new();
+    if let (true, Some(id)) = (follow, &pod) {
+        let t = Target {
+            address: address.to_string(),
+            namespace,
+        };
+        lost = lazy::lost_containers(&t, (id, &handler), &containers).await;
+        if lost.is_empty() {
+            remove_restore_files(&dir);
+            return Ok(());
+        }
+    }
     if let Some(id) = &pod {
         let mut rt = cri::connect(Path::new(address)).await?;
         let mut removed = false;
@@ -110,17 +197,35 @@ pub async fn run(address: &str) -> Result<()> {
             }
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
-        eprintln!(
-            "stasisctl: the restore was killed half-way; {} the new pod {id}",
-            if removed {
-                "removed"
-            } else {
-                "could not remove"
-            }
-        );
+        remove_restore_files(&dir);
+        let outcome = if removed {
+            "removed"
+        } else {
+            "could not remove"
+        };
+        // stasisctl may be long gone, and its terminal with it: a failed write is no reason
+        // to stop.
+        let _ = if lost.is_empty() {
+            writeln!(
+                std::io::stderr(),
+                "stasisctl: the restore was killed half-way; {outcome} the new pod {id}"
+            )
+        } else {
+            writeln!(
+                std::io::stderr(),
+                "stasisctl: pod {id}: {} stopped before all of its memory was restored; {outcome} the pod",
+                lost.join(", ")
+            )
+        };
+        return Ok(());
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    // The files beside it: the restore's options, claim and token.
+    remove_restore_files(&dir);
+    Ok(())
+}
+
+/// The restore directory and the files beside it: the restore's options, claim and token.
+fn remove_restore_files(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
     if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) {
         for suffix in [
             stasis_api::layout::RESTORE_OPTIONS_SUFFIX,
@@ -131,5 +236,4 @@ pub async fn run(address: &str) -> Result<()> {
                 std::fs::remove_file(parent.join(format!("{}{suffix}", name.to_string_lossy())));
         }
     }
-    Ok(())
 }

@@ -230,6 +230,8 @@ async fn receive(
         replace_volumes: a.replace_volumes,
         opening: Opening::default(),
         lazy: offer.lazy,
+        // The migration reports its downtime and end only once every page is in.
+        wait_pages: true,
     };
     let source = Source::Stream {
         channel,

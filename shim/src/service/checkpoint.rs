@@ -151,6 +151,7 @@ impl Checkpoint for CheckpointService {
                     container_id: id,
                     state: o.state.into(),
                     reason: o.reason,
+                    pages_in_ms: o.pages_in.map_or(0, |d| d.as_millis() as u64),
                     ..Default::default()
                 })
                 .collect(),

@@ -11,6 +11,8 @@ pub struct Outcome {
     pub state: RestoreState,
     /// Why a restore failed.
     pub reason: String,
+    /// A lazy restore that completed: how long after its start the last page was in.
+    pub pages_in: Option<Duration>,
 }
 
 /// Every restored container's outcome, by container id, and a wake-up for those who wait
@@ -24,10 +26,29 @@ pub struct RestoreOutcomes {
 impl RestoreOutcomes {
     /// Records (or replaces) container `id`'s outcome.
     pub fn record(&self, id: &str, state: RestoreState, reason: impl Into<String>) {
-        let outcome = Outcome {
-            state,
-            reason: reason.into(),
-        };
+        self.put(
+            id,
+            Outcome {
+                state,
+                reason: reason.into(),
+                pages_in: None,
+            },
+        );
+    }
+
+    /// Container `id`'s lazy restore got its last page, `after` its start.
+    pub fn complete(&self, id: &str, after: Duration) {
+        self.put(
+            id,
+            Outcome {
+                state: RestoreState::RESTORE_COMPLETE,
+                reason: String::new(),
+                pages_in: Some(after),
+            },
+        );
+    }
+
+    fn put(&self, id: &str, outcome: Outcome) {
         self.by_id
             .lock()
             .unwrap_or_else(|p| p.into_inner())

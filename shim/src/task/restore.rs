@@ -320,7 +320,11 @@ fn watch_lazy_pages(
         .map(|_| shim.restores.clone());
     let report = move |state: RestoreState, reason: String| {
         if let Some(o) = &outcomes {
-            o.record(&id_for_report, state, reason);
+            if state == RestoreState::RESTORE_COMPLETE {
+                o.complete(&id_for_report, start.elapsed());
+            } else {
+                o.record(&id_for_report, state, reason);
+            }
         }
     };
     tokio::spawn(async move {

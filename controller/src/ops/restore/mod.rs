@@ -18,7 +18,7 @@ use crate::{cri, files, image::RegistryAccess, policy::Policy, seal::Opening};
 
 mod admit;
 mod create;
-mod lazy;
+pub mod lazy;
 mod unpack;
 
 pub use unpack::Source;
@@ -40,8 +40,11 @@ pub struct RestoreArgs {
     /// Identities to decrypt the archive; a key it must be signed by.
     pub opening: Opening,
     /// Let containers run before their memory is in (served on demand, pulled in the
-    /// background); stasisctl returns once every page is in.
+    /// background).
     pub lazy: bool,
+    /// A lazy restore returns only once every page is in (else once the pod runs, and the
+    /// restore's watchdog waits for the pages).
+    pub wait_pages: bool,
 }
 
 /// What a restore leaves on the node until it ends: the restore directory, its options and
@@ -51,10 +54,15 @@ struct Leftovers {
     dir: PathBuf,
     files: Vec<PathBuf>,
     guard: Option<RestoreGuard>,
+    /// Handed over to the watchdog, which removes them once every page is in.
+    handed_over: bool,
 }
 
 impl Drop for Leftovers {
     fn drop(&mut self) {
+        if self.handed_over {
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
         for f in &self.files {
             let _ = std::fs::remove_file(f);
@@ -71,6 +79,7 @@ pub struct Restored {
     pub pod_id: String,
     created: create::Created,
     lazy: bool,
+    wait_pages: bool,
     started: Instant,
     running: Duration,
     leftovers: Leftovers,
@@ -91,6 +100,7 @@ pub async fn restore(t: &Target, a: &RestoreArgs, source: Source<'_>) -> Result<
         guard: Some(RestoreGuard::start(&t.address, &dir)?),
         dir: dir.clone(),
         files: Vec::new(),
+        handed_over: false,
     };
     // Everything about the archive is checked before anything is created.
     let label = source.label();
@@ -109,7 +119,7 @@ pub async fn restore(t: &Target, a: &RestoreArgs, source: Source<'_>) -> Result<
     let mut node = create::CriNode::connect(t, &admitted.handler).await?;
     let created = create::create(&mut node, admitted, &mut interrupt, |id| guard.pod(id)).await?;
     let running = started.elapsed();
-    if a.lazy {
+    if a.lazy && a.wait_pages {
         eprintln!(
             "running after {:.0} ms; its memory is still coming in",
             ms(running)
@@ -119,6 +129,7 @@ pub async fn restore(t: &Target, a: &RestoreArgs, source: Source<'_>) -> Result<
         pod_id: created.pod_id.clone(),
         created,
         lazy: a.lazy,
+        wait_pages: a.wait_pages,
         started,
         running,
         leftovers,
@@ -127,8 +138,24 @@ pub async fn restore(t: &Target, a: &RestoreArgs, source: Source<'_>) -> Result<
 
 impl Restored {
     /// Waits until every page of a lazy restore is in, then removes the restore directory.
-    /// An error if a container stopped before its memory was all in.
-    pub async fn finish(self, t: &Target) -> Result<String> {
+    /// An error if a container stopped before its memory was all in. A lazy restore not
+    /// asked to wait for its pages leaves that to its watchdog and returns at once.
+    pub async fn finish(mut self, t: &Target) -> Result<String> {
+        if self.lazy && !self.wait_pages {
+            let c = &self.created;
+            if let Some(guard) = self.leftovers.guard.take() {
+                // Should the hand-over fail, this guard was not dismissed: its pipe closes
+                // with stasisctl and it removes the pod, as after any interrupted restore.
+                guard.follow(&t.namespace, &c.pod_id, &c.handler, &c.containers)?;
+                self.leftovers.handed_over = true;
+            }
+            eprintln!(
+                "restored: running after {:.0} ms; its memory is still coming in (`stasisctl pod pages {}` shows when the last page is in)",
+                ms(self.running),
+                self.pod_id
+            );
+            return Ok(self.pod_id.clone());
+        }
         let mut lost = Vec::new();
         if self.lazy {
             // The restore directory serves the lazy-pages daemons: kept until the shim says

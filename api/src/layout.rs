@@ -84,6 +84,9 @@ pub struct RestoreOptions {
     /// Page images left in the archive they came in (an uncompressed one): the unpacked
     /// files are sparse placeholders, and their pages are read from here on demand.
     pub page_source: Option<PageSource>,
+    /// With `lazy`: the pod's containers resume only once every page is in (an eager
+    /// restore that reads its pages through the page server instead of unpacked copies).
+    pub pages_before_resume: bool,
 }
 
 /// Page images served from byte ranges of an archive file instead of unpacked copies.

@@ -299,11 +299,18 @@ async fn second_checkpoint_of_the_same_pod_is_refused() -> Result<()> {
         })
     };
     // Two checkpoints of the same pod at once: the second must be refused while the first runs.
-    // Start-up jitter can keep them from overlapping; try a few times until they do.
+    // The second starts once the first's `runc checkpoint` of the container is seen running;
+    // should the dump end before the second reaches the shim, try again.
     let mut overlapped = false;
     for attempt in 0..4u32 {
         let first = run(attempt * 2 + 1);
-        std::thread::sleep(Duration::from_millis(150));
+        let seen_until = std::time::Instant::now() + Duration::from_secs(20);
+        while stasis_e2e::processes_matching(&["runc", "checkpoint", &id]).is_empty()
+            && !first.is_finished()
+            && std::time::Instant::now() < seen_until
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let second = run(attempt * 2 + 2);
         let (a, b) = (first.join().unwrap()?, second.join().unwrap()?);
         let errs = format!(

@@ -888,9 +888,14 @@ async fn stop_kill_and_exec_during_a_pod_checkpoint_wait_for_it() -> Result<()> 
     let stop = async {
         let r = stopper
             .runtime
+            // A grace period longer than the delete that follows the exit: the shim's unmount
+            // of the container's rootfs waits over a second for the kernel while CRIU dumps
+            // the big container, and containerd 2.1.9, whose exit handling deletes the task
+            // before the status says EXITED, would send its SIGKILL on a connection its own
+            // Delete then closes ("failed to kill container …: ttrpc: closed").
             .stop_container(stasis_e2e::cri::cri::StopContainerRequest {
                 container_id: extra[0].clone(),
-                timeout: 1,
+                timeout: 10,
             })
             .await;
         (r, Instant::now())
@@ -918,7 +923,12 @@ async fn stop_kill_and_exec_during_a_pod_checkpoint_wait_for_it() -> Result<()> 
         tokio::time::timeout(bound, async { tokio::join!(stop, kill, exec) })
             .await
             .context("stop, kill and exec did not all return within 60 s: a deadlock")?;
-    stopped.context("CRI StopContainer during the checkpoint")?;
+    if let Err(e) = stopped {
+        anyhow::bail!(
+            "CRI StopContainer during the checkpoint: {e}\ncontainerd's log about it:\n{}",
+            c.log_about(std::slice::from_ref(&extra[0]), 60)
+        );
+    }
     let (killed, kill_done) = killed?;
     let killed = killed?;
     ensure!(

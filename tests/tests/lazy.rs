@@ -210,24 +210,7 @@ async fn a_changed_page_in_the_archive_stops_the_lazy_restore() -> Result<()> {
         archive.to_str().unwrap(),
     ])?;
     cri.stop_and_remove_pod(&pod_id).await?;
-    // The largest page image holds the hog's memory: flip one byte in its middle.
-    let (mut at, mut largest) = (0u64, 0u64);
-    let mut tar = tar::Archive::new(std::fs::File::open(&archive)?);
-    for entry in tar.entries_with_seek()? {
-        let entry = entry?;
-        let path = entry.path()?.display().to_string();
-        if path.contains("/pages-") && entry.size() > largest {
-            largest = entry.size();
-            at = entry.raw_file_position() + entry.size() / 2;
-        }
-    }
-    ensure!(
-        largest > 32 << 20,
-        "no page image of the hog's size in the archive"
-    );
-    let mut bytes = std::fs::read(&archive)?;
-    bytes[at as usize] ^= 0x55;
-    std::fs::write(&archive, bytes)?;
+    change_a_page(&archive, &archive)?;
 
     let out = c.stasisctl(&[
         "pod",
@@ -307,17 +290,7 @@ async fn a_checkpoint_directory_restores_lazily_from_its_own_files() -> Result<(
     let c = Containerd::start("lazy-dir")?;
     let image = c.import_busybox_for_cri()?;
     let mut cri = c.cri().await?;
-    let pod = pod_config("lazydir", &c.dir.join("logs"));
-    let pod_id = cri.run_pod(&pod).await?;
-    let hog = cri
-        .run_container(
-            &pod_id,
-            &pod,
-            container_config("hog", image, &["sh", "-c", &checksum_hog(128)]),
-        )
-        .await?;
-    wait_ready(&mut cri, &hog, "/ready", Duration::from_secs(60)).await?;
-    let before = memory_sum(&mut cri, &hog).await?;
+    let (pod_id, _, before) = hog_pod(&mut cri, &c, image, "lazydir", 128).await?;
     let dir = c.dir.join("checkpoint-dir");
     c.stasisctl_ok(&[
         "pod",
@@ -374,4 +347,118 @@ async fn a_checkpoint_directory_restores_lazily_from_its_own_files() -> Result<(
     );
     cri.stop_and_remove_pod(&new_pod).await?;
     c.finish()
+}
+
+/// An eager restore (no `--lazy`) from an uncompressed archive takes its pages from the
+/// archive through the shim's page server, and resumes the pod only once every page is in:
+/// the hog's memory comes back whole, the shim served its pages from the archive's bytes,
+/// and `pod pages` says they were all in. A changed page in a copy of the archive fails that
+/// restore and leaves no pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eager_restore_reads_its_pages_from_the_archive_before_the_pod_runs() -> Result<()> {
+    let c = Containerd::start("eager-pages")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let (pod_id, _, before) = hog_pod(&mut cri, &c, image, "eager", 128).await?;
+    let archive = c.dir.join("eager.tar");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "eager",
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    cri.stop_and_remove_pod(&pod_id).await?;
+
+    // A copy with one byte of the hog's largest page image changed.
+    let changed = c.dir.join("changed.tar");
+    change_a_page(&archive, &changed)?;
+    let out = c.stasisctl(&["pod", "restore", changed.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("does not match the archive's manifest"),
+        "an eager restore of a changed page: {err}"
+    );
+    let pods = cri.pods().await?;
+    ensure!(pods.is_empty(), "a pod is left after the refused restore");
+
+    let out = c.stasisctl(&["pod", "restore", archive.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "eager restore failed: {err}");
+    let new_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (_, hog, _) = containers_by_name(&mut cri, &new_pod)
+        .await?
+        .into_iter()
+        .find(|(n, _, _)| n == "hog")
+        .context("no hog restored")?;
+    let log = c.log_tail(100_000);
+    ensure!(
+        log.lines().any(|l| l.contains(&hog)
+            && l.contains("page requests")
+            && l.contains(archive.to_str().unwrap())),
+        "the shim served no pages from the archive: {}",
+        c.log_about(std::slice::from_ref(&hog), 20)
+    );
+    ensure!(
+        log.lines()
+            .any(|l| l.contains("every page of") && l.contains(&hog) && l.contains("resuming")),
+        "the pod was not resumed after its pages: {}",
+        c.log_about(std::slice::from_ref(&hog), 20)
+    );
+    let pages = c.stasisctl_ok(&["pod", "pages", &new_pod])?;
+    ensure!(
+        pages
+            .lines()
+            .any(|l| l.starts_with("hog ") && l.contains("all in, ")),
+        "pod pages after an eager restore: {pages}"
+    );
+    let after = memory_sum(&mut cri, &hog).await?;
+    ensure!(after == before, "memory changed: md5 {before} -> {after}");
+    cri.stop_and_remove_pod(&new_pod).await?;
+    c.finish()
+}
+
+/// A pod named `name` with one container, `hog`, holding `mib` MiB of random memory; returns
+/// the pod id, the hog's id and the MD5 of its memory.
+async fn hog_pod(
+    cri: &mut stasis_e2e::cri::CriClient,
+    c: &Containerd,
+    image: &str,
+    name: &str,
+    mib: u64,
+) -> Result<(String, String, String)> {
+    let pod = pod_config(name, &c.dir.join("logs"));
+    let pod_id = cri.run_pod(&pod).await?;
+    let hog = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("hog", image, &["sh", "-c", &checksum_hog(mib)]),
+        )
+        .await?;
+    wait_ready(cri, &hog, "/ready", Duration::from_secs(60)).await?;
+    let before = memory_sum(cri, &hog).await?;
+    Ok((pod_id, hog, before))
+}
+
+/// Writes `archive` to `out` with one byte in the middle of its largest page image (the
+/// hog's memory) flipped.
+fn change_a_page(archive: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let (mut at, mut largest) = (0u64, 0u64);
+    let mut tar = tar::Archive::new(std::fs::File::open(archive)?);
+    for entry in tar.entries_with_seek()? {
+        let entry = entry?;
+        if entry.path()?.display().to_string().contains("/pages-") && entry.size() > largest {
+            largest = entry.size();
+            at = entry.raw_file_position() + entry.size() / 2;
+        }
+    }
+    ensure!(
+        largest > 32 << 20,
+        "no page image of the hog's size in the archive"
+    );
+    let mut bytes = std::fs::read(archive)?;
+    bytes[at as usize] ^= 0x55;
+    std::fs::write(out, bytes)?;
+    Ok(())
 }

@@ -20,6 +20,9 @@ pub struct Outcome {
 #[derive(Default)]
 pub struct RestoreOutcomes {
     by_id: Mutex<BTreeMap<String, Outcome>>,
+    /// Containers restored through the page server for an eager restore: the pod resumes
+    /// only once each has every page.
+    before_resume: Mutex<Vec<String>>,
     changed: tokio::sync::Notify,
 }
 
@@ -54,6 +57,20 @@ impl RestoreOutcomes {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.to_string(), outcome);
         self.changed.notify_waiters();
+    }
+
+    /// Container `id` must have every page before its pod resumes.
+    pub fn hold_for_pages(&self, id: &str) {
+        self.before_resume
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(id.to_string());
+    }
+
+    /// The containers that must have every page before their pod resumes (taken: asked once,
+    /// by the pod's FinishRestore).
+    pub fn take_held_for_pages(&self) -> Vec<String> {
+        std::mem::take(&mut *self.before_resume.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Forgets a deleted container.

@@ -11,6 +11,7 @@ use super::{exec_name, unmount};
 use crate::{
     error::{Error, Result},
     state::Shim,
+    util::blocking,
 };
 
 pub async fn delete(shim: &Shim, req: api::DeleteRequest) -> Result<api::DeleteResponse> {
@@ -68,7 +69,13 @@ pub async fn delete(shim: &Shim, req: api::DeleteRequest) -> Result<api::DeleteR
     };
     init_io.shutdown().await;
     if let Some(target) = mount {
-        unmount(&target);
+        // Off the async workers: an unmount waits for the kernel (over a second here while
+        // CRIU dumps another container of the pod), and must not stall every other call.
+        blocking(&req.id, "unmount the rootfs", move || {
+            unmount(&target);
+            Ok(())
+        })
+        .await?;
     }
     let _ = std::fs::remove_file(container.bundle.join("init.pid"));
     for io in exec_ios {

@@ -184,6 +184,9 @@ async fn start_lazy_restore(
     opts.lazy_pages = true;
     if pod_restore {
         shim.restores.record(id, RestoreState::RESTORE_PENDING, "");
+        if restore_options.pages_before_resume {
+            shim.restores.hold_for_pages(id);
+        }
     }
     let from_archive = match (
         &restore_options.page_source,
@@ -402,6 +405,7 @@ fn watch_hold(shim: &Shim, container: Arc<Container>) {
 
 /// Lets every container held after a pod restore run. Returns their ids.
 pub async fn finish_restore(shim: &Shim) -> Result<Vec<String>> {
+    wait_for_pages(shim).await?;
     if let Some(pod) = shim.pod() {
         pod.restore_finished();
     }
@@ -422,6 +426,46 @@ pub async fn finish_restore(shim: &Shim) -> Result<Vec<String>> {
     }
     info!("resumed restored containers {resumed:?}");
     Ok(resumed)
+}
+
+/// An eager restore whose pages come through the page server: the held containers get every
+/// page before any of them runs (the daemons push them in the background; a frozen task
+/// needs no fault for that). Bounded by the hold, whose watchdog stops what is still held.
+/// A container that could not get them all was stopped by its page watcher: the restore
+/// fails naming it.
+async fn wait_for_pages(shim: &Shim) -> Result<()> {
+    let ids = shim.restores.take_held_for_pages();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let settled = shim.restores.settled(shim.restore_hold).await;
+    let short: Vec<String> = ids
+        .iter()
+        .filter_map(|id| match settled.get(id) {
+            Some(o) if o.state == RestoreState::RESTORE_COMPLETE => None,
+            Some(o) if o.state == RestoreState::RESTORE_PENDING => Some(format!(
+                "{id}: pages still coming in after {:?}",
+                shim.restore_hold
+            )),
+            Some(o) => Some(format!("{id}: {}", o.reason)),
+            None => Some(format!("{id}: deleted before its pages were in")),
+        })
+        .collect();
+    if let Some(first) = ids.first().filter(|_| !short.is_empty()) {
+        return Err(Error::precondition(
+            first,
+            format!(
+                "the restored containers did not get all of their memory: {}",
+                short.join("; ")
+            ),
+        ));
+    }
+    info!(
+        "every page of {ids:?} is in, {:?} after the pod's FinishRestore; resuming",
+        started.elapsed()
+    );
+    Ok(())
 }
 
 /// Starts `criu lazy-pages` serving the memory of `image` for a restore whose CRIU work

@@ -138,9 +138,11 @@ impl Node for CriNode<'_> {
             sandbox_id: pod_id.to_string(),
             ..Default::default()
         };
+        // An eager restore through the page server answers once every page is in; the shim
+        // bounds that wait by its restore hold (120 s unless configured).
         self.client(pod_id)
             .await?
-            .finish_restore(ttrpc_ctx(60), &req)
+            .finish_restore(ttrpc_ctx(3600), &req)
             .await
             .map_err(|e| shim::explain(e, pod_id, &handler))?;
         Ok(())

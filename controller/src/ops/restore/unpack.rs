@@ -75,10 +75,11 @@ impl<'a> Source<'a> {
                 Ok(Source::Image(reference))
             }
             Source::Archive { path, .. } => {
-                // A lazy restore from an uncompressed archive leaves the page images in it:
-                // the shim reads pages from there on demand, so nothing that grows with
+                // A restore from an uncompressed archive leaves the page images in it: the
+                // shim reads pages from there (each chunk checked) on demand, or all of them
+                // before the pod resumes for an eager restore, so nothing that grows with
                 // memory is unpacked.
-                let leave_pages = a.lazy && archive::is_plain_tar(&path)?;
+                let leave_pages = archive::is_plain_tar(&path)?;
                 if a.lazy && !leave_pages {
                     eprintln!(
                         "{} is compressed or encrypted: its pages are unpacked before the pod runs (an uncompressed archive, --compress none, is restored lazily without that)",
@@ -110,9 +111,8 @@ impl<'a> Source<'a> {
             Source::Archive { path, .. } => {
                 Ok((archive::extract_with(&path, dir, &a.opening)?, None))
             }
-            // A lazy restore leaves a directory's page images where they are and reads them
-            // from there.
-            Source::Dir(path) => archive::copy_from_dir(&path, dir, &a.opening, a.lazy),
+            // A directory's page images stay where they are and are read from there.
+            Source::Dir(path) => archive::copy_from_dir(&path, dir, &a.opening, true),
             Source::Image(reference) => {
                 let options = tokio::task::block_in_place(|| {
                     image::unpack_blocking(&t.address, &t.namespace, &reference, dir, &a.opening)
@@ -146,7 +146,13 @@ pub(super) fn write_restore_files(
     written.push(store.join(format!("{restore_id}.pod")));
     written.push(options_file.clone());
     written.push(token_file.clone());
-    let options = layout::RestoreOptions { lazy, page_source };
+    // Pages left in place are served through the shim's page server: lazily, or (eager)
+    // all of them before the pod resumes.
+    let options = layout::RestoreOptions {
+        lazy: lazy || page_source.is_some(),
+        pages_before_resume: !lazy && page_source.is_some(),
+        page_source,
+    };
     files::write_new_private(&options_file, &serde_json::to_vec(&options)?)?;
     let token = files::random_id()?;
     files::write_new_private(&token_file, token.as_bytes())?;

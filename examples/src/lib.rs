@@ -158,3 +158,38 @@ pub async fn first_answer(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Waits for `child` (a restore or migration started at `started`) and for the first answer
+/// of its pod `pod_name` on `node`; returns (answered, the command's output, its end). A
+/// command that fails before any answer ends the wait at once.
+pub async fn answered_while(
+    node: &Containerd,
+    pod_name: &str,
+    child: std::process::Child,
+    started: Instant,
+) -> Result<(Duration, std::process::Output, Duration)> {
+    let mut ended = tokio::task::spawn_blocking(move || {
+        let out = child.wait_with_output();
+        (out, started.elapsed())
+    });
+    let answer = first_answer(node, pod_name, started, Duration::from_secs(300));
+    tokio::pin!(answer);
+    tokio::select! {
+        a = &mut answer => {
+            let answered = a?;
+            let (out, returned) = ended.await?;
+            Ok((answered, out?, returned))
+        }
+        r = &mut ended => {
+            let (out, returned) = r?;
+            let out = out?;
+            if !out.status.success() {
+                bail!(
+                    "{pod_name}: the command failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok((answer.await?, out, returned))
+        }
+    }
+}

@@ -158,7 +158,8 @@ pub(super) struct RestoreFlags {
     /// from the archive itself (each chunk checked against the manifest as it is read),
     /// so the time to running does not grow with memory. runc/crun only (runsc restores
     /// eagerly). Returns once the pod runs; the restore's watchdog waits for the pages and
-    /// removes the pod if a container cannot get them all (`pod pages POD` follows it).
+    /// removes the pod if a container cannot get them all (`pod pages POD` follows it). The
+    /// archive or directory must stay as it is until `pod pages POD --wait` returns.
     #[arg(long)]
     lazy: bool,
     /// With --lazy: return only once every page is in (a container that could not get all

@@ -24,6 +24,16 @@ use crate::{
     ops::{restore::lazy, Target},
 };
 
+/// What a watchdog following a lazy restore needs: where the pod is, and its containers
+/// (name, id) as the restore created them.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Follow {
+    namespace: String,
+    pod: String,
+    handler: String,
+    containers: Vec<(String, String)>,
+}
+
 /// The hidden subcommand the helper runs as.
 pub const SUBCOMMAND: &str = "__restore-guard";
 
@@ -91,17 +101,19 @@ impl RestoreGuard {
         } else {
             Stdio::inherit()
         };
-        let mut follower = Self::spawn(&self.address, &self.dir, stderr)?;
-        let mut say = |line: String| writeln!(follower.tell, "{line}");
-        say(format!("namespace {namespace}"))
-            .and_then(|()| say(format!("handler {handler}")))
-            .and_then(|()| {
-                containers
-                    .iter()
-                    .try_for_each(|(name, id)| say(format!("container {id} {name}")))
-            })
-            .and_then(|()| say(format!("follow {pod_id}")))
-            .context("hand the restore to its watchdog")?;
+        let context = || {
+            format!("pod {pod_id}: hand the lazy restore to a watchdog (the restore's own watchdog removes the pod)")
+        };
+        let mut follower = Self::spawn(&self.address, &self.dir, stderr).with_context(context)?;
+        // One JSON line: names come from the archive, and must not be able to add lines.
+        let follow = Follow {
+            namespace: namespace.to_string(),
+            pod: pod_id.to_string(),
+            handler: handler.to_string(),
+            containers: containers.to_vec(),
+        };
+        writeln!(follower.tell, "follow {}", serde_json::to_string(&follow)?)
+            .with_context(context)?;
         // Closing the pipe starts the follower's wait; its exit is not ours to wait for.
         drop(follower.tell);
         self.done();
@@ -126,8 +138,7 @@ fn stderr_is_a_pipe() -> bool {
 /// The helper: waits for its parent's pipe to close, then cleans up unless told it is done.
 pub async fn run(address: &str) -> Result<()> {
     let (mut pod, mut done, mut dir) = (None, false, None);
-    let (mut namespace, mut handler, mut containers, mut follow) =
-        (String::new(), String::new(), Vec::new(), false);
+    let mut follow: Option<Follow> = None;
     let lines = tokio::task::spawn_blocking(|| {
         std::io::stdin()
             .lock()
@@ -138,23 +149,14 @@ pub async fn run(address: &str) -> Result<()> {
     .await?;
     for line in lines {
         if let Some(d) = line.strip_prefix("dir ") {
-            dir = Some(PathBuf::from(d));
+            // The first says which restore this is; nothing later changes it.
+            dir.get_or_insert_with(|| PathBuf::from(d));
         } else if let Some(id) = line.strip_prefix("pod ") {
             pod = Some(id.to_string());
         } else if line == "done" {
             done = true;
-        } else if let Some(ns) = line.strip_prefix("namespace ") {
-            namespace = ns.to_string();
-        } else if let Some(h) = line.strip_prefix("handler ") {
-            handler = h.to_string();
-        } else if let Some((id, name)) = line
-            .strip_prefix("container ")
-            .and_then(|c| c.split_once(' '))
-        {
-            containers.push((name.to_string(), id.to_string()));
-        } else if let Some(id) = line.strip_prefix("follow ") {
-            pod = Some(id.to_string());
-            follow = true;
+        } else if let Some(json) = line.strip_prefix("follow ") {
+            follow = serde_json::from_str(json).ok();
         }
     }
     if done {
@@ -164,16 +166,22 @@ pub async fn run(address: &str) -> Result<()> {
         return Ok(());
     };
     let mut lost = Vec::new();
-    if let (true, Some(id)) = (follow, &pod) {
+    if let Some(f) = follow {
         let t = Target {
             address: address.to_string(),
-            namespace,
+            namespace: f.namespace,
         };
-        lost = lazy::lost_containers(&t, (id, &handler), &containers).await;
-        if lost.is_empty() {
+        lost = lazy::lost_containers(&t, (&f.pod, &f.handler), &f.containers).await;
+        // A pod removed meanwhile (by its user, say) has nothing left to lose.
+        let gone = match cri::connect(Path::new(address)).await {
+            Ok(mut rt) => cri::find_pod(&mut rt, &f.pod).await.is_err(),
+            Err(_) => false,
+        };
+        if lost.is_empty() || gone {
             remove_restore_files(&dir);
             return Ok(());
         }
+        pod = Some(f.pod);
     }
     if let Some(id) = &pod {
         let mut rt = cri::connect(Path::new(address)).await?;

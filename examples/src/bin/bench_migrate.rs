@@ -82,13 +82,11 @@ async fn streamed(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let ended = tokio::task::spawn_blocking(move || {
-        let out = child.wait_with_output();
-        (out, t0.elapsed())
-    });
-    let answers = stasis_examples::first_answer(b, name, t0, Duration::from_secs(300)).await?;
-    let (out, total) = ended.await?;
-    let out = out?;
+    let seen = stasis_examples::answered_while(b, name, child, t0).await;
+    if seen.is_err() {
+        let _ = listen.kill();
+    }
+    let (answers, out, total) = seen?;
     let _ = listen.wait();
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "migrate failed: {err}");
@@ -173,18 +171,9 @@ async fn timed_restore(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    // The command's own end, seen by a thread of its own while the poller looks for the
-    // first answer.
-    let ended = tokio::task::spawn_blocking(move || {
-        let out = child.wait_with_output();
-        (out, started.elapsed())
-    });
-    let answers = stasis_examples::first_answer(node, pod_name, started, Duration::from_secs(300))
-        .await?
-        .as_secs_f64()
-        * 1000.0;
-    let (out, returned) = ended.await?;
-    let out = out?;
+    let (answers, out, returned) =
+        stasis_examples::answered_while(node, pod_name, child, started).await?;
+    let answers = answers.as_secs_f64() * 1000.0;
     let returned = returned.as_secs_f64() * 1000.0;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     ensure!(out.status.success(), "restore failed: {err}");

@@ -22,7 +22,7 @@ pub struct RestoreOutcomes {
     by_id: Mutex<BTreeMap<String, Outcome>>,
     /// Containers restored through the page server for an eager restore: the pod resumes
     /// only once each has every page.
-    before_resume: Mutex<Vec<String>>,
+    before_resume: Mutex<std::collections::BTreeSet<String>>,
     changed: tokio::sync::Notify,
 }
 
@@ -64,17 +64,33 @@ impl RestoreOutcomes {
         self.before_resume
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(id.to_string());
+            .insert(id.to_string());
     }
 
-    /// The containers that must have every page before their pod resumes (taken: asked once,
-    /// by the pod's FinishRestore).
-    pub fn take_held_for_pages(&self) -> Vec<String> {
-        std::mem::take(&mut *self.before_resume.lock().unwrap_or_else(|p| p.into_inner()))
+    /// Whether container `id` must have every page before its pod resumes.
+    pub fn is_held_for_pages(&self, id: &str) -> bool {
+        self.before_resume
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    /// The containers that must have every page before their pod resumes.
+    pub fn held_for_pages(&self) -> Vec<String> {
+        self.before_resume
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Forgets a deleted container.
     pub fn forget(&self, id: &str) {
+        self.before_resume
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         self.by_id
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -71,11 +71,12 @@ pub async fn delete(shim: &Shim, req: api::DeleteRequest) -> Result<api::DeleteR
     if let Some(target) = mount {
         // Off the async workers: an unmount waits for the kernel (over a second here while
         // CRIU dumps another container of the pod), and must not stall every other call.
-        blocking(&req.id, "unmount the rootfs", move || {
+        // Best effort, like the unmount itself: the delete goes on whatever happens here.
+        let _ = blocking(&req.id, "unmount the rootfs", move || {
             unmount(&target);
             Ok(())
         })
-        .await?;
+        .await;
     }
     let _ = std::fs::remove_file(container.bundle.join("init.pid"));
     for io in exec_ios {

@@ -10,6 +10,7 @@ mod kill;
 mod pause;
 mod query;
 mod restore;
+mod restore_pages;
 mod start;
 mod watch;
 

@@ -7,15 +7,20 @@ use std::{path::Path, sync::Arc};
 use log::{error, info, warn};
 use stasis_api::{
     checkpoint::RestoreState,
-    layout::{self, DumpRecord, RestoreOptions, CHECKPOINT_DIR},
+    layout::{DumpRecord, CHECKPOINT_DIR},
 };
 
-use super::watch;
+use super::{
+    restore_pages::{
+        start_lazy_restore, stop_lazy_pages, wait_for_pages, watch_lazy_pages, PAGES_WITHIN,
+    },
+    watch,
+};
 use crate::{
     error::{Error, Result},
     fscapture::volumes,
-    process::{reaper, stdio},
-    runtime::{images, pages, restored, CheckpointOpts},
+    process::stdio,
+    runtime::{images, restored, CheckpointOpts},
     state::{Container, Shim, State, Transition},
     util::blocking,
 };
@@ -81,8 +86,15 @@ pub(super) async fn restore_init(
     if let Some(lazy) = lazy {
         watch_lazy_pages(shim, container, lazy, start);
     }
-    let io = prepared.finish(&id).await?;
-    let pid = stdio::read_pid(&id, &pid_file)?;
+    // A failure from here on must not leave the container frozen (held) with no watchdog.
+    let held_in = held.then_some(container.cgroup_path.as_str());
+    let (io, pid) = match stdio_and_pid(prepared, &id, &pid_file).await {
+        Ok(done) => done,
+        Err(e) => {
+            abandon_restored(shim, &id, held_in, lazy_pid).await;
+            return Err(e);
+        }
+    };
     {
         let mut live = container.live();
         live.init.pid = pid;
@@ -150,71 +162,6 @@ async fn restore_volumes(shim: &Shim, container: &Container, image: &Path) -> Re
     .await
 }
 
-/// Starts the lazy-pages daemon when the restore options ask for a lazy restore and the
-/// runtime can do one (setting `opts.lazy_pages`); `None` restores eagerly.
-async fn start_lazy_restore(
-    shim: &Shim,
-    container: &Container,
-    image: &Path,
-    opts: &mut CheckpointOpts,
-) -> Result<Option<LazyPages>> {
-    let id = &container.id;
-    let restore_options = match container.restore_dir.as_deref() {
-        Some(dir) => RestoreOptions::load_for_dir(dir)
-            .map_err(|e| Error::invalid(id, format!("restore options: {e}")))?,
-        None => RestoreOptions::default(),
-    };
-    let pod_restore = container.restore_dir.is_some();
-    if !restore_options.lazy {
-        if pod_restore {
-            shim.restores.record(id, RestoreState::RESTORE_EAGER, "");
-        }
-        return Ok(None);
-    }
-    if !shim.runtime.hooks().supports_lazy_restore() {
-        warn!(
-            "{id}: lazy restore is not available for {}; restoring eagerly",
-            shim.runtime.name()
-        );
-        if pod_restore {
-            shim.restores.record(id, RestoreState::RESTORE_EAGER, "");
-        }
-        return Ok(None);
-    }
-    opts.lazy_pages = true;
-    if pod_restore {
-        shim.restores.record(id, RestoreState::RESTORE_PENDING, "");
-        if restore_options.pages_before_resume {
-            shim.restores.hold_for_pages(id);
-        }
-    }
-    let from_archive = match (
-        &restore_options.page_source,
-        container.restore_dir.as_deref(),
-    ) {
-        (Some(source), Some(dir)) => {
-            let rel = layout::restore_root(dir)
-                .and_then(|root| image.strip_prefix(root).ok())
-                .map(Path::to_path_buf)
-                .ok_or_else(|| {
-                    Error::invalid(
-                        id,
-                        format!("images {} are not in the restore store", image.display()),
-                    )
-                })?;
-            let (owned, image, source) = (id.clone(), image.to_path_buf(), source.clone());
-            blocking(id, "read pages from the archive", move || {
-                pages::ArchivePages::open(&owned, &image, &rel, &source)
-            })
-            .await?
-        }
-        _ => None,
-    };
-    Ok(Some(
-        start_lazy_pages(id, image, &opts.work_path, from_archive).await?,
-    ))
-}
-
 /// How far a failed restore got, which says what must end before its container is deleted.
 enum Undo<'a> {
     /// `runc restore` itself failed.
@@ -226,6 +173,33 @@ enum Undo<'a> {
     Held(&'a str),
 }
 
+/// The restored init's stdio, handed over from the restore, and its pid.
+async fn stdio_and_pid(
+    prepared: stdio::PreparedIo,
+    id: &str,
+    pid_file: &Path,
+) -> Result<(stdio::ProcessIo, i32)> {
+    let io = prepared.finish(id).await?;
+    match stdio::read_pid(id, pid_file) {
+        Ok(pid) => Ok((io, pid)),
+        Err(e) => {
+            io.copies.abort().await;
+            Err(e)
+        }
+    }
+}
+
+/// [`undo_restore`] once the stdio is no longer the restore's: kills the restored tasks,
+/// thaws them if they were held (in `held_in`), deletes the container and stops its daemon.
+async fn abandon_restored(shim: &Shim, id: &str, held_in: Option<&str>, lazy_pid: Option<i32>) {
+    let _ = shim.runtime.kill(id, libc::SIGKILL as u32, true).await;
+    if let Some(cgroup) = held_in {
+        let _ = shim.runtime.hooks().release_restored(id, cgroup).await;
+    }
+    let _ = shim.runtime.delete(id, true).await;
+    stop_lazy_pages(lazy_pid);
+}
+
 /// Removes what a restore that failed after `runc restore` left: its tasks (as `undo` says),
 /// the stdio copies, the container, and the lazy-pages daemon.
 async fn undo_restore(
@@ -235,15 +209,15 @@ async fn undo_restore(
     prepared: &mut stdio::PreparedIo,
     lazy_pid: Option<i32>,
 ) {
-    if !matches!(undo, Undo::Restore) {
-        let _ = shim.runtime.kill(id, libc::SIGKILL as u32, true).await;
-    }
-    if let Undo::Held(cgroup) = undo {
-        let _ = shim.runtime.hooks().release_restored(id, cgroup).await;
-    }
     prepared.io.copies.abort().await;
-    let _ = shim.runtime.delete(id, true).await;
-    stop_lazy_pages(lazy_pid);
+    match undo {
+        Undo::Restore => {
+            let _ = shim.runtime.delete(id, true).await;
+            stop_lazy_pages(lazy_pid);
+        }
+        Undo::Tasks => abandon_restored(shim, id, None, lazy_pid).await,
+        Undo::Held(cgroup) => abandon_restored(shim, id, Some(cgroup), lazy_pid).await,
+    }
 }
 
 /// Holds the restored container for its pod (when it belongs to a pod restore) and, when the
@@ -281,6 +255,18 @@ async fn check_restored<'a>(
                 warn!("{id}: cannot hold the restored container until the pod is complete: {e}");
                 false
             });
+    // An eager restore through the page server must not run before its pages are in: without
+    // the hold it would.
+    if pod_restore && !held && shim.restores.is_held_for_pages(id) {
+        return Err((
+            Error::other(
+                id,
+                "restore",
+                "the restored container could not be held until its pages are in; nothing runs",
+            ),
+            Undo::Tasks,
+        ));
+    }
     if host_tasks {
         let (owned, cgroup) = (id.clone(), container.cgroup_path.clone());
         let expected = images::Expected::of(&container.spec);
@@ -306,89 +292,34 @@ async fn check_restored<'a>(
     Ok(held)
 }
 
-/// Watches a lazy restore's page daemon (and page server) until every page is in; a restore
-/// that ends short stops the container, whose missing pages would read as zeros.
-fn watch_lazy_pages(
-    shim: &Shim,
-    container: &Container,
-    (daemon, server): LazyPages,
-    start: std::time::Instant,
-) {
-    let (id, runtime) = (container.id.clone(), shim.runtime.clone());
-    let id_for_report = id.clone();
-    // Only a pod's restore is asked how it ended (RestoreStatus).
-    let outcomes = container
-        .restore_dir
-        .as_ref()
-        .map(|_| shim.restores.clone());
-    let report = move |state: RestoreState, reason: String| {
-        if let Some(o) = &outcomes {
-            if state == RestoreState::RESTORE_COMPLETE {
-                o.complete(&id_for_report, start.elapsed());
-            } else {
-                o.record(&id_for_report, state, reason);
-            }
-        }
-    };
-    tokio::spawn(async move {
-        let exit = reaper::wait(daemon).await;
-        // The page server's own verdict counts too: a chunk that did not match its
-        // digest was never served, whatever the daemon's exit status says.
-        let served = match server {
-            Some(h) => tokio::task::spawn_blocking(move || h.join())
-                .await
-                .ok()
-                .and_then(|joined| joined.ok())
-                .unwrap_or_else(|| Err("the page server died".to_string())),
-            None => Ok(()),
-        };
-        if let Err(why) = &served {
-            error!("{id}: page server: {why}; stopping the container");
-            if let Err(e) = runtime.kill(&id, libc::SIGKILL as u32, true).await {
-                warn!("{id}: stop the container: {e}");
-            }
-            report(
-                RestoreState::RESTORE_FAILED,
-                format!("{why}; container stopped"),
-            );
-        } else if exit.status == 0 {
-            info!(
-                "{id}: every lazily restored page is in, {:?} after the restore began",
-                start.elapsed()
-            );
-            report(RestoreState::RESTORE_COMPLETE, String::new());
-        } else {
-            // Pages it never got would read as zeros once the daemon's userfaultfd is
-            // gone: the container must not run on with memory that is not its own.
-            error!("{id}: criu lazy-pages ended with status {} before every page was in (see lazy-pages.log in the restore work dir); stopping the container", exit.status);
-            if let Err(e) = runtime.kill(&id, libc::SIGKILL as u32, true).await {
-                warn!("{id}: stop the container: {e}");
-            }
-            report(
-                RestoreState::RESTORE_FAILED,
-                format!(
-                    "criu lazy-pages ended with status {}; container stopped",
-                    exit.status
-                ),
-            );
-        }
-    });
-}
-
 /// A held container is never frozen indefinitely: if its pod's FinishRestore has not come
 /// within the hold bound (the restore's driver died, say), the restore is given up and the
 /// container stopped, so that nothing of a half-restored pod runs or stays frozen.
 fn watch_hold(shim: &Shim, container: Arc<Container>) {
     let runtime = shim.runtime.clone();
+    let restores = shim.restores.clone();
     let hold = shim.restore_hold;
     tokio::spawn(async move {
         tokio::time::sleep(hold).await;
+        // An eager restore through the page server is held while its pages come in: the hold
+        // runs from the last page (at most PAGES_WITHIN later), not from the restore.
+        if restores.is_held_for_pages(&container.id) {
+            restores.settled(PAGES_WITHIN).await;
+            tokio::time::sleep(hold).await;
+        }
         let _op = container.op.lock().await;
         if container.state() != State::Held {
             return;
         }
         let id = &container.id;
         warn!("{id}: FinishRestore did not come within {hold:?}; stopping the held container");
+        if restores.is_held_for_pages(id) {
+            restores.record(
+                id,
+                RestoreState::RESTORE_FAILED,
+                "held past the hold bound; stopped",
+            );
+        }
         if let Err(e) = runtime.kill(id, libc::SIGKILL as u32, true).await {
             warn!("{id}: stop the held container: {e}");
         }
@@ -426,139 +357,4 @@ pub async fn finish_restore(shim: &Shim) -> Result<Vec<String>> {
     }
     info!("resumed restored containers {resumed:?}");
     Ok(resumed)
-}
-
-/// An eager restore whose pages come through the page server: the held containers get every
-/// page before any of them runs (the daemons push them in the background; a frozen task
-/// needs no fault for that). Bounded by the hold, whose watchdog stops what is still held.
-/// A container that could not get them all was stopped by its page watcher: the restore
-/// fails naming it.
-async fn wait_for_pages(shim: &Shim) -> Result<()> {
-    let ids = shim.restores.take_held_for_pages();
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let started = std::time::Instant::now();
-    let settled = shim.restores.settled(shim.restore_hold).await;
-    let short: Vec<String> = ids
-        .iter()
-        .filter_map(|id| match settled.get(id) {
-            Some(o) if o.state == RestoreState::RESTORE_COMPLETE => None,
-            Some(o) if o.state == RestoreState::RESTORE_PENDING => Some(format!(
-                "{id}: pages still coming in after {:?}",
-                shim.restore_hold
-            )),
-            Some(o) => Some(format!("{id}: {}", o.reason)),
-            None => Some(format!("{id}: deleted before its pages were in")),
-        })
-        .collect();
-    if let Some(first) = ids.first().filter(|_| !short.is_empty()) {
-        return Err(Error::precondition(
-            first,
-            format!(
-                "the restored containers did not get all of their memory: {}",
-                short.join("; ")
-            ),
-        ));
-    }
-    info!(
-        "every page of {ids:?} is in, {:?} after the pod's FinishRestore; resuming",
-        started.elapsed()
-    );
-    Ok(())
-}
-
-/// Starts `criu lazy-pages` serving the memory of `image` for a restore whose CRIU work
-/// directory is `work` (runc's `--work-path`: the daemon's socket lives there); returns its
-/// pid once the socket is there. With `from_archive`, the daemon gets its pages from our
-/// page server over a socket pair (nothing listens on the network) instead of the images.
-async fn start_lazy_pages(
-    id: &str,
-    image: &Path,
-    work: &Path,
-    from_archive: Option<pages::ArchivePages>,
-) -> Result<LazyPages> {
-    let mut cmd = std::process::Command::new("criu");
-    cmd.arg("lazy-pages")
-        .arg("--images-dir")
-        .arg(image)
-        .arg("--work-dir")
-        .arg(work)
-        .args(["-o", "lazy-pages.log", "-v4"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let server = match from_archive {
-        Some(pages) => {
-            let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-                .map_err(|e| Error::io(id, "create the page server socket", e))?;
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
-            cmd.args(["--page-server", "--ps-socket", &fd.to_string()]);
-            // SAFETY: between fork and exec; fcntl is async-signal-safe.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                    // The daemon's end survives the exec: clear its close-on-exec flag.
-                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            Some((pages, ours, theirs))
-        }
-        None => None,
-    };
-    let child = cmd
-        .spawn()
-        .map_err(|e| Error::io(id, "start criu lazy-pages", e))?;
-    let pid = child.id() as i32;
-    let mut serving = None;
-    if let Some((pages, ours, theirs)) = server {
-        drop(theirs);
-        match std::thread::Builder::new()
-            .name(format!("pages-{}", &id[..id.len().min(8)]))
-            .spawn(move || pages.serve(ours))
-        {
-            Ok(h) => serving = Some(h),
-            Err(e) => {
-                stop_lazy_pages(Some(pid));
-                return Err(Error::io(id, "start the page server", e));
-            }
-        }
-    }
-    let socket = work.join("lazy-pages.socket");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !socket.exists() {
-        if std::time::Instant::now() > deadline || !Path::new(&format!("/proc/{pid}")).exists() {
-            stop_lazy_pages(Some(pid));
-            return Err(Error::other(
-                id,
-                "start criu lazy-pages",
-                format!(
-                    "no {} within 10 s (see {})",
-                    socket.display(),
-                    work.join("lazy-pages.log").display()
-                ),
-            ));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    Ok((pid, serving))
-}
-
-/// A lazy-pages daemon's pid, and the thread serving it pages from the archive (its result
-/// says whether every page asked for was served).
-type LazyPages = (
-    i32,
-    Option<std::thread::JoinHandle<std::result::Result<(), String>>>,
-);
-
-/// Ends a lazy-pages daemon whose restore failed (the reaper collects it).
-fn stop_lazy_pages(pid: Option<i32>) {
-    if let Some(pid) = pid {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
 }

@@ -106,7 +106,8 @@ impl<'a> Source<'a> {
                 leave_pages: true,
             } => {
                 let (options, source) = archive::extract_leaving_pages(&path, dir, &a.opening)?;
-                Ok((options, Some(source)))
+                // No CRIU page image (a gVisor pod's, say): nothing to serve.
+                Ok((options, (!source.files.is_empty()).then_some(source)))
             }
             Source::Archive { path, .. } => {
                 Ok((archive::extract_with(&path, dir, &a.opening)?, None))

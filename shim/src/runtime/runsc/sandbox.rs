@@ -301,3 +301,49 @@ async fn capture_sandbox(
     }
     Ok(())
 }
+
+/// Removes what runsc keeps for a deleted sandbox root `id` and every container of its
+/// sandbox (`<container>_sandbox:<sandbox>.state|.lock`, the root's own being
+/// `<id>_sandbox:<id>`): a runsc call that races a container's or the sandbox's end (a kill
+/// right after a held sandbox's resume, a pod stop right after a container's delete) loads a
+/// state file that is gone and leaves its lock file behind for good.
+pub(super) fn forget_sandbox(root: &Path, id: &str) {
+    let of_sandbox = format!("_sandbox:{id}.");
+    let own = format!("{id}_sandbox:");
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.contains(&of_sandbox) || name.starts_with(&own) {
+            log::debug!("{id}: remove runsc's {}", entry.path().display());
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sandboxs_end_removes_its_containers_state_too() {
+        let dir = std::env::temp_dir().join(format!("stasis-runsc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in [
+            "pod_sandbox:pod.state",
+            "pod_sandbox:pod.lock",
+            "app_sandbox:pod.lock",
+            "app_sandbox:other.lock",
+            "podx_sandbox:podx.state",
+        ] {
+            std::fs::write(dir.join(name), b"").unwrap();
+        }
+        forget_sandbox(&dir, "pod");
+        let mut left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(left, ["app_sandbox:other.lock", "podx_sandbox:podx.state"]);
+    }
+}

@@ -61,36 +61,26 @@ impl RestoreOutcomes {
 
     /// Container `id` must have every page before its pod resumes.
     pub fn hold_for_pages(&self, id: &str) {
-        self.before_resume
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string());
+        self.pages_first().insert(id.to_string());
     }
 
     /// Whether container `id` must have every page before its pod resumes.
     pub fn is_held_for_pages(&self, id: &str) -> bool {
-        self.before_resume
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(id)
+        self.pages_first().contains(id)
     }
 
     /// The containers that must have every page before their pod resumes.
     pub fn held_for_pages(&self) -> Vec<String> {
-        self.before_resume
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        self.pages_first().iter().cloned().collect()
+    }
+
+    fn pages_first(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+        self.before_resume.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Forgets a deleted container.
     pub fn forget(&self, id: &str) {
-        self.before_resume
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.pages_first().remove(id);
         self.by_id
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -166,25 +166,22 @@ pub(super) async fn wait_for_pages(shim: &Shim) -> Result<()> {
     }
     let started = std::time::Instant::now();
     let settled = shim.restores.settled(PAGES_WITHIN).await;
+    // Every page in is not enough: the container must also still be held (nothing stopped it).
     let short: Vec<String> = ids
         .iter()
-        .filter_map(|id| match settled.get(id) {
-            Some(o) if o.state == RestoreState::RESTORE_COMPLETE => None,
-            Some(o) if o.state == RestoreState::RESTORE_PENDING => Some(format!(
+        .filter_map(|id| match (settled.get(id), shim.get(id)) {
+            (Some(o), _) if o.state == RestoreState::RESTORE_PENDING => Some(format!(
                 "{id}: pages still coming in after {PAGES_WITHIN:?}"
             )),
-            Some(o) => Some(format!("{id}: {}", o.reason)),
-            None => Some(format!("{id}: deleted before its pages were in")),
+            (Some(o), _) if o.state != RestoreState::RESTORE_COMPLETE => {
+                Some(format!("{id}: {}", o.reason))
+            }
+            (None, _) | (_, Err(_)) => Some(format!("{id}: deleted before its pod resumed")),
+            (Some(_), Ok(c)) if c.state() != State::Held => {
+                Some(format!("{id}: {} before its pod resumed", c.state()))
+            }
+            _ => None,
         })
-        .collect();
-    // Every page in is not enough: the container must still be held (nothing stopped it).
-    let short: Vec<String> = short
-        .into_iter()
-        .chain(ids.iter().filter_map(|id| match shim.get(id) {
-            Ok(c) if c.state() == State::Held => None,
-            Ok(c) => Some(format!("{id}: {} before its pod resumed", c.state())),
-            Err(_) => Some(format!("{id}: deleted before its pod resumed")),
-        }))
         .collect();
     if let Some(first) = ids.first().filter(|_| !short.is_empty()) {
         return Err(Error::precondition(

@@ -265,9 +265,16 @@ async fn a_full_disk_fails_the_checkpoint_cleanly() -> Result<()> {
             // The dumps run in parallel: whichever container's dump meets the full disk first
             // is the one named.
             "dump" => {
+                // CRIU's own "No space left on device", or, when only a helper of CRIU (tar of
+                // a tmpfs) met the full disk and CRIU says just "exited", the shim's ENOSPC
+                // naming the dump's file system.
                 (err.contains("container big (") || err.contains("container counter ("))
                     && err.contains("dump failed")
-                    && err.contains("No space left on device")
+                    && (err.contains("No space left on device")
+                        || err.contains(&format!(
+                            "no space left on the file system of {}/.full.tar.stasis-",
+                            fs.display()
+                        )))
             }
             // stasisctl writing the archive, after every dump succeeded.
             "packaging" => {

@@ -8,9 +8,11 @@ fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("checkpoint");
     fs::create_dir_all(&out).unwrap();
     let proto = "proto/stasis/checkpoint/v1/checkpoint.proto";
+    let events = "proto/stasis/events/v1/events.proto";
     println!("cargo:rerun-if-changed={proto}");
+    println!("cargo:rerun-if-changed={events}");
     Codegen::new()
-        .inputs([proto])
+        .inputs([proto, events])
         .include("proto")
         .rust_protobuf()
         .rust_protobuf_customize(ProtobufCustomize::default().gen_mod_rs(false))

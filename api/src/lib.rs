@@ -14,6 +14,20 @@ pub mod checkpoint {
     include!(concat!(env!("OUT_DIR"), "/checkpoint/checkpoint.rs"));
 }
 
+/// Events on containerd's event service: the topics and the one message they carry.
+#[allow(warnings, clippy::all)]
+pub mod events {
+    include!(concat!(env!("OUT_DIR"), "/checkpoint/events.rs"));
+
+    /// The topic of `operation`'s `phase` (`/stasis/checkpoint/frozen`).
+    pub fn topic(operation: &str, phase: &str) -> String {
+        format!("/stasis/{operation}/{phase}")
+    }
+
+    /// What every subscriber of stasis's events filters on.
+    pub const TOPIC_FILTER: &str = r#"topic~="^/stasis/""#;
+}
+
 #[allow(warnings, clippy::all)]
 pub mod checkpoint_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/checkpoint/checkpoint_ttrpc.rs"));

@@ -10,8 +10,12 @@ mod code_rules;
 const LAYERS: &[&[&str]] = &[
     // Plain helpers: sizes and times for people; private files and directories.
     &["display", "files"],
+    // What long work reports while it runs.
+    &["progress"],
     // Typed clients and keys: containerd's CRI, the pod shim's Checkpoint service, seals.
     &["cri", "shim", "seal"],
+    // containerd's event service (on the CRI channel).
+    &["events"],
     // What a restore may ask for.
     &["policy"],
     // The checkpoint format: layout, manifest, bounded reader, writer, summary.
@@ -19,8 +23,8 @@ const LAYERS: &[&[&str]] = &[
     // Transports: checkpoint images in containerd's store, the migration stream.
     &["image", "stream"],
     // Operations: ls, checkpoint, restore, migrate, inspect (one module each); the pods the
-    // bench and the end-to-end tests run.
-    &["ops", "workload"],
+    // bench and the end-to-end tests run; the metrics endpoint over the events.
+    &["ops", "workload", "metrics"],
     // The bench: the same workloads through several runtime handlers.
     &["bench"],
     // The command line: clap's definitions and printing.

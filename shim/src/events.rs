@@ -20,6 +20,16 @@ pub trait EventSink: Send + Sync {
     /// Publishes one event; a failure is logged, never returned: events must not fail the
     /// operation that produced them.
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>);
+
+    /// Queues one event without waiting (dropped with a warning when the queue is full): for
+    /// callers inside a frozen window or in synchronous code.
+    fn emit(&self, topic: &str, event: Box<dyn MessageDyn>);
+}
+
+/// Queues a stasis pod event under its topic (`/stasis/<operation>/<phase>`).
+pub fn pod_event(events: &Events, event: stasis_api::events::PodEvent) {
+    let topic = stasis_api::events::topic(&event.operation, &event.phase);
+    events.emit(&topic, Box::new(event));
 }
 
 pub type Events = Arc<dyn EventSink>;
@@ -107,14 +117,12 @@ async fn deliver(addr: String, mut rx: mpsc::Receiver<Envelope>) {
     }
 }
 
-#[async_trait]
-impl EventSink for Publisher {
-    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        let Some(queue) = &self.queue else { return };
+impl Publisher {
+    fn envelope(&self, topic: &str, event: Box<dyn MessageDyn>) -> Option<Envelope> {
         let mut any = Any::new();
         if let Err(e) = event.write_to_vec_dyn(&mut any.value) {
             warn!("encode {topic}: {e}");
-            return;
+            return None;
         }
         any.type_url = event.descriptor_dyn().full_name().to_string();
         let now = std::time::SystemTime::now()
@@ -130,8 +138,29 @@ impl EventSink for Publisher {
         })
         .into();
         envelope.event = Some(any).into();
+        Some(envelope)
+    }
+}
+
+#[async_trait]
+impl EventSink for Publisher {
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        let Some(queue) = &self.queue else { return };
+        let Some(envelope) = self.envelope(topic, event) else {
+            return;
+        };
         if queue.send(envelope).await.is_err() {
             warn!("publish {topic}: the event queue is gone");
+        }
+    }
+
+    fn emit(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        let Some(queue) = &self.queue else { return };
+        let Some(envelope) = self.envelope(topic, event) else {
+            return;
+        };
+        if let Err(e) = queue.try_send(envelope) {
+            warn!("event {topic} dropped: {e}");
         }
     }
 }

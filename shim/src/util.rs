@@ -63,7 +63,23 @@ pub fn sync_fs(id: &str, dir: &Path) -> Result<()> {
 /// Where the shim keeps its own scratch directories: root's, 0700.
 const PRIVATE_BASE: &str = "/run/stasis/work";
 
-/// A fresh scratch directory nobody else can have prepared: `<PRIVATE_BASE>/<what>-<random>`,
+/// Removes the scratch directories of `id` that a dead shim left (`<what>-<id>-<random>`).
+pub fn remove_private_dirs_of(id: &str) {
+    let infix = format!("-{id}-");
+    for e in std::fs::read_dir(PRIVATE_BASE)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && !id.is_empty() && name.contains(&infix) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// A fresh scratch directory nobody else can have prepared: `<PRIVATE_BASE>/<what>-<id>-<random>`,
 /// 0700, under a base that must be a real directory owned by root and closed to others (a
 /// predictable path under /tmp could be pre-created or planted with symlinks by any user).
 pub fn private_dir(id: &str, what: &str) -> Result<std::path::PathBuf> {
@@ -76,7 +92,8 @@ pub fn private_dir(id: &str, what: &str) -> Result<std::path::PathBuf> {
         _ => Error::io(id, format!("create {PRIVATE_BASE}"), e),
     })?;
     let suffix = random_suffix().map_err(|e| Error::io(id, "random name", e))?;
-    let dir = base.join(format!("{what}-{suffix}"));
+    // The id in the name: a shim that dies leaves its scratch to `delete`.
+    let dir = base.join(format!("{what}-{id}-{suffix}"));
     stasis_api::private::create_private_dir(&dir)
         .map_err(|e| Error::io(id, format!("create {}", dir.display()), e))?;
     Ok(dir)

@@ -343,3 +343,59 @@ pub async fn memory_sum(cri: &mut CriClient, id: &str) -> Result<String> {
     }
     anyhow::bail!("{id}: no memory checksum within 60 s")
 }
+
+/// A pod `name` of a container "big" running `hog` (a shell command that writes /ready once
+/// its memory is filled) and a container "counter" running [`counter_loop`], both ready.
+/// Returns the pod's, big's and counter's ids.
+pub async fn hog_and_counter_pod(
+    cri: &mut CriClient,
+    logs: &Path,
+    image: &str,
+    name: &str,
+    hog: &str,
+) -> Result<(String, String, String)> {
+    let pod = pod_config(name, logs);
+    let pod_id = cri.run_pod(&pod).await?;
+    let big = cri
+        .run_container(
+            &pod_id,
+            &pod,
+            container_config("big", image, &["sh", "-c", hog]),
+        )
+        .await?;
+    let counter = counter_in(cri, &pod_id, &pod, image).await?;
+    wait_ready(cri, &big, "/ready", std::time::Duration::from_secs(120)).await?;
+    Ok((pod_id, big, counter))
+}
+
+/// A pod `name` of one container "counter" running [`counter_loop`], counting. Returns the
+/// pod's and the container's ids.
+pub async fn counter_pod(
+    cri: &mut CriClient,
+    logs: &Path,
+    image: &str,
+    name: &str,
+) -> Result<(String, String)> {
+    let pod = pod_config(name, logs);
+    let pod_id = cri.run_pod(&pod).await?;
+    let counter = counter_in(cri, &pod_id, &pod, image).await?;
+    Ok((pod_id, counter))
+}
+
+/// A container "counter" in `pod_id`, once its counter moves.
+async fn counter_in(
+    cri: &mut CriClient,
+    pod_id: &str,
+    pod: &cri::PodSandboxConfig,
+    image: &str,
+) -> Result<String> {
+    let id = cri
+        .run_container(
+            pod_id,
+            pod,
+            container_config("counter", image, &["sh", "-c", &counter_loop("/counter")]),
+        )
+        .await?;
+    wait_counter_moving(cri, &id, "/counter").await?;
+    Ok(id)
+}

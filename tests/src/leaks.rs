@@ -110,6 +110,17 @@ pub fn runtime_state(ids: &BTreeSet<String>, test_ns: &str) -> Vec<String> {
             }
         }
     }
+    // The shim's scratch (a pod checkpoint's CRIU work directories) names its pod.
+    for e in std::fs::read_dir("/run/stasis/work")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if ids.iter().any(|id| name.contains(&format!("-{id}-"))) {
+            left.push(format!("shim scratch {}", e.path().display()));
+        }
+    }
     left
 }
 

@@ -38,26 +38,8 @@ async fn hog_and_counter_pod(
     name: &str,
     mib: u64,
 ) -> Result<(String, String, String)> {
-    let pod = pod_config(name, &c.dir.join("logs"));
-    let pod_id = cri.run_pod(&pod).await?;
-    let hog = memory_hog(mib);
-    let big_id = cri
-        .run_container(
-            &pod_id,
-            &pod,
-            container_config("big", image, &["sh", "-c", &hog]),
-        )
-        .await?;
-    let counter_id = cri
-        .run_container(
-            &pod_id,
-            &pod,
-            container_config("counter", image, &["sh", "-c", &counter_loop("/counter")]),
-        )
-        .await?;
-    wait_ready(cri, &big_id, "/ready", Duration::from_secs(120)).await?;
-    wait_counter_moving(cri, &counter_id, "/counter").await?;
-    Ok((pod_id, big_id, counter_id))
+    let logs = c.dir.join("logs");
+    stasis_e2e::cri::hog_and_counter_pod(cri, &logs, image, name, &memory_hog(mib)).await
 }
 
 /// The tests of this file look at runc and CRIU host-wide: they run one at a time.
@@ -366,11 +348,25 @@ async fn a_killed_pod_shim_leaves_nothing_once_the_pod_is_removed() -> Result<()
             // The big container's dump, not the counter's short one: its runc checkpoint runs
             // and a CRIU is at work.
             let deadline = Instant::now() + Duration::from_secs(30);
+            // CRIU itself, the child of big's `runc checkpoint` (the counter's CRIU, or the
+            // moment before runc starts big's, would end before the kill).
             let big_dumping = || {
-                runtime_helpers()
-                    .iter()
-                    .any(|h| h.contains("checkpoint") && h.contains(&big_id))
-                    && !pids_of_exe("criu").is_empty()
+                let runc: Vec<i32> = pids_of_exe("runc")
+                    .into_iter()
+                    .filter(|p| {
+                        let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                        cmd.contains(" checkpoint ") && cmd.contains(&big_id)
+                    })
+                    .collect();
+                pids_of_exe("criu").into_iter().any(|p| {
+                    let status = std::fs::read_to_string(format!("/proc/{p}/status"));
+                    status.unwrap_or_default().lines().any(|l| {
+                        l.strip_prefix("PPid:")
+                            .and_then(|v| v.trim().parse::<i32>().ok())
+                            .is_some_and(|pp| runc.contains(&pp))
+                    })
+                })
             };
             while !big_dumping() {
                 ensure!(

@@ -53,7 +53,7 @@ pub use manifest::{check_manifest, make_private, write_manifest};
 pub use place::{copy_from_dir, place_dir};
 pub use read::{is_encrypted, is_plain_tar};
 pub use summary::{inspect, inspect_dir, inspect_with, ContainerSummary, Summary};
-pub use write::{verify, verify_bytes, write, write_cancellable, write_tar, Written};
+pub use write::{tree_size, verify, verify_bytes, write, write_cancellable, write_tar, Written};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {

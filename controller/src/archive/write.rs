@@ -1,4 +1,5 @@
 use super::*;
+use crate::progress::Counting;
 
 /// Writes `dir` as an archive at `dest`, durably and atomically: into a fresh private file
 /// (0600, never an existing one) beside `dest`, every error up to the end of the compressed
@@ -110,22 +111,28 @@ pub(super) fn write_stream<W: Write>(dir: &Path, file: W, compression: Compressi
         tar.append_dir_all(".", dir)?;
         Ok(tar.into_inner()?)
     }
+    // The tar stream before compression is counted: what a byte progress compares with
+    // the staged size.
     let file = match compression {
         Compression::None => {
-            let mut w = tar_into(dir, std::io::BufWriter::new(file))?;
+            let mut w = tar_into(dir, Counting(std::io::BufWriter::new(file)))?.0;
             w.flush()?;
             w.into_inner().map_err(|e| e.into_error())?
         }
         Compression::Gzip => tar_into(
             dir,
-            flate2::write::GzEncoder::new(file, flate2::Compression::fast()),
+            Counting(flate2::write::GzEncoder::new(
+                file,
+                flate2::Compression::fast(),
+            )),
         )?
+        .0
         .finish()?,
         // The frame carries a checksum of its content, so a reader notices a corrupted frame.
         Compression::Zstd => {
             let mut enc = zstd::Encoder::new(file, 3)?;
             enc.include_checksum(true)?;
-            tar_into(dir, enc)?.finish()?
+            tar_into(dir, Counting(enc))?.0.finish()?
         }
     };
     Ok(file)
@@ -143,10 +150,8 @@ pub(super) struct Cancellable<'a, W> {
 impl<W: Write> Write for Cancellable<'_, W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.cancel.load(Ordering::SeqCst) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::Interrupted,
-                "archive writing interrupted",
-            ));
+            // Not ErrorKind::Interrupted: `write_all` retries those forever.
+            return Err(std::io::Error::other("archive writing interrupted"));
         }
         let n = self.inner.write(buf)?;
         sha2::Digest::update(&mut self.hasher, &buf[..n]);
@@ -160,7 +165,7 @@ impl<W: Write> Write for Cancellable<'_, W> {
 }
 
 /// The regular files below `dir` and their bytes (links and other entries not counted).
-pub(super) fn tree_size(dir: &Path) -> (u64, u64) {
+pub fn tree_size(dir: &Path) -> (u64, u64) {
     let (mut files, mut bytes) = (0, 0);
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         match e.path().symlink_metadata() {

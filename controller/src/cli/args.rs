@@ -134,6 +134,14 @@ impl RegistryArgs {
     }
 }
 
+/// Where the node's checkpoint store is.
+#[derive(clap::Args)]
+pub(super) struct StoreDir {
+    /// The node's checkpoint store (root's, 0700).
+    #[arg(long, env = "STASIS_STORE", default_value = crate::ops::store::DEFAULT_STORE)]
+    pub store_dir: std::path::PathBuf,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub(super) enum Format {
     Table,

@@ -11,7 +11,9 @@ use crate::{bench, ops::Target, seal, stream};
 mod args;
 mod image;
 mod inspect;
+mod observe;
 mod pod;
+mod store;
 
 use args::{AdmitArgs, Format};
 
@@ -88,6 +90,31 @@ enum Command {
     Key {
         #[command(subcommand)]
         command: KeyCommand,
+    },
+    /// The node's stored checkpoints: list, remove, prune (`pod checkpoint --store` writes
+    /// there).
+    Checkpoint {
+        #[command(subcommand)]
+        command: store::CheckpointCommand,
+    },
+    /// Follow stasis's events on this node as they happen (pod checkpoints: started, frozen,
+    /// thawed, finished or failed, written; restores: running, pages in, failed; migrations),
+    /// from containerd's event service, in every namespace. `ctr events` skips them: it
+    /// prints only event types compiled into ctr.
+    Events {
+        /// table: a line per event; json: one JSON object per line (fields: time, namespace,
+        /// topic, operation, phase, pod_id, pod_name, container_ids, error, leave_running,
+        /// frozen_ms, dump_ms, total_ms, bytes, downtime_ms, pages_in_ms, engine).
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Exit after this many events (default: follow until stopped).
+        #[arg(long, default_value_t = 0)]
+        count: u32,
+    },
+    /// Prometheus metrics of stasis on this node.
+    Metrics {
+        #[command(subcommand)]
+        command: observe::MetricsCommand,
     },
     /// Show what a pod checkpoint archive holds, and what it asks for.
     Inspect {
@@ -185,6 +212,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::RestoreGuard => crate::ops::guard::run(&target.address).await,
+        Command::Checkpoint { command } => store::run(&target, command).await,
+        Command::Events { format, count } => observe::events(&target, format, count).await,
+        Command::Metrics { command } => observe::metrics(&target, command).await,
         Command::Migrate { command } => migrate(&target, command).await,
         Command::Key {
             command: KeyCommand::Generate { kind, output },

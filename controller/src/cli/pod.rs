@@ -3,18 +3,20 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::Subcommand;
+use clap::{Subcommand, ValueEnum};
+use serde_json::json;
 
-use super::args::{opening, AdmitArgs, CompressArg, RegistryArgs};
+use super::args::{opening, AdmitArgs, CompressArg, RegistryArgs, StoreDir};
 use crate::{
     display::human,
     ops::{
         checkpoint::{self, CheckpointArgs, CheckpointOutcome, Destination},
         ls, migrate,
         restore::{self, RestoreArgs, Source},
+        store::{self, Record},
         Target,
     },
-    seal,
+    progress, seal,
 };
 
 #[derive(Subcommand)]
@@ -60,10 +62,16 @@ pub(super) struct CheckpointFlags {
     #[arg(
         long,
         short,
-        required_unless_present = "image",
-        conflicts_with = "image"
+        required_unless_present_any = ["image", "store"],
+        conflicts_with_all = ["image", "store"]
     )]
     output: Option<PathBuf>,
+    /// Write the archive into the node's checkpoint store (--store-dir) under the pod's name
+    /// and the time; `stasisctl checkpoint ls | rm | prune` manage it.
+    #[arg(long, conflicts_with = "image")]
+    store: bool,
+    #[command(flatten)]
+    store_dir: StoreDir,
     /// Write the checkpoint as OCI image REF into containerd's image store instead (push
     /// it with `stasisctl image push`); the layers are compressed as --compress says.
     #[arg(long, value_name = "REF")]
@@ -98,6 +106,11 @@ pub(super) struct CheckpointFlags {
     /// recipient in this file; repeatable. Only their identities can restore or inspect it.
     #[arg(long = "encrypt-to", value_name = "RECIPIENT")]
     encrypt_to: Vec<String>,
+    /// text: progress on stderr (live on a terminal) and the result on stdout; json: one
+    /// JSON object per line on stdout (progress events, then a `result` event with
+    /// `ok` and the result or `error`); see `docs/progress.md`.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Output,
 }
 
 #[derive(clap::Args)]
@@ -128,6 +141,11 @@ pub(super) struct MigrateFlags {
     /// names trusted signers.
     #[arg(long, value_name = "KEY")]
     sign_key: Option<PathBuf>,
+    /// text: progress on stderr (live on a terminal) and the result on stdout; json: one
+    /// JSON object per line on stdout (progress events, then a `result` event with
+    /// `ok` and the result or `error`); see `docs/progress.md`.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Output,
 }
 
 #[derive(clap::Args)]
@@ -166,6 +184,35 @@ pub(super) struct RestoreFlags {
     /// of its memory then fails the command, and the pod is removed).
     #[arg(long, requires = "lazy")]
     wait_pages: bool,
+    /// text: progress on stderr (live on a terminal) and the result on stdout; json: one
+    /// JSON object per line on stdout (progress events, then a `result` event with
+    /// `ok` and the result or `error`); see `docs/progress.md`.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Output,
+}
+
+/// How a long command reports.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum Output {
+    Text,
+    Json,
+}
+
+/// Ends a command that reports progress: in JSON, its result (or error) as the last event;
+/// in text, `print` shows the result.
+fn conclude<T>(
+    format: Output,
+    r: Result<T>,
+    fields: impl FnOnce(&T) -> serde_json::Value,
+    print: impl FnOnce(&T),
+) -> Result<()> {
+    match (&r, format) {
+        (Ok(v), Output::Json) => progress::result(Ok(fields(v))),
+        (Err(e), Output::Json) => progress::result(Err(e)),
+        (Ok(v), Output::Text) => print(v),
+        (Err(_), Output::Text) => {}
+    }
+    r.map(|_| ())
 }
 
 /// Runs a `pod` command.
@@ -186,7 +233,14 @@ pub(super) async fn run(target: &Target, command: PodCommand) -> Result<()> {
 }
 
 async fn checkpoint(target: &Target, f: CheckpointFlags) -> Result<()> {
-    let recipients = f
+    progress::start("checkpoint", f.format == Output::Json);
+    let format = f.format;
+    let r = checkpoint_with(target, f).await;
+    conclude(format, r, checkpoint_fields, print_checkpoint)
+}
+
+async fn checkpoint_with(target: &Target, f: CheckpointFlags) -> Result<CheckpointOutcome> {
+    let recipients: Vec<_> = f
         .encrypt_to
         .iter()
         .map(|r| seal::load_recipients(r))
@@ -194,9 +248,25 @@ async fn checkpoint(target: &Target, f: CheckpointFlags) -> Result<()> {
         .into_iter()
         .flatten()
         .collect();
+    let (encrypted, signed) = (!recipients.is_empty(), f.sign_key.is_some());
+    let output = match f.store {
+        true => Some(
+            store::new_entry(
+                target,
+                &f.store_dir.store_dir,
+                &f.pod,
+                f.compress.into(),
+                encrypted,
+            )
+            .await?
+            .0,
+        ),
+        false => f.output,
+    };
+    let stored = output.clone().filter(|_| f.store);
     let args = CheckpointArgs {
         pod: f.pod,
-        destination: Destination::from_flags(f.output, f.image, f.compress.into(), recipients)?,
+        destination: Destination::from_flags(output, f.image, f.compress.into(), recipients)?,
         leave_running: f.leave_running,
         containers: f.containers,
         tcp_established: f.tcp_established,
@@ -210,11 +280,65 @@ async fn checkpoint(target: &Target, f: CheckpointFlags) -> Result<()> {
             .transpose()?,
         hold_secs: None,
     };
-    print_checkpoint(&checkpoint::checkpoint_pod(target, args).await?);
-    Ok(())
+    let o = checkpoint::checkpoint_pod(target, args).await?;
+    if let Some(path) = stored {
+        let record = Record {
+            pod_name: o.pod_name.clone(),
+            pod_id: o.pod_id.clone(),
+            created_ms: store::now_ms(),
+            engine: o.response.engine.clone(),
+            signed,
+            encrypted,
+            bytes: o.delivered.bytes,
+        };
+        store::write_record(&path, &record)?;
+    }
+    Ok(o)
+}
+
+fn checkpoint_fields(o: &CheckpointOutcome) -> serde_json::Value {
+    let t = o.response.timings.clone().unwrap_or_default();
+    let containers: Vec<_> = o
+        .response
+        .containers
+        .iter()
+        .map(|c| {
+            json!({
+                "name": c.name,
+                "id": c.id,
+                "checkpoint_bytes": c.checkpoint_bytes,
+                "rootfs_diff_bytes": c.rootfs_diff_bytes,
+                "was_paused": c.was_paused,
+            })
+        })
+        .collect();
+    json!({
+        "pod_id": o.pod_id,
+        "pod_name": o.pod_name,
+        "destination": o.destination,
+        "bytes": o.delivered.bytes,
+        "engine": o.response.engine,
+        "frozen_ms": t.frozen_ms,
+        "dump_ms": t.dump_ms,
+        "packaging_ms": o.packaging_ms,
+        "total_ms": o.total_ms,
+        "containers": containers,
+    })
 }
 
 async fn restore(target: &Target, f: RestoreFlags) -> Result<()> {
+    progress::start("restore", f.format == Output::Json);
+    let format = f.format;
+    let r = restore_with(target, f).await;
+    conclude(
+        format,
+        r,
+        |id| json!({ "pod_id": id }),
+        |id| println!("{id}"),
+    )
+}
+
+async fn restore_with(target: &Target, f: RestoreFlags) -> Result<String> {
     let mut opening = opening(f.identity.as_deref(), f.verify_key.as_deref())?;
     let policy = f.admit.policy()?;
     // A node that names trusted signers restores nothing else.
@@ -230,14 +354,13 @@ async fn restore(target: &Target, f: RestoreFlags) -> Result<()> {
         lazy: f.lazy,
         wait_pages: f.wait_pages,
     };
-    let id = restore::restore_pod(target, &args, Source::from_arg(&f.archive)).await?;
-    println!("{id}");
-    Ok(())
+    restore::restore_pod(target, &args, Source::from_arg(&f.archive)).await
 }
 
 async fn migrate(target: &Target, f: MigrateFlags) -> Result<()> {
-    let (pod, to) = (f.pod.clone(), f.to.clone());
-    let m = migrate::migrate(
+    progress::start("migrate", f.format == Output::Json);
+    let (pod, to, format) = (f.pod.clone(), f.to.clone(), f.format);
+    let r = migrate::migrate(
         target,
         migrate::MigrateArgs {
             pod: f.pod,
@@ -254,16 +377,26 @@ async fn migrate(target: &Target, f: MigrateFlags) -> Result<()> {
                 .transpose()?,
         },
     )
-    .await?;
-    eprintln!(
-        "pod {pod} moved to {to} as {}: downtime {:.0} ms (frozen here until running there), {} sent, {:.0} ms in all",
-        m.target_pod,
-        m.downtime_ms,
-        human(m.bytes_sent),
-        m.total_ms
-    );
-    println!("{}", m.target_pod);
-    Ok(())
+    .await;
+    let fields = |m: &migrate::Migrated| {
+        json!({
+            "pod_id": m.target_pod,
+            "source_pod_id": m.source_pod,
+            "downtime_ms": m.downtime_ms,
+            "bytes_sent": m.bytes_sent,
+            "total_ms": m.total_ms,
+        })
+    };
+    conclude(format, r, fields, |m| {
+        eprintln!(
+            "pod {pod} moved to {to} as {}: downtime {:.0} ms (frozen here until running there), {} sent, {:.0} ms in all",
+            m.target_pod,
+            m.downtime_ms,
+            human(m.bytes_sent),
+            m.total_ms
+        );
+        println!("{}", m.target_pod);
+    })
 }
 
 fn print_pods(pods: &[ls::PodRow]) {

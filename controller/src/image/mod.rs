@@ -108,6 +108,8 @@ pub struct ImageSummary {
     pub engine: String,
     pub containers: Vec<String>,
     pub size: u64,
+    /// When it was made (RFC 3339), as its manifest says.
+    pub created: String,
 }
 
 /// `stasisctl inspect REF`: the image unpacked and checked like an archive, then summarised.
@@ -154,5 +156,56 @@ pub async fn summary(address: &str, namespace: &str, reference: &str) -> Result<
             .map(String::from)
             .collect(),
         size: manifest.layers.iter().map(|l| l.size.max(0) as u64).sum(),
+        created: a(CREATED_ANNOTATION),
     })
+}
+
+/// Every stasis pod checkpoint image in containerd's store (namespace `namespace`).
+pub async fn list_checkpoints(address: &str, namespace: &str) -> Result<Vec<ImageSummary>> {
+    let store = ImageStoreClient::connect(address, namespace).await?;
+    let names = store.names().await?;
+    let mut found: Vec<ImageSummary> = Vec::new();
+    for name in names {
+        // Ordinary images and other engines' checkpoints are not ours to list.
+        if checkpoint_manifest(&store, &name).await.is_ok() {
+            found.push(summary(address, namespace, &name).await?);
+        }
+    }
+    // containerd's CRI adds a `sha256:…` name to every image in its namespace: shown only
+    // when the image has no other name.
+    let named: Vec<String> = found
+        .iter()
+        .filter(|i| !is_alias(&i.reference))
+        .map(|i| i.digest.clone())
+        .collect();
+    found.retain(|i| !is_alias(&i.reference) || !named.contains(&i.digest));
+    Ok(found)
+}
+
+fn is_alias(name: &str) -> bool {
+    name.starts_with("sha256:")
+}
+
+/// Removes checkpoint image `reference`, and CRI's `sha256:…` name of it once no other name
+/// is left.
+pub async fn remove_checkpoint(address: &str, namespace: &str, reference: &str) -> Result<()> {
+    let store = ImageStoreClient::connect(address, namespace).await?;
+    let (target, _) = checkpoint_manifest(&store, reference).await?;
+    store.delete(reference).await?;
+    let mut same = Vec::new();
+    for name in store.names().await? {
+        if store
+            .get(&name)
+            .await?
+            .is_some_and(|d| d.digest == target.digest)
+        {
+            same.push(name);
+        }
+    }
+    if same.iter().all(|n| is_alias(n)) {
+        for alias in same {
+            store.delete(&alias).await?;
+        }
+    }
+    Ok(())
 }

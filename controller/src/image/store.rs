@@ -200,6 +200,25 @@ impl ImageStoreClient {
         }
     }
 
+    /// The names of every image in the namespace.
+    pub async fn names(&self) -> Result<Vec<String>> {
+        let mut images = ImagesClient::new(self.channel.clone());
+        let listed = images
+            .list(
+                self.request(containerd_client::services::v1::ListImagesRequest {
+                    filters: Vec::new(),
+                }),
+            )
+            .await
+            .map_err(|s| anyhow::anyhow!("list images: {}", s.message()))?;
+        Ok(listed
+            .into_inner()
+            .images
+            .into_iter()
+            .map(|i| i.name)
+            .collect())
+    }
+
     pub async fn delete(&self, name: &str) -> Result<()> {
         let mut images = ImagesClient::new(self.channel.clone());
         images

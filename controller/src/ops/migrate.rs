@@ -14,6 +14,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use stasis_api::events::PodEvent;
 
 use super::{
     checkpoint::{self, CheckpointArgs, Destination},
@@ -42,6 +43,8 @@ pub struct MigrateArgs {
 
 /// What a migration did, for the caller to print.
 pub struct Migrated {
+    /// The pod's id here, before it was removed.
+    pub source_pod: String,
     pub target_pod: String,
     pub downtime_ms: f64,
     pub total_ms: f64,
@@ -52,6 +55,31 @@ pub struct Migrated {
 /// the stream (the source is stopped only once the target runs the pod), then the stopped
 /// source pod is removed.
 pub async fn migrate(t: &Target, a: MigrateArgs) -> Result<Migrated> {
+    let (pod, to) = (a.pod.clone(), a.to.clone());
+    let moved = migrate_pod(t, a).await;
+    let mut event = PodEvent {
+        pod_name: pod,
+        operation: "migrate".into(),
+        ..Default::default()
+    };
+    match &moved {
+        Ok(m) => {
+            event.phase = "finished".into();
+            event.downtime_ms = m.downtime_ms;
+            event.total_ms = m.total_ms;
+            event.bytes = m.bytes_sent;
+            event.sandbox_id = m.source_pod.clone();
+        }
+        Err(e) => {
+            event.phase = "failed".into();
+            event.error = format!("{e:#} (to {to})");
+        }
+    }
+    crate::events::publish(&t.address, &t.namespace, event).await;
+    moved
+}
+
+async fn migrate_pod(t: &Target, a: MigrateArgs) -> Result<Migrated> {
     let started = Instant::now();
     let key = stream::load_key(&a.key)?;
     // The peer and the key are checked before anything of the pod is touched.
@@ -99,6 +127,7 @@ pub async fn migrate(t: &Target, a: MigrateArgs) -> Result<Migrated> {
         )
     })?;
     Ok(Migrated {
+        source_pod: o.pod_id.clone(),
         target_pod,
         downtime_ms,
         total_ms: ms(started.elapsed()),

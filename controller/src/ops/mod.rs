@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod ls;
 pub mod migrate;
 pub mod restore;
+pub mod store;
 
 /// Where stasisctl talks to containerd.
 pub struct Target {

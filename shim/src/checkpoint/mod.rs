@@ -3,8 +3,11 @@
 //! which directories, one checkpoint at a time, metadata after the thaw, nothing left on
 //! failure); how the containers are held still and saved is the backend's `checkpoint_pod`.
 
+mod announce;
 pub mod metadata;
 pub mod source;
+
+use announce::Announce;
 
 use std::{
     collections::HashMap,
@@ -40,6 +43,14 @@ pub struct CheckpointGate {
 }
 
 impl CheckpointGate {
+    /// The pod's checkpoint slot, or a refusal when a checkpoint of it is running.
+    fn take_busy(&self, pod_id: &str) -> Result<OwnedMutexGuard<()>> {
+        self.busy
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| Error::precondition(pod_id, "a checkpoint of this pod is already running"))
+    }
+
     fn finish_slot(&self) -> std::sync::MutexGuard<'_, Option<FinishTx>> {
         self.finish.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -54,6 +65,7 @@ pub const MAX_HOLD: Duration = Duration::from_secs(3600);
 pub struct Hold {
     runtime: Arc<dyn crate::runtime::OciRuntime>,
     pod: Option<HeldPod>,
+    announce: Announce,
     _busy: OwnedMutexGuard<()>,
     _ops: Vec<OwnedMutexGuard<()>>,
 }
@@ -69,11 +81,14 @@ impl Hold {
         match self.runtime.hooks().stop_held(&pod).await {
             Ok(()) => {
                 info!("pod {}: stopped after its checkpoint", pod.pod_id);
+                self.announce.phase("stopped");
                 Ok(Self::ids(&pod))
             }
             Err(e) => {
                 // Whatever the stop did not end runs on rather than staying frozen.
-                let _ = self.runtime.hooks().release_held(&pod).await;
+                if self.runtime.hooks().release_held(&pod).await.is_ok() {
+                    self.announce.phase("resumed");
+                }
                 Err(e)
             }
         }
@@ -84,6 +99,7 @@ impl Hold {
         let pod = self.pod.take().expect("a hold ends once");
         self.runtime.hooks().release_held(&pod).await?;
         info!("pod {}: left running after its checkpoint", pod.pod_id);
+        self.announce.phase("resumed");
         Ok(Self::ids(&pod))
     }
 }
@@ -119,13 +135,23 @@ pub async fn run(
             .unwrap_or_default(),
     )
     .min(MAX_HOLD);
-    let (resp, hold) = match checkpoint_pod(&shim, &gate, req).await {
+    let leave_running = req.options.as_ref().is_some_and(|o| o.leave_running);
+    let mut announce = Announce::new(
+        shim.events.clone(),
+        shim.runtime.name(),
+        &pod_id,
+        &[],
+        leave_running,
+    );
+    let (resp, hold) = match checkpoint_pod(&shim, &gate, req, &mut announce).await {
         Ok(r) => r,
         Err(e) => {
+            announce.failed(&e);
             let _ = reply.send(Err(e));
             return;
         }
     };
+    announce.finished(&resp);
     let Some(hold) = hold else {
         if reply.send(Ok(resp)).is_err() {
             // Nobody learns of this checkpoint: it would only leave the pod's memory behind.
@@ -196,19 +222,16 @@ pub async fn checkpoint_pod(
     shim: &Shim,
     gate: &CheckpointGate,
     req: CheckpointPodRequest,
+    announce: &mut Announce,
 ) -> Result<(CheckpointPodResponse, Option<Hold>)> {
     let pod = shim.require_pod(&req.sandbox_id)?;
     pod.require_own_pid_ns("a checkpoint")?;
-    let busy = gate.busy.clone().try_lock_owned().map_err(|_| {
-        Error::precondition(
-            &req.sandbox_id,
-            "a checkpoint of this pod is already running",
-        )
-    })?;
+    let busy = gate.take_busy(&req.sandbox_id)?;
     let out = PathBuf::from(&req.output_path);
     require_empty_output(&req.sandbox_id, &out)?;
     let opts = req.options.clone().unwrap_or_default();
     let ids = selected_ids(shim, &req)?;
+    announce.selected(&ids);
     // Hold every selected container's operations for the whole capture, in a fixed order:
     // nothing starts, stops, pauses or execs in them meanwhile.
     let mut selected: Vec<Arc<Container>> = Vec::new();
@@ -228,6 +251,7 @@ pub async fn checkpoint_pod(
         .collect();
 
     let start = Instant::now();
+    let on_phase = announce.phase_sink();
     let job = PodCheckpoint {
         pod_id: &pod.id,
         pod_cgroup: &pod.cgroup,
@@ -243,6 +267,7 @@ pub async fn checkpoint_pod(
         } else {
             shim.checkpoint_bound
         }),
+        on_phase: &on_phase,
     };
     let engine = shim.runtime.name().to_string();
     let written = capture_and_write(shim, &job, &pod, &names, &engine, opts.leave_running).await;
@@ -254,6 +279,7 @@ pub async fn checkpoint_pod(
                 pod_id: pod.id.clone(),
                 containers: targets.clone(),
             }),
+            announce: announce.clone(),
             _busy: busy,
             _ops: guards,
         }),

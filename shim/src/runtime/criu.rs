@@ -197,6 +197,7 @@ pub async fn checkpoint_pod<R: CheckpointHooks + ?Sized>(
         held.thaw_all().await;
         return Err(e);
     }
+    (job.on_phase)("frozen");
 
     let work = match crate::util::private_dir(job.pod_id, "pod-dump") {
         Ok(w) => w,
@@ -224,6 +225,7 @@ pub async fn checkpoint_pod<R: CheckpointHooks + ?Sized>(
         held.0.clear();
     } else {
         held.thaw_all().await;
+        (job.on_phase)("thawed");
     }
     let frozen = frozen_at.elapsed();
     let _ = std::fs::remove_dir_all(&work);

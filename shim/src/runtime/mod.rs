@@ -133,6 +133,9 @@ pub struct PodCheckpoint<'a> {
     pub file_locks: bool,
     /// Gives up (thawing everything) past this bound.
     pub timeout: Option<Duration>,
+    /// Told "frozen" once every selected container is still, "thawed" when they run again
+    /// (not for a hold). Queues an event: it never waits.
+    pub on_phase: &'a (dyn Fn(&'static str) + Send + Sync),
 }
 
 /// What a pod checkpoint captured.

@@ -292,6 +292,8 @@ pub fn remove_after_crash(id: &str, bundle: &std::path::Path) {
         warn!("pod {id}: cgroups left after the cleanup: {left:?}");
     }
     remove_pod_host_state(id, &record.cgroup, record.shm, record.files);
+    // A checkpoint the dead shim had under way.
+    crate::util::remove_private_dirs_of(id);
     PodRecord::remove(bundle, id);
 }
 

@@ -7,6 +7,7 @@ use std::{path::Path, sync::Arc};
 use log::{error, info, warn};
 use stasis_api::{
     checkpoint::RestoreState,
+    events::PodEvent,
     layout::{DumpRecord, CHECKPOINT_DIR},
 };
 
@@ -18,6 +19,7 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
+    events::pod_event,
     fscapture::volumes,
     process::stdio,
     runtime::{images, restored, CheckpointOpts},
@@ -334,8 +336,35 @@ fn watch_hold(shim: &Shim, container: Arc<Container>) {
     });
 }
 
+/// Queues a `/stasis/restore/<phase>` event of the shim's pod.
+fn announce_restore(shim: &Shim, phase: &str, ids: &[String], fill: impl FnOnce(&mut PodEvent)) {
+    let mut event = PodEvent {
+        sandbox_id: shim.pod().map(|p| p.id.clone()).unwrap_or_default(),
+        operation: "restore".into(),
+        phase: phase.into(),
+        container_ids: ids.to_vec(),
+        engine: shim.runtime.name().to_string(),
+        ..Default::default()
+    };
+    fill(&mut event);
+    pod_event(&shim.events, event);
+}
+
 /// Lets every container held after a pod restore run. Returns their ids.
 pub async fn finish_restore(shim: &Shim) -> Result<Vec<String>> {
+    match resume_restored(shim).await {
+        Ok(resumed) => {
+            announce_restore(shim, "running", &resumed, |_| {});
+            Ok(resumed)
+        }
+        Err(e) => {
+            announce_restore(shim, "failed", &[], |ev| ev.error = e.to_string());
+            Err(e)
+        }
+    }
+}
+
+async fn resume_restored(shim: &Shim) -> Result<Vec<String>> {
     wait_for_pages(shim).await?;
     if let Some(pod) = shim.pod() {
         pod.restore_finished();

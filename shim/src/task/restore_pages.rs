@@ -6,11 +6,13 @@ use std::path::Path;
 use log::{error, info, warn};
 use stasis_api::{
     checkpoint::RestoreState,
+    events::PodEvent,
     layout::{self, RestoreOptions},
 };
 
 use crate::{
     error::{Error, Result},
+    events::pod_event,
     process::reaper,
     runtime::{pages, CheckpointOpts},
     state::{Container, Shim, State},
@@ -97,9 +99,29 @@ pub(super) fn watch_lazy_pages(
         .restore_dir
         .as_ref()
         .map(|_| shim.restores.clone());
+    let (events, pod_id, engine) = (
+        shim.events.clone(),
+        shim.pod().map(|p| p.id.clone()).unwrap_or_default(),
+        shim.runtime.name().to_string(),
+    );
     let report = move |state: RestoreState, reason: String| {
+        let complete = state == RestoreState::RESTORE_COMPLETE;
+        let mut event = PodEvent {
+            sandbox_id: pod_id.clone(),
+            operation: "restore".into(),
+            phase: if complete { "pages-in" } else { "failed" }.into(),
+            container_ids: vec![id_for_report.clone()],
+            engine: engine.clone(),
+            ..Default::default()
+        };
+        if complete {
+            event.pages_in_ms = start.elapsed().as_secs_f64() * 1000.0;
+        } else {
+            event.error = format!("{id_for_report}: {reason}");
+        }
+        pod_event(&events, event);
         if let Some(o) = &outcomes {
-            if state == RestoreState::RESTORE_COMPLETE {
+            if complete {
                 o.complete(&id_for_report, start.elapsed());
             } else {
                 o.record(&id_for_report, state, reason);

@@ -19,8 +19,10 @@ use stasis_api::checkpoint::{
     CheckpointOptions, CheckpointPodRequest, CheckpointPodResponse, ContainerInfo,
 };
 
+use stasis_api::events::PodEvent;
+
 use super::{ms, Interrupt, Target};
-use crate::{archive, cri::api, files, seal, shim};
+use crate::{archive, cri::api, display::human, events, files, progress, seal, shim};
 
 mod destination;
 mod node;
@@ -94,16 +96,19 @@ async fn checkpoint_on(
     node.connect_shim(&s.pod).await?;
     a.destination.check_new(t).await?;
     let staging = new_staging_dir(&stage_in, &label)?;
-    eprintln!(
-        "checkpointing pod {} ({}) with {} container(s){}…",
-        s.name,
-        &s.pod.id[..12],
-        s.containers.len(),
-        if a.leave_running {
-            ", leaving it running"
-        } else {
-            ""
-        }
+    progress::step(
+        "checkpointing",
+        format!(
+            "checkpointing pod {} ({}) with {} container(s){}…",
+            s.name,
+            &s.pod.id[..12],
+            s.containers.len(),
+            if a.leave_running {
+                ", leaving it running"
+            } else {
+                ""
+            }
+        ),
     );
     let hold = if a.leave_running {
         0
@@ -122,6 +127,22 @@ async fn checkpoint_on(
             return Err(e);
         }
     };
+    let frozen = response
+        .timings
+        .as_ref()
+        .map(|t| t.frozen_ms)
+        .unwrap_or(0.0);
+    progress::step(
+        "captured",
+        format!(
+            "captured: frozen {frozen:.0} ms; {}",
+            if a.leave_running {
+                "the pod runs on"
+            } else {
+                "the pod stays frozen until its checkpoint is safe"
+            }
+        ),
+    );
     let t_pack = Instant::now();
     let destination = a.destination.describe();
     let undelivered = a.destination.undelivered();
@@ -137,9 +158,15 @@ async fn checkpoint_on(
         Err(e) if !a.leave_running => return Err(finish.resume(e, undelivered).await),
         Err(e) => return Err(e),
     };
+    progress::step(
+        "written",
+        format!("written to {destination} ({})", human(delivered.bytes)),
+    );
     if !a.leave_running {
         finish.stop(&destination).await?;
+        progress::step("stopped", format!("pod {} stopped", s.name));
     }
+    announce_written(t, &s, a.leave_running, delivered.bytes, &response, started).await;
     Ok(CheckpointOutcome {
         pod_name: s.name,
         pod_id: s.pod.id.clone(),
@@ -188,6 +215,30 @@ async fn select_containers(node: &mut impl Node, a: &CheckpointArgs) -> Result<S
         name,
         containers,
     })
+}
+
+/// `/stasis/checkpoint/written` on containerd's event service: what only stasisctl knows.
+async fn announce_written(
+    t: &Target,
+    s: &Selected,
+    leave_running: bool,
+    bytes: u64,
+    response: &CheckpointPodResponse,
+    started: Instant,
+) {
+    let event = PodEvent {
+        sandbox_id: s.pod.id.clone(),
+        pod_name: s.name.clone(),
+        operation: "checkpoint".into(),
+        phase: "written".into(),
+        container_ids: s.containers.iter().map(|c| c.id.clone()).collect(),
+        leave_running,
+        bytes,
+        total_ms: ms(started.elapsed()),
+        engine: response.engine.clone(),
+        ..Default::default()
+    };
+    events::publish(&t.address, &t.namespace, event).await;
 }
 
 /// A fresh private directory: a random name, 0700, never one that already exists
@@ -265,6 +316,8 @@ async fn package(
         tokio::task::spawn_blocking(move || seal_staged(&dir, &handler, sign.as_ref()))
             .await
             .context("packaging worker")??;
+        let (_, total) = archive::tree_size(staging);
+        let _bytes = progress::bytes("writing", &format!("writing {described}"), total);
         destination.deliver(t, staging, cancel.clone()).await
     };
     tokio::pin!(work);

@@ -17,6 +17,7 @@ use crate::{
     image::RegistryAccess,
     ops::Target,
     policy::{self, Policy, Request},
+    progress,
 };
 
 /// A restore that passed every check, ready to be created.
@@ -131,7 +132,10 @@ fn choose_handler(a: &RestoreArgs, options: &PodOptions) -> (String, Option<&'st
         (Some(h), _, _) => (h.clone(), None),
         (None, Some(h), _) => (h.clone(), Some("the migration peer")),
         (None, None, Some(h)) => {
-            eprintln!("runtime handler {h} (the one the pod ran under)");
+            progress::step(
+                "admitted",
+                format!("runtime handler {h} (the one the pod ran under)"),
+            );
             (h.clone(), Some("the archive"))
         }
         (None, None, None) => ("stasis".to_string(), None),
@@ -187,7 +191,10 @@ pub(super) async fn check_base_images(
         // names today).
         let why = if spec.image.contains('@') {
             policy.check_registry(name, &spec.image)?;
-            eprintln!("pulling base image {} for container {name}", spec.image);
+            progress::step(
+                "pulling",
+                format!("pulling base image {} for container {name}", spec.image),
+            );
             let auth = registry
                 .credentials_for(&spec.image)?
                 .map(|(username, password)| api::AuthConfig {

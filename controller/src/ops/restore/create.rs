@@ -14,7 +14,7 @@ use super::admit::Admitted;
 use crate::{
     cri::{self, api},
     ops::{ttrpc_ctx, Interrupt, Target},
-    policy, shim,
+    policy, progress, shim,
 };
 
 /// A pod made from a checkpoint: its id, its runtime handler, and each container's name and
@@ -214,9 +214,12 @@ async fn fill_pod(
         node.start_container(&id)
             .await
             .with_context(|| format!("restore container {name} ({id})"))?;
-        eprintln!(
-            "restored container {name} ({}), stopped until the pod is complete",
-            &id[..id.len().min(12)]
+        progress::step(
+            "restoring",
+            format!(
+                "restored container {name} ({}), stopped until the pod is complete",
+                &id[..id.len().min(12)]
+            ),
         );
         created.push((name.clone(), id));
     }

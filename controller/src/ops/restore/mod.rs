@@ -14,7 +14,7 @@ use std::{
 use anyhow::{bail, Result};
 
 use super::{guard::RestoreGuard, ms, Interrupt, Target};
-use crate::{cri, files, image::RegistryAccess, policy::Policy, seal::Opening};
+use crate::{cri, files, image::RegistryAccess, policy::Policy, progress, seal::Opening};
 
 mod admit;
 mod create;
@@ -94,7 +94,10 @@ pub async fn restore(t: &Target, a: &RestoreArgs, source: Source<'_>) -> Result<
     let restore_id = files::random_id()?;
     let dir = store.join(&restore_id);
     let source = source.prepare(t, a).await?;
-    eprintln!("unpacking {} as restore {restore_id}", source.label());
+    progress::step(
+        "unpacking",
+        format!("unpacking {} as restore {restore_id}", source.label()),
+    );
     // Cleans up if this process is killed outright from here on.
     let mut leftovers = Leftovers {
         guard: Some(RestoreGuard::start(&t.address, &dir)?),
@@ -120,9 +123,12 @@ pub async fn restore(t: &Target, a: &RestoreArgs, source: Source<'_>) -> Result<
     let created = create::create(&mut node, admitted, &mut interrupt, |id| guard.pod(id)).await?;
     let running = started.elapsed();
     if a.lazy && a.wait_pages {
-        eprintln!(
-            "running after {:.0} ms; its memory is still coming in",
-            ms(running)
+        progress::step(
+            "running",
+            format!(
+                "running after {:.0} ms; its memory is still coming in",
+                ms(running)
+            ),
         );
     }
     Ok(Restored {
@@ -149,10 +155,13 @@ impl Restored {
                 guard.follow(&t.namespace, &c.pod_id, &c.handler, &c.containers)?;
                 self.leftovers.handed_over = true;
             }
-            eprintln!(
-                "restored: running after {:.0} ms; its memory is still coming in (`stasisctl pod pages {}` shows when the last page is in)",
-                ms(self.running),
-                self.pod_id
+            progress::step(
+                "restored",
+                format!(
+                    "restored: running after {:.0} ms; its memory is still coming in (`stasisctl pod pages {}` shows when the last page is in)",
+                    ms(self.running),
+                    self.pod_id
+                ),
             );
             return Ok(self.pod_id.clone());
         }
@@ -183,13 +192,19 @@ impl Restored {
         }
         drop(self.leftovers);
         if self.lazy {
-            eprintln!(
-                "restored: running after {:.0} ms, every page in after {:.0} ms",
-                ms(self.running),
-                ms(self.started.elapsed())
+            progress::step(
+                "restored",
+                format!(
+                    "restored: running after {:.0} ms, every page in after {:.0} ms",
+                    ms(self.running),
+                    ms(self.started.elapsed())
+                ),
             );
         } else {
-            eprintln!("restored in {:.0} ms", ms(self.running));
+            progress::step(
+                "restored",
+                format!("restored in {:.0} ms", ms(self.running)),
+            );
         }
         Ok(self.pod_id)
     }

@@ -11,6 +11,7 @@ use crate::{
     archive, files,
     image::{self, ImageStoreClient},
     ops::Target,
+    progress,
     seal::Opening,
     stream::Channel,
 };
@@ -63,13 +64,16 @@ impl<'a> Source<'a> {
             Source::Image(reference) => {
                 let store = ImageStoreClient::connect(&t.address, &t.namespace).await?;
                 if store.get(&reference).await?.is_none() {
-                    eprintln!("pulling {reference}");
+                    progress::step("pulling", format!("pulling {reference}"));
                     image::transfer(&t.address, &t.namespace, &reference, &a.registry, false)
                         .await?;
                 }
                 if a.lazy {
-                    eprintln!(
-                        "{reference} is an image: its pages are unpacked before the pod runs"
+                    progress::step(
+                        "unpacking",
+                        format!(
+                            "{reference} is an image: its pages are unpacked before the pod runs"
+                        ),
                     );
                 }
                 Ok(Source::Image(reference))
@@ -81,9 +85,12 @@ impl<'a> Source<'a> {
                 // memory is unpacked.
                 let leave_pages = archive::is_plain_tar(&path)?;
                 if a.lazy && !leave_pages {
-                    eprintln!(
-                        "{} is compressed or encrypted: its pages are unpacked before the pod runs (an uncompressed archive, --compress none, is restored lazily without that)",
-                        path.display()
+                    progress::step(
+                        "unpacking",
+                        format!(
+                            "{} is compressed or encrypted: its pages are unpacked before the pod runs (an uncompressed archive, --compress none, is restored lazily without that)",
+                            path.display()
+                        ),
                     );
                 }
                 Ok(Source::Archive { path, leave_pages })

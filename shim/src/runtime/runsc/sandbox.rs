@@ -202,6 +202,8 @@ pub async fn checkpoint_pod(runsc: &Runsc, job: &PodCheckpoint<'_>) -> Result<Po
     if pause {
         runsc.pause(pod_id).await?;
     }
+    // Unpaused, runsc stops the sandbox's world itself for its save.
+    (job.on_phase)("frozen");
     let captured = capture_sandbox(runsc, job, copts, with_volumes).await;
     // A hold keeps the sandbox paused until `stop_held` or `release_held`.
     if pause && !(job.hold && captured.is_ok()) {
@@ -209,6 +211,9 @@ pub async fn checkpoint_pod(runsc: &Runsc, job: &PodCheckpoint<'_>) -> Result<Po
         if captured.is_ok() {
             resumed?;
         }
+    }
+    if !(job.hold && captured.is_ok()) {
+        (job.on_phase)("thawed");
     }
     captured?;
     let frozen = t.elapsed();

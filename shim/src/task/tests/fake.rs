@@ -200,4 +200,8 @@ impl EventSink for Recorder {
     async fn publish(&self, topic: &str, _event: Box<dyn MessageDyn>) {
         self.0.lock().unwrap().push(topic.to_string());
     }
+
+    fn emit(&self, topic: &str, _event: Box<dyn MessageDyn>) {
+        self.0.lock().unwrap().push(topic.to_string());
+    }
 }

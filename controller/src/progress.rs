@@ -36,6 +36,8 @@ struct Reporter {
     started: Instant,
     /// Serialises the output of the steps and of a byte ticker.
     out: Mutex<()>,
+    /// `pod_id` and `pod_name` once known: on every later JSON line.
+    pod: Mutex<Map<String, Value>>,
 }
 
 static REPORTER: OnceLock<Reporter> = OnceLock::new();
@@ -56,6 +58,7 @@ pub fn start(operation: &str, json: bool) {
         operation: operation.to_string(),
         started: Instant::now(),
         out: Mutex::new(()),
+        pod: Mutex::new(Map::new()),
     });
 }
 
@@ -65,7 +68,18 @@ fn reporter() -> &'static Reporter {
         operation: String::new(),
         started: Instant::now(),
         out: Mutex::new(()),
+        pod: Mutex::new(Map::new()),
     })
+}
+
+/// The pod the operation works on, once known (a restore learns its new pod's id late):
+/// every later JSON line names it, so that a script can follow one pod.
+pub fn pod(id: &str, name: &str) {
+    let mut pod = reporter().pod.lock().unwrap_or_else(|e| e.into_inner());
+    pod.insert("pod_id".into(), json!(id));
+    if !name.is_empty() {
+        pod.insert("pod_name".into(), json!(name));
+    }
 }
 
 /// Whether this process reports in JSON lines (then results are a `result` event too).
@@ -86,6 +100,7 @@ fn event(r: &Reporter, phase: &str, fields: Map<String, Value>) -> Value {
     );
     obj.insert("operation".into(), json!(r.operation));
     obj.insert("phase".into(), json!(phase));
+    obj.extend(r.pod.lock().unwrap_or_else(|e| e.into_inner()).clone());
     obj.extend(fields);
     Value::Object(obj)
 }

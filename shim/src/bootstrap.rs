@@ -234,9 +234,9 @@ pub fn serve(flags: &Flags) -> Result<(), BoxError> {
     // Remember which socket file is ours: a successor may have bound the same path by the
     // time we exit, and its socket must survive us.
     let socket_id = socket.as_deref().and_then(SocketFile::identify);
-    // containerd gives every shim a log fifo in its bundle; without it (by hand), log to stderr.
-    if containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id).is_err() {
-        eprintln!("containerd-shim-stasis-v2: no log fifo, logging disabled");
+    // containerd gives every shim a log fifo in its bundle; without it (by hand), stderr.
+    if let Err(e) = crate::logging::init(flags.debug, &flags.id) {
+        eprintln!("containerd-shim-stasis-v2: logging disabled: {e}");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod events;
 pub mod fscapture;
+pub mod logging;
 pub mod process;
 pub mod runtime;
 pub mod sandbox;

@@ -8,7 +8,7 @@ mod code_rules;
 
 /// Bottom to top; a module may use only modules of a lower layer.
 const LAYERS: &[&[&str]] = &[
-    &["error"],
+    &["error", "logging"],
     &["util"],
     &["spec", "events", "process", "cgroup"],
     &["fscapture"],

@@ -210,6 +210,23 @@ async fn a_pod_checkpoint_shows_in_events_and_metrics() -> Result<()> {
     ensure!(!out?.status.success(), "a checkpoint onto 64 KiB succeeded");
     let seen = events_until(&rx, &pod_id, "failed")?;
     let failed = seen.last().unwrap();
+    // The shim's log lines of the failed operation carry the pod, the operation and the
+    // container (logfmt, as containerd relays them).
+    let log = c.log_tail(4000);
+    let failure = log.lines().find(|l| {
+        l.contains("level=warn")
+            && l.contains(&format!("pod=\"{pod_id}\""))
+            && l.contains("op=\"pod-checkpoint\"")
+            && l.contains("dump failed")
+    });
+    ensure!(
+        failure.is_some(),
+        "no log line of the failed checkpoint with its pod and operation:\n{}",
+        log.lines()
+            .filter(|l| l.contains("dump failed"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     ensure!(
         failed["error"]
             .as_str()

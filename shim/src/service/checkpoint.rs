@@ -17,7 +17,9 @@ use stasis_api::{
     checkpoint_ttrpc::Checkpoint,
 };
 
-use super::rpc;
+use tracing::Instrument;
+
+use super::{rpc, traced};
 use crate::{
     checkpoint::{self, source, CheckpointGate},
     error::Result,
@@ -79,9 +81,10 @@ impl Checkpoint for CheckpointService {
         // the checkpoint half-way; it runs to its end, thaw and clean-up included.
         let (shim, gate) = (self.shim.clone(), self.gate.clone());
         let (reply, answer) = tokio::sync::oneshot::channel();
+        let span = tracing::info_span!("rpc", op = "pod-checkpoint");
         shim.clone()
             .work
-            .spawn(checkpoint::run(shim, gate, req, reply));
+            .spawn(checkpoint::run(shim, gate, req, reply).instrument(span));
         rpc(answer.await.unwrap_or_else(|_| {
             Err(crate::error::Error::other(
                 "checkpoint",
@@ -97,7 +100,8 @@ impl Checkpoint for CheckpointService {
         req: FinishCheckpointRequest,
     ) -> ttrpc::Result<FinishCheckpointResponse> {
         rpc(self.shim.require_pod(&req.sandbox_id))?;
-        let ids = rpc(checkpoint::finish(&self.gate, &req.sandbox_id, req.stop).await)?;
+        let finish = checkpoint::finish(&self.gate, &req.sandbox_id, req.stop);
+        let ids = traced("finish-checkpoint", "", finish).await?;
         Ok(FinishCheckpointResponse {
             container_ids: ids,
             ..Default::default()
@@ -110,7 +114,7 @@ impl Checkpoint for CheckpointService {
         req: FinishRestoreRequest,
     ) -> ttrpc::Result<FinishRestoreResponse> {
         rpc(self.shim.require_pod(&req.sandbox_id))?;
-        let ids = rpc(task::finish_restore(&self.shim).await)?;
+        let ids = traced("finish-restore", "", task::finish_restore(&self.shim)).await?;
         Ok(FinishRestoreResponse {
             container_ids: ids,
             ..Default::default()

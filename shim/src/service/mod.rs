@@ -27,6 +27,18 @@ fn rpc<T>(r: Result<T>) -> ttrpc::Result<T> {
     })
 }
 
+/// Runs one operation inside its span: every line it logs (its failure included) carries
+/// `op` and `container` beside the shim's pod.
+async fn traced<T>(
+    op: &'static str,
+    container: &str,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> ttrpc::Result<T> {
+    use tracing::Instrument;
+    let span = tracing::info_span!("rpc", op, container);
+    async move { rpc(work.await) }.instrument(span).await
+}
+
 /// containerd 2.x speaks Task v3; older clients and tools still ask for v2. Same handler.
 fn task_services(shim: &Arc<Shim>) -> Vec<HashMap<String, Service>> {
     let v3 = create_task(Arc::new(task::TaskService(shim.clone())));

@@ -11,7 +11,7 @@ use containerd_shim_protos::{
     types::platform::Platform,
 };
 
-use super::rpc;
+use super::{rpc, traced};
 use crate::{
     sandbox,
     state::{timestamp, Shim},
@@ -26,9 +26,12 @@ impl Sandbox for SandboxService {
         _ctx: &TtrpcContext,
         req: sb::CreateSandboxRequest,
     ) -> ttrpc::Result<sb::CreateSandboxResponse> {
-        rpc(sandbox::create(&self.0, req)
-            .await
-            .map(|_| Default::default()))
+        traced("create-sandbox", "", async {
+            sandbox::create(&self.0, req)
+                .await
+                .map(|_| Default::default())
+        })
+        .await
     }
 
     async fn start_sandbox(
@@ -36,7 +39,12 @@ impl Sandbox for SandboxService {
         _ctx: &TtrpcContext,
         req: sb::StartSandboxRequest,
     ) -> ttrpc::Result<sb::StartSandboxResponse> {
-        rpc(sandbox::start(&self.0, &req.sandbox_id).await)
+        traced(
+            "start-sandbox",
+            "",
+            sandbox::start(&self.0, &req.sandbox_id),
+        )
+        .await
     }
 
     async fn platform(
@@ -62,9 +70,12 @@ impl Sandbox for SandboxService {
         _ctx: &TtrpcContext,
         req: sb::StopSandboxRequest,
     ) -> ttrpc::Result<sb::StopSandboxResponse> {
-        rpc(sandbox::stop(&self.0, &req.sandbox_id, req.timeout_secs)
-            .await
-            .map(|_| Default::default()))
+        traced("stop-sandbox", "", async {
+            sandbox::stop(&self.0, &req.sandbox_id, req.timeout_secs)
+                .await
+                .map(|_| Default::default())
+        })
+        .await
     }
 
     async fn wait_sandbox(
@@ -108,9 +119,12 @@ impl Sandbox for SandboxService {
         _ctx: &TtrpcContext,
         req: sb::ShutdownSandboxRequest,
     ) -> ttrpc::Result<sb::ShutdownSandboxResponse> {
-        rpc(sandbox::shutdown(&self.0, &req.sandbox_id)
-            .await
-            .map(|_| Default::default()))
+        traced("shutdown-sandbox", "", async {
+            sandbox::shutdown(&self.0, &req.sandbox_id)
+                .await
+                .map(|_| Default::default())
+        })
+        .await
     }
 
     async fn sandbox_metrics(

@@ -11,7 +11,9 @@ use containerd_shim_protos::{
 };
 use log::info;
 
-use super::rpc;
+use tracing::Instrument;
+
+use super::traced;
 use crate::{state::Shim, task};
 
 #[derive(Clone)]
@@ -24,7 +26,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> ttrpc::Result<api::StateResponse> {
-        rpc(task::state(&self.0, req).await)
+        traced("state", &req.id.clone(), task::state(&self.0, req)).await
     }
 
     async fn create(
@@ -32,7 +34,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> ttrpc::Result<api::CreateTaskResponse> {
-        rpc(task::create(&self.0, req).await)
+        traced("create", &req.id.clone(), task::create(&self.0, req)).await
     }
 
     async fn start(
@@ -40,7 +42,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> ttrpc::Result<api::StartResponse> {
-        rpc(task::start(&self.0, req).await)
+        traced("start", &req.id.clone(), task::start(&self.0, req)).await
     }
 
     async fn delete(
@@ -48,7 +50,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> ttrpc::Result<api::DeleteResponse> {
-        rpc(task::delete(&self.0, req).await)
+        traced("delete", &req.id.clone(), task::delete(&self.0, req)).await
     }
 
     async fn pids(
@@ -56,15 +58,21 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::PidsRequest,
     ) -> ttrpc::Result<api::PidsResponse> {
-        rpc(task::pids(&self.0, &req.id).await)
+        traced("pids", &req.id.clone(), task::pids(&self.0, &req.id)).await
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> ttrpc::Result<Empty> {
-        rpc(task::pause(&self.0, &req.id).await.map(|_| Empty::new()))
+        traced("pause", &req.id.clone(), async {
+            task::pause(&self.0, &req.id).await.map(|_| Empty::new())
+        })
+        .await
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> ttrpc::Result<Empty> {
-        rpc(task::resume(&self.0, &req.id).await.map(|_| Empty::new()))
+        traced("resume", &req.id.clone(), async {
+            task::resume(&self.0, &req.id).await.map(|_| Empty::new())
+        })
+        .await
     }
 
     async fn checkpoint(
@@ -73,18 +81,25 @@ impl Task for TaskService {
         req: api::CheckpointTaskRequest,
     ) -> ttrpc::Result<Empty> {
         // Its own task: a caller that gives up does not stop the checkpoint half-way.
-        let shim = self.0.clone();
+        let (shim, id) = (self.0.clone(), req.id.clone());
+        let span = tracing::info_span!("rpc", op = "checkpoint", container = %id);
         let work = shim
             .clone()
             .work
-            .spawn(async move { task::checkpoint(&shim, req).await });
-        rpc(super::checkpoint::detached(work)
-            .await
-            .map(|_| Empty::new()))
+            .spawn(async move { task::checkpoint(&shim, req).await }.instrument(span));
+        traced("checkpoint", &id, async {
+            super::checkpoint::detached(work)
+                .await
+                .map(|_| Empty::new())
+        })
+        .await
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> ttrpc::Result<Empty> {
-        rpc(task::kill(&self.0, req).await.map(|_| Empty::new()))
+        traced("kill", &req.id.clone(), async {
+            task::kill(&self.0, req).await.map(|_| Empty::new())
+        })
+        .await
     }
 
     async fn exec(
@@ -92,7 +107,10 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ExecProcessRequest,
     ) -> ttrpc::Result<Empty> {
-        rpc(task::exec(&self.0, req).await.map(|_| Empty::new()))
+        traced("exec", &req.id.clone(), async {
+            task::exec(&self.0, req).await.map(|_| Empty::new())
+        })
+        .await
     }
 
     async fn resize_pty(
@@ -100,7 +118,10 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ResizePtyRequest,
     ) -> ttrpc::Result<Empty> {
-        rpc(task::resize_pty(&self.0, req).await.map(|_| Empty::new()))
+        traced("resize_pty", &req.id.clone(), async {
+            task::resize_pty(&self.0, req).await.map(|_| Empty::new())
+        })
+        .await
     }
 
     async fn close_io(
@@ -108,7 +129,10 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::CloseIORequest,
     ) -> ttrpc::Result<Empty> {
-        rpc(task::close_io(&self.0, req).await.map(|_| Empty::new()))
+        traced("close_io", &req.id.clone(), async {
+            task::close_io(&self.0, req).await.map(|_| Empty::new())
+        })
+        .await
     }
 
     async fn update(
@@ -116,7 +140,10 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::UpdateTaskRequest,
     ) -> ttrpc::Result<Empty> {
-        rpc(task::update(&self.0, req).await.map(|_| Empty::new()))
+        traced("update", &req.id.clone(), async {
+            task::update(&self.0, req).await.map(|_| Empty::new())
+        })
+        .await
     }
 
     async fn wait(
@@ -124,7 +151,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::WaitRequest,
     ) -> ttrpc::Result<api::WaitResponse> {
-        rpc(task::wait(&self.0, req).await)
+        traced("wait", &req.id.clone(), task::wait(&self.0, req)).await
     }
 
     async fn stats(
@@ -132,7 +159,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StatsRequest,
     ) -> ttrpc::Result<api::StatsResponse> {
-        rpc(task::stats(&self.0, &req.id).await)
+        traced("stats", &req.id.clone(), task::stats(&self.0, &req.id)).await
     }
 
     async fn connect(
@@ -140,7 +167,12 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ConnectRequest,
     ) -> ttrpc::Result<api::ConnectResponse> {
-        let task_pid = rpc(task::connect_pid(&self.0, &req.id).await)?;
+        let task_pid = traced(
+            "connect_pid",
+            &req.id.clone(),
+            task::connect_pid(&self.0, &req.id),
+        )
+        .await?;
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,

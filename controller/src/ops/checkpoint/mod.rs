@@ -87,6 +87,7 @@ async fn checkpoint_on(
 ) -> Result<CheckpointOutcome> {
     let started = Instant::now();
     let s = select_containers(node, &a).await?;
+    progress::pod(&s.pod.id, &s.name);
     let (output_dir, label) = a.destination.output_dir(&a.pod)?;
     let estimate = node.estimate(&s.containers).await;
     let stage_in = space::staging_parent(&output_dir)?;

@@ -120,7 +120,11 @@ pub async fn restore(t: &Target, a: &RestoreArgs, source: Source<'_>) -> Result<
     let admitted = admit::admit(t, a, &dir, &options, (&restore_id, &token)).await?;
     let guard = leftovers.guard.as_mut().expect("the watchdog runs");
     let mut node = create::CriNode::connect(t, &admitted.handler).await?;
-    let created = create::create(&mut node, admitted, &mut interrupt, |id| guard.pod(id)).await?;
+    let created = create::create(&mut node, admitted, &mut interrupt, |id| {
+        progress::pod(id, a.name.as_deref().unwrap_or_default());
+        guard.pod(id)
+    })
+    .await?;
     let running = started.elapsed();
     if a.lazy && a.wait_pages {
         progress::step(

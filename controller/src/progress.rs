@@ -152,6 +152,30 @@ pub fn result(outcome: Result<Value, &anyhow::Error>) {
     emit_json(&event(r, "result", f));
 }
 
+/// A part of the work with a state of its own (a layer of an image push or pull): a line
+/// for people, or a JSON event with `part`, `state`, `done` and `total`.
+pub fn part(phase: &str, name: &str, state: &str, done: u64, total: u64) {
+    let r = reporter();
+    let _held = r.out.lock();
+    match r.style {
+        Style::Json => {
+            let mut f = Map::new();
+            f.insert("part".into(), json!(name));
+            f.insert("state".into(), json!(state));
+            f.insert("done".into(), json!(done));
+            f.insert("total".into(), json!(total));
+            emit_json(&event(r, phase, f));
+        }
+        _ if name.is_empty() => eprintln!("{state}"),
+        _ if total > 0 => eprintln!(
+            "{name}: {state} ({} of {})",
+            crate::display::human(done),
+            crate::display::human(total)
+        ),
+        _ => eprintln!("{name}: {state}"),
+    }
+}
+
 /// Counts `n` bytes of the running byte phase.
 pub fn count(n: u64) {
     BYTES.fetch_add(n, Ordering::Relaxed);

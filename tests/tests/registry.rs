@@ -117,11 +117,36 @@ async fn a_pod_travels_through_a_registry() -> Result<()> {
     for (name, id, _) in containers_by_name(&mut cri_a, &pod_id).await? {
         before.insert(name, read_counter(&mut cri_a, &id, "/counter").await?);
     }
-    let out = a.stasisctl(&["image", "push", &reference, "--plain-http"])?;
+    let out = a.stasisctl(&[
+        "image",
+        "push",
+        &reference,
+        "--plain-http",
+        "--format",
+        "json",
+    ])?;
     ensure!(
         out.status.success(),
         "push failed: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // Its progress: containerd's per-layer states as JSON lines, then the result.
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let layers: Vec<_> = lines.iter().filter(|v| v["phase"] == "layer").collect();
+    eprintln!("push progress: {layers:?}");
+    let last = lines.last().context("no JSON from push")?;
+    ensure!(
+        !layers.is_empty()
+            && layers
+                .iter()
+                .all(|v| v["part"].is_string() && v["state"].is_string())
+            && last["phase"] == "result"
+            && last["ok"] == true
+            && last["reference"] == reference.as_str(),
+        "push progress: {lines:#?}"
     );
 
     // checkpointctl reads a container layer on its own, as exported by ctr. `--local`: ctr

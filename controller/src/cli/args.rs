@@ -164,3 +164,27 @@ impl From<CompressArg> for Compression {
         }
     }
 }
+
+/// How a long command reports.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum Output {
+    Text,
+    Json,
+}
+
+/// Ends a command that reports progress: in JSON, its result (or error) as the last event;
+/// in text, `print` shows the result.
+pub(super) fn conclude<T>(
+    format: Output,
+    r: Result<T>,
+    fields: impl FnOnce(&T) -> serde_json::Value,
+    print: impl FnOnce(&T),
+) -> Result<()> {
+    match (&r, format) {
+        (Ok(v), Output::Json) => crate::progress::result(Ok(fields(v))),
+        (Err(e), Output::Json) => crate::progress::result(Err(e)),
+        (Ok(v), Output::Text) => print(v),
+        (Err(_), Output::Text) => {}
+    }
+    r.map(|_| ())
+}

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Subcommand;
 
-use super::args::{opening, CompressArg, RegistryArgs};
-use crate::{display::human, image, ops::Target};
+use super::args::{conclude, opening, CompressArg, Output, RegistryArgs};
+use crate::{display::human, image, ops::Target, progress};
 
 #[derive(Subcommand)]
 pub(super) enum ImageCommand {
@@ -32,22 +32,44 @@ pub(super) enum ImageCommand {
         reference: String,
         #[command(flatten)]
         registry: RegistryArgs,
+        /// text: each layer's state on stderr as it changes; json: one JSON object per line
+        /// on stdout (`layer` events with part, state, done, total; then the `result`).
+        #[arg(long, value_enum, default_value = "text")]
+        format: Output,
     },
     /// Pull image REF from its registry into containerd's store.
     Pull {
         reference: String,
         #[command(flatten)]
         registry: RegistryArgs,
+        /// text: each layer's state on stderr as it changes; json: one JSON object per line
+        /// on stdout (`layer` events with part, state, done, total; then the `result`).
+        #[arg(long, value_enum, default_value = "text")]
+        format: Output,
     },
 }
 
-/// `image push` / `image pull`, timed; a pulled image must be a pod checkpoint.
+/// `image push` / `image pull` with their progress and result.
 async fn transfer_image(
     target: &Target,
     reference: &str,
     registry: &RegistryArgs,
     push: bool,
+    format: Output,
 ) -> Result<()> {
+    progress::start(if push { "push" } else { "pull" }, format == Output::Json);
+    let r = transfer_timed(target, reference, registry, push).await;
+    let fields = |ms: &f64| serde_json::json!({ "reference": reference, "total_ms": ms });
+    conclude(format, r, fields, |_| {})
+}
+
+/// A push or pull, timed; a pulled image must be a pod checkpoint.
+async fn transfer_timed(
+    target: &Target,
+    reference: &str,
+    registry: &RegistryArgs,
+    push: bool,
+) -> Result<f64> {
     let started = std::time::Instant::now();
     image::transfer(
         &target.address,
@@ -59,18 +81,21 @@ async fn transfer_image(
     .await?;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     if push {
-        eprintln!("pushed {reference} in {ms:.0} ms");
+        progress::step("pushed", format!("pushed {reference} in {ms:.0} ms"));
     } else {
         // Only a checkpoint image is worth having here: say at once if it is not.
         let s = image::summary(&target.address, &target.namespace, reference).await?;
-        eprintln!(
-            "pulled {reference} (pod {}, {} container(s), {}) in {ms:.0} ms",
-            s.pod_name,
-            s.containers.len(),
-            human(s.size)
+        progress::step(
+            "pulled",
+            format!(
+                "pulled {reference} (pod {}, {} container(s), {}) in {ms:.0} ms",
+                s.pod_name,
+                s.containers.len(),
+                human(s.size)
+            ),
         );
     }
-    Ok(())
+    Ok(ms)
 }
 
 /// Runs an `image` command.
@@ -105,10 +130,12 @@ pub(super) async fn run(target: &Target, command: ImageCommand) -> Result<()> {
         ImageCommand::Push {
             reference,
             registry,
-        } => transfer_image(target, &reference, &registry, true).await,
+            format,
+        } => transfer_image(target, &reference, &registry, true, format).await,
         ImageCommand::Pull {
             reference,
             registry,
-        } => transfer_image(target, &reference, &registry, false).await,
+            format,
+        } => transfer_image(target, &reference, &registry, false, format).await,
     }
 }

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 use serde_json::json;
 
-use super::args::{opening, AdmitArgs, CompressArg, RegistryArgs, StoreDir};
+use super::args::{conclude, opening, AdmitArgs, CompressArg, Output, RegistryArgs, StoreDir};
 use crate::{
     display::human,
     ops::{
@@ -189,30 +189,6 @@ pub(super) struct RestoreFlags {
     /// `ok` and the result or `error`); see `docs/progress.md`.
     #[arg(long, value_enum, default_value = "text")]
     format: Output,
-}
-
-/// How a long command reports.
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(super) enum Output {
-    Text,
-    Json,
-}
-
-/// Ends a command that reports progress: in JSON, its result (or error) as the last event;
-/// in text, `print` shows the result.
-fn conclude<T>(
-    format: Output,
-    r: Result<T>,
-    fields: impl FnOnce(&T) -> serde_json::Value,
-    print: impl FnOnce(&T),
-) -> Result<()> {
-    match (&r, format) {
-        (Ok(v), Output::Json) => progress::result(Ok(fields(v))),
-        (Err(e), Output::Json) => progress::result(Err(e)),
-        (Ok(v), Output::Text) => print(v),
-        (Err(_), Output::Text) => {}
-    }
-    r.map(|_| ())
 }
 
 /// Runs a `pod` command.

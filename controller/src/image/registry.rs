@@ -99,26 +99,7 @@ pub(super) async fn serve_credentials(
     stream_id: &str,
     credentials: (String, String),
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<prost_types::Any>(4);
-    tx.send(to_any(&StreamInit {
-        id: stream_id.to_string(),
-    }))
-    .await
-    .ok();
-    let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    if let Ok(v) = namespace.parse() {
-        req.metadata_mut().insert("containerd-namespace", v);
-    }
-    let mut responses = StreamingClient::new(channel)
-        .stream(req)
-        .await
-        .map_err(|s| anyhow::anyhow!("open a credentials stream to containerd: {}", s.message()))?
-        .into_inner();
-    // The first message acknowledges the stream.
-    responses
-        .message()
-        .await
-        .map_err(|s| anyhow::anyhow!("credentials stream: {}", s.message()))?;
+    let (tx, mut responses) = open_stream(channel, namespace, stream_id, "credentials").await?;
     Ok(tokio::spawn(async move {
         while let Ok(Some(any)) = responses.message().await {
             if AuthRequest::decode(any.value.as_slice()).is_err() {
@@ -132,6 +113,72 @@ pub(super) async fn serve_credentials(
             };
             if tx.send(to_any(&answer)).await.is_err() {
                 break;
+            }
+        }
+    }))
+}
+
+/// Opens a Streaming-service stream `stream_id` for containerd to send to; the messages as
+/// they come, until it closes.
+async fn open_stream(
+    channel: Channel,
+    namespace: &str,
+    stream_id: &str,
+    what: &str,
+) -> Result<(
+    tokio::sync::mpsc::Sender<prost_types::Any>,
+    tonic::Streaming<prost_types::Any>,
+)> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<prost_types::Any>(4);
+    tx.send(to_any(&StreamInit {
+        id: stream_id.to_string(),
+    }))
+    .await
+    .ok();
+    let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Ok(v) = namespace.parse() {
+        req.metadata_mut().insert("containerd-namespace", v);
+    }
+    let mut responses = StreamingClient::new(channel)
+        .stream(req)
+        .await
+        .map_err(|s| anyhow::anyhow!("open a {what} stream to containerd: {}", s.message()))?
+        .into_inner();
+    // The first message acknowledges the stream.
+    responses
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("{what} stream: {}", s.message()))?;
+    Ok((tx, responses))
+}
+
+/// Reports containerd's progress of a transfer, layer by layer, until the stream closes: a
+/// line when a layer's state changes (waiting, downloading, complete, …), its bytes in JSON.
+async fn report_progress(
+    channel: Channel,
+    namespace: &str,
+    stream_id: &str,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let (tx, mut responses) = open_stream(channel, namespace, stream_id, "progress").await?;
+    Ok(tokio::spawn(async move {
+        // The sender must live as long as the stream.
+        let _tx = tx;
+        let mut states: HashMap<String, String> = HashMap::new();
+        while let Ok(Some(any)) = responses.message().await {
+            let Ok(p) = containerd_client::types::transfer::Progress::decode(any.value.as_slice())
+            else {
+                continue;
+            };
+            let changed = states.get(&p.name) != Some(&p.event);
+            if changed || crate::progress::is_json() {
+                states.insert(p.name.clone(), p.event.clone());
+                crate::progress::part(
+                    "layer",
+                    &p.name,
+                    &p.event,
+                    p.progress.max(0) as u64,
+                    p.total.max(0) as u64,
+                );
             }
         }
     }))
@@ -170,10 +217,14 @@ pub async fn transfer(
     } else {
         (registry, store)
     };
+    let progress_id = format!("stasis-progress-{}", crate::files::random_suffix()?);
+    let progress = report_progress(channel.clone(), namespace, &progress_id).await?;
     let mut req = Request::new(TransferRequest {
         source: Some(source),
         destination: Some(destination),
-        options: Some(TransferOptions::default()),
+        options: Some(TransferOptions {
+            progress_stream: progress_id,
+        }),
     });
     if let Ok(v) = namespace.parse() {
         req.metadata_mut().insert("containerd-namespace", v);
@@ -182,6 +233,9 @@ pub async fn transfer(
     if let Some(t) = auth_task {
         t.abort();
     }
+    // containerd closes the progress stream when the transfer ends; its last lines come
+    // before the result.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), progress).await;
     result.map_err(|s| {
         anyhow::anyhow!(
             "{} {reference}: {}",

@@ -213,17 +213,33 @@ pub async fn serve(address: &str, listen: SocketAddr) -> Result<()> {
         listener.local_addr()?
     );
     tokio::spawn(count(address.to_string(), metrics.clone()));
+    // A bounded number of connections, each for a bounded time: idle clients cannot use up
+    // the process's files and end the endpoint.
+    let slots = Arc::new(tokio::sync::Semaphore::new(64));
     loop {
-        let (stream, _) = listener.accept().await.context("accept")?;
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("stasisctl metrics: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            eprintln!("stasisctl metrics: {peer} refused: 64 connections open");
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let answer = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
                 async move { Ok::<_, std::convert::Infallible>(respond(&metrics, &req)) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), answer)
-                .await;
+            let conn = http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), answer);
+            let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
         });
     }
 }

@@ -65,7 +65,14 @@ const PRIVATE_BASE: &str = "/run/stasis/work";
 
 /// Removes the scratch directories of `id` that a dead shim left (`<what>-<id>-<random>`).
 pub fn remove_private_dirs_of(id: &str) {
-    let infix = format!("-{id}-");
+    let ours = |name: &str| {
+        // Exactly `<what>-<id>-<16 hex>`: an id that is part of another's cannot match.
+        name.rsplit_once('-').is_some_and(|(head, random)| {
+            random.len() == 16
+                && random.bytes().all(|b| b.is_ascii_hexdigit())
+                && head.ends_with(&format!("-{id}"))
+        })
+    };
     for e in std::fs::read_dir(PRIVATE_BASE)
         .into_iter()
         .flatten()
@@ -73,7 +80,7 @@ pub fn remove_private_dirs_of(id: &str) {
     {
         let name = e.file_name().to_string_lossy().into_owned();
         let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-        if is_dir && !id.is_empty() && name.contains(&infix) {
+        if is_dir && !id.is_empty() && ours(&name) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }

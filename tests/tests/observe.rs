@@ -568,7 +568,12 @@ async fn a_checkpoint_store_lists_removes_and_prunes() -> Result<()> {
     );
 
     // rm: a hostile name changes nothing; a real one goes with its record.
-    for bad in ["../store/web", "/etc/passwd", "web/../db"] {
+    for bad in [
+        "../store/web",
+        "/etc/passwd",
+        "web/../db",
+        "image:no/such:1",
+    ] {
         let out = c.stasisctl(&["checkpoint", "rm", "--store-dir", store_s, bad])?;
         ensure!(!out.status.success(), "rm {bad} succeeded");
     }
@@ -577,6 +582,19 @@ async fn a_checkpoint_store_lists_removes_and_prunes() -> Result<()> {
         "a refused rm removed something"
     );
     let oldest_db = db[1]["location"].as_str().unwrap().to_string();
+    // A good name beside a bad one: refused as a whole, the good one kept.
+    let out = c.stasisctl(&[
+        "checkpoint",
+        "rm",
+        "--store-dir",
+        store_s,
+        &oldest_db,
+        "image:no/such:1",
+    ])?;
+    ensure!(
+        !out.status.success() && store.join(&oldest_db).exists(),
+        "rm of a good and a bad name removed the good one"
+    );
     c.stasisctl_ok(&["checkpoint", "rm", "--store-dir", store_s, &oldest_db])?;
     ensure!(
         !store.join(&oldest_db).exists() && !store.join(format!("{oldest_db}.json")).exists(),
@@ -604,6 +622,7 @@ async fn a_checkpoint_store_lists_removes_and_prunes() -> Result<()> {
         "web",
         "--keep-last",
         "2",
+        "--include-images",
         "--dry-run",
     ])?;
     ensure!(
@@ -619,6 +638,7 @@ async fn a_checkpoint_store_lists_removes_and_prunes() -> Result<()> {
         "web",
         "--keep-last",
         "2",
+        "--include-images",
     ])?;
     let left = stored(&c, store_s, &[])?;
     ensure!(

@@ -87,7 +87,13 @@ fn line(r: &Received) -> String {
         (name, Some(id)) => format!("{name} ({id})"),
         (name, None) => name.to_string(),
     };
-    let mut out = format!("{when} {} {} pod {pod}", r.namespace, r.topic);
+    // Names and errors come from pods and archives: control characters are shown escaped.
+    let pod = pod.escape_debug();
+    let mut out = format!(
+        "{when} {} {} pod {pod}",
+        r.namespace,
+        r.topic.escape_debug()
+    );
     if !e.container_ids.is_empty() {
         out += &format!(", {} container(s)", e.container_ids.len());
     }
@@ -106,7 +112,7 @@ fn line(r: &Received) -> String {
         out += &format!(", {}", human(e.bytes));
     }
     if !e.error.is_empty() {
-        out += &format!(": {}", e.error);
+        out += &format!(": {}", e.error.escape_debug());
     }
     out
 }

@@ -48,6 +48,10 @@ pub(super) enum CheckpointCommand {
         /// Show what would go; remove nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Checkpoint images in containerd's store count too (their pod and time are what
+        /// their manifests say: only for images this node made or trusts).
+        #[arg(long)]
+        include_images: bool,
         #[command(flatten)]
         store: StoreDir,
     },
@@ -56,7 +60,7 @@ pub(super) enum CheckpointCommand {
 pub(super) async fn run(t: &Target, command: CheckpointCommand) -> Result<()> {
     match command {
         CheckpointCommand::Ls { pod, store, format } => {
-            let all = store::list(t, &store.store_dir, pod.as_deref()).await?;
+            let all = store::list(t, &store.store_dir, pod.as_deref(), true).await?;
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&all)?),
                 Format::Table => print_table(&all),
@@ -75,6 +79,7 @@ pub(super) async fn run(t: &Target, command: CheckpointCommand) -> Result<()> {
             keep_last,
             older_than,
             dry_run,
+            include_images,
             store,
         } => {
             let gone = store::prune(
@@ -84,6 +89,7 @@ pub(super) async fn run(t: &Target, command: CheckpointCommand) -> Result<()> {
                 keep_last,
                 older_than,
                 dry_run,
+                include_images,
             )
             .await?;
             let verb = if dry_run { "would remove" } else { "removed" };
@@ -116,13 +122,13 @@ fn print_table(all: &[Stored]) {
     for s in all {
         println!(
             "{:<20} {:<21} {:>10} {:<7} {:<7} {:<10} {}",
-            s.pod_name,
+            s.pod_name.escape_debug(),
             when(s.created_ms),
             human(s.bytes),
             if s.engine.is_empty() { "?" } else { &s.engine },
             s.signed.map(yes_no).unwrap_or("?"),
             yes_no(s.encrypted),
-            s.location
+            s.location.escape_debug()
         );
     }
 }

@@ -167,8 +167,11 @@ pub async fn list_checkpoints(address: &str, namespace: &str) -> Result<Vec<Imag
     let mut found: Vec<ImageSummary> = Vec::new();
     for name in names {
         // Ordinary images and other engines' checkpoints are not ours to list.
+        // One unreadable image must not hide (or stop a prune of) the others.
         if checkpoint_manifest(&store, &name).await.is_ok() {
-            found.push(summary(address, namespace, &name).await?);
+            if let Ok(s) = summary(address, namespace, &name).await {
+                found.push(s);
+            }
         }
     }
     // containerd's CRI adds a `sha256:…` name to every image in its namespace: shown only

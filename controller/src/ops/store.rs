@@ -82,12 +82,11 @@ pub async fn new_entry(
     let found = cri::find_pod(&mut rt, pod).await?;
     let name = found.metadata.map(|m| m.name).unwrap_or_default();
     let dir = store.join(dir_name(&name, &found.id));
-    for d in [store, dir.as_path()] {
-        match std::fs::symlink_metadata(d) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => bail!("{} is not a directory", d.display()),
-            Err(_) => files::create_private_dir(d)?,
-        }
+    private_store(store)?;
+    match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => bail!("{} is not a directory", dir.display()),
+        Err(_) => files::create_private_dir(&dir)?,
     }
     let stamp = time::OffsetDateTime::now_utc()
         .format(time::macros::format_description!(
@@ -107,6 +106,13 @@ pub async fn new_entry(
     Ok((dir.join(file), name, found.id))
 }
 
+/// The store must be root's and closed to others (created so when missing): nobody else may
+/// swap its directories for links between our checks and our writes or removals.
+fn private_store(store: &Path) -> Result<()> {
+    stasis_api::private::private_root(store)
+        .with_context(|| format!("checkpoint store {}", store.display()))
+}
+
 fn record_path(archive: &Path) -> PathBuf {
     let mut p = archive.as_os_str().to_owned();
     p.push(".json");
@@ -118,11 +124,21 @@ pub fn write_record(archive: &Path, record: &Record) -> Result<()> {
     files::write_new_private(&record_path(archive), &serde_json::to_vec_pretty(record)?)
 }
 
-/// The stored archives (and the checkpoint images in containerd's store), newest first;
-/// only pod `pod`'s when given.
-pub async fn list(t: &Target, store: &Path, pod: Option<&str>) -> Result<Vec<Stored>> {
+/// The stored archives (and, with `images`, the checkpoint images in containerd's store),
+/// newest first; only pod `pod`'s when given.
+pub async fn list(
+    t: &Target,
+    store: &Path,
+    pod: Option<&str>,
+    images: bool,
+) -> Result<Vec<Stored>> {
+    private_store(store)?;
     let mut all = list_files(store)?;
-    for i in image::list_checkpoints(&t.address, &t.namespace).await? {
+    let listed = match images {
+        true => image::list_checkpoints(&t.address, &t.namespace).await?,
+        false => Vec::new(),
+    };
+    for i in listed {
         all.push(Stored {
             pod_name: i.pod_name,
             created_ms: parse_rfc3339(&i.created),
@@ -200,9 +216,19 @@ fn list_files(store: &Path) -> Result<Vec<Stored>> {
 /// Removes stored checkpoints by location (`POD/FILE` as `ls` shows it, or `image:REF`).
 /// Every location is checked before anything is removed.
 pub async fn remove(t: &Target, store: &Path, locations: &[String]) -> Result<()> {
+    private_store(store)?;
     let mut resolved = Vec::new();
     for l in locations {
-        resolved.push(resolve(store, l)?);
+        let r = resolve(store, l)?;
+        if r.is_none() {
+            // An image name is checked before anything is removed, like a file's.
+            let reference = l.trim_start_matches("image:");
+            let images = image::ImageStoreClient::connect(&t.address, &t.namespace).await?;
+            if images.get(reference).await?.is_none() {
+                bail!("{l:?}: no such image in containerd's store");
+            }
+        }
+        resolved.push(r);
     }
     for (l, r) in locations.iter().zip(resolved) {
         match r {
@@ -263,7 +289,8 @@ pub fn to_prune(
                 .then(a.location.cmp(&b.location))
         });
         for s in list.into_iter().skip(keep_last.unwrap_or(0)) {
-            let old = older_than.is_none_or(|d| s.created_ms + (d.as_millis() as u64) < now_ms);
+            let age = u64::try_from(d_ms(older_than)).unwrap_or(u64::MAX);
+            let old = older_than.is_none() || s.created_ms.saturating_add(age) < now_ms;
             if old {
                 out.push(s.clone());
             }
@@ -272,7 +299,13 @@ pub fn to_prune(
     out
 }
 
-/// Applies a retention rule; returns what was (or, dry, would be) removed.
+fn d_ms(d: Option<Duration>) -> u128 {
+    d.map(|d| d.as_millis()).unwrap_or(0)
+}
+
+/// Applies a retention rule; returns what was (or, dry, would be) removed. Checkpoint
+/// images take part only with `images`: their pod names and times are what their manifests
+/// say, and anybody who can pull an image can make one say anything.
 pub async fn prune(
     t: &Target,
     store: &Path,
@@ -280,11 +313,12 @@ pub async fn prune(
     keep_last: Option<usize>,
     older_than: Option<Duration>,
     dry_run: bool,
+    images: bool,
 ) -> Result<Vec<Stored>> {
     if keep_last.is_none() && older_than.is_none() {
         bail!("prune needs --keep-last N, --older-than D, or both");
     }
-    let all = list(t, store, pod).await?;
+    let all = list(t, store, pod, images).await?;
     let gone = to_prune(&all, keep_last, older_than, now_ms());
     if !dry_run {
         let locations: Vec<String> = gone.iter().map(|s| s.location.clone()).collect();
@@ -299,13 +333,17 @@ pub fn parse_age(s: &str) -> Result<Duration> {
     let n: u64 = num
         .parse()
         .with_context(|| format!("{s:?}: a number and a unit (s, m, h, d), e.g. 7d"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
+    let per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
         _ => bail!("{s:?}: the unit must be s, m, h or d"),
     };
+    let secs = n
+        .checked_mul(per)
+        .filter(|s| *s < 100 * 365 * 86400)
+        .with_context(|| format!("{s:?}: more than a hundred years"))?;
     Ok(Duration::from_secs(secs))
 }
 
@@ -384,6 +422,7 @@ mod tests {
         }
         assert_eq!(parse_age("7d").unwrap(), Duration::from_secs(7 * 86400));
         assert!(parse_age("7").is_err() && parse_age("d").is_err());
+        assert!(parse_age("999999999999999999d").is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

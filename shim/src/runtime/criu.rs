@@ -203,6 +203,7 @@ pub async fn checkpoint_pod<R: CheckpointHooks + ?Sized>(
         Ok(w) => w,
         Err(e) => {
             held.thaw_all().await;
+            (job.on_phase)("thawed");
             return Err(e);
         }
     };

@@ -109,7 +109,8 @@ pub(super) fn watch_lazy_pages(
         let mut event = PodEvent {
             sandbox_id: pod_id.clone(),
             operation: "restore".into(),
-            phase: if complete { "pages-in" } else { "failed" }.into(),
+            // Not `failed`: the pod's restore has its own outcome (running or failed).
+            phase: if complete { "pages-in" } else { "pages-failed" }.into(),
             container_ids: vec![id_for_report.clone()],
             engine: engine.clone(),
             ..Default::default()

@@ -162,16 +162,16 @@ pub async fn summary(address: &str, namespace: &str, reference: &str) -> Result<
 
 /// Every stasis pod checkpoint image in containerd's store (namespace `namespace`).
 pub async fn list_checkpoints(address: &str, namespace: &str) -> Result<Vec<ImageSummary>> {
-    let store = ImageStoreClient::connect(address, namespace).await?;
-    let names = store.names().await?;
+    let names = ImageStoreClient::connect(address, namespace)
+        .await?
+        .names()
+        .await?;
     let mut found: Vec<ImageSummary> = Vec::new();
     for name in names {
-        // Ordinary images and other engines' checkpoints are not ours to list.
-        // One unreadable image must not hide (or stop a prune of) the others.
-        if checkpoint_manifest(&store, &name).await.is_ok() {
-            if let Ok(s) = summary(address, namespace, &name).await {
-                found.push(s);
-            }
+        // `summary` refuses ordinary images and other engines' checkpoints, which are not
+        // ours to list; one unreadable image must not hide (or stop a prune of) the others.
+        if let Ok(s) = summary(address, namespace, &name).await {
+            found.push(s);
         }
     }
     // containerd's CRI adds a `sha256:…` name to every image in its namespace: shown only

@@ -391,6 +391,9 @@ pub mod image_annotations {
 
     pub const POD_NAME_ANNOTATION: &str = "io.stasis.checkpoint.pod-name";
 
+    /// The pod's Kubernetes namespace (CRI metadata), where it had one.
+    pub const POD_NAMESPACE_ANNOTATION: &str = "io.stasis.checkpoint.pod-namespace";
+
     pub const ENGINE_ANNOTATION: &str = "io.stasis.checkpoint.engine";
 
     pub const CONTAINERS_ANNOTATION: &str = "io.stasis.checkpoint.containers";

@@ -10,6 +10,7 @@ pub mod display;
 pub mod events;
 pub mod files;
 pub mod image;
+pub mod logging;
 pub mod metrics;
 pub mod ops;
 pub mod policy;

@@ -49,6 +49,8 @@ pub struct Metrics {
     archive_bytes: Histogram,
     pages_in: Histogram,
     downtime: Histogram,
+    pages_served: Counter,
+    page_requests: Counter,
 }
 
 /// Seconds from 10 ms to about 80 s.
@@ -71,9 +73,21 @@ impl Default for Metrics {
             archive_bytes: Histogram::new(exponential_buckets(1048576.0, 4.0, 9)),
             pages_in: Histogram::new(seconds()),
             downtime: Histogram::new(seconds()),
+            pages_served: Default::default(),
+            page_requests: Default::default(),
         };
         let r = &mut m.registry;
         r.register("events", "stasis events seen, by topic", m.events.clone());
+        r.register(
+            "restore_pages_served_bytes",
+            "Memory the shims' page servers sent to restored containers (lazy restores, and eager ones that read pages from the checkpoint)",
+            m.pages_served.clone(),
+        );
+        r.register(
+            "restore_page_requests",
+            "Page requests the shims' page servers answered: faults and background fetches alike (CRIU's page-server protocol does not tell them apart)",
+            m.page_requests.clone(),
+        );
         for (name, help, family) in [
             (
                 "checkpoints",
@@ -158,7 +172,13 @@ impl Metrics {
             ("restore", "running" | "failed") => {
                 self.restores.get_or_create(&outcome).inc();
             }
-            ("restore", "pages-in") => self.pages_in.observe(e.pages_in_ms / 1000.0),
+            ("restore", phase @ ("pages-in" | "pages-failed")) => {
+                if phase == "pages-in" {
+                    self.pages_in.observe(e.pages_in_ms / 1000.0);
+                }
+                self.pages_served.inc_by(e.bytes);
+                self.page_requests.inc_by(e.page_requests);
+            }
             ("migrate", "finished") => {
                 self.migrations.get_or_create(&outcome).inc();
                 self.downtime.observe(e.downtime_ms / 1000.0);
@@ -296,6 +316,14 @@ mod tests {
         m.record(&received("checkpoint", "failed", |_| {}));
         m.record(&received("checkpoint", "written", |e| e.bytes = 5 << 20));
         m.record(&received("migrate", "finished", |e| e.downtime_ms = 400.0));
+        m.record(&received("restore", "pages-in", |e| {
+            e.bytes = 8192;
+            e.page_requests = 2;
+        }));
+        m.record(&received("restore", "pages-failed", |e| {
+            e.bytes = 4096;
+            e.page_requests = 1;
+        }));
         let text = m.text();
         for line in [
             r#"stasis_checkpoints_total{result="finished",engine="runc"} 1"#,
@@ -305,6 +333,9 @@ mod tests {
             "stasis_checkpoint_archive_bytes_count 1",
             "stasis_migration_downtime_seconds_sum 0.4",
             r#"stasis_events_total{topic="/stasis/checkpoint/written"} 1"#,
+            "stasis_restore_pages_served_bytes_total 12288",
+            "stasis_restore_page_requests_total 3",
+            "stasis_restore_pages_in_seconds_count 1",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }

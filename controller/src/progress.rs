@@ -6,8 +6,8 @@
 //!
 //! JSON lines (one object each, stable field names): `time` (seconds since the epoch),
 //! `elapsed_ms` (since the command began), `operation`, `phase`, and per kind `message`
-//! (a step), `done`/`total` (bytes of the phase so far, of the estimate), or `ok` with the
-//! command's result fields or `error` (the last line).
+//! (a step), `done`/`total` (bytes of the phase so far, of the estimate: 0 when not known),
+//! or `ok` with the command's result fields or `error` (the last line).
 
 use std::{
     io::IsTerminal,
@@ -114,6 +114,8 @@ fn emit_json(v: &Value) {
 
 /// A step of the operation: `phase` names it for scripts, `message` says it for people.
 pub fn step(phase: &str, message: impl AsRef<str>) {
+    // In the log too, inside the operation's span (pod and operation named there).
+    tracing::debug!(phase, "{}", message.as_ref());
     let r = reporter();
     let _held = r.out.lock();
     match r.style {
@@ -196,6 +198,22 @@ impl<W: std::io::Write> std::io::Write for Counting<W> {
     }
 }
 
+/// A reader that counts what is read through it into the running byte phase.
+pub struct CountingRead<R>(pub R);
+
+impl<R: std::io::Read> std::io::Read for CountingRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read(buf)?;
+        count(n as u64);
+        Ok(n)
+    }
+}
+
+/// Sets the running byte phase's count (for counts that come from elsewhere: a shim's).
+pub fn set(n: u64) {
+    BYTES.store(n, Ordering::Relaxed);
+}
+
 /// A phase measured in bytes (of an estimated `total`), reported while it lasts by a
 /// thread of its own; ended (a last report) when dropped.
 pub struct Bytes {
@@ -203,7 +221,8 @@ pub struct Bytes {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Starts reporting the byte phase `phase` ("writing the archive").
+/// Starts reporting the byte phase `phase` ("writing the archive"); `total` 0 when it is
+/// not known beforehand (a migration stream).
 pub fn bytes(phase: &str, message: &str, total: u64) -> Bytes {
     BYTES.store(0, Ordering::Relaxed);
     let stop = Arc::new(AtomicBool::new(false));
@@ -254,6 +273,9 @@ fn tick(phase: &str, message: &str, total: u64, stop: &AtomicBool) {
                     f.insert("total".into(), json!(total));
                     emit_json(&event(r, phase, f));
                 }
+                (None, _) if total == 0 => {
+                    eprintln!("{message}: {}", crate::display::human(n))
+                }
                 (None, _) => eprintln!(
                     "{message}: {} of ~{}",
                     crate::display::human(n),
@@ -271,11 +293,19 @@ fn tick(phase: &str, message: &str, total: u64, stop: &AtomicBool) {
 }
 
 fn live_bar(message: &str, total: u64) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(total);
-    let style = indicatif::ProgressStyle::with_template(
-        "{msg}: {bytes}/~{total_bytes} {wide_bar} {bytes_per_sec}, {elapsed}",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let (bar, template) = if total == 0 {
+        (
+            indicatif::ProgressBar::no_length(),
+            "{msg}: {bytes} {spinner} {bytes_per_sec}, {elapsed}",
+        )
+    } else {
+        (
+            indicatif::ProgressBar::new(total),
+            "{msg}: {bytes}/~{total_bytes} {wide_bar} {bytes_per_sec}, {elapsed}",
+        )
+    };
+    let style = indicatif::ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
     bar.set_style(style);
     bar.set_message(message.to_string());
     bar

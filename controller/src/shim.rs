@@ -33,6 +33,7 @@ pub async fn checkpoint_client(
     let client = ttrpc::r#async::Client::connect(&format!("unix://{path}"))
         .await
         .map_err(|e| anyhow!("connect to the shim of pod {sandbox_id} at {path}: {e}"))?;
+    tracing::debug!(pod_id = sandbox_id, handler, socket = %path, "connected to the pod's shim");
     Ok(CheckpointClient::new(client))
 }
 

@@ -344,6 +344,7 @@ impl Read for DataReader<'_> {
             match kind {
                 DATA => {
                     self.received += data.len() as u64;
+                    crate::progress::count(data.len() as u64);
                     self.channel.buf = data;
                     self.at = 0;
                 }

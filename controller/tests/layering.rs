@@ -8,8 +8,8 @@ mod code_rules;
 
 /// Bottom to top; a module may use only modules of a lower layer.
 const LAYERS: &[&[&str]] = &[
-    // Plain helpers: sizes and times for people; private files and directories.
-    &["display", "files"],
+    // Plain helpers: sizes and times for people; private files and directories; the log.
+    &["display", "files", "logging"],
     // What long work reports while it runs.
     &["progress"],
     // Typed clients and keys: containerd's CRI, the pod shim's Checkpoint service, seals.

@@ -32,6 +32,24 @@ pub fn pod_event(events: &Events, event: stasis_api::events::PodEvent) {
     events.emit(&topic, Box::new(event));
 }
 
+/// A pod restore's event (`/stasis/restore/<phase>`) about containers `ids`, for the caller
+/// to fill in and queue with [`pod_event`].
+pub fn restore_event(
+    pod_id: &str,
+    engine: &str,
+    phase: &str,
+    ids: &[String],
+) -> stasis_api::events::PodEvent {
+    stasis_api::events::PodEvent {
+        sandbox_id: pod_id.to_string(),
+        operation: "restore".into(),
+        phase: phase.into(),
+        container_ids: ids.to_vec(),
+        engine: engine.to_string(),
+        ..Default::default()
+    }
+}
+
 pub type Events = Arc<dyn EventSink>;
 
 /// containerd's event service, or nothing when the shim runs without one (`delete`, by hand).

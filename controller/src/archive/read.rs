@@ -22,7 +22,8 @@ pub(super) fn rewound(file: &File) -> Result<File> {
 
 /// [`open`] of a file already open.
 pub(super) fn open_file(file: File, opening: &Opening) -> Result<Box<dyn Read>> {
-    let mut file = BufReader::new(file);
+    // The archive's bytes as read are the progress of a restore's unpacking.
+    let mut file = BufReader::new(crate::progress::CountingRead(file));
     let plain: Box<dyn Read> = if seal::is_encrypted(file.fill_buf()?) {
         seal::decrypt(file, opening)?
     } else {

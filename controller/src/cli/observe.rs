@@ -68,6 +68,7 @@ fn as_json(r: &Received) -> serde_json::Value {
         "bytes": e.bytes,
         "downtime_ms": e.downtime_ms,
         "pages_in_ms": e.pages_in_ms,
+        "page_requests": e.page_requests,
         "engine": e.engine,
     })
 }

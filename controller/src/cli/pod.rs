@@ -225,19 +225,19 @@ async fn checkpoint_with(target: &Target, f: CheckpointFlags) -> Result<Checkpoi
         .flatten()
         .collect();
     let (encrypted, signed) = (!recipients.is_empty(), f.sign_key.is_some());
-    let output = match f.store {
-        true => Some(
-            store::new_entry(
+    let (output, pod_namespace) = match f.store {
+        true => {
+            let (path, ns) = store::new_entry(
                 target,
                 &f.store_dir.store_dir,
                 &f.pod,
                 f.compress.into(),
                 encrypted,
             )
-            .await?
-            .0,
-        ),
-        false => f.output,
+            .await?;
+            (Some(path), ns)
+        }
+        false => (f.output, String::new()),
     };
     let stored = output.clone().filter(|_| f.store);
     let args = CheckpointArgs {
@@ -260,6 +260,7 @@ async fn checkpoint_with(target: &Target, f: CheckpointFlags) -> Result<Checkpoi
     if let Some(path) = stored {
         let record = Record {
             pod_name: o.pod_name.clone(),
+            pod_namespace,
             pod_id: o.pod_id.clone(),
             created_ms: store::now_ms(),
             engine: o.response.engine.clone(),
@@ -410,11 +411,24 @@ fn print_pages(rows: &[(String, restore::lazy::ContainerPages)]) {
     }
     println!("{:<20} {:<14} PAGES", "CONTAINER", "ID");
     for (name, c) in rows {
+        let served = if c.bytes_total > 0 {
+            format!(
+                " ({} of {} served from the checkpoint in {} requests)",
+                crate::display::human(c.bytes_in),
+                crate::display::human(c.bytes_total),
+                c.page_requests
+            )
+        } else {
+            String::new()
+        };
         let pages = match c.state {
-            RestoreState::RESTORE_PENDING => "coming in".to_string(),
+            RestoreState::RESTORE_PENDING => format!("coming in{served}"),
             RestoreState::RESTORE_EAGER => "all in before it ran (eager restore)".to_string(),
             RestoreState::RESTORE_COMPLETE => {
-                format!("all in, {} ms after its restore began", c.pages_in_ms)
+                format!(
+                    "all in, {} ms after its restore began{served}",
+                    c.pages_in_ms
+                )
             }
             RestoreState::RESTORE_FAILED => format!("failed: {}", c.reason),
         };

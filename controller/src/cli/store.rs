@@ -18,7 +18,7 @@ pub(super) enum CheckpointCommand {
     /// List stored checkpoints, newest first: archives under the store (written by `pod
     /// checkpoint --store`) and checkpoint images in containerd's store (--namespace).
     Ls {
-        /// Only this pod's (by name).
+        /// Only this pod's: NAME (in any Kubernetes namespace) or NAMESPACE/NAME.
         #[arg(long)]
         pod: Option<String>,
         #[command(flatten)]
@@ -26,7 +26,8 @@ pub(super) enum CheckpointCommand {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
-    /// Remove stored checkpoints, each named as `ls` shows it (POD/FILE, or image:REF).
+    /// Remove stored checkpoints, each named as `ls` shows it under WHERE (DIR/FILE, or
+    /// image:REF).
     /// Every name is checked before anything is removed.
     Rm {
         #[arg(required = true)]
@@ -38,7 +39,7 @@ pub(super) enum CheckpointCommand {
     /// the ones older than --older-than D (30m, 12h, 7d) when given. Schedule it with a
     /// systemd timer or a CronJob (docs/observability.md).
     Prune {
-        /// Only this pod's (by name).
+        /// Only this pod's: NAME (in any Kubernetes namespace) or NAMESPACE/NAME.
         #[arg(long)]
         pod: Option<String>,
         #[arg(long, value_name = "N")]
@@ -122,7 +123,7 @@ fn print_table(all: &[Stored]) {
     for s in all {
         println!(
             "{:<20} {:<21} {:>10} {:<7} {:<7} {:<10} {}",
-            s.pod_name.escape_debug(),
+            store::pod_label(&s.pod_namespace, &s.pod_name).escape_debug(),
             when(s.created_ms),
             human(s.bytes),
             if s.engine.is_empty() { "?" } else { &s.engine },

@@ -25,6 +25,10 @@ pub async fn build_from_dir(
         .as_str()
         .unwrap_or_default()
         .to_string();
+    let pod_namespace = pod_dump["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let mut store = ImageStoreClient::connect(address, namespace).await?;
     if store.get(reference).await?.is_some() {
         bail!("image {reference} already exists; remove it first (`ctr -n {namespace} images rm {reference}`) or choose another reference");
@@ -66,6 +70,7 @@ pub async fn build_from_dir(
             .await?;
         let about = ImageAbout {
             pod_name: &pod_name,
+            pod_namespace: &pod_namespace,
             options: &options,
             base_images: &base_images,
             size: total,
@@ -153,6 +158,7 @@ pub(super) fn layer_parts(
 /// What the image manifest's annotations say of the pod.
 pub(super) struct ImageAbout<'a> {
     pub(super) pod_name: &'a str,
+    pub(super) pod_namespace: &'a str,
     pub(super) options: &'a PodOptions,
     pub(super) base_images: &'a BTreeMap<String, String>,
     /// Bytes of the layers.
@@ -182,6 +188,10 @@ pub(super) fn image_manifest(
                 layout::MANIFEST_VERSION.to_string(),
             ),
             (POD_NAME_ANNOTATION.to_string(), about.pod_name.to_string()),
+            (
+                POD_NAMESPACE_ANNOTATION.to_string(),
+                about.pod_namespace.to_string(),
+            ),
             (
                 ENGINE_ANNOTATION.to_string(),
                 about.options.engine().to_string(),
@@ -394,6 +404,7 @@ mod tests {
         let base = BTreeMap::from([("web".to_string(), "reg/b@sha256:00".to_string())]);
         let about = ImageAbout {
             pod_name: "web-pod",
+            pod_namespace: "shop",
             options: &options,
             base_images: &base,
             size: 4096,

@@ -105,6 +105,7 @@ pub struct ImageSummary {
     pub reference: String,
     pub digest: String,
     pub pod_name: String,
+    pub pod_namespace: String,
     pub engine: String,
     pub containers: Vec<String>,
     pub size: u64,
@@ -149,6 +150,7 @@ pub async fn summary(address: &str, namespace: &str, reference: &str) -> Result<
         reference: reference.to_string(),
         digest: target.digest,
         pod_name: a(POD_NAME_ANNOTATION),
+        pod_namespace: a(POD_NAMESPACE_ANNOTATION),
         engine: a(ENGINE_ANNOTATION),
         containers: a(CONTAINERS_ANNOTATION)
             .split(',')

@@ -397,6 +397,7 @@ impl Read for BlockingBlob {
             }
             match self.handle.block_on(self.blob.next_chunk()) {
                 Ok(Some(chunk)) => {
+                    crate::progress::count(chunk.len() as u64);
                     self.buf = chunk;
                     self.at = 0;
                 }

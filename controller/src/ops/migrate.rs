@@ -54,6 +54,7 @@ pub struct Migrated {
 /// Moves pod `a.pod` to the receiver at `a.to`: a stopping checkpoint whose destination is
 /// the stream (the source is stopped only once the target runs the pod), then the stopped
 /// source pod is removed.
+#[tracing::instrument(name = "migrate", skip_all, fields(pod = %a.pod, to = %a.to))]
 pub async fn migrate(t: &Target, a: MigrateArgs) -> Result<Migrated> {
     let (pod, to) = (a.pod.clone(), a.to.clone());
     let moved = migrate_pod(t, a).await;
@@ -242,6 +243,7 @@ async fn remove_pod(t: &Target, id: &str) {
 }
 
 /// One migration: the offer, the pod's files into the restore store, the restore.
+#[tracing::instrument(name = "receive", skip_all, fields(peer = %peer))]
 async fn receive(
     t: &Target,
     a: &ListenArgs,

@@ -22,6 +22,9 @@ pub const DEFAULT_STORE: &str = "/var/lib/stasis/store";
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Record {
     pub pod_name: String,
+    /// The pod's Kubernetes namespace (CRI metadata); empty when it had none.
+    #[serde(default)]
+    pub pod_namespace: String,
     pub pod_id: String,
     /// Milliseconds since the epoch.
     pub created_ms: u64,
@@ -35,6 +38,8 @@ pub struct Record {
 #[derive(Debug, Clone, Serialize)]
 pub struct Stored {
     pub pod_name: String,
+    /// The pod's Kubernetes namespace, where known.
+    pub pod_namespace: String,
     /// Milliseconds since the epoch (0: unknown).
     pub created_ms: u64,
     pub bytes: u64,
@@ -53,35 +58,49 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// A pod name as a directory name: letters, digits, `.`, `_`, `-` (what CRI names are);
-/// anything else (or a name that is only dots) falls back to the pod id.
-fn dir_name(pod_name: &str, pod_id: &str) -> String {
-    let ok = !pod_name.is_empty()
-        && pod_name.len() <= 128
-        && pod_name.chars().any(|c| c != '.')
-        && pod_name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        pod_name.to_string()
-    } else {
-        pod_id.to_string()
+/// A pod's directory in the store: `<namespace>_<name>` (`_` is in neither a Kubernetes
+/// namespace nor a pod name, so pods of one name in two namespaces never share a directory),
+/// or `<name>` for a pod without a namespace. A part that is not letters, digits, `.`, `-`
+/// (or is only dots) makes it the pod id instead.
+fn dir_name(pod_namespace: &str, pod_name: &str, pod_id: &str) -> String {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.chars().any(|c| c != '.')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+    };
+    match (pod_namespace, pod_name) {
+        ("", name) if plain(name) => name.to_string(),
+        (ns, name) if plain(ns) && plain(name) => format!("{ns}_{name}"),
+        _ => pod_id.to_string(),
+    }
+}
+
+/// How listings name a pod: `namespace/name`, or the name alone.
+pub fn pod_label(pod_namespace: &str, pod_name: &str) -> String {
+    match pod_namespace {
+        "" => pod_name.to_string(),
+        ns => format!("{ns}/{pod_name}"),
     }
 }
 
 /// A fresh archive path in the store for pod `pod` (resolved through CRI), its directories
-/// created private. Returns the path and the pod's name and id.
+/// created private. Returns the path and the pod's namespace.
 pub async fn new_entry(
     t: &Target,
     store: &Path,
     pod: &str,
     compression: Compression,
     encrypted: bool,
-) -> Result<(PathBuf, String, String)> {
+) -> Result<(PathBuf, String)> {
     let mut rt = cri::connect(Path::new(&t.address)).await?;
     let found = cri::find_pod(&mut rt, pod).await?;
-    let name = found.metadata.map(|m| m.name).unwrap_or_default();
-    let dir = store.join(dir_name(&name, &found.id));
+    let (namespace, name) = found
+        .metadata
+        .map(|m| (m.namespace, m.name))
+        .unwrap_or_default();
+    let dir = store.join(dir_name(&namespace, &name, &found.id));
     private_store(store)?;
     match std::fs::symlink_metadata(&dir) {
         Ok(m) if m.is_dir() => {}
@@ -103,7 +122,7 @@ pub async fn new_entry(
         &files::random_suffix()?[..8],
         if encrypted { ".age" } else { "" }
     );
-    Ok((dir.join(file), name, found.id))
+    Ok((dir.join(file), namespace))
 }
 
 /// The store must be root's and closed to others (created so when missing): nobody else may
@@ -141,6 +160,7 @@ pub async fn list(
     for i in listed {
         all.push(Stored {
             pod_name: i.pod_name,
+            pod_namespace: i.pod_namespace,
             created_ms: parse_rfc3339(&i.created),
             bytes: i.size,
             engine: i.engine,
@@ -149,7 +169,10 @@ pub async fn list(
             location: format!("image:{}", i.reference),
         });
     }
-    all.retain(|s| pod.is_none_or(|p| s.pod_name == p));
+    // A pod is named `NAME` (in any namespace) or `NAMESPACE/NAME`.
+    all.retain(|s| {
+        pod.is_none_or(|p| s.pod_name == p || pod_label(&s.pod_namespace, &s.pod_name) == p)
+    });
     all.sort_by(|a, b| {
         b.created_ms
             .cmp(&a.created_ms)
@@ -201,6 +224,7 @@ fn list_files(store: &Path) -> Result<Vec<Stored>> {
             });
             found.push(Stored {
                 pod_name: r.pod_name,
+                pod_namespace: r.pod_namespace,
                 created_ms: r.created_ms,
                 bytes: meta.len(),
                 engine: r.engine,
@@ -277,9 +301,13 @@ pub fn to_prune(
     older_than: Option<Duration>,
     now_ms: u64,
 ) -> Vec<Stored> {
-    let mut by_pod: std::collections::BTreeMap<&str, Vec<&Stored>> = Default::default();
+    // Per pod: one name in two namespaces is two pods.
+    let mut by_pod: std::collections::BTreeMap<(&str, &str), Vec<&Stored>> = Default::default();
     for s in all {
-        by_pod.entry(&s.pod_name).or_default().push(s);
+        by_pod
+            .entry((&s.pod_namespace, &s.pod_name))
+            .or_default()
+            .push(s);
     }
     let mut out = Vec::new();
     for (_, mut list) in by_pod {
@@ -352,8 +380,10 @@ mod tests {
     use super::*;
 
     fn stored(pod: &str, created: u64) -> Stored {
+        let (ns, name) = pod.split_once('_').unwrap_or(("", pod));
         Stored {
-            pod_name: pod.into(),
+            pod_name: name.into(),
+            pod_namespace: ns.into(),
             created_ms: created * 1000,
             bytes: 1,
             engine: "runc".into(),
@@ -370,11 +400,13 @@ mod tests {
             stored("web", 300),
             stored("web", 200),
             stored("db", 50),
+            stored("shop_web", 10),
         ];
         let names = |v: Vec<Stored>| v.into_iter().map(|s| s.location).collect::<Vec<_>>();
         assert_eq!(
             names(to_prune(&all, Some(1), None, 1_000_000)),
-            ["web/200.tar", "web/100.tar"]
+            ["web/200.tar", "web/100.tar"],
+            "shop/web is a pod of its own: its one checkpoint stays"
         );
         // Older than 850 s at 1000: created before 150.
         assert_eq!(
@@ -384,7 +416,7 @@ mod tests {
                 Some(Duration::from_secs(850)),
                 1_000_000
             )),
-            ["db/50.tar", "web/100.tar"]
+            ["db/50.tar", "web/100.tar", "shop_web/10.tar"]
         );
         assert_eq!(
             names(to_prune(
@@ -416,9 +448,14 @@ mod tests {
         ] {
             assert!(resolve(&dir, bad).is_err(), "{bad} resolved");
         }
-        assert_eq!(dir_name("web-1.a", "id"), "web-1.a");
-        for odd in ["..", "a/b", "", "x\ny"] {
-            assert_eq!(dir_name(odd, "id"), "id");
+        assert_eq!(dir_name("", "web-1.a", "id"), "web-1.a");
+        assert_eq!(dir_name("shop", "web-1.a", "id"), "shop_web-1.a");
+        for odd in ["..", "a/b", "", "x\ny", "a_b"] {
+            assert_eq!(dir_name("", odd, "id"), "id");
+            assert_eq!(
+                dir_name(odd, "web", "id"),
+                if odd.is_empty() { "web" } else { "id" }
+            );
         }
         assert_eq!(parse_age("7d").unwrap(), Duration::from_secs(7 * 86400));
         assert!(parse_age("7").is_err() && parse_age("d").is_err());

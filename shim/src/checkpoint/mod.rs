@@ -66,6 +66,9 @@ pub struct Hold {
     runtime: Arc<dyn crate::runtime::OciRuntime>,
     pod: Option<HeldPod>,
     announce: Announce,
+    /// Whether `stop` announces `stopped` itself (not when the stop comes before the
+    /// checkpoint's `finished`, which must be announced first).
+    announce_stop: bool,
     _busy: OwnedMutexGuard<()>,
     _ops: Vec<OwnedMutexGuard<()>>,
 }
@@ -81,7 +84,9 @@ impl Hold {
         match self.runtime.hooks().stop_held(&pod).await {
             Ok(()) => {
                 info!("pod {}: stopped after its checkpoint", pod.pod_id);
-                self.announce.phase("stopped");
+                if self.announce_stop {
+                    self.announce.phase("stopped");
+                }
                 Ok(Self::ids(&pod))
             }
             Err(e) => {
@@ -143,7 +148,7 @@ pub async fn run(
         &[],
         leave_running,
     );
-    let (resp, hold) = match checkpoint_pod(&shim, &gate, req, &mut announce).await {
+    let (resp, after) = match checkpoint_pod(&shim, &gate, req, &mut announce).await {
         Ok(r) => r,
         Err(e) => {
             announce.failed(&e);
@@ -152,6 +157,14 @@ pub async fn run(
         }
     };
     announce.finished(&resp);
+    let hold = match after {
+        After::Held(hold) => Some(*hold),
+        After::Stopped => {
+            announce.phase("stopped");
+            None
+        }
+        After::Nothing => None,
+    };
     let Some(hold) = hold else {
         if reply.send(Ok(resp)).is_err() {
             // Nobody learns of this checkpoint: it would only leave the pod's memory behind.
@@ -216,6 +229,17 @@ pub async fn finish(gate: &CheckpointGate, pod_id: &str, stop: bool) -> Result<V
     })?
 }
 
+/// What follows a written checkpoint.
+pub enum After {
+    /// A live checkpoint: the pod ran on.
+    Nothing,
+    /// A stopping checkpoint without a hold: its containers were stopped once the output
+    /// was synced.
+    Stopped,
+    /// A stopping checkpoint held until FinishCheckpoint.
+    Held(Box<Hold>),
+}
+
 /// Captures the selected containers; a stopping checkpoint returns its [`Hold`] when the
 /// request asked for one (else the containers are stopped here, once the output is synced).
 pub async fn checkpoint_pod(
@@ -223,7 +247,7 @@ pub async fn checkpoint_pod(
     gate: &CheckpointGate,
     req: CheckpointPodRequest,
     announce: &mut Announce,
-) -> Result<(CheckpointPodResponse, Option<Hold>)> {
+) -> Result<(CheckpointPodResponse, After)> {
     let pod = shim.require_pod(&req.sandbox_id)?;
     pod.require_own_pid_ns("a checkpoint")?;
     let busy = gate.take_busy(&req.sandbox_id)?;
@@ -262,17 +286,16 @@ pub async fn checkpoint_pod(
         hold: !opts.leave_running,
         tcp_established: opts.tcp_established,
         file_locks: opts.file_locks,
-        timeout: Some(if opts.timeout_secs > 0 {
-            Duration::from_secs(opts.timeout_secs as u64)
-        } else {
-            shim.checkpoint_bound
+        timeout: Some(match opts.timeout_secs {
+            0 => shim.checkpoint_bound,
+            secs => Duration::from_secs(secs as u64),
         }),
         on_phase: &on_phase,
     };
     let engine = shim.runtime.name().to_string();
     let written = capture_and_write(shim, &job, &pod, &names, &engine, opts.leave_running).await;
     // From here a stopping checkpoint's containers are held still (its hold must end).
-    let mut hold = match &written {
+    let hold = match &written {
         Ok(_) if !opts.leave_running => Some(Hold {
             runtime: shim.runtime.clone(),
             pod: Some(HeldPod {
@@ -280,6 +303,7 @@ pub async fn checkpoint_pod(
                 containers: targets.clone(),
             }),
             announce: announce.clone(),
+            announce_stop: true,
             _busy: busy,
             _ops: guards,
         }),
@@ -288,14 +312,20 @@ pub async fn checkpoint_pod(
             None
         }
     };
-    if hold.is_some() && opts.hold_secs == 0 {
-        // Nobody will say the output is safe: it is, once synced; then the pod stops.
-        let h = hold.take().expect("held");
-        if let Err(e) = stop_once_synced(&pod.id, &out, h).await {
-            empty_dir(&out);
-            return Err(e);
+    let after = match hold {
+        Some(mut h) if opts.hold_secs == 0 => {
+            // Nobody will say the output is safe: it is, once synced; then the pod stops
+            // (announced by `run`, after the checkpoint's `finished`).
+            h.announce_stop = false;
+            if let Err(e) = stop_once_synced(&pod.id, &out, h).await {
+                empty_dir(&out);
+                return Err(e);
+            }
+            After::Stopped
         }
-    }
+        Some(h) => After::Held(Box::new(h)),
+        None => After::Nothing,
+    };
     let (capture, results) = match written {
         Ok(r) => r,
         Err(e) => {
@@ -305,15 +335,12 @@ pub async fn checkpoint_pod(
         }
     };
     let total = start.elapsed();
+    let (n, frozen) = (results.len(), capture.frozen);
     info!(
-        "pod {}: checkpoint of {} container(s) to {}: frozen {:?}, total {:?}",
-        pod.id,
-        results.len(),
-        out.display(),
-        capture.frozen,
-        total
+        "pod {}: checkpoint of {n} container(s) to {out:?}: frozen {frozen:?}, total {total:?}",
+        pod.id
     );
-    Ok((response(&capture, results, total, engine), hold))
+    Ok((response(&capture, results, total, engine), after))
 }
 
 /// A pod checkpoint writes into an existing, empty directory only.

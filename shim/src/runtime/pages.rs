@@ -16,6 +16,10 @@ use std::{
     io::{Read, Write},
     os::unix::{fs::FileExt, net::UnixStream},
     path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use log::{debug, info, warn};
@@ -341,6 +345,27 @@ fn copy_eager_pages(
     Ok(copied)
 }
 
+/// What one container's page server has sent so far (RestoreStatus, the restore's events,
+/// and through them progress and metrics).
+#[derive(Debug, Default)]
+pub struct PageCounters {
+    /// Bytes of the pages CRIU asks for on demand (the lazy runs of every pagemap).
+    pub total: u64,
+    pub bytes: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+impl PageCounters {
+    /// (bytes sent, of total, in requests) now.
+    pub fn read(&self) -> (u64, u64, u64) {
+        (
+            self.bytes.load(Ordering::Relaxed),
+            self.total,
+            self.requests.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// The pages of one container's images left in an archive.
 pub struct ArchivePages {
     id: String,
@@ -349,6 +374,7 @@ pub struct ArchivePages {
     /// pid → its pagemap's present runs, and the checked span of its pages image.
     tasks: HashMap<u64, (Vec<Run>, usize)>,
     spans: Vec<CheckedSpan>,
+    counters: Arc<PageCounters>,
 }
 
 impl ArchivePages {
@@ -372,6 +398,7 @@ impl ArchivePages {
             from: source.archive.display().to_string(),
             tasks: HashMap::new(),
             spans: Vec::new(),
+            counters: Arc::default(),
         };
         let mut by_pages_id: HashMap<u32, usize> = HashMap::new();
         let entries =
@@ -440,7 +467,22 @@ impl ArchivePages {
                 format!("{unused} is in the restore's page source, but no pagemap uses it"),
             ));
         }
+        let total = pages
+            .tasks
+            .values()
+            .flat_map(|(runs, _)| runs.iter().filter(|r| r.lazy))
+            .map(|r| r.pages * PAGE_SIZE)
+            .sum();
+        pages.counters = Arc::new(PageCounters {
+            total,
+            ..Default::default()
+        });
         Ok((!pages.spans.is_empty()).then_some(pages))
+    }
+
+    /// The counters [`ArchivePages::serve`] keeps up to date.
+    pub fn counters(&self) -> Arc<PageCounters> {
+        self.counters.clone()
     }
 
     /// Up to `want` pages of `pid` from `vaddr` on: as many as sit together in one pages
@@ -466,7 +508,7 @@ impl ArchivePages {
     /// Serves the lazy-pages daemon on `sock` until it says it is done or goes away.
     pub fn serve(mut self, mut sock: UnixStream) -> std::result::Result<(), String> {
         let id = self.id.clone();
-        let (mut requests, mut bytes) = (0u64, 0u64);
+        let counters = self.counters.clone();
         let result = loop {
             let mut raw = [0u8; 24];
             match sock.read_exact(&mut raw) {
@@ -497,8 +539,10 @@ impl ArchivePages {
                     if let Err(e) = sock.write_all(&reply) {
                         break Err(format!("send pages: {e}"));
                     }
-                    requests += 1;
-                    bytes += pages * PAGE_SIZE;
+                    counters.requests.fetch_add(1, Ordering::Relaxed);
+                    counters
+                        .bytes
+                        .fetch_add(pages * PAGE_SIZE, Ordering::Relaxed);
                 }
                 PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE => {
                     let _ = sock.write_all(&0i32.to_le_bytes());
@@ -509,8 +553,9 @@ impl ArchivePages {
         };
         match &result {
             Ok(()) => {
+                let (bytes, total, requests) = counters.read();
                 info!(
-                    "{id}: served {requests} page requests ({bytes} bytes) from {}",
+                    "{id}: served {requests} page requests ({bytes} of {total} lazy bytes) from {}",
                     self.from
                 )
             }

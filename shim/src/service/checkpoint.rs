@@ -151,12 +151,18 @@ impl Checkpoint for CheckpointService {
         Ok(RestoreStatusResponse {
             containers: outcomes
                 .into_iter()
-                .map(|(id, o)| ContainerRestore {
-                    container_id: id,
-                    state: o.state.into(),
-                    reason: o.reason,
-                    pages_in_ms: o.pages_in.map_or(0, |d| d.as_millis() as u64),
-                    ..Default::default()
+                .map(|(id, o)| {
+                    let (bytes_in, bytes_total, page_requests) = self.shim.restores.pages_sent(&id);
+                    ContainerRestore {
+                        container_id: id,
+                        state: o.state.into(),
+                        reason: o.reason,
+                        pages_in_ms: o.pages_in.map_or(0, |d| d.as_millis() as u64),
+                        bytes_in,
+                        bytes_total,
+                        page_requests,
+                        ..Default::default()
+                    }
                 })
                 .collect(),
             ..Default::default()

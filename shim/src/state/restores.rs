@@ -1,9 +1,15 @@
 //! How each restored container's restore ended, for the Checkpoint service's RestoreStatus:
 //! a lazily restored container is pending until every page is in (or it was stopped short).
 
-use std::{collections::BTreeMap, sync::Mutex, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use stasis_api::checkpoint::RestoreState;
+
+use crate::runtime::pages::PageCounters;
 
 /// The outcome of one container's restore.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,6 +29,8 @@ pub struct RestoreOutcomes {
     /// Containers restored through the page server for an eager restore: the pod resumes
     /// only once each has every page.
     before_resume: Mutex<std::collections::BTreeSet<String>>,
+    /// What the page server of each container served from the archive has sent so far.
+    served: Mutex<BTreeMap<String, Arc<PageCounters>>>,
     changed: tokio::sync::Notify,
 }
 
@@ -78,8 +86,24 @@ impl RestoreOutcomes {
         self.before_resume.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Container `id`'s pages come from the shim's page server, which counts into `c`.
+    pub fn count_pages(&self, id: &str, c: Arc<PageCounters>) {
+        self.counted().insert(id.to_string(), c);
+    }
+
+    /// (bytes sent, of total, in requests) by container `id`'s page server; zeros when
+    /// CRIU reads its pages itself.
+    pub fn pages_sent(&self, id: &str) -> (u64, u64, u64) {
+        self.counted().get(id).map_or((0, 0, 0), |c| c.read())
+    }
+
+    fn counted(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<PageCounters>>> {
+        self.served.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Forgets a deleted container.
     pub fn forget(&self, id: &str) {
+        self.counted().remove(id);
         self.pages_first().remove(id);
         self.by_id
             .lock()

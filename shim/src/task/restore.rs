@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    events::pod_event,
+    events::{pod_event, restore_event},
     fscapture::volumes,
     process::stdio,
     runtime::{images, restored, CheckpointOpts},
@@ -338,14 +338,8 @@ fn watch_hold(shim: &Shim, container: Arc<Container>) {
 
 /// Queues a `/stasis/restore/<phase>` event of the shim's pod.
 fn announce_restore(shim: &Shim, phase: &str, ids: &[String], fill: impl FnOnce(&mut PodEvent)) {
-    let mut event = PodEvent {
-        sandbox_id: shim.pod().map(|p| p.id.clone()).unwrap_or_default(),
-        operation: "restore".into(),
-        phase: phase.into(),
-        container_ids: ids.to_vec(),
-        engine: shim.runtime.name().to_string(),
-        ..Default::default()
-    };
+    let pod_id = shim.pod().map(|p| p.id.clone()).unwrap_or_default();
+    let mut event = restore_event(&pod_id, shim.runtime.name(), phase, ids);
     fill(&mut event);
     pod_event(&shim.events, event);
 }

@@ -6,13 +6,12 @@ use std::path::Path;
 use log::{error, info, warn};
 use stasis_api::{
     checkpoint::RestoreState,
-    events::PodEvent,
     layout::{self, RestoreOptions},
 };
 
 use crate::{
     error::{Error, Result},
-    events::pod_event,
+    events::{pod_event, restore_event},
     process::reaper,
     runtime::{pages, CheckpointOpts},
     state::{Container, Shim, State},
@@ -79,6 +78,9 @@ pub(super) async fn start_lazy_restore(
         }
         _ => None,
     };
+    if let (Some(pages), true) = (&from_archive, pod_restore) {
+        shim.restores.count_pages(id, pages.counters());
+    }
     Ok(Some(
         start_lazy_pages(id, image, &opts.work_path, from_archive).await?,
     ))
@@ -106,15 +108,17 @@ pub(super) fn watch_lazy_pages(
     );
     let report = move |state: RestoreState, reason: String| {
         let complete = state == RestoreState::RESTORE_COMPLETE;
-        let mut event = PodEvent {
-            sandbox_id: pod_id.clone(),
-            operation: "restore".into(),
-            // Not `failed`: the pod's restore has its own outcome (running or failed).
-            phase: if complete { "pages-in" } else { "pages-failed" }.into(),
-            container_ids: vec![id_for_report.clone()],
-            engine: engine.clone(),
-            ..Default::default()
-        };
+        // Not `failed`: the pod's restore has its own outcome (running or failed).
+        let phase = if complete { "pages-in" } else { "pages-failed" };
+        let mut event = restore_event(
+            &pod_id,
+            &engine,
+            phase,
+            std::slice::from_ref(&id_for_report),
+        );
+        if let Some(o) = &outcomes {
+            (event.bytes, _, event.page_requests) = o.pages_sent(&id_for_report);
+        }
         if complete {
             event.pages_in_ms = start.elapsed().as_secs_f64() * 1000.0;
         } else {

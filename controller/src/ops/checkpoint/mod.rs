@@ -73,6 +73,7 @@ struct Selected {
 }
 
 /// Checkpoints a pod through its shim's Checkpoint service and delivers it.
+#[tracing::instrument(name = "checkpoint", skip_all, fields(pod = %a.pod, pod_id = tracing::field::Empty))]
 pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointOutcome> {
     a.destination.check_new(t).await?;
     let mut node = node::CriNode::connect(t).await?;
@@ -87,6 +88,7 @@ async fn checkpoint_on(
 ) -> Result<CheckpointOutcome> {
     let started = Instant::now();
     let s = select_containers(node, &a).await?;
+    tracing::Span::current().record("pod_id", s.pod.id.as_str());
     progress::pod(&s.pod.id, &s.name);
     let (output_dir, label) = a.destination.output_dir(&a.pod)?;
     let estimate = node.estimate(&s.containers).await;

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Result;
 use stasis_api::checkpoint::{RestoreState, RestoreStatusRequest};
 
-use crate::{cri, ops::Target, shim};
+use crate::{cri, ops::Target, progress, shim};
 
 /// How long a lazy restore may take to bring every page in.
 const ALL_PAGES_WITHIN_SECS: u64 = 3600;
@@ -20,6 +20,52 @@ pub struct ContainerPages {
     pub reason: String,
     /// A completed lazy restore: milliseconds from its start until its last page was in.
     pub pages_in_ms: u64,
+    /// Pages the shim's page server sent so far, of its lazy pages' total, in requests (all
+    /// 0 when CRIU reads the pages from unpacked images itself).
+    pub bytes_in: u64,
+    pub bytes_total: u64,
+    pub page_requests: u64,
+}
+
+/// Runs `wait` (the wait for every page of a lazy restore of pod `pod_id`), reporting the
+/// memory coming in meanwhile: bytes of the shims' page servers every half second, or one
+/// step when CRIU reads the pages from unpacked images (it tells nobody how far it is).
+pub(crate) async fn with_pages_progress<T>(
+    t: &Target,
+    (pod_id, handler): (&str, &str),
+    wait: impl std::future::Future<Output = T>,
+) -> T {
+    let sum = |now: &[ContainerPages]| -> (u64, u64) {
+        now.iter()
+            .fold((0, 0), |(d, t), c| (d + c.bytes_in, t + c.bytes_total))
+    };
+    let (done, total) = sum(&ask(t, pod_id, handler, false).await.unwrap_or_default());
+    if total == 0 {
+        progress::step(
+            "pages",
+            "waiting for every page to be in (CRIU reads them from the unpacked images)",
+        );
+        return wait.await;
+    }
+    let phase = progress::bytes("pages", "memory coming in", total);
+    progress::set(done);
+    let poll = async {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            if let Ok(now) = ask(t, pod_id, handler, false).await {
+                progress::set(sum(&now).0);
+            }
+        }
+    };
+    let out = tokio::select! {
+        out = wait => out,
+        never = poll => never,
+    };
+    if let Ok(now) = ask(t, pod_id, handler, false).await {
+        progress::set(sum(&now).0);
+    }
+    drop(phase);
+    out
 }
 
 /// Waits until the shim of pod `pod_id` says how the restore of each of `containers` (name,
@@ -101,6 +147,9 @@ async fn ask(t: &Target, pod_id: &str, handler: &str, wait: bool) -> Result<Vec<
             id: c.container_id,
             reason: c.reason,
             pages_in_ms: c.pages_in_ms,
+            bytes_in: c.bytes_in,
+            bytes_total: c.bytes_total,
+            page_requests: c.page_requests,
         })
         .collect())
 }

@@ -87,6 +87,7 @@ pub struct Restored {
 
 /// Restores the checkpoint `source` as a new pod; returns once the pod runs (see
 /// [`Restored`]).
+#[tracing::instrument(name = "restore", skip_all, fields(source = %source.label(), pod_id = tracing::field::Empty))]
 pub async fn restore(t: &Target, a: &RestoreArgs, source: Source<'_>) -> Result<Restored> {
     let started = Instant::now();
     let mut interrupt = Interrupt::listen()?;
@@ -121,6 +122,7 @@ pub async fn restore(t: &Target, a: &RestoreArgs, source: Source<'_>) -> Result<
     let guard = leftovers.guard.as_mut().expect("the watchdog runs");
     let mut node = create::CriNode::connect(t, &admitted.handler).await?;
     let created = create::create(&mut node, admitted, &mut interrupt, |id| {
+        tracing::Span::current().record("pod_id", id);
         progress::pod(id, a.name.as_deref().unwrap_or_default());
         guard.pod(id)
     })
@@ -150,6 +152,7 @@ impl Restored {
     /// Waits until every page of a lazy restore is in, then removes the restore directory.
     /// An error if a container stopped before its memory was all in. A lazy restore not
     /// asked to wait for its pages leaves that to its watchdog and returns at once.
+    #[tracing::instrument(name = "restore", skip_all, fields(pod_id = %self.pod_id))]
     pub async fn finish(mut self, t: &Target) -> Result<String> {
         if self.lazy && !self.wait_pages {
             let c = &self.created;
@@ -175,7 +178,9 @@ impl Restored {
             // how each container's restore ended (it stops one whose pages could not all be
             // served: a changed archive, a failed daemon).
             let c = &self.created;
-            lost = lazy::lost_containers(t, (&c.pod_id, &c.handler), &c.containers).await;
+            let at = (c.pod_id.as_str(), c.handler.as_str());
+            lost =
+                lazy::with_pages_progress(t, at, lazy::lost_containers(t, at, &c.containers)).await;
         }
         if !lost.is_empty() {
             // Not the pod that was checkpointed: it goes, as after any failed restore.

@@ -117,6 +117,13 @@ impl<'a> Source<'a> {
                 Ok((options, (!source.files.is_empty()).then_some(source)))
             }
             Source::Archive { path, .. } => {
+                // Read twice: its records bounded and checked, then unpacked.
+                let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+                let _reading = progress::bytes(
+                    "unpacking",
+                    &format!("reading {} (checked, then unpacked)", path.display()),
+                    2 * size,
+                );
                 Ok((archive::extract_with(&path, dir, &a.opening)?, None))
             }
             // A directory's page images stay where they are and are read from there.
@@ -133,6 +140,7 @@ impl<'a> Source<'a> {
                     identities: Vec::new(),
                     verify: a.policy.signers()?,
                 };
+                let _receiving = progress::bytes("unpacking", &format!("receiving from {peer}"), 0);
                 Ok((channel.receive_pod(dir, &opening, &peer)?, None))
             }
         }

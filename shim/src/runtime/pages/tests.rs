@@ -135,6 +135,7 @@ fn requests_are_served_from_checked_chunks() {
             ),
         )]),
         spans: vec![],
+        counters: Default::default(),
     };
     assert_eq!(pages.find(9, 0x1000, 16), Some((0, 0, 3)));
     assert_eq!(pages.find(9, 0x2000, 1), Some((0, PAGE_SIZE, 1)));

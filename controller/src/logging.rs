@@ -1,7 +1,8 @@
 //! stasisctl's own log: `tracing` events inside spans that name the operation and the pod
-//! (`checkpoint{pod=web pod_id=…}`), on stderr, at the level `STASIS_LOG` asks for (`warn`
-//! when unset; `debug` shows every step, `STASIS_LOG=stasis_controller=debug` only
-//! stasisctl's own). Progress and results are reported apart from it (`progress`).
+//! (`checkpoint{pod=web pod_id=…}`), on stderr, at the level `STASIS_LOG` asks for: warnings
+//! when unset; a level alone (`debug`, `info`) is stasisctl's own events at that level; a
+//! list of `target=level` (`STASIS_LOG=warn,stasis_controller=debug,h2=debug`) what it says,
+//! the libraries' too. Progress and results are reported apart from it (`progress`).
 
 use tracing_subscriber::{filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
 
@@ -11,14 +12,19 @@ pub const LOG_ENV: &str = "STASIS_LOG";
 /// Starts the log; a filter that does not parse is said once and the default used.
 pub fn init() {
     let wanted = std::env::var(LOG_ENV).unwrap_or_default();
+    let quiet = Targets::new().with_default(tracing::Level::WARN);
     let filter = match wanted.trim() {
-        "" => Targets::new().with_default(tracing::Level::WARN),
-        w => w.parse::<Targets>().unwrap_or_else(|e| {
-            eprintln!(
-                "stasisctl: {LOG_ENV}={w:?} is not a log filter ({e}); logging warnings only"
-            );
-            Targets::new().with_default(tracing::Level::WARN)
-        }),
+        "" => quiet,
+        w => {
+            match (w.parse::<tracing::Level>(), w.parse::<Targets>()) {
+                (Ok(level), _) => quiet.with_target("stasis_controller", level),
+                (_, Ok(targets)) => targets,
+                (_, Err(e)) => {
+                    eprintln!("stasisctl: {LOG_ENV}={w:?} is not a log filter ({e}); logging warnings only");
+                    quiet
+                }
+            }
+        }
     };
     let format = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)

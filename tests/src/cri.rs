@@ -376,7 +376,29 @@ pub async fn counter_pod(
     image: &str,
     name: &str,
 ) -> Result<(String, String)> {
-    let pod = pod_config(name, logs);
+    counter_pod_in(cri, logs, image, "default", name).await
+}
+
+/// [`counter_pod`] in Kubernetes namespace `namespace`.
+pub async fn counter_pod_in(
+    cri: &mut CriClient,
+    logs: &Path,
+    image: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<(String, String)> {
+    let mut pod = pod_config(name, logs);
+    if namespace != "default" {
+        // A pod of the same name elsewhere must not share its uid or its logs.
+        if let Some(m) = pod.metadata.as_mut() {
+            m.namespace = namespace.to_string();
+            m.uid = format!("{}-{namespace}", m.uid);
+        }
+        pod.log_directory = logs
+            .join(format!("{namespace}-{name}"))
+            .display()
+            .to_string();
+    }
     let pod_id = cri.run_pod(&pod).await?;
     let counter = counter_in(cri, &pod_id, &pod, image).await?;
     Ok((pod_id, counter))

@@ -13,7 +13,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use stasis_e2e::{
-    cri::{counter_pod, hog_and_counter_pod},
+    cri::{counter_pod, counter_pod_in, hog_and_counter_pod},
     Containerd,
 };
 
@@ -98,6 +98,9 @@ const FAILED: &str = r#"stasis_checkpoints_total{result="failed",engine="runc"}"
 const RESTORED: &str = r#"stasis_restores_total{result="running",engine="runc"}"#;
 const FROZEN: &str = "stasis_checkpoint_frozen_seconds_count";
 const WRITTEN: &str = "stasis_checkpoint_archive_bytes_count";
+const PAGES_IN: &str = "stasis_restore_pages_in_seconds_count";
+const SERVED: &str = "stasis_restore_pages_served_bytes_total";
+const REQUESTS: &str = "stasis_restore_page_requests_total";
 
 /// Waits until `/metrics` shows every sample of `want` at least at its value.
 fn scrape_until(addr: &str, want: &[(&str, f64)]) -> Result<HashMap<String, f64>> {
@@ -234,7 +237,8 @@ async fn a_pod_checkpoint_shows_in_events_and_metrics() -> Result<()> {
         "failed: {failed}"
     );
 
-    // A restore: the new pod runs.
+    // A restore: the new pod runs. From an uncompressed archive, its pages come through the
+    // shim's page server, which counts what it sends.
     let archive = c.dir.join("observed.tar");
     let restored = c
         .stasisctl_ok(&[
@@ -251,6 +255,18 @@ async fn a_pod_checkpoint_shows_in_events_and_metrics() -> Result<()> {
         seen.last().unwrap()["operation"] == "restore",
         "restore events: {seen:#?}"
     );
+    let pages_in = seen
+        .iter()
+        .find(|v| v["pod_id"] == restored.as_str() && v["phase"] == "pages-in")
+        .with_context(|| format!("no pages-in event before running: {seen:#?}"))?;
+    let (served, requests) = (
+        pages_in["bytes"].as_u64().unwrap_or(0),
+        pages_in["page_requests"].as_u64().unwrap_or(0),
+    );
+    ensure!(
+        served >= 4096 && served % 4096 == 0 && requests > 0,
+        "pages-in: {pages_in}"
+    );
 
     // The endpoint counted exactly these.
     let after = scrape_until(
@@ -259,6 +275,7 @@ async fn a_pod_checkpoint_shows_in_events_and_metrics() -> Result<()> {
             (FINISHED, sample(&before, FINISHED) + 1.0),
             (FAILED, sample(&before, FAILED) + 1.0),
             (RESTORED, sample(&before, RESTORED) + 1.0),
+            (PAGES_IN, sample(&before, PAGES_IN) + 1.0),
         ],
     )?;
     for (name, more) in [
@@ -267,6 +284,9 @@ async fn a_pod_checkpoint_shows_in_events_and_metrics() -> Result<()> {
         (RESTORED, 1.0),
         (FROZEN, 1.0),
         (WRITTEN, 1.0),
+        (PAGES_IN, 1.0),
+        (SERVED, served as f64),
+        (REQUESTS, requests as f64),
     ] {
         ensure!(
             sample(&after, name) == sample(&before, name) + more,
@@ -275,6 +295,43 @@ async fn a_pod_checkpoint_shows_in_events_and_metrics() -> Result<()> {
             sample(&after, name)
         );
     }
+
+    // A stopping checkpoint asked of the shim with no hold (a caller that will not finish
+    // it): the shim stops the pod once its output is synced, and says so after `finished`.
+    let out = c.dir.join("stopping");
+    std::fs::create_dir(&out)?;
+    let client = stasis_controller::shim::checkpoint_client(
+        &c.socket().display().to_string(),
+        "k8s.io",
+        &restored,
+        "stasis",
+    )
+    .await?;
+    let req = stasis_api::checkpoint::CheckpointPodRequest {
+        sandbox_id: restored.clone(),
+        output_path: out.display().to_string(),
+        options: Some(stasis_api::checkpoint::CheckpointOptions {
+            leave_running: false,
+            hold_secs: 0,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    client
+        .checkpoint_pod(ttrpc::context::with_timeout(120_000_000_000), &req)
+        .await?;
+    let seen = events_until(&rx, &restored, "stopped")?;
+    let phases: Vec<&str> = seen
+        .iter()
+        .filter(|v| v["pod_id"] == restored.as_str() && v["operation"] == "checkpoint")
+        .map(|v| v["phase"].as_str().unwrap_or_default())
+        .collect();
+    ensure!(
+        phases.first() == Some(&"started") && phases.ends_with(&["finished", "stopped"]),
+        "stopping checkpoint events: {phases:?}"
+    );
+
     drop((events, metrics));
     cri.stop_and_remove_pod(&restored).await?;
     cri.stop_and_remove_pod(&pod_id).await?;
@@ -289,18 +346,19 @@ fn json_lines(stdout: &[u8]) -> Result<Vec<Value>> {
         .collect()
 }
 
-/// Progress events: time never runs back, byte counts never shrink, and the last line is
-/// the one result.
+/// Progress events: time never runs back, a phase's byte count never shrinks, and the last
+/// line is the one result.
 fn check_progress(lines: &[Value]) -> Result<()> {
     let mut elapsed = 0.0;
-    let mut done = 0;
+    let mut done: HashMap<String, u64> = HashMap::new();
     for (i, v) in lines.iter().enumerate() {
         let e = v["elapsed_ms"].as_f64().context("elapsed_ms")?;
         ensure!(e >= elapsed, "time ran back at line {i}: {lines:#?}");
         elapsed = e;
         if let Some(d) = v["done"].as_u64() {
-            ensure!(d >= done, "bytes shrank at line {i}: {lines:#?}");
-            done = d;
+            let before = done.entry(v["phase"].to_string()).or_default();
+            ensure!(d >= *before, "bytes shrank at line {i}: {lines:#?}");
+            *before = d;
         }
         let last = i + 1 == lines.len();
         ensure!(
@@ -308,6 +366,82 @@ fn check_progress(lines: &[Value]) -> Result<()> {
             "the result is not the one last line: {lines:#?}"
         );
     }
+    Ok(())
+}
+
+/// `pod restore … --format json` of the 128 MiB pod's uncompressed `archive`: lazily, waiting
+/// for its pages, the memory coming in is counted up to all of it (what the shims' page
+/// servers sent); eagerly from a zstd copy, the archive's bytes read (checked, then
+/// unpacked) are counted. Both restored pods are removed again.
+async fn restores_report_unpacking_and_pages(
+    c: &Containerd,
+    cri: &mut stasis_e2e::cri::CriClient,
+    archive: &std::path::Path,
+) -> Result<()> {
+    let restore = |from: &std::path::Path, name: &str, extra: &[&str]| -> Result<Vec<Value>> {
+        let mut args = vec!["pod", "restore", from.to_str().unwrap(), "--name", name];
+        args.extend(extra);
+        args.extend(["--format", "json"]);
+        let out = c.stasisctl(&args)?;
+        ensure!(
+            out.status.success(),
+            "restore {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines = json_lines(&out.stdout)?;
+        check_progress(&lines)?;
+        Ok(lines)
+    };
+    let lines = restore(archive, "progress-lazy", &["--lazy", "--wait-pages"])?;
+    let pages: Vec<&Value> = lines
+        .iter()
+        .filter(|v| v["phase"] == "pages" && v["done"].is_u64())
+        .collect();
+    let last = pages.last().context("no pages progress")?;
+    let running = lines.iter().position(|v| v["phase"] == "running");
+    let first_pages = lines.iter().position(|v| v["phase"] == "pages");
+    ensure!(
+        last["total"].as_u64() > Some(120 << 20)
+            && last["done"] == last["total"]
+            && running.is_some()
+            && running < first_pages,
+        "lazy restore progress: {lines:#?}"
+    );
+    let lazy_pod = lines.last().unwrap()["pod_id"]
+        .as_str()
+        .context("pod_id")?
+        .to_string();
+    cri.stop_and_remove_pod(&lazy_pod).await?;
+
+    let zst = c.dir.join("progress.tar.zst");
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        "progress",
+        "--leave-running",
+        "--compress",
+        "zstd",
+        "--output",
+        zst.to_str().unwrap(),
+    ])?;
+    let size = std::fs::metadata(&zst)?.len();
+    let lines = restore(&zst, "progress-eager", &[])?;
+    let unpacking: Vec<&Value> = lines
+        .iter()
+        .filter(|v| v["phase"] == "unpacking" && v["done"].is_u64())
+        .collect();
+    let last = unpacking.last().context("no unpacking progress")?;
+    ensure!(
+        last["total"].as_u64() == Some(2 * size)
+            && last["done"].as_u64() >= Some(size)
+            && last["done"].as_u64() <= Some(2 * size),
+        "eager restore progress ({size} bytes archive): {lines:#?}"
+    );
+    let eager_pod = lines.last().unwrap()["pod_id"]
+        .as_str()
+        .context("pod_id")?
+        .to_string();
+    cri.stop_and_remove_pod(&eager_pod).await?;
     Ok(())
 }
 
@@ -321,22 +455,30 @@ async fn checkpoint_progress_is_json_lines_and_ctrl_c_leaves_the_pod_running() -
     let (pod_id, _, counter) =
         hog_and_counter_pod(&mut cri, &c.dir.join("logs"), image, "progress", &hog).await?;
 
-    // A checkpoint reported as JSON lines, in order, ending with its result.
+    // A checkpoint reported as JSON lines, in order, ending with its result; stasisctl's log
+    // (asked for on stderr) names the operation and the pod on every line of it.
     let archive = c.dir.join("progress.tar");
-    let out = c.stasisctl(&[
-        "pod",
-        "checkpoint",
-        "progress",
-        "--leave-running",
-        "--format",
-        "json",
-        "--output",
-        archive.to_str().unwrap(),
-    ])?;
+    let out = c
+        .stasisctl_command()?
+        .env("STASIS_LOG", "debug")
+        .args([
+            "pod",
+            "checkpoint",
+            "progress",
+            "--leave-running",
+            "--format",
+            "json",
+            "--output",
+            archive.to_str().unwrap(),
+        ])
+        .output()?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "{log}");
     ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        log.lines().any(|l| l.contains("DEBUG")
+            && l.contains(&format!("checkpoint{{pod=progress pod_id={pod_id}}}"))
+            && l.contains("phase=\"checkpointing\"")),
+        "no log line of the checkpoint with its pod:\n{log}"
     );
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
     let lines = json_lines(&out.stdout)?;
@@ -368,6 +510,8 @@ async fn checkpoint_progress_is_json_lines_and_ctrl_c_leaves_the_pod_running() -
             && result["frozen_ms"].as_f64() > Some(0.0),
         "result: {result} (the archive has {size} bytes)"
     );
+
+    restores_report_unpacking_and_pages(&c, &mut cri, &archive).await?;
 
     // Ctrl-C while the archive is being written: the pod runs on, nothing is left there.
     let cut = c.dir.join("cut.tar.gz");
@@ -484,6 +628,12 @@ async fn a_checkpoint_store_lists_removes_and_prunes() -> Result<()> {
                 .0,
         );
     }
+    // A pod of the same name in another Kubernetes namespace: a pod of its own to the store.
+    pods.push(
+        counter_pod_in(&mut cri, &c.dir.join("logs"), image, "shop", "web")
+            .await?
+            .0,
+    );
     let store = c.dir.join("store");
     let store_s = store.to_str().unwrap();
     let checkpoint = |pod: &str, extra: &[&str]| {
@@ -491,11 +641,12 @@ async fn a_checkpoint_store_lists_removes_and_prunes() -> Result<()> {
         args.extend(extra);
         c.stasisctl_ok(&args)
     };
-    // Oldest first: an image of web, then three archives of web, two of db (one of them
-    // compressed and signed).
-    checkpoint("web", &["--image", "localhost/ckpt/web:1"])?;
+    // Oldest first: an archive of shop/web, an image of default/web, then three archives of
+    // default/web, two of db (one of them compressed and signed).
+    checkpoint("shop/web", &["--store", "--store-dir", store_s])?;
+    checkpoint("default/web", &["--image", "localhost/ckpt/web:1"])?;
     for _ in 0..3 {
-        checkpoint("web", &["--store", "--store-dir", store_s])?;
+        checkpoint("default/web", &["--store", "--store-dir", store_s])?;
     }
     let key = c.dir.join("sign.pem");
     c.stasisctl_ok(&[
@@ -521,7 +672,7 @@ async fn a_checkpoint_store_lists_removes_and_prunes() -> Result<()> {
     )?;
 
     let all = stored(&c, store_s, &[])?;
-    ensure!(all.len() == 6, "ls: {all:#?}");
+    ensure!(all.len() == 7, "ls: {all:#?}");
     // Newest first, each as the store holds it.
     let times: Vec<u64> = all
         .iter()
@@ -537,6 +688,7 @@ async fn a_checkpoint_store_lists_removes_and_prunes() -> Result<()> {
             ensure!(
                 reference == "localhost/ckpt/web:1"
                     && v["pod_name"] == "web"
+                    && v["pod_namespace"] == "default"
                     && v["engine"] == "runc",
                 "image entry: {v}"
             );
@@ -547,7 +699,11 @@ async fn a_checkpoint_store_lists_removes_and_prunes() -> Result<()> {
         ensure!(
             v["bytes"] == meta.len()
                 && v["engine"] == "runc"
-                && loc.starts_with(&format!("{}/", v["pod_name"].as_str().unwrap_or("?"))),
+                && loc.starts_with(&format!(
+                    "{}_{}/",
+                    v["pod_namespace"].as_str().unwrap_or("?"),
+                    v["pod_name"].as_str().unwrap_or("?")
+                )),
             "store entry: {v}"
         );
         use std::os::unix::fs::PermissionsExt;
@@ -578,8 +734,16 @@ async fn a_checkpoint_store_lists_removes_and_prunes() -> Result<()> {
         ensure!(!out.status.success(), "rm {bad} succeeded");
     }
     ensure!(
-        stored(&c, store_s, &[])?.len() == 6,
+        stored(&c, store_s, &[])?.len() == 7,
         "a refused rm removed something"
+    );
+    // A name alone is that name in every namespace; NAMESPACE/NAME one pod.
+    let shop = stored(&c, store_s, &["--pod", "shop/web"])?;
+    ensure!(
+        shop.len() == 1
+            && shop[0]["pod_namespace"] == "shop"
+            && stored(&c, store_s, &["--pod", "web"])?.len() == 5,
+        "shop/web: {shop:#?}"
     );
     let oldest_db = db[1]["location"].as_str().unwrap().to_string();
     // A good name beside a bad one: refused as a whole, the good one kept.
@@ -601,8 +765,8 @@ async fn a_checkpoint_store_lists_removes_and_prunes() -> Result<()> {
         "rm left {oldest_db}"
     );
 
-    // prune: nothing is older than an hour; keep the newest two of web: the oldest archive
-    // and the image go.
+    // prune: nothing is older than an hour; keep the newest two of default/web: the oldest
+    // archive and the image go, shop/web's one stays.
     let out = c.stasisctl_ok(&[
         "checkpoint",
         "prune",
@@ -612,7 +776,7 @@ async fn a_checkpoint_store_lists_removes_and_prunes() -> Result<()> {
         "1h",
     ])?;
     ensure!(out.trim().is_empty(), "pruned fresh checkpoints: {out}");
-    let web = stored(&c, store_s, &["--pod", "web"])?;
+    let web = stored(&c, store_s, &["--pod", "default/web"])?;
     let dry = c.stasisctl_ok(&[
         "checkpoint",
         "prune",
@@ -626,7 +790,7 @@ async fn a_checkpoint_store_lists_removes_and_prunes() -> Result<()> {
         "--dry-run",
     ])?;
     ensure!(
-        stored(&c, store_s, &["--pod", "web"])?.len() == 4,
+        stored(&c, store_s, &["--pod", "default/web"])?.len() == 4,
         "a dry run removed: {dry}"
     );
     c.stasisctl_ok(&[
@@ -642,8 +806,14 @@ async fn a_checkpoint_store_lists_removes_and_prunes() -> Result<()> {
     ])?;
     let left = stored(&c, store_s, &[])?;
     ensure!(
-        // db's were taken last: newest first.
-        locations(&left) == [locations(&db)[..1].to_vec(), locations(&web)[..2].to_vec()].concat(),
+        // db's were taken last, shop/web's first: newest first.
+        locations(&left)
+            == [
+                locations(&db)[..1].to_vec(),
+                locations(&web)[..2].to_vec(),
+                locations(&shop),
+            ]
+            .concat(),
         "after prune: {:?} (web was {:?})",
         locations(&left),
         locations(&web)

@@ -47,13 +47,15 @@ pub async fn find_pod(rt: &mut Runtime, pod: &str) -> Result<api::PodSandbox> {
         .filter(|p| {
             p.id == pod
                 || (pod.len() >= 6 && p.id.starts_with(pod))
-                || p.metadata.as_ref().map(|m| m.name.as_str()) == Some(pod)
+                || p.metadata.as_ref().is_some_and(|m| {
+                    m.name == pod || pod.split_once('/') == Some((&m.namespace, &m.name))
+                })
         })
         .collect();
     match matches.len() {
         0 => bail!("pod {pod:?} not found"),
         1 => Ok(matches.into_iter().next().unwrap()),
-        n => bail!("{n} pods match {pod:?}; give the pod id"),
+        n => bail!("{n} pods match {pod:?}; give NAMESPACE/NAME or the pod id"),
     }
 }
 

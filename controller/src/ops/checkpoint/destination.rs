@@ -126,6 +126,14 @@ impl Destination {
     /// The directory the pod is written into (what the space check looks at), and the name
     /// its staging directory starts with.
     pub fn output_dir(&self, pod: &str) -> Result<(PathBuf, String)> {
+        // The pod as the user named it (`NAMESPACE/NAME` too), as one plain file name part.
+        let pod: String = pod
+            .chars()
+            .map(|c| match c {
+                'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '-' | '_' => c,
+                _ => '_',
+            })
+            .collect();
         let (path, label) = match self {
             Destination::Archive { path, .. } | Destination::Dir(path) => (
                 path,

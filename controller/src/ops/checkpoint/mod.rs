@@ -88,7 +88,7 @@ async fn checkpoint_on(
 ) -> Result<CheckpointOutcome> {
     let started = Instant::now();
     let s = select_containers(node, &a).await?;
-    tracing::Span::current().record("pod_id", s.pod.id.as_str());
+    tracing::Span::current().record("pod_id", tracing::field::display(&s.pod.id));
     progress::pod(&s.pod.id, &s.name);
     let (output_dir, label) = a.destination.output_dir(&a.pod)?;
     let estimate = node.estimate(&s.containers).await;

@@ -122,7 +122,7 @@ pub async fn restore(t: &Target, a: &RestoreArgs, source: Source<'_>) -> Result<
     let guard = leftovers.guard.as_mut().expect("the watchdog runs");
     let mut node = create::CriNode::connect(t, &admitted.handler).await?;
     let created = create::create(&mut node, admitted, &mut interrupt, |id| {
-        tracing::Span::current().record("pod_id", id);
+        tracing::Span::current().record("pod_id", tracing::field::display(id));
         progress::pod(id, a.name.as_deref().unwrap_or_default());
         guard.pod(id)
     })

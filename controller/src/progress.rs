@@ -224,7 +224,12 @@ pub struct Bytes {
 /// Starts reporting the byte phase `phase` ("writing the archive"); `total` 0 when it is
 /// not known beforehand (a migration stream).
 pub fn bytes(phase: &str, message: &str, total: u64) -> Bytes {
-    BYTES.store(0, Ordering::Relaxed);
+    bytes_from(phase, message, total, 0)
+}
+
+/// [`bytes`] of which `done` are done already.
+pub fn bytes_from(phase: &str, message: &str, total: u64, done: u64) -> Bytes {
+    BYTES.store(done, Ordering::Relaxed);
     let stop = Arc::new(AtomicBool::new(false));
     let (phase, message, flag) = (phase.to_string(), message.to_string(), stop.clone());
     let thread = std::thread::spawn(move || tick(&phase, &message, total, &flag));

@@ -13,10 +13,14 @@ pub fn extract_with(archive: &Path, dest: &Path, opening: &Opening) -> Result<Po
     into_new_dir(
         dest,
         // Before anything is unpacked or held in memory: what the archive would ask for,
-        // and whether it has the structure of a pod checkpoint at all.
-        |room| check_bounds(&file, room, opening),
+        // and whether it has the structure of a pod checkpoint at all. Both passes are the
+        // restore's unpacking progress.
+        |room| {
+            let mut tar = tar::Archive::new(open_counted(rewound(&file)?, opening)?);
+            header_pass(tar.entries().context("read archive")?, room)?.check()
+        },
         |_| {
-            open_file(rewound(&file)?, opening)
+            open_counted(rewound(&file)?, opening)
                 .and_then(|r| unpack_checked(r, dest, u64::MAX, opening))
         },
     )
@@ -142,60 +146,6 @@ pub(super) fn unpack_each<R: Read>(
         }
     }
     Ok(())
-}
-
-/// One tar stream of a layered checkpoint (an image): unpacked at the checkpoint's top, or
-/// into the plain-named directory `dir` below it. `open` gives its bytes; it is read twice.
-pub struct Layer<'a> {
-    pub dir: Option<String>,
-    /// How errors name it (its digest).
-    pub name: String,
-    pub open: Box<dyn Fn() -> Result<Box<dyn Read>> + 'a>,
-}
-
-/// Unpacks the layers of a checkpoint image into `dest` (created; must not exist) with the
-/// checks of [`extract_with`]. Each layer is read through once first, its records bounded and
-/// (by its reader) its digest checked, before anything of it is written; on any error `dest`
-/// is removed again.
-pub fn unpack_layers(dest: &Path, opening: &Opening, layers: Vec<Layer<'_>>) -> Result<PodOptions> {
-    into_new_dir(
-        dest,
-        |_| Ok(()),
-        |room| {
-            for l in &layers {
-                let mut tar = tar::Archive::new((l.open)()?);
-                let bounded = bound_entries(tar.entries().context("read layer")?, room);
-                // Read to its end whatever tar made of it: a blob that does not match its
-                // digest is refused as such, not as the garbage it decompresses to.
-                let mut rest = tar.into_inner();
-                std::io::copy(&mut rest, &mut std::io::sink())
-                    .with_context(|| format!("layer {}", l.name))?;
-                bounded.with_context(|| format!("layer {}", l.name))?;
-            }
-            let mut left = room;
-            for l in &layers {
-                let target = match &l.dir {
-                    Some(d) if layout::is_plain_name(d) => {
-                        let t = dest.join(d);
-                        use std::os::unix::fs::DirBuilderExt;
-                        std::fs::DirBuilder::new()
-                            .mode(0o700)
-                            .create(&t)
-                            .with_context(|| format!("hostile image: layer {} unpacks into {d}, which exists already", l.name))?;
-                        t
-                    }
-                    Some(d) => bail!("hostile image: layer {} names directory {d:?}", l.name),
-                    None => dest.to_path_buf(),
-                };
-                let mut reader = (l.open)()?;
-                unpack_entries(&mut reader, &target, &mut left)
-                    .with_context(|| format!("layer {}", l.name))?;
-                std::io::copy(&mut reader, &mut std::io::sink())
-                    .with_context(|| format!("layer {}", l.name))?;
-            }
-            check_unpacked(dest, opening, &mut LeftInArchive::default())
-        },
-    )
 }
 
 /// What an unpacked archive must be, checked after unpacking: its layout, the signature (if

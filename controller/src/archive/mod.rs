@@ -34,6 +34,7 @@ use crate::{
 };
 
 mod extract;
+mod layers;
 mod manifest;
 mod place;
 mod read;
@@ -43,12 +44,12 @@ mod write;
 
 // The parts use each other's helpers through here.
 #[allow(unused_imports)]
-use {extract::*, manifest::*, place::*, read::*, summary::*, write::*};
+use {extract::*, layers::*, manifest::*, place::*, read::*, summary::*, write::*};
 
 pub use extract::{
     extract, extract_leaving_pages, extract_stream, extract_with, read_pod_options, read_untrusted,
-    unpack_layers, Layer,
 };
+pub use layers::{unpack_layers, Layer};
 pub use manifest::{check_manifest, make_private, write_manifest};
 pub use place::{copy_from_dir, place_dir};
 pub use read::{is_encrypted, is_plain_tar};

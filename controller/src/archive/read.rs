@@ -22,8 +22,17 @@ pub(super) fn rewound(file: &File) -> Result<File> {
 
 /// [`open`] of a file already open.
 pub(super) fn open_file(file: File, opening: &Opening) -> Result<Box<dyn Read>> {
-    // The archive's bytes as read are the progress of a restore's unpacking.
-    let mut file = BufReader::new(crate::progress::CountingRead(file));
+    open_stream(file, opening)
+}
+
+/// [`open_file`] whose raw bytes read count as the running progress phase's (a restore's
+/// unpacking).
+pub(super) fn open_counted(file: File, opening: &Opening) -> Result<Box<dyn Read>> {
+    open_stream(crate::progress::CountingRead(file), opening)
+}
+
+fn open_stream<R: Read + 'static>(raw: R, opening: &Opening) -> Result<Box<dyn Read>> {
+    let mut file = BufReader::new(raw);
     let plain: Box<dyn Read> = if seal::is_encrypted(file.fill_buf()?) {
         seal::decrypt(file, opening)?
     } else {
@@ -90,11 +99,6 @@ pub fn is_plain_tar(path: &Path) -> Result<bool> {
 pub(super) fn check_bounds(archive: &File, room: u64, opening: &Opening) -> Result<()> {
     let mut tar = tar::Archive::new(open_file(rewound(archive)?, opening)?);
     header_pass(tar.entries().context("read archive")?, room)?.check()
-}
-
-/// [`check_bounds`] over entries already opened (a seekable reader skips the file data).
-pub(super) fn bound_entries<R: Read>(entries: tar::Entries<'_, R>, room: u64) -> Result<()> {
-    stasis_api::tarbound::bound_entries(entries, room).map_err(bound_error)
 }
 
 /// The largest `pod.options` read in the header pass (real ones are a few hundred bytes).

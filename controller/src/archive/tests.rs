@@ -368,3 +368,125 @@ fn sealed_archives_open_only_with_the_right_keys() {
     assert!(e.contains("format version 9 is unknown"), "{e}");
     assert!(!out.exists(), "a refused archive left {}", out.display());
 }
+
+/// `bytes` as an image layer unpacked at the checkpoint's top; counts how often it is
+/// opened and how many bytes are read of it.
+fn one_layer(
+    bytes: Vec<u8>,
+    reads: std::rc::Rc<std::cell::Cell<(u32, u64)>>,
+) -> Vec<Layer<'static>> {
+    struct Counted(
+        std::io::Cursor<Vec<u8>>,
+        std::rc::Rc<std::cell::Cell<(u32, u64)>>,
+    );
+    impl Read for Counted {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.0.read(out)?;
+            let (opens, read) = self.1.get();
+            self.1.set((opens, read + n as u64));
+            Ok(n)
+        }
+    }
+    vec![Layer {
+        dir: None,
+        name: "sha256:test".into(),
+        open: Box::new(move || {
+            let (opens, read) = reads.get();
+            reads.set((opens + 1, read));
+            Ok(Box::new(Counted(
+                std::io::Cursor::new(bytes.clone()),
+                reads.clone(),
+            )))
+        }),
+    }]
+}
+
+#[test]
+fn image_layers_are_read_once_and_hostile_entries_refused() {
+    let s = Scratch::new("layers");
+    let dir = checkpoint_dir(&s.0);
+    write_manifest(&dir).unwrap();
+    let bytes = write_tar(&dir, Vec::new()).unwrap();
+    let reads = std::rc::Rc::new(std::cell::Cell::new((0, 0)));
+    let out = s.0.join("out");
+    let opts = unpack_layers(
+        &out,
+        &Opening::default(),
+        one_layer(bytes.clone(), reads.clone()),
+    )
+    .unwrap();
+    assert_eq!(opts.containers["web"], "abc-web");
+    assert_eq!(
+        std::fs::read(out.join("abc-web/checkpoint/pages-1.img")).unwrap(),
+        vec![7u8; 4096]
+    );
+    assert_eq!(
+        reads.get(),
+        (1, bytes.len() as u64),
+        "the layer is not read exactly once"
+    );
+
+    // Hostile layers: each refused, with nothing left.
+    let tar_of = |entries: &[(&[u8], tar::EntryType, u64, &str)]| {
+        let mut out = Vec::new();
+        for (name, kind, size, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+            h.set_entry_type(*kind);
+            h.set_size(*size);
+            h.set_mode(0o600);
+            if !link.is_empty() {
+                h.set_link_name(link).unwrap();
+            }
+            h.set_cksum();
+            out.extend_from_slice(h.as_bytes());
+            if *kind != tar::EntryType::GNULongName {
+                out.extend(std::iter::repeat_n(b'x', *size as usize));
+                out.extend(std::iter::repeat_n(0u8, (512 - *size as usize % 512) % 512));
+            }
+        }
+        out.extend_from_slice(&[0u8; 1024]);
+        out
+    };
+    use tar::EntryType::*;
+    for (layer, why) in [
+        (
+            tar_of(&[(b"../escape", Regular, 1, "")]),
+            "climbs out with '..'",
+        ),
+        (
+            tar_of(&[(b"/etc/x", Regular, 1, "")]),
+            "is an absolute path",
+        ),
+        (
+            tar_of(&[(b"pod.dump", Symlink, 0, "/etc/shadow")]),
+            "is a link (to \"/etc/shadow\")",
+        ),
+        (tar_of(&[(b"null", Char, 0, "")]), "is a device node"),
+        (
+            tar_of(&[(b"a", Regular, 1, ""), (b"./a", Regular, 1, "")]),
+            "a is in it twice",
+        ),
+        (
+            tar_of(&[(b"././@LongLink", GNULongName, 20 << 30, "")]),
+            "a long-name record of 20.0 GiB",
+        ),
+    ] {
+        let e = format!(
+            "{:#}",
+            unpack_layers(
+                &out_new(&s),
+                &Opening::default(),
+                one_layer(layer, reads.clone())
+            )
+            .unwrap_err()
+        );
+        assert!(e.contains(why), "{why}: {e}");
+        assert!(!out_new(&s).exists(), "{why}: left its directory");
+        assert!(!s.0.join("escape").exists());
+    }
+}
+
+fn out_new(s: &Scratch) -> PathBuf {
+    s.0.join("hostile-out")
+}

@@ -33,12 +33,12 @@ pub fn unpack_blocking(
         let desc = descriptor(&l.media_type, &l.digest, l.size.max(0) as u64);
         layers.push((sub, desc));
     }
-    // Each layer is read twice: bounded and digest-checked, then unpacked.
+    // Each layer is read once: bounded, unpacked and digest-checked in one pass.
     let total: u64 = layers.iter().map(|(_, d)| d.size.max(0) as u64).sum();
     let _reading = crate::progress::bytes(
         "unpacking",
-        &format!("reading the layers of {reference} (checked, then unpacked)"),
-        2 * total,
+        &format!("reading the layers of {reference}"),
+        total,
     );
     let open = |desc: &Descriptor| -> Result<Box<dyn Read>> {
         let blob = handle.block_on(store.blob(desc))?;

@@ -53,6 +53,8 @@ pub(super) struct CriNode<'a> {
     rt: cri::Runtime,
     handler: String,
     client: Option<CheckpointClient>,
+    /// An eager restore: the pod resumes once every page is in (progress reported meanwhile).
+    pub(super) pages_before_resume: bool,
 }
 
 impl<'a> CriNode<'a> {
@@ -62,6 +64,7 @@ impl<'a> CriNode<'a> {
             rt: cri::connect(Path::new(&t.address)).await?,
             handler: handler.to_string(),
             client: None,
+            pages_before_resume: false,
         })
     }
 
@@ -138,13 +141,17 @@ impl Node for CriNode<'_> {
             sandbox_id: pod_id.to_string(),
             ..Default::default()
         };
-        // An eager restore through the page server answers once every page is in; the shim
-        // bounds that wait by its restore hold (120 s unless configured).
-        self.client(pod_id)
-            .await?
-            .finish_restore(ttrpc_ctx(3600), &req)
-            .await
-            .map_err(|e| shim::explain(e, pod_id, &handler))?;
+        // An eager restore through the page server answers once every page is in (reported
+        // as it comes); the shim bounds that wait by its restore hold (120 s unless
+        // configured).
+        let (t, eager) = (self.t, self.pages_before_resume);
+        let client = self.client(pod_id).await?;
+        let finish = client.finish_restore(ttrpc_ctx(3600), &req);
+        let answer = match eager {
+            true => super::lazy::with_pages_progress(t, (pod_id, &handler), finish, false).await,
+            false => finish.await,
+        };
+        answer.map_err(|e| shim::explain(e, pod_id, &handler))?;
         Ok(())
     }
 

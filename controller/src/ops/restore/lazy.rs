@@ -27,13 +27,16 @@ pub struct ContainerPages {
     pub page_requests: u64,
 }
 
-/// Runs `wait` (the wait for every page of a lazy restore of pod `pod_id`), reporting the
-/// memory coming in meanwhile: bytes of the shims' page servers every half second, or one
-/// step when CRIU reads the pages from unpacked images (it tells nobody how far it is).
+/// Runs `wait` (a wait for every page of the restore of pod `pod_id`: a lazy restore's end,
+/// or the FinishRestore of an eager one whose pages come through the page server),
+/// reporting the memory coming in meanwhile: bytes of the shims' page servers every half
+/// second, or (`uncounted`, a lazy restore) one step when CRIU reads the pages from
+/// unpacked images itself (it tells nobody how far it is).
 pub(crate) async fn with_pages_progress<T>(
     t: &Target,
     (pod_id, handler): (&str, &str),
     wait: impl std::future::Future<Output = T>,
+    uncounted: bool,
 ) -> T {
     let sum = |now: &[ContainerPages]| -> (u64, u64) {
         now.iter()
@@ -41,14 +44,15 @@ pub(crate) async fn with_pages_progress<T>(
     };
     let (done, total) = sum(&ask(t, pod_id, handler, false).await.unwrap_or_default());
     if total == 0 {
-        progress::step(
-            "pages",
-            "waiting for every page to be in (CRIU reads them from the unpacked images)",
-        );
+        if uncounted {
+            progress::step(
+                "pages",
+                "waiting for every page to be in (CRIU reads them from the unpacked images)",
+            );
+        }
         return wait.await;
     }
-    let phase = progress::bytes("pages", "memory coming in", total);
-    progress::set(done);
+    let phase = progress::bytes_from("pages", "memory coming in", total, done);
     let poll = async {
         loop {
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;

@@ -121,6 +121,7 @@ pub async fn restore(t: &Target, a: &RestoreArgs, source: Source<'_>) -> Result<
     let admitted = admit::admit(t, a, &dir, &options, (&restore_id, &token)).await?;
     let guard = leftovers.guard.as_mut().expect("the watchdog runs");
     let mut node = create::CriNode::connect(t, &admitted.handler).await?;
+    node.pages_before_resume = !a.lazy;
     let created = create::create(&mut node, admitted, &mut interrupt, |id| {
         tracing::Span::current().record("pod_id", tracing::field::display(id));
         progress::pod(id, a.name.as_deref().unwrap_or_default());
@@ -180,7 +181,8 @@ impl Restored {
             let c = &self.created;
             let at = (c.pod_id.as_str(), c.handler.as_str());
             lost =
-                lazy::with_pages_progress(t, at, lazy::lost_containers(t, at, &c.containers)).await;
+                lazy::with_pages_progress(t, at, lazy::lost_containers(t, at, &c.containers), true)
+                    .await;
         }
         if !lost.is_empty() {
             // Not the pod that was checkpointed: it goes, as after any failed restore.

@@ -1,0 +1,168 @@
+//! A checkpoint image's layers, each read once: its headers bounded, its entries checked
+//! and written, and (by its reader) its blob's digest checked at its end, in one pass.
+
+use super::*;
+
+/// One tar stream of a layered checkpoint (an image): unpacked at the checkpoint's top, or
+/// into the plain-named directory `dir` below it. `open` gives its bytes, read once.
+pub struct Layer<'a> {
+    pub dir: Option<String>,
+    /// How errors name it (its digest).
+    pub name: String,
+    pub open: Box<dyn Fn() -> Result<Box<dyn Read>> + 'a>,
+}
+
+/// Unpacks the layers of a checkpoint image into `dest` (created; must not exist) with the
+/// checks of [`extract_with`], reading each layer once: every header is bounded as an
+/// archive's first pass bounds it and every entry checked before a byte of it is written;
+/// the layer is then read to its end, so that its reader checks its digest. On any error
+/// (a changed blob above all) `dest` is removed again: nothing is left.
+pub fn unpack_layers(dest: &Path, opening: &Opening, layers: Vec<Layer<'_>>) -> Result<PodOptions> {
+    into_new_dir(
+        dest,
+        |_| Ok(()),
+        |room| {
+            let mut left = room;
+            for l in &layers {
+                let target = match &l.dir {
+                    Some(d) if layout::is_plain_name(d) => {
+                        let t = dest.join(d);
+                        use std::os::unix::fs::DirBuilderExt;
+                        std::fs::DirBuilder::new()
+                            .mode(0o700)
+                            .create(&t)
+                            .with_context(|| format!("hostile image: layer {} unpacks into {d}, which exists already", l.name))?;
+                        t
+                    }
+                    Some(d) => bail!("hostile image: layer {} names directory {d:?}", l.name),
+                    None => dest.to_path_buf(),
+                };
+                let mut reader = (l.open)()?;
+                let unpacked = unpack_bounded(&mut reader, &target, &mut left);
+                // To the blob's end whatever tar made of it: a blob that does not match its
+                // digest is refused as such, not as the garbage it decompresses to.
+                std::io::copy(&mut reader, &mut std::io::sink())
+                    .with_context(|| format!("layer {}", l.name))?;
+                unpacked.with_context(|| format!("layer {}", l.name))?;
+            }
+            check_unpacked(dest, opening, &mut LeftInArchive::default())
+        },
+    )
+}
+
+/// Unpacks one tar stream into the existing `dest`, checking as it goes what a first pass
+/// would have: metadata records small, the entry count and the total within `room` (what is
+/// unpacked is taken off it), and every entry a file or directory below `dest` (no link, no
+/// device, no `..`, no absolute path, no file twice), refused before its data is written.
+pub(super) fn unpack_bounded(stream: impl Read, dest: &Path, room: &mut u64) -> Result<()> {
+    let mut tar = tar::Archive::new(stream);
+    let mut used = 0u64;
+    stasis_api::tarbound::bound_entries_visiting(
+        tar.entries().context("read archive")?,
+        *room,
+        |name, entry| {
+            used += entry.size();
+            write_entry(name, entry, dest).map_err(|e| format!("{e:#}"))
+        },
+    )
+    .map_err(bound_error)?;
+    *room = room.saturating_sub(used);
+    Ok(())
+}
+
+/// A tar name (the full one: from a long-name or PAX record where there was one) as a path
+/// below the target: relative, `.` dropped, no `..`. None for the target itself.
+fn clean_name(name: &[u8]) -> Result<Option<PathBuf>> {
+    use std::{os::unix::ffi::OsStrExt, path::Component};
+    let raw = Path::new(std::ffi::OsStr::from_bytes(name));
+    let mut clean = PathBuf::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(p) => clean.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => bail!("hostile archive: entry {raw:?} climbs out with '..'"),
+            Component::RootDir | Component::Prefix(_) => {
+                bail!("hostile archive: entry {raw:?} is an absolute path")
+            }
+        }
+    }
+    Ok((!clean.as_os_str().is_empty()).then_some(clean))
+}
+
+/// Writes one checked entry below `dest`: a directory (one that is there already is kept), or
+/// a new file that nothing was at before, opened without following a link (none is ever made
+/// here), with the entry's permission bits.
+fn write_entry<R: Read>(name: &[u8], entry: &mut tar::Entry<'_, R>, dest: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let Some(rel) = clean_name(name)? else {
+        return Ok(());
+    };
+    let at = dest.join(&rel);
+    let mode = entry.header().mode().unwrap_or(0o600) & 0o777;
+    let parents = |p: &Path| {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(p)
+            .with_context(|| format!("create {}", p.display()))
+    };
+    match entry.header().entry_type() {
+        tar::EntryType::Directory => {
+            let is_dir = at.symlink_metadata().map(|m| m.is_dir());
+            if !matches!(is_dir, Ok(true)) {
+                if let Some(p) = at.parent() {
+                    parents(p)?;
+                }
+                std::fs::DirBuilder::new()
+                    .mode(mode | 0o700)
+                    .create(&at)
+                    .with_context(|| {
+                        format!("hostile archive: {} is in it twice", rel.display())
+                    })?;
+            }
+        }
+        tar::EntryType::Regular | tar::EntryType::Continuous => {
+            if let Some(p) = at.parent() {
+                parents(p)?;
+            }
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&at)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::AlreadyExists => {
+                        anyhow::anyhow!("hostile archive: {} is in it twice", rel.display())
+                    }
+                    _ => anyhow::Error::from(e).context(format!("create {}", at.display())),
+                })?;
+            std::io::copy(entry, &mut file).map_err(|e| {
+                anyhow::anyhow!("archive is truncated or corrupt at {}: {e}", rel.display())
+            })?;
+        }
+        tar::EntryType::Symlink | tar::EntryType::Link => {
+            let target = entry
+                .link_name()
+                .ok()
+                .flatten()
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            bail!(
+                "hostile archive: entry {:?} is a link (to {target:?}); a pod checkpoint has none",
+                rel.display().to_string()
+            )
+        }
+        tar::EntryType::Char | tar::EntryType::Block => {
+            bail!(
+                "hostile archive: entry {:?} is a device node",
+                rel.display().to_string()
+            )
+        }
+        kind => bail!(
+            "unsupported archive entry {:?} of type {kind:?}",
+            rel.display().to_string()
+        ),
+    }
+    Ok(())
+}

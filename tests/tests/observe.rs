@@ -399,11 +399,7 @@ async fn restores_report_unpacking_and_pages(
         ("progress-paged", &[][..]),
     ] {
         let lines = restore(archive, name, extra)?;
-        let pages: Vec<&Value> = lines
-            .iter()
-            .filter(|v| v["phase"] == "pages" && v["done"].is_u64())
-            .collect();
-        let last = pages.last().context("no pages progress")?;
+        let last = last_count(&lines, "pages")?;
         let running = lines.iter().position(|v| v["phase"] == "running");
         let first_pages = lines.iter().position(|v| v["phase"] == "pages");
         let in_order = match extra.is_empty() {
@@ -414,11 +410,7 @@ async fn restores_report_unpacking_and_pages(
             last["total"].as_u64() > Some(120 << 20) && last["done"] == last["total"] && in_order,
             "{name} progress: {lines:#?}"
         );
-        let pod = lines.last().unwrap()["pod_id"]
-            .as_str()
-            .context("pod_id")?
-            .to_string();
-        cri.stop_and_remove_pod(&pod).await?;
+        cri.stop_and_remove_pod(&restored_pod(&lines)?).await?;
     }
 
     let zst = c.dir.join("progress.tar.zst");
@@ -434,23 +426,29 @@ async fn restores_report_unpacking_and_pages(
     ])?;
     let size = std::fs::metadata(&zst)?.len();
     let lines = restore(&zst, "progress-eager", &[])?;
-    let unpacking: Vec<&Value> = lines
-        .iter()
-        .filter(|v| v["phase"] == "unpacking" && v["done"].is_u64())
-        .collect();
-    let last = unpacking.last().context("no unpacking progress")?;
+    let last = last_count(&lines, "unpacking")?;
     ensure!(
         last["total"].as_u64() == Some(2 * size)
             && last["done"].as_u64() >= Some(size)
             && last["done"].as_u64() <= Some(2 * size),
         "eager restore progress ({size} bytes archive): {lines:#?}"
     );
-    let eager_pod = lines.last().unwrap()["pod_id"]
-        .as_str()
-        .context("pod_id")?
-        .to_string();
-    cri.stop_and_remove_pod(&eager_pod).await?;
+    cri.stop_and_remove_pod(&restored_pod(&lines)?).await?;
     Ok(())
+}
+
+/// The last byte count of `phase` among progress `lines`.
+fn last_count<'a>(lines: &'a [Value], phase: &str) -> Result<&'a Value> {
+    lines
+        .iter()
+        .rfind(|v| v["phase"] == phase && v["done"].is_u64())
+        .with_context(|| format!("no {phase} progress: {lines:#?}"))
+}
+
+/// The restored pod a restore's `result` line names.
+fn restored_pod(lines: &[Value]) -> Result<String> {
+    let result = lines.last().context("no result")?;
+    Ok(result["pod_id"].as_str().context("pod_id")?.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -418,6 +418,49 @@ async fn an_eager_restore_reads_its_pages_from_the_archive_before_the_pod_runs()
     c.finish()
 }
 
+/// A checkpoint image with uncompressed layers, restored lazily by reference: the hog's page
+/// images are not unpacked but served from its layer's blob in containerd's content store
+/// (each chunk checked against the manifest), and its memory comes back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_restore_from_an_image_reads_its_pages_from_containerds_store() -> Result<()> {
+    let c = Containerd::start("image-pages")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    let (pod_id, _, before) = hog_pod(&mut cri, &c, image, "imaged", 64).await?;
+    let reference = "localhost/ckpt/imaged:1";
+    c.stasisctl_ok(&["pod", "checkpoint", "imaged", "--image", reference])?;
+    cri.stop_and_remove_pod(&pod_id).await?;
+    let out = c.stasisctl(&["pod", "restore", reference, "--lazy", "--wait-pages"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "lazy restore by reference failed: {err}"
+    );
+    let new_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (_, hog, _) = containers_by_name(&mut cri, &new_pod)
+        .await?
+        .into_iter()
+        .find(|(n, _, _)| n == "hog")
+        .context("no hog restored")?;
+    let blobs = c
+        .dir
+        .join("root/io.containerd.content.v1.content/blobs/sha256/");
+    let log = c.log_tail(100_000);
+    ensure!(
+        log.lines().any(|l| l.contains(&hog)
+            && l.contains("page requests")
+            && l.contains(blobs.to_str().unwrap())),
+        "the shim served no pages from the image's blob: {}",
+        c.log_about(std::slice::from_ref(&hog), 20)
+    );
+    let after = memory_sum(&mut cri, &hog).await?;
+    ensure!(after == before, "memory changed: md5 {before} -> {after}");
+    cri.stop_and_remove_pod(&new_pod).await?;
+    let removed = c.ctr_k8s(&["images", "rm", "--sync", reference])?;
+    ensure!(removed.status.success(), "remove the checkpoint image");
+    c.finish()
+}
+
 /// A pod named `name` with one container, `hog`, holding `mib` MiB of random memory; returns
 /// the pod id, the hog's id and the MD5 of its memory.
 async fn hog_pod(

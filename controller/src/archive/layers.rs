@@ -1,5 +1,8 @@
 //! A checkpoint image's layers, each read once: its headers bounded, its entries checked
-//! and written, and (by its reader) its blob's digest checked at its end, in one pass.
+//! and written, and (by its reader) its blob's digest checked at its end, in one pass. An
+//! uncompressed layer whose blob is a file on this node (containerd's content store) leaves
+//! its page images there instead, for the shim to serve from, each chunk checked against the
+//! manifest, as from an uncompressed archive.
 
 use super::*;
 
@@ -10,15 +13,24 @@ pub struct Layer<'a> {
     /// How errors name it (its digest).
     pub name: String,
     pub open: Box<dyn Fn() -> Result<Box<dyn Read>> + 'a>,
+    /// The blob as a plain tar file on this node (in containerd's content store, which
+    /// checked its digest when it took it in): its page images are left there.
+    pub blob: Option<PathBuf>,
 }
 
 /// Unpacks the layers of a checkpoint image into `dest` (created; must not exist) with the
 /// checks of [`extract_with`], reading each layer once: every header is bounded as an
 /// archive's first pass bounds it and every entry checked before a byte of it is written;
 /// the layer is then read to its end, so that its reader checks its digest. On any error
-/// (a changed blob above all) `dest` is removed again: nothing is left.
-pub fn unpack_layers(dest: &Path, opening: &Opening, layers: Vec<Layer<'_>>) -> Result<PodOptions> {
-    into_new_dir(
+/// (a changed blob above all) `dest` is removed again: nothing is left. A layer with a
+/// `blob` file keeps its page images there: returned as the restore's page source.
+pub fn unpack_layers(
+    dest: &Path,
+    opening: &Opening,
+    layers: Vec<Layer<'_>>,
+) -> Result<(PodOptions, Option<layout::PageSource>)> {
+    let mut kept = LeftInArchive::default();
+    let options = into_new_dir(
         dest,
         |_| Ok(()),
         |room| {
@@ -37,6 +49,11 @@ pub fn unpack_layers(dest: &Path, opening: &Opening, layers: Vec<Layer<'_>>) -> 
                     Some(d) => bail!("hostile image: layer {} names directory {d:?}", l.name),
                     None => dest.to_path_buf(),
                 };
+                if let Some(blob) = &l.blob {
+                    leave_pages(blob, l.dir.as_deref(), &target, &mut left, &mut kept)
+                        .with_context(|| format!("layer {}", l.name))?;
+                    continue;
+                }
                 let mut reader = (l.open)()?;
                 let unpacked = unpack_bounded(&mut reader, &target, &mut left);
                 // To the blob's end whatever tar made of it: a blob that does not match its
@@ -45,9 +62,76 @@ pub fn unpack_layers(dest: &Path, opening: &Opening, layers: Vec<Layer<'_>>) -> 
                     .with_context(|| format!("layer {}", l.name))?;
                 unpacked.with_context(|| format!("layer {}", l.name))?;
             }
-            check_unpacked(dest, opening, &mut LeftInArchive::default())
+            check_unpacked(dest, opening, &mut kept)
+        },
+    )?;
+    let source = (!kept.spans.is_empty()).then(|| layout::PageSource {
+        archive: kept.archive.clone(),
+        files: std::mem::take(&mut kept.spans),
+    });
+    Ok((options, source))
+}
+
+/// Unpacks the plain tar file `blob` (a layer unpacked into `dir` of the checkpoint, or at
+/// its top) into `target` but for its page images, whose bytes stay in the blob: their spans
+/// go into `kept` (their chunk digests come from the manifest once it is checked). Only the
+/// headers and the other files are read; the page data is skipped.
+fn leave_pages(
+    blob: &Path,
+    dir: Option<&str>,
+    target: &Path,
+    room: &mut u64,
+    kept: &mut LeftInArchive,
+) -> Result<()> {
+    let file = files::open_nofollow(blob)?;
+    if kept.archive.as_os_str().is_empty() {
+        kept.archive = blob.to_path_buf();
+    }
+    let mut tar = tar::Archive::new(&file);
+    let mut used = 0u64;
+    // Page images are bounded by their own chunks, not by the free space: they are not
+    // written here.
+    stasis_api::tarbound::bound_entries_visiting(
+        tar.entries_with_seek().context("read layer")?,
+        u64::MAX,
+        |name, entry| {
+            let Some(rel) = clean_name(name).map_err(|e| format!("{e:#}"))? else {
+                return Ok(());
+            };
+            let key = match dir {
+                Some(d) => Path::new(d).join(&rel),
+                None => rel.clone(),
+            };
+            if entry.header().entry_type().is_file()
+                && layout::is_page_image(&key)
+                && entry.size() > 0
+            {
+                let k = key.display().to_string();
+                if kept.spans.contains_key(&k) {
+                    return Err(format!("hostile archive: {k} is in it twice"));
+                }
+                let span = layout::PageSpan {
+                    file: Some(blob.to_path_buf()),
+                    offset: entry.raw_file_position(),
+                    size: entry.size(),
+                    ..Default::default()
+                };
+                kept.spans.insert(k, span);
+                return Ok(());
+            }
+            used += entry.size();
+            if used > *room {
+                return Err(format!(
+                    "the pod's files need more than the {} free where they are unpacked",
+                    human(*room)
+                ));
+            }
+            write_entry(name, entry, target).map_err(|e| format!("{e:#}"))
         },
     )
+    .map_err(bound_error)?;
+    *room = room.saturating_sub(used);
+    Ok(())
 }
 
 /// Unpacks one tar stream into the existing `dest`, checking as it goes what a first pass

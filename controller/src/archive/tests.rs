@@ -389,6 +389,7 @@ fn one_layer(
     }
     vec![Layer {
         dir: None,
+        blob: None,
         name: "sha256:test".into(),
         open: Box::new(move || {
             let (opens, read) = reads.get();
@@ -409,12 +410,13 @@ fn image_layers_are_read_once_and_hostile_entries_refused() {
     let bytes = write_tar(&dir, Vec::new()).unwrap();
     let reads = std::rc::Rc::new(std::cell::Cell::new((0, 0)));
     let out = s.0.join("out");
-    let opts = unpack_layers(
+    let (opts, pages) = unpack_layers(
         &out,
         &Opening::default(),
         one_layer(bytes.clone(), reads.clone()),
     )
     .unwrap();
+    assert!(pages.is_none());
     assert_eq!(opts.containers["web"], "abc-web");
     assert_eq!(
         std::fs::read(out.join("abc-web/checkpoint/pages-1.img")).unwrap(),
@@ -489,4 +491,33 @@ fn image_layers_are_read_once_and_hostile_entries_refused() {
 
 fn out_new(s: &Scratch) -> PathBuf {
     s.0.join("hostile-out")
+}
+
+#[test]
+fn a_plain_layer_blob_keeps_its_page_images() {
+    let s = Scratch::new("blob");
+    let dir = checkpoint_dir(&s.0);
+    // A page image large enough to be chunked, and recognisable.
+    let pages: Vec<u8> = (0..(3 << 20)).map(|i| (i % 253) as u8).collect();
+    std::fs::write(dir.join("abc-web/checkpoint/pages-1.img"), &pages).unwrap();
+    write_manifest(&dir).unwrap();
+    let blob = s.0.join("blob.tar");
+    write(&dir, &blob, Compression::None).unwrap();
+    let reads = std::rc::Rc::new(std::cell::Cell::new((0, 0)));
+    let mut layers = one_layer(Vec::new(), reads.clone());
+    layers[0].blob = Some(blob.clone());
+    let out = s.0.join("out");
+    let (opts, source) = unpack_layers(&out, &Opening::default(), layers).unwrap();
+    assert_eq!(opts.containers["web"], "abc-web");
+    assert_eq!(reads.get().0, 0, "a layer with a blob file was streamed");
+    let source = source.expect("a page source");
+    let span = &source.files["abc-web/checkpoint/pages-1.img"];
+    assert_eq!(span.file.as_deref(), Some(blob.as_path()));
+    assert_eq!((span.size, span.chunks.len()), (3 << 20, 3));
+    // The span is where the page image's bytes are in the blob; nothing of it unpacked.
+    let bytes = std::fs::read(&blob).unwrap();
+    let at = span.offset as usize;
+    assert_eq!(&bytes[at..at + pages.len()], &pages[..]);
+    assert!(!out.join("abc-web/checkpoint/pages-1.img").exists());
+    assert!(out.join("abc-web/config.dump").is_file());
 }

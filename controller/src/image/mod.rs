@@ -118,7 +118,14 @@ pub async fn inspect(address: &str, namespace: &str, reference: &str) -> Result<
     let s = summary(address, namespace, reference).await?;
     let work = scratch_dir()?;
     let result = tokio::task::block_in_place(|| {
-        unpack_blocking(address, namespace, reference, &work, &Default::default())
+        unpack_blocking(
+            address,
+            namespace,
+            reference,
+            &work,
+            &Default::default(),
+            false,
+        )
     })
     .and_then(|_| archive::inspect_dir(&work, format!("image {reference} ({})", s.digest), s.size));
     let _ = std::fs::remove_dir_all(&work);

@@ -2,17 +2,25 @@ use super::*;
 
 /// Unpacks checkpoint image `reference` into `dest` (created; must not exist) with the
 /// checks of an archive: every blob's digest, hostile entries, the layout, the signature if
-/// asked, the archive's own manifest. To be called inside `block_in_place`.
+/// asked, the archive's own manifest. With `leave_pages`, an uncompressed container layer
+/// whose blob containerd keeps as a file on this node leaves its page images there (their
+/// chunks are checked against the manifest when served): returned as the page source. To be
+/// called inside `block_in_place`.
 pub fn unpack_blocking(
     address: &str,
     namespace: &str,
     reference: &str,
     dest: &Path,
     opening: &crate::seal::Opening,
-) -> Result<archive::PodOptions> {
+    leave_pages: bool,
+) -> Result<(archive::PodOptions, Option<layout::PageSource>)> {
     let handle = tokio::runtime::Handle::current();
     let store = handle.block_on(ImageStoreClient::connect(address, namespace))?;
     let (_, manifest) = handle.block_on(checkpoint_manifest(&store, reference))?;
+    let blobs = match leave_pages {
+        true => handle.block_on(content_blobs(&store)),
+        false => None,
+    };
     let mut layers = Vec::new();
     for (i, l) in manifest.layers.iter().enumerate() {
         let sub = match l.annotations.get(LAYER_PART_ANNOTATION).map(String::as_str) {
@@ -33,8 +41,32 @@ pub fn unpack_blocking(
         let desc = descriptor(&l.media_type, &l.digest, l.size.max(0) as u64);
         layers.push((sub, desc));
     }
-    // Each layer is read once: bounded, unpacked and digest-checked in one pass.
-    let total: u64 = layers.iter().map(|(_, d)| d.size.max(0) as u64).sum();
+    // Each layer is read once: bounded, unpacked and digest-checked in one pass; one whose
+    // page images stay in its blob file is read but for them (not counted).
+    let blob_of = |sub: &Option<String>, d: &Descriptor| {
+        let hex = d.digest.strip_prefix("sha256:")?;
+        let plain = d.media_type == LAYER_TYPE
+            || d.media_type == "application/vnd.docker.image.rootfs.diff.tar";
+        let ok =
+            sub.is_some() && plain && hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+        let path = blobs.as_ref()?.join(hex);
+        (ok && path.symlink_metadata().is_ok_and(|m| m.is_file())).then_some(path)
+    };
+    let total: u64 = layers
+        .iter()
+        .filter(|(sub, d)| blob_of(sub, d).is_none())
+        .map(|(_, d)| d.size.max(0) as u64)
+        .sum();
+    if leave_pages
+        && layers
+            .iter()
+            .any(|(sub, d)| sub.is_some() && blob_of(sub, d).is_none())
+    {
+        crate::progress::step(
+            "unpacking",
+            format!("{reference} has compressed container layers: their pages are unpacked before the pod runs (an image built with --compress none is served from containerd's store)"),
+        );
+    }
     let _reading = crate::progress::bytes(
         "unpacking",
         &format!("reading the layers of {reference}"),
@@ -55,12 +87,33 @@ pub fn unpack_blocking(
     let parts: Vec<archive::Layer> = layers
         .iter()
         .map(|(sub, desc)| archive::Layer {
+            blob: blob_of(sub, desc),
             dir: sub.clone(),
             name: desc.digest.clone(),
             open: Box::new(move || open(desc)),
         })
         .collect();
     archive::unpack_layers(dest, opening, parts)
+}
+
+/// Where containerd keeps its blobs (`<content root>/blobs/sha256`), as its introspection
+/// service says of its content plugin; None when it does not say (pages are then unpacked).
+async fn content_blobs(store: &ImageStoreClient) -> Option<PathBuf> {
+    use containerd_client::services::v1::{
+        introspection_client::IntrospectionClient, PluginsRequest,
+    };
+    let mut client = IntrospectionClient::new(store.channel.clone());
+    let req = store.request(PluginsRequest {
+        filters: vec!["type==io.containerd.content.v1".to_string()],
+    });
+    let plugins = client.plugins(req).await.ok()?.into_inner().plugins;
+    let root = plugins
+        .into_iter()
+        .find(|p| p.r#type == "io.containerd.content.v1" && p.id == "content")?
+        .exports
+        .get("root")
+        .map(PathBuf::from)?;
+    root.is_absolute().then(|| root.join("blobs/sha256"))
 }
 
 pub(super) fn decompressing(media_type: &str, r: impl Read + 'static) -> Result<Box<dyn Read>> {

@@ -68,14 +68,6 @@ impl<'a> Source<'a> {
                     image::transfer(&t.address, &t.namespace, &reference, &a.registry, false)
                         .await?;
                 }
-                if a.lazy {
-                    progress::step(
-                        "unpacking",
-                        format!(
-                            "{reference} is an image: its pages are unpacked before the pod runs"
-                        ),
-                    );
-                }
                 Ok(Source::Image(reference))
             }
             Source::Archive { path, .. } => {
@@ -128,12 +120,11 @@ impl<'a> Source<'a> {
             }
             // A directory's page images stay where they are and are read from there.
             Source::Dir(path) => archive::copy_from_dir(&path, dir, &a.opening, true),
-            Source::Image(reference) => {
-                let options = tokio::task::block_in_place(|| {
-                    image::unpack_blocking(&t.address, &t.namespace, &reference, dir, &a.opening)
-                })?;
-                Ok((options, None))
-            }
+            // An uncompressed image's page images stay in containerd's store and are served
+            // from there (each chunk checked), as from an uncompressed archive.
+            Source::Image(reference) => tokio::task::block_in_place(|| {
+                image::unpack_blocking(&t.address, &t.namespace, &reference, dir, &a.opening, true)
+            }),
             Source::Stream { channel, peer, .. } => {
                 // A node that names trusted signers takes only signed migrations too.
                 let opening = Opening {

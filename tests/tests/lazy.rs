@@ -386,19 +386,8 @@ async fn an_eager_restore_reads_its_pages_from_the_archive_before_the_pod_runs()
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "eager restore failed: {err}");
     let new_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let (_, hog, _) = containers_by_name(&mut cri, &new_pod)
-        .await?
-        .into_iter()
-        .find(|(n, _, _)| n == "hog")
-        .context("no hog restored")?;
-    let log = c.log_tail(100_000);
-    ensure!(
-        log.lines().any(|l| l.contains(&hog)
-            && l.contains("page requests")
-            && l.contains(archive.to_str().unwrap())),
-        "the shim served no pages from the archive: {}",
-        c.log_about(std::slice::from_ref(&hog), 20)
-    );
+    let hog = restored_hog(&mut cri, &new_pod).await?;
+    let log = served_from(&c, &hog, archive.to_str().unwrap())?;
     ensure!(
         log.lines()
             .any(|l| l.contains("every page of") && l.contains(&hog) && l.contains("resuming")),
@@ -437,28 +426,48 @@ async fn a_lazy_restore_from_an_image_reads_its_pages_from_containerds_store() -
         "lazy restore by reference failed: {err}"
     );
     let new_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let (_, hog, _) = containers_by_name(&mut cri, &new_pod)
-        .await?
-        .into_iter()
-        .find(|(n, _, _)| n == "hog")
-        .context("no hog restored")?;
+    let hog = restored_hog(&mut cri, &new_pod).await?;
     let blobs = c
         .dir
         .join("root/io.containerd.content.v1.content/blobs/sha256/");
-    let log = c.log_tail(100_000);
-    ensure!(
-        log.lines().any(|l| l.contains(&hog)
-            && l.contains("page requests")
-            && l.contains(blobs.to_str().unwrap())),
-        "the shim served no pages from the image's blob: {}",
-        c.log_about(std::slice::from_ref(&hog), 20)
-    );
+    served_from(&c, &hog, blobs.to_str().unwrap())?;
     let after = memory_sum(&mut cri, &hog).await?;
     ensure!(after == before, "memory changed: md5 {before} -> {after}");
     cri.stop_and_remove_pod(&new_pod).await?;
     let removed = c.ctr_k8s(&["images", "rm", "--sync", reference])?;
     ensure!(removed.status.success(), "remove the checkpoint image");
     c.finish()
+}
+
+/// The id of the container named hog in restored pod `pod`.
+async fn restored_hog(cri: &mut stasis_e2e::cri::CriClient, pod: &str) -> Result<String> {
+    let (_, hog, _) = containers_by_name(cri, pod)
+        .await?
+        .into_iter()
+        .find(|(n, _, _)| n == "hog")
+        .context("no hog restored")?;
+    Ok(hog)
+}
+
+/// The shim's log, once it shows the page server of container `id` done serving from a
+/// file whose path holds `from` (containerd copies shim logs a moment later: up to 5 s).
+fn served_from(c: &Containerd, id: &str, from: &str) -> Result<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = c.log_tail(100_000);
+        if log
+            .lines()
+            .any(|l| l.contains(id) && l.contains("page requests") && l.contains(from))
+        {
+            return Ok(log);
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the shim served no pages of {id} from {from}: {}",
+            c.log_about(&[id.to_string()], 20)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A pod named `name` with one container, `hog`, holding `mib` MiB of random memory; returns

@@ -245,15 +245,24 @@ async fn a_pod_travels_through_a_registry() -> Result<()> {
     let restored = containers_by_name(&mut cri_b, &new_pod).await?;
     ensure!(restored.len() == 2, "restored {restored:?}");
     // The layers are uncompressed: each container's pages were served from its blob in b's
-    // content store, not unpacked.
-    let log = b.log_tail(4000);
-    let served = log
-        .lines()
-        .filter(|l| {
-            l.contains("page requests")
-                && l.contains("io.containerd.content.v1.content/blobs/sha256/")
-        })
-        .count();
+    // content store, not unpacked (containerd copies the shim's log a moment later).
+    let served_lines = || {
+        let log = b.log_tail(4000);
+        let n = log
+            .lines()
+            .filter(|l| {
+                l.contains("page requests")
+                    && l.contains("io.containerd.content.v1.content/blobs/sha256/")
+            })
+            .count();
+        (n, log)
+    };
+    let mut waited = 0;
+    while served_lines().0 < 2 && waited < 50 {
+        std::thread::sleep(Duration::from_millis(100));
+        waited += 1;
+    }
+    let (served, log) = served_lines();
     ensure!(
         served == 2,
         "pages not served from the content store ({served} lines):\n{}",

@@ -126,11 +126,11 @@ async fn main() -> Result<()> {
             s[3].push(t);
             let copy = b.dir.join(format!("{name}.tar"));
             std::fs::copy(&file, &copy)?;
-            let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+            stasis_examples::drop_caches();
             let (restored, t) = timed(|| ok(&b, &["pod", "restore", copy.to_str().unwrap()]))?;
             s[4].push(t);
             b.cri().await?.stop_and_remove_pod(&restored).await?;
-            let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+            stasis_examples::drop_caches();
             let (restored, t) = timed(|| ok(&b, &["pod", "restore", &reference]))?;
             s[5].push(t);
             b.cri().await?.stop_and_remove_pod(&restored).await?;

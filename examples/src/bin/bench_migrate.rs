@@ -159,7 +159,7 @@ async fn timed_restore(
     pod_name: &str,
     lazy: bool,
 ) -> Result<RestoreTimes> {
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    stasis_examples::drop_caches();
     let mut args = vec!["pod", "restore", file.to_str().unwrap()];
     if lazy {
         args.push("--lazy");
@@ -207,7 +207,7 @@ fn runc_v2_restore(c: &Containerd, image: &str, id: &str, mib: u64) -> Result<f6
     let ck = format!("ck-{id}");
     c.ctr_ok(&["containers", "checkpoint", "--task", "--rw", id, &ck])?;
     stasis_examples::ctr_remove(c, id);
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    stasis_examples::drop_caches();
     let restored = format!("r-{id}");
     let t = Instant::now();
     c.ctr_ok(&["containers", "restore", "--live", "--rw", &restored, &ck])?;

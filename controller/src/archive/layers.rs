@@ -88,50 +88,30 @@ fn leave_pages(
         kept.archive = blob.to_path_buf();
     }
     let mut tar = tar::Archive::new(&file);
-    let mut used = 0u64;
     // Page images are bounded by their own chunks, not by the free space: they are not
     // written here.
-    stasis_api::tarbound::bound_entries_visiting(
-        tar.entries_with_seek().context("read layer")?,
-        u64::MAX,
-        |name, entry| {
-            let Some(rel) = clean_name(name).map_err(|e| format!("{e:#}"))? else {
-                return Ok(());
-            };
-            let key = match dir {
-                Some(d) => Path::new(d).join(&rel),
-                None => rel.clone(),
-            };
-            if entry.header().entry_type().is_file()
-                && layout::is_page_image(&key)
-                && entry.size() > 0
-            {
-                let k = key.display().to_string();
-                if kept.spans.contains_key(&k) {
-                    return Err(format!("hostile archive: {k} is in it twice"));
-                }
-                let span = layout::PageSpan {
-                    file: Some(blob.to_path_buf()),
-                    offset: entry.raw_file_position(),
-                    size: entry.size(),
-                    ..Default::default()
-                };
-                kept.spans.insert(k, span);
-                return Ok(());
-            }
-            used += entry.size();
-            if used > *room {
-                return Err(format!(
-                    "the pod's files need more than the {} free where they are unpacked",
-                    human(*room)
-                ));
-            }
-            write_entry(name, entry, target).map_err(|e| format!("{e:#}"))
-        },
-    )
-    .map_err(bound_error)?;
-    *room = room.saturating_sub(used);
-    Ok(())
+    let entries = tar.entries_with_seek().context("read layer")?;
+    unpack_walk(entries, target, room, u64::MAX, |rel, entry| {
+        let key = dir.map_or_else(|| rel.to_path_buf(), |d| Path::new(d).join(rel));
+        if !(entry.header().entry_type().is_file()
+            && layout::is_page_image(&key)
+            && entry.size() > 0)
+        {
+            return Ok(false);
+        }
+        let k = key.display().to_string();
+        if kept.spans.contains_key(&k) {
+            return Err(format!("hostile archive: {k} is in it twice"));
+        }
+        let span = layout::PageSpan {
+            file: Some(blob.to_path_buf()),
+            offset: entry.raw_file_position(),
+            size: entry.size(),
+            ..Default::default()
+        };
+        kept.spans.insert(k, span);
+        Ok(true)
+    })
 }
 
 /// Unpacks one tar stream into the existing `dest`, checking as it goes what a first pass
@@ -140,15 +120,38 @@ fn leave_pages(
 /// device, no `..`, no absolute path, no file twice), refused before its data is written.
 pub(super) fn unpack_bounded(stream: impl Read, dest: &Path, room: &mut u64) -> Result<()> {
     let mut tar = tar::Archive::new(stream);
+    let bound = *room;
+    let entries = tar.entries().context("read archive")?;
+    unpack_walk(entries, dest, room, bound, |_, _| Ok(false))
+}
+
+/// Walks `entries` raw, their headers bounded by [`stasis_api::tarbound`] (the declared
+/// total by `bound`), and writes each checked entry below `target`, but those `keep` takes
+/// over (it sees the entry's path below `target`); what is written is taken off `room`.
+fn unpack_walk<R: Read>(
+    entries: tar::Entries<'_, R>,
+    target: &Path,
+    room: &mut u64,
+    bound: u64,
+    mut keep: impl FnMut(&Path, &tar::Entry<'_, R>) -> std::result::Result<bool, String>,
+) -> Result<()> {
     let mut used = 0u64;
-    stasis_api::tarbound::bound_entries_visiting(
-        tar.entries().context("read archive")?,
-        *room,
-        |name, entry| {
-            used += entry.size();
-            write_entry(name, entry, dest).map_err(|e| format!("{e:#}"))
-        },
-    )
+    stasis_api::tarbound::bound_entries_visiting(entries, bound, |name, entry| {
+        let Some(rel) = clean_name(name).map_err(|e| format!("{e:#}"))? else {
+            return Ok(());
+        };
+        if keep(&rel, entry)? {
+            return Ok(());
+        }
+        used += entry.size();
+        if used > *room {
+            return Err(format!(
+                "the pod's files need more than the {} free where they are unpacked",
+                human(*room)
+            ));
+        }
+        write_entry(&rel, entry, target).map_err(|e| format!("{e:#}"))
+    })
     .map_err(bound_error)?;
     *room = room.saturating_sub(used);
     Ok(())
@@ -173,15 +176,12 @@ fn clean_name(name: &[u8]) -> Result<Option<PathBuf>> {
     Ok((!clean.as_os_str().is_empty()).then_some(clean))
 }
 
-/// Writes one checked entry below `dest`: a directory (one that is there already is kept), or
-/// a new file that nothing was at before, opened without following a link (none is ever made
-/// here), with the entry's permission bits.
-fn write_entry<R: Read>(name: &[u8], entry: &mut tar::Entry<'_, R>, dest: &Path) -> Result<()> {
+/// Writes one checked entry at `rel` below `dest`: a directory (one that is there already is
+/// kept), or a new file that nothing was at before, opened without following a link (none is
+/// ever made here), with the entry's permission bits.
+fn write_entry<R: Read>(rel: &Path, entry: &mut tar::Entry<'_, R>, dest: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let Some(rel) = clean_name(name)? else {
-        return Ok(());
-    };
-    let at = dest.join(&rel);
+    let at = dest.join(rel);
     let mode = entry.header().mode().unwrap_or(0o600) & 0o777;
     let parents = |p: &Path| {
         std::fs::DirBuilder::new()

@@ -52,16 +52,16 @@ pub fn unpack_blocking(
         let path = blobs.as_ref()?.join(hex);
         (ok && path.symlink_metadata().is_ok_and(|m| m.is_file())).then_some(path)
     };
-    let total: u64 = layers
-        .iter()
-        .filter(|(sub, d)| blob_of(sub, d).is_none())
-        .map(|(_, d)| d.size.max(0) as u64)
-        .sum();
-    if leave_pages
-        && layers
-            .iter()
-            .any(|(sub, d)| sub.is_some() && blob_of(sub, d).is_none())
-    {
+    let layers: Vec<(Option<String>, Descriptor, Option<PathBuf>)> = layers
+        .into_iter()
+        .map(|(sub, d)| {
+            let blob = blob_of(&sub, &d);
+            (sub, d, blob)
+        })
+        .collect();
+    let streamed = || layers.iter().filter(|(_, _, blob)| blob.is_none());
+    let total: u64 = streamed().map(|(_, d, _)| d.size.max(0) as u64).sum();
+    if leave_pages && streamed().any(|(sub, _, _)| sub.is_some()) {
         crate::progress::step(
             "unpacking",
             format!("{reference} has compressed container layers: their pages are unpacked before the pod runs (an image built with --compress none is served from containerd's store)"),
@@ -86,8 +86,8 @@ pub fn unpack_blocking(
     };
     let parts: Vec<archive::Layer> = layers
         .iter()
-        .map(|(sub, desc)| archive::Layer {
-            blob: blob_of(sub, desc),
+        .map(|(sub, desc, blob)| archive::Layer {
+            blob: blob.clone(),
             dir: sub.clone(),
             name: desc.digest.clone(),
             open: Box::new(move || open(desc)),

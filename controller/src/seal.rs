@@ -174,16 +174,21 @@ pub fn load_identities(path: &Path) -> Result<Vec<age::x25519::Identity>> {
 /// Signs the manifest of the staged checkpoint `dir` (writes `manifest.sig`, 0600).
 pub fn sign_manifest(dir: &Path, key: &SigningKey) -> Result<()> {
     let manifest = std::fs::read(dir.join(layout::MANIFEST)).context("read the manifest")?;
+    crate::files::create_file(&dir.join(layout::SIGNATURE), 0o600)?
+        .write_all(&signature_record(&manifest, key)?)
+        .context("write the signature")
+}
+
+/// The signature record (`manifest.sig`'s bytes) of the manifest `manifest`.
+pub fn signature_record(manifest: &[u8], key: &SigningKey) -> Result<Vec<u8>> {
     let mut message = SIGNED_CONTEXT.to_vec();
-    message.extend_from_slice(&manifest);
+    message.extend_from_slice(manifest);
     let record = SignatureRecord {
         algorithm: "ed25519".into(),
         public_key: hex::encode(key.verifying_key().as_bytes()),
         signature: hex::encode(key.sign(&message).to_bytes()),
     };
-    crate::files::create_file(&dir.join(layout::SIGNATURE), 0o600)?
-        .write_all(&serde_json::to_vec(&record)?)
-        .context("write the signature")
+    Ok(serde_json::to_vec(&record)?)
 }
 
 /// The public key a signature record (`manifest.sig`) names, unverified.

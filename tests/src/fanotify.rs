@@ -24,9 +24,15 @@ pub struct OpenInterceptor {
 }
 
 impl OpenInterceptor {
-    pub fn start(
+    pub fn start(dir: &Path, name: &str, act: impl FnMut(&File) + Send + 'static) -> Result<Self> {
+        let name = name.to_string();
+        Self::start_matching(dir, move |n| n == name, act)
+    }
+
+    /// [`OpenInterceptor::start`] for every file whose name `matches` says.
+    pub fn start_matching(
         dir: &Path,
-        name: &str,
+        matches: impl Fn(&str) -> bool + Send + 'static,
         mut act: impl FnMut(&File) + Send + 'static,
     ) -> Result<Self> {
         // SAFETY: plain syscalls; the returned descriptor is owned below.
@@ -61,7 +67,6 @@ impl OpenInterceptor {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let name = name.to_string();
         let thread = std::thread::spawn(move || {
             let mut acted = 0;
             let mut buf = [0u8; 4096];
@@ -94,7 +99,10 @@ impl OpenInterceptor {
                     let file = unsafe { File::from_raw_fd(ev.fd) };
                     let path =
                         std::fs::read_link(format!("/proc/self/fd/{}", ev.fd)).unwrap_or_default();
-                    if path.file_name().is_some_and(|f| f == name.as_str()) {
+                    if path
+                        .file_name()
+                        .is_some_and(|f| matches(&f.to_string_lossy()))
+                    {
                         act(&file);
                         acted += 1;
                     }

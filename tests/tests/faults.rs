@@ -187,6 +187,19 @@ async fn a_timed_out_pod_checkpoint_stops_criu_and_leaves_the_pod_thawed() -> Re
     c.finish()
 }
 
+/// Writes zeros into a new file at `path` until its file system is full (a file in a
+/// subdirectory: the interceptor holding the archive's creation watches only the top).
+fn fill_up(path: &std::path::Path) {
+    use std::io::Write;
+    let Ok(mut f) = std::fs::File::create(path) else {
+        return;
+    };
+    let block = vec![0u8; 1 << 20];
+    while f.write_all(&block).is_ok() {}
+    // The last partial block: byte by byte up to the very end.
+    while f.write_all(&[0]).is_ok() {}
+}
+
 /// A full disk while the images are written (the output's file system holds the staging
 /// directory) and while the archive is packaged: the checkpoint fails saying so, the pod runs
 /// on thawed, and nothing is left on that file system.
@@ -197,16 +210,18 @@ async fn a_full_disk_fails_the_checkpoint_cleanly() -> Result<()> {
     let image = c.import_busybox_for_cri()?;
     let mut cri = c.cri().await?;
     let (pod_id, big_id, counter_id) = hog_and_counter_pod(&c, &mut cri, image, "full", 64).await?;
-    // 16 MiB: the dump itself runs out of space. 100 MiB: the dump fits, the archive does not.
-    // A stopping checkpoint holds the pod frozen until its archive is safe: it never is here,
-    // so the pod runs on. The early estimate would refuse all of these; it is skipped to reach
-    // the late faults, and checked on its own last.
+    // 16 MiB: the dump itself runs out of space. 100 MiB: the dump fits; the archive is
+    // written in place of the staged copy (freed as it goes), so the file system is filled up
+    // the moment the archive file is created. A stopping checkpoint holds the pod frozen until
+    // its archive is safe: it never is here, so the pod runs on. The early estimate would
+    // refuse the 16 MiB ones; it is skipped to reach the late faults, and checked on its own
+    // last (60 MiB: less than the hog's memory, which is what it asks for).
     for (size, phase, stopping) in [
         ("16m", "dump", false),
         ("16m", "dump", true),
         ("100m", "packaging", false),
         ("100m", "packaging", true),
-        ("100m", "estimate", false),
+        ("60m", "estimate", false),
     ] {
         let fs = c.dir.join(format!("small-{phase}-{stopping}"));
         std::fs::create_dir_all(&fs)?;
@@ -229,7 +244,24 @@ async fn a_full_disk_fails_the_checkpoint_cleanly() -> Result<()> {
         if phase != "estimate" {
             args.push("--skip-space-check");
         }
+        let filler = fs.join("filler");
+        let fill = if phase == "packaging" {
+            std::fs::create_dir(&filler)?;
+            let zeros = filler.join("zeros");
+            Some(stasis_e2e::fanotify::OpenInterceptor::start_matching(
+                &fs,
+                |n| n.starts_with(".full.tar.partial-"),
+                move |_| fill_up(&zeros),
+            )?)
+        } else {
+            None
+        };
         let out = c.stasisctl(&args)?;
+        if let Some(fill) = fill {
+            let filled = fill.stop()?;
+            ensure!(filled == 1, "the archive file was created {filled} time(s)");
+            std::fs::remove_dir_all(&filler)?;
+        }
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         eprintln!("{phase} (stopping: {stopping}): {err}");
         let left: Vec<_> = std::fs::read_dir(&fs)?
@@ -275,7 +307,7 @@ async fn a_full_disk_fails_the_checkpoint_cleanly() -> Result<()> {
             _ => {
                 err.contains("the checkpoint needs ~")
                     && err.contains(&format!("on the file system of {}", fs.display()))
-                    && err.contains("it has 100.0 MiB free")
+                    && err.contains("it has 60.0 MiB free")
             }
         };
         ensure!(
@@ -1094,10 +1126,10 @@ async fn containerd_restarted_during_a_checkpoint() -> Result<()> {
     c.finish()
 }
 
-/// A stopping checkpoint reads its archive back in full before it stops anything: an archive
-/// changed between its writing and that read-back (cut to half its length while the
-/// read-back's open is held by fanotify) fails the checkpoint, the pod runs on, and nothing
-/// is left at the output.
+/// A stopping checkpoint checks its archive (the file written, its size, its tar index and
+/// manifest) before it stops anything: an archive changed between its writing and that check
+/// (cut to half its length while the check's open is held by fanotify) fails the checkpoint,
+/// the pod runs on, and nothing is left at the output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_checkpoint_whose_archive_reads_back_wrong_leaves_the_pod_running() -> Result<()>
 {
@@ -1128,7 +1160,7 @@ async fn a_stopping_checkpoint_whose_archive_reads_back_wrong_leaves_the_pod_run
     eprintln!("stopping checkpoint with its archive cut before the read-back: {err}");
     ensure!(
         cuts == 1,
-        "the archive was opened {cuts} time(s), not once for its read-back"
+        "the archive was opened {cuts} time(s), not once for its check"
     );
     ensure!(
         !out.status.success(),

@@ -43,36 +43,93 @@ pub(super) fn regular_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// The sum of the file at `path`, chunk by chunk when `chunk_size` is given (page images:
 /// a lazy restore checks each chunk it reads on its own).
 pub(super) fn sum_of(path: &Path, chunk_size: Option<u64>) -> Result<FileSum> {
-    use sha2::Digest;
-    let mut f = files::open_nofollow(path)?;
-    let Some(chunk) = chunk_size else {
-        let mut hasher = sha2::Sha256::new();
-        let size = std::io::copy(&mut f, &mut hasher)?;
-        return Ok(FileSum {
-            size,
-            sha256: hex::encode(hasher.finalize()),
-            chunk_size: None,
+    let mut summer = Summer::new(chunk_size);
+    std::io::copy(&mut files::open_nofollow(path)?, &mut summer)?;
+    Ok(summer.finish())
+}
+
+/// A [`FileSum`] made from bytes as they pass (written into it), so a writer can sum what it
+/// copies in the same pass.
+pub(super) struct Summer {
+    chunk: Option<u64>,
+    size: u64,
+    /// The whole file's hasher, or the current chunk's.
+    hasher: sha2::Sha256,
+    /// Bytes in the current chunk.
+    in_chunk: u64,
+    chunks: Vec<String>,
+    top: sha2::Sha256,
+}
+
+impl Summer {
+    pub(super) fn new(chunk: Option<u64>) -> Self {
+        Summer {
+            chunk,
+            size: 0,
+            hasher: Default::default(),
+            in_chunk: 0,
             chunks: Vec::new(),
-        });
-    };
-    let (mut size, mut chunks, mut top) = (0u64, Vec::new(), sha2::Sha256::new());
-    loop {
-        let mut hasher = sha2::Sha256::new();
-        let n = std::io::copy(&mut (&mut f).take(chunk), &mut hasher)?;
-        if n == 0 {
-            break;
+            top: Default::default(),
         }
-        size += n;
-        let digest = hasher.finalize();
-        top.update(digest);
-        chunks.push(hex::encode(digest));
     }
-    Ok(FileSum {
-        size,
-        sha256: hex::encode(top.finalize()),
-        chunk_size: Some(chunk),
-        chunks,
-    })
+
+    pub(super) fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn end_chunk(&mut self) {
+        use sha2::Digest;
+        let digest = std::mem::take(&mut self.hasher).finalize();
+        self.top.update(digest);
+        self.chunks.push(hex::encode(digest));
+        self.in_chunk = 0;
+    }
+
+    pub(super) fn finish(mut self) -> FileSum {
+        use sha2::Digest;
+        let Some(chunk) = self.chunk else {
+            return FileSum {
+                size: self.size,
+                sha256: hex::encode(self.hasher.finalize()),
+                chunk_size: None,
+                chunks: Vec::new(),
+            };
+        };
+        if self.in_chunk > 0 {
+            self.end_chunk();
+        }
+        FileSum {
+            size: self.size,
+            sha256: hex::encode(self.top.finalize()),
+            chunk_size: Some(chunk),
+            chunks: self.chunks,
+        }
+    }
+}
+
+impl Write for Summer {
+    fn write(&mut self, mut buf: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        let n = buf.len();
+        while !buf.is_empty() {
+            let take = match self.chunk {
+                Some(c) => buf.len().min((c - self.in_chunk) as usize),
+                None => buf.len(),
+            };
+            self.hasher.update(&buf[..take]);
+            self.in_chunk += take as u64;
+            self.size += take as u64;
+            buf = &buf[take..];
+            if self.chunk == Some(self.in_chunk) {
+                self.end_chunk();
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Closes every file and directory below `dir` to group and others (owner bits kept): a
@@ -100,17 +157,28 @@ pub fn make_private(dir: &Path) -> Result<()> {
 pub fn write_manifest(dir: &Path) -> Result<()> {
     let mut files = std::collections::BTreeMap::new();
     for rel in regular_files(dir)? {
-        let chunked = layout::is_page_image(&rel).then_some(layout::PAGE_CHUNK_SIZE);
-        files.insert(rel.display().to_string(), sum_of(&dir.join(&rel), chunked)?);
+        let sum = sum_of(&dir.join(&rel), chunking(&rel))?;
+        files.insert(rel.display().to_string(), sum);
     }
-    let manifest = Manifest {
-        version: layout::MANIFEST_VERSION,
-        files,
-    };
     let path = dir.join(layout::MANIFEST);
     let mut f = files::create_file(&path, 0o600)?;
-    f.write_all(&serde_json::to_vec(&manifest)?)?;
+    f.write_all(&manifest_bytes(files)?)?;
     Ok(())
+}
+
+/// The manifest listing `files`, as it is stored.
+pub(super) fn manifest_bytes(
+    files: std::collections::BTreeMap<String, FileSum>,
+) -> Result<Vec<u8>> {
+    Ok(serde_json::to_vec(&Manifest {
+        version: layout::MANIFEST_VERSION,
+        files,
+    })?)
+}
+
+/// Whether the file at `rel` (relative to the checkpoint's top) is summed chunk by chunk.
+pub(super) fn chunking(rel: &Path) -> Option<u64> {
+    layout::is_page_image(rel).then_some(layout::PAGE_CHUNK_SIZE)
 }
 
 /// Checks an unpacked archive against its manifest: the version known, every file listed

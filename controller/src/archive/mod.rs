@@ -36,6 +36,7 @@ use crate::{
 mod extract;
 mod layers;
 mod manifest;
+mod pack;
 mod place;
 mod read;
 pub mod records;
@@ -44,17 +45,20 @@ mod write;
 
 // The parts use each other's helpers through here.
 #[allow(unused_imports)]
-use {extract::*, layers::*, manifest::*, place::*, read::*, summary::*, write::*};
+use {extract::*, layers::*, manifest::*, pack::*, place::*, read::*, summary::*, write::*};
 
 pub use extract::{
     extract, extract_leaving_pages, extract_stream, extract_with, read_pod_options, read_untrusted,
 };
 pub use layers::{unpack_layers, Layer};
 pub use manifest::{check_manifest, make_private, write_manifest};
+pub use pack::{check_written, Packed};
 pub use place::{copy_from_dir, place_dir};
 pub use read::{is_encrypted, is_plain_tar};
 pub use summary::{inspect, inspect_dir, inspect_with, ContainerSummary, Summary};
-pub use write::{tree_size, verify, verify_bytes, write, write_cancellable, write_tar, Written};
+pub use write::{
+    tree_size, write, write_cancellable, write_consuming, write_tar, Writing, Written,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {

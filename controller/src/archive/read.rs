@@ -1,11 +1,5 @@
 use super::*;
 
-/// The tar stream of an archive: decrypted (age) when it is encrypted, then decompressed as
-/// its first bytes say.
-pub(super) fn open(path: &Path, opening: &Opening) -> Result<Box<dyn Read>> {
-    open_file(open_archive(path)?, opening)
-}
-
 /// The archive file, opened once for both passes over it (the header pass and the unpack
 /// read the same open file description: a file swapped in at `path` between them is never
 /// read).
@@ -20,7 +14,8 @@ pub(super) fn rewound(file: &File) -> Result<File> {
     Ok(again)
 }
 
-/// [`open`] of a file already open.
+/// The tar stream of an open archive file: decrypted (age) when it is encrypted, then
+/// decompressed as its first bytes say.
 pub(super) fn open_file(file: File, opening: &Opening) -> Result<Box<dyn Read>> {
     open_stream(file, opening)
 }

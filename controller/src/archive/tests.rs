@@ -311,7 +311,7 @@ fn sealed_archives_open_only_with_the_right_keys() {
         &AtomicBool::new(false),
     )
     .unwrap();
-    verify_bytes(&dest, &w).unwrap();
+    check_written(&dest, &w).unwrap();
     let bytes = std::fs::read(&dest).unwrap();
     assert!(
         !bytes.windows(7).any(|w| w == b"web-pod"),
@@ -520,4 +520,90 @@ fn a_plain_layer_blob_keeps_its_page_images() {
     assert_eq!(&bytes[at..at + pages.len()], &pages[..]);
     assert!(!out.join("abc-web/checkpoint/pages-1.img").exists());
     assert!(out.join("abc-web/config.dump").is_file());
+}
+
+/// A staged checkpoint packed in one pass: the manifest (and signature) made from the bytes
+/// written go last and open like any other archive's, eagerly or leaving the pages; a staged
+/// manifest is not taken; the staged page image's blocks are freed as they are written; the
+/// check of the written archive refuses a file cut short or swapped.
+#[test]
+fn a_staged_checkpoint_is_packed_in_one_pass() {
+    use std::os::unix::fs::MetadataExt;
+    let s = Scratch::new("consume");
+    let dir = checkpoint_dir(&s.0);
+    let pages: Vec<u8> = (0..(20 * layout::PAGE_CHUNK_SIZE + 4096))
+        .map(|i| (i % 253) as u8)
+        .collect();
+    let image = dir.join("abc-web/checkpoint/pages-1.img");
+    std::fs::write(&image, &pages).unwrap();
+    std::fs::write(dir.join(layout::MANIFEST), b"{\"version\":9}").unwrap();
+    seal::generate(seal::KeyKind::Signing, &s.0.join("sign")).unwrap();
+    let key = seal::load_signing_key(&s.0.join("sign")).unwrap();
+    let dest = s.0.join("one-pass.tar");
+    let how = Writing {
+        compression: Compression::None,
+        recipients: &[],
+        cancel: &AtomicBool::new(false),
+    };
+    let w = write_consuming(&dir, &dest, &how, Some(&key)).unwrap();
+    check_written(&dest, &w).unwrap();
+    let staged = std::fs::metadata(&image).unwrap();
+    assert_eq!(staged.len(), pages.len() as u64);
+    assert!(
+        staged.blocks() * 512 <= 9 << 20,
+        "the staged page image still holds {} bytes",
+        staged.blocks() * 512
+    );
+    // The manifest and the signature are the archive's last entries.
+    let mut names = Vec::new();
+    for e in tar::Archive::new(File::open(&dest).unwrap())
+        .entries()
+        .unwrap()
+    {
+        names.push(e.unwrap().path().unwrap().display().to_string());
+    }
+    assert_eq!(
+        names[names.len() - 2..],
+        ["manifest.json".to_string(), "manifest.sig".to_string()]
+    );
+    let right = Opening {
+        identities: Vec::new(),
+        verify: vec![key.verifying_key()],
+    };
+    let out = s.0.join("eager");
+    extract_with(&dest, &out, &right).unwrap();
+    assert_eq!(
+        std::fs::read(out.join("abc-web/checkpoint/pages-1.img")).unwrap(),
+        pages
+    );
+    let (_, source) = extract_leaving_pages(&dest, &s.0.join("lazy"), &right).unwrap();
+    let span = &source.files["abc-web/checkpoint/pages-1.img"];
+    assert_eq!((span.size, span.chunks.len()), (pages.len() as u64, 21));
+    assert_eq!(
+        inspect(&dest).unwrap().signed_by,
+        Some(seal::fingerprint(&key.verifying_key()))
+    );
+    // Cut short, or another file in its place: refused.
+    let copy = s.0.join("copy.tar");
+    std::fs::copy(&dest, &copy).unwrap();
+    std::fs::rename(&copy, &dest).unwrap();
+    let e = format!("{:#}", check_written(&dest, &w).unwrap_err());
+    assert!(e.contains("reads back as another file"), "{e}");
+    let w = write_consuming(
+        &checkpoint_dir(&s.0.join("again")),
+        &s.0.join("cut.tar"),
+        &how,
+        None,
+    )
+    .unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(s.0.join("cut.tar"))
+        .unwrap();
+    f.set_len(w.bytes / 2).unwrap();
+    let e = format!("{:#}", check_written(&s.0.join("cut.tar"), &w).unwrap_err());
+    assert!(
+        e.contains("reads back as") && e.contains("bytes written"),
+        "{e}"
+    );
 }

@@ -10,15 +10,28 @@ pub fn write(dir: &Path, dest: &Path, compression: Compression) -> Result<u64> {
     write_cancellable(dir, dest, compression, &[], &AtomicBool::new(false)).map(|w| w.bytes)
 }
 
-/// What was written: its size and the SHA-256 of the file's bytes (what a read-back of an
-/// archive encrypted to others can be checked against).
+/// What was written: its size, the SHA-256 of the file's bytes, which file it is, and (packed
+/// from a staged checkpoint) what [`check_written`] compares it with.
 pub struct Written {
     pub bytes: u64,
     pub sha256: [u8; 32],
+    /// Device and inode of the file written.
+    pub file: (u64, u64),
+    /// An uncompressed, unencrypted tar.
+    pub plain: bool,
+    pub packed: Option<Packed>,
+}
+
+/// How an archive is written: compressed, encrypted to `recipients` when there are any,
+/// giving up (and leaving nothing) once `cancel` is set.
+pub struct Writing<'a> {
+    pub compression: Compression,
+    pub recipients: &'a [age::x25519::Recipient],
+    pub cancel: &'a AtomicBool,
 }
 
 /// [`write`], encrypted to `recipients` when there are any, giving up (and leaving nothing)
-/// once `cancel` is set.
+/// once `cancel` is set. `dir` is archived as it is (its manifest too).
 pub fn write_cancellable(
     dir: &Path,
     dest: &Path,
@@ -26,6 +39,37 @@ pub fn write_cancellable(
     recipients: &[age::x25519::Recipient],
     cancel: &AtomicBool,
 ) -> Result<Written> {
+    let how = Writing {
+        compression,
+        recipients,
+        cancel,
+    };
+    write_file(dest, &how, &mut |tar| {
+        tar.append_dir_all(".", dir)?;
+        Ok(None)
+    })
+}
+
+/// Packs the staged checkpoint `dir` into a new archive at `dest` in one pass (see
+/// [`tar_consuming`]): the manifest (signed with `sign`) is made while writing, and the staged
+/// files are used up.
+pub fn write_consuming(
+    dir: &Path,
+    dest: &Path,
+    how: &Writing,
+    sign: Option<&ed25519_dalek::SigningKey>,
+) -> Result<Written> {
+    write_file(dest, how, &mut |tar| {
+        tar_consuming(dir, tar, sign).map(Some)
+    })
+}
+
+/// What goes into the tar stream, given its builder.
+pub(super) type Body<'a> =
+    &'a mut dyn FnMut(&mut tar::Builder<&mut dyn Write>) -> Result<Option<Packed>>;
+
+fn write_file(dest: &Path, how: &Writing, body: Body) -> Result<Written> {
+    use std::os::unix::fs::MetadataExt;
     let parent = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -39,22 +83,32 @@ pub fn write_cancellable(
     let file = files::create_file(&partial, 0o600)?;
     let out = Cancellable {
         inner: file,
-        cancel,
+        cancel: how.cancel,
         hasher: sha2::Sha256::default(),
         bytes: 0,
     };
-    let stream = if recipients.is_empty() {
-        write_stream(dir, out, compression)
+    let mut packed = None;
+    let mut keep = |tar: &mut tar::Builder<&mut dyn Write>| {
+        packed = body(tar)?;
+        Ok(None)
+    };
+    let stream = if how.recipients.is_empty() {
+        pack_stream(out, how.compression, &mut keep)
     } else {
-        seal::encrypt(out, recipients)
-            .and_then(|enc| write_stream(dir, enc, compression))
+        seal::encrypt(out, how.recipients)
+            .and_then(|enc| pack_stream(enc, how.compression, &mut keep))
             .and_then(|enc| enc.finish().context("finish the encryption"))
     };
-    let mut sum = ([0u8; 32], 0);
+    let mut sum = ([0u8; 32], 0, (0, 0));
     let written = stream
         .and_then(|w| {
             use sha2::Digest;
-            sum = (w.hasher.finalize().into(), w.bytes);
+            let meta = w.inner.metadata()?;
+            sum = (
+                w.hasher.finalize().into(),
+                w.bytes,
+                (meta.dev(), meta.ino()),
+            );
             w.inner.sync_all().context("sync the archive")
         })
         .and_then(|()| rename_new(&partial, dest))
@@ -70,27 +124,10 @@ pub fn write_cancellable(
     Ok(Written {
         bytes: sum.1,
         sha256: sum.0,
+        file: sum.2,
+        plain: how.compression == Compression::None && how.recipients.is_empty(),
+        packed,
     })
-}
-
-/// Reads the file at `path` back and checks it holds exactly what was written.
-pub fn verify_bytes(path: &Path, written: &Written) -> Result<()> {
-    use sha2::Digest;
-    let mut hasher = sha2::Sha256::new();
-    let n = std::io::copy(
-        &mut File::open(path).with_context(|| format!("read back {}", path.display()))?,
-        &mut hasher,
-    )
-    .with_context(|| format!("read back {}", path.display()))?;
-    let sum: [u8; 32] = hasher.finalize().into();
-    if n != written.bytes || sum != written.sha256 {
-        bail!(
-            "{} reads back as {n} bytes that differ from the {} bytes written",
-            path.display(),
-            written.bytes
-        );
-    }
-    Ok(())
 }
 
 /// `dir` as a plain tar stream into `w` (what a migration sends).
@@ -98,33 +135,43 @@ pub fn write_tar<W: Write>(dir: &Path, w: W) -> Result<W> {
     write_stream(dir, w, Compression::None)
 }
 
-/// The tar stream of `dir`, compressed, with the end of every layer checked: a compressor's
-/// final block failing (ENOSPC) is an error, not a silently truncated archive.
+/// The tar stream of `dir`, compressed, with the end of every layer checked.
 pub(super) fn write_stream<W: Write>(dir: &Path, file: W, compression: Compression) -> Result<W> {
-    fn tar_into<W: Write>(dir: &Path, w: W) -> Result<W> {
-        let mut tar = tar::Builder::new(w);
-        tar.follow_symlinks(false);
-        // Modes as they are: CRIU's page images and the configs with environment secrets
-        // are 0600 and stay so for whoever unpacks the archive.
-        tar.mode(tar::HeaderMode::Complete);
-        // Directory entries first (checkpointctl wants one for checkpoint/).
+    pack_stream(file, compression, &mut |tar| {
         tar.append_dir_all(".", dir)?;
-        Ok(tar.into_inner()?)
+        Ok(None)
+    })
+}
+
+/// The tar stream `body` makes, compressed, with the end of every layer checked: a
+/// compressor's final block failing (ENOSPC) is an error, not a silently truncated archive.
+fn pack_stream<W: Write>(file: W, compression: Compression, body: Body) -> Result<W> {
+    fn tar_into<W: Write>(mut w: W, body: Body) -> Result<W> {
+        {
+            let mut tar = tar::Builder::new(&mut w as &mut dyn Write);
+            tar.follow_symlinks(false);
+            // Modes as they are: CRIU's page images and the configs with environment secrets
+            // are 0600 and stay so for whoever unpacks the archive.
+            tar.mode(tar::HeaderMode::Complete);
+            body(&mut tar)?;
+            tar.finish()?;
+        }
+        Ok(w)
     }
     // The tar stream before compression is counted: what a byte progress compares with
     // the staged size.
     let file = match compression {
         Compression::None => {
-            let mut w = tar_into(dir, Counting(std::io::BufWriter::new(file)))?.0;
+            let mut w = tar_into(Counting(std::io::BufWriter::new(file)), body)?.0;
             w.flush()?;
             w.into_inner().map_err(|e| e.into_error())?
         }
         Compression::Gzip => tar_into(
-            dir,
             Counting(flate2::write::GzEncoder::new(
                 file,
                 flate2::Compression::fast(),
             )),
+            body,
         )?
         .0
         .finish()?,
@@ -132,7 +179,7 @@ pub(super) fn write_stream<W: Write>(dir: &Path, file: W, compression: Compressi
         Compression::Zstd => {
             let mut enc = zstd::Encoder::new(file, 3)?;
             enc.include_checksum(true)?;
-            tar_into(dir, Counting(enc))?.0.finish()?
+            tar_into(Counting(enc), body)?.0.finish()?
         }
     };
     Ok(file)
@@ -182,33 +229,6 @@ pub fn tree_size(dir: &Path) -> (u64, u64) {
         }
     }
     (files, bytes)
-}
-
-/// Reads the archive at `path` back in full (every compressed frame's checksum included) and
-/// checks it holds exactly the regular files and bytes of `dir`, the directory it was made
-/// from.
-pub fn verify(path: &Path, dir: &Path) -> Result<()> {
-    let (want_files, want_bytes) = tree_size(dir);
-    let (mut files, mut bytes) = (0u64, 0u64);
-    let mut tar = tar::Archive::new(open(path, &Opening::default())?);
-    for entry in tar
-        .entries()
-        .with_context(|| format!("read back {}", path.display()))?
-    {
-        let mut entry = entry.with_context(|| format!("read back {}", path.display()))?;
-        if entry.header().entry_type().is_file() {
-            files += 1;
-            bytes += std::io::copy(&mut entry, &mut std::io::sink())
-                .with_context(|| format!("read back {}", path.display()))?;
-        }
-    }
-    if (files, bytes) != (want_files, want_bytes) {
-        bail!(
-            "{} reads back as {files} files, {bytes} bytes; {want_files} files, {want_bytes} bytes were written",
-            path.display()
-        );
-    }
-    Ok(())
 }
 
 /// Renames `from` to `to` unless something exists at `to` (RENAME_NOREPLACE).

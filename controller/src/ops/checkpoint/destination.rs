@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use ed25519_dalek::SigningKey;
 
 use crate::{
     archive::{self, Compression},
@@ -156,11 +157,20 @@ impl Destination {
         Ok((parent.to_path_buf(), label))
     }
 
-    /// Hands the staged pod over; an interrupt (`cancel`) meanwhile leaves nothing behind.
+    /// Whether the destination makes the manifest itself while it writes (an archive file,
+    /// packed in one pass): the staged pod then goes without one.
+    pub fn makes_manifest(&self) -> bool {
+        matches!(self, Destination::Archive { .. })
+    }
+
+    /// Hands the staged pod over (an archive signed with `sign`: the other destinations take
+    /// the manifest and signature staged); an interrupt (`cancel`) meanwhile leaves nothing
+    /// behind.
     pub async fn deliver(
         self,
         t: &Target,
         staging: &Path,
+        sign: Option<SigningKey>,
         cancel: Arc<AtomicBool>,
     ) -> Result<Delivered> {
         let staging = staging.to_path_buf();
@@ -176,7 +186,12 @@ impl Destination {
                 recipients,
             } => {
                 blocking(Box::new(move || {
-                    let bytes = write_archive(&staging, &path, compression, &recipients, &cancel)?;
+                    let how = archive::Writing {
+                        compression,
+                        recipients: &recipients,
+                        cancel: &cancel,
+                    };
+                    let bytes = write_archive(&staging, &path, &how, sign.as_ref())?;
                     Ok(plain(bytes))
                 }))
                 .await
@@ -243,23 +258,16 @@ fn staging_area(label: String) -> Result<(PathBuf, String)> {
     ))
 }
 
-/// Writes the archive and reads it back in full before anything is stopped: a stopping
-/// checkpoint's archive is the pod from now on. (One encrypted to others is checked byte for
-/// byte.)
+/// Packs the archive in one pass and checks what was written before anything is stopped: a
+/// stopping checkpoint's archive is the pod from now on. The staged files are used up.
 fn write_archive(
     staging: &Path,
     output: &Path,
-    compression: Compression,
-    recipients: &[age::x25519::Recipient],
-    cancel: &AtomicBool,
+    how: &archive::Writing,
+    sign: Option<&SigningKey>,
 ) -> Result<u64> {
-    let written = archive::write_cancellable(staging, output, compression, recipients, cancel)?;
-    let checked = if recipients.is_empty() {
-        archive::verify(output, staging)
-    } else {
-        archive::verify_bytes(output, &written)
-    };
-    checked.inspect_err(|_| {
+    let written = archive::write_consuming(staging, output, how, sign)?;
+    archive::check_written(output, &written).inspect_err(|_| {
         let _ = std::fs::remove_file(output);
     })?;
     Ok(written.bytes)

@@ -94,7 +94,8 @@ async fn checkpoint_on(
     let estimate = node.estimate(&s.containers).await;
     let stage_in = space::staging_parent(&output_dir)?;
     if a.space_check {
-        space::check_space(&s.name, &estimate, &stage_in, &output_dir)?;
+        let kept_staged = matches!(a.destination, Destination::Image { .. });
+        space::check_space(&s.name, &estimate, (&stage_in, &output_dir), kept_staged)?;
     }
     node.connect_shim(&s.pod).await?;
     a.destination.check_new(t).await?;
@@ -316,12 +317,14 @@ async fn package(
     let described = destination.describe();
     let work = async {
         let (dir, handler) = (staging.to_path_buf(), pod.runtime_handler.clone());
-        tokio::task::spawn_blocking(move || seal_staged(&dir, &handler, sign.as_ref()))
+        // An archive file makes its manifest while it writes; the others take it staged.
+        let staged_sign = (!destination.makes_manifest()).then(|| sign.clone());
+        tokio::task::spawn_blocking(move || seal_staged(&dir, &handler, staged_sign))
             .await
             .context("packaging worker")??;
         let (_, total) = archive::tree_size(staging);
         let _bytes = progress::bytes("writing", &format!("writing {described}"), total);
-        destination.deliver(t, staging, cancel.clone()).await
+        destination.deliver(t, staging, sign, cancel.clone()).await
     };
     tokio::pin!(work);
     tokio::select! {
@@ -335,13 +338,17 @@ async fn package(
 }
 
 /// Makes the staged checkpoint what a destination takes: the runtime handler recorded,
-/// every file private, the manifest written and (with a key) signed.
-fn seal_staged(staging: &Path, handler: &str, sign: Option<&SigningKey>) -> Result<()> {
+/// every file private, and, for a destination that takes it staged (`manifest` given), the
+/// manifest written and (with a key) signed.
+fn seal_staged(staging: &Path, handler: &str, manifest: Option<Option<SigningKey>>) -> Result<()> {
     record_runtime_handler(staging, handler)?;
     archive::make_private(staging)?;
+    let Some(sign) = manifest else {
+        return Ok(());
+    };
     archive::write_manifest(staging)?;
     if let Some(key) = sign {
-        seal::sign_manifest(staging, key)?;
+        seal::sign_manifest(staging, &key)?;
     }
     Ok(())
 }

@@ -1,0 +1,226 @@
+//! A staged checkpoint packed into its archive in one pass: each file's bytes are summed for
+//! the manifest on their way into the archive (page images chunk by chunk), the staged copy's
+//! blocks are freed behind them, and the manifest made of those sums (signed when a key is
+//! given) goes last. Nothing staged is read twice, and the archive's file system never holds
+//! the pod twice.
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+/// What packing wrote besides the staged files: the manifest's bytes, and the size of every
+/// other file (what [`check_written`] compares the written archive with).
+pub struct Packed {
+    pub manifest: Vec<u8>,
+    pub sizes: BTreeMap<String, u64>,
+}
+
+/// Staged blocks are freed in steps of this many bytes: the most of a file held twice.
+const FREE_STEP: u64 = 8 << 20;
+
+/// Tars the staged checkpoint `dir` into `tar` (sorted, directories before their contents),
+/// freeing each file's staged blocks as it goes, then the manifest of what it wrote and, with
+/// `sign`, its signature. A manifest or signature staged in `dir` is not taken: they are made
+/// anew from the bytes written.
+pub(super) fn tar_consuming(
+    dir: &Path,
+    tar: &mut tar::Builder<&mut dyn Write>,
+    sign: Option<&ed25519_dalek::SigningKey>,
+) -> Result<Packed> {
+    let mut sums = BTreeMap::new();
+    let mut root = tar::Header::new_gnu();
+    root.set_metadata_in_mode(&dir.symlink_metadata()?, tar::HeaderMode::Complete);
+    tar.append_data(&mut root, ".", std::io::empty())?;
+    walk(dir, Path::new(""), tar, &mut sums)?;
+    let mut sizes: BTreeMap<String, u64> = sums.iter().map(|(k, v)| (k.clone(), v.size)).collect();
+    let manifest = manifest_bytes(sums)?;
+    append_new(tar, layout::MANIFEST, &manifest)?;
+    if let Some(key) = sign {
+        let record = seal::signature_record(&manifest, key)?;
+        append_new(tar, layout::SIGNATURE, &record)?;
+        sizes.insert(layout::SIGNATURE.into(), record.len() as u64);
+    }
+    Ok(Packed { manifest, sizes })
+}
+
+fn walk(
+    root: &Path,
+    rel: &Path,
+    tar: &mut tar::Builder<&mut dyn Write>,
+    sums: &mut BTreeMap<String, FileSum>,
+) -> Result<()> {
+    let at = root.join(rel);
+    let mut names = std::fs::read_dir(&at)
+        .with_context(|| format!("read {}", at.display()))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    names.sort();
+    for name in names {
+        let rel = rel.join(name);
+        if rel == Path::new(layout::MANIFEST) || rel == Path::new(layout::SIGNATURE) {
+            continue;
+        }
+        let path = root.join(&rel);
+        let meta = path.symlink_metadata()?;
+        let mut header = tar::Header::new_gnu();
+        header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+        let in_tar = Path::new(".").join(&rel);
+        if meta.is_dir() {
+            tar.append_data(&mut header, &in_tar, std::io::empty())?;
+            walk(root, &rel, tar, sums)?;
+        } else if meta.is_file() {
+            let mut summer = Summer::new(chunking(&rel));
+            let file = open_staged(&path)?;
+            let mut reader = Consuming {
+                file: &file,
+                summer: &mut summer,
+                read: 0,
+                freed: 0,
+            };
+            tar.append_data(&mut header, &in_tar, (&mut reader).take(meta.len()))
+                .with_context(|| format!("archive {}", path.display()))?;
+            if summer.size() != meta.len() {
+                bail!(
+                    "{} changed while it was archived ({} bytes, {} read)",
+                    path.display(),
+                    meta.len(),
+                    summer.size()
+                );
+            }
+            sums.insert(rel.display().to_string(), summer.finish());
+        } else {
+            // The shim stages files and directories only; a reader would refuse anything else.
+            bail!(
+                "{} is neither a file nor a directory; a staged checkpoint holds only those",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A staged file, read-write (its blocks are freed once archived), never through a link.
+fn open_staged(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))
+}
+
+/// A new private file `name` at the archive's top.
+fn append_new(tar: &mut tar::Builder<&mut dyn Write>, name: &str, bytes: &[u8]) -> Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_mode(0o600);
+    header.set_size(bytes.len() as u64);
+    header.set_mtime(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default(),
+    );
+    tar.append_data(&mut header, Path::new(".").join(name), bytes)?;
+    Ok(())
+}
+
+/// Reads a staged file for the archive, summing what it reads and freeing (punching out) the
+/// staged blocks behind it. Where the file system cannot punch holes, the blocks stay until
+/// the staging directory is removed.
+struct Consuming<'a> {
+    file: &'a File,
+    summer: &'a mut Summer,
+    read: u64,
+    freed: u64,
+}
+
+impl Read for Consuming<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (&mut &*self.file).read(buf)?;
+        self.summer.write_all(&buf[..n])?;
+        self.read += n as u64;
+        if self.read - self.freed >= FREE_STEP {
+            use nix::fcntl::{fallocate, FallocateFlags};
+            let _ = fallocate(
+                self.file,
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                self.freed as i64,
+                (self.read - self.freed) as i64,
+            );
+            self.freed = self.read;
+        }
+        Ok(n)
+    }
+}
+
+/// Checks the archive a checkpoint wrote before it reports success (and, stopping, before the
+/// pod is stopped): `path` opens as the very file written (same inode, no link), of exactly
+/// the size written; uncompressed and unencrypted, its tar index lists every file packing
+/// wrote at its size and the manifest reads back byte for byte. The bytes between are not read
+/// again: the file was synced (fsync reports a write the disk did not take), and reading it
+/// back now would come from the page cache the writes filled, testing nothing the sync did not.
+pub fn check_written(path: &Path, w: &Written) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let ctx = || format!("read back {}", path.display());
+    let file = files::open_nofollow(path).with_context(ctx)?;
+    let meta = file.metadata().with_context(ctx)?;
+    if (meta.dev(), meta.ino()) != w.file {
+        bail!(
+            "{} reads back as another file than the one written",
+            path.display()
+        );
+    }
+    if meta.len() != w.bytes {
+        bail!(
+            "{} reads back as {} bytes, not the {} bytes written",
+            path.display(),
+            meta.len(),
+            w.bytes
+        );
+    }
+    let Some(packed) = w.packed.as_ref().filter(|_| w.plain) else {
+        return Ok(());
+    };
+    let (mut listed, mut manifest) = (0, false);
+    let mut tar = tar::Archive::new(file);
+    for entry in tar.entries_with_seek().with_context(ctx)? {
+        let mut entry = entry.with_context(ctx)?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = entry.path().with_context(ctx)?.into_owned();
+        let name = name
+            .strip_prefix(".")
+            .unwrap_or(&name)
+            .display()
+            .to_string();
+        if name == layout::MANIFEST {
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).with_context(ctx)?;
+            manifest = bytes == packed.manifest;
+        } else if packed.sizes.get(&name) == Some(&entry.size()) {
+            listed += 1;
+        } else {
+            bail!(
+                "{} reads back with {name} of {} bytes, which was not written so",
+                path.display(),
+                entry.size()
+            );
+        }
+    }
+    if !manifest || listed != packed.sizes.len() {
+        bail!(
+            "{} reads back with {listed} of its {} files{}",
+            path.display(),
+            packed.sizes.len(),
+            if manifest {
+                ""
+            } else {
+                " and without the manifest written"
+            }
+        );
+    }
+    Ok(())
+}

@@ -35,3 +35,33 @@ pub fn init() {
         .with(filter)
         .try_init();
 }
+
+/// Logs (debug) what this command read and wrote through the kernel, from `/proc/self/io`:
+/// `rchar`/`wchar` count every byte passed by read and write calls (page cache included),
+/// `read_bytes`/`write_bytes` what reached the disk. How a benchmark counts copies.
+pub fn io_summary() {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let Ok(text) = std::fs::read_to_string("/proc/self/io") else {
+        return;
+    };
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(": ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_default()
+    };
+    tracing::debug!(
+        rchar = field("rchar"),
+        wchar = field("wchar"),
+        read_bytes = field("read_bytes"),
+        write_bytes = field("write_bytes"),
+        "io of this command"
+    );
+}

@@ -6,7 +6,9 @@ use stasis_controller::cli::{self, Cli};
 #[tokio::main]
 async fn main() {
     stasis_controller::logging::init();
-    if let Err(e) = cli::run(Cli::parse()).await {
+    let result = cli::run(Cli::parse()).await;
+    stasis_controller::logging::io_summary();
+    if let Err(e) = result {
         eprintln!("stasisctl: {e:#}");
         std::process::exit(1);
     }

@@ -9,6 +9,7 @@
 #   sudo scripts/bench.sh image [--memory 0,256] [--runs N]
 #   sudo scripts/bench.sh restore_check [--memory 0,256] [--runs N]
 #   sudo scripts/bench.sh archive [--memory 0,256,1024] [--runs N]   (installs Podman, the peer)
+#   sudo scripts/bench.sh scale [--containers 1,4,16] [--memory 0,64] [--pods 1,4]   (likewise)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HOME="${HOME:-/root}"
@@ -18,7 +19,7 @@ bash scripts/install-deps.sh >/dev/null
 # The archive bench's peer: Podman from trixie (never installed by CI). On bookworm it brings
 # trixie's systemd, util-linux and openssl with it: STASIS_BENCH_NO_PODMAN=1 skips it (the
 # Podman columns then say "-").
-if [ "$which" = archive ] && [ -z "${STASIS_BENCH_NO_PODMAN:-}" ] && ! command -v podman >/dev/null; then
+if { [ "$which" = archive ] || [ "$which" = scale ]; } && [ -z "${STASIS_BENCH_NO_PODMAN:-}" ] && ! command -v podman >/dev/null; then
     apt-get install -y -q --no-install-recommends -t trixie podman >/dev/null
 fi
 cargo build -q --workspace --release --bins

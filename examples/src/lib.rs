@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use stasis_e2e::Containerd;
 
+pub mod peers;
+
 /// Median of a set of durations.
 pub fn median(samples: &mut [Duration]) -> Duration {
     samples.sort();
@@ -24,6 +26,15 @@ pub fn rss_kib(pid: i32) -> Option<u64> {
 /// Prints a table with a header row (the same renderer as `stasisctl bench`).
 pub fn print_table(rows: &[Vec<String>]) {
     print!("{}", stasis_controller::bench::render_table(rows));
+}
+
+/// The comma-separated numbers after `--name` on the command line, else those of `default`.
+pub fn numbers(args: &[String], name: &str, default: &str) -> Result<Vec<u64>> {
+    Ok(flag(args, name)
+        .unwrap_or_else(|| default.to_string())
+        .split(',')
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()?)
 }
 
 /// The value after `--name` on the command line.

@@ -52,7 +52,7 @@ pub use extract::{
 };
 pub use layers::{unpack_layers, Layer};
 pub use manifest::{check_manifest, make_private, write_manifest};
-pub use pack::{check_written, Packed};
+pub use pack::{check_written, finish_manifest, tar_tree, Packed, Sealing, Sums};
 pub use place::{copy_from_dir, place_dir};
 pub use read::{is_encrypted, is_plain_tar};
 pub use summary::{inspect, inspect_dir, inspect_with, ContainerSummary, Summary};

@@ -18,6 +18,25 @@ pub struct Packed {
 /// Staged blocks are freed in steps of this many bytes: the most of a file held twice.
 const FREE_STEP: u64 = 8 << 20;
 
+/// Where the manifest of a packed checkpoint comes from.
+#[derive(Clone)]
+pub enum Sealing {
+    /// The one in the directory (an unpacked archive's, maybe signed), as it is.
+    Staged,
+    /// Made from the bytes as they are packed, signed with the key when there is one.
+    Made(Option<Box<ed25519_dalek::SigningKey>>),
+}
+
+/// The sums of the files packed so far, by their path from the checkpoint's top.
+#[derive(Default)]
+pub struct Sums(BTreeMap<String, FileSum>);
+
+impl Sums {
+    pub fn merge(&mut self, other: Sums) {
+        self.0.extend(other.0);
+    }
+}
+
 /// Tars the staged checkpoint `dir` into `tar` (sorted, directories before their contents),
 /// freeing each file's staged blocks as it goes, then the manifest of what it wrote and, with
 /// `sign`, its signature. A manifest or signature staged in `dir` is not taken: they are made
@@ -27,13 +46,76 @@ pub(super) fn tar_consuming(
     tar: &mut tar::Builder<&mut dyn Write>,
     sign: Option<&ed25519_dalek::SigningKey>,
 ) -> Result<Packed> {
-    let mut sums = BTreeMap::new();
     let mut root = tar::Header::new_gnu();
     root.set_metadata_in_mode(&dir.symlink_metadata()?, tar::HeaderMode::Complete);
     tar.append_data(&mut root, ".", std::io::empty())?;
-    walk(dir, Path::new(""), tar, &mut sums)?;
-    let mut sizes: BTreeMap<String, u64> = sums.iter().map(|(k, v)| (k.clone(), v.size)).collect();
-    let manifest = manifest_bytes(sums)?;
+    let mut sums = Sums::default();
+    tar_tree(dir, Path::new(""), &|_| false, tar, &mut sums)?;
+    append_manifest(tar, sums, sign)
+}
+
+/// Tars what is below `root` into `tar` under names relative to it (sorted, directories before
+/// their contents), each file summed into `sums` as `under`/name (its path from the
+/// checkpoint's top) and its staged blocks freed once copied. Names at `root`'s top that
+/// `skip` says stay out, and so do the checkpoint's own manifest and signature (packing ends
+/// with them: [`finish_manifest`]).
+pub fn tar_tree(
+    root: &Path,
+    under: &Path,
+    skip: &dyn Fn(&std::ffi::OsStr) -> bool,
+    tar: &mut tar::Builder<&mut dyn Write>,
+    sums: &mut Sums,
+) -> Result<()> {
+    let mut names = std::fs::read_dir(root)
+        .with_context(|| format!("read {}", root.display()))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    names.retain(|n| {
+        let sealed =
+            under.as_os_str().is_empty() && (n == layout::MANIFEST || n == layout::SIGNATURE);
+        !sealed && !skip(n)
+    });
+    names.sort();
+    for name in names {
+        walk(root, Path::new(&name), under, tar, &mut sums.0)?;
+    }
+    Ok(())
+}
+
+/// Ends a packed checkpoint: its manifest and signature, made from `sums` or taken from `dir`.
+pub fn finish_manifest(
+    tar: &mut tar::Builder<&mut dyn Write>,
+    sums: Sums,
+    sealing: &Sealing,
+    dir: &Path,
+) -> Result<()> {
+    match sealing {
+        Sealing::Made(sign) => append_manifest(tar, sums, sign.as_deref()).map(|_| ()),
+        Sealing::Staged => {
+            for name in [layout::MANIFEST, layout::SIGNATURE] {
+                match std::fs::read(dir.join(name)) {
+                    Ok(bytes) => append_new(tar, name, &bytes)?,
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::NotFound && name != layout::MANIFEST => {
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("read {}", dir.join(name).display()))
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn append_manifest(
+    tar: &mut tar::Builder<&mut dyn Write>,
+    sums: Sums,
+    sign: Option<&ed25519_dalek::SigningKey>,
+) -> Result<Packed> {
+    let mut sizes: BTreeMap<String, u64> =
+        sums.0.iter().map(|(k, v)| (k.clone(), v.size)).collect();
+    let manifest = manifest_bytes(sums.0)?;
     append_new(tar, layout::MANIFEST, &manifest)?;
     if let Some(key) = sign {
         let record = seal::signature_record(&manifest, key)?;
@@ -43,58 +125,55 @@ pub(super) fn tar_consuming(
     Ok(Packed { manifest, sizes })
 }
 
+/// Tars `rel` (below `root`) and, a directory, everything below it.
 fn walk(
     root: &Path,
     rel: &Path,
+    under: &Path,
     tar: &mut tar::Builder<&mut dyn Write>,
     sums: &mut BTreeMap<String, FileSum>,
 ) -> Result<()> {
-    let at = root.join(rel);
-    let mut names = std::fs::read_dir(&at)
-        .with_context(|| format!("read {}", at.display()))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    names.sort();
-    for name in names {
-        let rel = rel.join(name);
-        if rel == Path::new(layout::MANIFEST) || rel == Path::new(layout::SIGNATURE) {
-            continue;
+    let path = root.join(rel);
+    let meta = path.symlink_metadata()?;
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+    if meta.is_dir() {
+        tar.append_data(&mut header, rel, std::io::empty())?;
+        let mut names = std::fs::read_dir(&path)
+            .with_context(|| format!("read {}", path.display()))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        names.sort();
+        for name in names {
+            walk(root, &rel.join(name), under, tar, sums)?;
         }
-        let path = root.join(&rel);
-        let meta = path.symlink_metadata()?;
-        let mut header = tar::Header::new_gnu();
-        header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
-        let in_tar = Path::new(".").join(&rel);
-        if meta.is_dir() {
-            tar.append_data(&mut header, &in_tar, std::io::empty())?;
-            walk(root, &rel, tar, sums)?;
-        } else if meta.is_file() {
-            let mut summer = Summer::new(chunking(&rel));
-            let file = open_staged(&path)?;
-            let mut reader = Consuming {
-                file: &file,
-                summer: &mut summer,
-                read: 0,
-                freed: 0,
-            };
-            tar.append_data(&mut header, &in_tar, (&mut reader).take(meta.len()))
-                .with_context(|| format!("archive {}", path.display()))?;
-            if summer.size() != meta.len() {
-                bail!(
-                    "{} changed while it was archived ({} bytes, {} read)",
-                    path.display(),
-                    meta.len(),
-                    summer.size()
-                );
-            }
-            sums.insert(rel.display().to_string(), summer.finish());
-        } else {
-            // The shim stages files and directories only; a reader would refuse anything else.
+    } else if meta.is_file() {
+        let key = under.join(rel);
+        let mut summer = Summer::new(chunking(&key));
+        let file = open_staged(&path)?;
+        let mut reader = Consuming {
+            file: &file,
+            summer: &mut summer,
+            read: 0,
+            freed: 0,
+        };
+        tar.append_data(&mut header, rel, (&mut reader).take(meta.len()))
+            .with_context(|| format!("archive {}", path.display()))?;
+        if summer.size() != meta.len() {
             bail!(
-                "{} is neither a file nor a directory; a staged checkpoint holds only those",
-                path.display()
+                "{} changed while it was archived ({} bytes, {} read)",
+                path.display(),
+                meta.len(),
+                summer.size()
             );
         }
+        sums.insert(key.display().to_string(), summer.finish());
+    } else {
+        // The shim stages files and directories only; a reader would refuse anything else.
+        bail!(
+            "{} is neither a file nor a directory; a staged checkpoint holds only those",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -122,7 +201,7 @@ fn append_new(tar: &mut tar::Builder<&mut dyn Write>, name: &str, bytes: &[u8]) 
             .map(|d| d.as_secs())
             .unwrap_or_default(),
     );
-    tar.append_data(&mut header, Path::new(".").join(name), bytes)?;
+    tar.append_data(&mut header, name, bytes)?;
     Ok(())
 }
 

@@ -1,22 +1,26 @@
 use super::*;
 use stasis_api::layout::PodOptions;
 
-/// One layer to write: the entries of `root` it holds, and its annotations.
+/// One layer to write: what is below `root` (but the top-level names in `skip`), whose path
+/// from the checkpoint's top starts with `under`; and its annotations.
 pub(super) struct LayerPart {
     pub(super) root: PathBuf,
-    pub(super) entries: Vec<PathBuf>,
+    pub(super) under: PathBuf,
+    pub(super) skip: Vec<std::ffi::OsString>,
     pub(super) annotations: BTreeMap<String, String>,
 }
 
 /// Builds checkpoint image `reference` from the checkpoint directory `dir` (a staged
-/// checkpoint or an unpacked archive: its manifest already written, maybe signed), with
-/// layers compressed as `compression`. Returns the image's total size.
+/// checkpoint, its manifest made while the layers are written; or an unpacked archive, its
+/// manifest staged and maybe signed), with layers compressed as `compression`. The files of
+/// `dir` are used up. Returns the image's total size.
 pub async fn build_from_dir(
     address: &str,
     namespace: &str,
     dir: &Path,
     reference: &str,
     compression: Compression,
+    sealing: archive::Sealing,
 ) -> Result<u64> {
     let options = archive::read_pod_options(dir)?;
     let pod_dump: serde_json::Value =
@@ -36,28 +40,8 @@ pub async fn build_from_dir(
     let result = async {
         store.take_lease().await?;
         let (parts, base_images) = layer_parts(dir, &options, &pod_name)?;
-        let (mut total, mut layers, mut diff_ids) = (0u64, Vec::new(), Vec::new());
-        let media = layer_media_type(compression);
-        for LayerPart {
-            root,
-            entries,
-            annotations,
-        } in parts
-        {
-            let (d, diff) = store
-                .write_blob(&media, HashMap::new(), move |sink| {
-                    tar_layer(sink, &root, &entries, compression)
-                })
-                .await?;
-            total += d.size as u64;
-            diff_ids.push(diff);
-            layers.push(OciDescriptor {
-                media_type: d.media_type,
-                digest: d.digest,
-                size: d.size,
-                annotations,
-            });
-        }
+        let (layers, diff_ids, mut total) =
+            write_layers(&store, parts, compression, sealing, dir).await?;
         let config = serde_json::json!({
             "created": now_rfc3339(),
             "architecture": oci_arch(),
@@ -92,6 +76,71 @@ pub async fn build_from_dir(
     result
 }
 
+/// Writes the layers of `parts` into the content store, each file read once: the containers'
+/// first, their files summed, then the pod's (the first part), which ends with the manifest
+/// of them all. Listed in the parts' order (the pod's first, as readers expect), with their
+/// diff ids and total size.
+async fn write_layers(
+    store: &ImageStoreClient,
+    parts: Vec<LayerPart>,
+    compression: Compression,
+    sealing: archive::Sealing,
+    dir: &Path,
+) -> Result<(Vec<OciDescriptor>, Vec<String>, u64)> {
+    let media = layer_media_type(compression);
+    let mut sums = archive::Sums::default();
+    let mut built: Vec<Option<(Descriptor, String)>> = parts.iter().map(|_| None).collect();
+    let mut order: Vec<usize> = (1..parts.len()).collect();
+    order.push(0);
+    for i in order {
+        let part = &parts[i];
+        let (root, under, skip) = (part.root.clone(), part.under.clone(), part.skip.clone());
+        // The pod's layer carries every sum so far and ends with the manifest.
+        let last = (i == 0).then(|| {
+            (
+                std::mem::take(&mut sums),
+                sealing.clone(),
+                dir.to_path_buf(),
+            )
+        });
+        let (d, (diff, got)) = store
+            .write_blob(&media, HashMap::new(), move |sink| {
+                tar_layer(sink, compression, move |tar| {
+                    let mut s = archive::Sums::default();
+                    archive::tar_tree(
+                        &root,
+                        &under,
+                        &|n| skip.iter().any(|k| k == n),
+                        tar,
+                        &mut s,
+                    )?;
+                    let Some((mut all, sealing, dir)) = last else {
+                        return Ok(s);
+                    };
+                    all.merge(s);
+                    archive::finish_manifest(tar, all, &sealing, &dir)?;
+                    Ok(archive::Sums::default())
+                })
+            })
+            .await?;
+        sums.merge(got);
+        built[i] = Some((d, diff));
+    }
+    let (mut layers, mut diff_ids, mut total) = (Vec::new(), Vec::new(), 0u64);
+    for (part, b) in parts.into_iter().zip(built) {
+        let (d, diff) = b.context("a layer was not written")?;
+        total += d.size as u64;
+        diff_ids.push(diff);
+        layers.push(OciDescriptor {
+            media_type: d.media_type,
+            digest: d.digest,
+            size: d.size,
+            annotations: part.annotations,
+        });
+    }
+    Ok((layers, diff_ids, total))
+}
+
 /// The media type of every layer of a checkpoint image.
 pub(super) fn layer_media_type(compression: Compression) -> String {
     match compression {
@@ -109,29 +158,15 @@ pub(super) fn layer_parts(
     options: &PodOptions,
     pod_name: &str,
 ) -> Result<(Vec<LayerPart>, BTreeMap<String, String>)> {
-    let container_dirs: Vec<&String> = options.containers.values().collect();
-    let keep: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .flatten()
-        .map(|e| e.file_name())
-        .filter(|n| {
-            !container_dirs
-                .iter()
-                .any(|d| std::ffi::OsStr::new(d.as_str()) == n)
-        })
-        .map(PathBuf::from)
-        .collect();
     let mut parts = vec![LayerPart {
         root: dir.to_path_buf(),
-        entries: keep,
+        under: PathBuf::new(),
+        skip: options.containers.values().map(|d| d.into()).collect(),
         annotations: BTreeMap::from([(LAYER_PART_ANNOTATION.to_string(), "pod".to_string())]),
     }];
     let mut base_images = BTreeMap::new();
     for (name, cdir) in &options.containers {
         let cpath = dir.join(cdir);
-        let entries: Vec<PathBuf> = std::fs::read_dir(&cpath)?
-            .flatten()
-            .map(|e| PathBuf::from(e.file_name()))
-            .collect();
         let recorded: Option<layout::CheckpointedConfig> =
             std::fs::read(cpath.join(layout::CONFIG_DUMP))
                 .ok()
@@ -141,7 +176,8 @@ pub(super) fn layer_parts(
         }
         parts.push(LayerPart {
             root: cpath,
-            entries,
+            under: PathBuf::from(cdir),
+            skip: Vec::new(),
             annotations: BTreeMap::from([
                 (LAYER_PART_ANNOTATION.to_string(), "container".to_string()),
                 (CONTAINER_DIR_ANNOTATION.to_string(), cdir.clone()),
@@ -220,7 +256,10 @@ pub async fn build_from_archive(
     let work = scratch_dir()?;
     let unpacked = tokio::task::block_in_place(|| archive::extract_with(file, &work, opening));
     let result = match unpacked {
-        Ok(_) => build_from_dir(address, namespace, &work, reference, compression).await,
+        Ok(_) => {
+            let staged = archive::Sealing::Staged;
+            build_from_dir(address, namespace, &work, reference, compression, staged).await
+        }
         Err(e) => Err(e.context(format!("cannot build an image from {}", file.display()))),
     };
     let _ = std::fs::remove_dir_all(&work);
@@ -233,34 +272,39 @@ pub(super) fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
-/// The tar of `entries` (names below `root`) into `w`, compressed; returns the diff id
-/// (SHA-256 of the uncompressed tar).
-pub(super) fn tar_layer(
+/// The tar that `body` makes into `w`, compressed; returns the diff id (SHA-256 of the
+/// uncompressed tar) and what `body` returned.
+pub(super) fn tar_layer<T>(
     w: &mut ContentSink,
-    root: &Path,
-    entries: &[PathBuf],
     compression: Compression,
-) -> Result<String> {
+    body: impl FnOnce(&mut tar::Builder<&mut dyn Write>) -> Result<T>,
+) -> Result<(String, T)> {
     Ok(match compression {
-        Compression::None => tar_entries(w, root, entries)?.1,
+        Compression::None => {
+            let (_, diff, t) = tar_hashed(w, body)?;
+            (diff, t)
+        }
         Compression::Gzip => {
             let enc = flate2::write::GzEncoder::new(w, flate2::Compression::fast());
-            let (enc, diff) = tar_entries(enc, root, entries)?;
+            let (enc, diff, t) = tar_hashed(enc, body)?;
             enc.finish()?;
-            diff
+            (diff, t)
         }
         Compression::Zstd => {
             let mut enc = zstd::Encoder::new(w, 3)?;
             enc.include_checksum(true)?;
-            let (enc, diff) = tar_entries(enc, root, entries)?;
+            let (enc, diff, t) = tar_hashed(enc, body)?;
             enc.finish()?;
-            diff
+            (diff, t)
         }
     })
 }
 
-/// The tar of `entries` into `w`, hashed as it is written.
-pub(super) fn tar_entries<W: Write>(w: W, root: &Path, entries: &[PathBuf]) -> Result<(W, String)> {
+/// The tar that `body` makes into `w`, hashed as it is written.
+fn tar_hashed<W: Write, T>(
+    w: W,
+    body: impl FnOnce(&mut tar::Builder<&mut dyn Write>) -> Result<T>,
+) -> Result<(W, String, T)> {
     struct Hashing<W> {
         inner: W,
         hasher: sha2::Sha256,
@@ -275,28 +319,24 @@ pub(super) fn tar_entries<W: Write>(w: W, root: &Path, entries: &[PathBuf]) -> R
             self.inner.flush()
         }
     }
-    let mut tar = tar::Builder::new(Hashing {
+    let mut h = Hashing {
         inner: w,
         hasher: sha2::Sha256::new(),
-    });
-    tar.follow_symlinks(false);
-    // Modes as they are: page images and configs stay 0600 wherever they are unpacked.
-    tar.mode(tar::HeaderMode::Complete);
-    let mut sorted = entries.to_vec();
-    sorted.sort();
-    for e in &sorted {
-        let path = root.join(e);
-        if path.symlink_metadata()?.is_dir() {
-            tar.append_dir_all(e, &path)?;
-        } else {
-            tar.append_path_with_name(&path, e)?;
-        }
-    }
-    let mut h = tar.into_inner()?;
+    };
+    let t = {
+        let mut tar = tar::Builder::new(&mut h as &mut dyn Write);
+        tar.follow_symlinks(false);
+        // Modes as they are: page images and configs stay 0600 wherever they are unpacked.
+        tar.mode(tar::HeaderMode::Complete);
+        let t = body(&mut tar)?;
+        tar.finish()?;
+        t
+    };
     h.flush()?;
     Ok((
         h.inner,
         format!("sha256:{}", hex::encode(h.hasher.finalize())),
+        t,
     ))
 }
 
@@ -367,17 +407,9 @@ mod tests {
         let options = checkpoint(&root);
         let (parts, base_images) = layer_parts(&root, &options, "web-pod").unwrap();
         assert_eq!(parts.len(), 2);
-        let mut pod_entries = parts[0].entries.clone();
-        pod_entries.sort();
         // The container directory is not in the pod's layer.
-        assert_eq!(
-            pod_entries,
-            [
-                PathBuf::from("manifest.json"),
-                "pod.dump".into(),
-                "pod.options".into()
-            ]
-        );
+        assert_eq!(parts[0].skip, [std::ffi::OsString::from("abc-web")]);
+        assert_eq!(parts[1].under, PathBuf::from("abc-web"));
         assert_eq!(parts[0].annotations[LAYER_PART_ANNOTATION], "pod");
         let c = &parts[1];
         assert_eq!(c.root, root.join("abc-web"));

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use stasis_e2e::{
     cri::{container_config, pod_config},
-    Containerd, RUNC_RUNTIME,
+    Containerd,
 };
 use stasis_examples::print_table;
 
@@ -39,14 +39,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn list(arg: Option<String>, default: &str) -> Result<Vec<u64>> {
-    Ok(arg
-        .unwrap_or_else(|| default.to_string())
-        .split(',')
-        .map(|s| s.parse())
-        .collect::<Result<_, _>>()?)
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -54,9 +46,8 @@ async fn main() -> Result<()> {
         println!("bench_pod [--sizes 1,2,4,8] [--memory 0,256]: pod checkpoint/restore vs per-container runc-v2 checkpoints");
         return Ok(());
     }
-    let flag = |name: &str| stasis_examples::flag(&args, name);
-    let sizes = list(flag("--sizes"), "1,2,4,8")?;
-    let memories = list(flag("--memory"), "0,256")?;
+    let sizes = stasis_examples::numbers(&args, "--sizes", "1,2,4,8")?;
+    let memories = stasis_examples::numbers(&args, "--memory", "0,256")?;
     let c = Containerd::start("bench-pod")?;
     let image = c.import_busybox_for_cri()?;
     let plain_image = c.import_busybox()?;
@@ -168,55 +159,8 @@ async fn main() -> Result<()> {
             std::fs::remove_file(&archive)?;
 
             // The same containers through containerd's runc shim, checkpointed one by one.
-            let mut sum = Duration::ZERO;
-            for k in 0..n {
-                let id = format!("rv2-{mib}-{n}-{k}");
-                c.ctr_ok(&[
-                    "run",
-                    "-d",
-                    "--runtime",
-                    RUNC_RUNTIME,
-                    plain_image,
-                    &id,
-                    "sh",
-                    "-c",
-                    &workload(mib),
-                ])?;
-                let deadline = Instant::now() + Duration::from_secs(120);
-                while !c
-                    .ctr(&[
-                        "tasks",
-                        "exec",
-                        "--exec-id",
-                        "probe",
-                        &id,
-                        "cat",
-                        ready_file(mib),
-                    ])?
-                    .status
-                    .success()
-                {
-                    if Instant::now() > deadline {
-                        bail!("{id} not ready");
-                    }
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                let t = Instant::now();
-                c.ctr_ok(&[
-                    "containers",
-                    "checkpoint",
-                    "--task",
-                    "--rw",
-                    &id,
-                    &format!("ck-{id}"),
-                ])?;
-                sum += t.elapsed();
-                let _ = c.ctr(&["tasks", "kill", "-s", "KILL", &id]);
-                std::thread::sleep(Duration::from_millis(200));
-                let _ = c.ctr(&["tasks", "delete", &id]);
-                let _ = c.ctr(&["containers", "delete", &id]);
-                let _ = c.ctr(&["images", "rm", &format!("ck-{id}")]);
-            }
+            let sum =
+                stasis_examples::peers::runc_v2_checkpoint_sum(&c, plain_image, n as usize, mib)?;
             eprintln!(
                 "{label}: frozen {frozen:.0} ms, plain {:.0} ms, pod {:.0} ms, sum {:.0} ms",
                 ms(plain),

@@ -157,10 +157,13 @@ impl Destination {
         Ok((parent.to_path_buf(), label))
     }
 
-    /// Whether the destination makes the manifest itself while it writes (an archive file,
-    /// packed in one pass): the staged pod then goes without one.
+    /// Whether the destination makes the manifest itself while it writes (an archive file or
+    /// an image, packed in one pass): the staged pod then goes without one.
     pub fn makes_manifest(&self) -> bool {
-        matches!(self, Destination::Archive { .. })
+        matches!(
+            self,
+            Destination::Archive { .. } | Destination::Image { .. }
+        )
     }
 
     /// Hands the staged pod over (an archive signed with `sign`: the other destinations take
@@ -218,6 +221,7 @@ impl Destination {
                     &staging,
                     &reference,
                     compression,
+                    archive::Sealing::Made(sign.map(Box::new)),
                 )
                 .await?;
                 // Interrupted meanwhile: the pod runs on, so no image of it may be left.

@@ -94,8 +94,7 @@ async fn checkpoint_on(
     let estimate = node.estimate(&s.containers).await;
     let stage_in = space::staging_parent(&output_dir)?;
     if a.space_check {
-        let kept_staged = matches!(a.destination, Destination::Image { .. });
-        space::check_space(&s.name, &estimate, (&stage_in, &output_dir), kept_staged)?;
+        space::check_space(&s.name, &estimate, &stage_in, &output_dir)?;
     }
     node.connect_shim(&s.pod).await?;
     a.destination.check_new(t).await?;

@@ -29,23 +29,23 @@ pub fn staging_parent(parent: &Path) -> Result<PathBuf> {
 }
 
 /// Refuses early when the staging or the output file system cannot hold the checkpoint.
-/// Staged beside its output, a checkpoint needs about its size once: an archive file frees
-/// the staged copy as it writes, a checkpoint directory is the staged one renamed, a
-/// migration sends it away. Only a checkpoint image (`kept_staged`) holds it twice there.
+/// Staged beside its output, a checkpoint needs about its size once: an archive file or an
+/// image frees the staged copy as it writes, a checkpoint directory is the staged one renamed,
+/// a migration sends it away.
 pub fn check_space(
     name: &str,
     e: &SpaceEstimate,
-    (stage_in, output_dir): (&Path, &Path),
-    kept_staged: bool,
+    stage_in: &Path,
+    output_dir: &Path,
 ) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let capture = e.total() / 2;
     let same = stage_in.metadata()?.dev() == output_dir.metadata()?.dev();
-    let needs: Vec<(&Path, u64)> = match (same, kept_staged) {
-        (true, true) => vec![(output_dir, 2 * capture)],
-        // The staged copy's blocks are freed in steps: the most held twice is one step a file.
-        (true, false) => vec![(output_dir, capture + (16 << 20))],
-        (false, _) => vec![(stage_in, capture), (output_dir, capture)],
+    let needs: Vec<(&Path, u64)> = if same {
+        // The staged copy's blocks are freed in steps: the most held twice is a step a file.
+        vec![(output_dir, capture + (16 << 20))]
+    } else {
+        vec![(stage_in, capture), (output_dir, capture)]
     };
     for (dir, need) in needs {
         let free = files::free_space(dir)?;
@@ -56,10 +56,10 @@ pub fn check_space(
                 dir.display(),
                 human(e.memory),
                 human(e.layers),
-                match (same, kept_staged) {
-                    (true, true) => ", staged there and then copied",
-                    (true, false) => ", staged there and archived in its place",
-                    _ => "",
+                if same {
+                    ", staged there and archived in its place"
+                } else {
+                    ""
                 },
                 human(free)
             );

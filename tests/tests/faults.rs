@@ -210,12 +210,12 @@ async fn a_full_disk_fails_the_checkpoint_cleanly() -> Result<()> {
     let image = c.import_busybox_for_cri()?;
     let mut cri = c.cri().await?;
     let (pod_id, big_id, counter_id) = hog_and_counter_pod(&c, &mut cri, image, "full", 64).await?;
-    // 16 MiB: the dump itself runs out of space. 100 MiB: the dump fits; the archive is
-    // written in place of the staged copy (freed as it goes), so the file system is filled up
-    // the moment the archive file is created. A stopping checkpoint holds the pod frozen until
+    // 16 MiB: the dump itself runs out of space. 100 MiB: the dump fits; the file system is
+    // filled up the moment the archive file is created (written in place of the staged copy,
+    // file by file, the archive alone might fit). A stopping checkpoint holds the pod frozen until
     // its archive is safe: it never is here, so the pod runs on. The early estimate would
     // refuse the 16 MiB ones; it is skipped to reach the late faults, and checked on its own
-    // last (60 MiB: less than the hog's memory, which is what it asks for).
+    // last (60 MiB: less than the hog's memory alone).
     for (size, phase, stopping) in [
         ("16m", "dump", false),
         ("16m", "dump", true),

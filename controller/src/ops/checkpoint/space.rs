@@ -29,9 +29,10 @@ pub fn staging_parent(parent: &Path) -> Result<PathBuf> {
 }
 
 /// Refuses early when the staging or the output file system cannot hold the checkpoint.
-/// Staged beside its output, a checkpoint needs about its size once: an archive file or an
-/// image frees the staged copy as it writes, a checkpoint directory is the staged one renamed,
-/// a migration sends it away.
+/// Staged beside its output, an archive file or an image is written in place of the staged
+/// copy, each staged file removed once it is in: the file system holds the checkpoint once,
+/// plus the file being copied (at most the largest container's memory and layer). A
+/// checkpoint directory is the staged one renamed, a migration sends it away.
 pub fn check_space(
     name: &str,
     e: &SpaceEstimate,
@@ -42,8 +43,7 @@ pub fn check_space(
     let capture = e.total() / 2;
     let same = stage_in.metadata()?.dev() == output_dir.metadata()?.dev();
     let needs: Vec<(&Path, u64)> = if same {
-        // The staged copy's blocks are freed in steps: the most held twice is a step a file.
-        vec![(output_dir, capture + (16 << 20))]
+        vec![(output_dir, capture + e.largest)]
     } else {
         vec![(stage_in, capture), (output_dir, capture)]
     };
@@ -57,9 +57,12 @@ pub fn check_space(
                 human(e.memory),
                 human(e.layers),
                 if same {
-                    ", staged there and archived in its place"
+                    format!(
+                        ", staged there and archived in its place, file by file: + {} for the largest container's",
+                        human(e.largest)
+                    )
                 } else {
-                    ""
+                    String::new()
                 },
                 human(free)
             );
@@ -73,6 +76,8 @@ pub fn check_space(
 pub struct SpaceEstimate {
     pub memory: u64,
     pub layers: u64,
+    /// The most one container holds (its memory and writable layer).
+    pub largest: u64,
 }
 
 impl SpaceEstimate {
@@ -99,14 +104,20 @@ pub async fn estimate(rt: &mut cri::Runtime, containers: &[ContainerInfo]) -> Sp
         let Some(stats) = stats.into_inner().stats else {
             continue;
         };
+        let mut this = 0;
         if let Some(m) = stats.memory {
             let rss = m.rss_bytes.map(|v| v.value).unwrap_or_default();
             let ws = m.working_set_bytes.map(|v| v.value).unwrap_or_default();
-            e.memory += if rss > 0 { rss } else { ws };
+            let memory = if rss > 0 { rss } else { ws };
+            e.memory += memory;
+            this += memory;
         }
         if let Some(l) = stats.writable_layer {
-            e.layers += l.used_bytes.map(|v| v.value).unwrap_or_default();
+            let layer = l.used_bytes.map(|v| v.value).unwrap_or_default();
+            e.layers += layer;
+            this += layer;
         }
+        e.largest = e.largest.max(this);
     }
     e
 }

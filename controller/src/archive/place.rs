@@ -104,8 +104,19 @@ pub(super) fn copy_tree(
 /// nothing partial is ever at `dest`. Returns the bytes it holds.
 pub fn place_dir(staging: &Path, dest: &Path) -> Result<u64> {
     let (_, bytes) = tree_size(staging);
+    // On disk before it is there under its name (a stopping checkpoint stops the pod next).
+    let synced = File::open(staging)
+        .map_err(anyhow::Error::from)
+        .and_then(|d| Ok(nix::unistd::syncfs(&d)?))
+        .with_context(|| format!("sync {}", staging.display()));
+    if let Err(e) = synced {
+        return Err(explain_full_disk(e, dest));
+    }
     match rename_new(staging, dest) {
-        Ok(()) => return Ok(bytes),
+        Ok(()) => {
+            sync_parent(dest)?;
+            return Ok(bytes);
+        }
         Err(e) if dest.symlink_metadata().is_ok() => return Err(e),
         Err(_) => {}
     }
@@ -134,10 +145,22 @@ pub fn place_dir(staging: &Path, dest: &Path) -> Result<u64> {
         let dir = File::open(&partial)?;
         nix::unistd::syncfs(&dir)?;
         rename_new(&partial, dest)?;
+        sync_parent(dest)?;
         Ok(bytes)
     })();
     if copied.is_err() {
         let _ = std::fs::remove_dir_all(&partial);
     }
     copied.map_err(|e| explain_full_disk(e, dest))
+}
+
+/// Syncs the directory that holds `path` (its new name made durable).
+fn sync_parent(path: &Path) -> Result<()> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(parent)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("sync {}", parent.display()))
 }

@@ -10,11 +10,10 @@ pub fn write(dir: &Path, dest: &Path, compression: Compression) -> Result<u64> {
     write_cancellable(dir, dest, compression, &[], &AtomicBool::new(false)).map(|w| w.bytes)
 }
 
-/// What was written: its size, the SHA-256 of the file's bytes, which file it is, and (packed
-/// from a staged checkpoint) what [`check_written`] compares it with.
+/// What was written: its size, which file it is, and (packed from a staged checkpoint) what
+/// [`check_written`] compares it with.
 pub struct Written {
     pub bytes: u64,
-    pub sha256: [u8; 32],
     /// Device and inode of the file written.
     pub file: (u64, u64),
     /// An uncompressed, unencrypted tar.
@@ -84,8 +83,8 @@ fn write_file(dest: &Path, how: &Writing, body: Body) -> Result<Written> {
     let out = Cancellable {
         inner: file,
         cancel: how.cancel,
-        hasher: sha2::Sha256::default(),
         bytes: 0,
+        started: 0,
     };
     let mut packed = None;
     let mut keep = |tar: &mut tar::Builder<&mut dyn Write>| {
@@ -99,16 +98,11 @@ fn write_file(dest: &Path, how: &Writing, body: Body) -> Result<Written> {
             .and_then(|enc| pack_stream(enc, how.compression, &mut keep))
             .and_then(|enc| enc.finish().context("finish the encryption"))
     };
-    let mut sum = ([0u8; 32], 0, (0, 0));
+    let mut sum = (0, (0, 0));
     let written = stream
         .and_then(|w| {
-            use sha2::Digest;
             let meta = w.inner.metadata()?;
-            sum = (
-                w.hasher.finalize().into(),
-                w.bytes,
-                (meta.dev(), meta.ino()),
-            );
+            sum = (w.bytes, (meta.dev(), meta.ino()));
             w.inner.sync_all().context("sync the archive")
         })
         .and_then(|()| rename_new(&partial, dest))
@@ -122,9 +116,8 @@ fn write_file(dest: &Path, how: &Writing, body: Body) -> Result<Written> {
         return Err(explain_full_disk(e, dest));
     }
     Ok(Written {
-        bytes: sum.1,
-        sha256: sum.0,
-        file: sum.2,
+        bytes: sum.0,
+        file: sum.1,
         plain: how.compression == Compression::None && how.recipients.is_empty(),
         packed,
     })
@@ -162,7 +155,9 @@ fn pack_stream<W: Write>(file: W, compression: Compression, body: Body) -> Resul
     // the staged size.
     let file = match compression {
         Compression::None => {
-            let mut w = tar_into(Counting(std::io::BufWriter::new(file)), body)?.0;
+            // Large writes: a page image goes to the file in MiB, not the default 8 KiB.
+            let buffered = std::io::BufWriter::with_capacity(1 << 20, file);
+            let mut w = tar_into(Counting(buffered), body)?.0;
             w.flush()?;
             w.into_inner().map_err(|e| e.into_error())?
         }
@@ -185,24 +180,42 @@ fn pack_stream<W: Write>(file: W, compression: Compression, body: Body) -> Resul
     Ok(file)
 }
 
-/// A writer that fails once its flag is set (how an interrupted packaging stops), hashing
-/// what it passes on.
-pub(super) struct Cancellable<'a, W> {
-    pub(super) inner: W,
+/// The archive file's writer: it fails once its flag is set (how an interrupted packaging
+/// stops), and starts the disk's writeback of every few MiB written, so that the final fsync
+/// waits for little more than the last of them (the copy and the disk work side by side).
+pub(super) struct Cancellable<'a> {
+    pub(super) inner: File,
     pub(super) cancel: &'a AtomicBool,
-    pub(super) hasher: sha2::Sha256,
     pub(super) bytes: u64,
+    /// Bytes whose writeback was started.
+    pub(super) started: u64,
 }
 
-impl<W: Write> Write for Cancellable<'_, W> {
+/// Writeback is started in steps of this many bytes.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+impl Write for Cancellable<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.cancel.load(Ordering::SeqCst) {
             // Not ErrorKind::Interrupted: `write_all` retries those forever.
             return Err(std::io::Error::other("archive writing interrupted"));
         }
         let n = self.inner.write(buf)?;
-        sha2::Digest::update(&mut self.hasher, &buf[..n]);
         self.bytes += n as u64;
+        if self.bytes - self.started >= WRITEBACK_STEP {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a plain syscall on our open file; it only starts writeback (an error
+            // is left for the final fsync to report).
+            unsafe {
+                libc::sync_file_range(
+                    self.inner.as_raw_fd(),
+                    self.started as i64,
+                    (self.bytes - self.started) as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+            self.started = self.bytes;
+        }
         Ok(n)
     }
 

@@ -8,6 +8,7 @@ use stasis_e2e::image;
 /// What `stasisctl pod checkpoint --format json`, run with `STASIS_LOG=debug`, says of itself.
 pub struct CheckpointReport {
     pub frozen_ms: f64,
+    pub packaging_ms: f64,
     /// The archive's size.
     pub bytes: u64,
     /// Bytes it moved through read and write calls (its `/proc/self/io` rchar + wchar).
@@ -37,6 +38,7 @@ pub fn checkpoint_report(out: &std::process::Output) -> Result<CheckpointReport>
     };
     Ok(CheckpointReport {
         frozen_ms: result["frozen_ms"].as_f64().unwrap_or_default(),
+        packaging_ms: result["packaging_ms"].as_f64().unwrap_or_default(),
         bytes: result["bytes"].as_u64().unwrap_or_default(),
         moved: field("rchar") + field("wchar"),
         written: field("wchar"),

@@ -86,6 +86,7 @@ fn write_file(dest: &Path, how: &Writing, body: Body) -> Result<Written> {
         bytes: 0,
         started: 0,
     };
+    let started = std::time::Instant::now();
     let mut packed = None;
     let mut keep = |tar: &mut tar::Builder<&mut dyn Write>| {
         packed = body(tar)?;
@@ -99,11 +100,20 @@ fn write_file(dest: &Path, how: &Writing, body: Body) -> Result<Written> {
             .and_then(|enc| enc.finish().context("finish the encryption"))
     };
     let mut sum = (0, (0, 0));
+    let copied = started.elapsed();
     let written = stream
         .and_then(|w| {
             let meta = w.inner.metadata()?;
             sum = (w.bytes, (meta.dev(), meta.ino()));
             w.inner.sync_all().context("sync the archive")
+        })
+        .inspect(|()| {
+            tracing::debug!(
+                bytes = sum.0,
+                write_ms = copied.as_millis() as u64,
+                sync_ms = (started.elapsed() - copied).as_millis() as u64,
+                "archive written and synced"
+            )
         })
         .and_then(|()| rename_new(&partial, dest))
         .and_then(|()| {

@@ -72,6 +72,7 @@ async fn main() -> Result<()> {
         "podman --export".into(),
         "file / podman (<=1.0)".into(),
         "frozen (file)".into(),
+        "packaging (dir / file)".into(),
         "archive".into(),
         "stasisctl read+written / archive".into(),
     ]];
@@ -83,6 +84,7 @@ async fn main() -> Result<()> {
         }
         let (mut dir, mut file, mut pm) = (Vec::new(), Vec::new(), Vec::new());
         let (mut frozen, mut bytes, mut moved) = (Vec::new(), 0, 0);
+        let (mut pack_dir, mut pack_file) = (Vec::new(), Vec::new());
         for run in 0..runs {
             // Alternating which goes first: neither always meets the other's page cache.
             let d = c.dir.join(format!("{name}-{run}-dir/"));
@@ -92,10 +94,12 @@ async fn main() -> Result<()> {
                 let (wall, r) = checkpoint(&c, &pod, out)?;
                 if out == f.as_path() {
                     file.push(wall);
+                    pack_file.push(Duration::from_secs_f64(r.packaging_ms / 1000.0));
                     frozen.push(Duration::from_secs_f64(r.frozen_ms / 1000.0));
                     (bytes, moved) = (r.bytes, r.moved);
                 } else {
                     dir.push(wall);
+                    pack_dir.push(Duration::from_secs_f64(r.packaging_ms / 1000.0));
                 }
             }
             std::fs::remove_file(&f)?;
@@ -120,6 +124,11 @@ async fn main() -> Result<()> {
             p.map(ms).unwrap_or_else(|| "-".into()),
             ratio(f, p),
             ms(median(&mut frozen)),
+            format!(
+                "{} / {}",
+                ms(median(&mut pack_dir)),
+                ms(median(&mut pack_file))
+            ),
             human(bytes),
             format!("{:.2}", moved as f64 / bytes.max(1) as f64),
         ]);

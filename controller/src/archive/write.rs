@@ -80,12 +80,7 @@ fn write_file(dest: &Path, how: &Writing, body: Body) -> Result<Written> {
         .into_owned();
     let partial = parent.join(format!(".{name}.partial-{}", files::random_suffix()?));
     let file = files::create_file(&partial, 0o600)?;
-    let out = Cancellable {
-        inner: file,
-        cancel: how.cancel,
-        bytes: 0,
-        started: 0,
-    };
+    let out = Cancellable::new(file, how.cancel);
     let started = std::time::Instant::now();
     let mut packed = None;
     let mut keep = |tar: &mut tar::Builder<&mut dyn Write>| {
@@ -103,9 +98,11 @@ fn write_file(dest: &Path, how: &Writing, body: Body) -> Result<Written> {
     let copied = started.elapsed();
     let written = stream
         .and_then(|w| {
-            let meta = w.inner.metadata()?;
-            sum = (w.bytes, (meta.dev(), meta.ino()));
-            w.inner.sync_all().context("sync the archive")
+            let bytes = w.bytes;
+            let file = w.finish()?;
+            let meta = file.metadata()?;
+            sum = (bytes, (meta.dev(), meta.ino()));
+            file.sync_all().context("sync the archive")
         })
         .inspect(|()| {
             tracing::debug!(
@@ -165,9 +162,7 @@ fn pack_stream<W: Write>(file: W, compression: Compression, body: Body) -> Resul
     // the staged size.
     let file = match compression {
         Compression::None => {
-            // Large writes: a page image goes to the file in MiB, not the default 8 KiB.
-            let buffered = std::io::BufWriter::with_capacity(1 << 20, file);
-            let mut w = tar_into(Counting(buffered), body)?.0;
+            let mut w = tar_into(Counting(std::io::BufWriter::new(file)), body)?.0;
             w.flush()?;
             w.into_inner().map_err(|e| e.into_error())?
         }
@@ -191,18 +186,90 @@ fn pack_stream<W: Write>(file: W, compression: Compression, body: Body) -> Resul
 }
 
 /// The archive file's writer: it fails once its flag is set (how an interrupted packaging
-/// stops), and starts the disk's writeback of every few MiB written, so that the final fsync
-/// waits for little more than the last of them (the copy and the disk work side by side).
+/// stops), and hands the bytes, in 1 MiB pieces, to a thread of its own that writes them and
+/// starts the disk's writeback every few MiB. Reading, summing and framing go on meanwhile
+/// (two cores), and the final fsync waits for little more than the last pieces.
 pub(super) struct Cancellable<'a> {
-    pub(super) inner: File,
-    pub(super) cancel: &'a AtomicBool,
+    cancel: &'a AtomicBool,
     pub(super) bytes: u64,
-    /// Bytes whose writeback was started.
-    pub(super) started: u64,
+    piece: Vec<u8>,
+    to_writer: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    writer: Option<std::thread::JoinHandle<std::io::Result<File>>>,
 }
+
+/// Bytes handed to the writing thread at once.
+const PIECE: usize = 1 << 20;
 
 /// Writeback is started in steps of this many bytes.
 const WRITEBACK_STEP: u64 = 8 << 20;
+
+impl<'a> Cancellable<'a> {
+    pub(super) fn new(mut file: File, cancel: &'a AtomicBool) -> Self {
+        let (to_writer, pieces) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let writer = std::thread::spawn(move || {
+            let (mut written, mut started) = (0u64, 0u64);
+            for piece in pieces {
+                file.write_all(&piece)?;
+                written += piece.len() as u64;
+                if written - started >= WRITEBACK_STEP {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: a plain syscall on our open file; it only starts writeback (an
+                    // error is left for the final fsync to report).
+                    unsafe {
+                        libc::sync_file_range(
+                            file.as_raw_fd(),
+                            started as i64,
+                            (written - started) as i64,
+                            libc::SYNC_FILE_RANGE_WRITE,
+                        )
+                    };
+                    started = written;
+                }
+            }
+            Ok(file)
+        });
+        Cancellable {
+            cancel,
+            bytes: 0,
+            piece: Vec::with_capacity(PIECE),
+            to_writer: Some(to_writer),
+            writer: Some(writer),
+        }
+    }
+
+    /// The writing thread's end: its error, or the file with every byte written to it.
+    fn join(&mut self) -> std::io::Result<File> {
+        self.to_writer = None;
+        match self.writer.take().map(|w| w.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(std::io::Error::other(
+                "the archive's writing thread panicked",
+            )),
+            None => Err(std::io::Error::other("the archive was finished already")),
+        }
+    }
+
+    fn send(&mut self) -> std::io::Result<()> {
+        let piece = std::mem::replace(&mut self.piece, Vec::with_capacity(PIECE));
+        let sent = self.to_writer.as_ref().map(|tx| tx.send(piece));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            // The thread stopped: its error says why.
+            _ => Err(self
+                .join()
+                .err()
+                .unwrap_or_else(|| std::io::Error::other("the archive's writing thread stopped"))),
+        }
+    }
+
+    /// Every byte written to the file: the file, to be synced.
+    pub(super) fn finish(mut self) -> std::io::Result<File> {
+        if !self.piece.is_empty() {
+            self.send()?;
+        }
+        self.join()
+    }
+}
 
 impl Write for Cancellable<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -210,27 +277,27 @@ impl Write for Cancellable<'_> {
             // Not ErrorKind::Interrupted: `write_all` retries those forever.
             return Err(std::io::Error::other("archive writing interrupted"));
         }
-        let n = self.inner.write(buf)?;
+        let n = buf.len().min(PIECE - self.piece.len());
+        self.piece.extend_from_slice(&buf[..n]);
         self.bytes += n as u64;
-        if self.bytes - self.started >= WRITEBACK_STEP {
-            use std::os::fd::AsRawFd;
-            // SAFETY: a plain syscall on our open file; it only starts writeback (an error
-            // is left for the final fsync to report).
-            unsafe {
-                libc::sync_file_range(
-                    self.inner.as_raw_fd(),
-                    self.started as i64,
-                    (self.bytes - self.started) as i64,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                )
-            };
-            self.started = self.bytes;
+        if self.piece.len() == PIECE {
+            self.send()?;
         }
         Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+        Ok(())
+    }
+}
+
+impl Drop for Cancellable<'_> {
+    fn drop(&mut self) {
+        // Not finished (an error or an interrupt): the thread ends with the channel; wait for
+        // it, so nothing writes into the file once it is removed.
+        if self.writer.is_some() {
+            let _ = self.join();
+        }
     }
 }
 

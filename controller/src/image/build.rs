@@ -89,7 +89,7 @@ async fn write_layers(
 ) -> Result<(Vec<OciDescriptor>, Vec<String>, u64)> {
     let media = layer_media_type(compression);
     let mut sums = archive::Sums::default();
-    let mut built: Vec<Option<(Descriptor, String)>> = parts.iter().map(|_| None).collect();
+    let mut built: Vec<Option<(Descriptor, Option<String>)>> = parts.iter().map(|_| None).collect();
     let mut order: Vec<usize> = (1..parts.len()).collect();
     order.push(0);
     for i in order {
@@ -130,7 +130,7 @@ async fn write_layers(
     for (part, b) in parts.into_iter().zip(built) {
         let (d, diff) = b.context("a layer was not written")?;
         total += d.size as u64;
-        diff_ids.push(diff);
+        diff_ids.push(diff.unwrap_or_else(|| d.digest.clone()));
         layers.push(OciDescriptor {
             media_type: d.media_type,
             digest: d.digest,
@@ -273,31 +273,47 @@ pub(super) fn now_rfc3339() -> String {
 }
 
 /// The tar that `body` makes into `w`, compressed; returns the diff id (SHA-256 of the
-/// uncompressed tar) and what `body` returned.
+/// uncompressed tar; none for an uncompressed layer, whose diff id is the blob's own digest,
+/// which the sink computes anyway) and what `body` returned.
 pub(super) fn tar_layer<T>(
     w: &mut ContentSink,
     compression: Compression,
     body: impl FnOnce(&mut tar::Builder<&mut dyn Write>) -> Result<T>,
-) -> Result<(String, T)> {
+) -> Result<(Option<String>, T)> {
     Ok(match compression {
-        Compression::None => {
-            let (_, diff, t) = tar_hashed(w, body)?;
-            (diff, t)
-        }
+        Compression::None => (None, tar_into(w, body)?.1),
         Compression::Gzip => {
             let enc = flate2::write::GzEncoder::new(w, flate2::Compression::fast());
             let (enc, diff, t) = tar_hashed(enc, body)?;
             enc.finish()?;
-            (diff, t)
+            (Some(diff), t)
         }
         Compression::Zstd => {
             let mut enc = zstd::Encoder::new(w, 3)?;
             enc.include_checksum(true)?;
             let (enc, diff, t) = tar_hashed(enc, body)?;
             enc.finish()?;
-            (diff, t)
+            (Some(diff), t)
         }
     })
+}
+
+/// The tar that `body` makes into `w`.
+fn tar_into<W: Write, T>(
+    mut w: W,
+    body: impl FnOnce(&mut tar::Builder<&mut dyn Write>) -> Result<T>,
+) -> Result<(W, T)> {
+    let t = {
+        let mut tar = tar::Builder::new(&mut w as &mut dyn Write);
+        tar.follow_symlinks(false);
+        // Modes as they are: page images and configs stay 0600 wherever they are unpacked.
+        tar.mode(tar::HeaderMode::Complete);
+        let t = body(&mut tar)?;
+        tar.finish()?;
+        t
+    };
+    w.flush()?;
+    Ok((w, t))
 }
 
 /// The tar that `body` makes into `w`, hashed as it is written.
@@ -319,20 +335,13 @@ fn tar_hashed<W: Write, T>(
             self.inner.flush()
         }
     }
-    let mut h = Hashing {
-        inner: w,
-        hasher: sha2::Sha256::new(),
-    };
-    let t = {
-        let mut tar = tar::Builder::new(&mut h as &mut dyn Write);
-        tar.follow_symlinks(false);
-        // Modes as they are: page images and configs stay 0600 wherever they are unpacked.
-        tar.mode(tar::HeaderMode::Complete);
-        let t = body(&mut tar)?;
-        tar.finish()?;
-        t
-    };
-    h.flush()?;
+    let (h, t) = tar_into(
+        Hashing {
+            inner: w,
+            hasher: sha2::Sha256::new(),
+        },
+        body,
+    )?;
     Ok((
         h.inner,
         format!("sha256:{}", hex::encode(h.hasher.finalize())),

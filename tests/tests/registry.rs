@@ -381,11 +381,18 @@ async fn basic_auth_is_asked_and_honoured() -> Result<()> {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()?;
-        child
+        let written = child
             .stdin
             .take()
             .context("stdin")?
-            .write_all(b"s3cret-pass\n")?;
+            .write_all(b"s3cret-pass\n");
+        // A stasisctl that refuses its arguments may exit before it reads its stdin.
+        if let Err(e) = written {
+            ensure!(
+                e.kind() == std::io::ErrorKind::BrokenPipe,
+                "write the password: {e}"
+            );
+        }
         Ok(child.wait_with_output()?)
     };
     let out = push_with_stdin("stasis:s3cret-pass")?;

@@ -8,7 +8,7 @@
 #   sudo scripts/bench.sh migrate [--memory 0,256,1024] [--runs N]
 #   sudo scripts/bench.sh image [--memory 0,256] [--runs N]
 #   sudo scripts/bench.sh restore_check [--memory 0,256] [--runs N]
-#   sudo scripts/bench.sh archive [--memory 0,256,1024] [--runs N]   (installs Podman, the peer)
+#   sudo scripts/bench.sh archive [--memory 0,256,1024] [--runs N]   (unpacks Podman, the peer)
 #   sudo scripts/bench.sh scale [--containers 1,4,16] [--memory 0,64] [--pods 1,4]   (likewise)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,11 +16,12 @@ export HOME="${HOME:-/root}"
 export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
 which="${1:-runtime}"; shift || true
 bash scripts/install-deps.sh >/dev/null
-# The archive bench's peer: Podman from trixie (never installed by CI). On bookworm it brings
-# trixie's systemd, util-linux and openssl with it: STASIS_BENCH_NO_PODMAN=1 skips it (the
-# Podman columns then say "-").
-if { [ "$which" = archive ] || [ "$which" = scale ]; } && [ -z "${STASIS_BENCH_NO_PODMAN:-}" ] && ! command -v podman >/dev/null; then
-    apt-get install -y -q --no-install-recommends -t trixie podman >/dev/null
+# The archive and scale benches' peer: Podman 5.4.2 from trixie, unpacked into a private
+# directory (never installed, never by CI): scripts/podman-private.sh. STASIS_BENCH_NO_PODMAN=1
+# leaves it out (the Podman columns then say "-").
+if { [ "$which" = archive ] || [ "$which" = scale ]; } && [ -z "${STASIS_BENCH_NO_PODMAN:-}" ]; then
+    STASIS_PODMAN="$(bash scripts/podman-private.sh)"
+    export STASIS_PODMAN
 fi
 cargo build -q --workspace --release --bins
 STASIS_SHIM="$PWD/target/release/containerd-shim-stasis-v2" exec "target/release/bench_$which" "$@"

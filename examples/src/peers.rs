@@ -48,21 +48,24 @@ pub fn checkpoint_report(out: &std::process::Output) -> Result<CheckpointReport>
 /// Podman on private storage under a directory, with runc (crun refuses this machine's
 /// hybrid cgroups) and no systemd; busybox loaded as the tests build it.
 pub struct Podman {
+    program: std::ffi::OsString,
     root: std::path::PathBuf,
 }
 
 impl Podman {
-    /// Podman, when it is installed (`scripts/bench.sh` installs it for the benches that
-    /// want it; CI never does).
+    /// Podman, when there is one: `$STASIS_PODMAN` (what `scripts/bench.sh` unpacks for the
+    /// benches that want it; CI never does), else `podman` on the PATH.
     pub fn new(dir: &Path) -> Result<Option<Podman>> {
-        let found = Command::new("podman").arg("--version").output();
+        let program = std::env::var_os("STASIS_PODMAN").unwrap_or_else(|| "podman".into());
+        let found = Command::new(&program).arg("--version").output();
         if !found.is_ok_and(|o| o.status.success()) {
             eprintln!(
-                "podman is not installed: its columns say \"-\" (scripts/bench.sh installs it)"
+                "podman is not installed: its columns say \"-\" (scripts/bench.sh unpacks it)"
             );
             return Ok(None);
         }
         let p = Podman {
+            program,
             root: dir.join("podman"),
         };
         let archive = dir.join("busybox-podman.oci.tar");
@@ -72,7 +75,7 @@ impl Podman {
     }
 
     pub fn run(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("podman")
+        let out = Command::new(&self.program)
             .arg("--root")
             .arg(self.root.join("root"))
             .arg("--runroot")
@@ -122,8 +125,9 @@ impl Podman {
     }
 
     /// `podman container checkpoint --leave-running --export` of `name`, uncompressed, into
-    /// `out` (removed after); how long it took.
-    pub fn checkpoint(&self, name: &str, out: &Path) -> Result<Duration> {
+    /// `out` (removed after): how long it took, and how long an fsync of the export takes
+    /// after (Podman leaves the archive in the page cache; stasis's is durable on return).
+    pub fn checkpoint(&self, name: &str, out: &Path) -> Result<(Duration, Duration)> {
         let t = std::time::Instant::now();
         self.run(&[
             "container",
@@ -136,14 +140,37 @@ impl Podman {
             name,
         ])?;
         let took = t.elapsed();
+        let t = std::time::Instant::now();
+        std::fs::File::open(out)?.sync_all()?;
+        let synced = t.elapsed();
         std::fs::remove_file(out)?;
-        Ok(took)
+        Ok((took, synced))
     }
 
-    /// Removes every container and image of this private store.
+    /// Removes every container and image of this private store, and the cgroups Podman's
+    /// cgroupfs manager leaves behind (`libpod_parent` in every hierarchy).
     pub fn reset(&self) {
         let _ = self.run(&["system", "reset", "--force"]);
+        let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+            return;
+        };
+        for h in hierarchies.flatten() {
+            remove_cgroup_tree(&h.path().join("libpod_parent"));
+        }
     }
+}
+
+/// Removes an empty cgroup and the empty ones below it (a cgroup is removed by `rmdir`; one
+/// that still holds a process stays).
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(children) = std::fs::read_dir(dir) {
+        for c in children.flatten() {
+            if c.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&c.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// The sum of `n` live checkpoints (`ctr c checkpoint --task --rw`), one after the other, of

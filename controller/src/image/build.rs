@@ -274,7 +274,7 @@ pub(super) fn now_rfc3339() -> String {
 
 /// The tar that `body` makes into `w`, compressed; returns the diff id (SHA-256 of the
 /// uncompressed tar; none for an uncompressed layer, whose diff id is the blob's own digest,
-/// which the sink computes anyway) and what `body` returned.
+/// which containerd computes as it writes it) and what `body` returned.
 pub(super) fn tar_layer<T>(
     w: &mut ContentSink,
     compression: Compression,

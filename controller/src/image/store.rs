@@ -67,8 +67,9 @@ impl ImageStoreClient {
     }
 
     /// Writes `produce`'s output into the content store as one blob, in a single pass: the
-    /// bytes go to containerd as they are made and are hashed on the way; the commit names
-    /// the digest (and `labels`). `produce` runs on a blocking thread and returns a value
+    /// bytes go to containerd as they are made; containerd hashes them as it writes them
+    /// and its commit answers with the digest (hashing them here too cost a second pass over
+    /// every page on a 2-core node). `produce` runs on a blocking thread and returns a value
     /// (a layer's diff id) passed back with the descriptor.
     pub(super) async fn write_blob<T: Send + 'static>(
         &self,
@@ -84,30 +85,37 @@ impl ImageStoreClient {
         );
         let ingest = reference.clone();
         let mut content = ContentClient::new(self.channel.clone());
+        let started = std::time::Instant::now();
         let producer = tokio::task::spawn_blocking(move || {
             let mut sink = ContentSink {
                 tx,
                 reference,
                 offset: 0,
-                hasher: sha2::Sha256::new(),
                 buf: Vec::with_capacity(CHUNK),
             };
             let made = produce(&mut sink)?;
-            let (digest, size) = sink.commit(labels)?;
-            Ok::<_, anyhow::Error>((digest, size, made))
+            let size = sink.commit(labels)?;
+            Ok::<_, anyhow::Error>((size, made, started.elapsed()))
         });
         let call = content.write(self.request(tokio_stream::wrappers::ReceiverStream::new(rx)));
-        let mut failure = None;
+        let (mut failure, mut committed, mut existing) = (None, None, None);
         match call.await {
             Ok(r) => {
                 let mut responses = r.into_inner();
                 loop {
                     match responses.message().await {
-                        Ok(Some(r)) if r.action == WriteAction::Commit as i32 => break,
+                        Ok(Some(r)) if r.action == WriteAction::Commit as i32 => {
+                            committed = Some(r.digest);
+                            break;
+                        }
                         Ok(Some(_)) => {}
                         Ok(None) => break,
-                        // The same bytes are there already (an identical layer): fine.
-                        Err(s) if s.code() == tonic::Code::AlreadyExists => break,
+                        // The same bytes are there already (an identical layer): fine, and
+                        // the refusal names their digest.
+                        Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                            existing = Some(s.message().to_string());
+                            break;
+                        }
                         Err(s) => {
                             failure = Some(s.message().to_string());
                             break;
@@ -129,8 +137,43 @@ impl ImageStoreClient {
         if let Some(f) = failure {
             bail!("write into containerd's content store: {f}");
         }
-        let (digest, size, made) = produced?;
+        let (size, made, sent) = produced?;
+        tracing::debug!(
+            bytes = size,
+            sent_ms = sent.as_millis() as u64,
+            committed_ms = (started.elapsed() - sent).as_millis() as u64,
+            "blob written into containerd's content store"
+        );
+        let digest = match (committed, existing) {
+            (Some(d), _) if !d.is_empty() => d,
+            (_, Some(refusal)) => self.existing_blob(&refusal, size).await?,
+            _ => bail!("containerd ended the content write without committing it"),
+        };
         Ok((descriptor(media_type, &digest, size), made))
+    }
+
+    /// The blob containerd refused to write again because it holds it already: the digest
+    /// its refusal names ("content sha256:…: already exists"), confirmed by its own record
+    /// of a blob of that digest and of `size` bytes.
+    async fn existing_blob(&self, refusal: &str, size: u64) -> Result<String> {
+        let digest = named_digest(refusal)
+            .with_context(|| format!("containerd refused the content write: {refusal}"))?;
+        let info = ContentClient::new(self.channel.clone())
+            .info(self.request(containerd_client::services::v1::InfoRequest {
+                digest: digest.clone(),
+            }))
+            .await
+            .map_err(|s| anyhow::anyhow!("look up {digest} in containerd: {}", s.message()))?
+            .into_inner()
+            .info
+            .with_context(|| format!("containerd has no record of {digest}"))?;
+        if info.size as u64 != size {
+            bail!(
+                "containerd says {digest} exists already, but with {} bytes, not {size}",
+                info.size
+            );
+        }
+        Ok(digest)
     }
 
     /// [`Self::write_blob`] of bytes in memory (a config, a manifest).
@@ -267,6 +310,18 @@ pub(super) fn descriptor(media_type: &str, digest: &str, size: u64) -> Descripto
     }
 }
 
+/// The first well-formed `sha256:<64 lowercase hex>` digest that `text` names.
+fn named_digest(text: &str) -> Option<String> {
+    text.match_indices("sha256:").find_map(|(i, _)| {
+        let hex = text.get(i + 7..i + 71)?;
+        let well_formed = hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        (well_formed && !text[i + 71..].starts_with(|c: char| c.is_ascii_hexdigit()))
+            .then(|| text[i..i + 71].to_string())
+    })
+}
+
 /// How much a content write sends at once.
 pub(super) const CHUNK: usize = 1 << 20;
 
@@ -275,7 +330,6 @@ pub(super) struct ContentSink {
     pub(super) tx: tokio::sync::mpsc::Sender<WriteContentRequest>,
     pub(super) reference: String,
     pub(super) offset: u64,
-    pub(super) hasher: sha2::Sha256,
     pub(super) buf: Vec<u8>,
 }
 
@@ -309,23 +363,18 @@ impl ContentSink {
         })
     }
 
-    /// Sends what is left and commits; returns (digest, size).
-    pub(super) fn commit(mut self, labels: HashMap<String, String>) -> Result<(String, u64)> {
+    /// Sends what is left and commits (containerd names the digest); returns the size.
+    pub(super) fn commit(mut self, labels: HashMap<String, String>) -> Result<u64> {
         if !self.buf.is_empty() {
             self.send(WriteAction::Write, HashMap::new(), String::new())?;
         }
-        let digest = format!(
-            "sha256:{}",
-            hex::encode(std::mem::take(&mut self.hasher).finalize())
-        );
-        self.send(WriteAction::Commit, labels, digest.clone())?;
-        Ok((digest, self.offset))
+        self.send(WriteAction::Commit, labels, String::new())?;
+        Ok(self.offset)
     }
 }
 
 impl Write for ContentSink {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.hasher.update(data);
         self.offset += data.len() as u64;
         self.buf.extend_from_slice(data);
         if self.buf.len() >= CHUNK {
@@ -448,5 +497,27 @@ impl Read for CheckedLayer {
             Ok(n) => Ok(n),
             Err(e) => Err(self.drain().err().unwrap_or(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::named_digest;
+
+    #[test]
+    fn a_refusal_names_the_digest_it_holds() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(
+            named_digest(&format!("content {d}: already exists")),
+            Some(d.clone())
+        );
+        // Too short, too long, or not hex: not a digest.
+        assert_eq!(named_digest("content sha256:abc: already exists"), None);
+        assert_eq!(named_digest(&format!("content {d}0: already exists")), None);
+        assert_eq!(
+            named_digest(&format!("sha256:{} exists", "zz".repeat(32))),
+            None
+        );
+        assert_eq!(named_digest(&format!("x sha256:{}", "AB".repeat(32))), None);
     }
 }

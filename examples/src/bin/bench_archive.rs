@@ -7,7 +7,9 @@
 //!     sudo scripts/bench.sh archive [--memory 0,256,1024] [--runs N]
 //!
 //! Podman (Debian trixie's, run with runc: crun refuses this machine's hybrid cgroups) is
-//! installed by `scripts/bench.sh`, never by CI; without it its columns say "-".
+//! unpacked privately by `scripts/bench.sh`, never by CI; without it its columns say "-".
+//! Podman returns with its export in the page cache, stasis with its archive fsynced: the
+//! "podman + fsync" column adds what an fsync of Podman's export takes right after.
 
 use std::{path::Path, time::Duration};
 
@@ -48,6 +50,12 @@ fn checkpoint(c: &Containerd, pod: &str, out: &Path) -> Result<(Duration, Checkp
             .arg(out)
             .output()?)
     })?;
+    // Where the packaging time goes (stasisctl's debug log of the archive write).
+    for line in String::from_utf8_lossy(&o.stderr).lines() {
+        if line.contains("write_ms") {
+            eprintln!("  {}: {line}", out.display());
+        }
+    }
     Ok((wall, checkpoint_report(&o)?))
 }
 
@@ -71,6 +79,8 @@ async fn main() -> Result<()> {
         "file / dir (<=1.15)".into(),
         "podman --export".into(),
         "file / podman (<=1.0)".into(),
+        "podman + fsync".into(),
+        "file / (podman + fsync)".into(),
         "frozen (file)".into(),
         "packaging (dir / file)".into(),
         "archive".into(),
@@ -82,7 +92,8 @@ async fn main() -> Result<()> {
         if let Some(p) = &podman {
             p.start(&name, mib)?;
         }
-        let (mut dir, mut file, mut pm) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut dir, mut file, mut pm, mut pm_synced) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut frozen, mut bytes, mut moved) = (Vec::new(), 0, 0);
         let (mut pack_dir, mut pack_file) = (Vec::new(), Vec::new());
         for run in 0..runs {
@@ -106,8 +117,9 @@ async fn main() -> Result<()> {
             std::fs::remove_dir_all(&d)?;
             if let Some(p) = &podman {
                 let export = c.dir.join(format!("{name}-{run}.podman.tar"));
-                let t = p.checkpoint(&name, &export)?;
+                let (t, sync) = p.checkpoint(&name, &export)?;
                 pm.push(t);
+                pm_synced.push(t + sync);
             }
         }
         c.cri().await?.stop_and_remove_pod(&pod).await?;
@@ -116,6 +128,7 @@ async fn main() -> Result<()> {
         }
         let (d, f) = (median(&mut dir), median(&mut file));
         let p = (!pm.is_empty()).then(|| median(&mut pm));
+        let ps = (!pm_synced.is_empty()).then(|| median(&mut pm_synced));
         rows.push(vec![
             format!("{mib} MiB"),
             ms(d),
@@ -123,6 +136,8 @@ async fn main() -> Result<()> {
             ratio(f, Some(d)),
             p.map(ms).unwrap_or_else(|| "-".into()),
             ratio(f, p),
+            ps.map(ms).unwrap_or_else(|| "-".into()),
+            ratio(f, ps),
             ms(median(&mut frozen)),
             format!(
                 "{} / {}",

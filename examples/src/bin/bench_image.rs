@@ -22,7 +22,17 @@ fn ratio(a: Duration, b: Duration) -> String {
 
 /// `stasisctl ARGS` that must succeed; returns its stdout.
 fn ok(c: &Containerd, args: &[&str]) -> Result<String> {
-    let out = c.stasisctl_command()?.args(args).output()?;
+    let out = c
+        .stasisctl_command()?
+        .env("STASIS_LOG", "debug")
+        .args(args)
+        .output()?;
+    // Where a checkpoint's writing time goes (stasisctl's debug log).
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        if line.contains("sent_ms") || line.contains("write_ms") {
+            eprintln!("  {line}");
+        }
+    }
     ensure!(
         out.status.success(),
         "stasisctl {args:?}: {}",

@@ -199,7 +199,7 @@ async fn main() -> Result<()> {
                     for k in 0..n {
                         let name = format!("p{mib}-{n}-{k}");
                         p.start(&name, mib)?;
-                        sum += p.checkpoint(&name, &c.dir.join(format!("{name}.tar")))?;
+                        sum += p.checkpoint(&name, &c.dir.join(format!("{name}.tar")))?.0;
                         p.run(&["rm", "-f", &name])?;
                     }
                     ms(sum)

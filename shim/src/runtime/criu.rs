@@ -122,8 +122,13 @@ pub async fn checkpoint_container<R: CheckpointHooks + ?Sized>(
         let owned = id.to_string();
         blocking(id, "capture volumes", move || {
             volumes::capture(&owned, &spec, &image)?;
-            // Complete on disk before a stopping checkpoint ends the container.
-            crate::util::sync_fs(&owned, &image)
+            // Complete on disk before a stopping checkpoint ends the container. A live one
+            // is not synced inside the frozen window: the container runs on whatever
+            // happens, and containerd syncs the blob it makes of the images when it commits.
+            if stop {
+                crate::util::sync_fs(&owned, &image)?;
+            }
+            Ok(())
         })
         .await?;
         Ok::<_, Error>((dump, t.elapsed()))

@@ -9,6 +9,7 @@
 #   sudo scripts/bench.sh image [--memory 0,256] [--runs N]
 #   sudo scripts/bench.sh restore_check [--memory 0,256] [--runs N]
 #   sudo scripts/bench.sh archive [--memory 0,256,1024] [--runs N]   (unpacks Podman, the peer)
+#   sudo scripts/bench.sh page_server [--memory 0,256,1024] [--runs N]
 #   sudo scripts/bench.sh scale [--containers 1,4,16] [--memory 0,64] [--pods 1,4]   (likewise)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,19 +9,21 @@
 set -euo pipefail
 dir="${1:-/var/lib/stasis-bench/podman}"
 wrapper="$dir/bin/podman"
-if [ -x "$wrapper" ] && "$wrapper" --version >/dev/null 2>&1; then
-    echo "$wrapper"
-    exit 0
-fi
 umask 077
-rm -rf "$dir"
-mkdir -p "$dir/debs" "$dir/root" "$dir/bin" "$dir/home/.config/containers"
-# apt's sandbox user cannot write into a 0700 directory: download as root.
-(cd "$dir/debs" && apt-get download -q -o APT::Sandbox::User=root -t trixie \
-    podman conmon netavark golang-github-containers-common \
-    libgpgme11t64 libassuan9 libgpg-error0 libsubid5 libsqlite3-0 libglib2.0-0t64 libsystemd0 \
-    >/dev/null)
-for deb in "$dir"/debs/*.deb; do dpkg -x "$deb" "$dir/root"; done
+if ! [ -x "$dir/root/usr/bin/podman" ]; then
+    rm -rf "$dir"
+    mkdir -p "$dir/debs" "$dir/root"
+    # apt's sandbox user cannot write into a 0700 directory: download as root.
+    (cd "$dir/debs" && apt-get download -q -o APT::Sandbox::User=root -t trixie \
+        podman conmon netavark golang-github-containers-common \
+        libgpgme11t64 libassuan9 libgpg-error0 libsubid5 libsqlite3-0 libglib2.0-0t64 libsystemd0 \
+        >/dev/null)
+    for deb in "$dir"/debs/*.deb; do dpkg -x "$deb" "$dir/root"; done
+fi
+mkdir -p "$dir/bin" "$dir/home/.config/containers" "$dir/tmp" "$dir/networks"
+# Everything Podman keeps outside the storage the benches name (--root, --runroot) stays here
+# too: its locks as files (not /dev/shm/libpod_lock), its tmp_dir (not /run/libpod), its
+# network configs.
 cat > "$dir/containers.conf" <<EOF
 [engine]
 conmon_path = ["$dir/root/usr/bin/conmon"]
@@ -29,8 +31,11 @@ helper_binaries_dir = ["$dir/root/usr/lib/podman"]
 events_logger = "file"
 cgroup_manager = "cgroupfs"
 runtime = "runc"
+lock_type = "file"
+tmp_dir = "$dir/tmp"
 [network]
 network_backend = "netavark"
+network_config_dir = "$dir/networks"
 EOF
 echo '{"default":[{"type":"insecureAcceptAnything"}]}' > "$dir/home/.config/containers/policy.json"
 cat > "$wrapper" <<EOF

@@ -157,6 +157,10 @@ impl Podman {
         for h in hierarchies.flatten() {
             remove_cgroup_tree(&h.path().join("libpod_parent"));
         }
+        // Podman (as root) always makes its network run directory here; left only if empty
+        // (another Podman's state stays).
+        let _ = std::fs::remove_dir("/run/containers/networks");
+        let _ = std::fs::remove_dir("/run/containers");
     }
 }
 

@@ -122,10 +122,13 @@ pub async fn violations(rt: &mut Runtime, id: &str) -> Result<String> {
 }
 
 /// A container holding `mib` MiB of touched memory (a shell variable) that a dump must copy;
-/// it writes /ready once the memory is filled (see `wait_ready`).
+/// it writes /ready once the memory is filled (see `wait_ready`). The shell then waits on a
+/// child it started before touching the memory: a loop of `sleep 1` forked the big shell
+/// every second, and a dump that met the child between its fork and its exec found the
+/// memory twice (seen: a 1 GiB pod's archive of 2 GiB).
 pub fn memory_hog(mib: u64) -> String {
     format!(
-        "a=$(head -c {} /dev/zero | tr '\\0' x); echo ready > /ready; while true; do sleep 1; done",
+        "sleep 2147483647 & a=$(head -c {} /dev/zero | tr '\\0' x); echo ready > /ready; wait",
         mib << 20
     )
 }

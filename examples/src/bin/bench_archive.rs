@@ -88,10 +88,9 @@ async fn main() -> Result<()> {
     ]];
     for &mib in &memories {
         let name = format!("a{mib}");
+        // stasis's pod first, alone, then Podman's container alone: neither's memory, page
+        // cache or writeback is there while the other is measured.
         let pod = start_memory_pod(&c, &name, busybox, mib).await?;
-        if let Some(p) = &podman {
-            p.start(&name, mib)?;
-        }
         let (mut dir, mut file, mut pm, mut pm_synced) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut frozen, mut bytes, mut moved) = (Vec::new(), 0, 0);
@@ -115,16 +114,19 @@ async fn main() -> Result<()> {
             }
             std::fs::remove_file(&f)?;
             std::fs::remove_dir_all(&d)?;
-            if let Some(p) = &podman {
+        }
+        c.cri().await?.stop_and_remove_pod(&pod).await?;
+        if let Some(p) = &podman {
+            p.start(&name, mib)?;
+            for run in 0..runs {
                 let export = c.dir.join(format!("{name}-{run}.podman.tar"));
                 let (t, sync) = p.checkpoint(&name, &export)?;
                 pm.push(t);
                 pm_synced.push(t + sync);
             }
         }
-        c.cri().await?.stop_and_remove_pod(&pod).await?;
         if let Some(p) = &podman {
-            p.run(&["rm", "-f", &name])?;
+            p.run(&["rm", "-f", "-t", "0", &name])?;
         }
         let (d, f) = (median(&mut dir), median(&mut file));
         let p = (!pm.is_empty()).then(|| median(&mut pm));

@@ -200,7 +200,7 @@ async fn main() -> Result<()> {
                         let name = format!("p{mib}-{n}-{k}");
                         p.start(&name, mib)?;
                         sum += p.checkpoint(&name, &c.dir.join(format!("{name}.tar")))?.0;
-                        p.run(&["rm", "-f", &name])?;
+                        p.run(&["rm", "-f", "-t", "0", &name])?;
                     }
                     ms(sum)
                 }

@@ -121,14 +121,21 @@ fn main() -> Result<()> {
         "ratio (<=1.1)".into(),
     ]];
     for mib in sizes {
-        let reps = if mib >= 256 { runs.clamp(1, 2) } else { runs };
+        let reps = runs.max(1);
         let mut ckpt = [Vec::new(), Vec::new()];
         let mut restore = [Vec::new(), Vec::new()];
-        for (k, rt) in [RUNC_RUNTIME, STASIS_RUNTIME].into_iter().enumerate() {
-            for r in 0..reps {
+        let runtimes = [RUNC_RUNTIME, STASIS_RUNTIME];
+        for r in 0..reps {
+            // Alternating which goes first, each starting with the disk's writeback of the
+            // other's checkpoint done: neither always meets the other's (containerd writes a
+            // checkpoint into its content store and syncs it).
+            let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+            for k in order {
+                let rt = runtimes[k];
                 let id = format!("b{k}-{mib}-{r}");
                 start(&c, rt, image, &id, mib)?;
                 let ck = format!("ck-{id}");
+                Command::new("sync").status()?;
                 ckpt[k].push(timed(|| {
                     c.ctr_ok(&["containers", "checkpoint", "--task", "--rw", &id, &ck])
                         .map(drop)
@@ -141,12 +148,12 @@ fn main() -> Result<()> {
                 })?);
                 remove(&c, &restored);
                 let _ = c.ctr(&["images", "rm", &ck]);
+                eprintln!(
+                    "{rt} {mib} MiB run {r}: checkpoint {:?}, restore {:?}",
+                    ckpt[k].last().unwrap(),
+                    restore[k].last().unwrap()
+                );
             }
-            eprintln!(
-                "{rt} {mib} MiB: checkpoint {:?}, restore {:?}",
-                median(&mut ckpt[k]),
-                median(&mut restore[k])
-            );
         }
         // Frozen window vs plain dump, alternating on one stasis container.
         let id = format!("fw-{mib}");
@@ -180,7 +187,7 @@ fn main() -> Result<()> {
             format!("{:.2}x", ms(fz) / ms(pl)),
         ]);
     }
-    println!("median of {runs} runs (2 for 256 MiB and more); ckpt = `ctr c checkpoint --task --rw`, restore = `ctr c restore --live --rw`");
+    println!("median of {runs} runs, alternating which runtime goes first; ckpt = `ctr c checkpoint --task --rw`, restore = `ctr c restore --live --rw`");
     print_table(&rows);
     Ok(())
 }

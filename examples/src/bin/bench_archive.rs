@@ -124,8 +124,6 @@ async fn main() -> Result<()> {
                 pm.push(t);
                 pm_synced.push(t + sync);
             }
-        }
-        if let Some(p) = &podman {
             p.run(&["rm", "-f", "-t", "0", &name])?;
         }
         let (d, f) = (median(&mut dir), median(&mut file));

@@ -18,15 +18,6 @@ use anyhow::{bail, ensure, Context, Result};
 use stasis_e2e::{Containerd, STASIS_RUNTIME};
 use stasis_examples::{median, print_table};
 
-/// Where a dump's pages go.
-#[derive(Clone, Copy)]
-enum Pages {
-    /// Page images in the dump's own image directory (stasis's dump).
-    Files,
-    /// Sent to CRIU's page server, which writes them under `dir`.
-    PageServer,
-}
-
 struct Dump {
     wall: Duration,
     frozen: Duration,
@@ -71,9 +62,10 @@ fn listening(port: u16) -> bool {
     })
 }
 
-/// One live `runc checkpoint` of stasis's container `id`, its pages as `pages` says, under
-/// `dir` (removed after); `pages_dir` is where a page server keeps them.
-fn dump(c: &Containerd, id: &str, dir: &Path, pages: Pages, pages_dir: &Path) -> Result<Dump> {
+/// One live `runc checkpoint` of stasis's container `id` under `dir` (removed after); its
+/// page images in the image directory (stasis's dump), or, given `page_server`, sent to
+/// CRIU's page server, which keeps them there.
+fn dump(c: &Containerd, id: &str, dir: &Path, page_server: Option<&Path>) -> Result<Dump> {
     let (images, work) = (dir.join("images"), dir.join("work"));
     std::fs::create_dir_all(&images)?;
     std::fs::create_dir_all(&work)?;
@@ -84,9 +76,9 @@ fn dump(c: &Containerd, id: &str, dir: &Path, pages: Pages, pages_dir: &Path) ->
         .arg(&images)
         .arg("--work-path")
         .arg(&work);
-    let server = match pages {
-        Pages::Files => None,
-        Pages::PageServer => {
+    let server = match page_server {
+        None => None,
+        Some(pages_dir) => {
             std::fs::create_dir_all(pages_dir)?;
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
             let child = Command::new("criu")
@@ -130,7 +122,9 @@ fn dump(c: &Containerd, id: &str, dir: &Path, pages: Pages, pages_dir: &Path) ->
     );
     let frozen = criu_frozen(&work.join("dump.log"))?;
     let _ = std::fs::remove_dir_all(dir);
-    let _ = std::fs::remove_dir_all(pages_dir);
+    if let Some(pages_dir) = page_server {
+        let _ = std::fs::remove_dir_all(pages_dir);
+    }
     Ok(Dump { wall, frozen })
 }
 
@@ -180,25 +174,26 @@ fn main() -> Result<()> {
             for k in 0..3 {
                 let which = (k + run) % 3;
                 let dir = c.dir.join(format!("ps-{mib}-{run}-{which}"));
-                let (pages, pages_dir) = match which {
-                    0 => (Pages::Files, dir.join("unused")),
-                    1 => (Pages::PageServer, c.dir.join(format!("pages-{mib}-{run}"))),
-                    _ => (Pages::PageServer, shm.clone()),
+                let on_disk = c.dir.join(format!("pages-{mib}-{run}"));
+                let page_server = match which {
+                    0 => None,
+                    1 => Some(on_disk.as_path()),
+                    _ => Some(shm.as_path()),
                 };
-                got[which].push(dump(&c, &id, &dir, pages, &pages_dir)?);
+                got[which].push(dump(&c, &id, &dir, page_server)?);
                 // Each starts with the disk's writeback of the others done.
                 Command::new("sync").status()?;
             }
         }
         stasis_examples::ctr_remove(&c, &id);
-        let med = |v: &mut Vec<Dump>| {
+        let med = |v: &[Dump]| {
             let mut w: Vec<Duration> = v.iter().map(|d| d.wall).collect();
             let mut f: Vec<Duration> = v.iter().map(|d| d.frozen).collect();
             (median(&mut w), median(&mut f))
         };
-        let (fw, ff) = med(&mut got[0]);
-        let (dw, df) = med(&mut got[1]);
-        let (tw, tf) = med(&mut got[2]);
+        let (fw, ff) = med(&got[0]);
+        let (dw, df) = med(&got[1]);
+        let (tw, tf) = med(&got[2]);
         rows.push(vec![
             format!("{mib} MiB"),
             format!("{} / {}", ms(fw), ms(ff)),

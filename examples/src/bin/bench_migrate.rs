@@ -151,6 +151,24 @@ struct RestoreTimes {
     all_in: f64,
 }
 
+impl RestoreTimes {
+    /// Each time's median over `runs`, apart.
+    fn median(runs: &[RestoreTimes]) -> RestoreTimes {
+        let pick =
+            |f: fn(&RestoreTimes) -> f64| median_f64(&mut runs.iter().map(f).collect::<Vec<_>>());
+        RestoreTimes {
+            returned: pick(|r| r.returned),
+            answers: pick(|r| r.answers),
+            all_in: pick(|r| r.all_in),
+        }
+    }
+}
+
+fn median_f64(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Restores `file` (pod `pod_name`) on `node` with the page cache dropped first (the archive
 /// read from disk, as after a copy from another node), removes the pod again.
 async fn timed_restore(
@@ -221,7 +239,7 @@ fn runc_v2_restore(c: &Containerd, image: &str, id: &str, mib: u64) -> Result<f6
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("bench_migrate [--memory 0,256,1024] [--runs N]: streamed pod migration vs checkpoint+copy+restore through an archive");
+        println!("bench_migrate [--memory 0,256,1024] [--runs N] [--restore-only]: streamed pod migration vs checkpoint+copy+restore through an archive, then eager and lazy restores vs containerd runc-v2's (medians of N; --restore-only: only the restore table)");
         return Ok(());
     }
     let flag = |name: &str| stasis_examples::flag(&args, name);
@@ -231,6 +249,7 @@ async fn main() -> Result<()> {
         .map(|s| s.parse())
         .collect::<Result<_, _>>()?;
     let runs: usize = flag("--runs").map(|r| r.parse()).transpose()?.unwrap_or(1);
+    let restore_only = args.iter().any(|a| a == "--restore-only");
     let a = Containerd::start("bench-mig-a")?;
     let b = Containerd::start("bench-mig-b")?;
     let image = a.import_busybox_for_cri()?;
@@ -252,7 +271,7 @@ async fn main() -> Result<()> {
     ]];
     let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
     let mut down_at_zero = None;
-    for &mib in &memories {
+    for &mib in memories.iter().filter(|_| !restore_only) {
         let (mut down, mut total, mut via_archive) = (Vec::new(), Vec::new(), Vec::new());
         let (mut lazy_down, mut answers, mut lazy_answers) = (Vec::new(), Vec::new(), Vec::new());
         let (mut sent, mut archive_bytes) = (0, 0);
@@ -305,8 +324,10 @@ async fn main() -> Result<()> {
                 .unwrap_or_else(|| "-".into()),
         ]);
     }
-    print_table(&rows);
-    println!();
+    if !restore_only {
+        print_table(&rows);
+        println!();
+    }
     let mut rows = vec![vec![
         "pod memory".to_string(),
         "eager: returned / answers".into(),
@@ -319,24 +340,39 @@ async fn main() -> Result<()> {
     let ctr_image = a.import_busybox()?;
     let mut lazy_at_zero = None;
     for &mib in &memories {
-        let name = format!("l{mib}");
-        let pod = start_pod(&a, &name, image, mib).await?;
-        let file = a.dir.join(format!("{name}.tar"));
-        a.stasisctl_ok(&[
-            "pod",
-            "checkpoint",
-            &pod,
-            "--output",
-            file.to_str().unwrap(),
-        ])?;
-        a.cri().await?.stop_and_remove_pod(&pod).await?;
-        let eager = timed_restore(&a, &file, &name, false).await?;
-        let lazy = timed_restore(&a, &file, &name, true).await?;
-        std::fs::remove_file(&file)?;
+        let (mut eager, mut lazy, mut runc) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 0..runs {
+            let name = format!("l{mib}-{run}");
+            let pod = start_pod(&a, &name, image, mib).await?;
+            let file = a.dir.join(format!("{name}.tar"));
+            a.stasisctl_ok(&[
+                "pod",
+                "checkpoint",
+                &pod,
+                "--output",
+                file.to_str().unwrap(),
+            ])?;
+            a.cri().await?.stop_and_remove_pod(&pod).await?;
+            // runc-v2 and the eager restore alternate which goes first: whichever follows
+            // the other's teardown may meet its writeback.
+            let runc_id = format!("c{mib}-{run}");
+            let runc_run = || runc_v2_restore(&a, ctr_image, &runc_id, mib);
+            if run % 2 == 1 {
+                runc.push(runc_run()?);
+            }
+            eager.push(timed_restore(&a, &file, &name, false).await?);
+            if run % 2 == 0 {
+                runc.push(runc_run()?);
+            }
+            lazy.push(timed_restore(&a, &file, &name, true).await?);
+            std::fs::remove_file(&file)?;
+        }
+        let eager = RestoreTimes::median(&eager);
+        let lazy = RestoreTimes::median(&lazy);
+        let runc = median_f64(&mut runc);
         if mib == 0 {
             lazy_at_zero = Some(lazy.answers);
         }
-        let runc = runc_v2_restore(&a, ctr_image, &format!("c{mib}"), mib)?;
         rows.push(vec![
             format!("{mib} MiB"),
             format!("{:.0} / {:.0} ms", eager.returned, eager.answers),

@@ -24,10 +24,10 @@ use std::{
 
 use log::{debug, info, warn};
 use prost::Message;
-use sha2::Digest;
 use stasis_api::layout::{PageSource, PageSpan};
 
 use crate::error::{Error, Result};
+use chunks::CheckedSpan;
 
 const PAGE_SIZE: u64 = 4096;
 /// CRIU image magics (criu/include/magic.h): every image but the raw ones starts with the
@@ -192,63 +192,24 @@ fn parse_pagemap(bytes: &[u8]) -> std::result::Result<Pagemap, String> {
     })
 }
 
-/// An image's bytes in the archive, read chunk by chunk, each checked before use. The last
-/// chunk read is kept: the lazy-pages daemon asks for neighbouring pages one after another.
-struct CheckedSpan {
-    archive: std::sync::Arc<File>,
-    key: String,
-    span: PageSpan,
-    chunk: Option<(u64, Vec<u8>)>,
-}
+/// The page server's socket send buffer: the largest request CRIU's daemon makes (4 MiB),
+/// with room for the header.
+const SEND_BUFFER: usize = 5 << 20;
 
-impl CheckedSpan {
-    fn chunk(&mut self, index: u64) -> std::result::Result<&[u8], String> {
-        if self.chunk.as_ref().is_none_or(|(i, _)| *i != index) {
-            let start = index * self.span.chunk_size;
-            let len = self
-                .span
-                .chunk_size
-                .min(self.span.size.saturating_sub(start));
-            let want = self
-                .span
-                .chunks
-                .get(index as usize)
-                .ok_or_else(|| format!("{}: no chunk {index}", self.key))?;
-            let mut buf = vec![0u8; len as usize];
-            self.archive
-                .read_exact_at(&mut buf, self.span.offset + start)
-                .map_err(|e| format!("{}: read the archive: {e}", self.key))?;
-            if hex::encode(sha2::Sha256::digest(&buf)) != *want {
-                return Err(format!(
-                    "{}: chunk {index} does not match the archive's manifest (the archive was changed)",
-                    self.key
-                ));
-            }
-            self.chunk = Some((index, buf));
+/// Writes every byte of `bufs` to `sock`.
+fn write_all_slices(
+    sock: &mut UnixStream,
+    mut bufs: &mut [std::io::IoSlice<'_>],
+) -> std::io::Result<()> {
+    while !bufs.is_empty() {
+        match sock.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-        Ok(&self.chunk.as_ref().unwrap().1)
     }
-
-    /// Fills `buf` with the image's bytes at `offset`.
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|end| end > self.span.size)
-        {
-            return Err(format!("{}: read past its end", self.key));
-        }
-        let cs = self.span.chunk_size;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let chunk = self.chunk(at / cs)?;
-            let from = (at % cs) as usize;
-            let n = (chunk.len() - from).min(buf.len() - done);
-            buf[done..done + n].copy_from_slice(&chunk[from..from + n]);
-            done += n;
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 /// Opens `path` for reading (never through a link), once: later calls share the file.
@@ -319,15 +280,15 @@ fn copy_eager_pages(
     name: &str,
 ) -> Result<u64> {
     let mut copied = 0u64;
-    let step = span.span.chunk_size.max(PAGE_SIZE);
+    let step = span.bytes.span.chunk_size.max(PAGE_SIZE);
     for run in map.runs.iter().filter(|r| !r.lazy) {
         let end = run.offset + run.pages * PAGE_SIZE;
-        if end > span.span.size {
+        if end > span.bytes.span.size {
             return Err(Error::invalid(
                 id,
                 format!(
                     "{name}: pages at {:#x} lie past the end of {}",
-                    run.vaddr, span.key
+                    run.vaddr, span.bytes.key
                 ),
             ));
         }
@@ -425,12 +386,9 @@ impl ArchivePages {
                         id,
                         span.file.as_deref().unwrap_or(&source.archive),
                     )?;
-                    pages.spans.push(CheckedSpan {
-                        archive: file,
-                        key: key.clone(),
-                        span: span.clone(),
-                        chunk: None,
-                    });
+                    pages
+                        .spans
+                        .push(CheckedSpan::new(file, key.clone(), span.clone()));
                     by_pages_id.insert(map.pages_id, pages.spans.len() - 1);
                     placeholders.insert(map.pages_id, placeholder(id, &local, span.size)?);
                     pages.spans.len() - 1
@@ -460,7 +418,7 @@ impl ArchivePages {
         if let Some(unused) = source
             .files
             .keys()
-            .find(|k| k.starts_with(&prefix) && !pages.spans.iter().any(|s| &s.key == *k))
+            .find(|k| k.starts_with(&prefix) && !pages.spans.iter().any(|s| &s.bytes.key == *k))
         {
             return Err(Error::invalid(
                 id,
@@ -505,13 +463,74 @@ impl ArchivePages {
         Some((*span, offset, pages.min(want)))
     }
 
+    /// Answers the daemon's request for `nr` pages at `vaddr` of task `dst`, from checked
+    /// chunks (those `ahead`'s helper checked first); tells the helper what comes next.
+    fn answer(
+        &mut self,
+        sock: &mut UnixStream,
+        (nr, vaddr, dst): (u32, u64, u64),
+        ahead: Option<&ahead::Ahead>,
+    ) -> std::result::Result<(), String> {
+        let (span, offset, pages) = self.find(dst, vaddr, u64::from(nr)).ok_or_else(|| {
+            format!("task {dst} asked for pages at {vaddr:#x} its images do not hold")
+        })?;
+        let len = pages * PAGE_SIZE;
+        let mut head = [0u8; 24];
+        let cmd = (PE_PRESENT << PS_CMD_BITS) | PS_IOV_ADD_F;
+        head[0..4].copy_from_slice(&cmd.to_le_bytes());
+        head[4..8].copy_from_slice(&(pages as u32).to_le_bytes());
+        head[8..16].copy_from_slice(&vaddr.to_le_bytes());
+        head[16..24].copy_from_slice(&dst.to_le_bytes());
+        let chunk_size = self.spans[span].bytes.span.chunk_size;
+        let body = self.spans[span].slices(offset, len, ahead.map(|a| (a, span)))?;
+        let mut reply: Vec<std::io::IoSlice> = std::iter::once(&head[..])
+            .chain(body)
+            .map(std::io::IoSlice::new)
+            .collect();
+        write_all_slices(sock, &mut reply).map_err(|e| format!("send pages: {e}"))?;
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes.fetch_add(len, Ordering::Relaxed);
+        // The daemon's background transfer asks for the image in order, in requests of
+        // 64 KiB growing to 4 MiB; a fault asks for a page or a few, anywhere: only the
+        // former is followed.
+        if let (Some(a), true) = (ahead, len >= ahead::FOLLOWED_REQUEST) {
+            a.want(span, (offset + len).div_ceil(chunk_size));
+        }
+        Ok(())
+    }
+
     /// Serves the lazy-pages daemon on `sock` until it says it is done or goes away.
     pub fn serve(mut self, mut sock: UnixStream) -> std::result::Result<(), String> {
         let id = self.id.clone();
+        // Room for a whole answer in the socket: the write returns at once and the next
+        // chunks are checked while the daemon reads it (best effort; the default is ~200 KiB).
+        if nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::SndBufForce, &SEND_BUFFER)
+            .is_err()
+        {
+            let _ = nix::sys::socket::setsockopt(
+                &sock,
+                nix::sys::socket::sockopt::SndBuf,
+                &SEND_BUFFER,
+            );
+        }
         let counters = self.counters.clone();
+        // Chunks are checked by a helper thread ahead of the daemon's background requests,
+        // while this one answers (on two cores, checking is what bounds the transfer).
+        let ahead = ahead::Ahead::start(
+            &self.id,
+            self.spans.iter().map(|s| s.bytes.clone()).collect(),
+        );
+        // Where the serving time goes: waiting for the daemon's requests, and answering them
+        // (with whatever the helper had not checked yet checked here).
+        let (mut waiting, mut answering) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+        let serving = std::time::Instant::now();
         let result = loop {
             let mut raw = [0u8; 24];
-            match sock.read_exact(&mut raw) {
+            let t = std::time::Instant::now();
+            let got = sock.read_exact(&mut raw);
+            waiting += t.elapsed();
+            let t = std::time::Instant::now();
+            match got {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
                 Err(e) => break Err(format!("read a request: {e}")),
@@ -522,27 +541,10 @@ impl ArchivePages {
             let dst = u64::from_le_bytes(raw[16..24].try_into().unwrap());
             match cmd & ((1 << PS_CMD_BITS) - 1) {
                 PS_IOV_GET => {
-                    let Some((span, offset, pages)) = self.find(dst, vaddr, u64::from(nr)) else {
-                        break Err(format!(
-                            "task {dst} asked for pages at {vaddr:#x} its images do not hold"
-                        ));
-                    };
-                    let mut reply = vec![0u8; 24 + (pages * PAGE_SIZE) as usize];
-                    let cmd = (PE_PRESENT << PS_CMD_BITS) | PS_IOV_ADD_F;
-                    reply[0..4].copy_from_slice(&cmd.to_le_bytes());
-                    reply[4..8].copy_from_slice(&(pages as u32).to_le_bytes());
-                    reply[8..16].copy_from_slice(&vaddr.to_le_bytes());
-                    reply[16..24].copy_from_slice(&dst.to_le_bytes());
-                    if let Err(m) = self.spans[span].read(offset, &mut reply[24..]) {
+                    if let Err(m) = self.answer(&mut sock, (nr, vaddr, dst), ahead.as_deref()) {
                         break Err(m);
                     }
-                    if let Err(e) = sock.write_all(&reply) {
-                        break Err(format!("send pages: {e}"));
-                    }
-                    counters.requests.fetch_add(1, Ordering::Relaxed);
-                    counters
-                        .bytes
-                        .fetch_add(pages * PAGE_SIZE, Ordering::Relaxed);
+                    answering += t.elapsed();
                 }
                 PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE => {
                     let _ = sock.write_all(&0i32.to_le_bytes());
@@ -555,8 +557,12 @@ impl ArchivePages {
             Ok(()) => {
                 let (bytes, total, requests) = counters.read();
                 info!(
-                    "{id}: served {requests} page requests ({bytes} of {total} lazy bytes) from {}",
-                    self.from
+                    "{id}: served {requests} page requests ({bytes} of {total} lazy bytes) from {} in {:?}: {:?} waiting for requests, {:?} answering ({:?} checking pages ahead)",
+                    self.from,
+                    serving.elapsed(),
+                    waiting,
+                    answering,
+                    ahead.as_ref().map(|a| a.busy_time()).unwrap_or_default()
                 )
             }
             // The daemon then fails the pages it waits for: the container cannot run on
@@ -569,5 +575,7 @@ impl ArchivePages {
     }
 }
 
+mod ahead;
+mod chunks;
 #[cfg(test)]
 mod tests;

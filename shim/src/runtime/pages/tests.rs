@@ -1,4 +1,5 @@
 use super::*;
+use sha2::Digest;
 
 fn image(entries: &[(u64, u32, u32)]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -85,26 +86,63 @@ fn requests_are_served_from_checked_chunks() {
         chunk_size,
         chunks,
     };
-    let mut checked = CheckedSpan {
-        archive: std::sync::Arc::new(File::open(&archive).unwrap()),
-        key: "c/checkpoint/pages-3.img".into(),
-        span: span.clone(),
-        chunk: None,
-    };
+    let mut checked = CheckedSpan::new(
+        std::sync::Arc::new(File::open(&archive).unwrap()),
+        "c/checkpoint/pages-3.img".into(),
+        span.clone(),
+    );
     let mut buf = vec![0u8; (2 * PAGE_SIZE) as usize];
     checked.read(PAGE_SIZE, &mut buf).unwrap();
     assert!(buf[..PAGE_SIZE as usize].iter().all(|b| *b == 2));
     assert!(buf[PAGE_SIZE as usize..].iter().all(|b| *b == 3));
+    // Checked ahead by the helper thread: the chunk it checked is handed over as it was
+    // checked, even if the archive changes afterwards.
+    let helper = ahead::Ahead::start("c", vec![checked.bytes.clone()]).unwrap();
+    helper.want(0, 1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let early = loop {
+        if let Some(b) = helper.take(0, 1) {
+            break b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "chunk 1 never checked ahead"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert_eq!(early.len(), PAGE_SIZE as usize);
+    assert!(early.iter().all(|b| *b == 3));
+    // Taken once; nothing past the image's end is wanted.
+    assert!(helper.take(0, 1).is_none());
+    helper.want(0, 2);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert!(helper.take(0, 2).is_none());
+    drop(helper);
+    let mut ahead = CheckedSpan::new(
+        checked.bytes.archive.clone(),
+        checked.bytes.key.clone(),
+        span.clone(),
+    );
+    let slices = ahead.slices(PAGE_SIZE, 2 * PAGE_SIZE, None).unwrap();
+    assert_eq!(
+        slices.iter().map(|s| s.len()).collect::<Vec<_>>(),
+        vec![4096, 4096]
+    );
+    assert!(slices[1].iter().all(|b| *b == 3));
     // A changed byte in the archive: the chunk holding it is refused.
     file[100 + 2 * PAGE_SIZE as usize + 5] ^= 1;
     std::fs::write(&archive, &file).unwrap();
-    let mut changed = CheckedSpan {
-        archive: std::sync::Arc::new(File::open(&archive).unwrap()),
-        chunk: None,
-        ..checked
-    };
+    let mut changed = CheckedSpan::new(
+        std::sync::Arc::new(File::open(&archive).unwrap()),
+        checked.bytes.key.clone(),
+        checked.bytes.span.clone(),
+    );
     let mut one = vec![0u8; PAGE_SIZE as usize];
     changed.read(0, &mut one).unwrap();
+    // What was checked before the change is what is sent.
+    let mut kept = vec![0u8; PAGE_SIZE as usize];
+    ahead.read(2 * PAGE_SIZE, &mut kept).unwrap();
+    assert!(kept.iter().all(|b| *b == 3));
     assert!(changed
         .read(2 * PAGE_SIZE, &mut one)
         .unwrap_err()

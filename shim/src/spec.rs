@@ -109,6 +109,14 @@ impl ContainerSpec {
         self.annotation(CRI_CONTAINER_TYPE) == Some("container")
     }
 
+    /// Whether the container's processes live in a PID namespace it does not own (the pod's,
+    /// joined by path, or its runtime's): the end of its init then ends none of them.
+    pub fn shares_pid_namespace(&self) -> bool {
+        let namespaces = self.raw["linux"]["namespaces"].as_array();
+        let pid = namespaces.and_then(|ns| ns.iter().find(|n| n["type"] == "pid"));
+        pid.is_none_or(|n| n["path"].as_str().is_some_and(|p| !p.is_empty()))
+    }
+
     pub fn set_cgroups_path(&mut self, path: &str) {
         if let Some(linux) = self.typed.linux_mut() {
             linux.set_cgroups_path(Some(PathBuf::from(path)));
@@ -199,6 +207,23 @@ mod tests {
                                  {"type": "ipc", "path": "/proc/9/ns/ipc"}],
                   "someFutureField": {"a": 1}}
     }"#;
+
+    #[test]
+    fn a_pid_namespace_joined_by_path_is_shared() {
+        let spec = |ns: &str| {
+            let doc = format!(
+                r#"{{"ociVersion":"1.2.0","process":{{"cwd":"/","args":["sh"],"user":{{"uid":0,"gid":0}}}},"root":{{"path":"rootfs"}},"linux":{{"namespaces":{ns}}}}}"#
+            );
+            ContainerSpec::parse("c", "test", doc.as_bytes()).unwrap()
+        };
+        assert!(
+            spec(r#"[{"type":"pid","path":"/proc/9/ns/pid"},{"type":"mount"}]"#)
+                .shares_pid_namespace()
+        );
+        assert!(spec(r#"[{"type":"mount"}]"#).shares_pid_namespace());
+        assert!(!spec(r#"[{"type":"pid"},{"type":"mount"}]"#).shares_pid_namespace());
+        assert!(!spec(r#"[{"type":"pid","path":""}]"#).shares_pid_namespace());
+    }
 
     #[test]
     fn typed_reads_and_edits_keep_unknown_fields() {

@@ -491,3 +491,63 @@ async fn timed_out_execs_are_gone_under_runc_and_gvisor() -> Result<()> {
     }
     c.finish()
 }
+
+/// A container's processes end with its init, as under containerd's runc handler: in the pod's
+/// shared PID namespace the kernel would leave a background child running (reparented to the
+/// pod's PID 1), unseen by kubelet, holding the container's output open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_containers_processes_end_with_its_init_as_under_runc() -> Result<()> {
+    let c = Containerd::start("cri-init-exit")?;
+    let image = c.import_busybox_for_cri()?;
+    let mut cri = c.cri().await?;
+    for handler in ["runc", "stasis"] {
+        let pod = pod_config(&format!("init-exit-{handler}"), &c.dir.join("logs"));
+        let (pod_id, watcher) = sleeper(&mut cri, &pod, handler, image).await?;
+        // The init (sh) ends once its file appears; its background sleep would stay.
+        let short = cri
+            .run_container(
+                &pod_id,
+                &pod,
+                container_config(
+                    "short",
+                    image,
+                    &[
+                        "sh",
+                        "-c",
+                        "sleep 4343 & while [ ! -e /tmp/end ]; do sleep 0.1; done",
+                    ],
+                ),
+            )
+            .await?;
+        let ps = cri.exec_ok(&watcher, &["ps", "-o", "args"]).await?;
+        ensure!(
+            ps.contains("sleep 4343"),
+            "{handler}: the background child never ran:\n{ps}"
+        );
+        cri.exec_ok(&short, &["touch", "/tmp/end"]).await?;
+        // From the moment the init is gone, the child must go with it: containerd's own exit
+        // handling would end it too, but only once the shim reports the exit, which waits
+        // for the output the child holds open (10 s): 5 s tells the two apart.
+        let mut init_gone = None;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let ps = cri.exec_ok(&watcher, &["ps", "-o", "args"]).await?;
+            let init_runs = ps.contains("while [");
+            let child_runs = ps.contains("sleep 4343");
+            if !init_runs && init_gone.is_none() {
+                init_gone = Some(std::time::Instant::now());
+            }
+            if !init_runs && !child_runs {
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline
+                    && init_gone.is_none_or(|t| t.elapsed() < std::time::Duration::from_secs(5)),
+                "{handler}: the exited container's background child still runs:\n{ps}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        cri.stop_and_remove_pod(&pod_id).await?;
+    }
+    c.finish()
+}

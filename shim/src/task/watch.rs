@@ -54,6 +54,15 @@ pub fn exit(shim: &Shim, container: Arc<Container>, exec_id: String, pid: i32, s
             reaper::wait_since(pid, since).await
         };
         debug!("{id}/{exec_id}: pid {pid} exited with {}", exit.status);
+        // In the pod's PID namespace the container's other processes outlive its init (the
+        // kernel ends them only with the namespace's own init): end them as containerd's runc
+        // shim does, before the exit is reported. They would otherwise run on unseen, and
+        // hold the output pipes open so that the output drain waits out its timeout.
+        if exec_id.is_empty() && container.spec.shares_pid_namespace() {
+            if let Err(e) = runtime.kill(&id, libc::SIGKILL as u32, true).await {
+                debug!("{id}: kill the processes left after its init: {e}");
+            }
+        }
         // Deliver all output before containerd hears of the exit.
         let io = container
             .live()

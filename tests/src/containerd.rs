@@ -321,10 +321,16 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
             .create(true)
             .append(true)
             .open(self.dir.join("containerd.log"))?;
+        // containerd 2.1.9 unpacks each Task API restore's checkpoint into a fresh
+        // $XDG_RUNTIME_DIR/ctrd-checkpoint* (default /tmp) and never removes it (runc-v2
+        // restores too): kept under this containerd's directory, they go with it.
+        let xdg = self.dir.join("xdg-run");
+        std::fs::create_dir_all(&xdg)?;
         let child = Command::new("containerd")
             .arg("--config")
             .arg(self.dir.join("config.toml"))
             .env("PATH", self.path_env())
+            .env("XDG_RUNTIME_DIR", &xdg)
             // Backend settings come from this test's own directory, never the host's /etc.
             .env("STASIS_CONFIG_DIR", self.config_dir())
             .stdin(Stdio::null())

@@ -147,7 +147,7 @@ fn main() -> Result<()> {
                         .map(drop)
                 })?);
                 remove(&c, &restored);
-                let _ = c.ctr(&["images", "rm", &ck]);
+                let _ = c.ctr(&["images", "rm", "--sync", &ck]);
                 eprintln!(
                     "{rt} {mib} MiB run {r}: checkpoint {:?}, restore {:?}",
                     ckpt[k].last().unwrap(),

@@ -29,6 +29,11 @@ pub struct Runc {
     args: Vec<String>,
     /// Whether `checkpoint`/`restore` take `--empty-ns` (crun's do not).
     empty_ns: bool,
+    /// One lock per container: its kills run one at a time. `kill --all` freezes the cgroup
+    /// while it signals, and a kill of the same container meeting that frozen cgroup fails
+    /// ("invalid state transition from stopped to paused").
+    kills:
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Runc {
@@ -41,7 +46,14 @@ impl Runc {
             root: root.into(),
             args: Vec::new(),
             empty_ns: true,
+            kills: Default::default(),
         }
+    }
+
+    /// The lock that serialises the kills of container `id`.
+    fn kill_lock(&self, id: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        let mut kills = self.kills.lock().unwrap_or_else(|e| e.into_inner());
+        kills.entry(id.to_string()).or_default().clone()
     }
 
     /// Where the runtime keeps its state.
@@ -268,6 +280,8 @@ impl OciRuntime for Runc {
             cmd.arg("--all");
         }
         cmd.arg(id).arg(signal.to_string());
+        let lock = self.kill_lock(id);
+        let _one_at_a_time = lock.lock().await;
         match self.run(id, "kill", cmd).await {
             // The process ended between the shim's look and the runtime's.
             Err(Error::Runtime { message, .. }) if is_finished(&message) => {
@@ -284,10 +298,17 @@ impl OciRuntime for Runc {
             cmd.arg("--force");
         }
         cmd.arg(id);
-        match self.run(id, "delete", cmd).await {
+        let deleted = match self.run(id, "delete", cmd).await {
             Err(Error::Runtime { message, .. }) if is_not_exist(&message) => Ok(()),
             other => other.map(drop),
+        };
+        if deleted.is_ok() {
+            self.kills
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
         }
+        deleted
     }
 
     async fn pause(&self, id: &str) -> Result<()> {

@@ -250,6 +250,18 @@ fn read_pagemap<'s>(
     let Some(span) = source.files.get(&key) else {
         return Ok(None);
     };
+    // The chunking comes from the archive's manifest: one digest per chunk, of a real size.
+    if span.chunk_size == 0 || span.chunks.len() as u64 != span.size.div_ceil(span.chunk_size) {
+        return Err(Error::invalid(
+            id,
+            format!(
+                "{key}: {} chunk digests for {} bytes in chunks of {}",
+                span.chunks.len(),
+                span.size,
+                span.chunk_size
+            ),
+        ));
+    }
     let map = Pagemap {
         pages_id,
         runs: reader

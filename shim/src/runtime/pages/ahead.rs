@@ -81,7 +81,11 @@ impl Ahead {
             let t = std::time::Instant::now();
             // A chunk that fails its check is left to the server, which fails on it if the
             // daemon asks for it.
-            let checked = spans[span].load(first);
+            // Whatever happens in the check, `busy` is cleared below: the server may be
+            // waiting for this chunk.
+            let checked =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| spans[span].load(first)))
+                    .unwrap_or_else(|_| Err("the check panicked".to_string()));
             st = self.state.lock().unwrap();
             st.worked += t.elapsed();
             st.busy = None;

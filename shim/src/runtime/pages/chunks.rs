@@ -8,9 +8,10 @@ use stasis_api::layout::PageSpan;
 
 use super::ahead;
 
-/// How many checked chunks a span keeps in memory: those of the request being answered (a
-/// 4 MiB request spans at most 5 chunks of 1 MiB) and the last ones used.
-const KEPT_CHUNKS: usize = 8;
+/// How many checked chunks a span keeps in memory beyond those of the request being
+/// answered: the next request usually starts inside the last chunk of this one. (A pages
+/// image per process: kept small, as a container may have many.)
+const KEPT_CHUNKS: usize = 2;
 
 /// Where one pages image lies in the archive, and its chunks' digests.
 pub(super) struct SpanBytes {
@@ -82,10 +83,11 @@ impl CheckedSpan {
             Some(buf) => buf,
             None => self.bytes.load(index)?,
         };
-        if self.kept.len() >= KEPT_CHUNKS {
-            if let Some(pos) = self.kept.iter().position(|(i, _)| !keep.contains(i)) {
-                self.kept.remove(pos);
-            }
+        while self.kept.len() >= KEPT_CHUNKS {
+            let Some(pos) = self.kept.iter().position(|(i, _)| !keep.contains(i)) else {
+                break;
+            };
+            self.kept.remove(pos);
         }
         self.kept.push_back((index, buf));
         Ok(())

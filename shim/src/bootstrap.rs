@@ -89,6 +89,15 @@ impl SocketFile {
         }
         let _ = std::fs::remove_file(path);
     }
+
+    /// Unlinks `path` while it is still our file, although our listener is still open: from
+    /// then on nobody can connect (a stopped ttrpc listener keeps its descriptor until every
+    /// connection's task has ended, and meanwhile a connect still succeeds).
+    fn unlink_if_still_ours(self, path: &Path) {
+        if Self::identify(path) == Some(self) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 fn bootstrap_answer(address: &str) -> String {
@@ -242,6 +251,7 @@ pub fn serve(flags: &Flags) -> Result<(), BoxError> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let our_socket = socket.clone().zip(socket_id);
     let result = rt.block_on(async move {
         reaper::start()?;
         let backend = BackendConfig::load(&flags.id, &std::env::current_dir()?)?;
@@ -273,6 +283,13 @@ pub fn serve(flags: &Flags) -> Result<(), BoxError> {
         }
         // Let the reply to Shutdown leave before the socket goes away.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // containerd runs `delete` as soon as our connections close, and `delete` cleans up
+        // after the pod only if nothing answers on this socket; the server keeps its stopped
+        // listener open for as long as it waits for its connections (up to seconds), during
+        // which a connect would still succeed: the pod's mounts and cgroups were then left.
+        if let Some((path, ours)) = &our_socket {
+            ours.unlink_if_still_ours(path);
+        }
         let _ = server.shutdown().await;
         Ok::<_, BoxError>(())
     });

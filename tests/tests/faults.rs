@@ -533,6 +533,11 @@ async fn a_shim_asked_to_exit_finishes_its_checkpoint_first() -> Result<()> {
     ]);
     ensure!(shim.len() == 1, "the pod's shim: {shim:?}");
     let shim_proc = std::path::PathBuf::from(format!("/proc/{}", shim[0]));
+    // The shim runs in the sandbox bundle, where `start` left its address.
+    let bundle = std::fs::read_link(shim_proc.join("cwd"))?;
+    let address =
+        std::fs::read_to_string(bundle.join("address")).context("the pod shim's address")?;
+    let socket = address.trim().trim_start_matches("unix://").to_string();
     let watched = shim_proc.clone();
     let sampler = Sampler::start(Duration::from_millis(2), move || {
         (!pids_of_exe("criu").is_empty(), watched.exists())
@@ -545,13 +550,27 @@ async fn a_shim_asked_to_exit_finishes_its_checkpoint_first() -> Result<()> {
         nix::sys::signal::Signal::SIGTERM,
     )?;
     let out = checkpoint.wait_with_output()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = Instant::now();
+    let deadline = done + Duration::from_secs(60);
+    let mut still_open = None;
     while shim_proc.exists() {
         ensure!(
             Instant::now() < deadline,
             "the shim did not exit within 60 s of SIGTERM"
         );
+        // containerd's `delete` runs as soon as the shim's connections close and cleans up
+        // only when nothing answers on the socket: an exiting shim must stop answering first.
+        if done.elapsed() > Duration::from_millis(500)
+            && std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        {
+            still_open.get_or_insert(done.elapsed());
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Some(after) = still_open {
+        anyhow::bail!(
+            "the exiting shim still took connections {after:?} after its checkpoint was done"
+        );
     }
     let samples = sampler.stop();
     ensure!(

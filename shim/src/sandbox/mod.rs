@@ -278,6 +278,12 @@ pub fn remove_after_crash(id: &str, bundle: &std::path::Path) {
     let Some(record) = PodRecord::load(bundle, id) else {
         return;
     };
+    // The host mount and files first: they do not wait for any process, and containerd
+    // kills this command after its cleanup timeout (5 s) and then removes the bundle, so a
+    // /dev/shm mount left for the end (after slow kills: a big container dying, a CRIU dump
+    // stopped) stayed mounted in the removed bundle's directory for good. Detaching it
+    // changes nothing for containers still running: they hold their own bind mounts.
+    remove_pod_mount_and_files(record.shm.clone(), record.files.clone());
     if record.pid > 0 {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(record.pid),
@@ -344,6 +350,14 @@ pub(crate) fn stop_orphaned_runtime_calls(containers: &[String]) {
 
 /// Unmounts the pod's /dev/shm, removes its files and its cgroup (in every hierarchy).
 fn remove_pod_host_state(id: &str, cgroup_path: &str, shm: Option<PathBuf>, files: Vec<PathBuf>) {
+    remove_pod_mount_and_files(shm, files);
+    if let Err(e) = cgroup::remove(id, cgroup_path) {
+        warn!("{e}");
+    }
+}
+
+/// Unmounts the pod's /dev/shm and removes its files (each at most once: twice is harmless).
+fn remove_pod_mount_and_files(shm: Option<PathBuf>, files: Vec<PathBuf>) {
     if let Some(shm) = shm {
         task::unmount(&shm);
         let _ = std::fs::remove_dir(&shm);
@@ -354,9 +368,6 @@ fn remove_pod_host_state(id: &str, cgroup_path: &str, shm: Option<PathBuf>, file
         if let Some(dir) = f.parent() {
             let _ = std::fs::remove_dir(dir);
         }
-    }
-    if let Err(e) = cgroup::remove(id, cgroup_path) {
-        warn!("{e}");
     }
 }
 

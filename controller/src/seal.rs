@@ -3,7 +3,7 @@
 //! ed25519` writes) and encryption of the whole archive to X25519 recipients in the age
 //! format (`age`, interoperable with the `age` command line tool).
 //!
-//! The signature covers `manifest.json`, which holds the size and SHA-256 of every other file
+//! The signature covers `manifest.json`, which holds the size and digest of every other file
 //! and the format version: a valid signature plus a matching manifest vouches for every byte.
 
 use std::{

@@ -211,6 +211,7 @@ impl LeftInArchive {
                 {
                     span.chunk_size = *c;
                     span.chunks = chunks.clone();
+                    span.digest = manifest.digest();
                 }
                 _ => unchunked.push(key.clone()),
             }

@@ -1,4 +1,5 @@
 use super::*;
+use stasis_api::layout::DigestKind;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct Manifest {
@@ -6,15 +7,38 @@ pub(super) struct Manifest {
     pub(super) files: std::collections::BTreeMap<String, FileSum>,
 }
 
+impl Manifest {
+    /// The hash its digests are made with (by its format version).
+    pub(super) fn digest(&self) -> DigestKind {
+        DigestKind::of_version(self.version)
+    }
+}
+
 #[derive(serde::Serialize, serde::Deserialize, PartialEq)]
 pub(super) struct FileSum {
     pub(super) size: u64,
-    /// Of the file; of its concatenated chunk digests when it is chunked.
-    pub(super) sha256: String,
+    /// Of the file; of its concatenated chunk digests when it is chunked. Format versions up
+    /// to 3 give `sha256`, version 4 `blake3`; an entry with the other one (or both) is
+    /// refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) blake3: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) chunk_size: Option<u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) chunks: Vec<String>,
+}
+
+impl FileSum {
+    /// The file's digest, as `kind: hex`, for messages.
+    fn digest_text(&self) -> String {
+        match (&self.blake3, &self.sha256) {
+            (Some(b), None) => format!("blake3 {b}"),
+            (None, Some(s)) => format!("sha256 {s}"),
+            _ => "no single digest".to_string(),
+        }
+    }
 }
 
 /// Every regular file below `dir` (relative paths, sorted), but the manifest itself.
@@ -40,36 +64,76 @@ pub(super) fn regular_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The sum of the file at `path`, chunk by chunk when `chunk_size` is given (page images:
-/// a lazy restore checks each chunk it reads on its own).
-pub(super) fn sum_of(path: &Path, chunk_size: Option<u64>) -> Result<FileSum> {
-    let mut summer = Summer::new(chunk_size);
+/// The sum of the file at `path` with the hash `kind`, chunk by chunk when `chunk_size` is
+/// given (page images: a lazy restore checks each chunk it reads on its own).
+pub(super) fn sum_of(path: &Path, chunk_size: Option<u64>, kind: DigestKind) -> Result<FileSum> {
+    let mut summer = Summer::new(chunk_size, kind);
     std::io::copy(&mut files::open_nofollow(path)?, &mut summer)?;
     Ok(summer.finish())
+}
+
+/// One running digest of either kind.
+enum Hasher {
+    Sha256(sha2::Sha256),
+    Blake3(Box<blake3::Hasher>),
+}
+
+impl Hasher {
+    fn new(kind: DigestKind) -> Hasher {
+        match kind {
+            DigestKind::Sha256 => Hasher::Sha256(Default::default()),
+            DigestKind::Blake3 => Hasher::Blake3(Default::default()),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        use sha2::Digest;
+        match self {
+            Hasher::Sha256(h) => h.update(bytes),
+            Hasher::Blake3(h) => {
+                h.update(bytes);
+            }
+        }
+    }
+
+    /// The digest so far; the hasher starts again.
+    fn take(&mut self) -> Vec<u8> {
+        use sha2::Digest;
+        match self {
+            Hasher::Sha256(h) => std::mem::take(h).finalize().to_vec(),
+            Hasher::Blake3(h) => {
+                let d = h.finalize().as_bytes().to_vec();
+                h.reset();
+                d
+            }
+        }
+    }
 }
 
 /// A [`FileSum`] made from bytes as they pass (written into it), so a writer can sum what it
 /// copies in the same pass.
 pub(super) struct Summer {
+    kind: DigestKind,
     chunk: Option<u64>,
     size: u64,
     /// The whole file's hasher, or the current chunk's.
-    hasher: sha2::Sha256,
+    hasher: Hasher,
     /// Bytes in the current chunk.
     in_chunk: u64,
     chunks: Vec<String>,
-    top: sha2::Sha256,
+    top: Hasher,
 }
 
 impl Summer {
-    pub(super) fn new(chunk: Option<u64>) -> Self {
+    pub(super) fn new(chunk: Option<u64>, kind: DigestKind) -> Self {
         Summer {
+            kind,
             chunk,
             size: 0,
-            hasher: Default::default(),
+            hasher: Hasher::new(kind),
             in_chunk: 0,
             chunks: Vec::new(),
-            top: Default::default(),
+            top: Hasher::new(kind),
         }
     }
 
@@ -78,30 +142,32 @@ impl Summer {
     }
 
     fn end_chunk(&mut self) {
-        use sha2::Digest;
-        let digest = std::mem::take(&mut self.hasher).finalize();
-        self.top.update(digest);
+        let digest = self.hasher.take();
+        self.top.update(&digest);
         self.chunks.push(hex::encode(digest));
         self.in_chunk = 0;
     }
 
     pub(super) fn finish(mut self) -> FileSum {
-        use sha2::Digest;
-        let Some(chunk) = self.chunk else {
-            return FileSum {
-                size: self.size,
-                sha256: hex::encode(self.hasher.finalize()),
-                chunk_size: None,
-                chunks: Vec::new(),
-            };
+        let digest = match self.chunk {
+            None => self.hasher.take(),
+            Some(_) => {
+                if self.in_chunk > 0 {
+                    self.end_chunk();
+                }
+                self.top.take()
+            }
         };
-        if self.in_chunk > 0 {
-            self.end_chunk();
-        }
+        let digest = Some(hex::encode(digest));
+        let (sha256, blake3) = match self.kind {
+            DigestKind::Sha256 => (digest, None),
+            DigestKind::Blake3 => (None, digest),
+        };
         FileSum {
             size: self.size,
-            sha256: hex::encode(self.top.finalize()),
-            chunk_size: Some(chunk),
+            sha256,
+            blake3,
+            chunk_size: self.chunk,
             chunks: self.chunks,
         }
     }
@@ -109,7 +175,6 @@ impl Summer {
 
 impl Write for Summer {
     fn write(&mut self, mut buf: &[u8]) -> std::io::Result<usize> {
-        use sha2::Digest;
         let n = buf.len();
         while !buf.is_empty() {
             let take = match self.chunk {
@@ -153,11 +218,11 @@ pub fn make_private(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes the manifest of `dir` (size and SHA-256 of every regular file) into it, 0600.
+/// Writes the manifest of `dir` (size and digest of every regular file) into it, 0600.
 pub fn write_manifest(dir: &Path) -> Result<()> {
     let mut files = std::collections::BTreeMap::new();
     for rel in regular_files(dir)? {
-        let sum = sum_of(&dir.join(&rel), chunking(&rel))?;
+        let sum = sum_of(&dir.join(&rel), chunking(&rel), WRITTEN_DIGEST)?;
         files.insert(rel.display().to_string(), sum);
     }
     let path = dir.join(layout::MANIFEST);
@@ -175,6 +240,9 @@ pub(super) fn manifest_bytes(
         files,
     })?)
 }
+
+/// The digest this build writes (that of [`layout::MANIFEST_VERSION`]).
+pub(super) const WRITTEN_DIGEST: DigestKind = DigestKind::Blake3;
 
 /// Whether the file at `rel` (relative to the checkpoint's top) is summed chunk by chunk.
 pub(super) fn chunking(rel: &Path) -> Option<u64> {
@@ -239,14 +307,14 @@ pub(super) fn check_manifest_except(
         {
             bail!("archive manifest gives {key} an impossible chunk size");
         }
-        let got = sum_of(&dir.join(rel), want.chunk_size)?;
+        let got = sum_of(&dir.join(rel), want.chunk_size, manifest.digest())?;
         if got != *want {
             bail!(
-                "archive file {key} is corrupt or was changed ({} bytes, sha256 {}; the manifest says {} bytes, sha256 {})",
+                "archive file {key} is corrupt or was changed ({} bytes, {}; the manifest says {} bytes, {})",
                 got.size,
-                got.sha256,
+                got.digest_text(),
                 want.size,
-                want.sha256
+                want.digest_text()
             );
         }
     }

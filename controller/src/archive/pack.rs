@@ -146,7 +146,7 @@ fn walk(
         }
     } else if meta.is_file() {
         let key = under.join(rel);
-        let mut summer = Summer::new(chunking(&key));
+        let mut summer = Summer::new(chunking(&key), WRITTEN_DIGEST);
         // Large reads: a page image comes from the page cache in MiB, not 8 KiB.
         let file = std::io::BufReader::with_capacity(1 << 20, files::open_nofollow(&path)?);
         let mut reader = Summing {

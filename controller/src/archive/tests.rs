@@ -271,6 +271,11 @@ fn page_images_stay_in_an_uncompressed_archive() {
     assert_eq!(options.containers["web"], "abc-web");
     let span = &source.files["abc-web/checkpoint/pages-1.img"];
     assert_eq!((span.size, span.chunks.len()), (pages.len() as u64, 3));
+    assert_eq!(span.digest, layout::DigestKind::Blake3);
+    assert_eq!(
+        span.chunks[2],
+        blake3::hash(&pages[2 << 20..]).to_hex().to_string()
+    );
     let bytes = std::fs::read(&source.archive).unwrap();
     let at = span.offset as usize;
     assert_eq!(&bytes[at..at + pages.len()], &pages[..]);
@@ -359,7 +364,11 @@ fn sealed_archives_open_only_with_the_right_keys() {
     let text = std::fs::read_to_string(dir.join(layout::MANIFEST)).unwrap();
     std::fs::write(
         dir.join(layout::MANIFEST),
-        text.replacen("\"version\":3", "\"version\":9", 1),
+        text.replacen(
+            &format!("\"version\":{}", layout::MANIFEST_VERSION),
+            "\"version\":9",
+            1,
+        ),
     )
     .unwrap();
     let future = s.0.join("future.tar");
@@ -601,4 +610,49 @@ fn a_staged_checkpoint_is_packed_in_one_pass() {
         e.contains("reads back as") && e.contains("bytes written"),
         "{e}"
     );
+}
+
+/// Archives of format version 3 (SHA-256 digests, what stasisctl wrote before version 4)
+/// still read, chunked page images included; a manifest whose digests are not those of the
+/// version it states is refused as changed, leaving nothing.
+#[test]
+fn version_3_archives_with_sha256_digests_still_read() {
+    let s = Scratch::new("v3");
+    let dir = checkpoint_dir(&s.0);
+    let pages: Vec<u8> = (0..(layout::PAGE_CHUNK_SIZE + 4096))
+        .map(|i| (i % 253) as u8)
+        .collect();
+    std::fs::write(dir.join("abc-web/checkpoint/pages-1.img"), &pages).unwrap();
+    let mut files = std::collections::BTreeMap::new();
+    for rel in regular_files(&dir).unwrap() {
+        let sum = sum_of(&dir.join(&rel), chunking(&rel), layout::DigestKind::Sha256).unwrap();
+        files.insert(rel.display().to_string(), sum);
+    }
+    let v3 = serde_json::to_string(&Manifest { version: 3, files }).unwrap();
+    assert!(v3.contains("\"sha256\"") && !v3.contains("blake3"), "{v3}");
+    std::fs::write(dir.join(layout::MANIFEST), &v3).unwrap();
+    let archive = s.0.join("v3.tar");
+    write(&dir, &archive, Compression::None).unwrap();
+    let out = s.0.join("whole");
+    extract(&archive, &out).unwrap();
+    assert_eq!(
+        std::fs::read(out.join("abc-web/checkpoint/pages-1.img")).unwrap(),
+        pages
+    );
+    let lazy = s.0.join("lazy");
+    let (_, source) = extract_leaving_pages(&archive, &lazy, &Opening::default()).unwrap();
+    let span = &source.files["abc-web/checkpoint/pages-1.img"];
+    assert_eq!(span.digest, layout::DigestKind::Sha256);
+    // SHA-256 digests under version 4: refused.
+    std::fs::write(
+        dir.join(layout::MANIFEST),
+        v3.replacen("\"version\":3", "\"version\":4", 1),
+    )
+    .unwrap();
+    let relabelled = s.0.join("v4.tar");
+    write(&dir, &relabelled, Compression::None).unwrap();
+    let out = s.0.join("refused");
+    let e = format!("{:#}", extract(&relabelled, &out).unwrap_err());
+    assert!(e.contains("is corrupt or was changed"), "{e}");
+    assert!(!out.exists());
 }

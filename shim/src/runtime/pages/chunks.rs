@@ -4,7 +4,7 @@
 use std::{fs::File, os::unix::fs::FileExt, sync::Arc};
 
 use sha2::Digest;
-use stasis_api::layout::PageSpan;
+use stasis_api::layout::{DigestKind, PageSpan};
 
 use super::ahead;
 
@@ -42,13 +42,21 @@ impl SpanBytes {
         self.archive
             .read_exact_at(&mut buf, self.span.offset + start)
             .map_err(|e| format!("{}: read the archive: {e}", self.key))?;
-        if hex::encode(sha2::Sha256::digest(&buf)) != *want {
+        if chunk_digest(self.span.digest, &buf) != *want {
             return Err(format!(
                 "{}: chunk {index} does not match the archive's manifest (the archive was changed)",
                 self.key
             ));
         }
         Ok(buf)
+    }
+}
+
+/// The digest (hex) a manifest of `kind` gives a chunk of `bytes`.
+pub(super) fn chunk_digest(kind: DigestKind, bytes: &[u8]) -> String {
+    match kind {
+        DigestKind::Sha256 => hex::encode(sha2::Sha256::digest(bytes)),
+        DigestKind::Blake3 => blake3::hash(bytes).to_hex().to_string(),
     }
 }
 

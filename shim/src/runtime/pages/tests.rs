@@ -1,5 +1,4 @@
 use super::*;
-use sha2::Digest;
 
 fn image(entries: &[(u64, u32, u32)]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -77,7 +76,7 @@ fn requests_are_served_from_checked_chunks() {
     let chunk_size = 2 * PAGE_SIZE;
     let chunks = image_bytes
         .chunks(chunk_size as usize)
-        .map(|c| hex::encode(sha2::Sha256::digest(c)))
+        .map(|c| blake3::hash(c).to_hex().to_string())
         .collect();
     let span = PageSpan {
         file: None,
@@ -85,6 +84,7 @@ fn requests_are_served_from_checked_chunks() {
         size: 3 * PAGE_SIZE,
         chunk_size,
         chunks,
+        digest: stasis_api::layout::DigestKind::Blake3,
     };
     let mut checked = CheckedSpan::new(
         std::sync::Arc::new(File::open(&archive).unwrap()),
@@ -179,4 +179,18 @@ fn requests_are_served_from_checked_chunks() {
     assert_eq!(pages.find(9, 0x2000, 1), Some((0, PAGE_SIZE, 1)));
     assert_eq!(pages.find(9, 0x5000, 1), None);
     assert_eq!(pages.find(8, 0x1000, 1), None);
+}
+
+#[test]
+fn chunks_are_checked_with_the_hash_their_manifest_names() {
+    use stasis_api::layout::DigestKind;
+    // Format versions up to 3: SHA-256; from 4: BLAKE3 (known answers for "abc").
+    assert_eq!(
+        chunks::chunk_digest(DigestKind::Sha256, b"abc"),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    assert_eq!(
+        chunks::chunk_digest(DigestKind::Blake3, b"abc"),
+        "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
+    );
 }

@@ -329,6 +329,7 @@ pub fn delete(flags: &Flags) -> Result<(), BoxError> {
     // seconds, and a busy node may need them all): its pause process, every process of its
     // cgroups (thawed, then killed), its shm mount and files. Never while a shim still
     // answers on the pod's socket.
+    let started = std::time::Instant::now();
     if dead_pod.is_some() {
         crate::sandbox::remove_after_crash(&flags.id, &bundle);
     }
@@ -372,6 +373,15 @@ pub fn delete(flags: &Flags) -> Result<(), BoxError> {
     })?;
     crate::task::unmount(&bundle.join("rootfs"));
     remove_dead_socket(flags);
+    if dead_pod.is_some() {
+        // containerd logs this (as a warning of the clean-up) and kills the command after its
+        // cleanup timeout (5 s by default): how close we came is worth seeing.
+        eprintln!(
+            "containerd-shim-stasis-v2: pod {}: cleaned up after its shim died, in {:?}",
+            flags.id,
+            started.elapsed()
+        );
+    }
     let resp = DeleteResponse {
         exit_status: 128 + libc::SIGKILL as u32,
         exited_at: protobuf::MessageField::some(timestamp(time::OffsetDateTime::now_utc())),

@@ -326,8 +326,8 @@ pub fn delete(flags: &Flags) -> Result<(), BoxError> {
         ids.extend(record.containers.iter().cloned());
     }
     // A pod whose shim died: first what must not wait (containerd gives this command a few
-    // seconds, and a busy node may need them all): its pause process, every process of its
-    // cgroups (thawed, then killed), its shm mount and files. Never while a shim still
+    // seconds, and a busy node may need them all): its shm mount and files, its pause
+    // process, every process of its cgroups (thawed, then killed). Never while a shim still
     // answers on the pod's socket.
     let started = std::time::Instant::now();
     if dead_pod.is_some() {

@@ -31,6 +31,27 @@ pub(super) struct FileSum {
 }
 
 impl FileSum {
+    fn new(
+        size: u64,
+        kind: DigestKind,
+        digest: &[u8],
+        chunk_size: Option<u64>,
+        chunks: Vec<String>,
+    ) -> FileSum {
+        let digest = Some(hex::encode(digest));
+        let (sha256, blake3) = match kind {
+            DigestKind::Sha256 => (digest, None),
+            DigestKind::Blake3 => (None, digest),
+        };
+        FileSum {
+            size,
+            sha256,
+            blake3,
+            chunk_size,
+            chunks,
+        }
+    }
+
     /// The file's digest, as `kind: hex`, for messages.
     fn digest_text(&self) -> String {
         match (&self.blake3, &self.sha256) {
@@ -70,6 +91,22 @@ pub(super) fn sum_of(path: &Path, chunk_size: Option<u64>, kind: DigestKind) -> 
     let mut summer = Summer::new(chunk_size, kind);
     std::io::copy(&mut files::open_nofollow(path)?, &mut summer)?;
     Ok(summer.finish())
+}
+
+/// The sum a chunked file's manifest entry must carry, made from its own chunk digests
+/// (None if one is not hex): what the whole-file check compares for an image left unread.
+fn sum_of_chunks(entry: &FileSum, kind: DigestKind) -> Option<FileSum> {
+    let mut top = Hasher::new(kind);
+    for chunk in &entry.chunks {
+        top.update(&hex::decode(chunk).ok()?);
+    }
+    Some(FileSum::new(
+        entry.size,
+        kind,
+        &top.take(),
+        entry.chunk_size,
+        entry.chunks.clone(),
+    ))
 }
 
 /// One running digest of either kind.
@@ -158,18 +195,7 @@ impl Summer {
                 self.top.take()
             }
         };
-        let digest = Some(hex::encode(digest));
-        let (sha256, blake3) = match self.kind {
-            DigestKind::Sha256 => (digest, None),
-            DigestKind::Blake3 => (None, digest),
-        };
-        FileSum {
-            size: self.size,
-            sha256,
-            blake3,
-            chunk_size: self.chunk,
-            chunks: self.chunks,
-        }
+        FileSum::new(self.size, self.kind, &digest, self.chunk, self.chunks)
     }
 }
 
@@ -250,7 +276,7 @@ pub(super) fn chunking(rel: &Path) -> Option<u64> {
 }
 
 /// Checks an unpacked archive against its manifest: the version known, every file listed
-/// there with its size and SHA-256, nothing unlisted. Names the first file that differs.
+/// there with its size and digest, nothing unlisted. Names the first file that differs.
 pub fn check_manifest(dir: &Path) -> Result<()> {
     check_manifest_except(dir, &read_manifest(dir)?, &Default::default())
 }
@@ -274,8 +300,8 @@ pub(super) fn read_manifest(dir: &Path) -> Result<Manifest> {
 }
 
 /// [`check_manifest`], but the files in `left_in_archive` (page images not unpacked, read
-/// from the archive later, chunk by chunk) are only checked to be listed, with their size
-/// and chunk digests.
+/// from the archive later, chunk by chunk) are only checked to be listed, with their size,
+/// their chunk digests and a file digest that is theirs (of the hash the version names).
 pub(super) fn check_manifest_except(
     dir: &Path,
     manifest: &Manifest,
@@ -283,7 +309,10 @@ pub(super) fn check_manifest_except(
 ) -> Result<()> {
     for (key, span) in left_in_archive {
         match manifest.files.get(key) {
-            Some(want) if want.size == span.size && want.chunks == span.chunks => {}
+            Some(want)
+                if want.size == span.size
+                    && want.chunks == span.chunks
+                    && sum_of_chunks(want, manifest.digest()).as_ref() == Some(want) => {}
             Some(want) => bail!(
                 "archive file {key} is corrupt or was changed ({} bytes; the manifest says {} bytes)",
                 span.size,

@@ -656,3 +656,34 @@ fn version_3_archives_with_sha256_digests_still_read() {
     assert!(e.contains("is corrupt or was changed"), "{e}");
     assert!(!out.exists());
 }
+
+/// A page image a lazy restore leaves in the archive is checked by its chunk digests (the
+/// shim checks each chunk); its entry must still carry the file digest of its own chunks, of
+/// the hash its version names: an entry with the other field is refused, as an eager restore
+/// refuses it.
+#[test]
+fn a_page_image_left_in_the_archive_needs_its_own_digest() {
+    assert_eq!(
+        layout::DigestKind::of_version(layout::MANIFEST_VERSION),
+        WRITTEN_DIGEST
+    );
+    let s = Scratch::new("leftdigest");
+    let dir = checkpoint_dir(&s.0);
+    write_manifest(&dir).unwrap();
+    let text = std::fs::read_to_string(dir.join(layout::MANIFEST)).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let entry = &mut manifest["files"]["abc-web/checkpoint/pages-1.img"];
+    let digest = entry["blake3"].take();
+    entry.as_object_mut().unwrap().remove("blake3");
+    entry["sha256"] = digest;
+    std::fs::write(dir.join(layout::MANIFEST), manifest.to_string()).unwrap();
+    let archive = s.0.join("a.tar");
+    write(&dir, &archive, Compression::None).unwrap();
+    let out = s.0.join("out");
+    let e = format!(
+        "{:#}",
+        extract_leaving_pages(&archive, &out, &Opening::default()).unwrap_err()
+    );
+    assert!(e.contains("pages-1.img is corrupt or was changed"), "{e}");
+    assert!(!out.exists());
+}

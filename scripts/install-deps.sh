@@ -77,3 +77,11 @@ command -v runsc >/dev/null || echo "install-deps: note: runsc not installed" >&
 criu --version | head -n1
 runc --version | head -n1
 containerd --version
+
+# Post-copy migration: CRIU's page server grows a pipe to its largest page pipe (~3-4 MiB),
+# past the kernel's 1 MiB default, which root may exceed only with CAP_SYS_RESOURCE (absent
+# here); without this the first page request fails (docs/host-requirements.md).
+if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt 4194304 ]; then
+  sysctl -q -w fs.pipe-max-size=4194304
+  echo "install-deps: fs.pipe-max-size set to 4194304 (post-copy)"
+fi

@@ -118,6 +118,11 @@ pub struct RestoreOptions {
     /// With `lazy`: the pod's containers resume only once every page is in (an eager
     /// restore that reads its pages through the page server instead of unpacked copies).
     pub pages_before_resume: bool,
+    /// Post-copy: the lazy pages come from the migration's source through this Unix socket
+    /// (stasisctl's relay, root's); a connection names the container's directory on its
+    /// first line, then speaks CRIU's page-server protocol with the source's CRIU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_pages: Option<PathBuf>,
 }
 
 /// Page images served from byte ranges of an archive file instead of unpacked copies.

@@ -309,6 +309,7 @@ async fn measure(
             opening: Default::default(),
             lazy: false,
             wait_pages: true,
+            remote_pages: None,
         },
         Source::Archive {
             path: archive.clone(),

@@ -658,9 +658,151 @@ async fn slow_peers_without_the_key_do_not_stall_the_listener() -> Result<()> {
     b.finish()
 }
 
+/// Post-copy: a pod of a 128 MiB memory hog and a counter moves while its memory stays on
+/// the source; the target runs it before the pages cross, and once every page is in the
+/// hog's own checksum of its memory is what it was, the counter went on from memory, and the
+/// source pod is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_moves_post_copy_with_its_memory_intact() -> Result<()> {
+    let (a, b, image, key) = two_nodes("postcopy")?;
+    let mut cri_a = a.cri().await?;
+    let mut cri_b = b.cri().await?;
+    let hog = stasis_e2e::cri::checksum_hog(128);
+    let (pod_id, big, counter) = stasis_e2e::cri::hog_and_counter_pod(
+        &mut cri_a,
+        &a.dir.join("logs"),
+        image,
+        "postcopy",
+        &hog,
+    )
+    .await?;
+    wait_counter_moving(&mut cri_a, &counter, "/counter").await?;
+    let sum = stasis_e2e::cri::memory_sum(&mut cri_a, &big).await?;
+    let count = read_counter(&mut cri_a, &counter, "/counter").await?;
+    let recv = listener(&b, &key, &[], 1)?;
+    let out = migrate(&a, &pod_id, &recv.addr, &key, &["--post-copy"])?;
+    let listened = recv.child.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "post-copy migration failed: {err}");
+    ensure!(listened.status.success(), "the listener failed");
+    eprintln!("{err}");
+    let new_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    ensure!(
+        String::from_utf8_lossy(&listened.stdout).trim() == new_pod,
+        "the listener restored another pod than the sender reports"
+    );
+    ensure!(
+        containers_by_name(&mut cri_a, &pod_id)
+            .await
+            .map(|l| l.is_empty())
+            .unwrap_or(true),
+        "the source pod still has containers"
+    );
+    let restored = containers_by_name(&mut cri_b, &new_pod).await?;
+    ensure!(restored.len() == 2, "restored {restored:?}");
+    for (name, id, state) in &restored {
+        ensure!(
+            *state == cri::ContainerState::ContainerRunning as i32,
+            "{name} is not running on the target"
+        );
+        if name == "big" {
+            let after = stasis_e2e::cri::memory_sum(&mut cri_b, id).await?;
+            ensure!(
+                after == sum,
+                "the memory changed in transit: md5 {sum} -> {after}"
+            );
+        } else {
+            let now = read_counter(&mut cri_b, id, "/counter").await?;
+            ensure!(now >= count, "the counter went back: {count} -> {now}");
+            wait_counter_above(&mut cri_b, id, "/counter", now).await?;
+            let v = violations(&mut cri_b, id).await?;
+            ensure!(v.is_empty(), "{name}: {v}");
+        }
+    }
+    cri_b.stop_and_remove_pod(&new_pod).await?;
+    a.finish()?;
+    b.finish()
+}
+
+/// Post-copy's fault: the connection cut while the pages cross (the target's pod already
+/// runs). The target's pod is removed, the source pod runs on thawed with its memory as it
+/// was, and nothing of the migration is left on either node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_copy_cut_mid_pages_leaves_the_pod_running_on_the_source() -> Result<()> {
+    let (a, b, image, key) = two_nodes("postcut")?;
+    let mut cri_a = a.cri().await?;
+    let hog = stasis_e2e::cri::checksum_hog(128);
+    let (pod_id, big, counter) = stasis_e2e::cri::hog_and_counter_pod(
+        &mut cri_a,
+        &a.dir.join("logs"),
+        image,
+        "postcut",
+        &hog,
+    )
+    .await?;
+    wait_counter_moving(&mut cri_a, &counter, "/counter").await?;
+    let sum = stasis_e2e::cri::memory_sum(&mut cri_a, &big).await?;
+    let b_before = b.settled_footprint().await?;
+    let recv = listener(&b, &key, &[], 1)?;
+    // Cut once 32 MiB went from the source to the target: the files are far smaller, so
+    // the target's pod runs and is fetching its pages.
+    let (relay, cut) = cutting_relay(&recv.addr, 32 << 20)?;
+    let out = migrate(&a, &pod_id, &relay, &key, &["--post-copy"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(cut.join().unwrap_or(false), "the relay never cut: {err}");
+    ensure!(!out.status.success(), "a cut post-copy migration succeeded");
+    eprintln!("cut mid-pages: {err}");
+    ensure!(
+        err.contains("runs on"),
+        "the error does not say the pod runs on: {err}"
+    );
+    let _ = recv.child.wait_with_output();
+    for id in [&big, &counter] {
+        let state = pod_freezer_state(&pod_id, id)?;
+        ensure!(state == "THAWED", "the source container {id} is {state}");
+    }
+    let now = read_counter(&mut cri_a, &counter, "/counter").await?;
+    wait_counter_above(&mut cri_a, &counter, "/counter", now).await?;
+    let after = stasis_e2e::cri::memory_sum(&mut cri_a, &big).await?;
+    ensure!(
+        after == sum,
+        "the source's memory changed: md5 {sum} -> {after}"
+    );
+    b.expect_footprint(b_before)
+        .await
+        .context("the target is not clean after the cut")?;
+    cri_a.stop_and_remove_pod(&pod_id).await?;
+    a.finish()?;
+    b.finish()
+}
+
+/// What a relay does to the sender's bytes at offset `at`.
+#[derive(Clone, Copy)]
+enum Meddle {
+    /// Flips a bit of that byte.
+    Flip,
+    /// Cuts the connection both ways.
+    Cut,
+}
+
 /// A TCP relay on loopback to `to` for one connection that flips the byte at offset `at` of
 /// what the sender sends; returns its address and whether the flip happened.
 fn tampering_relay(to: &str, at: u64) -> Result<(String, std::thread::JoinHandle<bool>)> {
+    meddling_relay(to, at, Meddle::Flip)
+}
+
+/// A TCP relay on loopback to `to` for one connection that cuts it both ways once the
+/// sender sent `at` bytes (post-copy's pages flow from the sender); returns its address and
+/// whether it cut.
+fn cutting_relay(to: &str, at: u64) -> Result<(String, std::thread::JoinHandle<bool>)> {
+    meddling_relay(to, at, Meddle::Cut)
+}
+
+fn meddling_relay(
+    to: &str,
+    at: u64,
+    how: Meddle,
+) -> Result<(String, std::thread::JoinHandle<bool>)> {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
@@ -680,16 +822,21 @@ fn tampering_relay(to: &str, at: u64) -> Result<(String, std::thread::JoinHandle
             let _ = std::io::copy(&mut back_from, &mut back_to);
             let _ = back_to.shutdown(std::net::Shutdown::Write);
         });
-        let (mut seen, mut flipped) = (0u64, false);
+        let (mut seen, mut done) = (0u64, false);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = match from_sender.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if !flipped && seen + n as u64 > at {
+            if !done && seen + n as u64 > at {
+                done = true;
+                if let Meddle::Cut = how {
+                    let _ = from_sender.shutdown(std::net::Shutdown::Both);
+                    let _ = to_target.shutdown(std::net::Shutdown::Both);
+                    return true;
+                }
                 buf[(at - seen) as usize] ^= 0x40;
-                flipped = true;
             }
             seen += n as u64;
             if to_target.write_all(&buf[..n]).is_err() {
@@ -697,7 +844,7 @@ fn tampering_relay(to: &str, at: u64) -> Result<(String, std::thread::JoinHandle
             }
         }
         let _ = to_target.shutdown(std::net::Shutdown::Write);
-        flipped
+        done
     });
     Ok((addr, handle))
 }

@@ -137,6 +137,12 @@ pub(super) struct MigrateFlags {
     /// restores eagerly).
     #[arg(long)]
     lazy: bool,
+    /// Post-copy: only the pod's small state crosses before the target runs it; its memory
+    /// pages follow on demand and in the background from the source, which stays frozen until
+    /// the target has every page (any failure before that removes the target's pod and thaws
+    /// the source). runc/crun on both nodes, and `fs.pipe-max-size` >= 4194304 on this one.
+    #[arg(long, conflicts_with = "lazy")]
+    post_copy: bool,
     /// Sign what is sent with this Ed25519 key (PEM), for targets whose restore policy
     /// names trusted signers.
     #[arg(long, value_name = "KEY")]
@@ -330,6 +336,7 @@ async fn restore_with(target: &Target, f: RestoreFlags) -> Result<String> {
         opening,
         lazy: f.lazy,
         wait_pages: f.wait_pages,
+        remote_pages: None,
     };
     restore::restore_pod(target, &args, Source::from_arg(&f.archive)).await
 }
@@ -347,6 +354,7 @@ async fn migrate(target: &Target, f: MigrateFlags) -> Result<()> {
             runtime_handler: f.runtime_handler,
             timeout: f.timeout,
             lazy: f.lazy,
+            post_copy: f.post_copy,
             sign: f
                 .sign_key
                 .as_deref()

@@ -37,6 +37,9 @@ pub struct MigrateArgs {
     pub runtime_handler: Option<String>,
     pub timeout: u32,
     pub lazy: bool,
+    /// Post-copy: the target's pod runs before the pages cross; the source stays frozen (CRIU
+    /// serving its pages) until the target has them all.
+    pub post_copy: bool,
     /// Signs the streamed checkpoint's manifest (for targets that require signatures).
     pub sign: Option<ed25519_dalek::SigningKey>,
 }
@@ -90,7 +93,8 @@ async fn migrate_pod(t: &Target, a: MigrateArgs) -> Result<Migrated> {
         pod: a.pod.clone(),
         name: a.name.clone(),
         runtime_handler: a.runtime_handler.clone(),
-        lazy: a.lazy,
+        lazy: a.lazy || a.post_copy,
+        post_copy: a.post_copy,
     })?;
     let frozen_at = Instant::now();
     let o = checkpoint::checkpoint_pod(
@@ -100,6 +104,8 @@ async fn migrate_pod(t: &Target, a: MigrateArgs) -> Result<Migrated> {
             destination: Destination::Stream {
                 channel: Box::new(channel),
                 to: a.to.clone(),
+                post_copy: a.post_copy,
+                page_socket: None,
             },
             leave_running: false,
             containers: Vec::new(),
@@ -117,7 +123,12 @@ async fn migrate_pod(t: &Target, a: MigrateArgs) -> Result<Migrated> {
         .delivered
         .peer_pod
         .context("the receiver's answer was lost")?;
-    let downtime_ms = ms(frozen_at.elapsed());
+    // Post-copy's downtime ends when the target runs the pod, before its pages came.
+    let downtime_ms = ms(o
+        .delivered
+        .running_at
+        .unwrap_or_else(Instant::now)
+        .duration_since(frozen_at));
     // The target runs and the source was stopped (its containers killed while frozen): now
     // the source pod goes.
     let mut rt = cri::connect(Path::new(&t.address)).await?;
@@ -135,6 +146,9 @@ async fn migrate_pod(t: &Target, a: MigrateArgs) -> Result<Migrated> {
         bytes_sent: o.delivered.bytes,
     })
 }
+
+#[path = "migrate_postcopy.rs"]
+mod postcopy;
 
 pub struct ListenArgs {
     pub listen: String,
@@ -155,43 +169,29 @@ pub async fn listen(t: &Target, a: ListenArgs) -> Result<()> {
         listener.local_addr()?,
         t.address
     );
-    // Handshakes run side by side, each within its deadline, so peers without the key cannot
-    // hold the door; pods that proved the key are restored one at a time, in arrival order.
-    let (proven, mut arrivals) = tokio::sync::mpsc::channel::<(Channel, std::net::SocketAddr)>(1);
-    let busy = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    {
-        let listener = listener.try_clone()?;
-        let runtime = tokio::runtime::Handle::current();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(stream) = conn else { continue };
-                let peer = stream
-                    .peer_addr()
-                    .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
-                let Ok(permit) = busy.clone().try_acquire_owned() else {
-                    eprintln!("refused {peer}: {MAX_HANDSHAKES} handshakes under way already");
-                    continue;
-                };
-                let proven = proven.clone();
-                runtime.spawn_blocking(move || {
-                    let _permit = permit;
-                    match Channel::accept(stream, &key) {
-                        Ok(c) => {
-                            let _ = proven.blocking_send((c, peer));
-                        }
-                        Err(e) => eprintln!("refused {peer}: {e:#}"),
-                    }
-                });
-            }
-        });
-    }
+    let mut arrivals = accept_proven(&listener, key)?;
     let mut served = 0;
     loop {
         let Some((mut channel, peer)) = arrivals.recv().await else {
             bail!("the listener stopped accepting connections");
         };
         let started = Instant::now();
-        let restored = receive(t, &a, &mut channel, &peer.to_string()).await;
+        let offer = match channel.recv_json::<Offer>() {
+            Ok(o) if o.post_copy => {
+                postcopy::receive(t, &a, channel, &peer.to_string(), o).await;
+                served += 1;
+                match a.count > 0 && served >= a.count {
+                    true => return Ok(()),
+                    false => continue,
+                }
+            }
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("migration from {peer} failed: {e:#}");
+                continue;
+            }
+        };
+        let restored = receive(t, &a, &mut channel, &peer.to_string(), offer).await;
         let result = restored.as_ref().map(|r| r.pod_id.clone());
         let answer = match &result {
             Ok(id) => Outcome {
@@ -236,9 +236,66 @@ pub async fn listen(t: &Target, a: ListenArgs) -> Result<()> {
     }
 }
 
+/// Handshakes run side by side, each within its deadline, so peers without the key cannot
+/// hold the door; the channels that proved the key come out one at a time, in arrival order.
+fn accept_proven(
+    listener: &TcpListener,
+    key: [u8; 32],
+) -> Result<tokio::sync::mpsc::Receiver<(Channel, std::net::SocketAddr)>> {
+    let (proven, arrivals) = tokio::sync::mpsc::channel::<(Channel, std::net::SocketAddr)>(1);
+    let busy = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let listener = listener.try_clone()?;
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(stream) = conn else { continue };
+            let peer = stream
+                .peer_addr()
+                .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+            let Ok(permit) = busy.clone().try_acquire_owned() else {
+                eprintln!("refused {peer}: {MAX_HANDSHAKES} handshakes under way already");
+                continue;
+            };
+            let proven = proven.clone();
+            runtime.spawn_blocking(move || {
+                let _permit = permit;
+                match Channel::accept(stream, &key) {
+                    Ok(c) => {
+                        let _ = proven.blocking_send((c, peer));
+                    }
+                    Err(e) => eprintln!("refused {peer}: {e:#}"),
+                }
+            });
+        }
+    });
+    Ok(arrivals)
+}
+
 async fn remove_pod(t: &Target, id: &str) {
     if let Ok(mut rt) = cri::connect(Path::new(&t.address)).await {
         let _ = cri::remove_pod(&mut rt, id).await;
+    }
+}
+
+/// How a migration offered with `offer` is restored here; post-copy's pages come through
+/// `remote_pages`. The migration reports its downtime and end only once every page is in.
+fn restore_args(
+    a: &ListenArgs,
+    offer: &Offer,
+    opening: Opening,
+    remote_pages: Option<PathBuf>,
+) -> RestoreArgs {
+    RestoreArgs {
+        registry: Default::default(),
+        name: offer.name.clone(),
+        runtime_handler: None,
+        offered_runtime_handler: offer.runtime_handler.clone(),
+        policy: a.policy.clone(),
+        replace_volumes: a.replace_volumes,
+        opening,
+        lazy: offer.lazy || remote_pages.is_some(),
+        wait_pages: true,
+        remote_pages,
     }
 }
 
@@ -249,21 +306,10 @@ async fn receive(
     a: &ListenArgs,
     channel: &mut Channel,
     peer: &str,
+    offer: Offer,
 ) -> Result<Restored> {
-    let offer: Offer = channel.recv_json()?;
     eprintln!("receiving pod {} from {peer}", offer.pod);
-    let args = RestoreArgs {
-        registry: Default::default(),
-        name: offer.name,
-        runtime_handler: None,
-        offered_runtime_handler: offer.runtime_handler,
-        policy: a.policy.clone(),
-        replace_volumes: a.replace_volumes,
-        opening: Opening::default(),
-        lazy: offer.lazy,
-        // The migration reports its downtime and end only once every page is in.
-        wait_pages: true,
-    };
+    let args = restore_args(a, &offer, Opening::default(), None);
     let source = Source::Stream {
         channel,
         peer: peer.to_string(),

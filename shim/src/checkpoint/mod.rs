@@ -4,10 +4,13 @@
 //! failure); how the containers are held still and saved is the backend's `checkpoint_pod`.
 
 mod announce;
+mod hold;
 pub mod metadata;
+mod serve_pages;
 pub mod source;
 
 use announce::Announce;
+pub use hold::Hold;
 
 use std::{
     collections::HashMap,
@@ -58,68 +61,6 @@ impl CheckpointGate {
 
 /// The longest a stopping checkpoint keeps a pod frozen waiting for FinishCheckpoint.
 pub const MAX_HOLD: Duration = Duration::from_secs(3600);
-
-/// A stopping checkpoint's containers, kept still after their capture until its output is
-/// safe. It owns the pod's checkpoint slot and the containers' operation locks while it
-/// lasts; dropped without an end (a panic), it lets the containers run on.
-pub struct Hold {
-    runtime: Arc<dyn crate::runtime::OciRuntime>,
-    pod: Option<HeldPod>,
-    announce: Announce,
-    /// Whether `stop` announces `stopped` itself (not when the stop comes before the
-    /// checkpoint's `finished`, which must be announced first).
-    announce_stop: bool,
-    _busy: OwnedMutexGuard<()>,
-    _ops: Vec<OwnedMutexGuard<()>>,
-}
-
-impl Hold {
-    fn ids(p: &HeldPod) -> Vec<String> {
-        p.containers.iter().map(|c| c.id.clone()).collect()
-    }
-
-    /// The output is safe: the held containers are stopped.
-    pub async fn stop(mut self) -> Result<Vec<String>> {
-        let pod = self.pod.take().expect("a hold ends once");
-        match self.runtime.hooks().stop_held(&pod).await {
-            Ok(()) => {
-                info!("pod {}: stopped after its checkpoint", pod.pod_id);
-                if self.announce_stop {
-                    self.announce.phase("stopped");
-                }
-                Ok(Self::ids(&pod))
-            }
-            Err(e) => {
-                // Whatever the stop did not end runs on rather than staying frozen.
-                if self.runtime.hooks().release_held(&pod).await.is_ok() {
-                    self.announce.phase("resumed");
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// The containers run on, thawed (a failed or abandoned stopping checkpoint).
-    pub async fn release(mut self) -> Result<Vec<String>> {
-        let pod = self.pod.take().expect("a hold ends once");
-        self.runtime.hooks().release_held(&pod).await?;
-        info!("pod {}: left running after its checkpoint", pod.pod_id);
-        self.announce.phase("resumed");
-        Ok(Self::ids(&pod))
-    }
-}
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        if let Some(pod) = self.pod.take() {
-            warn!("pod {}: checkpoint hold dropped, resuming", pod.pod_id);
-            let runtime = self.runtime.clone();
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { runtime.hooks().release_held(&pod).await });
-            }
-        }
-    }
-}
 
 /// Runs a pod checkpoint to its end, whatever happens to the request: the response goes to
 /// `reply` once the capture is written; a stopping checkpoint with a hold then keeps the pod
@@ -254,18 +195,14 @@ pub async fn checkpoint_pod(
     let out = PathBuf::from(&req.output_path);
     require_empty_output(&req.sandbox_id, &out)?;
     let opts = req.options.clone().unwrap_or_default();
+    if opts.post_copy {
+        check_post_copy(shim, &req.sandbox_id, &opts)?;
+    }
     let ids = selected_ids(shim, &req)?;
     announce.selected(&ids);
     // Hold every selected container's operations for the whole capture, in a fixed order:
     // nothing starts, stops, pauses or execs in them meanwhile.
-    let mut selected: Vec<Arc<Container>> = Vec::new();
-    for id in &ids {
-        selected.push(shim.get(id)?);
-    }
-    let mut guards = Vec::new();
-    for c in &selected {
-        guards.push(c.op.clone().lock_owned().await);
-    }
+    let (selected, guards) = lock_selected(shim, &ids).await?;
     let (targets, names) = targets_of(&selected, &req, &out)?;
     let unselected_running: Vec<String> = shim
         .all()
@@ -286,6 +223,7 @@ pub async fn checkpoint_pod(
         hold: !opts.leave_running,
         tcp_established: opts.tcp_established,
         file_locks: opts.file_locks,
+        post_copy: opts.post_copy,
         timeout: Some(match opts.timeout_secs {
             0 => shim.checkpoint_bound,
             secs => Duration::from_secs(secs as u64),
@@ -293,39 +231,39 @@ pub async fn checkpoint_pod(
         on_phase: &on_phase,
     };
     let engine = shim.runtime.name().to_string();
-    let written = capture_and_write(shim, &job, &pod, &names, &engine, opts.leave_running).await;
+    let captured = shim.runtime.hooks().checkpoint_pod(&job).await;
     // From here a stopping checkpoint's containers are held still (its hold must end).
-    let hold = match &written {
-        Ok(_) if !opts.leave_running => Some(Hold {
-            runtime: shim.runtime.clone(),
-            pod: Some(HeldPod {
+    let mut hold = match &captured {
+        Ok(_) if !opts.leave_running => Some(Hold::new(
+            shim.runtime.clone(),
+            HeldPod {
                 pod_id: pod.id.clone(),
                 containers: targets.clone(),
-            }),
-            announce: announce.clone(),
-            announce_stop: true,
-            _busy: busy,
-            _ops: guards,
-        }),
+            },
+            announce.clone(),
+            (busy, guards),
+        )),
         _ => {
             drop(guards);
             None
         }
     };
-    let after = match hold {
-        Some(mut h) if opts.hold_secs == 0 => {
-            // Nobody will say the output is safe: it is, once synced; then the pod stops
-            // (announced by `run`, after the checkpoint's `finished`).
-            h.announce_stop = false;
-            if let Err(e) = stop_once_synced(&pod.id, &out, h).await {
-                empty_dir(&out);
-                return Err(e);
-            }
-            After::Stopped
-        }
-        Some(h) => After::Held(Box::new(h)),
-        None => After::Nothing,
+    let written = match captured {
+        Ok(c) => write_capture(&job, (&pod, &names, &engine), c, hold.as_mut()).await,
+        Err(e) => Err(e),
     };
+    if written.is_err() {
+        // Whatever failed after the capture (the metadata on a full disk, the page
+        // service), the held containers run on.
+        if let Some(h) = hold.take() {
+            let _ = h.release().await;
+        }
+    }
+    let page_socket = hold
+        .as_ref()
+        .and_then(|h| h.pages.as_ref())
+        .map(|p| p.socket.display().to_string());
+    let after = after_capture(hold, opts.hold_secs, &pod.id, &out).await?;
     let (capture, results) = match written {
         Ok(r) => r,
         Err(e) => {
@@ -340,7 +278,75 @@ pub async fn checkpoint_pod(
         "pod {}: checkpoint of {n} container(s) to {out:?}: frozen {frozen:?}, total {total:?}",
         pod.id
     );
-    Ok((response(&capture, results, total, engine), after))
+    let mut resp = response(&capture, results, total, engine);
+    resp.page_socket = page_socket.unwrap_or_default();
+    Ok((resp, after))
+}
+
+/// What follows the capture: nothing (a live checkpoint), the pod held for FinishCheckpoint,
+/// or (no hold asked for) the pod stopped once the output is synced.
+async fn after_capture(
+    hold: Option<Hold>,
+    hold_secs: u32,
+    pod_id: &str,
+    out: &Path,
+) -> Result<After> {
+    match hold {
+        Some(mut h) if hold_secs == 0 => {
+            // Nobody will say the output is safe: it is, once synced; then the pod stops
+            // (announced by `run`, after the checkpoint's `finished`).
+            h.announce_stop = false;
+            if let Err(e) = stop_once_synced(pod_id, out, h).await {
+                empty_dir(out);
+                return Err(e);
+            }
+            Ok(After::Stopped)
+        }
+        Some(h) => Ok(After::Held(Box::new(h))),
+        None => Ok(After::Nothing),
+    }
+}
+
+/// The selected containers, each one's operation lock taken in a fixed order: nothing
+/// starts, stops, pauses or execs in them during the capture.
+async fn lock_selected(
+    shim: &Shim,
+    ids: &[String],
+) -> Result<(Vec<Arc<Container>>, Vec<OwnedMutexGuard<()>>)> {
+    let mut selected: Vec<Arc<Container>> = Vec::new();
+    for id in ids {
+        selected.push(shim.get(id)?);
+    }
+    let mut guards = Vec::new();
+    for c in &selected {
+        guards.push(c.op.clone().lock_owned().await);
+    }
+    Ok((selected, guards))
+}
+
+/// Post-copy holds the pod until the target has its pages, through a CRIU backend, on a
+/// node whose pipes CRIU's page server can grow.
+fn check_post_copy(
+    shim: &Shim,
+    pod_id: &str,
+    opts: &stasis_api::checkpoint::CheckpointOptions,
+) -> Result<()> {
+    if opts.leave_running || opts.hold_secs == 0 {
+        return Err(Error::invalid(
+            pod_id,
+            "post-copy is a stopping checkpoint with a hold (leave_running false, hold_secs > 0)",
+        ));
+    }
+    if !shim.runtime.hooks().supports_lazy_restore() {
+        return Err(Error::precondition(
+            pod_id,
+            format!(
+                "{} cannot serve pages after the checkpoint (post-copy needs a CRIU runtime)",
+                shim.runtime.name()
+            ),
+        ));
+    }
+    crate::runtime::postcopy::check_node(pod_id)
 }
 
 /// A pod checkpoint writes into an existing, empty directory only.
@@ -430,18 +436,26 @@ fn targets_of(
     Ok((targets, names))
 }
 
-/// Has the backend capture the pod, then writes each container's and the pod's metadata.
-async fn capture_and_write(
-    shim: &Shim,
+/// After the backend's capture: post-copy's page service started (in the hold, which ends
+/// it), then each container's and the pod's metadata written.
+async fn write_capture(
     job: &PodCheckpoint<'_>,
-    pod: &Arc<Pod>,
-    names: &[(String, ContainerInfo)],
-    engine: &str,
-    leave_running: bool,
+    (pod, names, engine): (&Arc<Pod>, &[(String, ContainerInfo)], &str),
+    mut capture: PodCapture,
+    hold: Option<&mut Hold>,
 ) -> Result<(PodCapture, Vec<ContainerResult>)> {
-    let capture = shim.runtime.hooks().checkpoint_pod(job).await?;
-    // Metadata and sizes: after the thaw, nothing here needs the pod still. File work,
-    // so on the blocking pool.
+    let dumps = std::mem::take(&mut capture.lazy);
+    match hold {
+        Some(h) if !dumps.is_empty() => {
+            h.pages = Some(serve_pages::PageService::start(
+                &pod.id,
+                job.containers,
+                dumps,
+            )?)
+        }
+        _ => drop(dumps),
+    }
+    let leave_running = !job.hold;
     let (targets, names, pod, out, engine) = (
         job.containers.to_vec(),
         names.to_vec(),

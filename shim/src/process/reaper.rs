@@ -191,7 +191,7 @@ pub async fn run_cancellable(
 
 /// SIGKILLs process group `pgid` and waits (bounded) until its leader is reaped and no member
 /// is left.
-async fn kill_group_and_wait(pgid: i32) {
+pub async fn kill_group_and_wait(pgid: i32) {
     use nix::sys::signal::{killpg, Signal};
     let group = Pid::from_raw(pgid);
     let _ = killpg(group, Signal::SIGKILL);
@@ -206,7 +206,7 @@ async fn kill_group_and_wait(pgid: i32) {
     }
 }
 
-async fn run_reporting_pid(
+pub async fn run_reporting_pid(
     cmd: Command,
     capture: bool,
     pid: oneshot::Sender<i32>,

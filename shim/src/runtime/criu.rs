@@ -15,8 +15,8 @@ use stasis_api::layout::{CHECKPOINT_DIR, DUMP_LOG, STATS_DUMP};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    cancel_after, past_bound, timed_out, CheckpointHooks, CheckpointOpts, ContainerTarget, HeldPod,
-    PodCapture, PodCheckpoint, Timings, DEFAULT_CHECKPOINT_TIMEOUT,
+    cancel_after, past_bound, postcopy, timed_out, CheckpointHooks, CheckpointOpts,
+    ContainerTarget, HeldPod, PodCapture, PodCheckpoint, Timings, DEFAULT_CHECKPOINT_TIMEOUT,
 };
 use crate::{
     cgroup::freezer::{self, Freezer},
@@ -226,18 +226,29 @@ pub async fn checkpoint_pod<R: CheckpointHooks + ?Sized>(
     if cancel.is_cancelled() {
         outcome.insert(0, Err(timed_out(job.pod_id, "checkpoint", limit)));
     }
+    let mut lazy: Vec<postcopy::LazyDump> = Vec::new();
+    for (_, dump) in outcome.iter_mut().flatten() {
+        lazy.extend(dump.take());
+    }
     if job.hold && outcome.iter().all(|r| r.is_ok()) {
         // The hold passes to the caller (`stop_held` or `release_held` ends it).
         held.0.clear();
     } else {
+        // A post-copy dump lets go of its tasks before they are thawed.
+        for dump in lazy.drain(..) {
+            dump.end().await;
+        }
         held.thaw_all().await;
         (job.on_phase)("thawed");
     }
     let frozen = frozen_at.elapsed();
-    let _ = std::fs::remove_dir_all(&work);
+    // A post-copy dump's CRIU logs into its work directory until it ends (and removes it).
+    if lazy.is_empty() {
+        let _ = std::fs::remove_dir_all(&work);
+    }
     let mut containers = Vec::new();
     for r in outcome {
-        let mut t = r?;
+        let (mut t, _) = r?;
         t.frozen = frozen;
         containers.push(t);
     }
@@ -255,6 +266,7 @@ pub async fn checkpoint_pod<R: CheckpointHooks + ?Sized>(
         frozen,
         containers,
         last_pid,
+        lazy,
     })
 }
 
@@ -319,7 +331,7 @@ async fn dump_one<R: CheckpointHooks + ?Sized>(
     work: &Path,
     job: &PodCheckpoint<'_>,
     cancel: &CancellationToken,
-) -> Result<Timings> {
+) -> Result<(Timings, Option<postcopy::LazyDump>)> {
     let copts = CheckpointOpts {
         image_path: c.dir.join(CHECKPOINT_DIR),
         work_path: work.join(&c.id),
@@ -337,14 +349,16 @@ async fn dump_one<R: CheckpointHooks + ?Sized>(
         .map_err(|e| Error::io(&c.id, "create checkpoint dir", e))?;
     std::fs::create_dir_all(&copts.work_path)
         .map_err(|e| Error::io(&c.id, "create work dir", e))?;
-    runtime
-        .checkpoint(&c.id, &copts)
-        .await
-        .map_err(|e| Error::Runtime {
-            id: c.label.clone(),
-            step: "dump".into(),
-            message: with_full_disk(e.to_string(), job.out),
-        })?;
+    let dumped = if job.post_copy {
+        runtime.checkpoint_lazy(&c.id, &copts).await.map(Some)
+    } else {
+        runtime.checkpoint(&c.id, &copts).await.map(|_| None)
+    };
+    let lazy = dumped.map_err(|e| Error::Runtime {
+        id: c.label.clone(),
+        step: "dump".into(),
+        message: with_full_disk(e.to_string(), job.out),
+    })?;
     let dump = t.elapsed();
     let t = Instant::now();
     let (id, upper, spec, dir, image) = (
@@ -364,9 +378,12 @@ async fn dump_one<R: CheckpointHooks + ?Sized>(
     for f in [DUMP_LOG, STATS_DUMP] {
         let _ = crate::util::copy_private(&copts.work_path.join(f), &c.dir.join(f));
     }
-    Ok(Timings {
-        dump,
-        files: t.elapsed(),
-        ..Default::default()
-    })
+    Ok((
+        Timings {
+            dump,
+            files: t.elapsed(),
+            ..Default::default()
+        },
+        lazy,
+    ))
 }

@@ -10,6 +10,7 @@ pub mod criu_image;
 mod crun;
 pub mod images;
 pub mod pages;
+pub mod postcopy;
 pub mod restored;
 mod runc;
 mod runsc;
@@ -131,6 +132,9 @@ pub struct PodCheckpoint<'a> {
     pub hold: bool,
     pub tcp_established: bool,
     pub file_locks: bool,
+    /// Post-copy (with `hold`): the pages are not written; CRIU serves them
+    /// (`PodCapture::lazy`) until the hold ends.
+    pub post_copy: bool,
     /// Gives up (thawing everything) past this bound.
     pub timeout: Option<Duration>,
     /// Told "frozen" once every selected container is still, "thawed" when they run again
@@ -146,6 +150,8 @@ pub struct PodCapture {
     pub containers: Vec<Timings>,
     /// The last PID of the pod's PID namespace, when the restore must allocate above it.
     pub last_pid: Option<u32>,
+    /// Post-copy: each container's dump, serving its pages until the hold ends.
+    pub lazy: Vec<postcopy::LazyDump>,
 }
 
 /// The containers a stopping checkpoint keeps still after their capture.
@@ -301,6 +307,19 @@ pub trait OciRuntime: Send + Sync {
 pub trait CheckpointHooks: OciRuntime {
     /// Dumps the container's processes into `opts.image_path`. A failure carries CRIU's reason.
     async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()>;
+
+    /// Dumps the container's processes without their memory pages (post-copy, always
+    /// leaving them running under the freezer): returns once CRIU serves the pages.
+    async fn checkpoint_lazy(
+        &self,
+        id: &str,
+        _opts: &CheckpointOpts,
+    ) -> Result<postcopy::LazyDump> {
+        Err(Error::precondition(
+            id,
+            format!("{} cannot checkpoint a pod for post-copy", self.name()),
+        ))
+    }
 
     /// Recreates container `id` from `bundle` with its processes restored from
     /// `opts.image_path`, detached, writing the init pid to `pid_file`.

@@ -589,5 +589,6 @@ impl ArchivePages {
 
 mod ahead;
 mod chunks;
+pub mod remote;
 #[cfg(test)]
 mod tests;

@@ -13,7 +13,9 @@ use async_trait::async_trait;
 use log::debug;
 
 use super::{
-    config::Engine, CheckpointHooks, CheckpointOpts, OciRuntime, ProcessStdio, RuntimeState,
+    config::Engine,
+    postcopy::{self, LazyDump},
+    CheckpointHooks, CheckpointOpts, OciRuntime, ProcessStdio, RuntimeState,
 };
 use crate::{
     error::{Error, Result},
@@ -379,6 +381,19 @@ impl CheckpointHooks for Runc {
             .await
             .map(drop)
             .map_err(|e| with_criu_reason(e, &opts.work_path.join("dump.log"), self.engine))
+    }
+
+    async fn checkpoint_lazy(&self, id: &str, opts: &CheckpointOpts) -> Result<LazyDump> {
+        let mut cmd = self.command();
+        cmd.arg("checkpoint");
+        self.criu_args(id, &mut cmd, opts)?;
+        cmd.arg("--leave-running")
+            .arg("--lazy-pages")
+            .arg("--page-server")
+            .arg(format!("127.0.0.1:{}", postcopy::PAGE_SERVER_PORT))
+            .args(["--status-fd", "3"]);
+        cmd.arg(id);
+        postcopy::start(id, cmd, &opts.work_path, opts.cancel.as_ref()).await
     }
 
     async fn restore(

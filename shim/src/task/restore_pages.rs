@@ -56,34 +56,75 @@ pub(super) async fn start_lazy_restore(
             shim.restores.hold_for_pages(id);
         }
     }
-    let from_archive = match (
+    let rel = || {
+        container
+            .restore_dir
+            .as_deref()
+            .and_then(layout::restore_root)
+            .and_then(|root| image.strip_prefix(root).ok())
+            .map(Path::to_path_buf)
+            .ok_or_else(|| {
+                Error::invalid(
+                    id,
+                    format!("images {} are not in the restore store", image.display()),
+                )
+            })
+    };
+    let feed = match (
+        &restore_options.remote_pages,
         &restore_options.page_source,
         container.restore_dir.as_deref(),
     ) {
-        (Some(source), Some(dir)) => {
-            let rel = layout::restore_root(dir)
-                .and_then(|root| image.strip_prefix(root).ok())
-                .map(Path::to_path_buf)
-                .ok_or_else(|| {
-                    Error::invalid(
-                        id,
-                        format!("images {} are not in the restore store", image.display()),
-                    )
-                })?;
-            let (owned, image, source) = (id.clone(), image.to_path_buf(), source.clone());
+        (Some(relay), _, Some(_)) => {
+            let (owned, image, rel, relay) =
+                (id.clone(), image.to_path_buf(), rel()?, relay.clone());
+            Some(PageFeed::Remote(
+                blocking(id, "read the pagemaps", move || {
+                    pages::remote::RemotePages::open(&owned, &image, &rel, &relay)
+                })
+                .await?,
+            ))
+        }
+        (None, Some(source), Some(_)) => {
+            let (owned, image, rel, source) =
+                (id.clone(), image.to_path_buf(), rel()?, source.clone());
             blocking(id, "read pages from the archive", move || {
                 pages::ArchivePages::open(&owned, &image, &rel, &source)
             })
             .await?
+            .map(PageFeed::Archive)
         }
         _ => None,
     };
-    if let (Some(pages), true) = (&from_archive, pod_restore) {
-        shim.restores.count_pages(id, pages.counters());
+    if let (Some(feed), true) = (&feed, pod_restore) {
+        shim.restores.count_pages(id, feed.counters());
     }
     Ok(Some(
-        start_lazy_pages(id, image, &opts.work_path, from_archive).await?,
+        start_lazy_pages(id, image, &opts.work_path, feed).await?,
     ))
+}
+
+/// Where a lazy restore's page server gets the pages: the archive's byte ranges, or the
+/// migration's source (post-copy).
+enum PageFeed {
+    Archive(pages::ArchivePages),
+    Remote(pages::remote::RemotePages),
+}
+
+impl PageFeed {
+    fn counters(&self) -> std::sync::Arc<pages::PageCounters> {
+        match self {
+            PageFeed::Archive(p) => p.counters(),
+            PageFeed::Remote(p) => p.counters(),
+        }
+    }
+
+    fn serve(self, sock: std::os::unix::net::UnixStream) -> std::result::Result<(), String> {
+        match self {
+            PageFeed::Archive(p) => p.serve(sock),
+            PageFeed::Remote(p) => p.serve(sock),
+        }
+    }
 }
 
 /// Watches a lazy restore's page daemon (and page server) until every page is in; a restore
@@ -234,7 +275,7 @@ async fn start_lazy_pages(
     id: &str,
     image: &Path,
     work: &Path,
-    from_archive: Option<pages::ArchivePages>,
+    from_archive: Option<PageFeed>,
 ) -> Result<LazyPages> {
     let mut cmd = std::process::Command::new("criu");
     cmd.arg("lazy-pages")

@@ -36,8 +36,15 @@ pub enum Destination {
         reference: String,
         compression: Compression,
     },
-    /// A migration peer (`to`) that restores the pod and answers with its new id.
-    Stream { channel: Box<Channel>, to: String },
+    /// A migration peer (`to`) that restores the pod and answers with its new id. Post-copy:
+    /// the pod's pages are not in its files; the shim serves them on `page_socket` (from its
+    /// answer) and they are relayed to the peer until it has them all.
+    Stream {
+        channel: Box<Channel>,
+        to: String,
+        post_copy: bool,
+        page_socket: Option<PathBuf>,
+    },
 }
 
 /// What a destination took.
@@ -45,6 +52,8 @@ pub struct Delivered {
     pub bytes: u64,
     /// The pod's id on the migration peer.
     pub peer_pod: Option<String>,
+    /// Post-copy: when the peer said its pod runs (its pages came after).
+    pub running_at: Option<std::time::Instant>,
 }
 
 impl Destination {
@@ -233,16 +242,57 @@ impl Destination {
                 }
                 Ok(plain(built))
             }
-            Destination::Stream { mut channel, to } => {
+            Destination::Stream {
+                mut channel,
+                to,
+                post_copy,
+                page_socket,
+            } => {
+                let page_socket = match post_copy {
+                    true => Some(page_socket.context("the pod's shim named no page socket")?),
+                    false => None,
+                };
                 blocking(Box::new(move || {
-                    let sent = channel.send_pod(&staging, &to)?;
-                    Ok(Delivered {
-                        bytes: sent.bytes,
-                        peer_pod: Some(sent.pod_id),
-                    })
+                    send_stream(&mut channel, &to, &staging, page_socket)
                 }))
                 .await
             }
+        }
+    }
+}
+
+/// Sends the staged pod to a migration peer; post-copy (`page_socket`): then relays its
+/// pages until the peer has them all.
+fn send_stream(
+    channel: &mut Channel,
+    to: &str,
+    staging: &Path,
+    page_socket: Option<PathBuf>,
+) -> Result<Delivered> {
+    let Some(page_socket) = page_socket else {
+        let sent = channel.send_pod(staging, to)?;
+        return Ok(Delivered {
+            bytes: sent.bytes,
+            peer_pod: Some(sent.pod_id),
+            running_at: None,
+        });
+    };
+    let bytes = channel.send_pod_files(staging, to)?;
+    let copied = channel
+        .relay_source(&page_socket, to)
+        .with_context(|| format!("the pod's memory did not all reach {to} (post-copy)"))?;
+    Ok(Delivered {
+        bytes: bytes + copied.page_bytes,
+        peer_pod: Some(copied.pod_id),
+        running_at: Some(copied.running_at),
+    })
+}
+
+impl Destination {
+    /// Post-copy: where the shim serves the pages (from its answer).
+    pub fn set_page_socket(&mut self, socket: &str) {
+        if let Destination::Stream { page_socket, .. } = self {
+            *page_socket = Some(socket).filter(|s| !s.is_empty()).map(PathBuf::from);
         }
     }
 }
@@ -251,6 +301,7 @@ fn plain(bytes: u64) -> Delivered {
     Delivered {
         bytes,
         peer_pod: None,
+        running_at: None,
     }
 }
 

@@ -84,7 +84,7 @@ pub async fn checkpoint_pod(t: &Target, a: CheckpointArgs) -> Result<CheckpointO
 async fn checkpoint_on(
     node: &mut impl Node,
     t: &Target,
-    a: CheckpointArgs,
+    mut a: CheckpointArgs,
 ) -> Result<CheckpointOutcome> {
     let started = Instant::now();
     let s = select_containers(node, &a).await?;
@@ -147,6 +147,7 @@ async fn checkpoint_on(
         ),
     );
     let t_pack = Instant::now();
+    a.destination.set_page_socket(&response.page_socket);
     let destination = a.destination.describe();
     let undelivered = a.destination.undelivered();
     let delivered = package(t, a.destination, &s.pod, &staging, a.sign, &mut interrupt).await;
@@ -272,6 +273,13 @@ async fn ask_shim(
             file_locks: a.file_locks,
             timeout_secs: a.timeout,
             hold_secs,
+            post_copy: matches!(
+                a.destination,
+                Destination::Stream {
+                    post_copy: true,
+                    ..
+                }
+            ),
             ..Default::default()
         })
         .into(),

@@ -45,6 +45,9 @@ pub struct RestoreArgs {
     /// A lazy restore returns only once every page is in (else once the pod runs, and the
     /// restore's watchdog waits for the pages).
     pub wait_pages: bool,
+    /// Post-copy: the lazy pages come from the migration's source through this relay socket
+    /// (the images are copied whole: they hold only the pages CRIU restores eagerly).
+    pub remote_pages: Option<PathBuf>,
 }
 
 /// What a restore leaves on the node until it ends: the restore directory, its options and
@@ -114,7 +117,7 @@ pub async fn restore(t: &Target, a: &RestoreArgs, source: Source<'_>) -> Result<
     let token = unpack::write_restore_files(
         &store,
         &restore_id,
-        a.lazy,
+        (a.lazy, a.remote_pages.clone()),
         page_source,
         &mut leftovers.files,
     )?;

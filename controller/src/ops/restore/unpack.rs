@@ -119,7 +119,9 @@ impl<'a> Source<'a> {
                 Ok((archive::extract_with(&path, dir, &a.opening)?, None))
             }
             // A directory's page images stay where they are and are read from there.
-            Source::Dir(path) => archive::copy_from_dir(&path, dir, &a.opening, true),
+            Source::Dir(path) => {
+                archive::copy_from_dir(&path, dir, &a.opening, a.remote_pages.is_none())
+            }
             // An uncompressed image's page images stay in containerd's store and are served
             // from there (each chunk checked), as from an uncompressed archive.
             Source::Image(reference) => tokio::task::block_in_place(|| {
@@ -144,7 +146,7 @@ impl<'a> Source<'a> {
 pub(super) fn write_restore_files(
     store: &Path,
     restore_id: &str,
-    lazy: bool,
+    (lazy, remote_pages): (bool, Option<PathBuf>),
     page_source: Option<PageSource>,
     written: &mut Vec<PathBuf>,
 ) -> Result<String> {
@@ -159,6 +161,7 @@ pub(super) fn write_restore_files(
         lazy: lazy || page_source.is_some(),
         pages_before_resume: !lazy && page_source.is_some(),
         page_source,
+        remote_pages,
     };
     files::write_new_private(&options_file, &serde_json::to_vec(&options)?)?;
     let token = files::random_id()?;

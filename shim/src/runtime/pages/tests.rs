@@ -194,3 +194,142 @@ fn chunks_are_checked_with_the_hash_their_manifest_names() {
         "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
     );
 }
+
+mod remote_feed {
+    use super::*;
+    use remote::RemotePages;
+    use std::os::unix::net::UnixListener;
+
+    /// A fresh directory, removed when dropped.
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let d =
+                std::env::temp_dir().join(format!("stasis-remote-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            Scratch(d)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A source that answers the first request with `answer(request)` and the close with 0.
+    fn source(dir: &Path, answer: fn(&[u8; 24]) -> Vec<u8>) -> std::thread::JoinHandle<String> {
+        let listener = UnixListener::bind(dir.join("relay")).unwrap();
+        std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut name = Vec::new();
+            let mut b = [0u8; 1];
+            while c.read_exact(&mut b).is_ok() && b[0] != b'\n' {
+                name.push(b[0]);
+            }
+            let mut req = [0u8; 24];
+            while c.read_exact(&mut req).is_ok() {
+                let cmd = u32::from_le_bytes(req[0..4].try_into().unwrap());
+                if cmd == PS_IOV_CLOSE {
+                    let _ = c.write_all(&0i32.to_le_bytes());
+                    break;
+                }
+                if c.write_all(&answer(&req)).is_err() {
+                    break;
+                }
+            }
+            String::from_utf8(name).unwrap()
+        })
+    }
+
+    fn request(cmd: u32, nr: u32, vaddr: u64, dst: u64) -> [u8; 24] {
+        let mut r = [0u8; 24];
+        r[0..4].copy_from_slice(&cmd.to_le_bytes());
+        r[4..8].copy_from_slice(&nr.to_le_bytes());
+        r[8..16].copy_from_slice(&vaddr.to_le_bytes());
+        r[16..24].copy_from_slice(&dst.to_le_bytes());
+        r
+    }
+
+    fn pages(req: &[u8; 24], vaddr_shift: u64) -> Vec<u8> {
+        let nr = u32::from_le_bytes(req[4..8].try_into().unwrap());
+        let vaddr = u64::from_le_bytes(req[8..16].try_into().unwrap()) + vaddr_shift;
+        let dst = u64::from_le_bytes(req[16..24].try_into().unwrap());
+        let mut out = request((PE_PRESENT << PS_CMD_BITS) | PS_IOV_ADD_F, nr, vaddr, dst).to_vec();
+        out.extend(std::iter::repeat_n(0x5a, nr as usize * PAGE_SIZE as usize));
+        out
+    }
+
+    /// The container's images: one pagemap whose lazy runs (not present) total 3 pages.
+    fn images(dir: &Path) -> std::path::PathBuf {
+        let img = dir.join("web-1/checkpoint");
+        std::fs::create_dir_all(&img).unwrap();
+        std::fs::write(
+            img.join("pagemap-1.img"),
+            image(&[(0x1000, 1, PE_PRESENT), (0x4000, 3, PE_LAZY)]),
+        )
+        .unwrap();
+        img
+    }
+
+    fn open_feed(dir: &Scratch, img: &Path) -> RemotePages {
+        RemotePages::open(
+            "c",
+            img,
+            Path::new("web-1/checkpoint"),
+            &dir.path().join("relay"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn answers_from_the_source_pass_to_the_daemon_and_count() {
+        let dir = Scratch::new("passes");
+        let img = images(dir.path());
+        let fake = source(dir.path(), |r| pages(r, 0));
+        let feed = open_feed(&dir, &img);
+        let counters = feed.counters();
+        assert_eq!(counters.total, 3 * PAGE_SIZE);
+        let (mut daemon, ours) = UnixStream::pair().unwrap();
+        let served = std::thread::spawn(move || feed.serve(ours));
+        daemon
+            .write_all(&request(PS_IOV_GET, 2, 0x4000, 1))
+            .unwrap();
+        let mut head = [0u8; 24];
+        daemon.read_exact(&mut head).unwrap();
+        let mut body = vec![0u8; 2 * PAGE_SIZE as usize];
+        daemon.read_exact(&mut body).unwrap();
+        assert!(body.iter().all(|b| *b == 0x5a));
+        daemon.write_all(&request(PS_IOV_CLOSE, 0, 0, 0)).unwrap();
+        let mut status = [0u8; 4];
+        daemon.read_exact(&mut status).unwrap();
+        assert_eq!(served.join().unwrap(), Ok(()));
+        assert_eq!(fake.join().unwrap(), "web-1");
+        assert_eq!(counters.read(), (2 * PAGE_SIZE, 3 * PAGE_SIZE, 1));
+    }
+
+    #[test]
+    fn an_answer_for_other_pages_is_refused_before_the_daemon_sees_it() {
+        let dir = Scratch::new("refused");
+        let img = images(dir.path());
+        let _fake = source(dir.path(), |r| pages(r, PAGE_SIZE));
+        let feed = open_feed(&dir, &img);
+        let (mut daemon, ours) = UnixStream::pair().unwrap();
+        let served = std::thread::spawn(move || feed.serve(ours));
+        daemon
+            .write_all(&request(PS_IOV_GET, 1, 0x4000, 1))
+            .unwrap();
+        let err = served.join().unwrap().unwrap_err();
+        assert!(err.contains("with something else"), "{err}");
+        // Nothing reached the daemon: its socket ends without a byte.
+        let mut rest = Vec::new();
+        daemon.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+}

@@ -234,6 +234,7 @@ pub async fn checkpoint_pod(runsc: &Runsc, job: &PodCheckpoint<'_>) -> Result<Po
             .collect(),
         // gVisor's PID namespace is its own: the restore needs no reservation.
         last_pid: None,
+        lazy: Vec::new(),
     })
 }
 

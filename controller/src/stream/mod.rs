@@ -381,6 +381,10 @@ pub struct Offer {
     /// Restore lazily on the target: its containers run before their memory is mapped.
     #[serde(default)]
     pub lazy: bool,
+    /// Post-copy: the pages stay on the source (CRIU serves them from the frozen pod) and
+    /// cross through page streams in this session once the target's pod runs.
+    #[serde(default)]
+    pub post_copy: bool,
 }
 
 /// The target's answer once it has restored (or failed to).
@@ -403,12 +407,7 @@ impl Channel {
     /// the wait is a little shorter than the hold, so a silent target ends in a thawed source,
     /// not a stopped one.
     pub fn send_pod(&mut self, dir: &Path, to: &str) -> Result<Sent> {
-        let bytes = (|| -> Result<u64> {
-            let mut w = self.writer();
-            archive::write_tar(dir, &mut w)?;
-            Ok(w.finish()?)
-        })()
-        .with_context(|| format!("send the pod to {to} (the connection was lost)"))?;
+        let bytes = self.send_pod_files(dir, to)?;
         self.stream
             .set_read_timeout(Some(Duration::from_secs(HOLD_SECS as u64 - 30)))?;
         let answer: Outcome = self
@@ -421,6 +420,16 @@ impl Channel {
                 e.unwrap_or_else(|| "no reason given".into())
             ),
         }
+    }
+
+    /// Sends the staged checkpoint `dir` as a tar; returns the bytes sent.
+    pub fn send_pod_files(&mut self, dir: &Path, to: &str) -> Result<u64> {
+        (|| -> Result<u64> {
+            let mut w = self.writer();
+            archive::write_tar(dir, &mut w)?;
+            Ok(w.finish()?)
+        })()
+        .with_context(|| format!("send the pod to {to} (the connection was lost)"))
     }
 
     /// Receives a pod's checkpoint into the fresh directory `dir`, checked as an archive is
@@ -438,6 +447,9 @@ impl Channel {
         Ok(options)
     }
 }
+
+mod relay;
+pub use relay::{PagesDone, PostCopied};
 
 #[cfg(test)]
 mod tests {

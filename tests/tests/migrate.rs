@@ -776,6 +776,102 @@ async fn a_post_copy_cut_mid_pages_leaves_the_pod_running_on_the_source() -> Res
     b.finish()
 }
 
+/// Post-copy's faults on the target while the pages cross (its pod already runs): its
+/// `migrate listen` killed, then its pod's shim killed. Each time the source pod runs on
+/// thawed with its memory as it was, and the target is left as it was before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_copy_faults_on_the_target_leave_the_pod_running_on_the_source() -> Result<()> {
+    let (a, b, image, key) = two_nodes("postfault")?;
+    let mut cri_a = a.cri().await?;
+    let hog = stasis_e2e::cri::checksum_hog(256);
+    let (pod_id, big, counter) = stasis_e2e::cri::hog_and_counter_pod(
+        &mut cri_a,
+        &a.dir.join("logs"),
+        image,
+        "postfault",
+        &hog,
+    )
+    .await?;
+    wait_counter_moving(&mut cri_a, &counter, "/counter").await?;
+    let sum = stasis_e2e::cri::memory_sum(&mut cri_a, &big).await?;
+    let b_before = b.settled_footprint().await?;
+    for fault in ["listener killed", "target shim killed"] {
+        let mut recv = listener(&b, &key, &[], 1)?;
+        let sender = a
+            .stasisctl_command()?
+            .args([
+                "pod",
+                "migrate",
+                &pod_id,
+                "--to",
+                &recv.addr,
+                "--post-copy",
+                "--key-file",
+            ])
+            .arg(&key)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        // "pod <id> runs after N ms; its pages come from …": the pages are crossing now.
+        let target_pod = loop {
+            let line = recv
+                .log
+                .recv_timeout(Duration::from_secs(60))
+                .with_context(|| format!("{fault}: the target's pod never ran"))?;
+            if line.contains(" runs after ") {
+                break line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_string();
+            }
+        };
+        if fault == "listener killed" {
+            let _ = recv.child.kill();
+        } else {
+            let shim = stasis_e2e::processes_matching(&[
+                "containerd-shim-stasis-v2",
+                &b.socket().display().to_string(),
+                &format!("-id {target_pod} "),
+            ]);
+            ensure!(shim.len() == 1, "{fault}: the target pod's shim: {shim:?}");
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(shim[0]),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
+        }
+        let out = sender.wait_with_output()?;
+        let _ = recv.child.wait();
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!("{fault}: {err}");
+        ensure!(!out.status.success(), "{fault}: the migration succeeded");
+        ensure!(
+            err.contains("runs on"),
+            "{fault}: the error does not say the pod runs on: {err}"
+        );
+        for id in [&big, &counter] {
+            let state = pod_freezer_state(&pod_id, id)?;
+            ensure!(
+                state == "THAWED",
+                "{fault}: the source container {id} is {state}"
+            );
+        }
+        let now = read_counter(&mut cri_a, &counter, "/counter").await?;
+        wait_counter_above(&mut cri_a, &counter, "/counter", now).await?;
+        let after = stasis_e2e::cri::memory_sum(&mut cri_a, &big).await?;
+        ensure!(
+            after == sum,
+            "{fault}: the source's memory changed: md5 {sum} -> {after}"
+        );
+        b.expect_footprint(b_before)
+            .await
+            .with_context(|| format!("{fault}: the target is not clean"))?;
+    }
+    cri_a.stop_and_remove_pod(&pod_id).await?;
+    a.finish()?;
+    b.finish()
+}
+
 /// What a relay does to the sender's bytes at offset `at`.
 #[derive(Clone, Copy)]
 enum Meddle {

@@ -140,7 +140,8 @@ pub(super) struct MigrateFlags {
     /// Post-copy: only the pod's small state crosses before the target runs it; its memory
     /// pages follow on demand and in the background from the source, which stays frozen until
     /// the target has every page (any failure before that removes the target's pod and thaws
-    /// the source). runc/crun on both nodes, and `fs.pipe-max-size` >= 4194304 on this one.
+    /// the source). runc on this node, runc or crun on the target, and `fs.pipe-max-size` >=
+    /// 4194304 on this one.
     #[arg(long, conflicts_with = "lazy")]
     post_copy: bool,
     /// Sign what is sent with this Ed25519 key (PEM), for targets whose restore policy

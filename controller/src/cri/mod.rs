@@ -87,26 +87,37 @@ pub async fn remove_pod(rt: &mut Runtime, id: &str) -> Result<()> {
     // containerd 2.1.9 can answer "failed to kill container …: ttrpc: closed" for a container
     // whose exit it is still handling (the task's connection is closed by the delete that
     // follows the exit, before the container is marked exited); a moment later the stop
-    // goes through. Seen once in ten migrations of a stopped source pod.
-    for attempt in 0..5 {
-        match rt
+    // goes through. Seen once in ten migrations of a stopped source pod. After a pod's shim
+    // died, the removal is refused ("container is still running, to stop first") until
+    // containerd has handled the dead shim: retried for up to 10 s.
+    let transient = |m: &str| m.contains("ttrpc: closed") || m.contains("still running");
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let stopped = rt
             .stop_pod_sandbox(api::StopPodSandboxRequest {
+                pod_sandbox_id: id.to_string(),
+            })
+            .await;
+        if matches!(&stopped, Err(e) if transient(e.message()) && attempt < 50) {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            continue;
+        }
+        match rt
+            .remove_pod_sandbox(api::RemovePodSandboxRequest {
                 pod_sandbox_id: id.to_string(),
             })
             .await
         {
-            Err(e) if e.message().contains("ttrpc: closed") && attempt < 4 => {
+            Err(e) if transient(e.message()) && attempt < 50 => {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
-            _ => break,
+            removed => {
+                removed.with_context(|| format!("remove pod {id}"))?;
+                return Ok(());
+            }
         }
     }
-    rt.remove_pod_sandbox(api::RemovePodSandboxRequest {
-        pod_sandbox_id: id.to_string(),
-    })
-    .await
-    .with_context(|| format!("remove pod {id}"))?;
-    Ok(())
 }
 
 /// The runtime handlers containerd's CRI runs with stasis (runtime types

@@ -21,18 +21,24 @@ use super::{
 };
 use crate::{
     cri, files,
+    ops::guard::RestoreGuard,
     seal::Opening,
     stream::{Channel, Offer, Outcome, PagesDone},
 };
 
-/// Private scratch of one post-copy restore: the received files and the relay's socket.
+/// Private scratch of one post-copy restore: the received files and the relay's socket;
+/// removed on every exit, by the watchdog if stasisctl is killed.
 struct Scratch {
     dir: PathBuf,
+    guard: Option<RestoreGuard>,
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(g) = self.guard.take() {
+            g.done();
+        }
     }
 }
 
@@ -62,8 +68,11 @@ async fn run(
     started: Instant,
 ) -> Result<String> {
     let root = files::private_root(Path::new(files::CHECKPOINT_STAGING))?;
+    let dir = root.join(format!("postcopy-{}", files::random_id()?));
+    let guard = RestoreGuard::start(&t.address, &dir)?;
     let scratch = Scratch {
-        dir: root.join(format!("postcopy-{}", files::random_id()?)),
+        dir,
+        guard: Some(guard),
     };
     files::create_private_dir(&scratch.dir)?;
     let (pod_dir, socket) = (scratch.dir.join("pod"), scratch.dir.join("pages.sock"));

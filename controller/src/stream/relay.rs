@@ -31,6 +31,9 @@ const BYTES: u8 = b'B';
 const SHUT: u8 = b'S';
 /// The most streams one migration opens (one per container).
 const MAX_STREAMS: usize = 256;
+/// How long the source waits for a word from the target (its answer, pages asked for, its
+/// last word) before it gives up and lets its pod run on.
+const SILENCE: Duration = Duration::from_secs(120);
 /// The largest piece of a stream sent in one frame (the frame also carries its number).
 const PIECE: usize = FRAME - 4;
 
@@ -125,13 +128,21 @@ impl Channel {
         let mut running: Option<(String, Instant)> = None;
         let mut buf = vec![0u8; PIECE];
         let mut page_bytes = 0u64;
+        let mut heard = Instant::now();
         loop {
             let ids: Vec<u32> = conns.keys().copied().collect();
             let ready = {
                 let mut fds = vec![self.stream.as_fd()];
                 fds.extend(ids.iter().map(|i| conns[i].as_fd()));
-                readable(&fds, PollTimeout::NONE)?
+                readable(&fds, PollTimeout::from(1000u16))?
             };
+            // A target gone silent (a partition without a reset) must not hold the pod: the
+            // hold ends here, well before the shim's own bound.
+            if ready[0] {
+                heard = Instant::now();
+            } else if heard.elapsed() > SILENCE {
+                bail!("no word from {to} for {SILENCE:?}");
+            }
             for (k, id) in ids.iter().enumerate() {
                 if ready[k + 1] {
                     let conn = conns.get_mut(id).expect("listed");

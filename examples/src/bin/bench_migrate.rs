@@ -1,5 +1,6 @@
 //! Benchmark: moving a pod between two nodes (two private containerd daemons on this machine,
-//! the stream on loopback), streamed by `stasisctl pod migrate` (eager and `--lazy`) against
+//! the stream on loopback), streamed by `stasisctl pod migrate` (eager, `--lazy`, and
+//! `--post-copy`: the pod runs on the target before its pages cross) against
 //! the archive route in the same run (`pod checkpoint` to a file, copy the file, `pod restore`
 //! on the target), for pods with 0, 256 and 1024 MiB of touched memory; and a second table:
 //! eager against lazy (`--lazy`) local restore of the same uncompressed archive, page cache
@@ -141,6 +142,19 @@ fn through_archive(a: &Containerd, b: &Containerd, pod: &str) -> Result<(Duratio
     Ok((downtime, bytes, new_pod))
 }
 
+/// One memory size's samples of the migration table.
+#[derive(Default)]
+struct Medians {
+    down: Vec<Duration>,
+    total: Vec<Duration>,
+    lazy_down: Vec<Duration>,
+    post_down: Vec<Duration>,
+    post_answers: Vec<Duration>,
+    /// Post-copy's `pod migrate` returned: the target had every page, the source was gone.
+    post_total: Vec<Duration>,
+    via_archive: Vec<Duration>,
+}
+
 /// A restore's times, from the command's start.
 struct RestoreTimes {
     /// stasisctl returned.
@@ -261,68 +275,69 @@ async fn main() -> Result<()> {
     let mut rows = vec![vec![
         "pod memory".to_string(),
         "migrate downtime".into(),
-        "migrate: answers there".into(),
         "migrate total".into(),
         "sent".into(),
         "--lazy downtime".into(),
-        "--lazy: answers there".into(),
+        "--post-copy downtime".into(),
+        "--post-copy: answers there".into(),
+        "--post-copy: every page in".into(),
         "archive route downtime".into(),
         "archive".into(),
-        "downtime / archive route (<=0.1 at 1 GiB)".into(),
-        "downtime / 0 MiB's (<=1.5)".into(),
+        "post-copy downtime / archive route (<=0.1 at 1 GiB)".into(),
+        "post-copy downtime / 0 MiB's (<=1.5)".into(),
     ]];
     let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
-    let mut down_at_zero = None;
+    let mut post_at_zero = None;
     for &mib in memories.iter().filter(|_| !restore_only) {
-        let (mut down, mut total, mut via_archive) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut lazy_down, mut answers, mut lazy_answers) = (Vec::new(), Vec::new(), Vec::new());
+        let mut m = Medians::default();
         let (mut sent, mut archive_bytes) = (0, 0);
         for run in 0..runs {
-            let name = format!("m{mib}-{run}");
+            let moved = |tag: &str| format!("{tag}{mib}-{run}");
+            let name = moved("m");
             let pod = start_pod(&a, &name, image, mib).await?;
-            let m = streamed(&a, &b, (&pod, &name), &key, &[]).await?;
-            b.cri().await?.stop_and_remove_pod(&m.pod).await?;
-            down.push(m.downtime);
-            total.push(m.total);
-            answers.push(m.answers);
-            sent = m.bytes;
-            let name = format!("z{mib}-{run}");
+            let e = streamed(&a, &b, (&pod, &name), &key, &[]).await?;
+            b.cri().await?.stop_and_remove_pod(&e.pod).await?;
+            m.down.push(e.downtime);
+            m.total.push(e.total);
+            sent = e.bytes;
+            let name = moved("z");
             let pod = start_pod(&a, &name, image, mib).await?;
-            let m = streamed(&a, &b, (&pod, &name), &key, &["--lazy"]).await?;
-            b.cri().await?.stop_and_remove_pod(&m.pod).await?;
-            lazy_down.push(m.downtime);
-            lazy_answers.push(m.answers);
-            let name = format!("f{mib}-{run}");
+            let l = streamed(&a, &b, (&pod, &name), &key, &["--lazy"]).await?;
+            b.cri().await?.stop_and_remove_pod(&l.pod).await?;
+            m.lazy_down.push(l.downtime);
+            let name = moved("p");
+            let pod = start_pod(&a, &name, image, mib).await?;
+            let p = streamed(&a, &b, (&pod, &name), &key, &["--post-copy"]).await?;
+            b.cri().await?.stop_and_remove_pod(&p.pod).await?;
+            m.post_down.push(p.downtime);
+            m.post_answers.push(p.answers);
+            m.post_total.push(p.total);
+            let name = moved("f");
             let pod = start_pod(&a, &name, image, mib).await?;
             let (d, bytes, restored) = through_archive(&a, &b, &pod)?;
-            let mut cri_a = a.cri().await?;
-            cri_a.stop_and_remove_pod(&pod).await?;
+            a.cri().await?.stop_and_remove_pod(&pod).await?;
             b.cri().await?.stop_and_remove_pod(&restored).await?;
-            via_archive.push(d);
+            m.via_archive.push(d);
             archive_bytes = bytes;
         }
-        let (d, t, v, z) = (
-            median(&mut down),
-            median(&mut total),
-            median(&mut via_archive),
-            median(&mut lazy_down),
-        );
+        let (post, via) = (median(&mut m.post_down), median(&mut m.via_archive));
         if mib == 0 {
-            down_at_zero = Some(d);
+            post_at_zero = Some(post);
         }
         rows.push(vec![
             format!("{mib} MiB"),
-            ms(d),
-            ms(median(&mut answers)),
-            ms(t),
+            ms(median(&mut m.down)),
+            ms(median(&mut m.total)),
             human(sent),
-            ms(z),
-            ms(median(&mut lazy_answers)),
-            ms(v),
+            ms(median(&mut m.lazy_down)),
+            ms(post),
+            ms(median(&mut m.post_answers)),
+            ms(median(&mut m.post_total)),
+            ms(via),
             human(archive_bytes),
-            format!("{:.2}x", d.as_secs_f64() / v.as_secs_f64()),
-            down_at_zero
-                .map(|zero| format!("{:.2}x", d.as_secs_f64() / zero.as_secs_f64()))
+            format!("{:.2}x", post.as_secs_f64() / via.as_secs_f64()),
+            post_at_zero
+                .map(|zero| format!("{:.2}x", post.as_secs_f64() / zero.as_secs_f64()))
                 .unwrap_or_else(|| "-".into()),
         ]);
     }

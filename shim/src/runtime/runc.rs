@@ -384,6 +384,13 @@ impl CheckpointHooks for Runc {
     }
 
     async fn checkpoint_lazy(&self, id: &str, opts: &CheckpointOpts) -> Result<LazyDump> {
+        // crun's checkpoint has no status descriptor to say when CRIU serves the pages.
+        if self.engine != Engine::Runc {
+            return Err(Error::precondition(
+                id,
+                format!("{} cannot checkpoint for post-copy (runc can)", self.engine),
+            ));
+        }
         let mut cmd = self.command();
         cmd.arg("checkpoint");
         self.criu_args(id, &mut cmd, opts)?;

@@ -6,6 +6,7 @@
 #   sudo scripts/bench.sh soak [--rounds 200] [--baseline 10] [--seed N]
 #   sudo scripts/bench.sh backends [--containers 1,4] [--runs N] [--format json] [--handler H …]
 #   sudo scripts/bench.sh migrate [--memory 0,256,1024] [--runs N]
+#   sudo scripts/bench.sh migsoak [--rounds 50] [--memory 256] [--every 5] [--seed N]
 #   sudo scripts/bench.sh image [--memory 0,256] [--runs N]
 #   sudo scripts/bench.sh restore_check [--memory 0,256] [--runs N]
 #   sudo scripts/bench.sh archive [--memory 0,256,1024] [--runs N]   (unpacks Podman, the peer)

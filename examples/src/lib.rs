@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use stasis_e2e::Containerd;
 
+pub mod consistency;
 pub mod peers;
 
 /// Median of a set of durations.

@@ -776,9 +776,10 @@ async fn a_post_copy_cut_mid_pages_leaves_the_pod_running_on_the_source() -> Res
     b.finish()
 }
 
-/// Post-copy's faults on the target while the pages cross (its pod already runs): its
-/// `migrate listen` killed, then its pod's shim killed. Each time the source pod runs on
-/// thawed with its memory as it was, and the target is left as it was before.
+/// Post-copy's faults while the pages cross (the target's pod already runs): the target's
+/// `migrate listen` killed, the target pod's shim killed, the source's `pod migrate` killed.
+/// Each time the source pod runs on thawed with its memory as it was (without waiting for the
+/// hold's bound), and the target is left as it was before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_copy_faults_on_the_target_leave_the_pod_running_on_the_source() -> Result<()> {
     let (a, b, image, key) = two_nodes("postfault")?;
@@ -795,9 +796,9 @@ async fn post_copy_faults_on_the_target_leave_the_pod_running_on_the_source() ->
     wait_counter_moving(&mut cri_a, &counter, "/counter").await?;
     let sum = stasis_e2e::cri::memory_sum(&mut cri_a, &big).await?;
     let b_before = b.settled_footprint().await?;
-    for fault in ["listener killed", "target shim killed"] {
+    for fault in ["listener killed", "target shim killed", "sender killed"] {
         let mut recv = listener(&b, &key, &[], 1)?;
-        let sender = a
+        let mut sender = a
             .stasisctl_command()?
             .args([
                 "pod",
@@ -828,6 +829,20 @@ async fn post_copy_faults_on_the_target_leave_the_pod_running_on_the_source() ->
         };
         if fault == "listener killed" {
             let _ = recv.child.kill();
+        } else if fault == "sender killed" {
+            // CRIU's connections close with it: the shim thaws the pod without waiting for
+            // its hold's bound.
+            let _ = sender.kill();
+            let _ = sender.wait();
+            let _ = recv.child.wait();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while pod_freezer_state(&pod_id, &big)? != "THAWED" {
+                ensure!(
+                    std::time::Instant::now() < deadline,
+                    "{fault}: the source pod is still frozen after 20 s"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         } else {
             let shim = stasis_e2e::processes_matching(&[
                 "containerd-shim-stasis-v2",
@@ -840,15 +855,17 @@ async fn post_copy_faults_on_the_target_leave_the_pod_running_on_the_source() ->
                 nix::sys::signal::Signal::SIGKILL,
             )?;
         }
-        let out = sender.wait_with_output()?;
-        let _ = recv.child.wait();
-        let err = String::from_utf8_lossy(&out.stderr);
-        eprintln!("{fault}: {err}");
-        ensure!(!out.status.success(), "{fault}: the migration succeeded");
-        ensure!(
-            err.contains("runs on"),
-            "{fault}: the error does not say the pod runs on: {err}"
-        );
+        if fault != "sender killed" {
+            let out = sender.wait_with_output()?;
+            let _ = recv.child.wait();
+            let err = String::from_utf8_lossy(&out.stderr);
+            eprintln!("{fault}: {err}");
+            ensure!(!out.status.success(), "{fault}: the migration succeeded");
+            ensure!(
+                err.contains("runs on"),
+                "{fault}: the error does not say the pod runs on: {err}"
+            );
+        }
         for id in [&big, &counter] {
             let state = pod_freezer_state(&pod_id, id)?;
             ensure!(
@@ -868,6 +885,88 @@ async fn post_copy_faults_on_the_target_leave_the_pod_running_on_the_source() ->
             .with_context(|| format!("{fault}: the target is not clean"))?;
     }
     cri_a.stop_and_remove_pod(&pod_id).await?;
+    a.finish()?;
+    b.finish()
+}
+
+/// Post-copy with the source's pod shim killed while the pages cross: CRIU still holds every
+/// page in its pipes and the pages flow between it and stasisctl directly, so the move
+/// completes: the pod runs on the target with its memory whole, and the source pod is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_copy_survives_the_source_shim_dying_mid_pages() -> Result<()> {
+    let (a, b, image, key) = two_nodes("postsrc")?;
+    let mut cri_a = a.cri().await?;
+    let mut cri_b = b.cri().await?;
+    let hog = stasis_e2e::cri::checksum_hog(256);
+    let (pod_id, big, _) = stasis_e2e::cri::hog_and_counter_pod(
+        &mut cri_a,
+        &a.dir.join("logs"),
+        image,
+        "postsrc",
+        &hog,
+    )
+    .await?;
+    let sum = stasis_e2e::cri::memory_sum(&mut cri_a, &big).await?;
+    let recv = listener(&b, &key, &[], 1)?;
+    let sender = a
+        .stasisctl_command()?
+        .args([
+            "pod",
+            "migrate",
+            &pod_id,
+            "--to",
+            &recv.addr,
+            "--post-copy",
+            "--key-file",
+        ])
+        .arg(&key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    loop {
+        let line = recv
+            .log
+            .recv_timeout(Duration::from_secs(60))
+            .context("the target's pod never ran")?;
+        if line.contains(" runs after ") {
+            break;
+        }
+    }
+    let shim = stasis_e2e::processes_matching(&[
+        "containerd-shim-stasis-v2",
+        &a.socket().display().to_string(),
+        &format!("-id {pod_id} "),
+    ]);
+    ensure!(shim.len() == 1, "the source pod's shim: {shim:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let out = sender.wait_with_output()?;
+    let _ = recv.child.wait_with_output();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}");
+    ensure!(
+        out.status.success(),
+        "the move failed with its source shim killed: {err}"
+    );
+    let new_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let restored = containers_by_name(&mut cri_b, &new_pod).await?;
+    let (_, new_big, _) = restored
+        .iter()
+        .find(|(n, _, _)| n == "big")
+        .context("big on the target")?
+        .clone();
+    let after = stasis_e2e::cri::memory_sum(&mut cri_b, &new_big).await?;
+    ensure!(
+        after == sum,
+        "the memory changed in transit: md5 {sum} -> {after}"
+    );
+    ensure!(
+        cri_a.pods().await?.is_empty(),
+        "the source pod is still there"
+    );
+    cri_b.stop_and_remove_pod(&new_pod).await?;
     a.finish()?;
     b.finish()
 }

@@ -8,6 +8,7 @@
 use std::{
     collections::HashMap,
     io::{Read, Write},
+    net::TcpStream,
     os::{
         fd::AsFd,
         unix::net::{UnixListener, UnixStream},
@@ -92,7 +93,7 @@ fn readable(fds: &[std::os::fd::BorrowedFd<'_>], timeout: PollTimeout) -> Result
 fn forward(
     channel: &mut Channel,
     id: u32,
-    conn: &mut UnixStream,
+    conn: &mut impl Read,
     buf: &mut [u8],
 ) -> Result<Option<u64>> {
     let n = match conn.read(buf) {
@@ -109,7 +110,7 @@ fn forward(
 }
 
 /// Writes a piece that came for stream `id` (a stream already ended drops it).
-fn deliver(conns: &mut HashMap<u32, UnixStream>, id: u32, data: &[u8]) {
+fn deliver<S: Write>(conns: &mut HashMap<u32, S>, id: u32, data: &[u8]) {
     if let Some(c) = conns.get_mut(&id) {
         if c.write_all(data).is_err() {
             // Its reader went away; it sees the end when it is dropped.
@@ -124,7 +125,10 @@ impl Channel {
     /// The target's first answer says whether its pod runs; the page streams carry on after it.
     pub fn relay_source(&mut self, page_socket: &Path, to: &str) -> Result<PostCopied> {
         self.stream.set_read_timeout(None)?;
-        let mut conns: HashMap<u32, UnixStream> = HashMap::new();
+        let mut conns: HashMap<u32, TcpStream> = HashMap::new();
+        // Held open until this returns: the shim takes their end (this process gone, say)
+        // for the end of the transfer.
+        let mut leases: Vec<UnixStream> = Vec::new();
         let mut running: Option<(String, Instant)> = None;
         let mut buf = vec![0u8; PIECE];
         let mut page_bytes = 0u64;
@@ -164,15 +168,9 @@ impl Channel {
                     if conns.len() >= MAX_STREAMS {
                         bail!("{to} opened more than {MAX_STREAMS} page streams");
                     }
-                    let mut c = UnixStream::connect(page_socket).with_context(|| {
-                        format!(
-                            "connect to the pod shim's pages at {}",
-                            page_socket.display()
-                        )
-                    })?;
-                    c.write_all(name)?;
-                    c.write_all(b"\n")?;
-                    conns.insert(id, c);
+                    let (server, lease) = page_server(page_socket, name)?;
+                    conns.insert(id, server);
+                    leases.push(lease);
                 }
                 BYTES => {
                     let (id, piece) = split(&data)?;
@@ -276,6 +274,46 @@ impl Channel {
             }
         }
     }
+}
+
+/// A connection to the CRIU page server of the container whose directory is `name`, which
+/// the pod's shim passes over its `page_socket` (SCM_RIGHTS): the pages flow between CRIU
+/// and us directly from then on. With it, the connection to the shim (the lease).
+fn page_server(page_socket: &Path, name: &[u8]) -> Result<(TcpStream, UnixStream)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let context = || {
+        format!(
+            "get the page server of {} from the pod's shim at {}",
+            String::from_utf8_lossy(name),
+            page_socket.display()
+        )
+    };
+    let mut c = UnixStream::connect(page_socket).with_context(context)?;
+    c.set_read_timeout(Some(Duration::from_secs(30)))?;
+    c.write_all(name)?;
+    c.write_all(b"\n")?;
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        c.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .with_context(context)?;
+    for cmsg in msg.cmsgs().with_context(context)? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            if let Some(fd) = fds.first() {
+                // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+                let tcp = unsafe { TcpStream::from_raw_fd(*fd) };
+                tcp.set_nonblocking(false)?;
+                return Ok((tcp, c));
+            }
+        }
+    }
+    Err(anyhow::anyhow!("the shim passed no connection")).with_context(context)
 }
 
 /// A shim's first line: its container's directory name (read a byte at a time: what

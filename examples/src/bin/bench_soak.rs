@@ -20,26 +20,12 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use stasis_e2e::{
-    cri::{
-        container_config, containers_by_name, counter_loop, cri, pod_config, pod_freezer_state,
-        violations, wait_counter_moving, CriClient,
-    },
+    cri::{containers_by_name, cri, pod_freezer_state, violations, CriClient},
     Containerd,
 };
 use stasis_examples::{flag, median, print_table};
 
-/// Follows the writer's shared counter; the value may never go down.
-const READER: &str = "m=0; while true; do v=$(cat /shared/counter 2>/dev/null); \
-    if [ -n \"$v\" ]; then if [ \"$v\" -lt \"$m\" ]; then \
-    echo \"reader: volume=$v after $m\" >> /violations; fi; m=$v; fi; sleep 0.005; done";
-
-/// A counter kept in memory and in a file synced to disk after each write; the file may
-/// never be ahead of memory.
-const FSYNC: &str = "i=0; while true; do v=$(cat /synced 2>/dev/null || echo 0); \
-    if [ \"$v\" -gt \"$i\" ]; then echo \"fsync: file=$v memory=$i\" >> /violations; fi; \
-    i=$((i+1)); echo $i > /synced; sync; sleep 0.02; done";
-
-const NAMES: [&str; 4] = ["rootfs", "writer", "reader", "fsync"];
+use stasis_examples::consistency;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
@@ -108,32 +94,14 @@ struct Soak {
 
 impl Soak {
     async fn start_pod(&mut self) -> Result<()> {
-        let pod = pod_config("soak", &self.c.dir.join("logs"));
-        self.pod_id = self.cri.run_pod(&pod).await?;
-        for name in NAMES {
-            let script = match name {
-                "rootfs" => counter_loop("/counter"),
-                "writer" => counter_loop("/shared/counter"),
-                "reader" => READER.to_string(),
-                _ => FSYNC.to_string(),
-            };
-            let mut cfg = container_config(name, self.image, &["sh", "-c", &script]);
-            if name == "writer" || name == "reader" {
-                cfg.mounts.push(cri::Mount {
-                    container_path: "/shared".into(),
-                    host_path: self.volume.display().to_string(),
-                    ..Default::default()
-                });
-            }
-            if name == "writer" {
-                cfg.annotations
-                    .insert("io.stasis.checkpoint.volumes".into(), "/shared".into());
-            }
-            let id = self.cri.run_container(&self.pod_id, &pod, cfg).await?;
-            if name == "rootfs" {
-                wait_counter_moving(&mut self.cri, &id, "/counter").await?;
-            }
-        }
+        self.pod_id = consistency::start_pod(
+            &mut self.cri,
+            &self.c.dir.join("logs"),
+            self.image,
+            ("soak", &self.volume),
+            0,
+        )
+        .await?;
         Ok(())
     }
 

@@ -47,6 +47,19 @@ impl Hold {
         p.containers.iter().map(|c| c.id.clone()).collect()
     }
 
+    /// Post-copy: where the pages are served.
+    pub fn page_socket(&self) -> Option<String> {
+        self.pages.as_ref().map(|p| p.socket.display().to_string())
+    }
+
+    /// Resolves once a post-copy transfer broke (never for other holds).
+    pub fn pages_broken(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        match &self.pages {
+            Some(p) => Box::pin(p.broken()),
+            None => Box::pin(std::future::pending()),
+        }
+    }
+
     /// The output is safe: the held containers are stopped.
     pub async fn stop(mut self) -> Result<Vec<String>> {
         if let Some(pages) = self.pages.take() {

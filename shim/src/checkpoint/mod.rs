@@ -35,7 +35,9 @@ use crate::{
 
 /// How a held stopping checkpoint is told to end: stop (true) or release (false), and where
 /// the outcome goes.
-type FinishTx = oneshot::Sender<(bool, oneshot::Sender<Result<Vec<String>>>)>;
+type FinishTx = oneshot::Sender<FinishAsk>;
+/// FinishCheckpoint's word: stop (true) or release, and where the outcome goes.
+type FinishAsk = (bool, oneshot::Sender<Result<Vec<String>>>);
 
 /// Serialises pod checkpoints (a second one of the same pod is refused, not queued) and
 /// carries the finish channel of a stopping checkpoint that holds the pod.
@@ -123,24 +125,51 @@ pub async fn run(
         let _ = hold.release().await;
         return;
     }
+    // Post-copy: a transfer over for its holder (stasisctl gone, say) ends the hold without
+    // waiting for the bound.
+    let broken = hold.pages_broken();
+    let mut rx = rx;
     tokio::select! {
-        asked = rx => match asked {
-            Ok((stop, done)) => {
-                let outcome = if stop { hold.stop().await } else { hold.release().await };
-                let _ = done.send(outcome);
-            }
-            Err(_) => {
-                let _ = hold.release().await;
-            }
-        },
+        asked = &mut rx => finish_asked(asked, hold).await,
         _ = tokio::time::sleep(bound) => {
             gate.finish_slot().take();
             warn!("pod {pod_id}: no FinishCheckpoint within {bound:?}; left running");
             let _ = hold.release().await;
         }
+        _ = broken => {
+            // A caller that is still there says so itself a moment later: its word first.
+            match tokio::time::timeout(Duration::from_secs(3), &mut rx).await {
+                Ok(asked) => finish_asked(asked, hold).await,
+                Err(_) => {
+                    gate.finish_slot().take();
+                    warn!("pod {pod_id}: its post-copy transfer ended without a FinishCheckpoint; left running");
+                    let _ = hold.release().await;
+                }
+            }
+        }
         _ = shim.shutdown.cancelled() => {
             gate.finish_slot().take();
             warn!("pod {pod_id}: shim shutting down during a checkpoint hold; left running");
+            let _ = hold.release().await;
+        }
+    }
+}
+
+/// Ends a hold as FinishCheckpoint asked (its caller gone: released).
+async fn finish_asked(
+    asked: std::result::Result<FinishAsk, oneshot::error::RecvError>,
+    hold: Hold,
+) {
+    match asked {
+        Ok((stop, done)) => {
+            let outcome = if stop {
+                hold.stop().await
+            } else {
+                hold.release().await
+            };
+            let _ = done.send(outcome);
+        }
+        Err(_) => {
             let _ = hold.release().await;
         }
     }
@@ -223,7 +252,9 @@ pub async fn checkpoint_pod(
         hold: !opts.leave_running,
         tcp_established: opts.tcp_established,
         file_locks: opts.file_locks,
-        post_copy: opts.post_copy,
+        post_copy: opts
+            .post_copy
+            .then(|| Duration::from_secs(opts.hold_secs as u64).min(MAX_HOLD)),
         timeout: Some(match opts.timeout_secs {
             0 => shim.checkpoint_bound,
             secs => Duration::from_secs(secs as u64),
@@ -259,10 +290,7 @@ pub async fn checkpoint_pod(
             let _ = h.release().await;
         }
     }
-    let page_socket = hold
-        .as_ref()
-        .and_then(|h| h.pages.as_ref())
-        .map(|p| p.socket.display().to_string());
+    let page_socket = hold.as_ref().and_then(Hold::page_socket);
     let after = after_capture(hold, opts.hold_secs, &pod.id, &out).await?;
     let (capture, results) = match written {
         Ok(r) => r,

@@ -1,8 +1,8 @@
-//! Post-copy on the source: the held pod's pages, served from its containers' CRIU dumps
-//! through one Unix socket (root's, in a fresh 0700 directory) that stasisctl relays to the
-//! target. A connection names a container's directory on its first line and is then joined
-//! to that container's CRIU page server, once; the hold's end closes every connection and
-//! ends the dumps before the containers are stopped or thawed.
+//! Post-copy on the source: the held pod's pages, served by its containers' CRIU dumps,
+//! reached through one Unix socket (root's, in a fresh 0700 directory) from which stasisctl
+//! relays them to the target. A connection names a container's directory on its first line
+//! and gets a connection to that container's CRIU page server passed back, once; the hold's
+//! end ends the dumps before the containers are stopped or thawed.
 
 use std::{
     collections::HashMap,
@@ -35,6 +35,8 @@ pub struct PageService {
     dumps: Vec<LazyDump>,
     accept: JoinHandle<()>,
     relays: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Told when a connection that took a page server closes (its holder is done or gone).
+    lease_ended: Arc<tokio::sync::Notify>,
 }
 
 impl PageService {
@@ -66,11 +68,13 @@ impl PageService {
             );
         }
         let relays: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let lease_ended = Arc::new(tokio::sync::Notify::new());
         let accept = tokio::spawn(serve(
             pod_id.to_string(),
             listener,
             Arc::new(Mutex::new(by_dir)),
             relays.clone(),
+            lease_ended.clone(),
         ));
         info!(
             "pod {pod_id}: serving post-copy pages on {}",
@@ -83,7 +87,24 @@ impl PageService {
             dumps,
             accept,
             relays,
+            lease_ended,
         })
+    }
+
+    /// Resolves once the transfer is over for someone: a dump ended unfinished, or the
+    /// holder of a page server's connection (stasisctl) closed its lease. Its caller's word
+    /// (FinishCheckpoint) should follow at once; if it does not, nobody will give it.
+    pub fn broken(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut each: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> = self
+            .dumps
+            .iter()
+            .map(|d| Box::pin(d.broken()) as _)
+            .collect();
+        let lease = self.lease_ended.clone();
+        each.push(Box::pin(async move { lease.notified().await }));
+        async move {
+            futures::future::select_all(each).await;
+        }
     }
 
     /// Closes every connection and ends the dumps (CRIU lets go of the tasks, which stay
@@ -121,14 +142,15 @@ async fn serve(
     listener: UnixListener,
     connectors: Connectors,
     relays: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    lease: Arc<tokio::sync::Notify>,
 ) {
     loop {
         let Ok((conn, _)) = listener.accept().await else {
             return;
         };
-        let (pod_id, connectors) = (pod_id.clone(), connectors.clone());
+        let (pod_id, connectors, lease) = (pod_id.clone(), connectors.clone(), lease.clone());
         let relay = tokio::spawn(async move {
-            if let Err(e) = relay(conn, &connectors).await {
+            if let Err(e) = relay(conn, &connectors, &lease).await {
                 warn!("pod {pod_id}: post-copy pages: {e}");
             }
         });
@@ -136,10 +158,14 @@ async fn serve(
     }
 }
 
-/// Joins one connection to the CRIU page server its first line names.
+/// Hands the connection to the CRIU page server a connection's first line names over to its
+/// peer (SCM_RIGHTS): the pages then flow between stasisctl and CRIU directly, and go on
+/// flowing should this shim die (CRIU keeps the pages in its pipes, whatever becomes of the
+/// tasks).
 async fn relay(
     conn: tokio::net::UnixStream,
     connectors: &Connectors,
+    lease_ended: &tokio::sync::Notify,
 ) -> std::result::Result<(), String> {
     let mut reader = BufReader::new(conn);
     let mut hello = String::new();
@@ -148,33 +174,42 @@ async fn relay(
         .await
         .map_err(|_| "no container named within 10 s".to_string())?
         .map_err(|e| format!("read the container's name: {e}"))?;
-    let name = hello.trim_end_matches('\n');
+    let name = hello.trim_end_matches('\n').to_string();
     let connector = connectors
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .remove(name)
+        .remove(&name)
         .ok_or_else(|| {
             format!(
                 "{name:?} is no container of this checkpoint, or its pages were asked for already"
             )
         })?;
-    let tcp = tokio::task::spawn_blocking(move || connector.connect())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("{name}: connect to CRIU's page server: {e}"))?;
-    tcp.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let mut tcp = tokio::net::TcpStream::from_std(tcp).map_err(|e| e.to_string())?;
-    // Bytes the reader took past the first line belong to the page server.
-    let buffered = reader.buffer().to_vec();
-    let mut conn = reader.into_inner();
-    if !buffered.is_empty() {
-        tokio::io::AsyncWriteExt::write_all(&mut tcp, &buffered)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    let (up, down) = tokio::io::copy_bidirectional(&mut conn, &mut tcp)
-        .await
-        .map_err(|e| format!("{name}: relay: {e}"))?;
-    info!("{name}: post-copy pages relayed: {up} bytes of requests, {down} bytes of pages");
+    let conn = reader.into_inner().into_std().map_err(|e| e.to_string())?;
+    let sent = tokio::task::spawn_blocking(move || -> std::result::Result<_, String> {
+        let tcp = connector
+            .connect()
+            .map_err(|e| format!("{name}: connect to CRIU's page server: {e}"))?;
+        use std::os::fd::AsRawFd;
+        let fds = [tcp.as_raw_fd()];
+        let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+        let iov = [std::io::IoSlice::new(b"p")];
+        nix::sys::socket::sendmsg::<()>(
+            conn.as_raw_fd(),
+            &iov,
+            &cmsg,
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .map_err(|e| format!("{name}: hand the page server's connection over: {e}"))?;
+        info!("{name}: post-copy pages: CRIU's page server handed over");
+        Ok(conn)
+    });
+    let conn = sent.await.map_err(|e| e.to_string())??;
+    // The lease: stasisctl keeps this connection until the transfer is over for it.
+    conn.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let mut conn = tokio::net::UnixStream::from_std(conn).map_err(|e| e.to_string())?;
+    let mut rest = [0u8; 64];
+    while !matches!(conn.read(&mut rest).await, Ok(0) | Err(_)) {}
+    lease_ended.notify_one();
     Ok(())
 }

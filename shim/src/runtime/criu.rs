@@ -349,7 +349,11 @@ async fn dump_one<R: CheckpointHooks + ?Sized>(
         .map_err(|e| Error::io(&c.id, "create checkpoint dir", e))?;
     std::fs::create_dir_all(&copts.work_path)
         .map_err(|e| Error::io(&c.id, "create work dir", e))?;
-    let dumped = if job.post_copy {
+    let dumped = if let Some(serve_within) = job.post_copy {
+        let copts = CheckpointOpts {
+            timeout: Some(serve_within),
+            ..copts.clone()
+        };
         runtime.checkpoint_lazy(&c.id, &copts).await.map(Some)
     } else {
         runtime.checkpoint(&c.id, &copts).await.map(|_| None)

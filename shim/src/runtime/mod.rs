@@ -133,8 +133,8 @@ pub struct PodCheckpoint<'a> {
     pub tcp_established: bool,
     pub file_locks: bool,
     /// Post-copy (with `hold`): the pages are not written; CRIU serves them
-    /// (`PodCapture::lazy`) until the hold ends.
-    pub post_copy: bool,
+    /// (`PodCapture::lazy`) until the hold ends, and at most this long.
+    pub post_copy: Option<Duration>,
     /// Gives up (thawing everything) past this bound.
     pub timeout: Option<Duration>,
     /// Told "frozen" once every selected container is still, "thawed" when they run again

@@ -34,6 +34,8 @@ pub const PAGE_SERVER_PORT: u16 = 27_183;
 /// pipe when it serves lazy pages and does not check that it could (root here lacks
 /// CAP_SYS_RESOURCE, so the default 1 MiB bound applies); the first page request then fails.
 pub const PIPE_MAX_SIZE: u64 = 4 << 20;
+/// The longest a dump serves pages when nobody says otherwise (a shim's longest hold).
+pub const SERVE_AT_MOST: Duration = Duration::from_secs(3600);
 /// How long a dump may take to write its images (without the pages) and start serving.
 const READY_WITHIN: Duration = Duration::from_secs(120);
 /// How long CRIU gets to let go of the tasks once its transfer ended.
@@ -47,6 +49,8 @@ pub struct LazyDump {
     /// The dump's network namespace, where its page server listens.
     netns: File,
     run: JoinHandle<std::io::Result<Output>>,
+    /// Set once the runtime exits: whether CRIU finished the transfer.
+    ended: tokio::sync::watch::Receiver<Option<bool>>,
     work: PathBuf,
 }
 
@@ -130,7 +134,12 @@ pub async fn start(
     cmd.stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let (pid_tx, pid_rx) = tokio::sync::oneshot::channel();
-    let run = tokio::spawn(reaper::run_reporting_pid(cmd, true, pid_tx));
+    let (ended_tx, ended) = tokio::sync::watch::channel(None);
+    let run = tokio::spawn(async move {
+        let out = reaper::run_reporting_pid(cmd, true, pid_tx).await;
+        let _ = ended_tx.send(Some(matches!(&out, Ok(o) if o.success())));
+        out
+    });
     let Ok(pgid) = pid_rx.await else {
         drop(ready_w);
         let why = match run.await {
@@ -153,6 +162,7 @@ pub async fn start(
         pgid,
         netns,
         run,
+        ended,
         work: work.to_path_buf(),
     };
     let mut status = File::from(ready_r);
@@ -220,6 +230,22 @@ impl Connector {
 }
 
 impl LazyDump {
+    /// Resolves once this dump ended without finishing its transfer (the connection to the
+    /// target's daemon closed early, CRIU failed or was killed); never on success.
+    pub fn broken(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut ended = self.ended.clone();
+        async move {
+            loop {
+                if *ended.borrow_and_update() == Some(false) {
+                    return;
+                }
+                if ended.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+
     /// What connects to this dump's page server (from any thread, later).
     pub fn connector(&self) -> std::io::Result<Connector> {
         Ok(Connector {

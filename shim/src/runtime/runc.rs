@@ -391,15 +391,27 @@ impl CheckpointHooks for Runc {
                 format!("{} cannot checkpoint for post-copy (runc can)", self.engine),
             ));
         }
-        let mut cmd = self.command();
-        cmd.arg("checkpoint");
-        self.criu_args(id, &mut cmd, opts)?;
-        cmd.arg("--leave-running")
+        let mut runc = self.command();
+        runc.arg("checkpoint");
+        self.criu_args(id, &mut runc, opts)?;
+        runc.arg("--leave-running")
             .arg("--lazy-pages")
             .arg("--page-server")
             .arg(format!("127.0.0.1:{}", postcopy::PAGE_SERVER_PORT))
             .args(["--status-fd", "3"]);
-        cmd.arg(id);
+        runc.arg(id);
+        // Bounded on its own: the dump outlives a shim that dies while the pages cross (the
+        // target may run the pod already), so nothing but this ends it then.
+        let bound = opts
+            .timeout
+            .unwrap_or(postcopy::SERVE_AT_MOST)
+            .as_secs()
+            .max(1);
+        let mut cmd = Command::new("timeout");
+        cmd.args(["-k", "5", &bound.to_string()])
+            .arg(runc.get_program())
+            .args(runc.get_args())
+            .stdin(Stdio::null());
         postcopy::start(id, cmd, &opts.work_path, opts.cancel.as_ref()).await
     }
 

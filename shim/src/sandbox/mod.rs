@@ -329,15 +329,29 @@ pub(crate) fn stop_orphaned_runtime_calls(containers: &[String]) {
             .is_some_and(|p| runtime::programs().any(|r| r == p));
         // A delete is part of a clean-up (maybe a concurrent one), never what must stop.
         let deleting = args.iter().any(|a| a == "delete");
+        // A post-copy dump serves pages to a target that may run the pod already: CRIU
+        // keeps them in its pipes whatever becomes of the tasks, and ends on its own (the
+        // transfer's end, or its `timeout`).
+        let serving =
+            args.iter().any(|a| a == "checkpoint") && args.iter().any(|a| a == "--lazy-pages");
+        // The container id as an argument of its own (runc's last): an id inside a path
+        // names a checkpoint of it, which another pod may be restoring from (a lazy
+        // restore's `criu lazy-pages --images-dir …/<id>-<name>/…`) and is not ours to stop.
         if is_runtime
             && !deleting
+            && !serving
             && args
                 .iter()
-                .any(|a| containers.iter().any(|c| a.contains(c.as_str())))
+                .skip(1)
+                .any(|a| containers.iter().any(|c| a == c))
         {
             let pid = nix::unistd::Pid::from_raw(pid);
+            // Its group (CRIU below it) when it leads one, or when the group's leader (the
+            // dead shim) is gone: never a live process's group.
             if let Ok(group) = nix::unistd::getpgid(Some(pid)) {
-                let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+                if group == pid || nix::sys::signal::kill(group, None).is_err() {
+                    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+                }
             }
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             killed = true;

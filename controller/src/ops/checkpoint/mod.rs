@@ -21,7 +21,7 @@ use stasis_api::checkpoint::{
 
 use stasis_api::events::PodEvent;
 
-use super::{ms, Interrupt, Target};
+use super::{guard::RestoreGuard, ms, Interrupt, Target};
 use crate::{archive, cri::api, display::human, events, files, progress, seal, shim};
 
 mod destination;
@@ -98,7 +98,7 @@ async fn checkpoint_on(
     }
     node.connect_shim(&s.pod).await?;
     a.destination.check_new(t).await?;
-    let staging = new_staging_dir(&stage_in, &label)?;
+    let staging = Staging::new(t, &stage_in, &label)?;
     progress::step(
         "checkpointing",
         format!(
@@ -125,10 +125,7 @@ async fn checkpoint_on(
     let mut interrupt = Interrupt::listen()?;
     let response = match ask_shim(node, &a, &s, &staging, hold, &mut interrupt).await {
         Ok(r) => r,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(e);
-        }
+        Err(e) => return Err(e),
     };
     let frozen = response
         .timings
@@ -151,7 +148,7 @@ async fn checkpoint_on(
     let destination = a.destination.describe();
     let undelivered = a.destination.undelivered();
     let delivered = package(t, a.destination, &s.pod, &staging, a.sign, &mut interrupt).await;
-    let _ = std::fs::remove_dir_all(&staging);
+    drop(staging);
     let mut finish = Finish {
         node,
         pod: &s.pod,
@@ -167,8 +164,7 @@ async fn checkpoint_on(
         format!("written to {destination} ({})", human(delivered.bytes)),
     );
     if !a.leave_running {
-        finish.stop(&destination).await?;
-        progress::step("stopped", format!("pod {} stopped", s.name));
+        finish.stop_delivered(&destination, &delivered).await?;
     }
     announce_written(t, &s, a.leave_running, delivered.bytes, &response, started).await;
     Ok(CheckpointOutcome {
@@ -247,6 +243,43 @@ async fn announce_written(
 
 /// A fresh private directory: a random name, 0700, never one that already exists
 /// (somebody else's, or a link).
+/// A checkpoint's staging directory (the pod's state, secrets included): removed on every
+/// exit, and by the restore watchdog's process should stasisctl be killed.
+struct Staging {
+    dir: PathBuf,
+    guard: Option<RestoreGuard>,
+}
+
+impl Staging {
+    fn new(t: &Target, stage_in: &Path, label: &str) -> Result<Staging> {
+        let dir = new_staging_dir(stage_in, label)?;
+        // Not in unit tests: the watchdog is this binary again.
+        let guard = match cfg!(test) {
+            true => None,
+            false => Some(RestoreGuard::start(&t.address, &dir).inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&dir);
+            })?),
+        };
+        Ok(Staging { dir, guard })
+    }
+}
+
+impl std::ops::Deref for Staging {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(g) = self.guard.take() {
+            g.done();
+        }
+    }
+}
+
 fn new_staging_dir(stage_in: &Path, label: &str) -> Result<PathBuf> {
     let staging = stage_in.join(format!(".{label}.stasis-{}", files::random_suffix()?));
     files::create_private_dir(&staging)?;
@@ -396,6 +429,21 @@ impl<N: Node> Finish<'_, N> {
                 shim::explain(f, &self.pod.id, &self.pod.runtime_handler)
             )),
         }
+    }
+
+    /// The destination has the pod: it stops here. A migration's peer runs it already (with
+    /// every page): the source is removed next whatever its shim says (a shim that died took
+    /// the pod with it).
+    async fn stop_delivered(&mut self, destination: &str, delivered: &Delivered) -> Result<()> {
+        match self.stop(destination).await {
+            Ok(()) => progress::step("stopped", format!("pod {} stopped", self.name)),
+            Err(e) if delivered.peer_pod.is_some() => progress::step(
+                "stopped",
+                format!("pod {}: {e:#}; it is removed next", self.name),
+            ),
+            Err(e) => return Err(e),
+        }
+        Ok(())
     }
 
     /// The destination has the pod: it stops here.

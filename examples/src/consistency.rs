@@ -25,19 +25,24 @@ const FSYNC: &str = "i=0; while true; do v=$(cat /synced 2>/dev/null || echo 0);
 /// The consistency containers, in the order they start.
 pub const NAMES: [&str; 4] = ["rootfs", "writer", "reader", "fsync"];
 
-/// Starts pod `name` of the consistency containers with the shared volume at `volume`, and
-/// with `hog_mib` > 0 a container `hog` touching that much memory (ready once it has).
-/// Returns the pod's id.
+/// Starts pod `name` of the consistency containers with the shared volume at `volume` (none:
+/// without `writer` and `reader`), and with `hog_mib` > 0 a container `hog` touching that much
+/// memory (ready once it has). Returns the pod's id.
 pub async fn start_pod(
     cri: &mut CriClient,
     logs: &Path,
     image: &str,
-    (name, volume): (&str, &Path),
+    (name, volume): (&str, Option<&Path>),
     hog_mib: u64,
 ) -> Result<String> {
     let pod = pod_config(name, logs);
     let pod_id = cri.run_pod(&pod).await?;
     for name in NAMES {
+        let shared = match (name, volume) {
+            ("writer" | "reader", None) => continue,
+            ("writer" | "reader", Some(v)) => Some(v),
+            _ => None,
+        };
         let script = match name {
             "rootfs" => counter_loop("/counter"),
             "writer" => counter_loop("/shared/counter"),
@@ -45,7 +50,7 @@ pub async fn start_pod(
             _ => FSYNC.to_string(),
         };
         let mut cfg = container_config(name, image, &["sh", "-c", &script]);
-        if name == "writer" || name == "reader" {
+        if let Some(volume) = shared {
             cfg.mounts.push(cri::Mount {
                 container_path: "/shared".into(),
                 host_path: volume.display().to_string(),

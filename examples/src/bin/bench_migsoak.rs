@@ -1,7 +1,9 @@
 //! Soak: one pod moved back and forth between two nodes (two private containerd daemons on
 //! this machine) with `pod migrate --post-copy`: the consistency containers of the soak (a
-//! counter in memory and in the writable layer, a volume writer and its reader, a synced
-//! counter) beside a container holding `--memory` MiB. About one round in `--every` gets a
+//! counter in memory and in the writable layer, a synced counter) beside a container holding
+//! `--memory` MiB. Not the shared volume's pair: both "nodes" here are one machine, so a
+//! target that restores a volume (`--replace-volumes`) would replace the very directory the
+//! source pod still has mounted. About one round in `--every` gets a
 //! fault at a random point of the page transfer: the connection cut after a random number of
 //! bytes, or the target's or the source's pod shim killed a random moment after the target's
 //! pod runs. After each round it counts where the pod runs: exactly one copy, running and
@@ -95,11 +97,7 @@ async fn copy_on(cri: &mut CriClient, containers: usize) -> Result<(Option<Strin
 }
 
 /// `migrate listen` on `node` for one migration: the process, its address, its log lines.
-fn listen(
-    node: &Node,
-    key: &Path,
-    volume: &Path,
-) -> Result<(Child, String, mpsc::Receiver<String>)> {
+fn listen(node: &Node, key: &Path) -> Result<(Child, String, mpsc::Receiver<String>)> {
     let mut child = node
         .c
         .stasisctl_command()?
@@ -113,9 +111,6 @@ fn listen(
         ])
         .arg("--key-file")
         .arg(key)
-        .arg("--allow-host-path")
-        .arg(volume)
-        .arg("--replace-volumes")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -199,11 +194,11 @@ fn target_runs(log: &mpsc::Receiver<String>) -> Option<String> {
 /// One round src → dst with `fault`: whether `pod migrate` said it moved, its downtime.
 async fn round(
     (src, dst): (&Node, &Node),
-    (key, volume): (&Path, &Path),
+    key: &Path,
     (fault, dice): (Fault, &mut Dice),
     (source_pod, mib): (&str, u64),
 ) -> Result<(bool, Option<f64>)> {
-    let (mut listener, addr, log) = listen(dst, key, volume)?;
+    let (mut listener, addr, log) = listen(dst, key)?;
     let to = match fault {
         // Somewhere in the pages (the pod's files are a few hundred KiB).
         Fault::Cut => cutting_relay(&addr, (1 << 20) + dice.below(mib.max(2) << 20))?,
@@ -285,8 +280,6 @@ async fn main() -> Result<()> {
     b.import_busybox_for_cri()?;
     let key = a.dir.join("migration.key");
     a.stasisctl_ok(&["migrate", "keygen", "--output", key.to_str().unwrap()])?;
-    let volume = a.dir.join("shared-volume");
-    std::fs::create_dir_all(&volume)?;
     let logs = a.dir.join("logs");
     let mut nodes = [
         Node {
@@ -298,9 +291,9 @@ async fn main() -> Result<()> {
             c: b,
         },
     ];
-    let containers = consistency::NAMES.len() + usize::from(mib > 0);
-    let mut pod =
-        consistency::start_pod(&mut nodes[0].cri, &logs, image, (POD, &volume), mib).await?;
+    // rootfs and fsync, and the hog.
+    let containers = 2 + usize::from(mib > 0);
+    let mut pod = consistency::start_pod(&mut nodes[0].cri, &logs, image, (POD, None), mib).await?;
     let (mut at, mut downtimes) = (0usize, Vec::new());
     let mut tallies: Vec<(Fault, Tally)> = [Fault::None]
         .into_iter()
@@ -315,7 +308,7 @@ async fn main() -> Result<()> {
         let (src, dst) = (at, 1 - at);
         let (moved, downtime) = round(
             (&nodes[src], &nodes[dst]),
-            (&key, &volume),
+            &key,
             (fault, &mut dice),
             (&pod, mib),
         )
@@ -364,7 +357,7 @@ async fn main() -> Result<()> {
                     }
                 }
                 let id =
-                    consistency::start_pod(&mut nodes[src].cri, &logs, image, (POD, &volume), mib)
+                    consistency::start_pod(&mut nodes[src].cri, &logs, image, (POD, None), mib)
                         .await?;
                 (src, id)
             }

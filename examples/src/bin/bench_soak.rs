@@ -98,7 +98,7 @@ impl Soak {
             &mut self.cri,
             &self.c.dir.join("logs"),
             self.image,
-            ("soak", &self.volume),
+            ("soak", Some(&self.volume)),
             0,
         )
         .await?;

@@ -49,24 +49,16 @@ impl PageService {
         // Short names: a socket's path must fit in 108 bytes, and the pod id takes 64.
         let dir = util::private_dir(pod_id, "pg")?;
         let socket = dir.join("s");
-        let listener = UnixListener::bind(&socket)
-            .map_err(|e| Error::io(pod_id, format!("bind {}", socket.display()), e))?;
-        let mut by_dir = HashMap::new();
-        for d in &dumps {
-            let name = targets
-                .iter()
-                .find(|t| t.id == d.id)
-                .and_then(|t| t.dir.file_name())
-                .map(|n| n.to_string_lossy().into_owned())
-                .ok_or_else(|| {
-                    Error::invalid(&d.id, "a post-copy dump of no selected container")
-                })?;
-            by_dir.insert(
-                name,
-                d.connector()
-                    .map_err(|e| Error::io(&d.id, "keep the dump's namespace", e))?,
-            );
-        }
+        let bound = UnixListener::bind(&socket)
+            .map_err(|e| Error::io(pod_id, format!("bind {}", socket.display()), e))
+            .and_then(|l| Ok((l, connectors(targets, &dumps)?)));
+        let (listener, by_dir) = match bound {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         let relays: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let lease_ended = Arc::new(tokio::sync::Notify::new());
         let accept = tokio::spawn(serve(
@@ -136,6 +128,27 @@ impl PageService {
 }
 
 type Connectors = Arc<Mutex<HashMap<String, crate::runtime::postcopy::Connector>>>;
+
+/// Each dump's connector, by its container's directory name.
+fn connectors(
+    targets: &[ContainerTarget],
+    dumps: &[LazyDump],
+) -> Result<HashMap<String, crate::runtime::postcopy::Connector>> {
+    let mut by_dir = HashMap::new();
+    for d in dumps {
+        let name = targets
+            .iter()
+            .find(|t| t.id == d.id)
+            .and_then(|t| t.dir.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| Error::invalid(&d.id, "a post-copy dump of no selected container"))?;
+        let connector = d
+            .connector()
+            .map_err(|e| Error::io(&d.id, "keep the dump's namespace", e))?;
+        by_dir.insert(name, connector);
+    }
+    Ok(by_dir)
+}
 
 async fn serve(
     pod_id: String,

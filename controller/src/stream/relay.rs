@@ -51,6 +51,9 @@ pub struct PostCopied {
     /// When the target said its pod runs (the end of the downtime).
     pub running_at: Instant,
     pub page_bytes: u64,
+    /// The connections to the source shim's page socket: held until its FinishCheckpoint
+    /// returned, so that the shim does not take the transfer's end for its caller's.
+    pub leases: Vec<UnixStream>,
 }
 
 fn numbered(id: u32, data: &[u8]) -> Vec<u8> {
@@ -124,10 +127,11 @@ impl Channel {
     /// to connections to the shim's `page_socket`, until the target says every page is in.
     /// The target's first answer says whether its pod runs; the page streams carry on after it.
     pub fn relay_source(&mut self, page_socket: &Path, to: &str) -> Result<PostCopied> {
-        self.stream.set_read_timeout(None)?;
+        // A frame begun and never finished must not hold the pod either.
+        self.stream.set_read_timeout(Some(SILENCE))?;
         let mut conns: HashMap<u32, TcpStream> = HashMap::new();
-        // Held open until this returns: the shim takes their end (this process gone, say)
-        // for the end of the transfer.
+        // Held open while the transfer lasts (and, when it succeeds, by the caller until the
+        // shim was told to stop the pod): the shim takes their end for its caller's.
         let mut leases: Vec<UnixStream> = Vec::new();
         let mut running: Option<(String, Instant)> = None;
         let mut buf = vec![0u8; PIECE];
@@ -202,6 +206,7 @@ impl Channel {
                         pod_id,
                         running_at,
                         page_bytes,
+                        leases,
                     });
                 }
                 other => bail!("protocol error: frame kind {other:#x} in a page relay"),

@@ -54,6 +54,9 @@ pub struct Delivered {
     pub peer_pod: Option<String>,
     /// Post-copy: when the peer said its pod runs (its pages came after).
     pub running_at: Option<std::time::Instant>,
+    /// Post-copy: the leases on the shim's page socket, dropped once the shim was told to
+    /// stop the pod.
+    pub leases: Vec<std::os::unix::net::UnixStream>,
 }
 
 impl Destination {
@@ -275,6 +278,7 @@ fn send_stream(
             bytes: sent.bytes,
             peer_pod: Some(sent.pod_id),
             running_at: None,
+            leases: Vec::new(),
         });
     };
     let bytes = channel.send_pod_files(staging, to)?;
@@ -285,6 +289,7 @@ fn send_stream(
         bytes: bytes + copied.page_bytes,
         peer_pod: Some(copied.pod_id),
         running_at: Some(copied.running_at),
+        leases: copied.leases,
     })
 }
 
@@ -302,6 +307,7 @@ fn plain(bytes: u64) -> Delivered {
         bytes,
         peer_pod: None,
         running_at: None,
+        leases: Vec::new(),
     }
 }
 

@@ -5,6 +5,7 @@ use std::{
     os::fd::{AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
 };
 
 use containerd_shim::asynchronous::io::{IoTasks, Pty, Stdio};
@@ -12,6 +13,38 @@ use nix::{fcntl::OFlag, unistd::pipe2};
 use tokio::net::unix::pipe;
 
 use crate::error::{Error, Result};
+
+/// How long an output copy waits for containerd's reader of its fifo before it starts
+/// without it.
+const READER_WITHIN: Duration = Duration::from_secs(2);
+
+/// Waits until the fifo at `path` has a reader (containerd's) and returns a writer of ours
+/// that keeps it connected: hold it until the copy's own writer is open. containerd opens its
+/// reader on a thread of its own, and that open blocks until a writer is there; a process
+/// that ended before it (a quick exec on a busy node) left containerd waiting for a writer
+/// for good, its ExecSync hung (seen here: `cat` exited in 40 ms, containerd's two opens
+/// never returned). None (a warning) when no reader came in time: the copy then starts
+/// alone, as before.
+async fn reader_connected(id: &str, path: &str) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let deadline = Instant::now() + READER_WITHIN;
+    loop {
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path);
+        match opened {
+            Ok(f) => return Some(f),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err(e) => {
+                log::warn!("{id}: output fifo {path} has no reader ({e}); copying without one");
+                return None;
+            }
+        }
+    }
+}
 
 /// The stdio a new process gets: the ends of the pipes the shim copies to containerd's fifos.
 /// With a terminal, the runtime hands the pty master back through `console_socket` instead.
@@ -82,7 +115,7 @@ fn console_socket_path() -> PathBuf {
 }
 
 /// Prepares pipes (or a console socket) for a process with containerd's `stdio`.
-pub fn prepare(id: &str, stdio: &Stdio) -> Result<PreparedIo> {
+pub async fn prepare(id: &str, stdio: &Stdio) -> Result<PreparedIo> {
     let mut runtime = ProcessStdio::default();
     let io = ProcessIo::default();
     let mut console = None;
@@ -114,9 +147,11 @@ pub fn prepare(id: &str, stdio: &Stdio) -> Result<PreparedIo> {
             *slot = Some(w);
             let receiver = pipe::Receiver::from_owned_fd(r)
                 .map_err(|e| Error::io(id, "register output pipe", e))?;
+            let connected = reader_connected(id, path).await;
             io.copies
                 .copy_to_fifo(receiver, path)
                 .map_err(|e| Error::other(id, format!("open fifo {path}"), e))?;
+            drop(connected);
         }
     }
     Ok(PreparedIo {
@@ -150,9 +185,11 @@ impl PreparedIo {
                 .map_err(|e| Error::other(id, "open stdin fifo", e))?;
         }
         if !self.stdio.stdout.is_empty() {
+            let connected = reader_connected(id, &self.stdio.stdout).await;
             io.copies
                 .copy_to_fifo(pty.clone(), &self.stdio.stdout)
                 .map_err(|e| Error::other(id, "open stdout fifo", e))?;
+            drop(connected);
         }
         io.pty = Some(pty);
         Ok(io)
@@ -221,4 +258,46 @@ pub fn read_pid(id: &str, path: &Path) -> Result<i32> {
     text.trim()
         .parse()
         .map_err(|e| Error::other(id, format!("parse pid file {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// containerd's reader of an output fifo comes late (its blocking open on a thread of
+    /// its own); the process writes and ends before that. The reader must still get the
+    /// output and its end, not wait for a writer for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn output_reaches_a_reader_that_opens_after_the_process_ended() {
+        let dir = std::env::temp_dir().join(format!("stasis-stdio-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("out");
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let path = fifo.to_str().unwrap().to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader_path = fifo.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            // A blocking open for reading, as containerd's.
+            let mut f = std::fs::File::open(&reader_path).unwrap();
+            let mut got = String::new();
+            f.read_to_string(&mut got).unwrap();
+            let _ = tx.send(got);
+        });
+        let mut prepared = prepare("c1", &Stdio::new("", &path, "", false))
+            .await
+            .unwrap();
+        let runtime = prepared.take_runtime();
+        // The process: writes, ends (its end of the pipe closes).
+        let mut out = std::fs::File::from(runtime.stdout.unwrap());
+        out.write_all(b"hello\n").unwrap();
+        drop(out);
+        let got = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(10)))
+            .await
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(got.as_deref(), Ok("hello\n"), "the late reader got no output or no end");
+    }
 }

@@ -241,7 +241,7 @@ async fn build_container(
             image: image.clone(),
         },
         None => {
-            let mut prepared = stdio::prepare(id, &stdio)?;
+            let mut prepared = stdio::prepare(id, &stdio).await?;
             rollback
                 .steps
                 .push(Undo::StopCopies(prepared.io.copies.clone()));

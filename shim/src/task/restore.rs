@@ -59,7 +59,7 @@ pub(super) async fn restore_init(
         .map_err(|e| Error::io(&id, "create restore work dir", e))?;
     let lazy = start_lazy_restore(shim, container, image, &mut opts).await?;
     let lazy_pid = lazy.as_ref().map(|l| l.0);
-    let mut prepared = match stdio::prepare(&id, &stdio_cfg) {
+    let mut prepared = match stdio::prepare(&id, &stdio_cfg).await {
         Ok(p) => p,
         Err(e) => {
             stop_lazy_pages(lazy_pid);

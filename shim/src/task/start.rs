@@ -74,7 +74,7 @@ async fn start_exec(shim: &Shim, req: &api::StartRequest) -> Result<api::StartRe
             container.bundle.clone(),
         )
     };
-    let mut prepared = stdio::prepare(&req.id, &stdio_cfg)?;
+    let mut prepared = stdio::prepare(&req.id, &stdio_cfg).await?;
     let pid_file = super::exec_pid_file(&bundle, &req.exec_id);
     let since = std::time::Instant::now();
     let runtime_io = prepared.take_runtime();

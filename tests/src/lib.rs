@@ -10,6 +10,7 @@ pub mod api;
 pub mod cri;
 pub mod image;
 pub mod leaks;
+pub mod migration;
 pub mod registry;
 pub mod sampler;
 

@@ -1,12 +1,7 @@
 //! Moving a running pod between two nodes: two private containerd daemons on this machine,
 //! each with its own root, state, socket, CNI bridge and subnet; the stream on loopback.
 
-use std::{
-    io::{BufRead, BufReader},
-    path::Path,
-    process::{Child, Stdio},
-    time::Duration,
-};
+use std::{path::Path, process::Stdio, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 use stasis_e2e::{
@@ -14,15 +9,9 @@ use stasis_e2e::{
         container_config, containers_by_name, counter_loop, cri, pod_config, pod_freezer_state,
         read_counter, violations, wait_counter_above, wait_counter_moving,
     },
+    migration::{self, Listener, Meddle},
     Containerd,
 };
-
-/// A running `migrate listen`: the process, its address, and its log lines as they come.
-struct Listener {
-    child: Child,
-    addr: String,
-    log: std::sync::mpsc::Receiver<String>,
-}
 
 /// `stasisctl [--address ADDRESS] migrate listen` with `node`'s policy, for `count`
 /// migrations.
@@ -33,7 +22,7 @@ fn listener_at(
     extra: &[&str],
     count: u32,
 ) -> Result<Listener> {
-    let mut cmd = match address {
+    let cmd = match address {
         None => node.stasisctl_command()?,
         Some(a) => {
             let mut c = std::process::Command::new(stasis_e2e::built_binary("stasisctl")?);
@@ -41,31 +30,7 @@ fn listener_at(
             c
         }
     };
-    let mut child = cmd
-        .args(["migrate", "listen", "--listen", "127.0.0.1:0", "--key-file"])
-        .arg(key)
-        .args(["--count", &count.to_string()])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut stderr = BufReader::new(child.stderr.take().context("stderr")?);
-    let mut line = String::new();
-    stderr.read_line(&mut line)?;
-    let addr = line
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .with_context(|| format!("no address in {line:?}"))?
-        .to_string();
-    // Keep reading its log so it never blocks on a full pipe.
-    let (tx, log) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in stderr.lines().map_while(Result::ok) {
-            eprintln!("[listen] {l}");
-            let _ = tx.send(l);
-        }
-    });
-    Ok(Listener { child, addr, log })
+    migration::listen(cmd, key, count, extra, true)
 }
 
 fn listener(node: &Containerd, key: &Path, extra: &[&str], count: u32) -> Result<Listener> {
@@ -971,75 +936,15 @@ async fn a_post_copy_survives_the_source_shim_dying_mid_pages() -> Result<()> {
     b.finish()
 }
 
-/// What a relay does to the sender's bytes at offset `at`.
-#[derive(Clone, Copy)]
-enum Meddle {
-    /// Flips a bit of that byte.
-    Flip,
-    /// Cuts the connection both ways.
-    Cut,
-}
-
 /// A TCP relay on loopback to `to` for one connection that flips the byte at offset `at` of
 /// what the sender sends; returns its address and whether the flip happened.
 fn tampering_relay(to: &str, at: u64) -> Result<(String, std::thread::JoinHandle<bool>)> {
-    meddling_relay(to, at, Meddle::Flip)
+    migration::meddling_relay(to, at, Meddle::Flip)
 }
 
 /// A TCP relay on loopback to `to` for one connection that cuts it both ways once the
 /// sender sent `at` bytes (post-copy's pages flow from the sender); returns its address and
 /// whether it cut.
 fn cutting_relay(to: &str, at: u64) -> Result<(String, std::thread::JoinHandle<bool>)> {
-    meddling_relay(to, at, Meddle::Cut)
-}
-
-fn meddling_relay(
-    to: &str,
-    at: u64,
-    how: Meddle,
-) -> Result<(String, std::thread::JoinHandle<bool>)> {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?.to_string();
-    let to = to.to_string();
-    let handle = std::thread::spawn(move || {
-        let Ok((mut from_sender, _)) = listener.accept() else {
-            return false;
-        };
-        let Ok(mut to_target) = std::net::TcpStream::connect(&to) else {
-            return false;
-        };
-        let (Ok(mut back_from), Ok(mut back_to)) = (to_target.try_clone(), from_sender.try_clone())
-        else {
-            return false;
-        };
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut back_from, &mut back_to);
-            let _ = back_to.shutdown(std::net::Shutdown::Write);
-        });
-        let (mut seen, mut done) = (0u64, false);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match from_sender.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            if !done && seen + n as u64 > at {
-                done = true;
-                if let Meddle::Cut = how {
-                    let _ = from_sender.shutdown(std::net::Shutdown::Both);
-                    let _ = to_target.shutdown(std::net::Shutdown::Both);
-                    return true;
-                }
-                buf[(at - seen) as usize] ^= 0x40;
-            }
-            seen += n as u64;
-            if to_target.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        let _ = to_target.shutdown(std::net::Shutdown::Write);
-        done
-    });
-    Ok((addr, handle))
+    migration::meddling_relay(to, at, Meddle::Cut)
 }

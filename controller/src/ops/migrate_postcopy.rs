@@ -15,12 +15,12 @@ use std::{
 use anyhow::{Context, Result};
 
 use super::{
-    ms,
+    ms, remove_pod,
     restore::{self, Source},
     ListenArgs, Target,
 };
 use crate::{
-    cri, files,
+    files,
     ops::guard::RestoreGuard,
     seal::Opening,
     stream::{Channel, Offer, Outcome, PagesDone},
@@ -160,10 +160,4 @@ async fn receive_files(
         }
     })
     .await?
-}
-
-async fn remove_pod(t: &Target, id: &str) {
-    if let Ok(mut rt) = cri::connect(Path::new(&t.address)).await {
-        let _ = cri::remove_pod(&mut rt, id).await;
-    }
 }

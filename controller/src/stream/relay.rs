@@ -38,6 +38,51 @@ const SILENCE: Duration = Duration::from_secs(120);
 /// The largest piece of a stream sent in one frame (the frame also carries its number).
 const PIECE: usize = FRAME - 4;
 
+/// CRIU's page-server requests that a lazy-pages daemon sends: ask for pages, end the
+/// transfer (`criu/include/page-xfer.h`; the low 16 bits name the command).
+const PS_IOV_GET: u32 = 7;
+const PS_IOV_CLOSE: u32 = 0x1023;
+const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
+/// A request's size: command, page count, address, task.
+const REQUEST: usize = 24;
+/// The most pages one request may ask for (CRIU's daemon asks for at most 4 MiB).
+const MAX_REQUEST_PAGES: u32 = 4096;
+
+/// What the source lets through from the target to its CRIU on one stream: whole requests
+/// for pages and one end, nothing else. CRIU's page server also takes commands that write
+/// images, and the peer is not trusted with them.
+#[derive(Default)]
+struct Requests {
+    partial: Vec<u8>,
+    ended: bool,
+}
+
+impl Requests {
+    /// Checks a piece of the stream: an error names the first request refused.
+    fn check(&mut self, piece: &[u8]) -> Result<()> {
+        for b in piece {
+            if self.ended {
+                bail!("bytes after the end of the page transfer");
+            }
+            self.partial.push(*b);
+            if self.partial.len() < REQUEST {
+                continue;
+            }
+            let req: [u8; REQUEST] = std::mem::take(&mut self.partial)
+                .try_into()
+                .expect("a whole request");
+            let cmd = u32::from_le_bytes(req[0..4].try_into()?);
+            let nr = u32::from_le_bytes(req[4..8].try_into()?);
+            match cmd {
+                PS_IOV_GET if (1..=MAX_REQUEST_PAGES).contains(&nr) => {}
+                PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE => self.ended = true,
+                _ => bail!("a page-server request refused (command {cmd:#x}, {nr} pages)"),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The target's last word: every page is in, or why not.
 #[derive(Serialize, Deserialize, Default, Debug)]
 pub struct PagesDone {
@@ -130,6 +175,7 @@ impl Channel {
         // A frame begun and never finished must not hold the pod either.
         self.stream.set_read_timeout(Some(SILENCE))?;
         let mut conns: HashMap<u32, TcpStream> = HashMap::new();
+        let mut requests: HashMap<u32, Requests> = HashMap::new();
         // Held open while the transfer lasts (and, when it succeeds, by the caller until the
         // shim was told to stop the pod): the shim takes their end for its caller's.
         let mut leases: Vec<UnixStream> = Vec::new();
@@ -174,10 +220,15 @@ impl Channel {
                     }
                     let (server, lease) = page_server(page_socket, name)?;
                     conns.insert(id, server);
+                    requests.insert(id, Requests::default());
                     leases.push(lease);
                 }
                 BYTES => {
                     let (id, piece) = split(&data)?;
+                    if let Some(r) = requests.get_mut(&id) {
+                        r.check(piece)
+                            .with_context(|| format!("page stream {id} from {to}"))?;
+                    }
                     deliver(&mut conns, id, piece);
                 }
                 SHUT => {
@@ -341,4 +392,52 @@ fn read_name(c: &mut UnixStream) -> Result<String> {
     }
     c.set_read_timeout(None)?;
     Ok(String::from_utf8(name)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(cmd: u32, nr: u32) -> Vec<u8> {
+        let mut r = vec![0u8; REQUEST];
+        r[0..4].copy_from_slice(&cmd.to_le_bytes());
+        r[4..8].copy_from_slice(&nr.to_le_bytes());
+        r[8..16].copy_from_slice(&0x7f00_0000_0000u64.to_le_bytes());
+        r
+    }
+
+    #[test]
+    fn requests_for_pages_pass_in_any_pieces_until_the_end() {
+        let mut stream = request(PS_IOV_GET, 1);
+        stream.extend(request(PS_IOV_GET, MAX_REQUEST_PAGES));
+        stream.extend(request(PS_IOV_CLOSE, 0));
+        for cut in [1, 5, 24, 30, stream.len()] {
+            let mut r = Requests::default();
+            for piece in stream.chunks(cut) {
+                r.check(piece).unwrap();
+            }
+            assert!(r.ended);
+            let e = r.check(&[0]).unwrap_err();
+            assert!(e.to_string().contains("after the end"), "{e}");
+        }
+    }
+
+    #[test]
+    fn other_commands_and_oversized_requests_are_refused() {
+        // PS_IOV_ADD_F with its flags (what writes pages into the images), PS_IOV_OPEN2,
+        // a GET with flags, a GET of nothing, a GET of more than a request may ask.
+        for (cmd, nr) in [
+            ((1 << 16) | 6, 1),
+            (9, 0),
+            ((1 << 16) | PS_IOV_GET, 1),
+            (PS_IOV_GET, 0),
+            (PS_IOV_GET, MAX_REQUEST_PAGES + 1),
+        ] {
+            let mut r = Requests::default();
+            let req = request(cmd, nr);
+            r.check(&req[..10]).unwrap();
+            let e = r.check(&req[10..]).unwrap_err();
+            assert!(e.to_string().contains("refused"), "{cmd:#x}: {e}");
+        }
+    }
 }

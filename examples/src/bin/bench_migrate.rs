@@ -12,7 +12,6 @@
 //! runs on the target; "total" also counts removing the source.
 
 use std::{
-    io::{BufRead, BufReader},
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -50,30 +49,8 @@ async fn streamed(
     key: &std::path::Path,
     extra: &[&str],
 ) -> Result<Moved> {
-    let mut listen = b
-        .stasisctl_command()?
-        .args([
-            "migrate",
-            "listen",
-            "--listen",
-            "127.0.0.1:0",
-            "--count",
-            "1",
-            "--key-file",
-        ])
-        .arg(key)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut stderr = BufReader::new(listen.stderr.take().context("stderr")?);
-    let mut line = String::new();
-    stderr.read_line(&mut line)?;
-    let addr = line
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .context("listener address")?
-        .to_string();
-    std::thread::spawn(move || for _ in stderr.lines() {});
+    let mut listen = stasis_e2e::migration::listen(b.stasisctl_command()?, key, 1, &[], false)?;
+    let addr = listen.addr.clone();
     let t0 = Instant::now();
     let child = a
         .stasisctl_command()?
@@ -85,10 +62,10 @@ async fn streamed(
         .spawn()?;
     let seen = stasis_examples::answered_while(b, name, child, t0).await;
     if seen.is_err() {
-        let _ = listen.kill();
+        let _ = listen.child.kill();
     }
     let (answers, out, total) = seen?;
-    let _ = listen.wait();
+    let _ = listen.child.wait();
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "migrate failed: {err}");
     // "… downtime 1234 ms (…), 12.3 MiB sent, …"

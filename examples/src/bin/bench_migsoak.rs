@@ -13,16 +13,16 @@
 //!     sudo scripts/bench.sh migsoak [--rounds 50] [--memory 256] [--every 5] [--seed N]
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
     path::Path,
-    process::{Child, Stdio},
+    process::Stdio,
     sync::mpsc,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use stasis_e2e::{
     cri::{containers_by_name, cri, pod_frozen_containers, violations, CriClient},
+    migration::{self, Listener, Meddle},
     Containerd,
 };
 use stasis_examples::{consistency, flag, median, print_table};
@@ -96,72 +96,6 @@ async fn copy_on(cri: &mut CriClient, containers: usize) -> Result<(Option<Strin
     Ok((running, other))
 }
 
-/// `migrate listen` on `node` for one migration: the process, its address, its log lines.
-fn listen(node: &Node, key: &Path) -> Result<(Child, String, mpsc::Receiver<String>)> {
-    let mut child = node
-        .c
-        .stasisctl_command()?
-        .args([
-            "migrate",
-            "listen",
-            "--listen",
-            "127.0.0.1:0",
-            "--count",
-            "1",
-        ])
-        .arg("--key-file")
-        .arg(key)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut stderr = BufReader::new(child.stderr.take().context("stderr")?);
-    let mut line = String::new();
-    stderr.read_line(&mut line)?;
-    let addr = line
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .with_context(|| format!("no address in {line:?}"))?
-        .to_string();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in stderr.lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    Ok((child, addr, rx))
-}
-
-/// A relay to `to` for one connection that cuts it once the sender sent `at` bytes.
-fn cutting_relay(to: &str, at: u64) -> Result<String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?.to_string();
-    let to = to.to_string();
-    std::thread::spawn(move || {
-        let Ok((mut from, _)) = listener.accept() else {
-            return;
-        };
-        let Ok(mut target) = std::net::TcpStream::connect(&to) else {
-            return;
-        };
-        let (Ok(mut back_from), Ok(mut back_to)) = (target.try_clone(), from.try_clone()) else {
-            return;
-        };
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut back_from, &mut back_to);
-        });
-        let (mut seen, mut buf) = (0u64, vec![0u8; 64 * 1024]);
-        while let Ok(n) = from.read(&mut buf) {
-            seen += n as u64;
-            if n == 0 || seen > at || target.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        let _ = from.shutdown(std::net::Shutdown::Both);
-        let _ = target.shutdown(std::net::Shutdown::Both);
-    });
-    Ok(addr)
-}
-
 /// SIGKILLs the shim of pod `pod` on `node`.
 fn kill_shim(node: &Node, pod: &str) {
     for pid in stasis_e2e::processes_matching(&[
@@ -198,10 +132,17 @@ async fn round(
     (fault, dice): (Fault, &mut Dice),
     (source_pod, mib): (&str, u64),
 ) -> Result<(bool, Option<f64>)> {
-    let (mut listener, addr, log) = listen(dst, key)?;
+    let Listener {
+        child: mut listener,
+        addr,
+        log,
+    } = migration::listen(dst.c.stasisctl_command()?, key, 1, &[], false)?;
     let to = match fault {
         // Somewhere in the pages (the pod's files are a few hundred KiB).
-        Fault::Cut => cutting_relay(&addr, (1 << 20) + dice.below(mib.max(2) << 20))?,
+        Fault::Cut => {
+            let at = (1 << 20) + dice.below(mib.max(2) << 20);
+            migration::meddling_relay(&addr, at, Meddle::Cut)?.0
+        }
         _ => addr,
     };
     let migrate = src

@@ -262,8 +262,11 @@ impl LazyDump {
         let out = match waited {
             Ok(r) => r,
             Err(_) => {
-                // Still serving: a page server nobody reached waits in accept().
-                drop(self.connector().and_then(|c| c.connect()));
+                // Still serving: a page server nobody reached waits in accept(). (The
+                // connect joins a thread: off the async workers.)
+                if let Ok(c) = self.connector() {
+                    let _ = tokio::task::spawn_blocking(move || drop(c.connect())).await;
+                }
                 match tokio::time::timeout(END_WITHIN, &mut self.run).await {
                     Ok(r) => r,
                     Err(_) => {

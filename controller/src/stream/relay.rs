@@ -43,7 +43,8 @@ const PIECE: usize = FRAME - 4;
 const PS_IOV_GET: u32 = 7;
 const PS_IOV_CLOSE: u32 = 0x1023;
 const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
-/// A request's size: command, page count, address, task.
+/// A request's size: command, page count, address, task (CRIU 4.1's layout, as the shim's
+/// page feed reads it; docs/migration.md says why peers must run the same CRIU).
 const REQUEST: usize = 24;
 /// The most pages one request may ask for (CRIU's daemon asks for at most 4 MiB).
 const MAX_REQUEST_PAGES: u32 = 4096;

@@ -298,6 +298,10 @@ mod tests {
             .await
             .unwrap();
         let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(got.as_deref(), Ok("hello\n"), "the late reader got no output or no end");
+        assert_eq!(
+            got.as_deref(),
+            Ok("hello\n"),
+            "the late reader got no output or no end"
+        );
     }
 }

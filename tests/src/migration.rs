@@ -8,9 +8,12 @@ use std::{
     process::{Child, Command, Stdio},
     sync::mpsc,
     thread::JoinHandle,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
+
+use crate::Containerd;
 
 /// A running `migrate listen`: the process, its address, and its log lines as they come.
 pub struct Listener {
@@ -113,4 +116,36 @@ pub fn meddling_relay(to: &str, at: u64, how: Meddle) -> Result<(String, JoinHan
         done
     });
     Ok((addr, handle))
+}
+
+/// The target pod's id once the listener's `log` says it runs ("pod <id> runs after …"),
+/// waiting at most `within`; None if it never did (or the listener ended).
+pub fn target_runs(log: &mpsc::Receiver<String>, within: Duration) -> Option<String> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        match log.recv_timeout(Duration::from_secs(1)) {
+            Ok(l) if l.contains(" runs after ") => {
+                return l.split_whitespace().nth(1).map(str::to_string)
+            }
+            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// SIGKILLs the shim of pod `pod` on `node`; returns the pids it killed.
+pub fn kill_pod_shim(node: &Containerd, pod: &str) -> Vec<i32> {
+    let pids = crate::processes_matching(&[
+        "containerd-shim-stasis-v2",
+        &node.socket().display().to_string(),
+        &format!("-id {pod} "),
+    ]);
+    for pid in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    pids
 }

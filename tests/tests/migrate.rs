@@ -7,7 +7,7 @@ use anyhow::{ensure, Context, Result};
 use stasis_e2e::{
     cri::{
         container_config, containers_by_name, counter_loop, cri, pod_config, pod_freezer_state,
-        read_counter, violations, wait_counter_above, wait_counter_moving,
+        read_counter, violations, wait_counter_above, wait_counter_moving, CriClient,
     },
     migration::{self, Listener, Meddle},
     Containerd,
@@ -623,6 +623,85 @@ async fn slow_peers_without_the_key_do_not_stall_the_listener() -> Result<()> {
     b.finish()
 }
 
+/// A post-copy test's pod on the source: a memory hog ("big") and a counter, with the hog's
+/// own checksum of its memory and the counter's value before the move.
+struct HogPod {
+    id: String,
+    big: String,
+    counter: String,
+    sum: String,
+    count: u64,
+}
+
+/// Starts the pod `name` (a hog of `mib` MiB and a moving counter) on `node`.
+async fn hog_pod(
+    node: &Containerd,
+    cri: &mut CriClient,
+    image: &str,
+    name: &str,
+    mib: u64,
+) -> Result<HogPod> {
+    let hog = stasis_e2e::cri::checksum_hog(mib);
+    let logs = node.dir.join("logs");
+    let (id, big, counter) =
+        stasis_e2e::cri::hog_and_counter_pod(cri, &logs, image, name, &hog).await?;
+    wait_counter_moving(cri, &counter, "/counter").await?;
+    let sum = stasis_e2e::cri::memory_sum(cri, &big).await?;
+    let count = read_counter(cri, &counter, "/counter").await?;
+    Ok(HogPod {
+        id,
+        big,
+        counter,
+        sum,
+        count,
+    })
+}
+
+/// `pod migrate POD --to ADDR --post-copy` from `node`, running (its stderr piped).
+fn post_copy_sender(
+    node: &Containerd,
+    pod: &str,
+    to: &str,
+    key: &Path,
+) -> Result<std::process::Child> {
+    Ok(node
+        .stasisctl_command()?
+        .args([
+            "pod",
+            "migrate",
+            pod,
+            "--to",
+            to,
+            "--post-copy",
+            "--key-file",
+        ])
+        .arg(key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?)
+}
+
+/// After a failed post-copy (`what`): the source pod runs on thawed, its counter moving and
+/// its memory as it was.
+async fn source_runs_on(cri: &mut CriClient, pod: &HogPod, what: &str) -> Result<()> {
+    for id in [&pod.big, &pod.counter] {
+        let state = pod_freezer_state(&pod.id, id)?;
+        ensure!(
+            state == "THAWED",
+            "{what}: the source container {id} is {state}"
+        );
+    }
+    let now = read_counter(cri, &pod.counter, "/counter").await?;
+    wait_counter_above(cri, &pod.counter, "/counter", now).await?;
+    let after = stasis_e2e::cri::memory_sum(cri, &pod.big).await?;
+    ensure!(
+        after == pod.sum,
+        "{what}: the source's memory changed: md5 {} -> {after}",
+        pod.sum
+    );
+    Ok(())
+}
+
 /// Post-copy: a pod of a 128 MiB memory hog and a counter moves while its memory stays on
 /// the source; the target runs it before the pages cross, and once every page is in the
 /// hog's own checksum of its memory is what it was, the counter went on from memory, and the
@@ -632,20 +711,9 @@ async fn a_pod_moves_post_copy_with_its_memory_intact() -> Result<()> {
     let (a, b, image, key) = two_nodes("postcopy")?;
     let mut cri_a = a.cri().await?;
     let mut cri_b = b.cri().await?;
-    let hog = stasis_e2e::cri::checksum_hog(128);
-    let (pod_id, big, counter) = stasis_e2e::cri::hog_and_counter_pod(
-        &mut cri_a,
-        &a.dir.join("logs"),
-        image,
-        "postcopy",
-        &hog,
-    )
-    .await?;
-    wait_counter_moving(&mut cri_a, &counter, "/counter").await?;
-    let sum = stasis_e2e::cri::memory_sum(&mut cri_a, &big).await?;
-    let count = read_counter(&mut cri_a, &counter, "/counter").await?;
+    let pod = hog_pod(&a, &mut cri_a, image, "postcopy", 128).await?;
     let recv = listener(&b, &key, &[], 1)?;
-    let out = migrate(&a, &pod_id, &recv.addr, &key, &["--post-copy"])?;
+    let out = migrate(&a, &pod.id, &recv.addr, &key, &["--post-copy"])?;
     let listened = recv.child.wait_with_output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "post-copy migration failed: {err}");
@@ -657,7 +725,7 @@ async fn a_pod_moves_post_copy_with_its_memory_intact() -> Result<()> {
         "the listener restored another pod than the sender reports"
     );
     ensure!(
-        containers_by_name(&mut cri_a, &pod_id)
+        containers_by_name(&mut cri_a, &pod.id)
             .await
             .map(|l| l.is_empty())
             .unwrap_or(true),
@@ -673,12 +741,17 @@ async fn a_pod_moves_post_copy_with_its_memory_intact() -> Result<()> {
         if name == "big" {
             let after = stasis_e2e::cri::memory_sum(&mut cri_b, id).await?;
             ensure!(
-                after == sum,
-                "the memory changed in transit: md5 {sum} -> {after}"
+                after == pod.sum,
+                "the memory changed in transit: md5 {} -> {after}",
+                pod.sum
             );
         } else {
             let now = read_counter(&mut cri_b, id, "/counter").await?;
-            ensure!(now >= count, "the counter went back: {count} -> {now}");
+            ensure!(
+                now >= pod.count,
+                "the counter went back: {} -> {now}",
+                pod.count
+            );
             wait_counter_above(&mut cri_b, id, "/counter", now).await?;
             let v = violations(&mut cri_b, id).await?;
             ensure!(v.is_empty(), "{name}: {v}");
@@ -696,23 +769,13 @@ async fn a_pod_moves_post_copy_with_its_memory_intact() -> Result<()> {
 async fn a_post_copy_cut_mid_pages_leaves_the_pod_running_on_the_source() -> Result<()> {
     let (a, b, image, key) = two_nodes("postcut")?;
     let mut cri_a = a.cri().await?;
-    let hog = stasis_e2e::cri::checksum_hog(128);
-    let (pod_id, big, counter) = stasis_e2e::cri::hog_and_counter_pod(
-        &mut cri_a,
-        &a.dir.join("logs"),
-        image,
-        "postcut",
-        &hog,
-    )
-    .await?;
-    wait_counter_moving(&mut cri_a, &counter, "/counter").await?;
-    let sum = stasis_e2e::cri::memory_sum(&mut cri_a, &big).await?;
+    let pod = hog_pod(&a, &mut cri_a, image, "postcut", 128).await?;
     let b_before = b.settled_footprint().await?;
     let recv = listener(&b, &key, &[], 1)?;
     // Cut once 32 MiB went from the source to the target: the files are far smaller, so
     // the target's pod runs and is fetching its pages.
     let (relay, cut) = cutting_relay(&recv.addr, 32 << 20)?;
-    let out = migrate(&a, &pod_id, &relay, &key, &["--post-copy"])?;
+    let out = migrate(&a, &pod.id, &relay, &key, &["--post-copy"])?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(cut.join().unwrap_or(false), "the relay never cut: {err}");
     ensure!(!out.status.success(), "a cut post-copy migration succeeded");
@@ -722,21 +785,11 @@ async fn a_post_copy_cut_mid_pages_leaves_the_pod_running_on_the_source() -> Res
         "the error does not say the pod runs on: {err}"
     );
     let _ = recv.child.wait_with_output();
-    for id in [&big, &counter] {
-        let state = pod_freezer_state(&pod_id, id)?;
-        ensure!(state == "THAWED", "the source container {id} is {state}");
-    }
-    let now = read_counter(&mut cri_a, &counter, "/counter").await?;
-    wait_counter_above(&mut cri_a, &counter, "/counter", now).await?;
-    let after = stasis_e2e::cri::memory_sum(&mut cri_a, &big).await?;
-    ensure!(
-        after == sum,
-        "the source's memory changed: md5 {sum} -> {after}"
-    );
+    source_runs_on(&mut cri_a, &pod, "cut mid-pages").await?;
     b.expect_footprint(b_before)
         .await
         .context("the target is not clean after the cut")?;
-    cri_a.stop_and_remove_pod(&pod_id).await?;
+    cri_a.stop_and_remove_pod(&pod.id).await?;
     a.finish()?;
     b.finish()
 }
@@ -749,49 +802,14 @@ async fn a_post_copy_cut_mid_pages_leaves_the_pod_running_on_the_source() -> Res
 async fn post_copy_faults_on_the_target_leave_the_pod_running_on_the_source() -> Result<()> {
     let (a, b, image, key) = two_nodes("postfault")?;
     let mut cri_a = a.cri().await?;
-    let hog = stasis_e2e::cri::checksum_hog(256);
-    let (pod_id, big, counter) = stasis_e2e::cri::hog_and_counter_pod(
-        &mut cri_a,
-        &a.dir.join("logs"),
-        image,
-        "postfault",
-        &hog,
-    )
-    .await?;
-    wait_counter_moving(&mut cri_a, &counter, "/counter").await?;
-    let sum = stasis_e2e::cri::memory_sum(&mut cri_a, &big).await?;
+    let pod = hog_pod(&a, &mut cri_a, image, "postfault", 256).await?;
     let b_before = b.settled_footprint().await?;
     for fault in ["listener killed", "target shim killed", "sender killed"] {
         let mut recv = listener(&b, &key, &[], 1)?;
-        let mut sender = a
-            .stasisctl_command()?
-            .args([
-                "pod",
-                "migrate",
-                &pod_id,
-                "--to",
-                &recv.addr,
-                "--post-copy",
-                "--key-file",
-            ])
-            .arg(&key)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
+        let mut sender = post_copy_sender(&a, &pod.id, &recv.addr, &key)?;
         // "pod <id> runs after N ms; its pages come from …": the pages are crossing now.
-        let target_pod = loop {
-            let line = recv
-                .log
-                .recv_timeout(Duration::from_secs(60))
-                .with_context(|| format!("{fault}: the target's pod never ran"))?;
-            if line.contains(" runs after ") {
-                break line
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap_or_default()
-                    .to_string();
-            }
-        };
+        let target_pod = migration::target_runs(&recv.log, Duration::from_secs(60))
+            .with_context(|| format!("{fault}: the target's pod never ran"))?;
         if fault == "listener killed" {
             let _ = recv.child.kill();
         } else if fault == "sender killed" {
@@ -801,7 +819,7 @@ async fn post_copy_faults_on_the_target_leave_the_pod_running_on_the_source() ->
             let _ = sender.wait();
             let _ = recv.child.wait();
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while pod_freezer_state(&pod_id, &big)? != "THAWED" {
+            while pod_freezer_state(&pod.id, &pod.big)? != "THAWED" {
                 ensure!(
                     std::time::Instant::now() < deadline,
                     "{fault}: the source pod is still frozen after 20 s"
@@ -809,16 +827,8 @@ async fn post_copy_faults_on_the_target_leave_the_pod_running_on_the_source() ->
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         } else {
-            let shim = stasis_e2e::processes_matching(&[
-                "containerd-shim-stasis-v2",
-                &b.socket().display().to_string(),
-                &format!("-id {target_pod} "),
-            ]);
+            let shim = migration::kill_pod_shim(&b, &target_pod);
             ensure!(shim.len() == 1, "{fault}: the target pod's shim: {shim:?}");
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(shim[0]),
-                nix::sys::signal::Signal::SIGKILL,
-            )?;
         }
         if fault != "sender killed" {
             let out = sender.wait_with_output()?;
@@ -831,25 +841,12 @@ async fn post_copy_faults_on_the_target_leave_the_pod_running_on_the_source() ->
                 "{fault}: the error does not say the pod runs on: {err}"
             );
         }
-        for id in [&big, &counter] {
-            let state = pod_freezer_state(&pod_id, id)?;
-            ensure!(
-                state == "THAWED",
-                "{fault}: the source container {id} is {state}"
-            );
-        }
-        let now = read_counter(&mut cri_a, &counter, "/counter").await?;
-        wait_counter_above(&mut cri_a, &counter, "/counter", now).await?;
-        let after = stasis_e2e::cri::memory_sum(&mut cri_a, &big).await?;
-        ensure!(
-            after == sum,
-            "{fault}: the source's memory changed: md5 {sum} -> {after}"
-        );
+        source_runs_on(&mut cri_a, &pod, fault).await?;
         b.expect_footprint(b_before)
             .await
             .with_context(|| format!("{fault}: the target is not clean"))?;
     }
-    cri_a.stop_and_remove_pod(&pod_id).await?;
+    cri_a.stop_and_remove_pod(&pod.id).await?;
     a.finish()?;
     b.finish()
 }
@@ -862,51 +859,13 @@ async fn a_post_copy_survives_the_source_shim_dying_mid_pages() -> Result<()> {
     let (a, b, image, key) = two_nodes("postsrc")?;
     let mut cri_a = a.cri().await?;
     let mut cri_b = b.cri().await?;
-    let hog = stasis_e2e::cri::checksum_hog(256);
-    let (pod_id, big, _) = stasis_e2e::cri::hog_and_counter_pod(
-        &mut cri_a,
-        &a.dir.join("logs"),
-        image,
-        "postsrc",
-        &hog,
-    )
-    .await?;
-    let sum = stasis_e2e::cri::memory_sum(&mut cri_a, &big).await?;
+    let pod = hog_pod(&a, &mut cri_a, image, "postsrc", 256).await?;
     let recv = listener(&b, &key, &[], 1)?;
-    let sender = a
-        .stasisctl_command()?
-        .args([
-            "pod",
-            "migrate",
-            &pod_id,
-            "--to",
-            &recv.addr,
-            "--post-copy",
-            "--key-file",
-        ])
-        .arg(&key)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    loop {
-        let line = recv
-            .log
-            .recv_timeout(Duration::from_secs(60))
-            .context("the target's pod never ran")?;
-        if line.contains(" runs after ") {
-            break;
-        }
-    }
-    let shim = stasis_e2e::processes_matching(&[
-        "containerd-shim-stasis-v2",
-        &a.socket().display().to_string(),
-        &format!("-id {pod_id} "),
-    ]);
+    let sender = post_copy_sender(&a, &pod.id, &recv.addr, &key)?;
+    migration::target_runs(&recv.log, Duration::from_secs(60))
+        .context("the target's pod never ran")?;
+    let shim = migration::kill_pod_shim(&a, &pod.id);
     ensure!(shim.len() == 1, "the source pod's shim: {shim:?}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shim[0]),
-        nix::sys::signal::Signal::SIGKILL,
-    )?;
     let out = sender.wait_with_output()?;
     let _ = recv.child.wait_with_output();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -924,8 +883,9 @@ async fn a_post_copy_survives_the_source_shim_dying_mid_pages() -> Result<()> {
         .clone();
     let after = stasis_e2e::cri::memory_sum(&mut cri_b, &new_big).await?;
     ensure!(
-        after == sum,
-        "the memory changed in transit: md5 {sum} -> {after}"
+        after == pod.sum,
+        "the memory changed in transit: md5 {} -> {after}",
+        pod.sum
     );
     ensure!(
         cri_a.pods().await?.is_empty(),

@@ -15,7 +15,6 @@
 use std::{
     path::Path,
     process::Stdio,
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -96,35 +95,6 @@ async fn copy_on(cri: &mut CriClient, containers: usize) -> Result<(Option<Strin
     Ok((running, other))
 }
 
-/// SIGKILLs the shim of pod `pod` on `node`.
-fn kill_shim(node: &Node, pod: &str) {
-    for pid in stasis_e2e::processes_matching(&[
-        "containerd-shim-stasis-v2",
-        &node.c.socket().display().to_string(),
-        &format!("-id {pod} "),
-    ]) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-}
-
-/// The target pod's id once its log says it runs ("pod <id> runs after …").
-fn target_runs(log: &mpsc::Receiver<String>) -> Option<String> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        match log.recv_timeout(Duration::from_secs(1)) {
-            Ok(l) if l.contains(" runs after ") => {
-                return l.split_whitespace().nth(1).map(str::to_string)
-            }
-            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(_) => return None,
-        }
-    }
-    None
-}
-
 /// One round src → dst with `fault`: whether `pod migrate` said it moved, its downtime.
 async fn round(
     (src, dst): (&Node, &Node),
@@ -162,12 +132,12 @@ async fn round(
         .stderr(Stdio::piped())
         .spawn()?;
     if matches!(fault, Fault::TargetShim | Fault::SourceShim) {
-        if let Some(target_pod) = target_runs(&log) {
+        if let Some(target_pod) = migration::target_runs(&log, Duration::from_secs(120)) {
             tokio::time::sleep(Duration::from_millis(dice.below(1500))).await;
             match fault {
-                Fault::TargetShim => kill_shim(dst, &target_pod),
-                _ => kill_shim(src, source_pod),
-            }
+                Fault::TargetShim => migration::kill_pod_shim(&dst.c, &target_pod),
+                _ => migration::kill_pod_shim(&src.c, source_pod),
+            };
         }
     }
     let out = migrate.wait_with_output()?;

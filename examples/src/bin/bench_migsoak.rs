@@ -95,13 +95,16 @@ async fn copy_on(cri: &mut CriClient, containers: usize) -> Result<(Option<Strin
     Ok((running, other))
 }
 
-/// One round src → dst with `fault`: whether `pod migrate` said it moved, its downtime.
+/// One round src → dst with `fault`: the fault it really got, whether `pod migrate` said it
+/// moved, its downtime. A shim kill drawn for after the last page was in is not made (the
+/// move is over by then: killing the target's shim would kill a pod that moved), and the
+/// round counts as a plain one.
 async fn round(
     (src, dst): (&Node, &Node),
     key: &Path,
-    (fault, dice): (Fault, &mut Dice),
+    (mut fault, dice): (Fault, &mut Dice),
     (source_pod, mib): (&str, u64),
-) -> Result<(bool, Option<f64>)> {
+) -> Result<(Fault, bool, Option<f64>)> {
     let Listener {
         child: mut listener,
         addr,
@@ -115,7 +118,7 @@ async fn round(
         }
         _ => addr,
     };
-    let migrate = src
+    let mut migrate = src
         .c
         .stasisctl_command()?
         .args([
@@ -134,10 +137,13 @@ async fn round(
     if matches!(fault, Fault::TargetShim | Fault::SourceShim) {
         if let Some(target_pod) = migration::target_runs(&log, Duration::from_secs(120)) {
             tokio::time::sleep(Duration::from_millis(dice.below(1500))).await;
+            let over = log.try_iter().any(|l| l.contains("every page in"))
+                || migrate.try_wait()?.is_some();
             match fault {
-                Fault::TargetShim => migration::kill_pod_shim(&dst.c, &target_pod),
-                _ => migration::kill_pod_shim(&src.c, source_pod),
-            };
+                _ if over => fault = Fault::None,
+                Fault::TargetShim => drop(migration::kill_pod_shim(&dst.c, &target_pod)),
+                _ => drop(migration::kill_pod_shim(&src.c, source_pod)),
+            }
         }
     }
     let out = migrate.wait_with_output()?;
@@ -154,7 +160,7 @@ async fn round(
     if !out.status.success() {
         println!("  {fault:?}: {}", err.lines().last().unwrap_or_default());
     }
-    Ok((out.status.success(), downtime))
+    Ok((fault, out.status.success(), downtime))
 }
 
 #[tokio::main]
@@ -212,18 +218,21 @@ async fn main() -> Result<()> {
         .map(|f| (f, Tally::default()))
         .collect();
     for r in 0..rounds {
-        let fault = match dice.below(every) {
+        let drawn = match dice.below(every) {
             0 => FAULTS[dice.below(3) as usize],
             _ => Fault::None,
         };
         let (src, dst) = (at, 1 - at);
-        let (moved, downtime) = round(
+        let (fault, moved, downtime) = round(
             (&nodes[src], &nodes[dst]),
             &key,
-            (fault, &mut dice),
+            (drawn, &mut dice),
             (&pod, mib),
         )
         .await?;
+        if fault != drawn {
+            println!("round {r}: {drawn:?} drawn after every page was in: not made");
+        }
         // Let containerd take note of a dead shim before the count.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (on_src, left_src) = copy_on(&mut nodes[src].cri, containers).await?;

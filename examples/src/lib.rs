@@ -46,6 +46,33 @@ pub fn flag(args: &[String], name: &str) -> Option<String> {
         .cloned()
 }
 
+/// The soaks' `--seed N`, or one from the clock (printed by the soak, so a run can be
+/// repeated).
+pub fn seed_from(args: &[String]) -> Result<u64> {
+    Ok(match flag(args, "--seed") {
+        Some(s) => s.parse()?,
+        None => {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos() as u64
+                | 1
+        }
+    })
+}
+
+/// xorshift64*: reproducible choices from a printed seed (nothing secret).
+pub struct Dice(pub u64);
+
+impl Dice {
+    /// A number below `n` (0 for n = 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    }
+}
+
 /// Bytes in KiB/MiB/GiB.
 pub fn human(bytes: u64) -> String {
     let v = bytes as f64;

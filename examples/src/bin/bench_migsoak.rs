@@ -24,7 +24,7 @@ use stasis_e2e::{
     migration::{self, Listener, Meddle},
     Containerd,
 };
-use stasis_examples::{consistency, flag, median, print_table};
+use stasis_examples::{consistency, flag, median, print_table, Dice};
 
 const POD: &str = "migsoak";
 
@@ -40,18 +40,6 @@ enum Fault {
 }
 
 const FAULTS: [Fault; 3] = [Fault::Cut, Fault::TargetShim, Fault::SourceShim];
-
-/// xorshift64*: reproducible choices from a printed seed (nothing secret).
-struct Dice(u64);
-
-impl Dice {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
-    }
-}
 
 /// What the rounds of one fault kind came to.
 #[derive(Default)]
@@ -181,15 +169,7 @@ async fn main() -> Result<()> {
         num("--memory", 256)?,
         num("--every", 5)?,
     );
-    let seed = match flag(&args, "--seed") {
-        Some(s) => s.parse()?,
-        None => {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_nanos() as u64
-                | 1
-        }
-    };
+    let seed = stasis_examples::seed_from(&args)?;
     println!("migration soak: {rounds} rounds, {mib} MiB, a fault in ~1 of {every}, seed {seed}");
     let mut dice = Dice(seed);
     let (a, b) = Containerd::start_pair("migsoak")?;

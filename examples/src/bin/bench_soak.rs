@@ -23,7 +23,7 @@ use stasis_e2e::{
     cri::{containers_by_name, cri, pod_freezer_state, violations, CriClient},
     Containerd,
 };
-use stasis_examples::{flag, median, print_table};
+use stasis_examples::{flag, median, print_table, Dice};
 
 use stasis_examples::consistency;
 
@@ -52,22 +52,6 @@ const FAULTS: [Fault; 6] = [
     Fault::ShimKill,
     Fault::ContainerdRestart,
 ];
-
-/// xorshift64*: reproducible fault choices from a printed seed (not for anything secret).
-struct Dice(u64);
-
-impl Dice {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Default)]
 struct Counts {
@@ -459,15 +443,7 @@ async fn main() -> Result<()> {
     }
     let rounds: usize = flag(&args, "--rounds").map_or(Ok(200), |v| v.parse())?;
     let baseline: usize = flag(&args, "--baseline").map_or(Ok(10), |v| v.parse())?;
-    let seed: u64 = match flag(&args, "--seed") {
-        Some(s) => s.parse()?,
-        None => {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_nanos() as u64
-                | 1
-        }
-    };
+    let seed = stasis_examples::seed_from(&args)?;
     eprintln!("soak: {rounds} rounds after {baseline} baseline rounds, seed {seed}");
     let c = Containerd::start("bench-soak")?;
     let image = c.import_busybox_for_cri()?;

@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+pub mod mounts;
+
 use crate::error::{Error, Result};
 
 /// Runs blocking work (file walks, tar, freezer waits) on tokio's blocking pool so the shim's

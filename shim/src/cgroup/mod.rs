@@ -207,13 +207,9 @@ fn collect_tree(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
 
 /// Mount points of every cgroup hierarchy (v1 controllers and named ones, the unified tree).
 fn mounted_roots() -> Vec<std::path::PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let fstype = post.split_whitespace().next()?;
-            let mount_point = pre.split_whitespace().nth(4)?;
-            (fstype == "cgroup" || fstype == "cgroup2").then(|| mount_point.into())
-        })
+    crate::util::mounts::table()
+        .into_iter()
+        .filter(|m| m.fstype == "cgroup" || m.fstype == "cgroup2")
+        .map(|m| m.point)
         .collect()
 }

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use crate::{
     error::{Error, Result},
-    state::Pod,
+    state::{pod::ShmMount, Pod},
+    util::mounts,
 };
 
 /// The pod's files live in its bundle, which containerd leaves alone while the shim runs;
@@ -16,10 +17,32 @@ use crate::{
 const POD_ETC: &str = "pod-etc";
 const POD_SHM: &str = "pod-shm";
 
+/// Unmounts the pod's /dev/shm wherever it is now, and removes its directory. containerd
+/// renames a dead shim's bundle (`<id>` to `.<id>`) before removing it: a clean-up that came
+/// after the rename found nothing at the recorded path, and the mount stayed for good in a
+/// directory nobody removes. The kernel's id of the mount still finds it. Twice is harmless.
+pub fn remove_shm(shm: &ShmMount) {
+    crate::task::unmount(&shm.path);
+    let _ = std::fs::remove_dir(&shm.path);
+    let Some(id) = shm.id else { return };
+    // A rename may move it between our read of the table and the unmount: look again.
+    for _ in 0..3 {
+        // Only a tmpfs on a directory named as ours: an id the kernel since gave to another
+        // mount is left alone.
+        let Some(now) = mounts::table().into_iter().find(|m| {
+            m.id == id && m.fstype == "tmpfs" && m.point.file_name().is_some_and(|n| n == POD_SHM)
+        }) else {
+            return;
+        };
+        crate::task::unmount(&now.point);
+        let _ = std::fs::remove_dir(&now.point);
+    }
+}
+
 /// Creates what CRI in shim mode expects the sandbox to provide (it bind-mounts them only if
 /// they exist): hostname, hosts and resolv.conf, and a tmpfs for /dev/shm, in the pod's
 /// bundle, linked from where CRI looks. Returns the files and links made, and the shm mount.
-pub fn write_pod_files(pod: &Pod) -> Result<(Vec<PathBuf>, Option<PathBuf>)> {
+pub fn write_pod_files(pod: &Pod) -> Result<(Vec<PathBuf>, Option<ShmMount>)> {
     let (state, root) = pod.containerd_dirs();
     let mut files = Vec::new();
     if root.is_some() {
@@ -67,7 +90,15 @@ pub fn write_pod_files(pod: &Pod) -> Result<(Vec<PathBuf>, Option<PathBuf>)> {
                 Some("mode=1777,size=65536k"),
             )
             .map_err(|e| Error::io(&pod.id, "mount pod /dev/shm", e.into()))?;
-            Some(shm)
+            let id = mounts::id_at(&shm);
+            if id.is_none() {
+                log::warn!(
+                    "pod {}: its /dev/shm mount is not in the mount table; a clean-up after a crash finds it only at {}",
+                    pod.id,
+                    shm.display()
+                );
+            }
+            Some(ShmMount { path: shm, id })
         }
         None => None,
     };
@@ -111,4 +142,53 @@ pub fn link_pod_files(pod: &Pod) -> Vec<PathBuf> {
         links.push(link);
     }
     links
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What containerd does to a dead shim's bundle before our clean-up may come: renames it.
+    /// The clean-up still finds the shm mount by its id and removes it.
+    #[test]
+    fn a_shm_mount_moved_by_a_rename_of_its_bundle_is_still_removed() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "the mount test needs root under CI"
+            );
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "stasis-shm-{}-{}",
+            std::process::id(),
+            crate::util::random_suffix().unwrap()
+        ));
+        let (bundle, renamed) = (dir.join("pod"), dir.join(".pod"));
+        let path = bundle.join(POD_SHM);
+        std::fs::create_dir_all(&path).unwrap();
+        nix::mount::mount(
+            Some("shm"),
+            &path,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=64k"),
+        )
+        .unwrap();
+        let shm = ShmMount {
+            path: path.clone(),
+            id: mounts::id_at(&path),
+        };
+        let id = shm.id.expect("the new mount is in the table");
+        std::fs::rename(&bundle, &renamed).unwrap();
+        remove_shm(&shm);
+        let left: Vec<_> = mounts::table().into_iter().filter(|m| m.id == id).collect();
+        let moved = renamed.join(POD_SHM);
+        if !left.is_empty() {
+            crate::task::unmount(&moved);
+        }
+        assert!(left.is_empty(), "the mount stayed: {left:?}");
+        assert!(!moved.exists(), "its directory stayed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

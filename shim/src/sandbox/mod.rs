@@ -21,7 +21,10 @@ use crate::{
     error::{Error, Result},
     process::{pidns, reaper},
     runtime::{self, PodRoot},
-    state::{pod::PodRecord, timestamp, Pod, Shim},
+    state::{
+        pod::{PodRecord, ShmMount},
+        timestamp, Pod, Shim,
+    },
     task,
 };
 
@@ -166,7 +169,7 @@ pub async fn start(shim: &Shim, id: &str) -> Result<sb::StartSandboxResponse> {
     })
 }
 
-type Started = (i32, bool, Vec<PathBuf>, Option<PathBuf>);
+type Started = (i32, bool, Vec<PathBuf>, Option<ShmMount>);
 
 /// The pod cgroup, the pod's files, then the process holding its namespaces. A restore
 /// source is checked before anything is created; a failure after that removes what was made.
@@ -283,7 +286,7 @@ pub fn remove_after_crash(id: &str, bundle: &std::path::Path) {
     // /dev/shm mount left for the end (after slow kills: a big container dying, a CRIU dump
     // stopped) stayed mounted in the removed bundle's directory for good. Detaching it
     // changes nothing for containers still running: they hold their own bind mounts.
-    remove_pod_mount_and_files(record.shm.clone(), record.files.clone());
+    remove_pod_mount_and_files(record.shm_mount(), record.files.clone());
     if record.pid > 0 {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(record.pid),
@@ -297,7 +300,7 @@ pub fn remove_after_crash(id: &str, bundle: &std::path::Path) {
     if !left.is_empty() {
         warn!("pod {id}: cgroups left after the cleanup: {left:?}");
     }
-    remove_pod_host_state(id, &record.cgroup, record.shm, record.files);
+    remove_pod_host_state(id, &record.cgroup, record.shm_mount(), record.files);
     // A checkpoint the dead shim had under way.
     crate::util::remove_private_dirs_of(id);
     PodRecord::remove(bundle, id);
@@ -363,7 +366,7 @@ pub(crate) fn stop_orphaned_runtime_calls(containers: &[String]) {
 }
 
 /// Unmounts the pod's /dev/shm, removes its files and its cgroup (in every hierarchy).
-fn remove_pod_host_state(id: &str, cgroup_path: &str, shm: Option<PathBuf>, files: Vec<PathBuf>) {
+fn remove_pod_host_state(id: &str, cgroup_path: &str, shm: Option<ShmMount>, files: Vec<PathBuf>) {
     remove_pod_mount_and_files(shm, files);
     if let Err(e) = cgroup::remove(id, cgroup_path) {
         warn!("{e}");
@@ -371,10 +374,9 @@ fn remove_pod_host_state(id: &str, cgroup_path: &str, shm: Option<PathBuf>, file
 }
 
 /// Unmounts the pod's /dev/shm and removes its files (each at most once: twice is harmless).
-fn remove_pod_mount_and_files(shm: Option<PathBuf>, files: Vec<PathBuf>) {
+fn remove_pod_mount_and_files(shm: Option<ShmMount>, files: Vec<PathBuf>) {
     if let Some(shm) = shm {
-        task::unmount(&shm);
-        let _ = std::fs::remove_dir(&shm);
+        files::remove_shm(&shm);
     }
     for f in files {
         let _ = std::fs::remove_file(&f);

@@ -90,6 +90,11 @@ pub fn main(args: &[std::ffi::OsString]) -> ! {
     let Some(record) = PodRecord::load(bundle, &pod) else {
         std::process::exit(0);
     };
+    // The host mount first (it waits for nothing): containerd renames a dead shim's bundle
+    // when the pod is removed, which may come before this watchdog's `delete`.
+    if let Some(shm) = record.shm_mount() {
+        super::files::remove_shm(&shm);
+    }
     super::stop_orphaned_runtime_calls(&record.containers);
     // Until two passes in a row find nothing frozen (a runtime call ending as it is stopped
     // may freeze once more), for 5 s at most.

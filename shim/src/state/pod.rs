@@ -36,11 +36,19 @@ pub struct PodRun {
     pub starting: bool,
     pub started: bool,
     pub created_at: Option<time::OffsetDateTime>,
-    pub shm: Option<PathBuf>,
+    pub shm: Option<ShmMount>,
     pub files: Vec<PathBuf>,
     pub shut_down: bool,
     /// The runtime runs the pod's root itself (a gVisor sandbox), not our pause process.
     pub root_by_runtime: bool,
+}
+
+/// The pod's /dev/shm tmpfs: where it was mounted, and the kernel's id of that mount (which
+/// finds it after the directories above it were renamed).
+#[derive(Debug, Clone)]
+pub struct ShmMount {
+    pub path: PathBuf,
+    pub id: Option<u64>,
 }
 
 /// What a pod holds on the host, kept in its bundle (`stasis-pod.json`) from StartSandbox on,
@@ -51,6 +59,10 @@ pub struct PodRecord {
     pub pid: i32,
     pub cgroup: String,
     pub shm: Option<PathBuf>,
+    /// The kernel's id of the shm mount (it finds the mount after containerd renamed the
+    /// bundle it is in).
+    #[serde(default)]
+    pub shm_mount_id: Option<u64>,
     pub files: Vec<PathBuf>,
     /// The pod's containers, whose runtime state must go too.
     #[serde(default)]
@@ -58,6 +70,14 @@ pub struct PodRecord {
 }
 
 impl PodRecord {
+    /// The pod's shm mount as recorded.
+    pub fn shm_mount(&self) -> Option<ShmMount> {
+        self.shm.clone().map(|path| ShmMount {
+            path,
+            id: self.shm_mount_id,
+        })
+    }
+
     pub const FILE: &'static str = "stasis-pod.json";
     /// Where a copy of each record lives (`<id>.json`): containerd may remove a dead shim's
     /// bundle before (or while) the clean-up reads the record there.
@@ -209,7 +229,8 @@ impl Pod {
         let record = PodRecord {
             pid: run.pid,
             cgroup: self.cgroup.clone(),
-            shm: run.shm.clone(),
+            shm: run.shm.as_ref().map(|m| m.path.clone()),
+            shm_mount_id: run.shm.as_ref().and_then(|m| m.id),
             files: run.files.clone(),
             containers,
         };

@@ -85,3 +85,23 @@ if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt 4194304 ]; then
   sysctl -q -w fs.pipe-max-size=4194304
   echo "install-deps: fs.pipe-max-size set to 4194304 (post-copy)"
 fi
+
+# CRIU probes the kernel for ~35 ms at every start unless it finds its cache, /run/criu.kdat.
+# It writes that cache only where /run is a tmpfs (systemd hosts; here /run is on the root
+# file system), and its failed attempt leaves /run/criu.kdat.tmp behind. Every dump, restore
+# and lazy-pages daemon paid the probe. Let CRIU write its cache in a private mount namespace
+# with a tmpfs /run, and keep it where every CRIU reads it (a fresh machine per boot, so it
+# cannot outlive this kernel; CRIU itself drops a cache of another version).
+if [ "$(stat -f -c %T /run)" != tmpfs ] && [ ! -s /run/criu.kdat ]; then
+  rm -f /run/criu.kdat.tmp
+  (umask 077 && unshare -m sh -c \
+    'mount -t tmpfs -o size=1m,mode=700 tmpfs /run && criu check >/dev/null 2>&1; cat /run/criu.kdat' \
+    > /run/criu.kdat.new) || true
+  if [ -s /run/criu.kdat.new ]; then
+    mv /run/criu.kdat.new /run/criu.kdat
+    echo "install-deps: CRIU's kernel cache written to /run/criu.kdat (/run is not a tmpfs)"
+  else
+    rm -f /run/criu.kdat.new
+    echo "install-deps: could not write CRIU's kernel cache; each CRIU run probes the kernel" >&2
+  fi
+fi

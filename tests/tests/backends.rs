@@ -735,3 +735,77 @@ async fn restore_without_annotations_fails_clearly() -> Result<()> {
     cri.stop_and_remove_pod(&new_pod).await?;
     c.finish()
 }
+
+/// A restored runc pod's pause process, PID 1 of the pod's new PID namespace, makes that
+/// namespace allocate above the checkpoint's last PID before it answers the shim (so before
+/// anything is restored into it): the next process there gets the PID after it. Without, a
+/// container restored first could fork onto a PID a later container needs.
+#[test]
+fn a_restored_pods_pid_namespace_allocates_above_the_checkpoints_last_pid() -> Result<()> {
+    use std::{
+        io::{BufRead, BufReader},
+        os::{fd::AsRawFd, unix::process::CommandExt},
+        process::{Command, Stdio},
+    };
+    let shim = stasis_e2e::shim_binary()?;
+    // The pause process's lifeline (it exits when our end closes; close-on-exec, so that
+    // only the copy made at fd 3 reaches it).
+    let (life_read, life_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let life_fd = life_read.as_raw_fd();
+    // `unshare --pid` without --fork: the launcher stays outside, its child (the pause
+    // process) is PID 1 of the new namespace, as the shim sets it up.
+    let mut cmd = Command::new("unshare");
+    cmd.arg("--pid")
+        .arg(&shim)
+        .arg("pause")
+        .env("STASIS_POD_LAST_PID", "5000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: dup2 and fcntl only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself would keep close-on-exec: clear it by hand then.
+            let ok = if life_fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0) >= 0
+            } else {
+                libc::dup2(life_fd, 3) >= 0
+            };
+            if !ok {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut launcher = cmd.spawn()?;
+    drop(life_read);
+    let mut line = String::new();
+    BufReader::new(launcher.stdout.take().context("stdout")?).read_line(&mut line)?;
+    launcher.wait()?;
+    ensure!(
+        !line.trim().contains(' '),
+        "the pause process could not reserve: {line:?}"
+    );
+    let pause: i32 = line.trim().parse().context("the pause pid")?;
+    let probe = Command::new("nsenter")
+        .arg(format!("--pid=/proc/{pause}/ns/pid"))
+        .args(["sh", "-c", "echo $$"])
+        .output()?;
+    drop(life_write);
+    // The pause process goes with its lifeline (a leak otherwise).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{pause}")).exists() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "pause process {pause} outlived its lifeline"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let next = String::from_utf8_lossy(&probe.stdout).trim().to_string();
+    ensure!(
+        next == "5001",
+        "the first process after the reservation got PID {next:?} (nsenter: {})",
+        String::from_utf8_lossy(&probe.stderr).trim()
+    );
+    Ok(())
+}

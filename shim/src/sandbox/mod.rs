@@ -237,6 +237,8 @@ async fn start_root(
         host_ipc: !own.ipc,
         restore_image: restore.as_ref().and_then(|(_, image)| image.clone()),
     };
+    let last_pid = restore.as_ref().and_then(|(o, _)| o.last_pid());
+    let own_pid = !pod.host_pid();
     let (pid, by_runtime) = match shim.runtime.start_pod(&root).await? {
         Some(pid) => (pid, true),
         None => {
@@ -246,9 +248,10 @@ async fn start_root(
                 &pod.config.hostname,
                 pause::Own {
                     ipc: own.ipc,
-                    pid: !pod.host_pid(),
+                    pid: own_pid,
                 },
                 settings,
+                last_pid,
             )?;
             if let Err(e) = cgroup::add_process(id, &pod.cgroup, pid) {
                 let _ = nix::sys::signal::kill(
@@ -261,9 +264,9 @@ async fn start_root(
         }
     };
     // Our pause process's PID namespace is restored into by CRIU: new PIDs must stay above
-    // the checkpointed ones.
-    if !by_runtime {
-        if let Some(last) = restore.as_ref().and_then(|(o, _)| o.last_pid()) {
+    // the checkpointed ones (the pause process saw to it in a namespace of its own).
+    if !by_runtime && !own_pid {
+        if let Some(last) = last_pid {
             if let Err(e) = pidns::reserve(id, pid, last).await {
                 warn!("pod {id}: cannot keep new PIDs above the restored ones: {e}");
             }

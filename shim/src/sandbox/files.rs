@@ -1,7 +1,7 @@
 //! The files CRI in shim mode expects the sandbox to provide: it bind-mounts hostname, hosts,
 //! resolv.conf and /dev/shm into containers only if they exist where it looks.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::{
     error::{Error, Result},
@@ -27,16 +27,30 @@ pub fn remove_shm(shm: &ShmMount) {
     let Some(id) = shm.id else { return };
     // A rename may move it between our read of the table and the unmount: look again.
     for _ in 0..3 {
-        // Only a tmpfs on a directory named as ours: an id the kernel since gave to another
-        // mount is left alone.
-        let Some(now) = mounts::table().into_iter().find(|m| {
-            m.id == id && m.fstype == "tmpfs" && m.point.file_name().is_some_and(|n| n == POD_SHM)
-        }) else {
+        let Some(now) = mounts::table()
+            .into_iter()
+            .find(|m| m.id == id && m.fstype == "tmpfs" && moved_by_rename(&shm.path, &m.point))
+        else {
             return;
         };
         crate::task::unmount(&now.point);
         let _ = std::fs::remove_dir(&now.point);
     }
+}
+
+/// Whether `now` is where a rename of the bundle (`<dir>/<id>` to `<dir>/.<id>`) put the
+/// mount recorded at `recorded`. The kernel gives a freed mount id to the next mount at once:
+/// the id alone could name another pod's /dev/shm, its place cannot.
+fn moved_by_rename(recorded: &Path, now: &Path) -> bool {
+    let (Some(bundle), Some(name)) = (recorded.parent(), recorded.file_name()) else {
+        return false;
+    };
+    let (Some(dir), Some(id)) = (bundle.parent(), bundle.file_name()) else {
+        return false;
+    };
+    let mut hidden = std::ffi::OsString::from(".");
+    hidden.push(id);
+    now == recorded || now == dir.join(hidden).join(name)
 }
 
 /// Creates what CRI in shim mode expects the sandbox to provide (it bind-mounts them only if
@@ -190,5 +204,32 @@ mod tests {
         assert!(left.is_empty(), "the mount stayed: {left:?}");
         assert!(!moved.exists(), "its directory stayed");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_the_renamed_bundle_is_taken_for_the_recorded_place() {
+        let recorded = Path::new("/s/k8s.io/abc/pod-shm");
+        assert!(moved_by_rename(recorded, recorded));
+        assert!(moved_by_rename(
+            recorded,
+            Path::new("/s/k8s.io/.abc/pod-shm")
+        ));
+        // Another pod's /dev/shm under a mount id the kernel gave again.
+        assert!(!moved_by_rename(
+            recorded,
+            Path::new("/s/k8s.io/abd/pod-shm")
+        ));
+        assert!(!moved_by_rename(
+            recorded,
+            Path::new("/s/k8s.io/.abd/pod-shm")
+        ));
+        assert!(!moved_by_rename(
+            recorded,
+            Path::new("/t/k8s.io/.abc/pod-shm")
+        ));
+        assert!(!moved_by_rename(
+            recorded,
+            Path::new("/s/k8s.io/.abc/other")
+        ));
     }
 }

@@ -243,6 +243,9 @@ impl Drop for Bytes {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
+            // Wakes the reporter from its wait: the phase's end must not wait for a tick
+            // (an eager restore's answer waited up to 50 ms here).
+            t.thread().unpark();
             let _ = t.join();
         }
     }
@@ -260,9 +263,10 @@ fn tick(phase: &str, message: &str, total: u64, stop: &AtomicBool) {
     let mut reported = None;
     loop {
         let done = stop.load(Ordering::SeqCst);
-        if !done && last_report.is_some_and(|t| t.elapsed() < every) {
-            // Short sleeps, so that the end of the phase is reported at once.
-            std::thread::sleep(Duration::from_millis(50));
+        let wait = last_report.map_or(Duration::ZERO, |t| every.saturating_sub(t.elapsed()));
+        if !done && !wait.is_zero() {
+            // Until the next report is due; the phase's end unparks it at once.
+            std::thread::park_timeout(wait);
             continue;
         }
         last_report = Some(Instant::now());

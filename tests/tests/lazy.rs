@@ -357,30 +357,8 @@ async fn a_checkpoint_directory_restores_lazily_from_its_own_files() -> Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_eager_restore_reads_its_pages_from_the_archive_before_the_pod_runs() -> Result<()> {
     let c = Containerd::start("eager-pages")?;
-    let image = c.import_busybox_for_cri()?;
     let mut cri = c.cri().await?;
-    let (pod_id, _, before) = hog_pod(&mut cri, &c, image, "eager", 128).await?;
-    let archive = c.dir.join("eager.tar");
-    c.stasisctl_ok(&[
-        "pod",
-        "checkpoint",
-        "eager",
-        "--output",
-        archive.to_str().unwrap(),
-    ])?;
-    cri.stop_and_remove_pod(&pod_id).await?;
-
-    // A copy with one byte of the hog's largest page image changed.
-    let changed = c.dir.join("changed.tar");
-    change_a_page(&archive, &changed)?;
-    let out = c.stasisctl(&["pod", "restore", changed.to_str().unwrap()])?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        !out.status.success() && err.contains("does not match the archive's manifest"),
-        "an eager restore of a changed page: {err}"
-    );
-    let pods = cri.pods().await?;
-    ensure!(pods.is_empty(), "a pod is left after the refused restore");
+    let (archive, before) = eager_archive_of_a_hog(&c, &mut cri, "eager", 128).await?;
 
     let out = c.stasisctl(&["pod", "restore", archive.to_str().unwrap()])?;
     let err = String::from_utf8_lossy(&out.stderr);
@@ -403,6 +381,60 @@ async fn an_eager_restore_reads_its_pages_from_the_archive_before_the_pod_runs()
     );
     let after = memory_sum(&mut cri, &hog).await?;
     ensure!(after == before, "memory changed: md5 {before} -> {after}");
+    cri.stop_and_remove_pod(&new_pod).await?;
+    c.finish()
+}
+
+/// An eager restore of a small pod (its lazy pages under the shim's 16 MiB mark) copies
+/// those pages, each chunk checked, into the restore's images and lets CRIU restore them
+/// itself: no lazy-pages daemon, no page requests, the memory back whole; a changed page
+/// fails that restore and leaves no pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_pods_eager_restore_copies_its_checked_pages_without_a_daemon() -> Result<()> {
+    let c = Containerd::start("eager-small")?;
+    let mut cri = c.cri().await?;
+    let (archive, before) = eager_archive_of_a_hog(&c, &mut cri, "small", 4).await?;
+
+    let out = c.stasisctl(&["pod", "restore", archive.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "eager restore failed: {err}");
+    let new_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let hog = restored_hog(&mut cri, &new_pod).await?;
+    let after = memory_sum(&mut cri, &hog).await?;
+    ensure!(after == before, "memory changed: md5 {before} -> {after}");
+    // The shim's lines reach containerd's log a moment later; the pod's resume comes after
+    // anything its page server would have said.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = c.log_tail(100_000);
+        if log
+            .lines()
+            .any(|l| l.contains("resumed restored containers") && l.contains(&hog))
+        {
+            break log;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the pod's resume is not in the log: {}",
+            c.log_about(std::slice::from_ref(&hog), 20)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let about_hog: Vec<&str> = log.lines().filter(|l| l.contains(&hog)).collect();
+    ensure!(
+        about_hog
+            .iter()
+            .any(|l| l.contains("bytes of lazy pages copied")),
+        "the hog's lazy pages were not copied: {}",
+        c.log_about(std::slice::from_ref(&hog), 20)
+    );
+    ensure!(
+        !about_hog
+            .iter()
+            .any(|l| l.contains("page requests") || l.contains("lazily restored page")),
+        "a lazy-pages daemon served the small pod: {}",
+        c.log_about(std::slice::from_ref(&hog), 20)
+    );
     cri.stop_and_remove_pod(&new_pod).await?;
     c.finish()
 }
@@ -493,9 +525,54 @@ async fn hog_pod(
     Ok((pod_id, hog, before))
 }
 
+/// The archive of pod `name`, a hog of `mib` MiB (checkpointed, then removed), and the MD5
+/// of the hog's memory; first checks that an eager restore of a copy with one of the hog's
+/// pages changed is refused and leaves no pod.
+async fn eager_archive_of_a_hog(
+    c: &Containerd,
+    cri: &mut stasis_e2e::cri::CriClient,
+    name: &str,
+    mib: u64,
+) -> Result<(std::path::PathBuf, String)> {
+    let image = c.import_busybox_for_cri()?;
+    let (pod_id, _, before) = hog_pod(cri, c, image, name, mib).await?;
+    let archive = c.dir.join(format!("{name}.tar"));
+    c.stasisctl_ok(&[
+        "pod",
+        "checkpoint",
+        name,
+        "--output",
+        archive.to_str().unwrap(),
+    ])?;
+    cri.stop_and_remove_pod(&pod_id).await?;
+    let changed = c.dir.join("changed.tar");
+    change_a_page_of(&archive, &changed, (mib << 20) / 2)?;
+    let out = c.stasisctl(&["pod", "restore", changed.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("does not match the archive's manifest"),
+        "an eager restore of a changed page of {name}: {err}"
+    );
+    ensure!(
+        cri.pods().await?.is_empty(),
+        "a pod is left after the refused restore"
+    );
+    std::fs::remove_file(&changed)?;
+    Ok((archive, before))
+}
+
 /// Writes `archive` to `out` with one byte in the middle of its largest page image (the
 /// hog's memory) flipped.
 fn change_a_page(archive: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    change_a_page_of(archive, out, 32 << 20)
+}
+
+/// [`change_a_page`], the hog's page image being larger than `hog_bytes`.
+fn change_a_page_of(
+    archive: &std::path::Path,
+    out: &std::path::Path,
+    hog_bytes: u64,
+) -> Result<()> {
     let (mut at, mut largest) = (0u64, 0u64);
     let mut tar = tar::Archive::new(std::fs::File::open(archive)?);
     for entry in tar.entries_with_seek()? {
@@ -506,7 +583,7 @@ fn change_a_page(archive: &std::path::Path, out: &std::path::Path) -> Result<()>
         }
     }
     ensure!(
-        largest > 32 << 20,
+        largest > hog_bytes,
         "no page image of the hog's size in the archive"
     );
     let mut bytes = std::fs::read(archive)?;

@@ -1,3 +1,5 @@
+use prost::Message;
+
 use super::*;
 
 fn image(entries: &[(u64, u32, u32)]) -> Vec<u8> {
@@ -63,16 +65,22 @@ fn pagemaps_give_each_run_its_place_in_the_pages_image() {
     assert!(parse_pagemap(&image(&[(0x1000, 0, PE_PRESENT)])).is_err());
 }
 
-#[test]
-fn requests_are_served_from_checked_chunks() {
-    let archive = std::env::temp_dir().join(format!("stasis-pages-test-{}", std::process::id()));
-    // 100 bytes of something else, then an image of 3 pages.
+/// Writes `archive`: 100 bytes of something else, then an image of 3 pages (page n filled
+/// with n + 1); returns the image's bytes and the archive's.
+fn three_page_archive(archive: &Path) -> (Vec<u8>, Vec<u8>) {
     let image_bytes: Vec<u8> = (0..3 * PAGE_SIZE)
         .map(|i| (i / PAGE_SIZE) as u8 + 1)
         .collect();
     let mut file = vec![7u8; 100];
     file.extend_from_slice(&image_bytes);
-    std::fs::write(&archive, &file).unwrap();
+    std::fs::write(archive, &file).unwrap();
+    (image_bytes, file)
+}
+
+#[test]
+fn requests_are_served_from_checked_chunks() {
+    let archive = std::env::temp_dir().join(format!("stasis-pages-test-{}", std::process::id()));
+    let (image_bytes, mut file) = three_page_archive(&archive);
     let chunk_size = 2 * PAGE_SIZE;
     let chunks = image_bytes
         .chunks(chunk_size as usize)
@@ -173,12 +181,75 @@ fn requests_are_served_from_checked_chunks() {
             ),
         )]),
         spans: vec![],
+        locals: vec![],
         counters: Default::default(),
     };
     assert_eq!(pages.find(9, 0x1000, 16), Some((0, 0, 3)));
     assert_eq!(pages.find(9, 0x2000, 1), Some((0, PAGE_SIZE, 1)));
     assert_eq!(pages.find(9, 0x5000, 1), None);
     assert_eq!(pages.find(8, 0x1000, 1), None);
+}
+
+#[test]
+fn a_small_pods_lazy_pages_are_copied_checked_into_its_images() {
+    let dir = std::env::temp_dir().join(format!("stasis-copy-lazy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let archive = dir.join("archive");
+    // Page 0 is eager (copied already), pages 1 and 2 lazy.
+    let (image_bytes, file) = three_page_archive(&archive);
+    let span = PageSpan {
+        file: None,
+        offset: 100,
+        size: 3 * PAGE_SIZE,
+        chunk_size: PAGE_SIZE,
+        chunks: image_bytes
+            .chunks(PAGE_SIZE as usize)
+            .map(|c| blake3::hash(c).to_hex().to_string())
+            .collect(),
+        digest: stasis_api::layout::DigestKind::Blake3,
+    };
+    let run = |vaddr, pages, offset, lazy| Run {
+        vaddr,
+        pages,
+        offset,
+        lazy,
+    };
+    let runs = vec![run(0x1000, 1, 0, false), run(0x2000, 2, PAGE_SIZE, true)];
+    let pages = |archive_bytes: &[u8]| {
+        std::fs::write(&archive, archive_bytes).unwrap();
+        let local = dir.join("pages-1.img");
+        let _ = std::fs::remove_file(&local);
+        let placeholder = placeholder("c", &local, 3 * PAGE_SIZE).unwrap();
+        let pages = ArchivePages {
+            id: "c".into(),
+            from: String::new(),
+            tasks: HashMap::from([(9, (runs.clone(), 0))]),
+            spans: vec![CheckedSpan::new(
+                Arc::new(File::open(&archive).unwrap()),
+                "c/checkpoint/pages-1.img".into(),
+                span.clone(),
+            )],
+            locals: vec![(local.clone(), Arc::new(placeholder))],
+            counters: Default::default(),
+        };
+        (pages, local)
+    };
+    let (whole, local) = pages(&file);
+    assert_eq!(whole.copy_lazy_pages().unwrap(), 2 * PAGE_SIZE);
+    let copied = std::fs::read(&local).unwrap();
+    // The eager page was not this call's to copy: it stays a hole (zeros) here.
+    assert!(copied[..PAGE_SIZE as usize].iter().all(|b| *b == 0));
+    assert_eq!(
+        &copied[PAGE_SIZE as usize..],
+        &image_bytes[PAGE_SIZE as usize..]
+    );
+    // A changed byte in a lazy page: the copy fails naming it, instead of CRIU restoring it.
+    let mut changed = file.clone();
+    changed[100 + 2 * PAGE_SIZE as usize + 9] ^= 1;
+    let (bad, _) = pages(&changed);
+    let err = bad.copy_lazy_pages().unwrap_err().to_string();
+    assert!(err.contains("was changed"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -16,6 +16,10 @@ use super::chunks::SpanBytes;
 /// daemon's largest requests).
 const AHEAD_CHUNKS: u64 = 8;
 
+/// How far ahead of the chunk being checked the kernel is asked to read (32 MiB at 1 MiB
+/// chunks), so that the disk works while chunks are hashed and served.
+const HINT_CHUNKS: u64 = 32;
+
 /// Requests at least this long are the daemon's background transfer (it starts at 64 KiB),
 /// which walks each image in order; shorter ones are faults, anywhere.
 pub(super) const FOLLOWED_REQUEST: u64 = 64 << 10;
@@ -60,6 +64,8 @@ impl Ahead {
     }
 
     fn run(&self, spans: &[Arc<SpanBytes>]) {
+        // Per span: the chunk up to which the kernel was asked to read ahead.
+        let mut hinted: std::collections::HashMap<usize, u64> = Default::default();
         let mut st = self.state.lock().unwrap();
         loop {
             if st.stop {
@@ -79,6 +85,12 @@ impl Ahead {
             st.busy = Some((span, first));
             drop(st);
             let t = std::time::Instant::now();
+            let hinted_to = hinted.entry(span).or_insert(0);
+            if *hinted_to < first + HINT_CHUNKS / 2 {
+                let from = (*hinted_to).max(first);
+                spans[span].read_ahead(from, first + HINT_CHUNKS - from);
+                *hinted_to = first + HINT_CHUNKS;
+            }
             // A chunk that fails its check is left to the server, which fails on it if the
             // daemon asks for it.
             // Whatever happens in the check, `busy` is cleared below: the server may be

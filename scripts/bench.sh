@@ -26,4 +26,7 @@ if { [ "$which" = archive ] || [ "$which" = scale ]; } && [ -z "${STASIS_BENCH_N
     export STASIS_PODMAN
 fi
 cargo build -q --workspace --release --bins
+# Every binary the bench runs is the release build (stasisctl too: the newest build of an
+# unchanged binary may be a debug one).
+export STASIS_BUILD_PROFILE=release
 STASIS_SHIM="$PWD/target/release/containerd-shim-stasis-v2" exec "target/release/bench_$which" "$@"

@@ -10,4 +10,5 @@ export HOME="${HOME:-/root}"
 export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
 bash scripts/install-deps.sh >/dev/null
 cargo build --workspace --release --bins
+export STASIS_BUILD_PROFILE=release
 STASIS_SHIM="$PWD/target/release/containerd-shim-stasis-v2" exec target/release/demo "$@"

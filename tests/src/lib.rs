@@ -63,9 +63,18 @@ pub fn target_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target")
 }
 
-/// The newest workspace build of binary `name` (debug or release).
+/// The newest workspace build of binary `name` (debug or release), or the build of the
+/// profile `STASIS_BUILD_PROFILE` names: the benches and the demo ask for release, since
+/// the newest build of a binary whose code did not change can be a debug one.
 pub fn built_binary(name: &str) -> Result<PathBuf> {
-    let candidates = ["debug", "release"].map(|p| target_dir().join(p).join(name));
+    let profiles: Vec<String> = match std::env::var("STASIS_BUILD_PROFILE") {
+        Ok(p) if !p.is_empty() => vec![p],
+        _ => vec!["debug".into(), "release".into()],
+    };
+    let candidates: Vec<PathBuf> = profiles
+        .iter()
+        .map(|p| target_dir().join(p).join(name))
+        .collect();
     candidates
         .iter()
         .filter(|p| p.exists())

@@ -166,7 +166,16 @@ async fn main() -> Result<()> {
         println!("  {name:<8} {} {state}", &ctr.id[..12]);
         if name == "counter" {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let after = cri.exec_ok(&ctr.id, &["cat", "/tmp/count"]).await?;
+            // The counter rewrites the file with `>`: a read can fall between the truncation
+            // and the write.
+            let mut after = String::new();
+            for _ in 0..10 {
+                after = cri.exec_ok(&ctr.id, &["cat", "/tmp/count"]).await?;
+                if !after.trim().is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             println!("  counter continues from its memory: {before} at checkpoint -> {after} now (a fresh start would be near 0)");
         }
     }

@@ -27,8 +27,6 @@ use stasis_api::layout::{PageSource, PageSpan};
 
 use crate::error::{Error, Result};
 use chunks::CheckedSpan;
-#[cfg(test)]
-use pagemap::*;
 use pagemap::{read_entry, Pagemap, PagemapEntry, PagemapReader, Run, PE_LAZY, PE_PRESENT};
 
 const PAGE_SIZE: u64 = 4096;

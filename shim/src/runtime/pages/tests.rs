@@ -1,5 +1,6 @@
 use prost::Message;
 
+use super::pagemap::*;
 use super::*;
 
 fn image(entries: &[(u64, u32, u32)]) -> Vec<u8> {

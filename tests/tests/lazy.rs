@@ -360,11 +360,7 @@ async fn an_eager_restore_reads_its_pages_from_the_archive_before_the_pod_runs()
     let mut cri = c.cri().await?;
     let (archive, before) = eager_archive_of_a_hog(&c, &mut cri, "eager", 128).await?;
 
-    let out = c.stasisctl(&["pod", "restore", archive.to_str().unwrap()])?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    ensure!(out.status.success(), "eager restore failed: {err}");
-    let new_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let hog = restored_hog(&mut cri, &new_pod).await?;
+    let (new_pod, hog) = restore_eagerly(&c, &mut cri, &archive).await?;
     let log = served_from(&c, &hog, archive.to_str().unwrap())?;
     ensure!(
         log.lines()
@@ -395,11 +391,7 @@ async fn a_small_pods_eager_restore_copies_its_checked_pages_without_a_daemon() 
     let mut cri = c.cri().await?;
     let (archive, before) = eager_archive_of_a_hog(&c, &mut cri, "small", 4).await?;
 
-    let out = c.stasisctl(&["pod", "restore", archive.to_str().unwrap()])?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    ensure!(out.status.success(), "eager restore failed: {err}");
-    let new_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let hog = restored_hog(&mut cri, &new_pod).await?;
+    let (new_pod, hog) = restore_eagerly(&c, &mut cri, &archive).await?;
     let after = memory_sum(&mut cri, &hog).await?;
     ensure!(after == before, "memory changed: md5 {before} -> {after}");
     // The shim's lines reach containerd's log a moment later; the pod's resume comes after
@@ -469,6 +461,20 @@ async fn a_lazy_restore_from_an_image_reads_its_pages_from_containerds_store() -
     let removed = c.ctr_k8s(&["images", "rm", "--sync", reference])?;
     ensure!(removed.status.success(), "remove the checkpoint image");
     c.finish()
+}
+
+/// Restores `archive` eagerly (no `--lazy`); the new pod's id and its hog container's.
+async fn restore_eagerly(
+    c: &Containerd,
+    cri: &mut stasis_e2e::cri::CriClient,
+    archive: &std::path::Path,
+) -> Result<(String, String)> {
+    let out = c.stasisctl(&["pod", "restore", archive.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "eager restore failed: {err}");
+    let new_pod = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let hog = restored_hog(cri, &new_pod).await?;
+    Ok((new_pod, hog))
 }
 
 /// The id of the container named hog in restored pod `pod`.

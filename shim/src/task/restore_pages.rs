@@ -38,21 +38,22 @@ pub(super) async fn start_lazy_restore(
         None => RestoreOptions::default(),
     };
     let pod_restore = container.restore_dir.is_some();
-    if !restore_options.lazy {
+    // Every page in the local images: CRIU restores them itself, no daemon.
+    let restore_eagerly = || {
         if pod_restore {
             shim.restores.record(id, RestoreState::RESTORE_EAGER, "");
         }
-        return Ok(None);
+        Ok(None)
+    };
+    if !restore_options.lazy {
+        return restore_eagerly();
     }
     if !shim.runtime.hooks().supports_lazy_restore() {
         warn!(
             "{id}: lazy restore is not available for {}; restoring eagerly",
             shim.runtime.name()
         );
-        if pod_restore {
-            shim.restores.record(id, RestoreState::RESTORE_EAGER, "");
-        }
-        return Ok(None);
+        return restore_eagerly();
     }
     let rel = || {
         container
@@ -98,12 +99,8 @@ pub(super) async fn start_lazy_restore(
             })
             .await?;
             if feed.is_none() && eager {
-                // Every page is in the local images (copied above, or never in the archive's
-                // page source): CRIU restores them itself.
-                if pod_restore {
-                    shim.restores.record(id, RestoreState::RESTORE_EAGER, "");
-                }
-                return Ok(None);
+                // Copied above, or never in the archive's page source.
+                return restore_eagerly();
             }
             feed.map(PageFeed::Archive)
         }
